@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, builds (CUDA compiled when nvcc is on
+# the PATH), runs every test that needs no GPU, the format check and a 60 s fuzz run.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+tools/install-deps.sh
+export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+jobs=${JOBS:-$(nproc)}
+
+echo "== format check"
+tools/format-check.sh
+
+echo "== configure + build (preset ci)"
+cmake --preset ci -DEXPERTMESH_BENCHMARKS=ON >/dev/null
+cmake --build --preset ci -j "$jobs"
+
+# Python test tools (the openai client), no torch: a small venv of their own.
+if [ -f tools/requirements-test.txt ]; then
+  [ -x .venv-test/bin/python ] || python3 -m venv .venv-test
+  .venv-test/bin/pip install -q -r tools/requirements-test.txt
+  export EXPERTMESH_TEST_PYTHON="$root/.venv-test/bin/python"
+fi
+
+echo "== tests (ctest -LE gpu)"
+ctest --preset ci -j "$jobs"
+
+if [ -x tools/fuzz.sh ]; then
+  echo "== fuzz (60 s)"
+  tools/fuzz.sh 60
+fi
+echo "== all tests passed"
