@@ -7,6 +7,8 @@ PKGS=(build-essential cmake ninja-build ccache pkg-config git curl python3 pytho
       libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libsimdjson-dev libspdlog-dev
       libcli11-dev libhwy-dev libtbb-dev libopenblas-dev
       clang libclang-rt-14-dev clang-format)
+# Model tools: public-domain text for tools/corpus/build_corpus.py.
+PKGS+=(bible-kjv bible-kjv-text fortunes fortunes-min dict-gcide)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
