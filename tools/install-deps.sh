@@ -4,7 +4,7 @@ set -euo pipefail
 PKGS=(build-essential cmake ninja-build ccache pkg-config git curl python3 python3-venv
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libboost1.81-dev libboost-json1.81-dev libabsl-dev
-      libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libsimdjson-dev libspdlog-dev
+      libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libsimdjson-dev libspdlog-dev
       libcli11-dev libhwy-dev libtbb-dev libopenblas-dev
       clang libclang-rt-14-dev clang-format)
 # Model tools: public-domain text for tools/corpus/build_corpus.py.
