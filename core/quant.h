@@ -13,6 +13,7 @@
 namespace expertmesh {
 
 inline constexpr int kActQuantGroup = 128;
+inline constexpr float kActQuantMinAmax = 1e-4f;
 
 struct BlockShape {
   int rows = 128;
@@ -32,7 +33,11 @@ void DequantizeWeightRow(const uint8_t* fp8, const float* scale_inv, int64_t row
                          BlockShape block, int64_t r, float* out);
 
 // Per-token activation quantization of x [n_rows, dim]: fp8 [n_rows, dim],
-// scales [n_rows, ceil(dim/128)] with scale = amax/448 (an all-zero group gets scale 1... see .cc).
+// scales [n_rows, ceil(dim/128)] with scale = max(amax, kActQuantMinAmax) / 448 and
+// q = fp8(x / scale); the last group of a row is ragged when dim % 128 != 0.
+// The amax floor is DeepSeek's own choice (inference/kernel.py act_quant_kernel since the
+// V3.1 update, and DeepGEMM's per_token_cast_to_fp8): an all-zero group gets a finite scale
+// (1e-4/448) and codes 0 instead of 0/0 = NaN, and a group of tiny values is not blown up.
 struct QuantizedActivations {
   int64_t n_rows = 0;
   int64_t dim = 0;

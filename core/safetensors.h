@@ -6,6 +6,7 @@
 // Every malformed input is an error naming the file and the tensor, never a crash.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -48,27 +49,35 @@ struct TensorView {
   const uint8_t* data = nullptr;
   uint64_t size = 0;
   template <typename T>
-  const T* as() const { return reinterpret_cast<const T*>(data); }
+  const T* as() const {
+    return reinterpret_cast<const T*>(data);
+  }
 };
 
 // One safetensors file. Open() reads and validates the header only.
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  ~SafetensorsFile();  // closes the file; TensorViews keep their own mappings alive
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
   const std::string& path() const { return path_; }
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* Find(std::string_view name) const;
-  // Maps exactly the pages holding this tensor (mmap, read-only).
+  // Maps exactly the pages holding this tensor (mmap, read-only). Thread-safe.
   absl::StatusOr<TensorView> Map(const TensorInfo& info) const;
-  uint64_t bytes_mapped() const { return bytes_mapped_; }
+  // Bytes mapped so far by Map() (whole pages), cumulative.
+  uint64_t bytes_mapped() const { return bytes_mapped_.load(std::memory_order_relaxed); }
 
  private:
+  SafetensorsFile() = default;
+  int fd_ = -1;
   std::string path_;
   uint64_t data_start_ = 0;
   uint64_t file_size_ = 0;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t, std::less<>> by_name_;
-  mutable uint64_t bytes_mapped_ = 0;
+  mutable std::atomic<uint64_t> bytes_mapped_{0};
 };
 
 // A checkpoint directory: model.safetensors.index.json (weight_map: tensor -> file) or a
@@ -80,8 +89,8 @@ class Checkpoint {
   const TensorInfo* Info(std::string_view name) const;
   absl::StatusOr<TensorView> Get(std::string_view name) const;  // maps on demand
   std::vector<std::string> TensorNames() const;
-  uint64_t bytes_mapped() const;     // total over files: what was actually mapped
-  uint64_t total_bytes() const;      // the sum of all tensors' sizes
+  uint64_t bytes_mapped() const;  // total over files: what was actually mapped
+  uint64_t total_bytes() const;   // the sum of all tensors' sizes
   const std::string& dir() const { return dir_; }
 
  private:
