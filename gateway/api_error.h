@@ -1,0 +1,39 @@
+// The gateway's one error taxonomy: absl::Status everywhere inside, mapped once to the OpenAI
+// error shape {"error": {"message", "type", "param", "code"}} with its HTTP status, and to
+// grpc::Status on the gRPC API. The offending request field and the OpenAI error code travel
+// with the Status as payloads, so validation code stays plain absl::Status.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+
+namespace expertmesh::gateway {
+
+// Attaches the request field at fault ("max_tokens", "messages[2].content") to `status`.
+absl::Status WithParam(absl::Status status, std::string_view param);
+// Attaches an OpenAI error code ("model_not_found", "context_length_exceeded").
+absl::Status WithCode(absl::Status status, std::string_view code);
+
+// Shorthands for the common request errors.
+absl::Status InvalidParam(std::string_view param, std::string_view message);
+absl::Status UnknownModel(std::string_view model);
+
+struct ApiError {
+  int http_status = 500;
+  std::string message;
+  std::string type;                  // "invalid_request_error", "server_error", ...
+  std::optional<std::string> param;  // JSON null when absent
+  std::optional<std::string> code;   // JSON null when absent
+  int retry_after_s = 0;             // > 0: a Retry-After header goes with it (429, 503)
+};
+
+// The single place where an absl::Status becomes an HTTP error.
+ApiError ToApiError(const absl::Status& status);
+
+// {"error": {...}} as compact JSON.
+std::string ApiErrorJson(const ApiError& error);
+
+}  // namespace expertmesh::gateway

@@ -1,0 +1,78 @@
+// The gateway's internal request: what the OpenAI HTTP API and the gRPC API both turn into
+// after validation, and the per-model facts validation needs (its name, context length and
+// the sampling defaults of its generation_config.json).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/json/array.hpp>
+
+#include "absl/status/statusor.h"
+
+namespace expertmesh::gateway {
+
+// Sampling defaults from the model's generation_config.json (transformers' names).
+struct GenerationDefaults {
+  float temperature = 1.0f;  // 0 when do_sample is false
+  float top_p = 1.0f;
+  int32_t top_k = 0;  // 0 = off
+  std::vector<int32_t> eos_token_ids;
+  std::optional<int32_t> bos_token_id;
+};
+
+// Reads generation_config.json; a missing file gives the OpenAI defaults (temperature 1).
+absl::StatusOr<GenerationDefaults> LoadGenerationDefaults(const std::string& path);
+
+// What the gateway serves: one model.
+struct ModelCard {
+  std::string id;            // the name clients pass as "model"
+  uint32_t max_context = 0;  // max_position_embeddings (prompt + completion tokens)
+  GenerationDefaults defaults;
+};
+
+enum class Endpoint { kCompletions, kChatCompletions, kGrpc };
+
+// Limits the gateway enforces on every request, beyond the model's context.
+struct RequestLimits {
+  uint32_t max_stop_strings = 16;
+  uint32_t max_stop_string_bytes = 256;
+  uint32_t max_stop_token_ids = 64;
+  uint32_t max_top_logprobs = 20;
+  uint32_t max_prompt_bytes = 4 << 20;
+};
+
+struct SamplingOptions {     // resolved values, as the attention service takes them
+  float temperature = 1.0f;  // 0 = greedy
+  float top_p = 1.0f;        // 1 = off
+  int32_t top_k = 0;         // 0 = off
+  std::optional<uint64_t> seed;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  bool logprobs = false;      // return the chosen tokens' logprobs
+  uint32_t top_logprobs = 0;  // and this many alternatives per position
+};
+
+struct GenerationRequest {
+  Endpoint endpoint = Endpoint::kCompletions;
+  std::string model;
+  // Exactly one prompt form is set: text, token ids, or chat messages (normalized: every
+  // message has a string "role" and a string "content"; tool fields passed through).
+  std::optional<std::string> prompt_text;
+  std::optional<std::vector<int32_t>> prompt_token_ids;
+  std::optional<boost::json::array> messages;
+
+  std::optional<uint32_t> max_tokens;  // absent: up to the end of the context
+  SamplingOptions sampling;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  bool skip_special_tokens = true;
+  bool stream = false;
+  bool include_usage = false;     // stream_options.include_usage
+  bool return_token_ids = false;  // gRPC: send token ids with each delta
+};
+
+}  // namespace expertmesh::gateway
