@@ -1,0 +1,43 @@
+// expertmesh-make-checkpoint --config config.json --out DIR --seed N
+// Writes a random checkpoint of the config in DeepSeek-V3's Hugging Face layout.
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "core/config.h"
+#include "spdlog/spdlog.h"
+#include "tools/make-checkpoint/random_checkpoint.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Write a random DeepSeek-V3-layout checkpoint (FP8 blocks, sharded safetensors)"};
+  std::string config_path, out_dir;
+  uint64_t seed = 0;
+  int shards = 2;
+  app.add_option("--config", config_path, "config.json of model_type deepseek_v3")
+      ->required()
+      ->check(CLI::ExistingFile);
+  app.add_option("--out", out_dir, "output directory")->required();
+  app.add_option("--seed", seed, "random seed")->capture_default_str();
+  app.add_option("--shards", shards, "minimum number of safetensors shards")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  CLI11_PARSE(app, argc, argv);
+
+  std::ifstream f(config_path, std::ios::binary);
+  std::stringstream text;
+  text << f.rdbuf();
+  auto config = expertmesh::ParseModelConfig(text.str());
+  if (!config.ok()) {
+    spdlog::error("{}: {}", config_path, config.status().ToString());
+    return 1;
+  }
+  if (absl::Status s =
+          expertmesh::WriteRandomCheckpoint(*config, text.str(), out_dir, seed, shards);
+      !s.ok()) {
+    spdlog::error("{}", s.ToString());
+    return 1;
+  }
+  spdlog::info("wrote {} (seed {})", out_dir, seed);
+  return 0;
+}
