@@ -36,6 +36,11 @@ class RoutedExperts {
   // out: [n_rows, hidden_size], overwritten.
   virtual absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                            std::span<float> out) = 0;
+  // The same with plain float inputs x: [n_rows, hidden_size] -- activation quantization off,
+  // for comparisons against float oracles. Implementations that only take FP8 inputs keep
+  // this default, which returns Unimplemented.
+  virtual absl::Status RunUnquantized(int layer, std::span<const float> x,
+                                      const ExpertRoutes& routes, std::span<float> out);
 };
 
 }  // namespace expertmesh
