@@ -1,0 +1,300 @@
+// Conformance of core/tokenizer against Hugging Face `tokenizers`, through the golden files
+// written by tools/tokenizer/make_tokenizer_goldens.py (10,000 texts, two tokenizers).
+#include "core/tokenizer.h"
+
+#include <gtest/gtest.h>
+
+#include <boost/json.hpp>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+
+namespace expertmesh {
+namespace {
+
+const std::string kSource = EXPERTMESH_SOURCE_DIR;
+const std::string kGoldenDir = kSource + "/tests/data/tokenizers";
+
+std::vector<std::string> ReadLines(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  EXPECT_TRUE(f.good()) << "cannot open " << path;
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(f, line)) lines.push_back(line);
+  return lines;
+}
+
+std::string JsonString(const std::string& line) {
+  boost::system::error_code ec;
+  boost::json::value v = boost::json::parse(line, ec);
+  EXPECT_FALSE(ec) << line;
+  return ec || !v.is_string() ? std::string() : std::string(v.get_string());
+}
+
+// An independent UTF-8 validator (Unicode Table 3-7), so the test does not trust the library.
+bool IsValidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+    unsigned char c = b(i);
+    size_t n;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c < 0x80) {
+      n = 1;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 3;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 4;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {
+      return false;
+    }
+    if (i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k) {
+      unsigned char x = b(i + k);
+      if (k == 1 ? (x < lo || x > hi) : (x < 0x80 || x > 0xBF)) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+struct Golden {
+  std::vector<int32_t> ids;
+  std::string decoded;       // decode(ids, skip_special_tokens=False)
+  std::string decoded_skip;  // decode(ids, skip_special_tokens=True)
+};
+
+struct Case {
+  std::string name;
+  std::string tokenizer_json;
+};
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class TokenizerGoldenTest : public ::testing::TestWithParam<Case> {
+ protected:
+  static void SetUpTestSuite() {
+    texts_ = new std::vector<std::string>();
+    for (const std::string& line : ReadLines(kGoldenDir + "/golden_texts.txt")) {
+      texts_->push_back(JsonString(line));
+    }
+  }
+  static void TearDownTestSuite() { delete texts_; }
+
+  void SetUp() override {
+    auto tok = Tokenizer::Load(kSource + "/" + GetParam().tokenizer_json);
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = *std::move(tok);
+    std::vector<std::string> lines = ReadLines(kGoldenDir + "/" + GetParam().name + ".golden.txt");
+    ASSERT_EQ(lines.size(), texts_->size());
+    for (size_t i = 0; i < lines.size(); ++i) {
+      std::vector<std::string> fields = absl::StrSplit(lines[i], '\t');
+      ASSERT_EQ(fields.size(), 3u) << "line " << i;
+      Golden g;
+      for (const std::string& id :
+           std::vector<std::string>(absl::StrSplit(fields[0], ' ', absl::SkipEmpty()))) {
+        g.ids.push_back(std::stoi(std::string(id)));
+      }
+      g.decoded = fields[1].empty() ? (*texts_)[i] : JsonString(fields[1]);
+      g.decoded_skip = fields[2].empty() ? g.decoded : JsonString(fields[2]);
+      goldens_.push_back(std::move(g));
+    }
+  }
+
+  static std::vector<std::string>* texts_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::vector<Golden> goldens_;
+};
+std::vector<std::string>* TokenizerGoldenTest::texts_ = nullptr;
+
+TEST_P(TokenizerGoldenTest, EncodeGivesHuggingFaceIds) {
+  ASSERT_GE(texts_->size(), 10000u);
+  int mismatches = 0;
+  for (size_t i = 0; i < texts_->size(); ++i) {
+    auto ids = tokenizer_->Encode((*texts_)[i], /*add_bos=*/false);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    if (*ids != goldens_[i].ids && ++mismatches <= 5) {
+      ADD_FAILURE() << "text " << i << ": "
+                    << boost::json::serialize(boost::json::string((*texts_)[i])) << "\n got "
+                    << ::testing::PrintToString(*ids) << "\nwant "
+                    << ::testing::PrintToString(goldens_[i].ids);
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << texts_->size() << " texts";
+}
+
+TEST_P(TokenizerGoldenTest, DecodeGivesHuggingFaceText) {
+  int mismatches = 0;
+  for (size_t i = 0; i < goldens_.size(); ++i) {
+    const Golden& g = goldens_[i];
+    std::string dec = tokenizer_->Decode(g.ids, /*skip_special_tokens=*/false);
+    std::string dec_skip = tokenizer_->Decode(g.ids, /*skip_special_tokens=*/true);
+    if ((dec != g.decoded || dec_skip != g.decoded_skip) && ++mismatches <= 5) {
+      ADD_FAILURE() << "text " << i << ": got " << dec << " / " << dec_skip << "\nwant "
+                    << g.decoded << " / " << g.decoded_skip;
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
+// Stream decoding of every golden id sequence: each chunk is valid UTF-8 and the chunks add
+// up to Decode.
+TEST_P(TokenizerGoldenTest, StreamDecoderEqualsDecode) {
+  for (bool skip : {false, true}) {
+    for (size_t i = 0; i < goldens_.size(); ++i) {
+      Tokenizer::StreamDecoder stream = tokenizer_->NewStreamDecoder(skip);
+      std::string all;
+      for (int32_t id : goldens_[i].ids) {
+        std::string chunk = stream.Push(id);
+        ASSERT_TRUE(IsValidUtf8(chunk)) << "text " << i;
+        all += chunk;
+      }
+      std::string tail = stream.Flush();
+      ASSERT_TRUE(IsValidUtf8(tail));
+      all += tail;
+      ASSERT_EQ(all, skip ? goldens_[i].decoded_skip : goldens_[i].decoded) << "text " << i;
+    }
+  }
+}
+
+// Random id sequences cut multi-byte characters anywhere and form invalid UTF-8 (a model can
+// emit any token order); the stream must still match Decode, chunk by valid chunk.
+TEST_P(TokenizerGoldenTest, StreamDecoderOnRandomIds) {
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int32_t> id(-2, tokenizer_->vocab_size() + 1);
+  std::uniform_int_distribution<int> length(0, 40);
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::vector<int32_t> ids(length(rng));
+    for (int32_t& x : ids) x = id(rng);
+    Tokenizer::StreamDecoder stream = tokenizer_->NewStreamDecoder(trial % 2 == 0);
+    std::string all;
+    for (int32_t x : ids) {
+      std::string chunk = stream.Push(x);
+      ASSERT_TRUE(IsValidUtf8(chunk)) << "trial " << trial;
+      all += chunk;
+    }
+    all += stream.Flush();
+    ASSERT_EQ(all, tokenizer_->Decode(ids, trial % 2 == 0)) << "trial " << trial;
+  }
+}
+
+TEST_P(TokenizerGoldenTest, DecodeRoundTripsEncode) {
+  for (size_t i = 0; i < texts_->size(); ++i) {
+    auto ids = tokenizer_->Encode((*texts_)[i], false);
+    ASSERT_TRUE(ids.ok());
+    // Byte-level BPE loses nothing; only a normalizer changes the text (golden "decoded").
+    ASSERT_EQ(tokenizer_->Decode(*ids, false), goldens_[i].decoded) << "text " << i;
+  }
+}
+
+// The BPE cache is shared between threads: concurrent encoding gives the same ids.
+TEST_P(TokenizerGoldenTest, ConcurrentEncodeIsConsistent) {
+  std::vector<std::thread> threads;
+  std::vector<int> mismatches(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (size_t i = t; i < texts_->size(); i += 2) {
+        auto ids = tokenizer_->Encode((*texts_)[i], false);
+        if (!ids.ok() || *ids != goldens_[i].ids) ++mismatches[t];
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_EQ(mismatches, std::vector<int>(4, 0));
+}
+
+TEST_P(TokenizerGoldenTest, InvalidUtf8IsRejected) {
+  for (std::string bad :
+       {std::string("\xff"), std::string("abc\xc3"), std::string("\xed\xa0\x80"),
+        std::string("\xc0\xaf"), std::string("ok \xf4\x90\x80\x80"), std::string("\x80 start")}) {
+    auto ids = tokenizer_->Encode(bad, false);
+    ASSERT_FALSE(ids.ok());
+    EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(ids.status().message().find("not valid UTF-8"), std::string::npos) << ids.status();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Tokenizers, TokenizerGoldenTest,
+    ::testing::Values(Case{"expertmesh-tiny", "models/expertmesh-tiny/tokenizer.json"},
+                      Case{"gpt4-style-1024",
+                           "tests/data/tokenizers/gpt4-style-1024/tokenizer.json"}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      std::string name = info.param.name;
+      for (char& c : name) {
+        if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+      }
+      return name;
+    });
+
+TEST(Tokenizer, TinyModelSpecialTokens) {
+  auto tok = Tokenizer::Load(kSource + "/models/expertmesh-tiny/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const Tokenizer& t = **tok;
+  EXPECT_EQ(t.vocab_size(), 4096);
+  EXPECT_EQ(t.bos_id(), 0);
+  EXPECT_EQ(t.eos_id(), 1);
+  EXPECT_EQ(t.TokenId("<｜User｜>"), 6);
+  EXPECT_EQ(t.TokenId("<｜Assistant｜>"), 7);
+  EXPECT_TRUE(t.IsSpecial(6));
+  ASSERT_TRUE(t.TokenId("</think>").has_value());
+  EXPECT_FALSE(t.IsSpecial(*t.TokenId("</think>")));  // kept by skip_special_tokens
+  EXPECT_FALSE(t.TokenId("no such token").has_value());
+  auto ids = t.Encode("Hi", /*add_bos=*/true);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(ids->front(), 0);
+  EXPECT_EQ(t.Decode(*ids, false), "<｜begin▁of▁sentence｜>Hi");
+  EXPECT_EQ(t.Decode(*ids, true), "Hi");
+}
+
+TEST(Tokenizer, AddBosWithoutBosFails) {
+  auto tok = Tokenizer::Load(kGoldenDir + "/gpt4-style-1024/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_FALSE((*tok)->bos_id().has_value());
+  EXPECT_EQ((*tok)->Encode("x", true).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(Tokenizer, LoadErrors) {
+  EXPECT_EQ(Tokenizer::Load("/nonexistent/tokenizer.json").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Tokenizer::FromJson("{not json").status().code(), absl::StatusCode::kInvalidArgument);
+  auto unigram = Tokenizer::FromJson(
+      R"({"pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"},
+          "model": {"type": "Unigram", "vocab": {}}})");
+  EXPECT_EQ(unigram.status().code(), absl::StatusCode::kUnimplemented);
+  auto bad_merge = Tokenizer::FromJson(
+      R"({"pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"},
+          "model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})");
+  EXPECT_EQ(bad_merge.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Expected strings are Python's bytes.decode("utf-8", "replace"), which, like Rust's
+// from_utf8_lossy, replaces each maximal invalid subpart with one U+FFFD.
+TEST(Utf8, LossyMatchesMaximalSubpartReplacement) {
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(Utf8Lossy("abc"), "abc");
+  EXPECT_EQ(Utf8Lossy("\xE6\x97"
+                      "a"),
+            r + "a");
+  EXPECT_EQ(Utf8Lossy("\xF0\x80\x80"), r + r + r);
+  EXPECT_EQ(Utf8Lossy("\xED\xA0\x80"), r + r + r);
+  EXPECT_EQ(Utf8Lossy("\xF0\x9F\x98"), r);
+  EXPECT_EQ(Utf8Lossy("\xF0\x9F\x98\x80"), "\xF0\x9F\x98\x80");
+  EXPECT_EQ(Utf8Lossy("\xC0\xAF\xFF"), r + r + r);
+  EXPECT_EQ(Utf8StablePrefix("ab\xF0\x9F\x98"), 2u);
+  EXPECT_EQ(Utf8StablePrefix("ab\xF0\x80"), 4u);  // F0 80 can never complete
+  EXPECT_EQ(Utf8StablePrefix("ab\xC3"), 2u);
+  EXPECT_EQ(Utf8StablePrefix("ab\x80"), 3u);
+}
+
+}  // namespace
+}  // namespace expertmesh
