@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "boost/json.hpp"
 
 namespace expertmesh {
@@ -110,10 +111,12 @@ absl::StatusOr<TensorInfo> ParseTensorEntry(std::string_view name, const json::v
   }
   std::optional<uint64_t> bytes = CheckedMul(numel, DTypeSize(info.dtype));
   if (!bytes || *bytes != *end - *begin) {
-    return TensorError(file, name,
-                       absl::StrFormat("shape x dtype %s is %d elements but data_offsets [%d, %d] "
-                                       "hold %d bytes",
-                                       DTypeName(info.dtype), numel, *begin, *end, *end - *begin));
+    return TensorError(
+        file, name,
+        absl::StrFormat("shape [%s] x %s needs %s bytes but data_offsets [%d, %d] hold %d",
+                        absl::StrJoin(info.shape, ", "), A(DTypeName(info.dtype)),
+                        bytes ? absl::StrCat(*bytes) : std::string("more than 2^64"), *begin, *end,
+                        *end - *begin));
   }
   info.begin = *begin;
   info.end = *end;
