@@ -290,9 +290,10 @@ class MTPLayer(DecoderLayer):
     """Multi-token prediction module (model.layers.{num_hidden_layers}).
 
     Input at position i: eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i]))), embedding first as
-    vLLM and SGLang load DeepSeek's weights, where h[i] is the main model's final hidden state
-    after model.norm (the vector the LM head sees). Then one decoder layer with MoE, then
-    shared_head.norm and shared_head.head: logits for t[i+2].
+    vLLM and SGLang load DeepSeek's weights, where h[i] is the main model's last-layer output
+    before the final norm (model.norm), as core/engine.h hands it to its MTP entry point
+    (hnorm normalizes it). Then one decoder layer with MoE, then shared_head.norm and
+    shared_head.head: logits for t[i+2].
     """
 
     def __init__(self, cfg, layer_idx):
@@ -368,10 +369,10 @@ class DeepseekV3Tiny(nn.Module):
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers[: self.cfg.num_hidden_layers]:
             x = layer(x, cos, sin, self.softmax_scale)
-        h = self.model.norm(x)
-        logits = self.lm_head(h)
+        logits = self.lm_head(self.model.norm(x))
         mtp_logits = None
         if with_mtp and self.cfg.num_nextn_predict_layers:
+            # x: the last layer's output before the final norm, the MTP module's h.
             mtp = self.model.layers[self.cfg.num_hidden_layers]
-            mtp_logits = mtp(ids[:, 1:], h[:, :-1], cos[:-1], sin[:-1], self.softmax_scale)
+            mtp_logits = mtp(ids[:, 1:], x[:, :-1], cos[:-1], sin[:-1], self.softmax_scale)
         return logits, mtp_logits

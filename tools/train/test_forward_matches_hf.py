@@ -135,7 +135,14 @@ class ForwardMatchesTransformers(unittest.TestCase):
 
         with torch.no_grad():
             _, mtp_ours = self.model(self.ids)
-            h = self.hf.model(self.ids).last_hidden_state  # after model.norm
+            # h: the last decoder layer's output, before model.norm.
+            seen = []
+            hook = self.hf.model.layers[L - 1].register_forward_hook(
+                lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+            normed = self.hf.model(self.ids).last_hidden_state
+            hook.remove()
+            h = seen[0]
+            self.assertFalse(torch.allclose(h, normed))
             T = self.ids.shape[1] - 1
             e = self.hf.model.embed_tokens(self.ids[:, 1:])
             x = torch.cat([norms["enorm"](e), norms["hnorm"](h[:, :-1])], -1) @ sd["eh_proj.weight"].T
