@@ -352,6 +352,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   r.Bool("use_cache", c.use_cache, false);
   r.Double("rope_theta", c.rope_theta, false);
   ReadRopeScaling(r, c);
+  bool rope_interleave = true;  // transformers 5 writes it; DeepSeek rotates adjacent pairs
+  r.Bool("rope_interleave", rope_interleave, false);
+  if (r.status().ok() && !rope_interleave) {
+    r.Fail("field 'rope_interleave' = false: ExpertMesh applies DeepSeek's interleaved RoPE only");
+  }
   r.Bool("attention_bias", c.attention_bias, false);
   r.Double("attention_dropout", c.attention_dropout, false);
   r.Bool("tie_word_embeddings", c.tie_word_embeddings, false);
