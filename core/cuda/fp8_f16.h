@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define EM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define EM_HOST_DEVICE inline
-#endif
+#include "core/cuda/host_device.h"
 
 namespace expertmesh::cuda {
 

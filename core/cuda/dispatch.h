@@ -1,0 +1,33 @@
+// The CUDA backend's entry points. This is the one place that asks core/kernel_plan.h which
+// variant of each op suits the device, refuses (with a Status) what the device cannot run, and
+// turns CUDA errors into Status. Services and CudaExperts call these, never the launchers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/cuda/elementwise.h"
+#include "core/cuda/gating.h"
+#include "core/cuda/grouped_gemm.h"
+#include "core/cuda/mla_decode.h"
+#include "core/kernel_plan.h"
+
+namespace expertmesh::cuda {
+
+// Number of usable CUDA devices; 0 when there is no driver or no device (never an error).
+int DeviceCount();
+absl::StatusOr<DeviceArch> QueryDeviceArch(int device);
+
+// Grouped expert FFN. `plan` comes from PlanGroupedGemm(arch, layout.max_rows_per_expert());
+// a test may force plan.path to kF16FromFp8 on newer devices, never kFp8E4M3 on sm_86.
+absl::Status GroupedExperts(const DeviceArch& arch, const GroupedGemmPlan& plan,
+                            const GroupedExpertsParams& p, cudaStream_t stream);
+
+absl::Status ActQuant(const ActQuantParams& p, cudaStream_t stream);
+absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);
+absl::Status Rope(const RopeParams& p, cudaStream_t stream);
+absl::Status GateTopk(const GateTopkParams& p, cudaStream_t stream);
+absl::Status MlaDecode(const DeviceArch& arch, const MlaDecodeParams& p, cudaStream_t stream);
+
+}  // namespace expertmesh::cuda

@@ -1,0 +1,11 @@
+// Grouped expert GEMM on FP8 tensor cores (sm_89, sm_90, sm_120): mma.sync m16n8k32 e4m3.
+#include "core/cuda/grouped_gemm.cuh"
+
+namespace expertmesh::cuda {
+
+cudaError_t LaunchGroupedExpertsFp8(const GroupedExpertsParams& p, int block_m,
+                                    cudaStream_t stream) {
+  return grouped_gemm::Launch<grouped_gemm::Mma::kFp8>(p, block_m, stream);
+}
+
+}  // namespace expertmesh::cuda
