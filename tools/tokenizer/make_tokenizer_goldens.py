@@ -172,6 +172,72 @@ def conversations():
     ]
 
 
+# Jinja constructs beyond the DeepSeek templates (whitespace control, loops, filters, tests,
+# slices, tojson, scoping), rendered by transformers' own Jinja environment.
+SNIPPETS = [
+    ("  {% if x %}\n  yes\n  {% endif %}\nend", {"x": True}),
+    ("{%- for m in messages -%}\n  [{{ loop.index }}/{{ loop.length }}{% if loop.first %} first"
+     "{% endif %}{% if loop.last %} last{% endif %}] {{ m.role | upper }}: "
+     "{{ m['content'] | trim }}\n{%- endfor %}",
+     {"messages": [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"}]}),
+    ("{{ xs | length }} {{ 'a,b,c'.split(',') | join('-') }} {{ 'h\u00e9llo'[1:4] }} "
+     "{{ [1,2,3][::-1] }} {{ 7 // 2 }} {{ 7 % 3 }} {{ -7 // 2 }} {{ 2.5 * 2 }} {{ 10 / 4 }} "
+     "{{ 'ab' * 3 }} {{ [1, 2] + [3] }} {{ 'x\u00e9z' | length }} {{ xs[-1] }}",
+     {"xs": [1, 2]}),
+    ("{{ tools | tojson }}\n{{ tools | tojson(indent=2) }}\n{{ {'b': 1, 'a': 2} | tojson }}",
+     {"tools": [{"name": "f", "parameters": {"type": "object", "properties": {
+         "x": {"type": "integer"}}, "required": ["x"]}, "desc": "na\u00efve \"q\"\n\t", "n": None,
+         "ok": True, "v": 1.5, "e": [], "o": {}}]}),
+    ("{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}{% for k in d %}{{ k }}{% endfor %}"
+     "|{{ d }}|{{ d.get('a') }} {{ d.get('zz', 'none!') }} {{ d.zz }}.",
+     {"d": {"b": 1, "a": [1, "x", None, True, 2.0, "it's"]}}),
+    ("{% set x = 1 %}{% for i in range(3) %}{% set x = x + i %}{{ x }}{% endfor %}|{{ x }}"
+     "{% set ns = namespace(t=0) %}{% for i in range(4) %}{% set ns.t = ns.t + i %}{% endfor %}"
+     "|{{ ns.t }}{% for i in range(5, 0, -2) %}{{ i }}{% endfor %}", {}),
+    ("{{ 'y' if a is defined else 'n' }}{{ 'y' if b is none else 'n' }}{{ 'y' if c is string }}"
+     "{{ 1 if 'ell' in 'hello' }}{{ a ~ 1 }}{{ a | default('dflt') }}{{ nope | default('dflt') }}"
+     "{{ 'y' if nope is not defined }}{{ '' | default('e', true) }}{{ c is not none }}"
+     "{{ 3 is odd }}{{ a is mapping }}{{ b is number }}{{ 2 is integer }}",
+     {"a": "A", "b": None, "c": "s"}),
+    ("{% for i in range(10) if i % 2 == 0 %}{% if i > 6 %}{% break %}{% endif %}"
+     "{% if i == 2 %}{% continue %}{% endif %}{{ i }},{% endfor %}", {}),
+    ("a  {{- ' b ' -}}  c\n{#- comment -#}\n  d {%+ if true %}x{% endif +%}\ne\n"
+     "   {# own line comment #}\nf\n\t{% if true -%}\n  g\n{%- endif %}\nh", {}),
+    ("{% for x in [] %}{{ x }}{% else %}empty{% endfor %}{% for x in none_var %}{{ x }}"
+     "{% endfor %}.", {}),
+    ("{{ '  pad  '.strip() }}|{{ 'xxhixx'.strip('x') }}|{{ 'Hello'.startswith('He') }}|"
+     "{{ 'a b  c'.split() }}|{{ 'a-b-c'.rsplit('-', 1) }}|{{ 'hello world'.title() }}|"
+     "{{ 'abc'.replace('b', 'B') }}|{{ 'ABC'.lower() }}|{{ '  x '.lstrip() }}.|{{ 'a-b-c'.split('-', 1) }}",
+     {}),
+    ("{{ raise_exception('bad role') }}", {}),
+    ("{{ nope + 'x' }}", {}),
+    ("{{ m.content }}", {"m": {"role": "user"}}),
+    ("{{ m.content + 'x' }}", {"m": {"role": "user"}}),
+    ("{{ 'tab\\tnl\\n' }}{{ \"dq'\" }}{{ 'it\\'s' }}", {}),
+    ("{{ 1 < 2 }} {{ 'a' < 'b' }} {{ 1 == 1.0 }} {{ [1] == [1] }} {{ not none }} {{ 1 != 2 }} "
+     "{{ true and 'x' }} {{ false or 0 }} {{ none }} {{ 3 - 5 }} {{ 1.0 }} {{ 1e3 if false else 0.1 }}",
+     {}),
+    ("{% if a %}A{% elif b %}B{% elif c %}C{% else %}D{% endif %}", {"a": 0, "b": "", "c": [0]}),
+    ("{{ messages[0]['content'][0]['text'] }}{% for m in messages %}{% if m.content is string %}"
+     "s{% else %}{% for part in m.content %}{{ part.type }}{% endfor %}{% endif %}{% endfor %}",
+     {"messages": [{"content": [{"type": "text", "text": "T"}, {"type": "image"}]},
+                   {"content": "plain"}]}),
+]
+
+
+def write_snippet_goldens():
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    out = []
+    for template, context in SNIPPETS:
+        try:
+            text = _compile_jinja_template(template).render(**context)
+        except Exception as e:  # noqa: BLE001 - recorded, the C++ side must fail too
+            text = None
+            print(f"snippet {len(out)}: raises {type(e).__name__}: {e}")
+        out.append({"template": template, "context": context, "text": text})
+    return out
+
+
 def write_chat_goldens():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(os.path.join(REPO, "models", "expertmesh-tiny"))
@@ -192,7 +258,8 @@ def write_chat_goldens():
                                 "add_generation_prompt": gen, "text": text})
     with open(os.path.join(OUT, "chat_template_golden.json"), "w", encoding="utf-8") as f:
         json.dump({"templates": {k: os.path.relpath(v, REPO) for k, v in TEMPLATES.items()},
-                   "conversations": convs, "results": results}, f, ensure_ascii=False, indent=1)
+                   "conversations": convs, "results": results,
+                   "snippets": write_snippet_goldens()}, f, ensure_ascii=False, indent=1)
         f.write("\n")
     print(f"chat templates: {len(results)} renderings")
 

@@ -1,0 +1,119 @@
+// core/chat_template against transformers' apply_chat_template (and Jinja2 itself for
+// template snippets), through tests/data/tokenizers/chat_template_golden.json written by
+// tools/tokenizer/make_tokenizer_goldens.py.
+#include "core/chat_template.h"
+
+#include <gtest/gtest.h>
+
+#include <boost/json.hpp>
+#include <fstream>
+#include <sstream>
+
+namespace expertmesh {
+namespace {
+
+const std::string kSource = EXPERTMESH_SOURCE_DIR;
+
+boost::json::object ReadGolden() {
+  std::ifstream f(kSource + "/tests/data/tokenizers/chat_template_golden.json");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  boost::system::error_code ec;
+  boost::json::value v = boost::json::parse(ss.str(), ec);
+  EXPECT_FALSE(ec) << ec.message();
+  return v.is_object() ? v.get_object() : boost::json::object();
+}
+
+TEST(ChatTemplate, MatchesTransformersApplyChatTemplate) {
+  boost::json::object golden = ReadGolden();
+  const boost::json::object& templates = golden["templates"].as_object();
+  const boost::json::array& conversations = golden["conversations"].as_array();
+  int checked = 0, raising = 0;
+  for (const boost::json::value& r : golden["results"].as_array()) {
+    const boost::json::object& result = r.as_object();
+    std::string name(result.at("template").as_string());
+    auto tmpl = ChatTemplate::FromTokenizerConfig(kSource + "/" +
+                                                  std::string(templates.at(name).as_string()));
+    ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+    EXPECT_EQ(tmpl->bos_token(), "<｜begin▁of▁sentence｜>");
+    EXPECT_EQ(tmpl->eos_token(), "<｜end▁of▁sentence｜>");
+    int64_t conv = result.at("conversation").as_int64();
+    bool gen = result.at("add_generation_prompt").as_bool();
+    auto text = tmpl->Apply(conversations[conv].as_array(), gen);
+    SCOPED_TRACE(name + " conversation " + std::to_string(conv) +
+                 (gen ? " with generation prompt" : ""));
+    if (result.at("text").is_null()) {  // transformers raises: so must we
+      EXPECT_FALSE(text.ok()) << *text;
+      EXPECT_EQ(text.status().code(), absl::StatusCode::kInvalidArgument);
+      ++raising;
+    } else {
+      ASSERT_TRUE(text.ok()) << text.status();
+      EXPECT_EQ(*text, result.at("text").as_string());
+    }
+    ++checked;
+  }
+  EXPECT_GE(checked, 60);
+  EXPECT_GT(raising, 0);
+}
+
+}  // namespace
+}  // namespace expertmesh
+
+namespace expertmesh {
+namespace {
+
+// Template snippets beyond the DeepSeek templates, against Jinja2 in transformers' settings.
+TEST(ChatTemplate, SnippetsMatchJinja) {
+  boost::json::object golden = ReadGolden();
+  int index = 0;
+  for (const boost::json::value& s : golden["snippets"].as_array()) {
+    const boost::json::object& snippet = s.as_object();
+    SCOPED_TRACE("snippet " + std::to_string(index++) + ": " +
+                 std::string(snippet.at("template").as_string()));
+    auto tmpl = ChatTemplate::Create(std::string(snippet.at("template").as_string()), "", "");
+    ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+    boost::json::object context = snippet.at("context").as_object();
+    boost::json::array messages;
+    if (const boost::json::value* m = context.if_contains("messages")) messages = m->as_array();
+    context.erase("messages");
+    auto text = tmpl->Apply(messages, false, context);
+    if (snippet.at("text").is_null()) {
+      EXPECT_FALSE(text.ok()) << *text;
+    } else {
+      ASSERT_TRUE(text.ok()) << text.status();
+      EXPECT_EQ(*text, snippet.at("text").as_string());
+    }
+  }
+  EXPECT_GE(index, 15);
+}
+
+TEST(ChatTemplate, ErrorsNameTheirCause) {
+  auto tmpl = ChatTemplate::FromTokenizerConfig(
+      kSource + "/tests/data/reference/deepseek-v3/tokenizer_config.json");
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  // transformers drops null keys, so DeepSeek-V3's tool-call branch sees no content.
+  boost::json::array messages = boost::json::parse(R"([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": null, "tool_calls": [{"type": "function",
+       "function": {"name": "f", "arguments": "{}"}}]}])")
+                                    .as_array();
+  auto text = tmpl->Apply(messages, true);
+  ASSERT_FALSE(text.ok());
+  EXPECT_NE(text.status().message().find("has no attribute 'content'"), std::string::npos)
+      << text.status();
+
+  auto raising = ChatTemplate::Create("{{ raise_exception('Only user and assistant') }}", "", "");
+  ASSERT_TRUE(raising.ok());
+  auto raised = raising->Apply({}, false);
+  EXPECT_EQ(raised.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(raised.status().message().find("Only user and assistant"), std::string::npos);
+
+  EXPECT_FALSE(ChatTemplate::Create("{% if x %}unclosed", "", "").ok());
+  EXPECT_FALSE(ChatTemplate::Create("{{ 1 + }}", "", "").ok());
+  EXPECT_EQ(ChatTemplate::Create("{% macro m() %}{% endmacro %}", "", "").status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(ChatTemplate::FromTokenizerConfig("/nonexistent.json").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace expertmesh
