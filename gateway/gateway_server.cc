@@ -1,0 +1,176 @@
+#include "gateway/gateway_server.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <boost/json.hpp>
+
+#include "core/config.h"
+#include "gateway/strings.h"
+#include "service-common/handshake.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh::gateway {
+namespace fs = std::filesystem;
+
+absl::StatusOr<std::vector<std::string>> LoadApiKeys(const std::string& file,
+                                                     const char* env_value) {
+  std::vector<std::string> keys;
+  auto add = [&](std::string key) {
+    while (!key.empty() && std::isspace(static_cast<unsigned char>(key.back()))) key.pop_back();
+    size_t start = 0;
+    while (start < key.size() && std::isspace(static_cast<unsigned char>(key[start]))) ++start;
+    key.erase(0, start);
+    if (!key.empty() && key[0] != '#') keys.push_back(key);
+  };
+  if (!file.empty()) {
+    std::ifstream in(file);
+    if (!in) return absl::NotFoundError(Cat("cannot read the API key file ", file));
+    for (std::string line; std::getline(in, line);) add(line);
+    if (keys.empty()) return absl::InvalidArgumentError(Cat("no API key in ", file));
+  }
+  if (env_value != nullptr) {
+    std::stringstream ss(env_value);
+    for (std::string key; std::getline(ss, key, ',');) add(key);
+  }
+  return keys;
+}
+
+absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const GatewayOptions& o) {
+  std::unique_ptr<GatewayServer> g(new GatewayServer());
+  const fs::path dir(o.model_dir);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
+      Tokenizer::Load((dir / "tokenizer.json").string());
+  if (!tokenizer.ok()) return tokenizer.status();
+  g->tokenizer_ = std::move(*tokenizer);
+
+  const fs::path tokenizer_config = dir / "tokenizer_config.json";
+  if (fs::exists(tokenizer_config)) {
+    absl::StatusOr<ChatTemplate> tmpl = ChatTemplate::FromTokenizerConfig(tokenizer_config);
+    if (tmpl.ok()) {
+      g->chat_template_.emplace(std::move(*tmpl));
+    } else {
+      spdlog::warn("no chat template ({}): /v1/chat/completions is disabled",
+                   std::string(tmpl.status().message()));
+    }
+  }
+
+  ModelCard card;
+  card.id = o.served_model_name.empty() ? fs::absolute(dir).lexically_normal().filename().string()
+                                        : o.served_model_name;
+  if (card.id.empty()) card.id = fs::absolute(dir).lexically_normal().parent_path().filename();
+  absl::StatusOr<GenerationDefaults> defaults =
+      LoadGenerationDefaults((dir / "generation_config.json").string());
+  if (!defaults.ok()) return defaults.status();
+  card.defaults = *defaults;
+  card.max_context = o.max_context;
+  if (card.max_context == 0) {
+    absl::StatusOr<ModelConfig> config = LoadModelConfig((dir / "config.json").string());
+    if (!config.ok()) return config.status();
+    card.max_context = static_cast<uint32_t>(config->max_position_embeddings);
+  }
+  if (card.max_context < 2) return absl::InvalidArgumentError("the model's context is too short");
+
+  AttentionPool::Options pool_options;
+  pool_options.addresses = o.attention;
+  if (o.handshake) {
+    absl::StatusOr<v1::PeerIdentity> id = MakeLocalIdentity(o.model_dir, "gateway", card.id);
+    if (!id.ok()) return id.status();
+    pool_options.identity = *id;
+  }
+  absl::StatusOr<std::unique_ptr<AttentionPool>> pool = AttentionPool::Create(pool_options);
+  if (!pool.ok()) return pool.status();
+  g->pool_ = std::move(*pool);
+
+  g->metrics_ = std::make_unique<GatewayMetrics>(g->registry_);
+  g->admission_ = std::make_unique<Admission>(
+      Admission::Options{.max_running = o.max_running, .max_waiting = o.max_waiting});
+  {
+    Gauge& running = g->registry_.GetGauge("expertmesh_gateway_requests_running",
+                                           "Requests admitted and generating");
+    Gauge& waiting = g->registry_.GetGauge("expertmesh_gateway_requests_waiting",
+                                           "Requests in the admission queue");
+    Gauge& open =
+        g->registry_.GetGauge("expertmesh_gateway_http_connections", "Open HTTP connections");
+    Admission* a = g->admission_.get();
+    GatewayServer* self = g.get();
+    g->registry_.AddCollector([a, self, &running, &waiting, &open] {
+      running.Set(a->running());
+      waiting.Set(a->waiting());
+      if (self->http_ != nullptr) open.Set(self->http_->open_connections());
+    });
+  }
+  Generator::Options gen_options;
+  gen_options.default_timeout = o.request_timeout;
+  g->generator_ = std::make_unique<Generator>(
+      g->tokenizer_.get(), g->chat_template_ ? &*g->chat_template_ : nullptr, card, g->pool_.get(),
+      g->admission_.get(), g->metrics_.get(), gen_options);
+
+  g->grpc_service_ = std::make_unique<GatewayGrpcService>(g->generator_.get(), g->metrics_.get());
+  ServerOptions server_options;
+  server_options.listen = o.grpc_listen;
+  server_options.max_sync_threads = o.grpc_threads;
+  absl::StatusOr<RunningServer> grpc = StartGrpcServer(server_options, {g->grpc_service_.get()});
+  if (!grpc.ok()) return grpc.status();
+  g->grpc_ = std::move(*grpc);
+
+  HttpServer::Options http_options;
+  http_options.host = o.http_host;
+  http_options.port = o.http_port;
+  http_options.api_keys = o.api_keys;
+  http_options.max_connections = o.max_connections;
+  AttentionPool* p = g->pool_.get();
+  absl::StatusOr<std::unique_ptr<HttpServer>> http = HttpServer::Start(
+      http_options, g->generator_.get(), g->metrics_.get(), [p]() -> absl::Status {
+        if (p->AnyReady()) return absl::OkStatus();
+        std::string why = "no attention-service replica is ready";
+        for (const AttentionPool::ReplicaState& r : p->Snapshot()) {
+          if (!r.last_error.empty()) why += Cat(" (", r.address, ": ", r.last_error, ")");
+        }
+        return absl::UnavailableError(why);
+      });
+  if (!http.ok()) return http.status();
+  g->http_ = std::move(*http);
+
+  // grpc.health.v1 follows the replicas' readiness.
+  g->health_watcher_ = std::thread([self = g.get()] {
+    bool serving = false;
+    while (!self->stopping_) {
+      bool ready = self->pool_->WaitReady(std::chrono::milliseconds(200));
+      if (ready != serving && !self->stopping_) {
+        SetServing(*self->grpc_.server, ready);
+        serving = ready;
+        spdlog::info("gateway {}", ready ? "SERVING" : "NOT_SERVING");
+      }
+      if (ready) {
+        // WaitReady returns at once while ready: pace the loop.
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    }
+  });
+  spdlog::info(
+      "gateway: model '{}' (context {}), HTTP on {}:{}, gRPC on port {}, {} attention "
+      "replica(s)",
+      card.id, card.max_context, o.http_host, g->http_->port(), g->grpc_.port, o.attention.size());
+  return g;
+}
+
+void GatewayServer::Drain(std::chrono::milliseconds grace) {
+  if (drained_) return;
+  drained_ = true;
+  stopping_ = true;
+  if (health_watcher_.joinable()) health_watcher_.join();
+  if (grpc_.server) SetServing(*grpc_.server, false);
+  const auto deadline = std::chrono::system_clock::now() + grace;
+  std::thread grpc_stop([this, deadline] {
+    if (grpc_.server) grpc_.server->Shutdown(deadline);
+  });
+  if (http_) http_->Drain(grace);
+  grpc_stop.join();
+  admission_->Close();
+}
+
+GatewayServer::~GatewayServer() { Drain(std::chrono::milliseconds(0)); }
+
+}  // namespace expertmesh::gateway

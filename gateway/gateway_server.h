@@ -1,0 +1,82 @@
+// Everything a gateway process runs, assembled from its options: the model's tokenizer, chat
+// template and generation defaults, the attention replica pool, admission, the HTTP and gRPC
+// servers, metrics. main.cc parses flags into Options and calls Create / Drain; tests start
+// it in-process the same way.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/chat_template.h"
+#include "core/tokenizer.h"
+#include "gateway/admission.h"
+#include "gateway/attention_pool.h"
+#include "gateway/generation.h"
+#include "gateway/grpc_service.h"
+#include "gateway/http_server.h"
+#include "service-common/grpc_util.h"
+#include "service-common/metrics.h"
+
+namespace expertmesh::gateway {
+
+struct GatewayOptions {
+  std::string model_dir;               // tokenizer.json, tokenizer_config.json, config.json, ...
+  std::string served_model_name;       // default: the model directory's name
+  std::vector<std::string> attention;  // attention-service addresses
+  std::string grpc_listen = "127.0.0.1:0";
+  std::string http_host = "0.0.0.0";
+  int http_port = 0;
+  uint32_t max_context = 0;   // 0: config.json's max_position_embeddings
+  uint32_t max_running = 64;  // sequences generating at once through this gateway
+  uint32_t max_waiting = 64;  // the admission queue; beyond it: 429
+  std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
+  std::vector<std::string> api_keys;
+  int max_connections = 1024;
+  int grpc_threads = 512;
+  bool handshake = true;  // require replicas to serve the same model
+};
+
+// API keys from a file (one per line; blank lines and # comments skipped) and/or an
+// environment variable's comma-separated value.
+absl::StatusOr<std::vector<std::string>> LoadApiKeys(const std::string& file,
+                                                     const char* env_value);
+
+class GatewayServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<GatewayServer>> Create(const GatewayOptions& options);
+  ~GatewayServer();  // Drain(0)
+
+  int http_port() const { return http_->port(); }
+  int grpc_port() const { return grpc_.port; }
+  const ModelCard& card() const { return generator_->card(); }
+  MetricsRegistry& metrics() { return registry_; }
+  AttentionPool& pool() { return *pool_; }
+
+  // SIGTERM: health goes NOT_SERVING and /health 503, no new connections; open requests get
+  // `grace` to finish, then are cancelled; servers stop.
+  void Drain(std::chrono::milliseconds grace);
+
+ private:
+  GatewayServer() = default;
+
+  MetricsRegistry registry_;
+  std::unique_ptr<GatewayMetrics> metrics_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::optional<ChatTemplate> chat_template_;
+  std::unique_ptr<AttentionPool> pool_;
+  std::unique_ptr<Admission> admission_;
+  std::unique_ptr<Generator> generator_;
+  std::unique_ptr<GatewayGrpcService> grpc_service_;
+  RunningServer grpc_;
+  std::unique_ptr<HttpServer> http_;
+  std::thread health_watcher_;
+  std::atomic<bool> stopping_{false};
+  bool drained_ = false;
+};
+
+}  // namespace expertmesh::gateway

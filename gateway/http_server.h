@@ -1,0 +1,59 @@
+// The OpenAI-compatible HTTP API on Boost.Beast: POST /v1/completions, POST
+// /v1/chat/completions (JSON or SSE with stream: true), GET /v1/models[/{id}], GET /health
+// (503 with an OpenAI-style error until an attention replica is ready, and while draining),
+// GET /metrics (Prometheus text). Optional API keys (Authorization: Bearer) guard /v1/*.
+//
+// An Asio acceptor hands each connection to its own thread, which reads requests with a size
+// limit and an idle timeout (keep-alive) and runs generations synchronously; the number of
+// connections is bounded, admission (admission.h) bounds the generations. Between token
+// events a connection checks whether its client hung up, and cancels the sequence if so.
+// Drain(): stop accepting, close idle connections, let open requests finish within a grace
+// period, then cancel what is left.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "gateway/generation.h"
+#include "service-common/metrics.h"
+
+namespace expertmesh::gateway {
+
+class HttpServer {
+ public:
+  struct Options {
+    std::string host = "0.0.0.0";
+    int port = 0;                       // 0 = any free port
+    std::vector<std::string> api_keys;  // empty = no authentication
+    uint32_t max_body_bytes = 8u << 20;
+    int max_connections = 1024;
+    std::chrono::seconds idle_timeout{60};
+  };
+  // Readiness for /health: OK, or the reason the gateway cannot serve yet.
+  using ReadinessFn = std::function<absl::Status()>;
+
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(Options options,
+                                                           const Generator* generator,
+                                                           GatewayMetrics* metrics,
+                                                           ReadinessFn readiness);
+  ~HttpServer();  // Drain(0)
+
+  int port() const;
+  // Stops accepting, lets open requests finish for up to `grace`, cancels the rest, joins.
+  void Drain(std::chrono::milliseconds grace);
+  int open_connections() const;
+
+  class Impl;
+
+ private:
+  explicit HttpServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace expertmesh::gateway
