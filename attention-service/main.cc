@@ -1,0 +1,83 @@
+// attention-service: the sequence owner (see attention_service.h). main only parses flags.
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "attention-service/attention_service.h"
+#include "service-common/process.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  using namespace expertmesh;
+  CLI::App app{"attention-service: ExpertMesh sequence owner (scheduler, KV cache, dense layers)"};
+  attention::AttentionServerOptions o;
+  std::string log_level = "info";
+  int step_deadline_ms = 10000, attempt_timeout_ms = 3000, default_deadline_ms = 600000;
+  int64_t kv_blocks = 1024, kv_block_size = 16, max_batch = 64, max_waiting = 256,
+          prefill_chunk = 64;
+  bool no_act_quant = false;
+  app.add_option("--model", o.model_dir, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--router", o.router_address, "Router address host:port")->required();
+  app.add_option("--listen", o.server.listen, "gRPC address host:port (port 0 = any)")
+      ->capture_default_str();
+  app.add_option("--metrics-port", o.metrics_port, "Port of /metrics (0 = any, -1 = off)")
+      ->capture_default_str();
+  app.add_option("--kv-blocks", kv_blocks, "KV cache blocks")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
+      ->capture_default_str();
+  app.add_option("--kv-block-size", kv_block_size, "Tokens per KV block")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--max-batch", max_batch, "Sequences per step")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  app.add_option("--max-waiting", max_waiting, "Waiting queue bound (then RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(0, 65536))
+      ->capture_default_str();
+  app.add_option("--prefill-chunk", prefill_chunk, "Prompt tokens per sequence per step")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--step-deadline-ms", step_deadline_ms, "Deadline of one MoE dispatch")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  app.add_option("--attempt-timeout-ms", attempt_timeout_ms,
+                 "One shard replica's answer, then failover")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  app.add_option("--default-deadline-ms", default_deadline_ms, "Deadline of a Submit without one")
+      ->check(CLI::Range(1, 86400000))
+      ->capture_default_str();
+  app.add_flag("--no-act-quant", no_act_quant, "FP8 weights see float inputs (as transformers)");
+  app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  if (absl::Status s = BlockTerminationSignals(); !s.ok()) return 1;
+  if (absl::Status s = SetupLogging("attention", log_level); !s.ok()) return 2;
+  o.scheduler.kv_blocks = kv_blocks;
+  o.scheduler.kv_block_size = kv_block_size;
+  o.scheduler.max_batch = max_batch;
+  o.scheduler.max_waiting = max_waiting;
+  o.scheduler.prefill_chunk = prefill_chunk;
+  o.scheduler.engine.quantize_activations = !no_act_quant;
+  o.step_deadline = absl::Milliseconds(step_deadline_ms);
+  o.attempt_timeout = absl::Milliseconds(attempt_timeout_ms);
+  o.default_deadline = absl::Milliseconds(default_deadline_ms);
+  o.load_progress = true;
+
+  absl::StatusOr<std::unique_ptr<attention::AttentionServer>> server =
+      attention::AttentionServer::Start(o);
+  if (!server.ok()) {
+    spdlog::error("{}", server.status().ToString());
+    return 1;
+  }
+  spdlog::info("attention service on port {} (metrics port {}), router {}", (*server)->port(),
+               (*server)->metrics_port(), o.router_address);
+  const int sig = WaitForTerminationSignal();
+  spdlog::info("signal {}: shutting down", sig);
+  (*server)->Shutdown();
+  return 0;
+}

@@ -1,0 +1,288 @@
+// The attention service's parts in one process, with every expert local (LocalExperts):
+// the paged KV cache gives the engine bitwise the same logits as the contiguous one, and the
+// continuous-batching scheduler -- sequences joining at step boundaries, long prompts
+// prefilled in chunks, sequences waiting for KV blocks -- produces for each sequence exactly
+// the reference engine's greedy tokens. Cancellation and admission limits free and bound
+// resources as specified.
+#include <thread>
+
+#include "attention-service/attention_service.h"
+#include "attention-service/kv_block_pool.h"
+#include "attention-service/paged_kv_cache.h"
+#include "attention-service/scheduler.h"
+#include "core/engine.h"
+#include "core/local_experts.h"
+#include "core/model.h"
+#include "core/safetensors.h"
+#include "core/sampling.h"
+#include "gtest/gtest.h"
+#include "tests/cluster/cluster_test_util.h"
+
+namespace expertmesh::attention {
+namespace {
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::string> dir = expertmesh::testing::MakeClusterTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    model_dir_ = new std::string(*dir);
+  }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*model_dir_);
+    delete model_dir_;
+  }
+  void SetUp() override {
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(*model_dir_ + "/config.json");
+    ASSERT_TRUE(config.ok());
+    config_ = *config;
+    absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*model_dir_);
+    ASSERT_TRUE(ckpt.ok());
+    ckpt_ = *std::move(ckpt);
+    ModelLoadOptions load;
+    load.load_mtp = false;
+    absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(*ckpt_, config_, load);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+    absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+        LocalExperts::Create(*ckpt_, config_, AllExperts(config_));
+    ASSERT_TRUE(experts.ok()) << experts.status();
+    experts_ = *std::move(experts);
+  }
+  // Reads a stream to its end.
+  static SequenceEvent Drain(SequenceStream& s, std::vector<int32_t>* tokens) {
+    while (true) {
+      std::optional<SequenceEvent> e = s.Next(absl::Seconds(60));
+      if (!e.has_value()) return SequenceEvent{{}, FinishReason::kError, absl::DeadlineExceededError("no event")};
+      for (const GeneratedToken& t : e->tokens) tokens->push_back(t.token);
+      if (e->finish != FinishReason::kNone) return *e;
+    }
+  }
+  GenerationRequest Greedy(const std::string& id, const std::vector<int32_t>& prompt,
+                           int max_tokens) {
+    GenerationRequest r;
+    r.request_id = id;
+    r.prompt = prompt;
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    return r;
+  }
+
+  static std::string* model_dir_;
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<LocalExperts> experts_;
+};
+std::string* SchedulerTest::model_dir_ = nullptr;
+
+TEST(KvBlockPoolTest, AllocatesAllOrNothingLowestFirstAndFrees) {
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool = KvBlockPool::Create(8, 4, 2, 3);
+  ASSERT_TRUE(pool.ok());
+  KvBlockPool& p = **pool;
+  EXPECT_EQ(p.BlocksFor(9), 3);
+  std::optional<std::vector<int32_t>> a = p.Allocate(3);
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ(*a, (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_FALSE(p.Allocate(6).has_value());  // only 5 free: nothing taken
+  EXPECT_EQ(p.used_blocks(), 3);
+  std::optional<std::vector<int32_t>> b = p.Allocate(5);
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(p.free_blocks(), 0);
+  p.Free(*a);
+  EXPECT_EQ(p.used_blocks(), 5);
+  EXPECT_EQ(*p.Allocate(2), (std::vector<int32_t>{0, 1}));
+  // Distinct slots for distinct (block, layer, offset).
+  EXPECT_NE(p.Slot(0, 0, 0), p.Slot(0, 1, 0));
+  EXPECT_EQ(p.Slot(1, 0, 0) - p.Slot(0, 0, 0), 2 * 4 * 3);
+  EXPECT_FALSE(KvBlockPool::Create(0, 4, 2, 3).ok());
+}
+
+TEST_F(SchedulerTest, PagedCacheGivesBitwiseTheContiguousLogits) {
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model_, experts_.get());
+  ASSERT_TRUE(engine.ok());
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
+      KvBlockPool::Create(16, 4, config_.num_hidden_layers,
+                          config_.kv_lora_rank + config_.qk_rope_head_dim);
+  ASSERT_TRUE(pool.ok());
+  // Take a block first so the sequence's blocks are not 0..n-1 (a real block table).
+  std::optional<std::vector<int32_t>> hole = (*pool)->Allocate(1);
+  absl::StatusOr<std::unique_ptr<PagedKvCache>> paged = PagedKvCache::Create(pool->get(), 30);
+  ASSERT_TRUE(paged.ok());
+  EXPECT_EQ((*paged)->block_table().front(), 1);
+  std::unique_ptr<ContiguousKvCache> contiguous = (*engine)->NewCache();
+
+  const std::vector<int32_t> prompt = {5, 17, 33, 250, 9, 71, 2, 300, 41, 8, 99};  // spans blocks
+  std::vector<int32_t> next_paged = prompt, next_contiguous = prompt;
+  for (int step = 0; step < 6; ++step) {
+    SequenceInput a{next_paged, paged->get(), false};
+    SequenceInput b{next_contiguous, contiguous.get(), false};
+    absl::StatusOr<std::vector<SequenceOutput>> oa = (*engine)->Forward({&a, 1});
+    absl::StatusOr<std::vector<SequenceOutput>> ob = (*engine)->Forward({&b, 1});
+    ASSERT_TRUE(oa.ok() && ob.ok());
+    ASSERT_EQ((*oa)[0].logits, (*ob)[0].logits) << "step " << step;
+    next_paged = next_contiguous = {Argmax((*oa)[0].logits)};
+  }
+  EXPECT_EQ((*paged)->length(), contiguous->length());
+  // Beyond the reserved capacity (30 tokens -> 8 blocks of 4 = 32 slots) Extend fails.
+  EXPECT_FALSE((*paged)->Extend(32 - (*paged)->length() + 1).ok());
+  const int64_t used = (*pool)->used_blocks();
+  paged->reset();
+  EXPECT_EQ((*pool)->used_blocks(), used - 8);
+}
+
+TEST_F(SchedulerTest, ContinuousBatchingReproducesTheReferenceEngine) {
+  // 12 prompts up to 40 tokens, prefill chunks of 8 tokens, at most 5 sequences per step,
+  // and a KV pool too small to hold every sequence at once: sequences join and leave the
+  // batch at many different steps, and wait for KV blocks.
+  constexpr int kMaxTokens = 12;
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(12, 40, static_cast<int>(config_.vocab_size), 7);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  SchedulerOptions o;
+  o.kv_blocks = 16;  // 4-token blocks: 64 slots; a long sequence needs up to 13 blocks
+  o.kv_block_size = 4;
+  o.max_batch = 5;
+  o.max_waiting = 64;
+  o.prefill_chunk = 8;
+  MetricsRegistry metrics;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<std::shared_ptr<SequenceStream>> streams;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    absl::StatusOr<std::shared_ptr<SequenceStream>> st =
+        (*s)->Submit(Greedy("seq" + std::to_string(i), prompts[i], kMaxTokens));
+    ASSERT_TRUE(st.ok()) << st.status();
+    streams.push_back(*st);
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<int32_t> got;
+    SequenceEvent last = Drain(*streams[i], &got);
+    EXPECT_EQ(last.finish, FinishReason::kLength) << last.error;
+    EXPECT_EQ(last.completion_tokens, kMaxTokens);
+    EXPECT_EQ(got, (*want)[i]) << "sequence " << i << " (prompt of " << prompts[i].size()
+                               << " tokens)";
+  }
+  const SchedulerLoad load = (*s)->Load();
+  EXPECT_EQ(load.kv_blocks_used, 0);
+  EXPECT_EQ(load.running + load.waiting, 0);
+  // Several steps ran with more than one sequence in the batch.
+  EXPECT_NE(metrics.RenderText().find("expertmesh_attention_step_tokens_count"),
+            std::string::npos);
+}
+
+TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
+  SchedulerOptions o;
+  o.kv_blocks = 64;
+  o.kv_block_size = 4;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_TRUE(s.ok());
+  absl::StatusOr<std::shared_ptr<SequenceStream>> st =
+      (*s)->Submit(Greedy("long", {5, 6, 7}, 200));
+  ASSERT_TRUE(st.ok());
+  // First token: the sequence is running and holds its blocks (3 + 200 tokens -> 51 blocks).
+  std::optional<SequenceEvent> first = (*st)->Next(absl::Seconds(60));
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 51);
+  EXPECT_TRUE((*s)->Cancel("long"));
+  std::vector<int32_t> rest;
+  SequenceEvent last = Drain(**st, &rest);
+  EXPECT_EQ(last.finish, FinishReason::kCancelled);
+  EXPECT_LT(last.completion_tokens, 200);
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);  // freed before the finish event was pushed
+  EXPECT_FALSE((*s)->Cancel("long"));         // no longer live
+}
+
+TEST_F(SchedulerTest, RejectsWhatCannotFitAndBoundsTheQueue) {
+  SchedulerOptions o;
+  o.kv_blocks = 4;
+  o.kv_block_size = 4;  // 16 slots in all
+  o.max_batch = 1;
+  o.max_waiting = 1;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_TRUE(s.ok());
+  // Never fits the pool: RESOURCE_EXHAUSTED at once.
+  EXPECT_EQ((*s)->Submit(Greedy("big", {5, 6, 7}, 20)).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  // A holds every block once running; B waits; C finds the queue full.
+  absl::StatusOr<std::shared_ptr<SequenceStream>> a = (*s)->Submit(Greedy("a", {5, 6}, 14));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE((*a)->Next(absl::Seconds(60)).has_value());  // A is running now
+  absl::StatusOr<std::shared_ptr<SequenceStream>> b = (*s)->Submit(Greedy("b", {5, 6}, 14));
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ((*s)->Submit(Greedy("b", {5}, 2)).status().code(),
+            absl::StatusCode::kResourceExhausted);  // queue full (checked before duplicates)
+  EXPECT_EQ((*s)->Load().waiting, 1);
+  std::vector<int32_t> ta, tb;
+  EXPECT_EQ(Drain(**a, &ta).finish, FinishReason::kLength);
+  EXPECT_EQ(Drain(**b, &tb).finish, FinishReason::kLength);
+  EXPECT_EQ(ta, tb);  // same prompt, greedy: same tokens, whenever it ran
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
+TEST_F(SchedulerTest, ValidatesAgainstTheModel) {
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), SchedulerOptions{}, nullptr);
+  ASSERT_TRUE(s.ok());
+  auto code = [&](GenerationRequest r) { return (*s)->Submit(std::move(r)).status().code(); };
+  EXPECT_EQ(code(Greedy("e", {}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Greedy("v", {5, 320}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Greedy("n", {5, -1}, 4)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Greedy("c", std::vector<int32_t>(256, 5), 4)),
+            absl::StatusCode::kInvalidArgument);
+  GenerationRequest r = Greedy("t", {5}, 4);
+  r.sampling.top_p = 1.5f;
+  EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
+  r = Greedy("stop", {5}, 4);
+  r.stop_token_ids = {999};
+  EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
+  const absl::Time now = absl::FromUnixSeconds(1000);
+  auto convert = [&](const v1::SubmitRequest& r) {
+    return ToGenerationRequest(r, 256, now, absl::InfiniteFuture(), absl::Seconds(30));
+  };
+  v1::SubmitRequest ok;
+  ok.add_prompt_token_ids(5);
+  ok.add_prompt_token_ids(6);
+  absl::StatusOr<GenerationRequest> r = convert(ok);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->max_tokens, 254);  // 0 = up to the context
+  EXPECT_EQ(r->sampling.top_p, 1.0f);
+  EXPECT_EQ(r->deadline, now + absl::Seconds(30));
+  ok.set_deadline_ms(500);
+  EXPECT_EQ(convert(ok)->deadline, now + absl::Milliseconds(500));
+  EXPECT_EQ(ToGenerationRequest(ok, 256, now, now + absl::Milliseconds(100), absl::Seconds(30))
+                ->deadline,
+            now + absl::Milliseconds(100));  // the RPC deadline is earlier
+
+  auto bad = [&](auto mutate) {
+    v1::SubmitRequest b = ok;
+    mutate(b);
+    return convert(b).status().code();
+  };
+  const auto kInvalid = absl::StatusCode::kInvalidArgument;
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.clear_prompt_token_ids(); }), kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) {
+              for (int i = 0; i < 300; ++i) b.add_prompt_token_ids(5);
+            }),
+            kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_temperature(-1); }),
+            kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_temperature(NAN); }),
+            kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_top_p(1.01f); }), kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_top_k(-3); }), kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_top_logprobs(21); }),
+            kInvalid);
+}
+
+}  // namespace
+}  // namespace expertmesh::attention

@@ -1,0 +1,176 @@
+// `expertmesh up`: starts a whole cluster on loopback (router, shards x replicas expert
+// services, the attention service, optionally the gateway), prints the endpoints, and stops
+// everything cleanly on Ctrl-C / SIGTERM. `expertmesh status`: the cluster as the router
+// sees it (placement map, shard replicas and their health, expert load).
+#include <signal.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "service-common/grpc_util.h"
+#include "service-common/process.h"
+#include "spdlog/spdlog.h"
+#include "tools/launcher/cluster.h"
+
+namespace expertmesh {
+namespace {
+
+struct UpArgs {
+  launcher::ClusterOptions cluster;
+  int ready_timeout_s = 120;
+  int stop_grace_s = 10;
+};
+
+int RunUp(const UpArgs& args) {
+  // Termination signals are taken synchronously below; block them before any thread starts.
+  if (absl::Status s = BlockTerminationSignals(); !s.ok()) {
+    spdlog::error("{}", s.ToString());
+    return 1;
+  }
+  launcher::ClusterOptions options = args.cluster;
+  options.ready_timeout = absl::Seconds(args.ready_timeout_s);
+  options.stop_grace = absl::Seconds(args.stop_grace_s);
+  std::printf("starting: router, %d shard group(s) x %d replica(s), attention%s ...\n",
+              options.shards, options.replicas, options.gateway ? ", gateway" : "");
+  std::fflush(stdout);
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(options);
+  if (!cluster.ok()) {
+    spdlog::error("cluster did not start: {}", cluster.status().ToString());
+    return 1;
+  }
+  std::printf("cluster ready (logs in %s)\n", (*cluster)->log_dir().c_str());
+  for (const launcher::Endpoint& e : (*cluster)->AllEndpoints()) {
+    std::printf("  %-40s grpc %s", e.name.c_str(), e.grpc_address.c_str());
+    if (e.metrics_port != 0) {
+      std::printf("  %s http://%s:%d/metrics", e.name == "gateway" ? "http" : "metrics",
+                  options.host.c_str(), e.metrics_port);
+    }
+    std::printf("\n");
+  }
+  std::printf("Ctrl-C or SIGTERM stops the cluster.\n");
+  std::fflush(stdout);
+
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  std::map<std::string, bool> reported;
+  while (true) {
+    timespec one_second{1, 0};
+    const int sig = sigtimedwait(&set, nullptr, &one_second);
+    if (sig == SIGTERM || sig == SIGINT) {
+      std::printf("\n%s: stopping the cluster ...\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+      break;
+    }
+    for (const std::string& exit : (*cluster)->UnexpectedExits()) {
+      if (!reported[exit]) spdlog::warn("{}", exit);
+      reported[exit] = true;
+    }
+  }
+  const absl::Status stopped = (*cluster)->Stop();
+  if (!stopped.ok()) {
+    spdlog::error("{}", stopped.ToString());
+    return 1;
+  }
+  std::printf("all services stopped.\n");
+  return 0;
+}
+
+int RunStatus(const std::string& router, int timeout_ms) {
+  auto channel = MakeChannel(router);
+  auto stub = v1::RouterService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
+  v1::StatusRequest req;
+  v1::StatusResponse resp;
+  const grpc::Status s = stub->GetStatus(&ctx, req, &resp);
+  if (!s.ok()) {
+    spdlog::error("GetStatus on {}: {}", router, FromGrpcStatus(s).ToString());
+    return 1;
+  }
+  const v1::PlacementMap& map = resp.placement();
+  std::printf("model %s, placement map version %llu: %d layers x %d routed experts, %d shard "
+              "group(s)\n",
+              resp.model_name().c_str(), static_cast<unsigned long long>(map.version()),
+              map.n_layers(), map.n_routed_experts(), map.shards_size());
+  std::map<int32_t, uint64_t> tokens_per_shard;
+  std::map<std::pair<int32_t, int32_t>, int32_t> shard_of;
+  for (const v1::ShardGroup& g : map.shards()) {
+    for (const v1::LayerExpert& le : g.experts()) shard_of[{le.layer(), le.expert()}] = g.shard_id();
+  }
+  for (const v1::LayerExpertLoad& l : resp.expert_load()) {
+    auto it = shard_of.find({l.layer(), l.expert()});
+    if (it != shard_of.end()) tokens_per_shard[it->second] += l.tokens();
+  }
+  for (const v1::ShardGroup& g : map.shards()) {
+    int healthy = 0;
+    for (const v1::ShardReplica& r : g.replicas()) healthy += r.healthy() ? 1 : 0;
+    std::printf("shard %d: %d (layer, expert) pairs, %d/%d replica(s) healthy, %llu routed "
+                "tokens%s\n",
+                g.shard_id(), g.experts_size(), healthy, g.replicas_size(),
+                static_cast<unsigned long long>(tokens_per_shard[g.shard_id()]),
+                healthy == 0 ? "  << NO LIVE REPLICA" : "");
+    for (const v1::ShardReplica& r : g.replicas()) {
+      std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago\n",
+                  r.replica_id().c_str(), r.address().c_str(),
+                  r.healthy() ? "healthy" : "UNHEALTHY", r.capacity(), r.outstanding_rows(),
+                  static_cast<unsigned long long>(r.last_heartbeat_ms_ago()));
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+void AddUpCommand(CLI::App& app) {
+  auto args = std::make_shared<UpArgs>();
+  CLI::App* up = app.add_subcommand(
+      "up", "Start a whole cluster on loopback: router, expert shards, attention service");
+  launcher::ClusterOptions& c = args->cluster;
+  up->add_option("--model", c.model_dir, "Checkpoint directory (config.json, safetensors)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  up->add_option("--shards", c.shards, "Shard groups the routed experts are spread over")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  up->add_option("--replicas", c.replicas, "Replicas per shard group")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  up->add_flag("--gateway", c.gateway, "Also start the gateway");
+  up->add_option("--bin-dir", c.bin_dir, "Where the service binaries are (default: build tree)");
+  up->add_option("--log-dir", c.log_dir, "One log file per service (default: a new /tmp dir)");
+  up->add_option("--kv-blocks", c.kv_blocks, "Attention service KV blocks")->capture_default_str();
+  up->add_option("--kv-block-size", c.kv_block_size, "Tokens per KV block")->capture_default_str();
+  up->add_option("--max-batch", c.max_batch, "Sequences per step")->capture_default_str();
+  up->add_option("--max-waiting", c.max_waiting, "Waiting queue bound")->capture_default_str();
+  up->add_option("--prefill-chunk", c.prefill_chunk, "Prompt tokens per sequence per step")
+      ->capture_default_str();
+  up->add_option("--step-deadline-ms", c.step_deadline_ms, "Deadline of one MoE dispatch")
+      ->capture_default_str();
+  up->add_option("--ready-timeout-s", args->ready_timeout_s, "Wait this long for SERVING")
+      ->capture_default_str();
+  up->add_option("--stop-grace-s", args->stop_grace_s, "SIGTERM grace before SIGKILL")
+      ->capture_default_str();
+  up->callback([args] {
+    const int rc = RunUp(*args);
+    if (rc != 0) throw CLI::RuntimeError(rc);
+  });
+
+  auto router = std::make_shared<std::string>();
+  auto timeout_ms = std::make_shared<int>(5000);
+  CLI::App* status = app.add_subcommand("status", "Print the cluster as the router sees it");
+  status->add_option("--router", *router, "Router address host:port")->required();
+  status->add_option("--timeout-ms", *timeout_ms, "RPC deadline")->capture_default_str();
+  status->callback([router, timeout_ms] {
+    const int rc = RunStatus(*router, *timeout_ms);
+    if (rc != 0) throw CLI::RuntimeError(rc);
+  });
+}
+
+}  // namespace expertmesh
