@@ -3,9 +3,9 @@
 //
 // Why: the gateway turns chat requests into prompts for any deepseek_v3 checkpoint, and the
 // prompt must be byte-identical to what the model was trained with. Rather than hand-coding
-// each template, a small interpreter for the Jinja2 subset chat templates use runs the
-// model's own template: {{ }}, {% set %} (also namespace attributes), namespace(), for (with
-// loop.index/first/last), if/elif/else, `is defined / none / string ...` tests, and/or/not,
+// each template, a small interpreter for the Jinja2 subset chat templates use (core/jinja.h)
+// runs the model's own template: {{ }}, {% set %} (also namespace attributes), namespace(), for
+// (with loop.index/first/last), if/elif/else, `is defined / none / string ...` tests, and/or/not,
 // comparisons, `in`, `~` and `+` on strings, subscripts and slices, the string methods and
 // filters the DeepSeek/Qwen/Llama templates use, raise_exception, and whitespace control
 // ({%- -%}); with transformers' settings trim_blocks and lstrip_blocks. tests/tokenizer/ checks
