@@ -1,0 +1,336 @@
+#include "expert-service/expert_service.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/numerics.h"
+#include "core/wire.h"
+#include "service-common/handshake.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh {
+
+absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const ModelConfig& config,
+                                   const ExpertRequestLimits& limits,
+                                   const std::function<bool(int, int)>& holds) {
+  const uint64_t bytes = request.ByteSizeLong();
+  if (bytes > limits.max_request_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request of ", bytes, " bytes exceeds ", limits.max_request_bytes));
+  }
+  const uint64_t n_rows = request.n_rows();
+  const uint64_t hidden = request.hidden_size();
+  if (hidden != static_cast<uint64_t>(config.hidden_size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hidden_size ", hidden, "; the model has ", config.hidden_size));
+  }
+  if (n_rows == 0) return absl::InvalidArgumentError("n_rows must be positive");
+  if (n_rows > limits.max_rows) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("n_rows ", n_rows, " exceeds ", limits.max_rows));
+  }
+  const int64_t n_layers = config.num_hidden_layers + config.num_nextn_predict_layers;
+  const int32_t layer = request.layer();
+  if (layer < 0 || layer >= n_layers || !config.IsMoeLayer(layer)) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
+  }
+  // Sizes first (all products fit in 64 bits: n_rows <= 2^32, hidden <= 2^32 / 2^16).
+  if (request.activations().size() != ActivationBytes(n_rows, hidden)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activations hold ", request.activations().size(),
+                     " bytes; n_rows x hidden_size = ", ActivationBytes(n_rows, hidden)));
+  }
+  if (request.scales().size() != ScaleBytes(n_rows, hidden)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scales hold ", request.scales().size(), " bytes; expected ", ScaleBytes(n_rows, hidden)));
+  }
+  if (static_cast<uint64_t>(request.row_offsets_size()) != n_rows + 1) {
+    return absl::InvalidArgumentError(absl::StrCat("row_offsets has ", request.row_offsets_size(),
+                                                   " entries; n_rows + 1 = ", n_rows + 1));
+  }
+  if (request.weights_size() != request.experts_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("weights has ", request.weights_size(),
+                                                   " entries, experts ", request.experts_size()));
+  }
+  if (request.row_offsets(0) != 0 || request.row_offsets(static_cast<int>(n_rows)) !=
+                                         static_cast<uint32_t>(request.experts_size())) {
+    return absl::InvalidArgumentError(
+        "row_offsets must start at 0 and end at the number of experts");
+  }
+  const float max_weight =
+      limits.max_weight > 0
+          ? limits.max_weight
+          : 1.01f * static_cast<float>(std::max(1.0, config.routed_scaling_factor));
+  for (uint64_t r = 0; r < n_rows; ++r) {
+    const uint32_t begin = request.row_offsets(static_cast<int>(r));
+    const uint32_t end = request.row_offsets(static_cast<int>(r + 1));
+    if (end < begin) {
+      return absl::InvalidArgumentError(absl::StrCat("row_offsets decrease at row ", r));
+    }
+    if (end - begin > static_cast<uint64_t>(config.num_experts_per_tok)) {
+      return absl::InvalidArgumentError(absl::StrCat("row ", r, " has ", end - begin,
+                                                     " experts; num_experts_per_tok is ",
+                                                     config.num_experts_per_tok));
+    }
+    for (uint32_t p = begin; p < end; ++p) {
+      const int32_t e = request.experts(static_cast<int>(p));
+      if (e < 0 || e >= config.n_routed_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("expert id ", e, " out of range"));
+      }
+      if (p > begin && e <= request.experts(static_cast<int>(p - 1))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("experts of row ", r, " are not strictly ascending"));
+      }
+      if (!holds(layer, e)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("this shard does not hold layer ", layer, " expert ", e));
+      }
+      const float w = request.weights(static_cast<int>(p));
+      if (!std::isfinite(w) || w < 0.0f || w > max_weight) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("weight ", w, " of row ", r, " is not in [0, ", max_weight, "]"));
+      }
+    }
+  }
+  const std::string& scales = request.scales();
+  for (size_t i = 0; i < scales.size(); i += 4) {
+    float s;
+    std::memcpy(&s, scales.data() + i, 4);
+    if (!std::isfinite(s) || s <= 0.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("scale ", i / 4, " is ", s, "; scales must be finite and positive"));
+    }
+  }
+  const std::string& act = request.activations();
+  for (size_t i = 0; i < act.size(); ++i) {
+    if ((static_cast<uint8_t>(act[i]) & 0x7f) == 0x7f) {  // float8_e4m3fn NaN
+      return absl::InvalidArgumentError(absl::StrCat("activation ", i, " is NaN"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
+                                     ExpertRequestLimits limits, MetricsRegistry* metrics)
+    : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {}
+
+void ExpertServiceImpl::SetExperts(std::unique_ptr<LocalExperts> experts) {
+  owned_experts_ = std::move(experts);
+  experts_.store(owned_experts_.get());
+}
+
+void ExpertServiceImpl::StartDraining() { draining_ = true; }
+
+void ExpertServiceImpl::WaitIdle() {
+  std::unique_lock<std::mutex> lock(idle_mu_);
+  idle_cv_.wait(lock, [this] { return in_flight_ == 0; });
+}
+
+grpc::Status ExpertServiceImpl::Handshake(grpc::ServerContext*, const v1::HandshakeRequest* req,
+                                          v1::HandshakeResponse* resp) {
+  if (absl::Status s = CheckPeer(identity_, req->client()); !s.ok()) return ToGrpcStatus(s);
+  *resp->mutable_server() = identity_;
+  return grpc::Status::OK;
+}
+
+grpc::Status ExpertServiceImpl::Compute(
+    grpc::ServerContext*, grpc::ServerReaderWriter<v1::ExpertResponse, v1::ExpertRequest>* stream) {
+  v1::ExpertRequest request;
+  while (stream->Read(&request)) {
+    const v1::ExpertResponse response = Handle(request);
+    if (!stream->Write(response)) break;
+    request.Clear();
+  }
+  return grpc::Status::OK;
+}
+
+v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
+  const absl::Time start = absl::Now();
+  v1::ExpertResponse response;
+  response.set_batch_id(request.batch_id());
+  response.set_layer(request.layer());
+  response.set_micro_batch(request.micro_batch());
+  response.set_request_id(request.request_id());
+  const auto finish = [&](const absl::Status& s) {
+    if (!s.ok()) {
+      response.set_error_code(static_cast<int>(s.code()));
+      response.set_error_message(std::string(s.message()));
+      response.clear_outputs();
+      response.set_n_rows(0);
+      spdlog::debug("expert request {} refused: {}", request.request_id(),
+                    std::string(s.message()));
+    }
+    if (metrics_) {
+      metrics_
+          ->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
+                       {{"code", absl::StatusCodeToString(s.code())}})
+          .Inc();
+      if (s.ok()) {
+        metrics_->GetCounter("expertmesh_expert_rows_total", "Rows computed").Inc(request.n_rows());
+        metrics_
+            ->GetHistogram("expertmesh_expert_compute_seconds", "Validate + compute time",
+                           LatencyBucketsSeconds())
+            .Observe(absl::ToDoubleSeconds(absl::Now() - start));
+      }
+    }
+    return response;
+  };
+
+  {
+    std::lock_guard<std::mutex> lock(idle_mu_);
+    if (draining_) return finish(absl::UnavailableError("shard replica is draining"));
+    ++in_flight_;
+  }
+  struct Done {
+    ExpertServiceImpl* self;
+    ~Done() {
+      std::lock_guard<std::mutex> lock(self->idle_mu_);
+      if (--self->in_flight_ == 0) self->idle_cv_.notify_all();
+    }
+  } done{this};
+
+  LocalExperts* experts = experts_.load();
+  if (!experts) return finish(absl::UnavailableError("shard replica is still loading"));
+  if (absl::Status s = ValidateExpertRequest(
+          request, config_, limits_, [experts](int l, int e) { return experts->Holds(l, e); });
+      !s.ok()) {
+    return finish(s);
+  }
+  const int64_t n_rows = request.n_rows();
+  const int64_t H = request.hidden_size();
+  outstanding_rows_ += static_cast<uint32_t>(n_rows);
+  absl::StatusOr<QuantizedActivations> x =
+      UnpackActivations(request.activations(), request.scales(), n_rows, H);
+  absl::Status status = x.status();
+  if (status.ok()) {
+    ExpertRoutes routes;
+    routes.offsets.assign(request.row_offsets().begin(), request.row_offsets().end());
+    routes.experts.assign(request.experts().begin(), request.experts().end());
+    routes.weights.assign(request.weights().begin(), request.weights().end());
+    std::vector<float> out(static_cast<size_t>(n_rows * H));
+    status = experts->Run(request.layer(), *x, routes, out);
+    if (status.ok()) {
+      PackOutputRows(out, response.mutable_outputs());
+      response.set_n_rows(static_cast<uint32_t>(n_rows));
+    }
+  }
+  outstanding_rows_ -= static_cast<uint32_t>(n_rows);
+  return finish(status);
+}
+
+absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOptions options) {
+  std::unique_ptr<ExpertServer> es(new ExpertServer());
+  es->options_ = std::move(options);
+  const ExpertServerOptions& o = es->options_;
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(o.model_dir + "/config.json");
+  if (!config.ok()) return config.status();
+  es->config_ = *std::move(config);
+  absl::StatusOr<v1::PeerIdentity> identity =
+      MakeLocalIdentity(o.model_dir, "expert-service", o.instance_id);
+  if (!identity.ok()) return identity.status();
+  if (o.experts.empty()) return absl::InvalidArgumentError("expert-service: no experts to hold");
+
+  // The transport accepts somewhat more than the per-message limit so that an oversized
+  // message is answered with its own error instead of killing the stream.
+  ServerOptions server = o.server;
+  server.max_message_bytes = static_cast<int>(
+      std::min<uint64_t>(o.limits.max_request_bytes * 2 + (1 << 20), (1u << 31) - 1));
+  es->service_ = std::make_unique<ExpertServiceImpl>(es->config_, *identity, o.limits, o.metrics);
+  absl::StatusOr<RunningServer> running = StartGrpcServer(server, {es->service_.get()});
+  if (!running.ok()) return running.status();
+  es->server_ = std::move(running->server);
+  es->port_ = running->port;
+  spdlog::info("expert-service listening on port {} (NOT_SERVING while loading)", es->port_);
+
+  // Load only this shard's experts.
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(o.model_dir);
+  if (!ckpt.ok()) return ckpt.status();
+  es->checkpoint_ = *std::move(ckpt);
+  uint64_t share = 0;
+  for (const LayerExpert& le : o.experts) {
+    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
+      for (const char* suffix : {".weight", ".weight_scale_inv"}) {
+        const std::string name =
+            absl::StrCat("model.layers.", le.layer, ".mlp.experts.", le.expert, ".", proj, suffix);
+        if (const TensorInfo* t = es->checkpoint_->Info(name)) share += t->end - t->begin;
+      }
+    }
+  }
+  spdlog::info("loading {} experts of shard {} ({:.1f} MiB of {:.1f} MiB in the checkpoint)",
+               o.experts.size(), o.shard_id, share / 1048576.0,
+               es->checkpoint_->total_bytes() / 1048576.0);
+  LocalExperts::Options lo;
+  lo.quantize_activations = o.quantize_activations;
+  const int64_t total = static_cast<int64_t>(o.experts.size());
+  const int64_t step = std::max<int64_t>(1, total / 10);
+  lo.progress = [step](int64_t done, int64_t n) {
+    if (done % step == 0 || done == n) spdlog::info("loaded {}/{} experts", done, n);
+  };
+  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+      LocalExperts::Create(*es->checkpoint_, es->config_, o.experts, lo);
+  if (!experts.ok()) return experts.status();
+  es->bytes_mapped_ = (*experts)->bytes_mapped();
+  spdlog::info("experts loaded: {} bytes of expert tensors ({} bytes mapped from files)",
+               es->bytes_mapped_, es->checkpoint_->bytes_mapped());
+  if (o.metrics) {
+    o.metrics->GetGauge("expertmesh_expert_bytes_mapped", "Bytes of expert tensors held")
+        .Set(static_cast<double>(es->bytes_mapped_));
+    ExpertServiceImpl* svc = es->service_.get();
+    o.metrics->AddCollector([svc, m = o.metrics] {
+      m->GetGauge("expertmesh_expert_outstanding_rows", "Rows being computed")
+          .Set(svc->outstanding_rows());
+    });
+  }
+  es->service_->SetExperts(*std::move(experts));
+  SetServing(*es->server_, true);
+
+  if (!o.router_address.empty()) {
+    v1::RegisterRequest reg;
+    *reg.mutable_identity() = *identity;
+    reg.set_address(o.advertise_address.empty() ? es->address() : o.advertise_address);
+    reg.set_shard_id(o.shard_id);
+    reg.set_capacity(o.capacity);
+    for (const LayerExpert& le : o.experts) {
+      v1::LayerExpert* p = reg.add_experts();
+      p->set_layer(le.layer);
+      p->set_expert(le.expert);
+    }
+    ExpertServiceImpl* svc = es->service_.get();
+    absl::StatusOr<std::unique_ptr<RouterRegistration>> registration = RouterRegistration::Start(
+        o.router_address, std::move(reg), [svc] { return svc->outstanding_rows(); }, o.rpc_timeout);
+    if (!registration.ok()) return registration.status();
+    es->registration_ = *std::move(registration);
+  }
+  return es;
+}
+
+std::string ExpertServer::address() const { return LoopbackAddress(port_); }
+uint64_t ExpertServer::bytes_mapped() const { return bytes_mapped_; }
+
+void ExpertServer::Drain() {
+  std::lock_guard<std::mutex> lock(stop_mu_);
+  if (stopped_) return;
+  stopped_ = true;
+  SetServing(*server_, false);
+  if (registration_) registration_->Deregister();  // the router stops handing us out
+  service_->StartDraining();                       // stragglers get UNAVAILABLE: fail over
+  service_->WaitIdle();                            // in-flight messages finish
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
+  spdlog::info("expert-service drained and stopped");
+}
+
+void ExpertServer::Kill() {
+  std::lock_guard<std::mutex> lock(stop_mu_);
+  if (stopped_) return;
+  stopped_ = true;
+  registration_.reset();  // heartbeats stop; the router expires us
+  server_->Shutdown(std::chrono::system_clock::now());
+}
+
+ExpertServer::~ExpertServer() {
+  if (server_) Drain();
+}
+
+}  // namespace expertmesh

@@ -1,0 +1,123 @@
+// An expert shard: holds the routed experts of one shard group (LocalExperts maps only their
+// tensors) and serves ExpertService.Compute, a long-lived bidirectional stream on which each
+// ExpertRequest is validated before anything is allocated for it, computed, and answered by
+// one ExpertResponse (BF16 rows of sum weight * expert(x)). A bad message gets an error in its
+// own response; the stream and the service stay up.
+//
+// Lifecycle (ExpertServer): gRPC up and NOT_SERVING -> weights loaded -> SERVING -> registered
+// with the router (heartbeats) ... Drain(): deregister, refuse new work, finish what is in
+// flight, stop.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/config.h"
+#include "core/local_experts.h"
+#include "core/safetensors.h"
+#include "expert-service/registration.h"
+#include "expertmesh/v1/expert.grpc.pb.h"
+#include "service-common/grpc_util.h"
+#include "service-common/metrics.h"
+
+namespace expertmesh {
+
+struct ExpertRequestLimits {
+  uint64_t max_request_bytes = 48ull << 20;  // one message, serialized
+  uint32_t max_rows = 1 << 16;               // rows in one message
+  float max_weight = 0.0f;  // largest accepted route weight; 0 = from the config (see .cc)
+};
+
+// Checks everything about a request before it is used; InvalidArgument for malformed
+// contents, ResourceExhausted for oversized ones, FailedPrecondition for experts this shard
+// does not hold. `holds(layer, expert)`.
+absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const ModelConfig& config,
+                                   const ExpertRequestLimits& limits,
+                                   const std::function<bool(int, int)>& holds);
+
+class ExpertServiceImpl final : public v1::ExpertService::Service {
+ public:
+  ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
+                    ExpertRequestLimits limits, MetricsRegistry* metrics);
+
+  grpc::Status Handshake(grpc::ServerContext* ctx, const v1::HandshakeRequest* req,
+                         v1::HandshakeResponse* resp) override;
+  grpc::Status Compute(
+      grpc::ServerContext* ctx,
+      grpc::ServerReaderWriter<v1::ExpertResponse, v1::ExpertRequest>* stream) override;
+
+  // One message, validated and computed (what Compute does for each).
+  v1::ExpertResponse Handle(const v1::ExpertRequest& request);
+
+  void SetExperts(std::unique_ptr<LocalExperts> experts);  // once loaded
+  void StartDraining();  // new messages get UNAVAILABLE from now on
+  // Waits until no message is being computed.
+  void WaitIdle();
+  uint32_t outstanding_rows() const { return outstanding_rows_.load(); }
+
+ private:
+  const ModelConfig& config_;
+  v1::PeerIdentity identity_;
+  ExpertRequestLimits limits_;
+  MetricsRegistry* metrics_;
+  std::atomic<LocalExperts*> experts_{nullptr};
+  std::unique_ptr<LocalExperts> owned_experts_;
+  std::atomic<bool> draining_{false};
+  std::atomic<uint32_t> outstanding_rows_{0};
+  std::mutex idle_mu_;
+  std::condition_variable idle_cv_;
+  int in_flight_ = 0;
+};
+
+struct ExpertServerOptions {
+  std::string model_dir;
+  std::vector<LayerExpert> experts;  // what this replica holds
+  int32_t shard_id = 0;              // the shard group it registers for
+  ServerOptions server;              // listen address (port 0 = any)
+  std::string advertise_address;     // what the router hands out; default 127.0.0.1:<port>
+  std::string router_address;        // empty: do not register
+  std::string instance_id = "expert";
+  ExpertRequestLimits limits;
+  bool quantize_activations = true;
+  uint32_t capacity = 4096;  // rows in flight announced to the router
+  absl::Duration rpc_timeout = absl::Seconds(2);
+  MetricsRegistry* metrics = nullptr;  // optional; must outlive the server
+};
+
+class ExpertServer {
+ public:
+  // Starts gRPC (NOT_SERVING), loads the experts, turns SERVING, registers with the router.
+  static absl::StatusOr<std::unique_ptr<ExpertServer>> Start(ExpertServerOptions options);
+  ~ExpertServer();  // Drain()
+
+  int port() const { return port_; }
+  std::string address() const;
+  uint64_t bytes_mapped() const;
+  const ModelConfig& config() const { return config_; }
+  ExpertServiceImpl& service() { return *service_; }
+  // Deregisters, refuses new work, finishes in-flight messages, stops the server. Idempotent.
+  void Drain();
+  // Stops abruptly (no deregistration, streams cut): a crash, for failover tests.
+  void Kill();
+
+ private:
+  ExpertServer() = default;
+  ExpertServerOptions options_;
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<ExpertServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<RouterRegistration> registration_;
+  int port_ = 0;
+  uint64_t bytes_mapped_ = 0;
+  std::mutex stop_mu_;
+  bool stopped_ = false;
+};
+
+}  // namespace expertmesh

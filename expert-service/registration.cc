@@ -1,0 +1,116 @@
+#include "expert-service/registration.h"
+
+#include "absl/strings/str_cat.h"
+#include "service-common/grpc_util.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh {
+namespace {
+std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
+  return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(d);
+}
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RouterRegistration>> RouterRegistration::Start(
+    const std::string& router_address, v1::RegisterRequest request,
+    std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout) {
+  std::unique_ptr<RouterRegistration> r(new RouterRegistration());
+  r->stub_ = v1::RouterService::NewStub(MakeChannel(router_address));
+  r->request_ = std::move(request);
+  r->outstanding_rows_ = std::move(outstanding_rows);
+  r->rpc_timeout_ = rpc_timeout;
+  absl::Status first = r->RegisterOnce();
+  if (!first.ok()) {
+    if (first.code() != absl::StatusCode::kUnavailable &&
+        first.code() != absl::StatusCode::kDeadlineExceeded) {
+      return absl::Status(first.code(),
+                          absl::StrCat("router ", router_address, " refused: ", first.message()));
+    }
+    spdlog::warn("router {} not reachable yet ({}); retrying in the background", router_address,
+                 std::string(first.message()));
+  }
+  r->thread_ = std::thread([p = r.get()] { p->Loop(); });
+  return r;
+}
+
+absl::Status RouterRegistration::RegisterOnce() {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineIn(rpc_timeout_));
+  v1::RegisterResponse resp;
+  if (grpc::Status s = stub_->Register(&ctx, request_, &resp); !s.ok()) return FromGrpcStatus(s);
+  std::lock_guard<std::mutex> lock(mu_);
+  replica_id_ = resp.replica_id();
+  if (resp.heartbeat_interval_ms() > 0) {
+    interval_ = absl::Milliseconds(resp.heartbeat_interval_ms());
+  }
+  spdlog::info("registered with the router as {} (shard {}, heartbeat every {})", replica_id_,
+               request_.shard_id(), absl::FormatDuration(interval_));
+  return absl::OkStatus();
+}
+
+void RouterRegistration::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!cv_.wait_for(lock, absl::ToChronoMilliseconds(interval_), [this] { return stop_; })) {
+    const std::string id = replica_id_;
+    lock.unlock();
+    if (id.empty()) {
+      if (absl::Status s = RegisterOnce(); !s.ok())
+        spdlog::warn("register: {}", std::string(s.message()));
+    } else {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(DeadlineIn(rpc_timeout_));
+      v1::HeartbeatRequest req;
+      req.set_replica_id(id);
+      req.set_outstanding_rows(outstanding_rows_ ? outstanding_rows_() : 0);
+      v1::HeartbeatResponse resp;
+      const grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
+      if (s.ok() && !resp.known()) {
+        spdlog::warn("the router forgot {}; registering again", id);
+        if (absl::Status r = RegisterOnce(); !r.ok()) {
+          spdlog::warn("register: {}", std::string(r.message()));
+          std::lock_guard<std::mutex> l(mu_);
+          replica_id_.clear();
+        }
+      } else if (!s.ok()) {
+        spdlog::warn("heartbeat: {}", s.error_message());
+      }
+    }
+    lock.lock();
+  }
+}
+
+void RouterRegistration::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void RouterRegistration::Deregister() {
+  Stop();
+  const std::string id = replica_id();
+  if (id.empty()) return;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineIn(rpc_timeout_));
+  v1::DeregisterRequest req;
+  req.set_replica_id(id);
+  v1::DeregisterResponse resp;
+  if (grpc::Status s = stub_->Deregister(&ctx, req, &resp); !s.ok()) {
+    spdlog::warn("deregister {}: {}", id, s.error_message());
+  } else {
+    spdlog::info("deregistered {}", id);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  replica_id_.clear();
+}
+
+std::string RouterRegistration::replica_id() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return replica_id_;
+}
+
+RouterRegistration::~RouterRegistration() { Stop(); }
+
+}  // namespace expertmesh

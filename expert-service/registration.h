@@ -1,0 +1,51 @@
+// A shard replica's membership with the router: registers (the first attempt is synchronous
+// so a refusal -- another model, a placement mismatch -- fails start-up loudly), then
+// heartbeats on a background thread at the interval the router asked for, registering
+// again when the router no longer knows it (router restart, expiry). Deregister() on drain.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+
+namespace expertmesh {
+
+class RouterRegistration {
+ public:
+  // outstanding_rows: sampled for every heartbeat.
+  static absl::StatusOr<std::unique_ptr<RouterRegistration>> Start(
+      const std::string& router_address, v1::RegisterRequest request,
+      std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout);
+  ~RouterRegistration();  // stops heartbeats (without deregistering)
+
+  // Stops heartbeats and deregisters (one RPC, bounded by the rpc timeout).
+  void Deregister();
+  std::string replica_id() const;
+
+ private:
+  RouterRegistration() = default;
+  absl::Status RegisterOnce();  // under no lock
+  void Loop();
+  void Stop();
+
+  std::unique_ptr<v1::RouterService::Stub> stub_;
+  v1::RegisterRequest request_;
+  std::function<uint32_t()> outstanding_rows_;
+  absl::Duration rpc_timeout_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::string replica_id_;
+  absl::Duration interval_ = absl::Milliseconds(500);
+  std::thread thread_;
+};
+
+}  // namespace expertmesh

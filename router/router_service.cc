@@ -1,0 +1,176 @@
+#include "router/router_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "service-common/handshake.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh {
+
+RouterServiceImpl::RouterServiceImpl(Placement placement, RouterServerOptions options)
+    : options_(std::move(options)), membership_(std::move(placement), options_.membership) {}
+
+RouterServiceImpl::~RouterServiceImpl() { Stop(); }
+
+uint64_t RouterServiceImpl::version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return membership_.version();
+}
+
+void RouterServiceImpl::Changed() {
+  if (options_.metrics) {
+    options_.metrics->GetGauge("expertmesh_router_placement_version", "Current placement version")
+        .Set(static_cast<double>(membership_.version()));
+    options_.metrics->GetGauge("expertmesh_router_replicas", "Registered shard replicas")
+        .Set(static_cast<double>(membership_.replica_count()));
+  }
+  changed_.notify_all();
+}
+
+grpc::Status RouterServiceImpl::Handshake(grpc::ServerContext*, const v1::HandshakeRequest* req,
+                                          v1::HandshakeResponse* resp) {
+  if (absl::Status s = CheckPeer(options_.identity, req->client()); !s.ok()) {
+    return ToGrpcStatus(s);
+  }
+  *resp->mutable_server() = options_.identity;
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterServiceImpl::Register(grpc::ServerContext*, const v1::RegisterRequest* req,
+                                         v1::RegisterResponse* resp) {
+  if (absl::Status s = CheckPeer(options_.identity, req->identity()); !s.ok()) {
+    spdlog::warn("register from {} refused: {}", req->address(), std::string(s.message()));
+    return ToGrpcStatus(s);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  absl::StatusOr<v1::RegisterResponse> r = membership_.Register(*req, absl::Now());
+  if (!r.ok()) {
+    spdlog::warn("register from {} refused: {}", req->address(), std::string(r.status().message()));
+    return ToGrpcStatus(r.status());
+  }
+  *resp = *std::move(r);
+  spdlog::info("registered {} at {} for shard {} (placement v{})", resp->replica_id(),
+               req->address(), req->shard_id(), membership_.version());
+  Changed();
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+                                          v1::HeartbeatResponse* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  resp->set_known(membership_.Heartbeat(*req, absl::Now()));
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterServiceImpl::Deregister(grpc::ServerContext*, const v1::DeregisterRequest* req,
+                                           v1::DeregisterResponse*) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (membership_.Deregister(req->replica_id())) {
+    spdlog::info("deregistered {} (placement v{})", req->replica_id(), membership_.version());
+    Changed();
+  }
+  return grpc::Status::OK;
+}
+
+void RouterServiceImpl::Sweep() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (membership_.Expire(absl::Now())) {
+    spdlog::warn("expired replicas without heartbeat (placement v{})", membership_.version());
+    Changed();
+  }
+}
+
+void RouterServiceImpl::Stop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  stopping_ = true;
+  changed_.notify_all();
+}
+
+grpc::Status RouterServiceImpl::WatchPlacement(grpc::ServerContext* ctx,
+                                               const v1::WatchPlacementRequest* req,
+                                               grpc::ServerWriter<v1::PlacementMap>* writer) {
+  if (absl::Status s = CheckPeer(options_.identity, req->identity()); !s.ok()) {
+    return ToGrpcStatus(s);
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  if (watchers_ >= options_.max_watchers) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("router: ", options_.max_watchers, " watchers already"));
+  }
+  ++watchers_;
+  uint64_t known = req->known_version();
+  grpc::Status result = grpc::Status::OK;
+  while (!stopping_ && !ctx->IsCancelled()) {
+    if (membership_.version() > known) {
+      const v1::PlacementMap map = membership_.Map(absl::Now());
+      known = map.version();
+      lock.unlock();
+      const bool ok = writer->Write(map);
+      lock.lock();
+      if (!ok) break;  // the watcher went away
+      continue;
+    }
+    // Wake on a change; also every 200 ms to notice a cancelled watcher.
+    changed_.wait_for(lock, std::chrono::milliseconds(200));
+  }
+  if (stopping_) result = grpc::Status(grpc::StatusCode::UNAVAILABLE, "router shutting down");
+  --watchers_;
+  return result;
+}
+
+grpc::Status RouterServiceImpl::ReportLoad(grpc::ServerContext*, const v1::LoadReport* req,
+                                           v1::LoadReportResponse*) {
+  std::lock_guard<std::mutex> lock(mu_);
+  membership_.AddLoad(*req);
+  return grpc::Status::OK;
+}
+
+grpc::Status RouterServiceImpl::GetStatus(grpc::ServerContext*, const v1::StatusRequest*,
+                                          v1::StatusResponse* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  *resp->mutable_placement() = membership_.Map(absl::Now());
+  for (v1::LayerExpertLoad& l : membership_.Load()) *resp->add_expert_load() = std::move(l);
+  resp->set_model_name(options_.identity.model_name());
+  return grpc::Status::OK;
+}
+
+absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(Placement placement,
+                                                                  RouterServerOptions options) {
+  std::unique_ptr<RouterServer> rs(new RouterServer());
+  const absl::Duration sweep = options.membership.heartbeat_interval / 2;
+  rs->service_ = std::make_unique<RouterServiceImpl>(std::move(placement), options);
+  absl::StatusOr<RunningServer> running = StartGrpcServer(options.server, {rs->service_.get()});
+  if (!running.ok()) return running.status();
+  rs->server_ = std::move(running->server);
+  rs->port_ = running->port;
+  rs->sweeper_ = std::thread([r = rs.get(), sweep] {
+    std::unique_lock<std::mutex> lock(r->stop_mu_);
+    while (
+        !r->stop_cv_.wait_for(lock, absl::ToChronoMilliseconds(sweep), [r] { return r->stop_; })) {
+      lock.unlock();
+      r->service_->Sweep();
+      lock.lock();
+    }
+  });
+  SetServing(*rs->server_, true);
+  spdlog::info("router listening on {}", rs->address());
+  return rs;
+}
+
+void RouterServer::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(stop_mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  if (sweeper_.joinable()) sweeper_.join();
+  if (server_) {
+    SetServing(*server_, false);
+    service_->Stop();
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  }
+}
+
+RouterServer::~RouterServer() { Shutdown(); }
+
+}  // namespace expertmesh

@@ -1,0 +1,87 @@
+// The router's control plane as a gRPC service: shard membership (Register / Heartbeat with
+// expiry / Deregister), versioned placement maps streamed to watchers (a new version on
+// every membership change), load reports and a status view. RouterServer owns the service,
+// its gRPC server (with health, reflection) and the expiry sweeper; main.cc only parses flags.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "router/membership.h"
+#include "service-common/grpc_util.h"
+#include "service-common/metrics.h"
+
+namespace expertmesh {
+
+struct RouterServerOptions {
+  ServerOptions server;       // listen address, limits
+  v1::PeerIdentity identity;  // model fingerprint + protocol version peers must match
+  MembershipOptions membership;
+  int max_watchers = 256;              // concurrent WatchPlacement streams
+  MetricsRegistry* metrics = nullptr;  // optional
+};
+
+class RouterServiceImpl final : public v1::RouterService::Service {
+ public:
+  RouterServiceImpl(Placement placement, RouterServerOptions options);
+  ~RouterServiceImpl() override;
+
+  grpc::Status Handshake(grpc::ServerContext* ctx, const v1::HandshakeRequest* req,
+                         v1::HandshakeResponse* resp) override;
+  grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* req,
+                        v1::RegisterResponse* resp) override;
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
+                         v1::HeartbeatResponse* resp) override;
+  grpc::Status Deregister(grpc::ServerContext* ctx, const v1::DeregisterRequest* req,
+                          v1::DeregisterResponse* resp) override;
+  grpc::Status WatchPlacement(grpc::ServerContext* ctx, const v1::WatchPlacementRequest* req,
+                              grpc::ServerWriter<v1::PlacementMap>* writer) override;
+  grpc::Status ReportLoad(grpc::ServerContext* ctx, const v1::LoadReport* req,
+                          v1::LoadReportResponse* resp) override;
+  grpc::Status GetStatus(grpc::ServerContext* ctx, const v1::StatusRequest* req,
+                         v1::StatusResponse* resp) override;
+
+  // Removes expired replicas (the sweeper calls this periodically).
+  void Sweep();
+  // Ends every watch stream (before server shutdown).
+  void Stop();
+  uint64_t version() const;
+
+ private:
+  void Changed();  // after a membership change, under mu_: metrics + wake watchers
+  RouterServerOptions options_;
+  mutable std::mutex mu_;
+  std::condition_variable changed_;
+  Membership membership_;
+  bool stopping_ = false;
+  int watchers_ = 0;
+};
+
+class RouterServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<RouterServer>> Start(Placement placement,
+                                                             RouterServerOptions options);
+  ~RouterServer();  // Shutdown()
+  int port() const { return port_; }
+  std::string address() const { return LoopbackAddress(port_); }
+  RouterServiceImpl& service() { return *service_; }
+  void Shutdown();
+
+ private:
+  RouterServer() = default;
+  std::unique_ptr<RouterServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;
+  std::thread sweeper_;
+};
+
+}  // namespace expertmesh
