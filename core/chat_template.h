@@ -4,12 +4,14 @@
 // Why: the gateway turns chat requests into prompts for any deepseek_v3 checkpoint, and the
 // prompt must be byte-identical to what the model was trained with. Rather than hand-coding
 // each template, a small interpreter for the Jinja2 subset chat templates use (core/jinja.h)
-// runs the model's own template: {{ }}, {% set %} (also namespace attributes), namespace(), for
-// (with loop.index/first/last), if/elif/else, `is defined / none / string ...` tests, and/or/not,
-// comparisons, `in`, `~` and `+` on strings, subscripts and slices, the string methods and
-// filters the DeepSeek/Qwen/Llama templates use, raise_exception, and whitespace control
-// ({%- -%}); with transformers' settings trim_blocks and lstrip_blocks. tests/tokenizer/ checks
-// the output against transformers for the DeepSeek-V3 and R1 templates and ours.
+// runs the model's own template: {{ }}, {% set %} (also on namespace attributes), for (loop
+// variables, else, loop filters, break/continue), if/elif/else, tests (defined, none, string,
+// ...), and/or/not, comparisons, `in`, `+` and `~`, subscripts and slices, common string and
+// dict methods, the filters trim/length/join/tojson/default/..., namespace(), range() and
+// raise_exception; with transformers' settings (trim_blocks, lstrip_blocks). Unsupported
+// constructs (macros, call blocks, other filters and tests) fail at Create (Unimplemented).
+// tests/tokenizer/ checks the output against transformers for DeepSeek-V3's and R1's
+// templates and ours, and against Jinja2 for snippets of the other constructs.
 #ifndef EXPERTMESH_CORE_CHAT_TEMPLATE_H_
 #define EXPERTMESH_CORE_CHAT_TEMPLATE_H_
 

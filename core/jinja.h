@@ -163,6 +163,11 @@ struct Template {
   Body body;
 };
 
+// The filters and tests the renderer implements (core/jinja_render.cc); the parser rejects
+// others with Unimplemented, so an unsupported template fails when it is loaded.
+bool IsSupportedFilter(std::string_view name);
+bool IsSupportedTest(std::string_view name);
+
 // Parses a template (core/jinja_parse.cc).
 absl::StatusOr<std::shared_ptr<const Template>> Parse(std::string_view source);
 // Renders with the given global variables (core/jinja_render.cc).

@@ -391,6 +391,10 @@ class ExprParser {
     while (true) {
       if (Accept("|")) {
         EM_JINJA_ASSIGN_OR_RETURN(name, ExpectName());
+        if (!IsSupportedFilter(name)) {
+          return absl::UnimplementedError(
+              absl::StrCat("chat template: unsupported filter '", name, "'"));
+        }
         ExprPtr filter = MakeExpr(Expr::Kind::kFilter, name);
         filter->args.push_back(std::move(e));
         if (IsOp("(")) EM_JINJA_RETURN_IF_ERROR(ParseCallArgs(filter.get()));
@@ -398,6 +402,10 @@ class ExprParser {
       } else if (AcceptName("is")) {
         bool negated = AcceptName("not");
         EM_JINJA_ASSIGN_OR_RETURN(name, ExpectName());
+        if (!IsSupportedTest(name)) {
+          return absl::UnimplementedError(
+              absl::StrCat("chat template: unsupported test '", name, "'"));
+        }
         ExprPtr test = MakeExpr(Expr::Kind::kTest, negated ? "not " + name : name);
         test->args.push_back(std::move(e));
         if (IsOp("(")) {

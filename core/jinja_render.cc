@@ -677,6 +677,22 @@ class Renderer {
 
 }  // namespace
 
+bool IsSupportedFilter(std::string_view name) {
+  static constexpr std::string_view kFilters[] = {
+      "default", "d",      "trim", "upper", "lower",  "title", "capitalize",
+      "replace", "string", "safe", "int",   "length", "count", "first",
+      "last",    "list",   "join", "items", "tojson"};
+  return std::find(std::begin(kFilters), std::end(kFilters), name) != std::end(kFilters);
+}
+
+bool IsSupportedTest(std::string_view name) {
+  static constexpr std::string_view kTests[] = {
+      "defined",  "undefined", "none", "string", "number",  "integer",
+      "float",    "boolean",   "true", "false",  "mapping", "sequence",
+      "iterable", "even",      "odd",  "eq",     "equalto", "=="};
+  return std::find(std::begin(kTests), std::end(kTests), name) != std::end(kTests);
+}
+
 absl::StatusOr<std::string> Render(const Template& t, const boost::json::object& context) {
   std::unordered_map<std::string, Value> globals;
   for (const auto& [k, v] : context) globals[std::string(k)] = FromJson(v);

@@ -111,6 +111,10 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
   EXPECT_FALSE(ChatTemplate::Create("{{ 1 + }}", "", "").ok());
   EXPECT_EQ(ChatTemplate::Create("{% macro m() %}{% endmacro %}", "", "").status().code(),
             absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(ChatTemplate::Create("{{ x | wordwrap }}", "", "").status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(ChatTemplate::Create("{{ x is sameas y }}", "", "").status().code(),
+            absl::StatusCode::kUnimplemented);
   EXPECT_EQ(ChatTemplate::FromTokenizerConfig("/nonexistent.json").status().code(),
             absl::StatusCode::kNotFound);
 }
