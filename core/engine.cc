@@ -80,8 +80,7 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::Forward(std::span<const Sequ
   std::vector<int32_t> tokens;
   std::vector<uint8_t> all_logits;
   for (const SequenceInput& in : batch) {
-    if (in.tokens.empty() || in.cache == nullptr ||
-        in.cache->num_layers() != c.num_hidden_layers ||
+    if (in.tokens.empty() || in.cache == nullptr || in.cache->num_layers() != c.num_hidden_layers ||
         in.cache->row_size() != c.kv_lora_rank + c.qk_rope_head_dim) {
       return absl::InvalidArgumentError(
           "engine: each sequence needs >= 1 token and a cache shaped for the model");

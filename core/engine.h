@@ -52,8 +52,7 @@ class Engine {
  public:
   // `model` and `experts` must outlive the engine; experts may be null for a model without
   // MoE layers.
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(const Model& model,
-                                                        RoutedExperts* experts,
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const Model& model, RoutedExperts* experts,
                                                         EngineOptions options = {});
 
   absl::StatusOr<std::vector<SequenceOutput>> Forward(std::span<const SequenceInput> batch);

@@ -19,14 +19,13 @@ absl::StatusOr<GateParams> GateParams::FromConfig(const ModelConfig& config) {
   p.norm_topk_prob = config.norm_topk_prob;
   p.routed_scaling_factor = config.routed_scaling_factor;
   if (p.n_routed_experts <= 0 || p.n_group <= 0 || p.n_routed_experts % p.n_group != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "gate: n_routed_experts (%d) must be a positive multiple of n_group (%d)",
-        p.n_routed_experts, p.n_group));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("gate: n_routed_experts (%d) must be a positive multiple of n_group (%d)",
+                        p.n_routed_experts, p.n_group));
   }
   if (p.topk_group <= 0 || p.topk_group > p.n_group) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("gate: topk_group (%d) must lie in [1, n_group=%d]", p.topk_group,
-                        p.n_group));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "gate: topk_group (%d) must lie in [1, n_group=%d]", p.topk_group, p.n_group));
   }
   const int64_t selectable = p.topk_group * (p.n_routed_experts / p.n_group);
   if (p.num_experts_per_tok <= 0 || p.num_experts_per_tok > selectable) {
@@ -49,9 +48,8 @@ namespace {
 std::vector<int32_t> TopK(std::span<const float> v, int64_t k) {
   std::vector<int32_t> idx(v.size());
   std::iota(idx.begin(), idx.end(), 0);
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
-    return v[a] > v[b] || (v[a] == v[b] && a < b);
-  });
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
   idx.resize(k);
   return idx;
 }

@@ -20,8 +20,8 @@ absl::StatusOr<std::unique_ptr<ContiguousKvCache>> ContiguousKvCache::Create(
 absl::Status ContiguousKvCache::Extend(int64_t n) {
   if (n < 0) return absl::InvalidArgumentError("kv cache: negative extension");
   if (max_length_ > 0 && length_ + n > max_length_) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "kv cache: %d + %d tokens exceed max_length %d", length_, n, max_length_));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("kv cache: %d + %d tokens exceed max_length %d", length_, n, max_length_));
   }
   length_ += n;
   for (auto& layer : layers_) layer.resize(length_ * row_size_, 0.0f);

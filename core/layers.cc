@@ -67,7 +67,8 @@ Rope::Rope(const ModelConfig& c) {
   // factor), those above beta_fast kept, with a linear ramp between the two correction dims.
   const double factor = rs.factor;
   auto correction_dim = [&](double rotations) {
-    return dim * std::log(rs.original_max_position_embeddings / (rotations * 2 * std::numbers::pi)) /
+    return dim *
+           std::log(rs.original_max_position_embeddings / (rotations * 2 * std::numbers::pi)) /
            (2 * std::log(base));
   };
   double low = std::max(std::floor(correction_dim(rs.beta_fast)), 0.0);
@@ -79,8 +80,8 @@ Rope::Rope(const ModelConfig& c) {
     const float interpolation = 1.0f / (static_cast<float>(factor) * pos_freq);
     const float ramp = std::clamp(static_cast<float>((i - low) / (high - low)), 0.0f, 1.0f);
     const float extrapolation_factor = 1.0f - ramp;
-    inv_freq_[i] = interpolation * (1.0f - extrapolation_factor) +
-                   extrapolation * extrapolation_factor;
+    inv_freq_[i] =
+        interpolation * (1.0f - extrapolation_factor) + extrapolation * extrapolation_factor;
   }
   // cos/sin scaling as transformers computes it: m(mscale) / m(mscale_all_dim) when both are
   // set, m(1) otherwise (1.0 for DeepSeek-V3, whose two fields are equal).
@@ -141,10 +142,11 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
     RmsNorm(row, w.kv_a_layernorm.data(), 1, rank, c.rms_norm_eps, slot);
     std::copy(row + rank, row + rank + rope_dim, slot + rank);
     rope.Apply(slot + rank, start + i);
-    for (int64_t h = 0; h < H; ++h) rope.Apply(q.data() + (i * H + h) * qk_head_dim + nope, start + i);
+    for (int64_t h = 0; h < H; ++h)
+      rope.Apply(q.data() + (i * H + h) * qk_head_dim + nope, start + i);
   }
 
-  const int64_t L = start + n;  // cached length visible to the last new token
+  const int64_t L = start + n;             // cached length visible to the last new token
   std::vector<float> attn(n * H * v_dim);  // [n, H * v_head_dim]
   std::vector<float> scores(L);
   if (opt.attention == AttentionForm::kNaive) {
@@ -196,8 +198,7 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
         for (int64_t j = 0; j < visible; ++j) {
           const float* slot = cache.Slot(cache_layer, j);
           scores[j] =
-              (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) *
-              scale;
+              (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) * scale;
         }
         Softmax(scores.data(), visible);
         std::fill(ctx.begin(), ctx.end(), 0.0f);

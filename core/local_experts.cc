@@ -37,9 +37,9 @@ absl::StatusOr<std::unique_ptr<LocalExperts>> LocalExperts::Create(
     const std::string p =
         absl::StrCat("model.layers.", le_id.layer, ".mlp.experts.", le_id.expert, ".");
     MlpWeights w;
-    for (auto [name, out, in, dst] :
-         {std::tuple{"gate_proj", inter, h, &w.gate_proj}, std::tuple{"up_proj", inter, h, &w.up_proj},
-          std::tuple{"down_proj", h, inter, &w.down_proj}}) {
+    for (auto [name, out, in, dst] : {std::tuple{"gate_proj", inter, h, &w.gate_proj},
+                                      std::tuple{"up_proj", inter, h, &w.up_proj},
+                                      std::tuple{"down_proj", h, inter, &w.down_proj}}) {
       auto lin = LoadLinear(ckpt, p + name + ".weight", out, in, block);
       if (!lin.ok()) return lin.status();
       *dst = *std::move(lin);
@@ -55,8 +55,8 @@ bool LocalExperts::Holds(int layer, int expert) const {
   return experts_.contains(LayerExpert{layer, expert});
 }
 
-absl::Status LocalExperts::Run(int layer, const QuantizedActivations& x,
-                               const ExpertRoutes& routes, std::span<float> out) {
+absl::Status LocalExperts::Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                               std::span<float> out) {
   if (x.dim != hidden_size_) {
     return absl::InvalidArgumentError(
         absl::StrFormat("experts: activations of dim %d, hidden_size is %d", x.dim, hidden_size_));
@@ -71,20 +71,20 @@ absl::Status LocalExperts::RunUnquantized(int layer, std::span<const float> x,
   return RunRows(layer, x, routes, out);
 }
 
-absl::Status LocalExperts::RunRows(int layer, std::span<const float> x,
-                                   const ExpertRoutes& routes, std::span<float> out) {
+absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const ExpertRoutes& routes,
+                                   std::span<float> out) {
   const int64_t D = hidden_size_;
   const int64_t n_rows = routes.n_rows();
-  if (static_cast<int64_t>(x.size()) != n_rows * D || static_cast<int64_t>(out.size()) != n_rows * D) {
+  if (static_cast<int64_t>(x.size()) != n_rows * D ||
+      static_cast<int64_t>(out.size()) != n_rows * D) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "experts: %d routed rows but %d input and %d output values (hidden_size %d)", n_rows,
         x.size(), out.size(), D));
   }
   for (int64_t p = 0; p < std::ssize(routes.experts); ++p) {
     if (!Holds(layer, routes.experts[p])) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("experts: expert %d of layer %d is not held here", routes.experts[p],
-                          layer));
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "experts: expert %d of layer %d is not held here", routes.experts[p], layer));
     }
   }
   std::fill(out.begin(), out.end(), 0.0f);

@@ -39,9 +39,10 @@ class LocalExperts : public RoutedExperts {
     std::function<void(int64_t done, int64_t total)> progress;  // per expert loaded
   };
 
-  static absl::StatusOr<std::unique_ptr<LocalExperts>> Create(
-      const Checkpoint& ckpt, const ModelConfig& config, std::span<const LayerExpert> experts,
-      Options options);
+  static absl::StatusOr<std::unique_ptr<LocalExperts>> Create(const Checkpoint& ckpt,
+                                                              const ModelConfig& config,
+                                                              std::span<const LayerExpert> experts,
+                                                              Options options);
   static absl::StatusOr<std::unique_ptr<LocalExperts>> Create(
       const Checkpoint& ckpt, const ModelConfig& config, std::span<const LayerExpert> experts) {
     return Create(ckpt, config, experts, Options{});

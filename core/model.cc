@@ -73,9 +73,9 @@ absl::StatusOr<Linear> LoadLinear(const Checkpoint& ckpt, const std::string& nam
   const TensorInfo* info = ckpt.Info(name);
   if (info == nullptr) return absl::NotFoundError(absl::StrCat("checkpoint lacks ", name));
   if (info->shape.size() != 2 || info->shape[0] != expected_out || info->shape[1] != expected_in) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: shape [%s], expected [%d, %d]", name, absl::StrJoin(info->shape, ", "),
-                        expected_out, expected_in));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: shape [%s], expected [%d, %d]", name,
+                                                      absl::StrJoin(info->shape, ", "),
+                                                      expected_out, expected_in));
   }
   Linear linear;
   linear.name = name;
@@ -86,12 +86,12 @@ absl::StatusOr<Linear> LoadLinear(const Checkpoint& ckpt, const std::string& nam
   const std::string scale_name = name + "_scale_inv";
   const bool has_scale = ckpt.Has(scale_name);
   if (has_scale != (info->dtype == DType::kF8E4M3)) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: dtype %s %s a weight_scale_inv beside it", name, DTypeName(info->dtype),
-        has_scale ? "but has" : "and lacks"));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: dtype %s %s a weight_scale_inv beside it", name,
+                        DTypeName(info->dtype), has_scale ? "but has" : "and lacks"));
   }
-  if (info->dtype != DType::kF8E4M3 && info->dtype != DType::kBF16 &&
-      info->dtype != DType::kF16 && info->dtype != DType::kF32) {
+  if (info->dtype != DType::kF8E4M3 && info->dtype != DType::kBF16 && info->dtype != DType::kF16 &&
+      info->dtype != DType::kF32) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: unsupported dtype %s", name, DTypeName(info->dtype)));
   }
@@ -104,9 +104,9 @@ absl::StatusOr<Linear> LoadLinear(const Checkpoint& ckpt, const std::string& nam
     const int64_t cols = NumBlocks(expected_in, block.cols);
     if (s->dtype != DType::kF32 || s->shape.size() != 2 || s->shape[0] != rows ||
         s->shape[1] != cols) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %s [%s], expected F32 [%d, %d]", scale_name, DTypeName(s->dtype),
-          absl::StrJoin(s->shape, ", "), rows, cols));
+      return absl::InvalidArgumentError(absl::StrFormat("%s: %s [%s], expected F32 [%d, %d]",
+                                                        scale_name, DTypeName(s->dtype),
+                                                        absl::StrJoin(s->shape, ", "), rows, cols));
     }
     auto scale = ckpt.Get(scale_name);
     if (!scale.ok()) return scale.status();
@@ -120,8 +120,8 @@ absl::StatusOr<std::vector<float>> LoadFloatTensor(const Checkpoint& ckpt, const
   const TensorInfo* info = ckpt.Info(name);
   if (info == nullptr) return absl::NotFoundError(absl::StrCat("checkpoint lacks ", name));
   if (info->numel() != expected_numel) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: %d elements, expected %d", name, info->numel(), expected_numel));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: %d elements, expected %d", name, info->numel(), expected_numel));
   }
   auto view = ckpt.Get(name);
   if (!view.ok()) return view.status();
@@ -222,8 +222,7 @@ absl::Status LoadMlp(Loader& ld, const std::string& prefix, int64_t hidden, int6
   return ld.Lin(prefix + "down_proj.weight", hidden, inter, &m->down_proj);
 }
 
-absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer,
-                              DecoderLayerWeights* w) {
+absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer, DecoderLayerWeights* w) {
   const std::string p = absl::StrCat("model.layers.", layer, ".");
   const int64_t h = c.hidden_size;
   const int64_t heads = c.num_attention_heads;
@@ -261,8 +260,7 @@ absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer,
   if (c.n_shared_experts > 0) {
     w->shared_experts.emplace();
     EM_RETURN_IF_ERROR(LoadMlp(ld, p + "mlp.shared_experts.", h,
-                               c.moe_intermediate_size * c.n_shared_experts,
-                               &*w->shared_experts));
+                               c.moe_intermediate_size * c.n_shared_experts, &*w->shared_experts));
   }
   return absl::OkStatus();
 }
@@ -291,8 +289,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
   m->config_ = config;
   m->gate_params_ = *gate_params;
   const int64_t h = config.hidden_size;
-  EM_RETURN_IF_ERROR(
-      ld.Lin("model.embed_tokens.weight", config.vocab_size, h, &m->embed_tokens_));
+  EM_RETURN_IF_ERROR(ld.Lin("model.embed_tokens.weight", config.vocab_size, h, &m->embed_tokens_));
   m->layers_.resize(n_layers);
   for (int layer = 0; layer < n_layers; ++layer) {
     EM_RETURN_IF_ERROR(LoadDecoderLayer(ld, config, layer, &m->layers_[layer]));
@@ -316,8 +313,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
       t.shared_head_head = m->lm_head_;
     }
     if (ckpt.Has(p + "embed_tokens.weight")) {
-      EM_RETURN_IF_ERROR(
-          ld.Lin(p + "embed_tokens.weight", config.vocab_size, h, &t.embed_tokens));
+      EM_RETURN_IF_ERROR(ld.Lin(p + "embed_tokens.weight", config.vocab_size, h, &t.embed_tokens));
     } else {
       t.embed_tokens = m->embed_tokens_;
     }

@@ -23,11 +23,11 @@
 
 // Returns the status of `expr` when it is not OK.
 #ifndef EM_RETURN_IF_ERROR
-#define EM_RETURN_IF_ERROR(expr)                   \
-  do {                                             \
+#define EM_RETURN_IF_ERROR(expr)                    \
+  do {                                              \
     if (absl::Status _em_s = (expr); !_em_s.ok()) { \
-      return _em_s;                                \
-    }                                              \
+      return _em_s;                                 \
+    }                                               \
   } while (0)
 #endif
 
@@ -61,11 +61,11 @@ absl::StatusOr<std::vector<float>> LoadFloatTensor(const Checkpoint& ckpt, const
                                                    int64_t expected_numel);
 
 struct MlaWeights {
-  std::optional<Linear> q_proj;    // when q_lora_rank == 0: [n_heads * qk_head_dim, hidden]
-  std::optional<Linear> q_a_proj;  // [q_lora_rank, hidden_size]
-  std::vector<float> q_a_layernorm;  // [q_lora_rank]
-  std::optional<Linear> q_b_proj;  // [num_attention_heads * qk_head_dim, q_lora_rank]
-  Linear kv_a_proj_with_mqa;       // [kv_lora_rank + qk_rope_head_dim, hidden_size]
+  std::optional<Linear> q_proj;       // when q_lora_rank == 0: [n_heads * qk_head_dim, hidden]
+  std::optional<Linear> q_a_proj;     // [q_lora_rank, hidden_size]
+  std::vector<float> q_a_layernorm;   // [q_lora_rank]
+  std::optional<Linear> q_b_proj;     // [num_attention_heads * qk_head_dim, q_lora_rank]
+  Linear kv_a_proj_with_mqa;          // [kv_lora_rank + qk_rope_head_dim, hidden_size]
   std::vector<float> kv_a_layernorm;  // [kv_lora_rank]
   Linear kv_b_proj;  // [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
   Linear o_proj;     // [hidden_size, num_attention_heads * v_head_dim]

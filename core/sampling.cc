@@ -59,7 +59,8 @@ int32_t Argmax(std::span<const float> logits) {
 
 absl::StatusOr<Sampler> Sampler::Create(const SamplingParams& p) {
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
-    return absl::InvalidArgumentError(absl::StrFormat("temperature %g must be >= 0", p.temperature));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("temperature %g must be >= 0", p.temperature));
   }
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrFormat("top_p %g must lie in (0, 1]", p.top_p));
