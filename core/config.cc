@@ -11,6 +11,7 @@
 // - ModelConfigToJson writes DeepSeek's spelling, which transformers also reads.
 #include "core/config.h"
 
+#include <charconv>
 #include <fstream>
 #include <sstream>
 
@@ -155,8 +156,13 @@ void ReadQuantization(FieldReader& top, ModelConfig& c) {
   r.String("scale_fmt", scale_fmt, false);
   if (const json::value* bs = r.Get("weight_block_size", true); bs != nullptr) {
     const json::array* arr = bs->if_array();
+    auto in_range = [](const json::value& v) {
+      return v.is_int64() && v.get_int64() > 0 && v.get_int64() <= (int64_t{1} << 16);
+    };
     if (arr == nullptr || arr->size() != 2 || !(*arr)[0].is_int64() || !(*arr)[1].is_int64()) {
       r.TypeError("weight_block_size", "an array of two integers");
+    } else if (!in_range((*arr)[0]) || !in_range((*arr)[1])) {
+      r.Fail("field 'quantization_config.weight_block_size' must hold two sizes in [1, 65536]");
     } else {
       q.weight_block_size = {static_cast<int>((*arr)[0].get_int64()),
                              static_cast<int>((*arr)[1].get_int64())};
@@ -175,8 +181,6 @@ void ReadQuantization(FieldReader& top, ModelConfig& c) {
     } else if (!scale_fmt.empty() && scale_fmt != "float") {
       r.Fail(absl::StrCat("field 'quantization_config.scale_fmt' is '", scale_fmt,
                           "'; ExpertMesh serves only float32 scales"));
-    } else if (q.weight_block_size[0] <= 0 || q.weight_block_size[1] <= 0) {
-      r.Fail("field 'quantization_config.weight_block_size' must be positive");
     }
   }
   if (!r.status().ok()) top.Fail(std::string(r.status().message()));
@@ -191,6 +195,37 @@ void ReadTokenId(FieldReader& r, std::string_view key, std::optional<int64_t>& o
     out = v->get_array()[0].get_int64();  // a list of ids: the first is the model's own
   } else {
     r.TypeError(key, "an integer or a list of integers");
+  }
+}
+
+// JSON text with two-space indentation, one member per line (as config.json files are written).
+void WritePretty(const json::value& v, int indent, std::string& out) {
+  const std::string pad(indent + 2, ' ');
+  if (const json::object* o = v.if_object(); o != nullptr && !o->empty()) {
+    out += "{\n";
+    size_t i = 0;
+    for (const auto& [key, value] : *o) {
+      out += pad + json::serialize(json::string(key)) + ": ";
+      WritePretty(value, indent + 2, out);
+      out += ++i < o->size() ? ",\n" : "\n";
+    }
+    out += std::string(indent, ' ') + "}";
+  } else if (const json::array* a = v.if_array(); a != nullptr && !a->empty()) {
+    out += "[\n";
+    for (size_t i = 0; i < a->size(); ++i) {
+      out += pad;
+      WritePretty((*a)[i], indent + 2, out);
+      out += i + 1 < a->size() ? ",\n" : "\n";
+    }
+    out += std::string(indent, ' ') + "]";
+  } else if (v.is_double()) {
+    // Shortest text that reads back to the same double ("2.5", "1e-06", "40"), as Python
+    // writes; Boost.JSON's own form ("2.5E0") is valid but unlike any real config.json.
+    char buf[32];
+    const auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v.get_double());
+    out.append(buf, ec == std::errc() ? end : buf);
+  } else {
+    out += json::serialize(v);
   }
 }
 
@@ -450,7 +485,9 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   o["use_cache"] = c.use_cache;
   o["v_head_dim"] = c.v_head_dim;
   o["vocab_size"] = c.vocab_size;
-  return json::serialize(o);
+  std::string text;
+  WritePretty(o, 0, text);
+  return text + "\n";
 }
 
 }  // namespace expertmesh

@@ -508,34 +508,35 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view head,
   return absl::OkStatus();
 }
 
-absl::Status ValidateToWrite(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+absl::Status ValidateToWrite(const std::string& path,
+                             const std::vector<const TensorToWrite*>& tensors) {
   std::set<std::string_view> names;
-  for (const TensorToWrite& t : tensors) {
-    if (t.name == "__metadata__" || !names.insert(t.name).second) {
-      return TensorError(path, t.name, "name is reserved or appears twice");
+  for (const TensorToWrite* t : tensors) {
+    if (t->name == "__metadata__" || !names.insert(t->name).second) {
+      return TensorError(path, t->name, "name is reserved or appears twice");
     }
     uint64_t numel = 1;
-    for (int64_t d : t.shape) {
+    for (int64_t d : t->shape) {
       std::optional<uint64_t> n = d < 0 ? std::nullopt : CheckedMul(numel, d);
-      if (!n) return TensorError(path, t.name, "invalid shape");
+      if (!n) return TensorError(path, t->name, "invalid shape");
       numel = *n;
     }
-    std::optional<uint64_t> bytes = CheckedMul(numel, DTypeSize(t.dtype));
-    if (!bytes || *bytes != t.data.size()) {
+    std::optional<uint64_t> bytes = CheckedMul(numel, DTypeSize(t->dtype));
+    if (!bytes || *bytes != t->data.size()) {
       return TensorError(
-          path, t.name,
-          absl::StrFormat("data has %d bytes, shape x dtype %s needs %d", t.data.size(),
-                          DTypeName(t.dtype), numel * DTypeSize(t.dtype)));
+          path, t->name,
+          absl::StrFormat("data has %d bytes, shape [%s] x %s needs %s", t->data.size(),
+                          absl::StrJoin(t->shape, ", "), A(DTypeName(t->dtype)),
+                          bytes ? absl::StrCat(*bytes) : "more than 2^64"));
     }
   }
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
-  if (absl::Status s = ValidateToWrite(path, tensors); !s.ok()) return s;
+// Writes one file holding `tensors` in the given order (validated by the caller).
+absl::Status WriteTensorFile(const std::string& path,
+                             const std::vector<const TensorToWrite*>& tensors,
+                             const std::map<std::string, std::string>& metadata) {
   json::object header;
   if (!metadata.empty()) {
     json::object meta;
@@ -544,14 +545,14 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   }
   uint64_t offset = 0;
   std::vector<const std::vector<uint8_t>*> chunks;
-  for (const TensorToWrite& t : tensors) {
+  for (const TensorToWrite* t : tensors) {
     json::array shape;
-    for (int64_t d : t.shape) shape.push_back(d);
-    header[t.name] = json::object{{"dtype", std::string(DTypeName(t.dtype))},
-                                  {"shape", std::move(shape)},
-                                  {"data_offsets", json::array{offset, offset + t.data.size()}}};
-    offset += t.data.size();
-    chunks.push_back(&t.data);
+    for (int64_t d : t->shape) shape.push_back(d);
+    header[t->name] = json::object{{"dtype", std::string(DTypeName(t->dtype))},
+                                   {"shape", std::move(shape)},
+                                   {"data_offsets", json::array{offset, offset + t->data.size()}}};
+    offset += t->data.size();
+    chunks.push_back(&t->data);
   }
   std::string text = json::serialize(header);
   text.resize((text.size() + 7) / 8 * 8, ' ');  // data section starts 8-byte aligned
@@ -561,6 +562,22 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   return WriteFileAtomically(path, head, chunks);
 }
 
+std::vector<const TensorToWrite*> Pointers(const std::vector<TensorToWrite>& tensors) {
+  std::vector<const TensorToWrite*> out;
+  out.reserve(tensors.size());
+  for (const TensorToWrite& t : tensors) out.push_back(&t);
+  return out;
+}
+
+}  // namespace
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  const std::vector<const TensorToWrite*> all = Pointers(tensors);
+  if (absl::Status s = ValidateToWrite(path, all); !s.ok()) return s;
+  return WriteTensorFile(path, all, metadata);
+}
+
 absl::Status WriteShardedCheckpoint(const std::string& dir,
                                     const std::vector<TensorToWrite>& tensors, int min_shards) {
   const size_t n_shards = static_cast<size_t>(std::max(1, min_shards));
@@ -568,6 +585,8 @@ absl::Status WriteShardedCheckpoint(const std::string& dir,
     return absl::InvalidArgumentError(absl::StrCat(dir, ": cannot split ", tensors.size(),
                                                    " tensors into ", n_shards, " shards"));
   }
+  const std::vector<const TensorToWrite*> all = Pointers(tensors);
+  if (absl::Status s = ValidateToWrite(dir, all); !s.ok()) return s;
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": ", ec.message()));
@@ -575,8 +594,9 @@ absl::Status WriteShardedCheckpoint(const std::string& dir,
   for (const TensorToWrite& t : tensors) total += t.data.size();
   const uint64_t target = (total + n_shards - 1) / n_shards;
 
-  // Greedy split by size into exactly n_shards non-empty shards, keeping tensor order.
-  std::vector<std::vector<TensorToWrite>> shards(1);
+  // Greedy split by size into exactly n_shards non-empty shards, keeping tensor order: a
+  // shard closes once it holds `target` bytes, or when each remaining tensor must open one.
+  std::vector<std::vector<const TensorToWrite*>> shards(1);
   uint64_t shard_bytes = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const size_t shards_left = n_shards - shards.size();
@@ -587,18 +607,18 @@ absl::Status WriteShardedCheckpoint(const std::string& dir,
       shards.emplace_back();
       shard_bytes = 0;
     }
-    shards.back().push_back(tensors[i]);
+    shards.back().push_back(&tensors[i]);
     shard_bytes += tensors[i].data.size();
   }
   json::object weight_map;
   for (size_t s = 0; s < shards.size(); ++s) {
     const std::string name =
         absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards.size());
-    if (absl::Status st = WriteSafetensors((std::filesystem::path(dir) / name).string(), shards[s]);
-        !st.ok()) {
+    const std::string path = (std::filesystem::path(dir) / name).string();
+    if (absl::Status st = WriteTensorFile(path, shards[s], {{"format", "pt"}}); !st.ok()) {
       return st;
     }
-    for (const TensorToWrite& t : shards[s]) weight_map[t.name] = name;
+    for (const TensorToWrite* t : shards[s]) weight_map[t->name] = name;
   }
   json::object index{{"metadata", json::object{{"total_size", total}}},
                      {"weight_map", std::move(weight_map)}};
