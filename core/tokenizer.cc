@@ -364,10 +364,10 @@ void SplitPiece(const PreTokenizerStep& step, const std::string& s, std::vector<
       }
       break;
     }
-    case SplitBehavior::kContiguous: {
+    case SplitBehavior::kContiguous: {  // adjacent spans of the same kind merge
       bool previous_match = false;
       for (auto [b, e, m] : spans) {
-        if (m && previous_match && !pieces.empty()) {
+        if (m == previous_match && !pieces.empty()) {
           pieces.back().second = e;
         } else {
           pieces.emplace_back(b, e);
@@ -743,12 +743,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
   impl->id_is_added.assign(max_id + 1, 0);
   for (const auto& [token, id] : impl->vocab) impl->id_to_token[id] = token;
   for (AddedToken& a : impl->added) {
-    impl->id_to_token[a.id] = a.content;
     impl->id_is_special[a.id] = a.special;
     impl->id_is_added[a.id] = 1;
     impl->added_by_content[a.content] = a.id;
-    // Normalized tokens are matched in normalized text, so their content is normalized too.
+    // Normalized tokens are matched in normalized text, so their content is normalized too;
+    // like `tokenizers`, the token's text (id_to_token, Decode) is then the normalized form.
     if (a.normalized) a.content = Normalize(impl->normalizer, a.content);
+    impl->id_to_token[a.id] = a.content;
   }
   for (const AddedToken& a : impl->added) {
     (a.normalized ? impl->normalized_added : impl->raw_added).push_back(&a);

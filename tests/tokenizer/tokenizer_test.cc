@@ -77,6 +77,7 @@ struct Golden {
 struct Case {
   std::string name;
   std::string tokenizer_json;
+  size_t min_texts;  // the golden file covers at least this many texts
 };
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
@@ -95,7 +96,8 @@ class TokenizerGoldenTest : public ::testing::TestWithParam<Case> {
     ASSERT_TRUE(tok.ok()) << tok.status();
     tokenizer_ = *std::move(tok);
     std::vector<std::string> lines = ReadLines(kGoldenDir + "/" + GetParam().name + ".golden.txt");
-    ASSERT_EQ(lines.size(), texts_->size());
+    ASSERT_GE(lines.size(), GetParam().min_texts);
+    ASSERT_LE(lines.size(), texts_->size());
     for (size_t i = 0; i < lines.size(); ++i) {
       std::vector<std::string> fields = absl::StrSplit(lines[i], '\t');
       ASSERT_EQ(fields.size(), 3u) << "line " << i;
@@ -117,9 +119,8 @@ class TokenizerGoldenTest : public ::testing::TestWithParam<Case> {
 std::vector<std::string>* TokenizerGoldenTest::texts_ = nullptr;
 
 TEST_P(TokenizerGoldenTest, EncodeGivesHuggingFaceIds) {
-  ASSERT_GE(texts_->size(), 10000u);
   int mismatches = 0;
-  for (size_t i = 0; i < texts_->size(); ++i) {
+  for (size_t i = 0; i < goldens_.size(); ++i) {
     auto ids = tokenizer_->Encode((*texts_)[i], /*add_bos=*/false);
     ASSERT_TRUE(ids.ok()) << ids.status();
     if (*ids != goldens_[i].ids && ++mismatches <= 5) {
@@ -129,7 +130,7 @@ TEST_P(TokenizerGoldenTest, EncodeGivesHuggingFaceIds) {
                     << ::testing::PrintToString(goldens_[i].ids);
     }
   }
-  EXPECT_EQ(mismatches, 0) << "of " << texts_->size() << " texts";
+  EXPECT_EQ(mismatches, 0) << "of " << goldens_.size() << " texts";
 }
 
 TEST_P(TokenizerGoldenTest, DecodeGivesHuggingFaceText) {
@@ -188,7 +189,7 @@ TEST_P(TokenizerGoldenTest, StreamDecoderOnRandomIds) {
 }
 
 TEST_P(TokenizerGoldenTest, DecodeRoundTripsEncode) {
-  for (size_t i = 0; i < texts_->size(); ++i) {
+  for (size_t i = 0; i < goldens_.size(); ++i) {
     auto ids = tokenizer_->Encode((*texts_)[i], false);
     ASSERT_TRUE(ids.ok());
     // Byte-level BPE loses nothing; only a normalizer changes the text (golden "decoded").
@@ -202,7 +203,7 @@ TEST_P(TokenizerGoldenTest, ConcurrentEncodeIsConsistent) {
   std::vector<int> mismatches(4, 0);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
-      for (size_t i = t; i < texts_->size(); i += 2) {
+      for (size_t i = t; i < goldens_.size(); i += 2) {
         auto ids = tokenizer_->Encode((*texts_)[i], false);
         if (!ids.ok() || *ids != goldens_[i].ids) ++mismatches[t];
       }
@@ -225,9 +226,13 @@ TEST_P(TokenizerGoldenTest, InvalidUtf8IsRejected) {
 
 INSTANTIATE_TEST_SUITE_P(
     Tokenizers, TokenizerGoldenTest,
-    ::testing::Values(Case{"expertmesh-tiny", "models/expertmesh-tiny/tokenizer.json"},
+    ::testing::Values(Case{"expertmesh-tiny", "models/expertmesh-tiny/tokenizer.json", 10000},
                       Case{"gpt4-style-1024",
-                           "tests/data/tokenizers/gpt4-style-1024/tokenizer.json"}),
+                           "tests/data/tokenizers/gpt4-style-1024/tokenizer.json", 10000},
+                      Case{"bytelevel-regex",
+                           "tests/data/tokenizers/variants/bytelevel-regex/tokenizer.json", 2000},
+                      Case{"split-behaviors",
+                           "tests/data/tokenizers/variants/split-behaviors/tokenizer.json", 2000}),
     [](const ::testing::TestParamInfo<Case>& info) {
       std::string name = info.param.name;
       for (char& c : name) {

@@ -8,6 +8,9 @@ apply_chat_template for chat prompts. Outputs (committed, plain text, a few MB):
       One JSON string per line: >= 10,000 texts: held-out corpus lines and whole documents,
       then adversarial texts (emoji, CJK, combining marks, whitespace and digit runs, mixed
       scripts, control characters, added tokens inside text, random code points), seeded.
+  tests/data/tokenizers/variants/*/tokenizer.json
+      The gpt4-style vocabulary with other pipelines (normalizers, Split behaviors, ByteLevel's
+      regex and prefix space, single_word tokens); goldens for their first 2,000 texts.
   tests/data/tokenizers/<name>.golden.txt, for each tokenizer under test, line i for text i:
       "<ids separated by spaces>\t<decode>\t<decode_skip>" where <decode> is the JSON string
       of decode(ids, skip_special_tokens=False), left empty when equal to the text, and
@@ -35,6 +38,56 @@ TOKENIZERS = {
     "expertmesh-tiny": os.path.join(REPO, "models", "expertmesh-tiny", "tokenizer.json"),
     "gpt4-style-1024": os.path.join(OUT, "gpt4-style-1024", "tokenizer.json"),
 }
+# Pipeline variants on the gpt4-style vocabulary (first N_VARIANT_TEXTS texts each), so that
+# every normalizer, Split behavior, ByteLevel's own regex and prefix space, and single_word
+# added tokens are checked against tokenizers too.
+VARIANT_DIR = os.path.join(OUT, "variants")
+N_VARIANT_TEXTS = 2000
+VARIANTS = {
+    "bytelevel-regex": (
+        {"type": "NFKC"},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        [("word", {"single_word": True}), ("Lord", {"single_word": True, "special": True})]),
+    "split-behaviors": (
+        {"type": "Sequence", "normalizers": [
+            {"type": "NFD"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Replace", "pattern": {"String": "LORD"}, "content": "Lord"},
+            {"type": "Prepend", "prepend": ">"}]},
+        {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\\p{P}"}, "behavior": "MergedWithPrevious",
+             "invert": False},
+            {"type": "Split", "pattern": {"Regex": "\\d"}, "behavior": "Removed", "invert": False},
+            {"type": "Split", "pattern": {"Regex": "[A-Z]"}, "behavior": "MergedWithNext",
+             "invert": False},
+            {"type": "Split", "pattern": {"String": "e"}, "behavior": "Contiguous", "invert": True},
+            {"type": "Split", "pattern": {"Regex": " "}, "behavior": "Isolated", "invert": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]},
+        [("the", {"single_word": True, "normalized": True})]),
+}
+
+
+def write_variant_tokenizers():
+    with open(TOKENIZERS["gpt4-style-1024"], encoding="utf-8") as f:
+        base = json.load(f)
+    for name, (normalizer, pre_tokenizer, extra) in VARIANTS.items():
+        d = json.loads(json.dumps(base))
+        d["normalizer"], d["pre_tokenizer"] = normalizer, pre_tokenizer
+        next_id = max(t["id"] for t in d["added_tokens"]) + 1
+        for content, flags in extra:
+            d["added_tokens"].append({"id": next_id, "content": content, "single_word": False,
+                                      "lstrip": False, "rstrip": False, "normalized": False,
+                                      "special": False, **flags})
+            next_id += 1
+        os.makedirs(os.path.join(VARIANT_DIR, name), exist_ok=True)
+        path = os.path.join(VARIANT_DIR, name, "tokenizer.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, ensure_ascii=False, separators=(",", ":"))
+            f.write("\n")
+        TOKENIZERS[name] = path
+
+
 TEMPLATES = {
     "deepseek-v3": os.path.join(REPO, "tests", "data", "reference", "deepseek-v3",
                                 "tokenizer_config.json"),
@@ -117,7 +170,7 @@ def write_tokenizer_goldens(texts):
     for name, path in TOKENIZERS.items():
         tok = Tokenizer.from_file(path)
         lines = []
-        for t in texts:
+        for t in texts[:N_VARIANT_TEXTS] if name in VARIANTS else texts:
             ids = tok.encode(t, add_special_tokens=False).ids
             dec = tok.decode(ids, skip_special_tokens=False)
             dec_skip = tok.decode(ids, skip_special_tokens=True)
@@ -275,6 +328,7 @@ def main():
     rng = random.Random(args.seed)
     texts = corpus_texts(rng, args.corpus_lines, args.corpus_docs)
     texts += adversarial_texts(rng, args.adversarial)
+    write_variant_tokenizers()
     write_tokenizer_goldens(texts)
     write_chat_goldens()
 
