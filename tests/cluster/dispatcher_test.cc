@@ -1,0 +1,241 @@
+// The dispatcher against a real control plane and real shards on loopback: a router service
+// and 2 shard groups x 2 replicas of expert-service servers (in process, real gRPC, port 0).
+// Distribution changes nothing: the dispatcher's output equals LocalExperts computing the
+// same shard split (bitwise) and LocalExperts with every expert (within BF16 rounding); a
+// replica killed mid-run changes nothing; with no replica of a shard left, Run fails with
+// UNAVAILABLE naming the shard within the step deadline and serves again once a replica
+// registers. (Wall-clock waits here are bounded by the real network's events.)
+#include "router/dispatcher.h"
+
+#include <atomic>
+#include <cmath>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "expert-service/expert_service.h"
+#include "router/router_service.h"
+#include "service-common/handshake.h"
+#include "tests/cluster/shards_test_util.h"
+
+namespace expertmesh {
+namespace {
+
+using testing::Batch;
+using testing::ExpectedShardedOutput;
+using testing::RandomBatch;
+using testing::ShardTestModel;
+
+constexpr int kShards = 2;
+constexpr int kReplicas = 2;
+const absl::Duration kStepDeadline = absl::Seconds(5);
+
+class DispatcherTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::string> dir = ShardTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    dir_ = *dir;
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(dir_ + "/config.json");
+    ASSERT_TRUE(config.ok());
+    config_ = *config;
+    placement_ = *EvenPlacement(config_, kShards);
+    absl::StatusOr<v1::PeerIdentity> id = MakeLocalIdentity(dir_, "test", "dispatcher-test");
+    ASSERT_TRUE(id.ok());
+    identity_ = *id;
+
+    RouterServerOptions ro;
+    ro.identity = identity_;
+    ro.membership.heartbeat_interval = absl::Milliseconds(100);
+    ro.membership.expiry = absl::Milliseconds(600);
+    absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(placement_, ro);
+    ASSERT_TRUE(router.ok()) << router.status();
+    router_ = *std::move(router);
+
+    for (int s = 0; s < kShards; ++s) {
+      for (int r = 0; r < kReplicas; ++r) AddReplica(s);
+    }
+    DispatcherOptions d;
+    d.identity = identity_;
+    d.step_deadline = kStepDeadline;
+    d.attempt_timeout = absl::Seconds(2);
+    d.metrics = &metrics_;
+    absl::StatusOr<std::unique_ptr<Dispatcher>> disp = Dispatcher::Create(config_, d);
+    ASSERT_TRUE(disp.ok()) << disp.status();
+    dispatcher_ = *std::move(disp);
+    dispatcher_->WatchRouter(router_->address());
+    ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(20), router_->service().version()).ok());
+
+    absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir_);
+    ASSERT_TRUE(ckpt.ok());
+    ckpt_ = *std::move(ckpt);
+    absl::StatusOr<std::unique_ptr<LocalExperts>> all =
+        LocalExperts::Create(*ckpt_, config_, AllExperts(config_));
+    ASSERT_TRUE(all.ok()) << all.status();
+    all_ = *std::move(all);
+  }
+
+  void TearDown() override {
+    dispatcher_.reset();
+    replicas_.clear();
+    router_.reset();
+  }
+
+  ExpertServer* AddReplica(int shard) {
+    ExpertServerOptions o;
+    o.model_dir = dir_;
+    o.experts = placement_.ExpertsOf(shard);
+    o.shard_id = shard;
+    o.router_address = router_->address();
+    o.instance_id = absl::StrCat("shard", shard, "-", replicas_.size());
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return nullptr;
+    replicas_.push_back(*std::move(s));
+    return replicas_.back().get();
+  }
+  ExpertServer& Replica(int shard, int r) { return *replicas_[shard * kReplicas + r]; }
+
+  // Runs one step through the dispatcher and checks it against LocalExperts.
+  void RunAndCheck(int layer, int64_t n_rows, uint64_t seed) {
+    const Batch b = RandomBatch(config_, n_rows, seed);
+    std::vector<float> got(n_rows * config_.hidden_size);
+    const absl::Status s = dispatcher_->Run(layer, b.x, b.routes, got);
+    ASSERT_TRUE(s.ok()) << s;
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(*all_, placement_, layer, b, config_.hidden_size);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+  }
+
+  std::string dir_;
+  ModelConfig config_;
+  Placement placement_;
+  v1::PeerIdentity identity_;
+  MetricsRegistry metrics_;
+  std::unique_ptr<RouterServer> router_;
+  std::vector<std::unique_ptr<ExpertServer>> replicas_;
+  std::unique_ptr<Dispatcher> dispatcher_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::unique_ptr<LocalExperts> all_;
+};
+
+TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
+  // Bitwise against the same shard split computed locally, for every MoE layer (the MTP
+  // layer 3 included) and batch sizes 1..33.
+  uint64_t seed = 100;
+  for (int layer : {1, 2, 3}) {
+    for (int64_t n : {1, 7, 33}) RunAndCheck(layer, n, ++seed);
+  }
+  // Against LocalExperts with every expert in one call (float sum, no BF16 hop): the only
+  // difference is the BF16 rounding of each shard's partial sum, at most 2^-9 relative per
+  // partial. Measured max |diff| / max|ref| over these batches: ~1.5e-3; tolerance 2^-8.
+  double worst = 0;
+  for (int layer : {1, 2, 3}) {
+    const Batch b = RandomBatch(config_, 16, 7 + layer);
+    std::vector<float> got(16 * config_.hidden_size), ref(got.size());
+    ASSERT_TRUE(dispatcher_->Run(layer, b.x, b.routes, got).ok());
+    ASSERT_TRUE(all_->Run(layer, b.x, b.routes, ref).ok());
+    double ref_max = 0, diff_max = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ref_max = std::max(ref_max, std::abs(static_cast<double>(ref[i])));
+      diff_max = std::max(diff_max, std::abs(static_cast<double>(got[i]) - ref[i]));
+    }
+    ASSERT_GT(ref_max, 0.0);
+    worst = std::max(worst, diff_max / ref_max);
+  }
+  RecordProperty("max_rel_diff_vs_unsharded", std::to_string(worst));
+  EXPECT_LE(worst, 1.0 / 256) << "measured " << worst;
+  std::printf("dispatcher vs unsharded LocalExperts: max |diff|/max|ref| = %.3g\n", worst);
+
+  const std::string text = metrics_.RenderText();
+  EXPECT_NE(text.find("expertmesh_dispatch_latency_seconds_count{layer=\"1\"} 4"),
+            std::string::npos);
+  EXPECT_NE(text.find("expertmesh_dispatch_bytes_sent_total{shard=\"1\"}"), std::string::npos);
+  EXPECT_NE(text.find("expertmesh_dispatch_expert_tokens_total{layer=\"3\",expert=\"7\"}"),
+            std::string::npos);
+}
+
+TEST_F(DispatcherTest, ConcurrentStepsStayExact) {
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 6; ++i) {
+        const int layer = 1 + (i + t) % 3;
+        const Batch b = RandomBatch(config_, 5 + t, 1000 * t + i);
+        std::vector<float> got(b.x.n_rows * config_.hidden_size);
+        absl::StatusOr<std::vector<float>> want =
+            ExpectedShardedOutput(*all_, placement_, layer, b, config_.hidden_size);
+        if (!dispatcher_->Run(layer, b.x, b.routes, got).ok() || !want.ok() || got != *want) {
+          ++failures;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_F(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
+  std::atomic<int> steps{0};
+  std::thread killer([&] {
+    while (steps.load() < 4) std::this_thread::yield();
+    Replica(0, 0).Kill();  // a crash: no deregistration, streams cut
+    while (steps.load() < 12) std::this_thread::yield();
+    Replica(1, 0).Drain();  // a graceful stop: deregisters first
+  });
+  for (int i = 0; i < 30; ++i) {
+    RunAndCheck(1 + i % 3, 9, 500 + i);
+    if (HasFatalFailure()) break;
+    steps.fetch_add(1);
+  }
+  steps.store(1000);
+  killer.join();
+  // The map order makes replica 0 of each shard the first choice; once killed, its shard's
+  // requests went to replica 1 (through a failover when the kill hit a request in flight).
+  EXPECT_EQ(Replica(0, 0).service().outstanding_rows(), 0u);
+}
+
+TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShardThenServesAgain) {
+  RunAndCheck(2, 4, 1);
+  Replica(1, 0).Kill();
+  Replica(1, 1).Kill();
+  const Batch b = RandomBatch(config_, 6, 77);
+  std::vector<float> out(6 * config_.hidden_size);
+  const absl::Time start = absl::Now();
+  const absl::Status s = dispatcher_->Run(2, b.x, b.routes, out);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find("shard 1"), std::string::npos) << s;
+  EXPECT_LT(took, kStepDeadline);
+  // Still failing once the router has expired them (no replica registered at all).
+  ASSERT_TRUE(dispatcher_->WaitCovered(absl::Milliseconds(1), 0).ok());
+  const absl::Time expired_by = absl::Now() + absl::Seconds(10);
+  while (dispatcher_->Covered() && absl::Now() < expired_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the router's expiry
+  }
+  EXPECT_FALSE(dispatcher_->Covered());
+  const absl::Status s2 = dispatcher_->Run(2, b.x, b.routes, out);
+  EXPECT_EQ(s2.code(), absl::StatusCode::kUnavailable) << s2;
+  EXPECT_NE(s2.message().find("shard 1"), std::string::npos) << s2;
+
+  // A new replica registers: the next map covers shard 1 again and steps succeed.
+  ASSERT_NE(AddReplica(1), nullptr);
+  ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(10), router_->service().version()).ok());
+  RunAndCheck(2, 6, 77);
+  RunAndCheck(1, 3, 78);
+}
+
+TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
+  const Batch b = RandomBatch(config_, 2, 5);
+  std::vector<float> out(2 * config_.hidden_size);
+  // Layer 0 is dense: no shard holds its experts.
+  EXPECT_EQ(dispatcher_->Run(0, b.x, b.routes, out).code(), absl::StatusCode::kFailedPrecondition);
+  std::vector<float> short_out(config_.hidden_size);
+  EXPECT_EQ(dispatcher_->Run(1, b.x, b.routes, short_out).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace expertmesh

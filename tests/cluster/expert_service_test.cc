@@ -1,0 +1,293 @@
+// An expert-service server on loopback (port 0, real gRPC, in process): its answers equal
+// LocalExperts' exactly, every malformed message gets its own error status while the stream
+// and the service stay up, a peer of another model is refused, and a shard maps only its
+// share of the checkpoint.
+#include "expert-service/expert_service.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <gtest/gtest.h>
+
+#include "core/numerics.h"
+#include "core/wire.h"
+#include "router/placement.h"
+#include "service-common/handshake.h"
+#include "tests/cluster/shards_test_util.h"
+
+namespace expertmesh {
+namespace {
+
+using testing::Batch;
+using testing::RandomBatch;
+using testing::ShardTestModel;
+
+constexpr int kLayer = 2;
+constexpr uint32_t kMaxRows = 32;
+constexpr uint64_t kMaxRequestBytes = 16 * 1024;
+
+class ExpertServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::string> dir = ShardTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    model_dir_ = new std::string(*dir);
+    config_ = new ModelConfig(*LoadModelConfig(*dir + "/config.json"));
+    placement_ = new Placement(*EvenPlacement(*config_, 2));
+    ExpertServerOptions o;
+    o.model_dir = *dir;
+    o.experts = placement_->ExpertsOf(0);
+    o.shard_id = 0;
+    o.limits.max_rows = kMaxRows;
+    o.limits.max_request_bytes = kMaxRequestBytes;
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = s->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete placement_;
+    delete config_;
+    delete model_dir_;
+  }
+
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    channel_ = MakeChannel(server_->address());
+    stub_ = v1::ExpertService::NewStub(channel_);
+    ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    stream_ = stub_->Compute(&ctx_);
+  }
+  void TearDown() override {
+    stream_->WritesDone();
+    EXPECT_TRUE(stream_->Finish().ok());
+  }
+
+  // A valid request: n_rows rows, routes restricted to shard 0's experts (0..3).
+  v1::ExpertRequest ValidRequest(int64_t n_rows, uint64_t seed) {
+    Batch b = RandomBatch(*config_, n_rows, seed);
+    v1::ExpertRequest r;
+    r.set_batch_id(seed);
+    r.set_layer(kLayer);
+    r.set_n_rows(static_cast<uint32_t>(n_rows));
+    r.set_hidden_size(static_cast<uint32_t>(config_->hidden_size));
+    PackAllActivations(b.x, r.mutable_activations(), r.mutable_scales());
+    r.add_row_offsets(0);
+    for (int64_t row = 0; row < n_rows; ++row) {
+      for (int32_t p = b.routes.offsets[row]; p < b.routes.offsets[row + 1]; ++p) {
+        if (placement_->ShardOf(kLayer, b.routes.experts[p]) != 0) continue;
+        r.add_experts(b.routes.experts[p]);
+        r.add_weights(b.routes.weights[p]);
+      }
+      r.add_row_offsets(r.experts_size());
+    }
+    return r;
+  }
+
+  v1::ExpertResponse Call(v1::ExpertRequest r) {
+    r.set_request_id(++next_id_);
+    EXPECT_TRUE(stream_->Write(r));
+    v1::ExpertResponse resp;
+    EXPECT_TRUE(stream_->Read(&resp));
+    EXPECT_EQ(resp.request_id(), next_id_);
+    EXPECT_EQ(resp.batch_id(), r.batch_id());
+    return resp;
+  }
+
+  void ExpectError(const v1::ExpertRequest& r, absl::StatusCode code, const std::string& needle) {
+    const v1::ExpertResponse resp = Call(r);
+    EXPECT_EQ(resp.error_code(), static_cast<int>(code)) << resp.error_message();
+    EXPECT_NE(resp.error_message().find(needle), std::string::npos) << resp.error_message();
+    EXPECT_TRUE(resp.outputs().empty());
+  }
+
+  static std::string* model_dir_;
+  static ModelConfig* config_;
+  static Placement* placement_;
+  static ExpertServer* server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ExpertService::Stub> stub_;
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::ExpertRequest, v1::ExpertResponse>> stream_;
+  uint64_t next_id_ = 0;
+};
+std::string* ExpertServiceTest::model_dir_ = nullptr;
+ModelConfig* ExpertServiceTest::config_ = nullptr;
+Placement* ExpertServiceTest::placement_ = nullptr;
+ExpertServer* ExpertServiceTest::server_ = nullptr;
+
+TEST_F(ExpertServiceTest, AnswersEqualLocalExpertsBitwise) {
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*model_dir_);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> local =
+      LocalExperts::Create(**ckpt, *config_, placement_->ExpertsOf(0));
+  ASSERT_TRUE(local.ok()) << local.status();
+  for (uint64_t seed : {1, 2, 3}) {
+    const v1::ExpertRequest r = ValidRequest(5 + seed, seed);
+    const v1::ExpertResponse resp = Call(r);
+    ASSERT_EQ(resp.error_code(), 0) << resp.error_message();
+    ASSERT_EQ(resp.n_rows(), r.n_rows());
+    absl::StatusOr<QuantizedActivations> x =
+        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
+    ASSERT_TRUE(x.ok());
+    ExpertRoutes routes;
+    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
+    routes.experts.assign(r.experts().begin(), r.experts().end());
+    routes.weights.assign(r.weights().begin(), r.weights().end());
+    std::vector<float> want(r.n_rows() * r.hidden_size());
+    ASSERT_TRUE((*local)->Run(kLayer, *x, routes, want).ok());
+    std::vector<float> got(want.size());
+    ASSERT_TRUE(UnpackOutputRows(resp.outputs(), r.n_rows(), r.hidden_size(), got).ok());
+    int nonzero = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i], Bf16ToFloat(FloatToBf16(want[i]))) << i;
+      nonzero += got[i] != 0.0f;
+    }
+    EXPECT_GT(nonzero, static_cast<int>(want.size() / 2));
+  }
+}
+
+TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
+  using C = absl::StatusCode;
+  const v1::ExpertRequest ok = ValidRequest(6, 11);
+  auto with = [&](auto mutate) {
+    v1::ExpertRequest r = ok;
+    mutate(r);
+    return r;
+  };
+  auto set_scale = [](v1::ExpertRequest& r, int i, float v) {
+    std::memcpy(r.mutable_scales()->data() + 4 * i, &v, 4);
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+
+  ExpectError(with([](auto& r) { r.set_layer(0); }), C::kInvalidArgument, "not a MoE layer");
+  ExpectError(with([](auto& r) { r.set_layer(99); }), C::kInvalidArgument, "not a MoE layer");
+  ExpectError(with([](auto& r) { r.set_layer(-1); }), C::kInvalidArgument, "not a MoE layer");
+  ExpectError(with([](auto& r) { r.set_experts(0, 6); }), C::kFailedPrecondition,
+              "does not hold layer 2 expert 6");
+  ExpectError(with([](auto& r) { r.set_experts(0, 8); }), C::kInvalidArgument, "out of range");
+  ExpectError(with([](auto& r) { r.set_experts(0, -1); }), C::kInvalidArgument, "out of range");
+  ExpectError(with([](auto& r) { r.mutable_activations()->pop_back(); }), C::kInvalidArgument,
+              "activations hold");
+  ExpectError(with([](auto& r) { r.mutable_scales()->append(4, '\0'); }), C::kInvalidArgument,
+              "scales hold");
+  ExpectError(with([](auto& r) { r.set_hidden_size(256); }), C::kInvalidArgument, "hidden_size");
+  ExpectError(with([](auto& r) { r.set_n_rows(0); }), C::kInvalidArgument, "n_rows");
+  ExpectError(with([](auto& r) { r.set_n_rows(7); }), C::kInvalidArgument, "activations hold");
+  ExpectError(with([](auto& r) { r.mutable_row_offsets()->RemoveLast(); }), C::kInvalidArgument,
+              "row_offsets has");
+  ExpectError(with([](auto& r) { r.set_row_offsets(0, 1); }), C::kInvalidArgument,
+              "start at 0");
+  ExpectError(with([](auto& r) { r.set_row_offsets(6, r.experts_size() - 1); }),
+              C::kInvalidArgument, "end at the number");
+  {
+    v1::ExpertRequest dec = ok;  // row i ends before it begins
+    int i = 1;
+    while (i < 5 && dec.row_offsets(i) == 0) ++i;
+    ASSERT_LT(i, 5);
+    dec.set_row_offsets(i + 1, dec.row_offsets(i) - 1);
+    ExpectError(dec, C::kInvalidArgument, "decrease");
+  }
+  ExpectError(with([](auto& r) { r.mutable_weights()->RemoveLast(); }), C::kInvalidArgument,
+              "weights has");
+  ExpectError(with([&](auto& r) { r.set_weights(0, nan); }), C::kInvalidArgument, "weight");
+  ExpectError(with([&](auto& r) { r.set_weights(0, inf); }), C::kInvalidArgument, "weight");
+  ExpectError(with([](auto& r) { r.set_weights(0, -0.5f); }), C::kInvalidArgument, "weight");
+  ExpectError(with([](auto& r) { r.set_weights(0, 1e6f); }), C::kInvalidArgument, "weight");
+  ExpectError(with([&](auto& r) { set_scale(r, 1, nan); }), C::kInvalidArgument, "scale 1");
+  ExpectError(with([&](auto& r) { set_scale(r, 2, inf); }), C::kInvalidArgument, "scale 2");
+  ExpectError(with([&](auto& r) { set_scale(r, 0, -1.0f); }), C::kInvalidArgument, "scale 0");
+  ExpectError(with([&](auto& r) { set_scale(r, 0, 0.0f); }), C::kInvalidArgument, "scale 0");
+  ExpectError(with([](auto& r) { (*r.mutable_activations())[17] = '\x7f'; }),
+              C::kInvalidArgument, "activation 17 is NaN");
+  ExpectError(with([](auto& r) { (*r.mutable_activations())[18] = '\xff'; }),
+              C::kInvalidArgument, "activation 18 is NaN");
+  // Experts out of order / repeated / too many within one row.
+  v1::ExpertRequest order = ok;
+  int row = -1;  // a row with at least two pairs
+  for (int i = 0; i < 6 && row < 0; ++i) {
+    if (order.row_offsets(i + 1) - order.row_offsets(i) >= 2) row = i;
+  }
+  ASSERT_GE(row, 0);
+  const int p = static_cast<int>(order.row_offsets(row));
+  order.set_experts(p, order.experts(p + 1));
+  ExpectError(order, C::kInvalidArgument, "strictly ascending");
+  {
+    // 5 pairs in one row (num_experts_per_tok is 4): row 0 takes every pair of the batch.
+    v1::ExpertRequest many = ValidRequest(1, 12);
+    many.clear_experts();
+    many.clear_weights();
+    for (int e = 0; e < 4; ++e) {
+      many.add_experts(e);
+      many.add_weights(0.5f);
+    }
+    many.add_experts(4);
+    many.add_weights(0.5f);
+    many.set_row_offsets(1, 5);
+    ExpectError(many, C::kInvalidArgument, "num_experts_per_tok");
+  }
+  // Oversized: more rows than allowed, and more bytes than allowed.
+  ExpectError(ValidRequest(kMaxRows + 8, 13), C::kResourceExhausted, "n_rows");
+  ExpectError(ValidRequest(60, 14), C::kResourceExhausted, "bytes exceeds");
+
+  // Same stream, still answering; the service still SERVING.
+  const v1::ExpertResponse good = Call(ok);
+  EXPECT_EQ(good.error_code(), 0) << good.error_message();
+  EXPECT_EQ(good.outputs().size(), OutputBytes(6, config_->hidden_size));
+  absl::StatusOr<bool> serving = CheckHealth(*channel_, "", absl::Seconds(5));
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+}
+
+TEST_F(ExpertServiceTest, HandshakeRefusesAnotherModelOrProtocol) {
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*model_dir_, "test", "t");
+  ASSERT_TRUE(me.ok());
+  auto handshake = [&](const v1::PeerIdentity& id) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::HandshakeRequest req;
+    *req.mutable_client() = id;
+    v1::HandshakeResponse resp;
+    return stub_->Handshake(&ctx, req, &resp);
+  };
+  EXPECT_TRUE(handshake(*me).ok());
+  v1::PeerIdentity other = *me;
+  other.set_model_fingerprint(ModelFingerprint("another config"));
+  const grpc::Status s = handshake(other);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("model"), std::string::npos);
+  v1::PeerIdentity old = *me;
+  old.set_protocol_version(kProtocolVersion + 1);
+  EXPECT_EQ(handshake(old).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ExpertServiceTest, MapsExactlyItsShareOfTheCheckpoint) {
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*model_dir_);
+  ASSERT_TRUE(ckpt.ok());
+  auto share = [&](int shard) {
+    uint64_t bytes = 0;
+    for (const LayerExpert& le : placement_->ExpertsOf(shard)) {
+      for (const std::string proj : {"gate_proj", "up_proj", "down_proj"}) {
+        for (const std::string suffix : {".weight", ".weight_scale_inv"}) {
+          const TensorInfo* t = (*ckpt)->Info(absl::StrCat("model.layers.", le.layer,
+                                                           ".mlp.experts.", le.expert, ".", proj,
+                                                           suffix));
+          EXPECT_NE(t, nullptr);
+          if (t) bytes += t->end - t->begin;
+        }
+      }
+    }
+    return bytes;
+  };
+  const uint64_t mine = share(0);
+  EXPECT_GT(mine, 0u);
+  EXPECT_EQ(server_->bytes_mapped(), mine);
+  // Half the routed experts: half of all expert bytes, well under the checkpoint's total.
+  EXPECT_EQ(mine, share(1));
+  EXPECT_LT(mine, (*ckpt)->total_bytes() / 2);
+}
+
+}  // namespace
+}  // namespace expertmesh

@@ -1,0 +1,164 @@
+// service-common: the metrics registry and its text format, /metrics over real HTTP on
+// loopback, the Status mapping, the handshake rule, and grpc.health.v1 on a real server.
+#include <gtest/gtest.h>
+
+#include "core/wire.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "service-common/grpc_util.h"
+#include "service-common/handshake.h"
+#include "service-common/metrics.h"
+#include "service-common/metrics_http.h"
+#include "service-common/process.h"
+
+namespace expertmesh {
+namespace {
+
+TEST(MetricsTest, TextExposition) {
+  MetricsRegistry r;
+  r.GetCounter("em_requests_total", "Requests", {{"code", "OK"}}).Inc();
+  r.GetCounter("em_requests_total", "Requests", {{"code", "OK"}}).Inc(2);
+  r.GetCounter("em_requests_total", "Requests", {{"code", "INVALID_ARGUMENT"}}).Inc();
+  r.GetGauge("em_queue", "Queue \"length\"\nnow").Set(-3.5);
+  Histogram& h = r.GetHistogram("em_latency_seconds", "Latency", {0.1, 1.0}, {{"layer", "a\"b"}});
+  h.Observe(0.05);
+  h.Observe(0.1);  // le is inclusive
+  h.Observe(0.5);
+  h.Observe(7.0);
+  const std::string text = r.RenderText();
+  EXPECT_NE(text.find("# HELP em_requests_total Requests\n# TYPE em_requests_total counter\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("em_requests_total{code=\"OK\"} 3\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("em_requests_total{code=\"INVALID_ARGUMENT\"} 1\n"), std::string::npos);
+  EXPECT_NE(text.find("# HELP em_queue Queue \"length\"\\nnow\n# TYPE em_queue gauge\nem_queue -3.5\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"0.10000000000000001\"} 2\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"1\"} 3\n"), std::string::npos);
+  EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"+Inf\"} 4\n"),
+            std::string::npos);
+  EXPECT_NE(text.find("em_latency_seconds_sum{layer=\"a\\\"b\"} 7.6500000000000004\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("em_latency_seconds_count{layer=\"a\\\"b\"} 4\n"), std::string::npos);
+  // Families are sorted by name.
+  EXPECT_LT(text.find("em_latency_seconds"), text.find("em_queue"));
+  EXPECT_LT(text.find("em_queue"), text.find("em_requests_total"));
+}
+
+TEST(MetricsTest, CountersIgnoreNegativeIncrementsAndCollectorsRunAtScrape) {
+  MetricsRegistry r;
+  Counter& c = r.GetCounter("em_c", "c");
+  c.Inc(-5);
+  EXPECT_EQ(c.value(), 0.0);
+  int calls = 0;
+  r.AddCollector([&] { r.GetGauge("em_g", "g").Set(++calls); });
+  EXPECT_NE(r.RenderText().find("em_g 1\n"), std::string::npos);
+  EXPECT_NE(r.RenderText().find("em_g 2\n"), std::string::npos);
+}
+
+TEST(MetricsTest, HistogramQuantileInterpolatesWithinBuckets) {
+  Histogram h({1.0, 2.0, 4.0});
+  EXPECT_EQ(h.Quantile(0.5), 0.0);  // empty
+  for (int i = 0; i < 10; ++i) h.Observe(1.5);  // all in (1, 2]
+  EXPECT_DOUBLE_EQ(h.Quantile(0.5), 1.5);
+  EXPECT_DOUBLE_EQ(h.Quantile(1.0), 2.0);
+  h.Observe(100.0);  // +Inf bucket reports the largest finite bound
+  EXPECT_DOUBLE_EQ(h.Quantile(1.0), 4.0);
+}
+
+TEST(MetricsHttpTest, ServesMetricsAnd404) {
+  MetricsRegistry r;
+  r.GetCounter("em_hits_total", "Hits").Inc(41);
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server =
+      MetricsHttpServer::Start(&r, "127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_GT((*server)->port(), 0);
+  absl::StatusOr<std::string> body = HttpGet("127.0.0.1", (*server)->port(), "/metrics");
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_NE(body->find("em_hits_total 41\n"), std::string::npos);
+  r.GetCounter("em_hits_total", "Hits").Inc();
+  body = HttpGet("127.0.0.1", (*server)->port(), "/metrics?x=1");
+  ASSERT_TRUE(body.ok()) << body.status();
+  EXPECT_NE(body->find("em_hits_total 42\n"), std::string::npos);
+  absl::StatusOr<std::string> missing = HttpGet("127.0.0.1", (*server)->port(), "/nope");
+  EXPECT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("404"), std::string::npos);
+}
+
+TEST(GrpcUtilTest, StatusMappingKeepsCodeAndMessage) {
+  const absl::Status s = absl::FailedPreconditionError("other model");
+  const grpc::Status g = ToGrpcStatus(s);
+  EXPECT_EQ(g.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(g.error_message(), "other model");
+  EXPECT_EQ(FromGrpcStatus(g), s);
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  EXPECT_EQ(StatusFromCode(14, "x"), absl::UnavailableError("x"));
+  EXPECT_TRUE(StatusFromCode(0, "").ok());
+  EXPECT_EQ(StatusFromCode(99, "x").code(), absl::StatusCode::kUnknown);
+}
+
+TEST(HandshakeTest, SameModelAndProtocolOnly) {
+  v1::PeerIdentity local;
+  local.set_model_name("tiny");
+  local.set_model_fingerprint(ModelFingerprint("{}"));
+  local.set_protocol_version(kProtocolVersion);
+  local.set_service("router");
+  v1::PeerIdentity remote = local;
+  remote.set_service("expert-service");
+  EXPECT_TRUE(CheckPeer(local, remote).ok());
+  v1::PeerIdentity other_model = remote;
+  other_model.set_model_fingerprint(ModelFingerprint("{\"x\":1}"));
+  EXPECT_EQ(CheckPeer(local, other_model).code(), absl::StatusCode::kFailedPrecondition);
+  v1::PeerIdentity other_protocol = remote;
+  other_protocol.set_protocol_version(kProtocolVersion + 1);
+  EXPECT_EQ(CheckPeer(local, other_protocol).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CheckPeer(local, v1::PeerIdentity{}).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// A service with nothing implemented: enough to host health and reflection.
+class EmptyRouter final : public v1::RouterService::Service {};
+
+TEST(GrpcUtilTest, HealthIsNotServingUntilSetAndReflectsChanges) {
+  EmptyRouter service;
+  absl::StatusOr<RunningServer> server = StartGrpcServer(ServerOptions{}, {&service});
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_GT(server->port, 0);
+  auto channel = MakeChannel(LoopbackAddress(server->port));
+  absl::StatusOr<bool> serving = CheckHealth(*channel, "", absl::Seconds(5));
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_FALSE(*serving);
+  SetServing(*server->server, true);
+  serving = CheckHealth(*channel, "", absl::Seconds(5));
+  ASSERT_TRUE(serving.ok());
+  EXPECT_TRUE(*serving);
+  serving = CheckHealth(*channel, "expertmesh.v1.RouterService", absl::Seconds(5));
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+  EXPECT_TRUE(WaitForServing(*channel, absl::Seconds(5)).ok());
+  // An unknown service name is NOT_FOUND from the health service.
+  EXPECT_EQ(CheckHealth(*channel, "no.such.Service", absl::Seconds(5)).status().code(),
+            absl::StatusCode::kNotFound);
+  SetServing(*server->server, false);
+  EXPECT_FALSE(*CheckHealth(*channel, "", absl::Seconds(5)));
+  server->server->Shutdown();
+  // Nothing listens any more: the call itself fails.
+  EXPECT_FALSE(CheckHealth(*channel, "", absl::Milliseconds(500)).ok());
+}
+
+TEST(ProcessTest, FreePortIsBindable) {
+  absl::StatusOr<int> port = PickFreePort();
+  ASSERT_TRUE(port.ok()) << port.status();
+  EXPECT_GT(*port, 0);
+  EmptyRouter service;
+  ServerOptions o;
+  o.listen = LoopbackAddress(*port);
+  absl::StatusOr<RunningServer> server = StartGrpcServer(o, {&service});
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ(server->port, *port);
+  server->server->Shutdown();
+}
+
+}  // namespace
+}  // namespace expertmesh
