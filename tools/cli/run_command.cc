@@ -1,0 +1,224 @@
+// `expertmesh run`: loads a checkpoint into the reference engine (with a progress bar),
+// generates from a prompt (token ids, or text through the checkpoint's tokenizer.json) and
+// prints the tokens and the prefill and decode speeds.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "core/config.h"
+#include "core/engine.h"
+#include "core/local_experts.h"
+#include "core/model.h"
+#include "core/safetensors.h"
+#include "core/sampling.h"
+#include "core/tokenizer.h"
+#include "spdlog/spdlog.h"
+#include "tools/cli/commands.h"
+
+namespace expertmesh {
+namespace {
+
+struct RunArgs {
+  std::string model_dir;
+  std::string prompt_ids;
+  std::string prompt;
+  int max_tokens = 32;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  int top_k = 0;
+  uint64_t seed = 0;
+  bool no_act_quant = false;
+  bool naive_attention = false;
+  bool ignore_eos = false;
+};
+
+// "\r<label> [#####     ]  45% (n/total)" on stderr; a newline when done.
+void ProgressBar(const char* label, int64_t done, int64_t total) {
+  constexpr int kWidth = 40;
+  const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
+  std::fprintf(stderr, "\r%-8s [%s%s] %3d%% (%lld/%lld)", label, std::string(filled, '#').c_str(),
+               std::string(kWidth - filled, ' ').c_str(),
+               total > 0 ? static_cast<int>(100 * done / total) : 100, static_cast<long long>(done),
+               static_cast<long long>(total));
+  if (done >= total) std::fprintf(stderr, "\n");
+}
+
+int Run(const RunArgs& args) {
+  using Clock = std::chrono::steady_clock;
+  auto config = LoadModelConfig(args.model_dir + "/config.json");
+  if (!config.ok()) {
+    spdlog::error("{}", config.status().ToString());
+    return 1;
+  }
+  auto ckpt = Checkpoint::Open(args.model_dir);
+  if (!ckpt.ok()) {
+    spdlog::error("{}", ckpt.status().ToString());
+    return 1;
+  }
+  const auto t_load = Clock::now();
+  ModelLoadOptions load;
+  load.load_mtp = false;
+  load.progress = [](int64_t d, int64_t t) { ProgressBar("model", d, t); };
+  auto model = Model::Create(**ckpt, *config, load);
+  if (!model.ok()) {
+    spdlog::error("{}", model.status().ToString());
+    return 1;
+  }
+  std::vector<LayerExpert> all;
+  for (const LayerExpert& e : AllExperts(*config)) {
+    if (e.layer < config->num_hidden_layers) all.push_back(e);
+  }
+  LocalExperts::Options expert_options;
+  expert_options.quantize_activations = !args.no_act_quant;
+  expert_options.progress = [](int64_t d, int64_t t) { ProgressBar("experts", d, t); };
+  auto experts = LocalExperts::Create(**ckpt, *config, all, expert_options);
+  if (!experts.ok()) {
+    spdlog::error("{}", experts.status().ToString());
+    return 1;
+  }
+  spdlog::info("loaded {} in {:.2f} s: {:.1f} MiB mapped", args.model_dir,
+               std::chrono::duration<double>(Clock::now() - t_load).count(),
+               (*ckpt)->bytes_mapped() / 1048576.0);
+
+  // The prompt: ids, or text through the checkpoint's tokenizer.
+  std::unique_ptr<Tokenizer> tokenizer;
+  const std::string tokenizer_path = args.model_dir + "/tokenizer.json";
+  if (std::filesystem::exists(tokenizer_path)) {
+    auto tok = Tokenizer::Load(tokenizer_path);
+    if (!tok.ok()) {
+      spdlog::error("{}", tok.status().ToString());
+      return 1;
+    }
+    tokenizer = *std::move(tok);
+  }
+  std::vector<int32_t> prompt;
+  if (!args.prompt.empty()) {
+    if (tokenizer == nullptr) {
+      spdlog::error("--prompt needs {}; give --prompt-ids instead", tokenizer_path);
+      return 1;
+    }
+    auto ids = tokenizer->Encode(args.prompt, /*add_bos=*/true);
+    if (!ids.ok()) {
+      spdlog::error("{}", ids.status().ToString());
+      return 1;
+    }
+    prompt = *ids;
+  } else {
+    for (const std::string& piece :
+         std::vector<std::string>(absl::StrSplit(args.prompt_ids, ',', absl::SkipWhitespace()))) {
+      int32_t id;
+      if (!absl::SimpleAtoi(piece, &id)) {
+        spdlog::error("--prompt-ids: '{}' is not a token id", piece);
+        return 1;
+      }
+      prompt.push_back(id);
+    }
+  }
+  if (prompt.empty()) {
+    spdlog::error("give --prompt-ids 1,2,3 or --prompt TEXT");
+    return 1;
+  }
+
+  EngineOptions options;
+  options.quantize_activations = !args.no_act_quant;
+  options.attention = args.naive_attention ? AttentionForm::kNaive : AttentionForm::kAbsorbed;
+  auto engine = Engine::Create(**model, experts->get(), options);
+  if (!engine.ok()) {
+    spdlog::error("{}", engine.status().ToString());
+    return 1;
+  }
+  SamplingParams sp;
+  sp.temperature = args.temperature;
+  sp.top_p = args.top_p;
+  sp.top_k = args.top_k;
+  sp.seed = args.seed;
+  auto sampler = Sampler::Create(sp);
+  if (!sampler.ok()) {
+    spdlog::error("{}", sampler.status().ToString());
+    return 1;
+  }
+
+  auto cache = (*engine)->NewCache();
+  auto forward = [&](std::span<const int32_t> tokens) -> absl::StatusOr<std::vector<float>> {
+    SequenceInput in{tokens, cache.get(), false};
+    auto out = (*engine)->Forward(std::span<const SequenceInput>(&in, 1));
+    if (!out.ok()) return out.status();
+    return std::move((*out)[0].logits);
+  };
+  const auto t_prefill = Clock::now();
+  auto logits = forward(prompt);
+  if (!logits.ok()) {
+    spdlog::error("{}", logits.status().ToString());
+    return 1;
+  }
+  const double prefill_s = std::chrono::duration<double>(Clock::now() - t_prefill).count();
+  std::vector<int32_t> generated;
+  std::unique_ptr<Tokenizer::StreamDecoder> text;
+  if (tokenizer != nullptr)
+    text = std::make_unique<Tokenizer::StreamDecoder>(tokenizer.get(), false);
+  const auto t_decode = Clock::now();
+  int decode_steps = 0;
+  for (int i = 0; i < args.max_tokens; ++i) {
+    const SampledToken tok = sampler->Sample(*logits);
+    generated.push_back(tok.token);
+    std::printf("%d%s", tok.token, text ? "" : " ");
+    if (text) std::printf(" (%s) ", text->Push(tok.token).c_str());
+    std::fflush(stdout);
+    const bool eos = config->eos_token_id && tok.token == *config->eos_token_id;
+    if (i + 1 == args.max_tokens || (eos && !args.ignore_eos)) break;
+    logits = forward(std::span<const int32_t>(&generated.back(), 1));
+    ++decode_steps;
+    if (!logits.ok()) {
+      spdlog::error("{}", logits.status().ToString());
+      return 1;
+    }
+  }
+  const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
+  std::printf("\n");
+  if (tokenizer != nullptr) {
+    std::printf("text: %s\n", tokenizer->Decode(generated, true).c_str());
+  }
+  std::printf("prefill: %zu tokens in %.3f s (%.1f tokens/s)\n", prompt.size(), prefill_s,
+              prompt.size() / prefill_s);
+  std::printf("decode: %d tokens in %.3f s (%.1f tokens/s)\n", decode_steps, decode_s,
+              decode_steps > 0 ? decode_steps / decode_s : 0.0);
+  return 0;
+}
+
+}  // namespace
+
+void AddRunCommand(CLI::App& app) {
+  auto args = std::make_shared<RunArgs>();
+  CLI::App* cmd =
+      app.add_subcommand("run", "Generate from a prompt with the reference engine (CPU)");
+  cmd->add_option("--model", args->model_dir, "checkpoint directory (config.json, safetensors)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  auto* ids = cmd->add_option("--prompt-ids", args->prompt_ids, "prompt token ids: 1,2,3");
+  cmd->add_option("--prompt", args->prompt, "prompt text (needs MODEL/tokenizer.json)")
+      ->excludes(ids);
+  cmd->add_option("--max-tokens", args->max_tokens, "tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--temperature", args->temperature, "0: greedy")->capture_default_str();
+  cmd->add_option("--top-p", args->top_p, "nucleus sampling mass")->capture_default_str();
+  cmd->add_option("--top-k", args->top_k, "0: off")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "sampling seed")->capture_default_str();
+  cmd->add_flag("--no-act-quant", args->no_act_quant,
+                "plain float activations into FP8 weights (default: per-token-per-128 FP8)");
+  cmd->add_flag("--naive-attention", args->naive_attention,
+                "expand kv_b_proj per cached token instead of the absorbed form");
+  cmd->add_flag("--ignore-eos", args->ignore_eos, "keep generating after eos_token_id");
+  cmd->callback([args]() {
+    const int rc = Run(*args);
+    if (rc != 0) throw CLI::RuntimeError(rc);
+  });
+}
+
+}  // namespace expertmesh
