@@ -229,14 +229,13 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(std::string_view 
   }
   std::vector<TensorInfo> tensors;
   tensors.reserve(obj->size());
-  std::set<std::string_view> names;
+  // A key repeated in the JSON text keeps its last value (Boost.JSON, like Python's json).
   for (const auto& [key, value] : *obj) {
     const std::string_view name(key.data(), key.size());
     if (name == "__metadata__") {
       if (absl::Status s = ValidateMetadata(value, file); !s.ok()) return s;
       continue;
     }
-    if (!names.insert(name).second) return TensorError(file, name, "appears twice in the header");
     absl::StatusOr<TensorInfo> info = ParseTensorEntry(name, value, data_size, file);
     if (!info.ok()) return info.status();
     tensors.push_back(*std::move(info));
