@@ -7,6 +7,7 @@
 
 #include <boost/json.hpp>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 namespace expertmesh {
@@ -85,6 +86,41 @@ TEST(ChatTemplate, SnippetsMatchJinja) {
     }
   }
   EXPECT_GE(index, 15);
+}
+
+// Message text is data, never template code: whatever it holds appears verbatim.
+TEST(ChatTemplate, MessageContentIsNotInterpreted) {
+  auto tmpl = ChatTemplate::FromTokenizerConfig(
+      kSource + "/tests/data/reference/deepseek-v3/tokenizer_config.json");
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  std::mt19937 rng(11);
+  const std::string pieces[] = {"{{",
+                                "}}",
+                                "{%",
+                                "%}",
+                                "{#",
+                                "#}",
+                                "-",
+                                "'",
+                                "\"",
+                                "\\",
+                                "\n",
+                                " ",
+                                "raise_exception('x')",
+                                "ns.x",
+                                "<｜User｜>",
+                                "日本",
+                                "{"};
+  std::uniform_int_distribution<int> pick(0, std::size(pieces) - 1), len(0, 12);
+  for (int trial = 0; trial < 500; ++trial) {
+    std::string content;
+    for (int k = len(rng); k > 0; --k) content += pieces[pick(rng)];
+    boost::json::array messages;
+    messages.push_back({{"role", "user"}, {"content", content}});
+    auto text = tmpl->Apply(messages, true);
+    ASSERT_TRUE(text.ok()) << text.status();
+    ASSERT_EQ(*text, tmpl->bos_token() + "<｜User｜>" + content + "<｜Assistant｜>");
+  }
 }
 
 TEST(ChatTemplate, ErrorsNameTheirCause) {

@@ -224,6 +224,38 @@ TEST_P(TokenizerGoldenTest, InvalidUtf8IsRejected) {
   }
 }
 
+// Untrusted input at the gateway: arbitrary bytes either fail cleanly as invalid UTF-8 or
+// encode to in-range ids; without a normalizer, decoding gives the text back.
+TEST_P(TokenizerGoldenTest, ArbitraryBytesEncodeSafely) {
+  std::mt19937 rng(7);
+  const std::string pieces[] = {"\xC3",       "\xA9",   "\xE6\x97", "\xA5", "\xF0\x9F",
+                                "\x98\x80",   "\xFF",   " ",        "\n",   "a",
+                                "<｜User｜>", "<mask>", "  ",       "7"};
+  std::uniform_int_distribution<int> byte(0, 255), pick(0, std::size(pieces) - 1), len(0, 24);
+  const bool lossless = GetParam().name == "expertmesh-tiny";
+  int valid = 0;
+  for (int trial = 0; trial < 5000; ++trial) {
+    std::string text;
+    for (int k = len(rng); k > 0; --k) {
+      if (k % 2) {
+        text += static_cast<char>(byte(rng));
+      } else {
+        text += pieces[pick(rng)];
+      }
+    }
+    auto ids = tokenizer_->Encode(text, false);
+    ASSERT_EQ(ids.ok(), IsValidUtf8(text)) << "trial " << trial;
+    if (!ids.ok()) {
+      EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument);
+      continue;
+    }
+    ++valid;
+    for (int32_t id : *ids) ASSERT_TRUE(id >= 0 && id < tokenizer_->vocab_size());
+    if (lossless) ASSERT_EQ(tokenizer_->Decode(*ids, false), text) << "trial " << trial;
+  }
+  EXPECT_GT(valid, 100);  // both outcomes are exercised
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Tokenizers, TokenizerGoldenTest,
     ::testing::Values(Case{"expertmesh-tiny", "models/expertmesh-tiny/tokenizer.json", 10000},
