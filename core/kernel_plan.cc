@@ -1,5 +1,7 @@
 #include "core/kernel_plan.h"
 
+#include <charconv>
+
 #include "absl/strings/str_format.h"
 
 namespace expertmesh {
@@ -91,6 +93,33 @@ absl::StatusOr<MlaDecodePlan> PlanMlaDecode(const DeviceArch& arch, int num_head
       "MLA decode: kv_lora_rank %d + qk_rope_head_dim %d does not fit in %d bytes of shared "
       "memory",
       kv_lora_rank, qk_rope_head_dim, arch.max_smem_per_block));
+}
+
+absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view spec) {
+  const std::string whole(spec);
+  DeviceSpec out;
+  if (spec == "cpu") return out;
+  const std::string_view kPrefix = "cuda:";
+  if (!spec.starts_with(kPrefix)) {
+    return absl::InvalidArgumentError("device '" + whole + "': expected cpu or cuda:N[,M...]");
+  }
+  out.cuda = true;
+  spec.remove_prefix(kPrefix.size());
+  while (true) {
+    const size_t comma = spec.find(',');
+    std::string_view part = spec.substr(0, comma);
+    if (part.starts_with(kPrefix)) part.remove_prefix(kPrefix.size());
+    int d = 0;
+    const auto [end, ec] = std::from_chars(part.data(), part.data() + part.size(), d);
+    if (part.empty() || ec != std::errc() || end != part.data() + part.size() || d < 0) {
+      return absl::InvalidArgumentError("device '" + whole + "': '" + std::string(part) +
+                                        "' is not a CUDA device index");
+    }
+    out.devices.push_back(d);
+    if (comma == std::string_view::npos) break;
+    spec.remove_prefix(comma + 1);
+  }
+  return out;
 }
 
 }  // namespace expertmesh

@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -74,5 +76,13 @@ struct MlaDecodePlan {
 };
 absl::StatusOr<MlaDecodePlan> PlanMlaDecode(const DeviceArch& arch, int num_heads, int kv_lora_rank,
                                             int qk_rope_head_dim);
+
+// A service's --device flag: "cpu", or "cuda:N[,M...]" (also "cuda:0,cuda:1"): the GPUs that
+// share the work. A device may be listed twice (tests use that to exercise multi-GPU paths).
+struct DeviceSpec {
+  bool cuda = false;
+  std::vector<int> devices;  // CUDA device indices when cuda
+};
+absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view spec);
 
 }  // namespace expertmesh
