@@ -1,0 +1,62 @@
+// NcclGroup over every visible GPU (one GPU is a group of one): all-reduce and all-gather of
+// small integers, which are exact in float, so results compare exactly.
+#include "core/cuda/nccl_group.h"
+
+#include "core/cuda/device_buffer.h"
+#include "tests/cuda/gpu_test_util.h"
+
+namespace expertmesh::cuda::testing {
+namespace {
+
+TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
+  EM_REQUIRE_GPU();
+  const int n = DeviceCount();
+  std::vector<int> devices(n);
+  for (int d = 0; d < n; ++d) devices[d] = d;
+  auto group = NcclGroup::Create(devices);
+  ASSERT_TRUE(group.ok()) << group.status();
+  const size_t count = 1000;
+  std::vector<DeviceBuffer<float>> sums, gathered;
+  std::vector<float*> sum_ptrs, gather_ptrs;
+  std::vector<const float*> send_ptrs;
+  for (int r = 0; r < n; ++r) {
+    cudaSetDevice(devices[r]);
+    std::vector<float> v(count);
+    for (size_t i = 0; i < count; ++i) v[i] = static_cast<float>((r + 1) * static_cast<int>(i));
+    sums.push_back(*DeviceBuffer<float>::FromHost(v));
+    gathered.push_back(*DeviceBuffer<float>::Create(n * count));
+    sum_ptrs.push_back(sums.back().get());
+    gather_ptrs.push_back(gathered.back().get());
+  }
+  for (int r = 0; r < n; ++r) send_ptrs.push_back(sums[r].get());
+  cudaDeviceSynchronize();
+  // Gather first (the inputs), then reduce in place.
+  ASSERT_TRUE((*group)->AllGather(send_ptrs, gather_ptrs, count).ok());
+  ASSERT_TRUE((*group)->Synchronize().ok());
+  ASSERT_TRUE((*group)->AllReduceSum(sum_ptrs, count).ok());
+  ASSERT_TRUE((*group)->Synchronize().ok());
+  const int rank_sum = n * (n + 1) / 2;
+  for (int r = 0; r < n; ++r) {
+    cudaSetDevice(devices[r]);
+    std::vector<float> s(count), g(n * count);
+    ASSERT_TRUE(sums[r].CopyToHost(s).ok());
+    ASSERT_TRUE(gathered[r].CopyToHost(g).ok());
+    for (size_t i = 0; i < count; ++i) {
+      ASSERT_EQ(s[i], static_cast<float>(rank_sum * static_cast<int>(i))) << "rank " << r;
+      for (int q = 0; q < n; ++q) {
+        ASSERT_EQ(g[q * count + i], static_cast<float>((q + 1) * static_cast<int>(i)));
+      }
+    }
+  }
+}
+
+TEST(NcclGroupTest, RejectsDuplicateAndMissingDevices) {
+  EM_REQUIRE_GPU();
+  EXPECT_EQ(NcclGroup::Create({0, 0}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(NcclGroup::Create({DeviceCount()}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(NcclGroup::Create({}).ok());
+}
+
+}  // namespace
+}  // namespace expertmesh::cuda::testing
