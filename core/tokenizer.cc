@@ -25,7 +25,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 
 namespace expertmesh {
 namespace {
@@ -519,13 +518,10 @@ void SplitAddedTokens(const std::vector<const AddedToken*>& tokens, const std::s
 struct Tokenizer::Impl {
   std::vector<NormalizerStep> normalizer;
   std::vector<PreTokenizerStep> pre_tokenizer;
-  bool byte_level = false;  // a ByteLevel pre-tokenizer maps bytes before BPE
-  bool byte_level_decoder = false;
 
   std::unordered_map<std::string, int32_t> vocab;
   std::vector<std::string> id_to_token;  // indexed by id; added tokens included
   std::vector<uint8_t> id_is_special;
-  std::vector<uint8_t> id_is_added;
   // (left id << 32 | right id) -> (rank, merged id)
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges;
   std::optional<int32_t> unk_id;
@@ -622,12 +618,8 @@ void Tokenizer::Impl::Bpe(const std::string& word, std::vector<int32_t>* ids) co
 // Byte-level-maps one pre-token and appends its BPE ids, through the cache.
 void Tokenizer::Impl::EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const {
   std::string word;
-  if (byte_level) {
-    const ByteLevelTable& table = ByteLevel();
-    for (unsigned char b : piece) word += table.byte_to_char[b];
-  } else {
-    word = piece;
-  }
+  const ByteLevelTable& table = ByteLevel();
+  for (unsigned char b : piece) word += table.byte_to_char[b];
   {
     std::lock_guard<std::mutex> lock(cache_mu);
     if (auto it = cache.find(word); it != cache.end()) {
@@ -679,15 +671,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
       !s.ok()) {
     return s;
   }
-  impl->byte_level = !impl->pre_tokenizer.empty() &&
-                     impl->pre_tokenizer.back().kind == PreTokenizerStep::kByteLevel;
+  bool byte_level = !impl->pre_tokenizer.empty() &&
+                    impl->pre_tokenizer.back().kind == PreTokenizerStep::kByteLevel;
   const json::value* decoder = Field(root, "decoder");
   std::string decoder_type = Str(Obj(decoder), "type").value_or("");
-  if (decoder_type != "ByteLevel" || !impl->byte_level) {
+  if (decoder_type != "ByteLevel" || !byte_level) {
     return absl::UnimplementedError(
         "only byte-level BPE is supported (ByteLevel pre_tokenizer and decoder)");
   }
-  impl->byte_level_decoder = true;
 
   // Model.
   const json::object* model = Obj(Field(root, "model"));
@@ -740,11 +731,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
   }
   impl->id_to_token.assign(max_id + 1, "");
   impl->id_is_special.assign(max_id + 1, 0);
-  impl->id_is_added.assign(max_id + 1, 0);
   for (const auto& [token, id] : impl->vocab) impl->id_to_token[id] = token;
   for (AddedToken& a : impl->added) {
     impl->id_is_special[a.id] = a.special;
-    impl->id_is_added[a.id] = 1;
     impl->added_by_content[a.content] = a.id;
     // Normalized tokens are matched in normalized text, so their content is normalized too;
     // like `tokenizers`, the token's text (id_to_token, Decode) is then the normalized form.
