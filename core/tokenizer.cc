@@ -218,7 +218,7 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 // Normalizers
 
 struct NormalizerStep {
-  enum Kind { kUnicode, kPrepend, kReplace } kind;
+  enum Kind { kUnicode, kPrepend, kReplace } kind = kUnicode;
   const icu::Normalizer2* unicode = nullptr;  // NFC / NFD / NFKC / NFKD
   std::string text;                           // Prepend: prefix; Replace: replacement
   std::unique_ptr<Regex> pattern;             // Replace
@@ -241,13 +241,17 @@ absl::Status ParseNormalizer(const json::value* v, std::vector<NormalizerStep>* 
   NormalizerStep step;
   UErrorCode err = U_ZERO_ERROR;
   if (type == "NFC") {
-    step = {NormalizerStep::kUnicode, icu::Normalizer2::getNFCInstance(err)};
+    step.kind = NormalizerStep::kUnicode;
+    step.unicode = icu::Normalizer2::getNFCInstance(err);
   } else if (type == "NFD") {
-    step = {NormalizerStep::kUnicode, icu::Normalizer2::getNFDInstance(err)};
+    step.kind = NormalizerStep::kUnicode;
+    step.unicode = icu::Normalizer2::getNFDInstance(err);
   } else if (type == "NFKC") {
-    step = {NormalizerStep::kUnicode, icu::Normalizer2::getNFKCInstance(err)};
+    step.kind = NormalizerStep::kUnicode;
+    step.unicode = icu::Normalizer2::getNFKCInstance(err);
   } else if (type == "NFKD") {
-    step = {NormalizerStep::kUnicode, icu::Normalizer2::getNFKDInstance(err)};
+    step.kind = NormalizerStep::kUnicode;
+    step.unicode = icu::Normalizer2::getNFKDInstance(err);
   } else if (type == "Prepend") {
     step.kind = NormalizerStep::kPrepend;
     step.text = Str(o, "prepend").value_or("");
@@ -686,9 +690,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
       !Field(model, "vocab")->is_object()) {
     return absl::UnimplementedError("model must be BPE with a vocab");
   }
-  if (Field(model, "continuing_subword_prefix") &&
-          !IsNull(Field(model, "continuing_subword_prefix")) ||
-      Field(model, "end_of_word_suffix") && !IsNull(Field(model, "end_of_word_suffix"))) {
+  if (!IsNull(Field(model, "continuing_subword_prefix")) ||
+      !IsNull(Field(model, "end_of_word_suffix"))) {
     return absl::UnimplementedError("BPE continuing_subword_prefix/end_of_word_suffix");
   }
   if (Bool(model, "byte_fallback", false)) return absl::UnimplementedError("BPE byte_fallback");
