@@ -84,14 +84,13 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::SubmitRequest& r
     r.sampling.seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   }
 
-  absl::Duration budget = req.deadline_ms() > 0 ? absl::Milliseconds(req.deadline_ms())
-                                                : default_deadline;
+  absl::Duration budget =
+      req.deadline_ms() > 0 ? absl::Milliseconds(req.deadline_ms()) : default_deadline;
   r.deadline = std::min(now + budget, rpc_deadline);
   return r;
 }
 
-grpc::Status AttentionServiceImpl::Handshake(grpc::ServerContext*,
-                                             const v1::HandshakeRequest* req,
+grpc::Status AttentionServiceImpl::Handshake(grpc::ServerContext*, const v1::HandshakeRequest* req,
                                              v1::HandshakeResponse* resp) {
   if (absl::Status s = CheckPeer(identity_, req->client()); !s.ok()) return ToGrpcStatus(s);
   *resp->mutable_server() = identity_;
@@ -104,9 +103,8 @@ grpc::Status AttentionServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Su
   if (scheduler == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading");
   }
-  absl::StatusOr<GenerationRequest> request =
-      ToGenerationRequest(*req, scheduler->max_context(), absl::Now(),
-                          FromChrono(ctx->deadline()), default_deadline_);
+  absl::StatusOr<GenerationRequest> request = ToGenerationRequest(
+      *req, scheduler->max_context(), absl::Now(), FromChrono(ctx->deadline()), default_deadline_);
   if (!request.ok()) return ToGrpcStatus(request.status());
   if (request->request_id.empty()) request->request_id = absl::StrCat("anon-", next_id_++);
   absl::StatusOr<std::shared_ptr<SequenceStream>> stream = scheduler->Submit(*std::move(request));
@@ -192,9 +190,9 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   s->service_ = std::make_unique<AttentionServiceImpl>(*identity, o.default_deadline);
   ServerOptions server_options = o.server;
   // One sync thread per open Submit stream: room for every running and waiting sequence.
-  server_options.max_sync_threads = std::max<int>(
-      server_options.max_sync_threads,
-      static_cast<int>(o.scheduler.max_batch + o.scheduler.max_waiting + 16));
+  server_options.max_sync_threads =
+      std::max<int>(server_options.max_sync_threads,
+                    static_cast<int>(o.scheduler.max_batch + o.scheduler.max_waiting + 16));
   absl::StatusOr<RunningServer> server = StartGrpcServer(server_options, {s->service_.get()});
   if (!server.ok()) return server.status();
   s->server_ = std::move(server->server);

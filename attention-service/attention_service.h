@@ -37,10 +37,10 @@ struct AttentionServerOptions {
   int metrics_port = -1;       // /metrics on 127.0.0.1 (0 = any free port, -1 = off)
   std::string instance_id = "attention";
   SchedulerOptions scheduler;
-  absl::Duration step_deadline = absl::Seconds(10);   // one MoE dispatch, all shards
-  absl::Duration attempt_timeout = absl::Seconds(3);  // one shard replica, then failover
+  absl::Duration step_deadline = absl::Seconds(10);     // one MoE dispatch, all shards
+  absl::Duration attempt_timeout = absl::Seconds(3);    // one shard replica, then failover
   absl::Duration default_deadline = absl::Minutes(10);  // a Submit without a deadline
-  bool load_progress = false;  // log loading progress
+  bool load_progress = false;                           // log loading progress
 };
 
 // SubmitRequest -> GenerationRequest: checks what needs no model (sampling values, limits),

@@ -13,10 +13,9 @@ absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(int64_t n_block
                                                                  int64_t n_layers,
                                                                  int64_t slot_dim) {
   if (n_blocks <= 0 || block_size <= 0 || n_layers <= 0 || slot_dim <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("KV pool: n_blocks=", n_blocks,
-                                                   " block_size=", block_size, " n_layers=",
-                                                   n_layers, " slot_dim=", slot_dim,
-                                                   " must all be positive"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV pool: n_blocks=", n_blocks, " block_size=", block_size,
+                     " n_layers=", n_layers, " slot_dim=", slot_dim, " must all be positive"));
   }
   if (n_blocks > (int64_t{1} << 31) - 1) {
     return absl::InvalidArgumentError(absl::StrCat("KV pool: too many blocks: ", n_blocks));
@@ -29,8 +28,7 @@ absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(int64_t n_block
   return std::unique_ptr<KvBlockPool>(new KvBlockPool(n_blocks, block_size, n_layers, slot_dim));
 }
 
-KvBlockPool::KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers,
-                         int64_t slot_dim)
+KvBlockPool::KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t slot_dim)
     : n_blocks_(n_blocks),
       block_size_(block_size),
       n_layers_(n_layers),

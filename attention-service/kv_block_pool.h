@@ -23,8 +23,7 @@ namespace expertmesh::attention {
 
 class KvBlockPool {
  public:
-  static absl::StatusOr<std::unique_ptr<KvBlockPool>> Create(int64_t n_blocks,
-                                                             int64_t block_size,
+  static absl::StatusOr<std::unique_ptr<KvBlockPool>> Create(int64_t n_blocks, int64_t block_size,
                                                              int64_t n_layers, int64_t slot_dim);
 
   int64_t block_size() const { return block_size_; }
@@ -45,8 +44,8 @@ class KvBlockPool {
 
   // The slot of (block, layer, offset): slot_dim floats.
   float* Slot(int32_t block, int64_t layer, int64_t offset) {
-    return storage_.data() + ((static_cast<int64_t>(block) * n_layers_ + layer) * block_size_ +
-                              offset) * slot_dim_;
+    return storage_.data() +
+           ((static_cast<int64_t>(block) * n_layers_ + layer) * block_size_ + offset) * slot_dim_;
   }
 
  private:

@@ -14,8 +14,8 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(KvBlockPool* 
   const int64_t n = pool->BlocksFor(capacity_tokens);
   std::optional<std::vector<int32_t>> blocks = pool->Allocate(n);
   if (!blocks.has_value()) {
-    return absl::ResourceExhaustedError(absl::StrCat("KV cache: ", n, " blocks needed, ",
-                                                     pool->free_blocks(), " free"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache: ", n, " blocks needed, ", pool->free_blocks(), " free"));
   }
   return std::unique_ptr<PagedKvCache>(
       new PagedKvCache(pool, std::move(*blocks), n * pool->block_size()));
@@ -23,8 +23,8 @@ absl::StatusOr<std::unique_ptr<PagedKvCache>> PagedKvCache::Create(KvBlockPool* 
 
 absl::Status PagedKvCache::Extend(int64_t n) {
   if (n < 0 || length_ + n > capacity_) {
-    return absl::ResourceExhaustedError(absl::StrCat("KV cache: ", length_, " + ", n,
-                                                     " tokens exceed the reserved ", capacity_));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache: ", length_, " + ", n, " tokens exceed the reserved ", capacity_));
   }
   length_ += n;
   return absl::OkStatus();

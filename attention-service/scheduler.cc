@@ -14,16 +14,15 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
                                                              MetricsRegistry* metrics) {
   if (options.max_batch < 1 || options.max_waiting < 0 || options.prefill_chunk < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "scheduler: max_batch (", options.max_batch, ") and prefill_chunk (",
-        options.prefill_chunk, ") must be >= 1, max_waiting (", options.max_waiting, ") >= 0"));
+        "scheduler: max_batch (", options.max_batch, ") and prefill_chunk (", options.prefill_chunk,
+        ") must be >= 1, max_waiting (", options.max_waiting, ") >= 0"));
   }
   const ModelConfig& c = model->config();
   absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
       KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
                           c.kv_lora_rank + c.qk_rope_head_dim);
   if (!pool.ok()) return pool.status();
-  std::unique_ptr<Scheduler> s(
-      new Scheduler(model, experts, options, metrics, *std::move(pool)));
+  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, *std::move(pool)));
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model, experts, options.engine);
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
@@ -41,20 +40,20 @@ Scheduler::Scheduler(const Model* model, RoutedExperts* experts, const Scheduler
   if (metrics != nullptr) {
     for (FinishReason r : {FinishReason::kStop, FinishReason::kLength, FinishReason::kCancelled,
                            FinishReason::kError}) {
-      requests_finished_[static_cast<int>(r)] = &metrics->GetCounter(
-          "expertmesh_attention_requests_finished_total", "Sequences finished, by reason",
-          {{"reason", FinishReasonName(r)}});
+      requests_finished_[static_cast<int>(r)] =
+          &metrics->GetCounter("expertmesh_attention_requests_finished_total",
+                               "Sequences finished, by reason", {{"reason", FinishReasonName(r)}});
     }
-    generated_tokens_ = &metrics->GetCounter("expertmesh_attention_generated_tokens_total",
-                                             "Tokens sampled");
-    prompt_tokens_ = &metrics->GetCounter("expertmesh_attention_prompt_tokens_total",
-                                          "Prompt tokens prefilled");
-    step_seconds_ = &metrics->GetHistogram("expertmesh_attention_step_seconds",
-                                           "Wall time of one batched forward step",
-                                           LatencyBucketsSeconds());
-    batch_tokens_ = &metrics->GetHistogram("expertmesh_attention_step_tokens",
-                                           "Tokens in one step's batch",
-                                           ExponentialBuckets(1, 2, 14));
+    generated_tokens_ =
+        &metrics->GetCounter("expertmesh_attention_generated_tokens_total", "Tokens sampled");
+    prompt_tokens_ =
+        &metrics->GetCounter("expertmesh_attention_prompt_tokens_total", "Prompt tokens prefilled");
+    step_seconds_ =
+        &metrics->GetHistogram("expertmesh_attention_step_seconds",
+                               "Wall time of one batched forward step", LatencyBucketsSeconds());
+    batch_tokens_ =
+        &metrics->GetHistogram("expertmesh_attention_step_tokens", "Tokens in one step's batch",
+                               ExponentialBuckets(1, 2, 14));
   }
 }
 
@@ -105,10 +104,9 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(GenerationRequ
   if (absl::Status s = Validate(request); !s.ok()) return s;
   const int64_t blocks = pool_->BlocksFor(KvBudget(request));
   if (blocks > pool_->total_blocks()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the sequence needs ", blocks, " KV blocks (prompt ", request.prompt.size(),
-                     " + max_tokens ", request.max_tokens, "); the pool has ",
-                     pool_->total_blocks()));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the sequence needs ", blocks, " KV blocks (prompt ", request.prompt.size(),
+        " + max_tokens ", request.max_tokens, "); the pool has ", pool_->total_blocks()));
   }
   absl::StatusOr<Sampler> sampler = Sampler::Create(request.sampling);
   if (!sampler.ok()) return sampler.status();
@@ -122,9 +120,9 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(GenerationRequ
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return absl::UnavailableError("the attention service is shutting down");
     if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "waiting queue full (", waiting_.size(), " sequences waiting, ", running_count_,
-          " running); retry later"));
+      return absl::ResourceExhaustedError(absl::StrCat("waiting queue full (", waiting_.size(),
+                                                       " sequences waiting, ", running_count_,
+                                                       " running); retry later"));
     }
     if (live_.contains(seq->request.request_id)) {
       return absl::AlreadyExistsError(
@@ -178,16 +176,20 @@ void Scheduler::Shutdown() {
 }
 
 void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
+  seq.stream->Push(FinishEvent(seq, reason, std::move(error)));
+}
+
+SequenceEvent Scheduler::FinishEvent(Sequence& seq, FinishReason reason, absl::Status error) {
   if (seq.cache) seq.cache->Release();  // the KV blocks go back now, not when seq is freed
   SequenceEvent e;
   e.finish = reason;
   e.error = std::move(error);
   e.prompt_tokens = static_cast<int64_t>(seq.request.prompt.size());
   e.completion_tokens = seq.generated;
-  seq.stream->Push(std::move(e));
   if (requests_finished_[static_cast<int>(reason)] != nullptr) {
     requests_finished_[static_cast<int>(reason)]->Inc();
   }
+  return e;
 }
 
 void Scheduler::ReapLocked(std::vector<std::unique_ptr<Sequence>>& finished) {
@@ -197,9 +199,9 @@ void Scheduler::ReapLocked(std::vector<std::unique_ptr<Sequence>>& finished) {
       Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
     } else if (now >= seq->request.deadline) {
       Finish(*seq, FinishReason::kError,
-             absl::DeadlineExceededError(absl::StrCat(
-                 "request ", seq->request.request_id, " passed its deadline after ",
-                 seq->generated, " generated tokens")));
+             absl::DeadlineExceededError(absl::StrCat("request ", seq->request.request_id,
+                                                      " passed its deadline after ", seq->generated,
+                                                      " generated tokens")));
     } else {
       return false;
     }
@@ -272,15 +274,18 @@ void Scheduler::Step() {
     batch_tokens_->Observe(static_cast<double>(n_tokens));
   }
 
-  // 3. Sample, stream, finish.
+  // 3. Sample, stream, finish. Final events are pushed only after the finished sequences
+  // left the batch, so a client that saw its finish also sees the load without it.
   std::vector<bool> done(n_seq, false);
+  std::vector<std::pair<std::shared_ptr<SequenceStream>, SequenceEvent>> finals;
+  auto finish = [&](size_t i, FinishReason reason, absl::Status error) {
+    finals.push_back({running_[i]->stream, FinishEvent(*running_[i], reason, std::move(error))});
+    done[i] = true;
+  };
   if (!out.ok()) {
     spdlog::warn("step over {} sequences ({} tokens) failed: {}", n_seq, n_tokens,
                  out.status().ToString());
-    for (size_t i = 0; i < n_seq; ++i) {
-      Finish(*running_[i], FinishReason::kError, out.status());
-      done[i] = true;
-    }
+    for (size_t i = 0; i < n_seq; ++i) finish(i, FinishReason::kError, out.status());
   } else {
     if (prompt_tokens_ != nullptr) prompt_tokens_->Inc(static_cast<double>(n_prompt));
     const ModelConfig& c = model_->config();
@@ -297,7 +302,8 @@ void Scheduler::Step() {
       if (generated_tokens_ != nullptr) generated_tokens_->Inc();
       SequenceEvent e;
       GeneratedToken g{t.token, t.logprob, {}};
-      for (const TokenLogprob& alt : t.top_logprobs) g.top_logprobs.push_back({alt.token, alt.logprob});
+      for (const TokenLogprob& alt : t.top_logprobs)
+        g.top_logprobs.push_back({alt.token, alt.logprob});
       e.tokens.push_back(std::move(g));
       seq.stream->Push(std::move(e));
 
@@ -311,15 +317,12 @@ void Scheduler::Step() {
                  static_cast<int64_t>(seq.tokens.size()) >= max_context_) {
         reason = FinishReason::kLength;
       }
-      if (reason != FinishReason::kNone) {
-        Finish(seq, reason, absl::OkStatus());
-        done[i] = true;
-      }
+      if (reason != FinishReason::kNone) finish(i, reason, absl::OkStatus());
     }
   }
 
-  // 4. Drop finished sequences.
-  std::lock_guard<std::mutex> lock(mu_);
+  // 4. Drop finished sequences, then tell their clients.
+  std::unique_lock<std::mutex> lock(mu_);
   size_t k = 0;
   for (size_t i = 0; i < n_seq; ++i) {
     if (done[i]) {
@@ -330,6 +333,8 @@ void Scheduler::Step() {
   }
   running_.resize(k);
   running_count_ = static_cast<int64_t>(running_.size());
+  lock.unlock();
+  for (auto& [stream, event] : finals) stream->Push(std::move(event));
 }
 
 }  // namespace expertmesh::attention

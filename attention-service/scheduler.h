@@ -90,9 +90,11 @@ class Scheduler {
   void ReapLocked(std::vector<std::unique_ptr<Sequence>>& finished);
   // Moves waiting sequences into the batch while room and KV blocks allow; caller holds mu_.
   void AdmitLocked();
-  // Runs one forward step over `running_`; returns false when there was nothing to run.
+  // Runs one forward step over `running_`.
   void Step();
+  // Releases the sequence's KV blocks and pushes its final event.
   void Finish(Sequence& seq, FinishReason reason, absl::Status error);
+  SequenceEvent FinishEvent(Sequence& seq, FinishReason reason, absl::Status error);
   int64_t KvBudget(const GenerationRequest& r) const;
 
   const Model* model_;

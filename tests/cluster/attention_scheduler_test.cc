@@ -4,6 +4,7 @@
 // prefilled in chunks, sequences waiting for KV blocks -- produces for each sequence exactly
 // the reference engine's greedy tokens. Cancellation and admission limits free and bound
 // resources as specified.
+#include <filesystem>
 #include <thread>
 
 #include "attention-service/attention_service.h"
@@ -53,7 +54,8 @@ class SchedulerTest : public ::testing::Test {
   static SequenceEvent Drain(SequenceStream& s, std::vector<int32_t>* tokens) {
     while (true) {
       std::optional<SequenceEvent> e = s.Next(absl::Seconds(60));
-      if (!e.has_value()) return SequenceEvent{{}, FinishReason::kError, absl::DeadlineExceededError("no event")};
+      if (!e.has_value())
+        return SequenceEvent{{}, FinishReason::kError, absl::DeadlineExceededError("no event")};
       for (const GeneratedToken& t : e->tokens) tokens->push_back(t.token);
       if (e->finish != FinishReason::kNone) return *e;
     }
@@ -101,9 +103,8 @@ TEST(KvBlockPoolTest, AllocatesAllOrNothingLowestFirstAndFrees) {
 TEST_F(SchedulerTest, PagedCacheGivesBitwiseTheContiguousLogits) {
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model_, experts_.get());
   ASSERT_TRUE(engine.ok());
-  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
-      KvBlockPool::Create(16, 4, config_.num_hidden_layers,
-                          config_.kv_lora_rank + config_.qk_rope_head_dim);
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool = KvBlockPool::Create(
+      16, 4, config_.num_hidden_layers, config_.kv_lora_rank + config_.qk_rope_head_dim);
   ASSERT_TRUE(pool.ok());
   // Take a block first so the sequence's blocks are not 0..n-1 (a real block table).
   std::optional<std::vector<int32_t>> hole = (*pool)->Allocate(1);
@@ -171,8 +172,7 @@ TEST_F(SchedulerTest, ContinuousBatchingReproducesTheReferenceEngine) {
   EXPECT_EQ(load.kv_blocks_used, 0);
   EXPECT_EQ(load.running + load.waiting, 0);
   // Several steps ran with more than one sequence in the batch.
-  EXPECT_NE(metrics.RenderText().find("expertmesh_attention_step_tokens_count"),
-            std::string::npos);
+  EXPECT_NE(metrics.RenderText().find("expertmesh_attention_step_tokens_count"), std::string::npos);
 }
 
 TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
@@ -182,8 +182,7 @@ TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
   absl::StatusOr<std::unique_ptr<Scheduler>> s =
       Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
   ASSERT_TRUE(s.ok());
-  absl::StatusOr<std::shared_ptr<SequenceStream>> st =
-      (*s)->Submit(Greedy("long", {5, 6, 7}, 200));
+  absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(Greedy("long", {5, 6, 7}, 200));
   ASSERT_TRUE(st.ok());
   // First token: the sequence is running and holds its blocks (3 + 200 tokens -> 51 blocks).
   std::optional<SequenceEvent> first = (*st)->Next(absl::Seconds(60));
@@ -213,13 +212,15 @@ TEST_F(SchedulerTest, RejectsWhatCannotFitAndBoundsTheQueue) {
   // A holds every block once running; B waits; C finds the queue full.
   absl::StatusOr<std::shared_ptr<SequenceStream>> a = (*s)->Submit(Greedy("a", {5, 6}, 14));
   ASSERT_TRUE(a.ok());
-  ASSERT_TRUE((*a)->Next(absl::Seconds(60)).has_value());  // A is running now
+  std::vector<int32_t> ta, tb;
+  std::optional<SequenceEvent> a_first = (*a)->Next(absl::Seconds(60));  // A is running now
+  ASSERT_TRUE(a_first.has_value());
+  for (const GeneratedToken& t : a_first->tokens) ta.push_back(t.token);
   absl::StatusOr<std::shared_ptr<SequenceStream>> b = (*s)->Submit(Greedy("b", {5, 6}, 14));
   ASSERT_TRUE(b.ok());
   EXPECT_EQ((*s)->Submit(Greedy("b", {5}, 2)).status().code(),
             absl::StatusCode::kResourceExhausted);  // queue full (checked before duplicates)
   EXPECT_EQ((*s)->Load().waiting, 1);
-  std::vector<int32_t> ta, tb;
   EXPECT_EQ(Drain(**a, &ta).finish, FinishReason::kLength);
   EXPECT_EQ(Drain(**b, &tb).finish, FinishReason::kLength);
   EXPECT_EQ(ta, tb);  // same prompt, greedy: same tokens, whenever it ran
@@ -234,8 +235,7 @@ TEST_F(SchedulerTest, ValidatesAgainstTheModel) {
   EXPECT_EQ(code(Greedy("e", {}, 4)), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(Greedy("v", {5, 320}, 4)), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(Greedy("n", {5, -1}, 4)), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(Greedy("c", std::vector<int32_t>(256, 5), 4)),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(Greedy("c", std::vector<int32_t>(256, 5), 4)), absl::StatusCode::kInvalidArgument);
   GenerationRequest r = Greedy("t", {5}, 4);
   r.sampling.top_p = 1.5f;
   EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
@@ -259,9 +259,9 @@ TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
   EXPECT_EQ(r->deadline, now + absl::Seconds(30));
   ok.set_deadline_ms(500);
   EXPECT_EQ(convert(ok)->deadline, now + absl::Milliseconds(500));
-  EXPECT_EQ(ToGenerationRequest(ok, 256, now, now + absl::Milliseconds(100), absl::Seconds(30))
-                ->deadline,
-            now + absl::Milliseconds(100));  // the RPC deadline is earlier
+  EXPECT_EQ(
+      ToGenerationRequest(ok, 256, now, now + absl::Milliseconds(100), absl::Seconds(30))->deadline,
+      now + absl::Milliseconds(100));  // the RPC deadline is earlier
 
   auto bad = [&](auto mutate) {
     v1::SubmitRequest b = ok;
@@ -274,8 +274,7 @@ TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
               for (int i = 0; i < 300; ++i) b.add_prompt_token_ids(5);
             }),
             kInvalid);
-  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_temperature(-1); }),
-            kInvalid);
+  EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_temperature(-1); }), kInvalid);
   EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_temperature(NAN); }),
             kInvalid);
   EXPECT_EQ(bad([](v1::SubmitRequest& b) { b.mutable_sampling()->set_top_p(1.01f); }), kInvalid);

@@ -24,8 +24,7 @@ std::vector<std::vector<int32_t>> MakePrompts(int n, int max_len, int vocab, uin
 // Greedy continuations (max_tokens each, EOS ignored) by the reference engine with every
 // expert local: each prompt run alone, prefilled at once, then decoded token by token.
 absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
-    const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts,
-    int max_tokens);
+    const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts, int max_tokens);
 
 struct SubmitResult {
   grpc::Status status;

@@ -95,14 +95,16 @@ int RunStatus(const std::string& router, int timeout_ms) {
     return 1;
   }
   const v1::PlacementMap& map = resp.placement();
-  std::printf("model %s, placement map version %llu: %d layers x %d routed experts, %d shard "
-              "group(s)\n",
-              resp.model_name().c_str(), static_cast<unsigned long long>(map.version()),
-              map.n_layers(), map.n_routed_experts(), map.shards_size());
+  std::printf(
+      "model %s, placement map version %llu: %d layers x %d routed experts, %d shard "
+      "group(s)\n",
+      resp.model_name().c_str(), static_cast<unsigned long long>(map.version()), map.n_layers(),
+      map.n_routed_experts(), map.shards_size());
   std::map<int32_t, uint64_t> tokens_per_shard;
   std::map<std::pair<int32_t, int32_t>, int32_t> shard_of;
   for (const v1::ShardGroup& g : map.shards()) {
-    for (const v1::LayerExpert& le : g.experts()) shard_of[{le.layer(), le.expert()}] = g.shard_id();
+    for (const v1::LayerExpert& le : g.experts())
+      shard_of[{le.layer(), le.expert()}] = g.shard_id();
   }
   for (const v1::LayerExpertLoad& l : resp.expert_load()) {
     auto it = shard_of.find({l.layer(), l.expert()});
@@ -111,11 +113,12 @@ int RunStatus(const std::string& router, int timeout_ms) {
   for (const v1::ShardGroup& g : map.shards()) {
     int healthy = 0;
     for (const v1::ShardReplica& r : g.replicas()) healthy += r.healthy() ? 1 : 0;
-    std::printf("shard %d: %d (layer, expert) pairs, %d/%d replica(s) healthy, %llu routed "
-                "tokens%s\n",
-                g.shard_id(), g.experts_size(), healthy, g.replicas_size(),
-                static_cast<unsigned long long>(tokens_per_shard[g.shard_id()]),
-                healthy == 0 ? "  << NO LIVE REPLICA" : "");
+    std::printf(
+        "shard %d: %d (layer, expert) pairs, %d/%d replica(s) healthy, %llu routed "
+        "tokens%s\n",
+        g.shard_id(), g.experts_size(), healthy, g.replicas_size(),
+        static_cast<unsigned long long>(tokens_per_shard[g.shard_id()]),
+        healthy == 0 ? "  << NO LIVE REPLICA" : "");
     for (const v1::ShardReplica& r : g.replicas()) {
       std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago\n",
                   r.replica_id().c_str(), r.address().c_str(),

@@ -47,10 +47,9 @@ absl::Status WaitServing(const std::string& address, absl::Duration timeout,
   absl::Status last = absl::UnavailableError("not asked yet");
   while (absl::Now() < end) {
     if (process != nullptr && !process->Running()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(process->spec().name, " ", process->ExitDescription(),
-                       " before serving; its log ends with:\n",
-                       TailOfFile(process->spec().log_path)));
+      return absl::FailedPreconditionError(absl::StrCat(
+          process->spec().name, " ", process->ExitDescription(),
+          " before serving; its log ends with:\n", TailOfFile(process->spec().log_path)));
     }
     absl::StatusOr<bool> serving = CheckHealth(*channel, "", absl::Milliseconds(500));
     if (serving.ok() && *serving) return absl::OkStatus();
@@ -59,8 +58,8 @@ absl::Status WaitServing(const std::string& address, absl::Duration timeout,
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return absl::DeadlineExceededError(absl::StrCat(address, " not SERVING within ",
-                                                  absl::FormatDuration(timeout), " (last: ",
-                                                  last.ToString(), ")"));
+                                                  absl::FormatDuration(timeout),
+                                                  " (last: ", last.ToString(), ")"));
 }
 
 absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& options) {
@@ -105,11 +104,11 @@ absl::StatusOr<Cluster::Member> Cluster::StartService(const std::string& name,
 }
 
 std::vector<std::string> Cluster::ExpertArgs(int shard, int port, int metrics_port) const {
-  std::vector<std::string> args = {"--model",       options_.model_dir,
-                                   "--shard-id",    std::to_string(shard),
-                                   "--num-shards",  std::to_string(options_.shards),
-                                   "--listen",      absl::StrCat(options_.host, ":", port),
-                                   "--router",      router_.grpc_address,
+  std::vector<std::string> args = {"--model",        options_.model_dir,
+                                   "--shard-id",     std::to_string(shard),
+                                   "--num-shards",   std::to_string(options_.shards),
+                                   "--listen",       absl::StrCat(options_.host, ":", port),
+                                   "--router",       router_.grpc_address,
                                    "--metrics-port", std::to_string(metrics_port)};
   args.insert(args.end(), options_.extra_expert_args.begin(), options_.extra_expert_args.end());
   return args;
@@ -178,17 +177,26 @@ absl::Status Cluster::StartAll() {
     absl::StatusOr<int> port = PickFreePort();
     absl::StatusOr<int> mport = PickFreePort();
     if (!port.ok() || !mport.ok()) return absl::UnavailableError("no free port");
-    std::vector<std::string> args = {
-        "--model",          options_.model_dir,
-        "--router",         router_.grpc_address,
-        "--listen",         absl::StrCat(options_.host, ":", *port),
-        "--metrics-port",   std::to_string(*mport),
-        "--kv-blocks",      std::to_string(options_.kv_blocks),
-        "--kv-block-size",  std::to_string(options_.kv_block_size),
-        "--max-batch",      std::to_string(options_.max_batch),
-        "--max-waiting",    std::to_string(options_.max_waiting),
-        "--prefill-chunk",  std::to_string(options_.prefill_chunk),
-        "--step-deadline-ms", std::to_string(options_.step_deadline_ms)};
+    std::vector<std::string> args = {"--model",
+                                     options_.model_dir,
+                                     "--router",
+                                     router_.grpc_address,
+                                     "--listen",
+                                     absl::StrCat(options_.host, ":", *port),
+                                     "--metrics-port",
+                                     std::to_string(*mport),
+                                     "--kv-blocks",
+                                     std::to_string(options_.kv_blocks),
+                                     "--kv-block-size",
+                                     std::to_string(options_.kv_block_size),
+                                     "--max-batch",
+                                     std::to_string(options_.max_batch),
+                                     "--max-waiting",
+                                     std::to_string(options_.max_waiting),
+                                     "--prefill-chunk",
+                                     std::to_string(options_.prefill_chunk),
+                                     "--step-deadline-ms",
+                                     std::to_string(options_.step_deadline_ms)};
     args.insert(args.end(), options_.extra_attention_args.begin(),
                 options_.extra_attention_args.end());
     absl::StatusOr<Member> m = StartService("attention-service", *bin, args, *port, *mport);
@@ -197,8 +205,8 @@ absl::Status Cluster::StartAll() {
     attention_process_ = std::move(m->process);
   }
   for (auto& [key, member] : experts_) {
-    absl::Status s = WaitServing(member.endpoint.grpc_address, options_.ready_timeout,
-                                 member.process.get());
+    absl::Status s =
+        WaitServing(member.endpoint.grpc_address, options_.ready_timeout, member.process.get());
     if (!s.ok()) return s;
   }
   {

@@ -117,8 +117,8 @@ absl::Status ChildProcess::Stop(absl::Duration grace) {
   if (!Running()) return absl::OkStatus();
   kill(pid_, SIGTERM);
   if (!WaitFor(grace)) {
-    spdlog::warn("{} (pid {}) did not exit within {} of SIGTERM; sending SIGKILL", spec_.name,
-                 pid_, absl::FormatDuration(grace));
+    spdlog::warn("{} (pid {}) did not exit within {} of SIGTERM; sending SIGKILL", spec_.name, pid_,
+                 absl::FormatDuration(grace));
     kill(pid_, SIGKILL);
     WaitFor(absl::InfiniteDuration());
     return absl::DeadlineExceededError(

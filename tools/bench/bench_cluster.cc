@@ -1,0 +1,274 @@
+// expertmesh-bench-cluster: decode throughput of the distributed cluster and of the
+// in-process reference engine on the same model, at batch 1 and batch 32 (or --batches), and
+// the per-MoE-layer dispatch latency (p50 / p99) the attention service measured while the
+// cluster decoded -- all in one run.
+//
+// In-process: one Engine with every expert local; B sequences prefilled, then decoded in
+// lock-step batches of B; decode tokens/s = B * steps / time.
+// Cluster: `expertmesh up`'s launcher starts router, shards x replicas expert services and the
+// attention service as processes on loopback; B concurrent greedy Submits; per stream the
+// decode rate is (tokens - 1) / (last token time - first token time); the cluster's rate is
+// their sum. Dispatch latency: the attention service's expertmesh_dispatch_latency_seconds
+// histogram, read from /metrics before and after each batch size, the difference's
+// quantiles (linear interpolation inside the bucket, as Prometheus does).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "core/config.h"
+#include "core/engine.h"
+#include "core/local_experts.h"
+#include "core/model.h"
+#include "core/safetensors.h"
+#include "core/sampling.h"
+#include "expertmesh/v1/attention.grpc.pb.h"
+#include "service-common/grpc_util.h"
+#include "service-common/metrics_http.h"
+#include "spdlog/spdlog.h"
+#include "tools/launcher/cluster.h"
+
+namespace expertmesh {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::vector<std::vector<int32_t>> Prompts(int n, int len, int64_t vocab) {
+  Rng rng(1234);
+  std::vector<std::vector<int32_t>> out(n);
+  for (auto& p : out) {
+    for (int j = 0; j < len; ++j) p.push_back(2 + static_cast<int32_t>(rng.Next() % (vocab - 2)));
+  }
+  return out;
+}
+
+// decode tokens/s of the in-process engine at batch b.
+absl::StatusOr<double> InProcessDecode(const Model& model, RoutedExperts* experts, int b,
+                                       int prompt_len, int decode_tokens) {
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(model, experts);
+  if (!engine.ok()) return engine.status();
+  std::vector<std::vector<int32_t>> prompts = Prompts(b, prompt_len, model.config().vocab_size);
+  std::vector<std::unique_ptr<ContiguousKvCache>> caches;
+  std::vector<SequenceInput> batch(b);
+  for (int i = 0; i < b; ++i) {
+    caches.push_back((*engine)->NewCache());
+    batch[i] = SequenceInput{prompts[i], caches.back().get(), false};
+  }
+  std::vector<std::vector<int32_t>> next(b);
+  absl::StatusOr<std::vector<SequenceOutput>> out = (*engine)->Forward(batch);  // prefill
+  if (!out.ok()) return out.status();
+  const auto start = Clock::now();
+  for (int step = 0; step < decode_tokens; ++step) {
+    for (int i = 0; i < b; ++i) {
+      next[i] = {Argmax((*out)[i].logits)};
+      batch[i].tokens = next[i];
+    }
+    out = (*engine)->Forward(batch);
+    if (!out.ok()) return out.status();
+  }
+  const double s = std::chrono::duration<double>(Clock::now() - start).count();
+  return b * decode_tokens / s;
+}
+
+// Cumulative bucket counts per layer of the dispatch histogram: layer -> (le -> count).
+using Buckets = std::map<int, std::map<double, double>>;
+
+absl::StatusOr<Buckets> ScrapeDispatch(int metrics_port) {
+  absl::StatusOr<std::string> text = HttpGet("127.0.0.1", metrics_port, "/metrics");
+  if (!text.ok()) return text.status();
+  Buckets out;
+  const std::string prefix = "expertmesh_dispatch_latency_seconds_bucket{";
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    if (!absl::StartsWith(line, prefix)) continue;
+    // ..._bucket{layer="3",le="0.001"} 17
+    const size_t close = line.find('}');
+    const std::string labels(line.substr(prefix.size(), close - prefix.size()));
+    int layer = -1;
+    double le = 0, count = 0;
+    for (absl::string_view kv : absl::StrSplit(labels, ',')) {
+      std::pair<std::string, std::string> p = absl::StrSplit(kv, '=');
+      std::string v = p.second;
+      v.erase(std::remove(v.begin(), v.end(), '"'), v.end());
+      if (p.first == "layer") (void)absl::SimpleAtoi(v, &layer);
+      if (p.first == "le") le = v == "+Inf" ? 1e30 : std::stod(v);
+    }
+    (void)absl::SimpleAtod(line.substr(close + 2), &count);
+    out[layer][le] = count;
+  }
+  return out;
+}
+
+// Quantile q of the difference after - before, per layer; linear inside the bucket.
+double Quantile(const std::map<double, double>& before, const std::map<double, double>& after,
+                double q) {
+  std::vector<std::pair<double, double>> cum;  // (le, cumulative count)
+  for (const auto& [le, c] : after) {
+    auto it = before.find(le);
+    cum.push_back({le, c - (it == before.end() ? 0.0 : it->second)});
+  }
+  if (cum.empty() || cum.back().second <= 0) return 0.0;
+  const double rank = q * cum.back().second;
+  double prev_le = 0, prev_c = 0;
+  for (const auto& [le, c] : cum) {
+    if (c >= rank) {
+      if (le >= 1e30) return prev_le;
+      return prev_le + (le - prev_le) * (c > prev_c ? (rank - prev_c) / (c - prev_c) : 0.0);
+    }
+    prev_le = le;
+    prev_c = c;
+  }
+  return prev_le;
+}
+
+struct ClusterRun {
+  double decode_tokens_per_s = 0;
+  int64_t tokens = 0;
+};
+
+absl::StatusOr<ClusterRun> ClusterDecode(const launcher::Cluster& cluster, int b, int prompt_len,
+                                         int decode_tokens, int64_t vocab) {
+  auto stub = v1::AttentionService::NewStub(MakeChannel(cluster.attention().grpc_address));
+  std::vector<std::vector<int32_t>> prompts = Prompts(b, prompt_len, vocab);
+  std::vector<double> rate(b, 0.0);
+  std::vector<int64_t> count(b, 0);
+  std::vector<std::string> errors(b);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < b; ++i) {
+    threads.emplace_back([&, i] {
+      v1::SubmitRequest r;
+      r.set_request_id("bench-" + std::to_string(b) + "-" + std::to_string(i));
+      for (int32_t t : prompts[i]) r.add_prompt_token_ids(t);
+      r.set_max_tokens(static_cast<uint32_t>(decode_tokens + 1));
+      r.set_ignore_eos(true);
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(30));
+      auto reader = stub->Submit(&ctx, r);
+      v1::TokenEvent e;
+      Clock::time_point first, last;
+      while (reader->Read(&e)) {
+        last = Clock::now();
+        if (count[i] == 0) first = last;
+        count[i] += e.token_ids_size();
+      }
+      const grpc::Status s = reader->Finish();
+      if (!s.ok()) errors[i] = s.error_message();
+      const double secs = std::chrono::duration<double>(last - first).count();
+      if (count[i] > 1 && secs > 0) rate[i] = (count[i] - 1) / secs;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ClusterRun run;
+  for (int i = 0; i < b; ++i) {
+    if (!errors[i].empty())
+      return absl::InternalError("stream " + std::to_string(i) + ": " + errors[i]);
+    run.decode_tokens_per_s += rate[i];
+    run.tokens += count[i];
+  }
+  return run;
+}
+
+int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
+        int prompt_len, int decode_tokens) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
+  if (!config.ok()) {
+    spdlog::error("{}", config.status().ToString());
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
+  if (!ckpt.ok()) {
+    spdlog::error("{}", ckpt.status().ToString());
+    return 1;
+  }
+  ModelLoadOptions load;
+  load.load_mtp = false;
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config, load);
+  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
+  if (!model.ok() || !experts.ok()) {
+    spdlog::error("loading {} failed", model_dir);
+    return 1;
+  }
+  std::printf("model %s: hidden %lld, %lld layers (%lld dense), %lld routed experts, top-%lld\n",
+              model_dir.c_str(), static_cast<long long>(config->hidden_size),
+              static_cast<long long>(config->num_hidden_layers),
+              static_cast<long long>(config->first_k_dense_replace),
+              static_cast<long long>(config->n_routed_experts),
+              static_cast<long long>(config->num_experts_per_tok));
+  std::map<int, double> in_process;
+  for (int b : batches) {
+    absl::StatusOr<double> r =
+        InProcessDecode(**model, experts->get(), b, prompt_len, decode_tokens);
+    if (!r.ok()) {
+      spdlog::error("{}", r.status().ToString());
+      return 1;
+    }
+    in_process[b] = *r;
+  }
+
+  launcher::ClusterOptions o;
+  o.model_dir = model_dir;
+  o.shards = shards;
+  o.replicas = replicas;
+  o.max_batch = *std::max_element(batches.begin(), batches.end());
+  o.kv_blocks = 4096;
+  o.step_deadline_ms = 30000;
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
+  if (!cluster.ok()) {
+    spdlog::error("{}", cluster.status().ToString());
+    return 1;
+  }
+  std::printf("cluster: router + %d shard group(s) x %d replica(s) + attention service\n", shards,
+              replicas);
+  std::printf("%-6s %-22s %-22s %s\n", "batch", "in-process tok/s", "cluster tok/s",
+              "dispatch latency per MoE layer (p50 / p99 ms)");
+  for (int b : batches) {
+    absl::StatusOr<Buckets> before = ScrapeDispatch((*cluster)->attention().metrics_port);
+    absl::StatusOr<ClusterRun> run =
+        ClusterDecode(**cluster, b, prompt_len, decode_tokens, config->vocab_size);
+    absl::StatusOr<Buckets> after = ScrapeDispatch((*cluster)->attention().metrics_port);
+    if (!run.ok() || !before.ok() || !after.ok()) {
+      spdlog::error("cluster run at batch {} failed: {}", b,
+                    !run.ok() ? run.status().ToString() : "metrics unreadable");
+      return 1;
+    }
+    std::string lat;
+    for (const auto& [layer, buckets] : *after) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "L%d %.2f/%.2f  ", layer,
+                    1e3 * Quantile((*before)[layer], buckets, 0.5),
+                    1e3 * Quantile((*before)[layer], buckets, 0.99));
+      lat += buf;
+    }
+    std::printf("%-6d %-22.1f %-22.1f %s\n", b, in_process[b], run->decode_tokens_per_s,
+                lat.c_str());
+    std::fflush(stdout);
+  }
+  return (*cluster)->Stop().ok() ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace expertmesh
+
+int main(int argc, char** argv) {
+  CLI::App app{"Decode tokens/s of the cluster and the in-process engine; MoE dispatch latency"};
+  std::string model;
+  int shards = 2, replicas = 1, prompt_len = 16, decode_tokens = 64;
+  std::vector<int> batches = {1, 32};
+  app.add_option("--model", model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--shards", shards, "Shard groups")->capture_default_str();
+  app.add_option("--replicas", replicas, "Replicas per shard group")->capture_default_str();
+  app.add_option("--batches", batches, "Batch sizes")->capture_default_str();
+  app.add_option("--prompt-len", prompt_len, "Prompt tokens per sequence")->capture_default_str();
+  app.add_option("--decode-tokens", decode_tokens, "Decode steps measured")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens);
+}
