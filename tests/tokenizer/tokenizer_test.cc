@@ -253,7 +253,9 @@ TEST_P(TokenizerGoldenTest, ArbitraryBytesEncodeSafely) {
     for (int32_t id : *ids) {
       ASSERT_TRUE(id >= 0 && id < tokenizer_->vocab_size());
     }
-    if (lossless) ASSERT_EQ(tokenizer_->Decode(*ids, false), text) << "trial " << trial;
+    if (lossless) {
+      ASSERT_EQ(tokenizer_->Decode(*ids, false), text) << "trial " << trial;
+    }
   }
   EXPECT_GT(valid, 100);  // both outcomes are exercised
 }
