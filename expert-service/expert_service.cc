@@ -237,6 +237,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   ServerOptions server = o.server;
   server.max_message_bytes = static_cast<int>(
       std::min<uint64_t>(o.limits.max_request_bytes * 2 + (1 << 20), (1u << 31) - 1));
+  server.health_service_names.push_back(v1::ExpertService::service_full_name());
   es->service_ = std::make_unique<ExpertServiceImpl>(es->config_, *identity, o.limits, o.metrics);
   absl::StatusOr<RunningServer> running = StartGrpcServer(server, {es->service_.get()});
   if (!running.ok()) return running.status();

@@ -138,7 +138,9 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(Placement plac
   std::unique_ptr<RouterServer> rs(new RouterServer());
   const absl::Duration sweep = options.membership.heartbeat_interval / 2;
   rs->service_ = std::make_unique<RouterServiceImpl>(std::move(placement), options);
-  absl::StatusOr<RunningServer> running = StartGrpcServer(options.server, {rs->service_.get()});
+  ServerOptions server = options.server;
+  server.health_service_names.push_back(v1::RouterService::service_full_name());
+  absl::StatusOr<RunningServer> running = StartGrpcServer(server, {rs->service_.get()});
   if (!running.ok()) return running.status();
   rs->server_ = std::move(running->server);
   rs->port_ = running->port;

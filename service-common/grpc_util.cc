@@ -53,6 +53,11 @@ absl::StatusOr<RunningServer> StartGrpcServer(const ServerOptions& options,
   if (!running.server || running.port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  if (grpc::HealthCheckServiceInterface* health = running.server->GetHealthCheckService()) {
+    for (const std::string& name : options.health_service_names) {
+      health->SetServingStatus(name, false);  // registers the name
+    }
+  }
   SetServing(*running.server, false);
   return running;
 }

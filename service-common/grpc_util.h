@@ -31,6 +31,9 @@ struct ServerOptions {
   int max_message_bytes = kDefaultMaxMessageBytes;
   bool reflection = true;
   int max_sync_threads = 64;  // bounds the sync-API thread pool (one per open stream)
+  // Service names grpc.health.v1 also answers for (besides "" = the whole server), e.g.
+  // v1::ExpertService::service_full_name(); each follows SetServing().
+  std::vector<std::string> health_service_names;
 };
 
 struct RunningServer {

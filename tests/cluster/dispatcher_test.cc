@@ -129,7 +129,8 @@ TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
   }
   // Against LocalExperts with every expert in one call (float sum, no BF16 hop): the only
   // difference is the BF16 rounding of each shard's partial sum, at most 2^-9 relative per
-  // partial. Measured max |diff| / max|ref| over these batches: ~1.5e-3; tolerance 2^-8.
+  // partial (2^-9 ~ 2.0e-3). Measured max |diff| / max|ref| over these batches: 3.0e-3
+  // (two partials rounded); tolerance 2^-7 ~ 7.8e-3.
   double worst = 0;
   for (int layer : {1, 2, 3}) {
     const Batch b = RandomBatch(config_, 16, 7 + layer);
@@ -145,7 +146,7 @@ TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
     worst = std::max(worst, diff_max / ref_max);
   }
   RecordProperty("max_rel_diff_vs_unsharded", std::to_string(worst));
-  EXPECT_LE(worst, 1.0 / 256) << "measured " << worst;
+  EXPECT_LE(worst, 1.0 / 128) << "measured " << worst;
   std::printf("dispatcher vs unsharded LocalExperts: max |diff|/max|ref| = %.3g\n", worst);
 
   const std::string text = metrics_.RenderText();

@@ -178,8 +178,7 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
   ExpectError(with([](auto& r) { r.set_n_rows(7); }), C::kInvalidArgument, "activations hold");
   ExpectError(with([](auto& r) { r.mutable_row_offsets()->RemoveLast(); }), C::kInvalidArgument,
               "row_offsets has");
-  ExpectError(with([](auto& r) { r.set_row_offsets(0, 1); }), C::kInvalidArgument,
-              "start at 0");
+  ExpectError(with([](auto& r) { r.set_row_offsets(0, 1); }), C::kInvalidArgument, "start at 0");
   ExpectError(with([](auto& r) { r.set_row_offsets(6, r.experts_size() - 1); }),
               C::kInvalidArgument, "end at the number");
   {
@@ -200,10 +199,10 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
   ExpectError(with([&](auto& r) { set_scale(r, 2, inf); }), C::kInvalidArgument, "scale 2");
   ExpectError(with([&](auto& r) { set_scale(r, 0, -1.0f); }), C::kInvalidArgument, "scale 0");
   ExpectError(with([&](auto& r) { set_scale(r, 0, 0.0f); }), C::kInvalidArgument, "scale 0");
-  ExpectError(with([](auto& r) { (*r.mutable_activations())[17] = '\x7f'; }),
-              C::kInvalidArgument, "activation 17 is NaN");
-  ExpectError(with([](auto& r) { (*r.mutable_activations())[18] = '\xff'; }),
-              C::kInvalidArgument, "activation 18 is NaN");
+  ExpectError(with([](auto& r) { (*r.mutable_activations())[17] = '\x7f'; }), C::kInvalidArgument,
+              "activation 17 is NaN");
+  ExpectError(with([](auto& r) { (*r.mutable_activations())[18] = '\xff'; }), C::kInvalidArgument,
+              "activation 18 is NaN");
   // Experts out of order / repeated / too many within one row.
   v1::ExpertRequest order = ok;
   int row = -1;  // a row with at least two pairs
@@ -271,9 +270,8 @@ TEST_F(ExpertServiceTest, MapsExactlyItsShareOfTheCheckpoint) {
     for (const LayerExpert& le : placement_->ExpertsOf(shard)) {
       for (const std::string proj : {"gate_proj", "up_proj", "down_proj"}) {
         for (const std::string suffix : {".weight", ".weight_scale_inv"}) {
-          const TensorInfo* t = (*ckpt)->Info(absl::StrCat("model.layers.", le.layer,
-                                                           ".mlp.experts.", le.expert, ".", proj,
-                                                           suffix));
+          const TensorInfo* t = (*ckpt)->Info(absl::StrCat(
+              "model.layers.", le.layer, ".mlp.experts.", le.expert, ".", proj, suffix));
           EXPECT_NE(t, nullptr);
           if (t) bytes += t->end - t->begin;
         }

@@ -29,13 +29,15 @@ TEST(MetricsTest, TextExposition) {
             std::string::npos);
   EXPECT_NE(text.find("em_requests_total{code=\"OK\"} 3\n"), std::string::npos) << text;
   EXPECT_NE(text.find("em_requests_total{code=\"INVALID_ARGUMENT\"} 1\n"), std::string::npos);
-  EXPECT_NE(text.find("# HELP em_queue Queue \"length\"\\nnow\n# TYPE em_queue gauge\nem_queue -3.5\n"),
-            std::string::npos)
+  EXPECT_NE(
+      text.find("# HELP em_queue Queue \"length\"\\nnow\n# TYPE em_queue gauge\nem_queue -3.5\n"),
+      std::string::npos)
       << text;
   EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"0.10000000000000001\"} 2\n"),
             std::string::npos)
       << text;
-  EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"1\"} 3\n"), std::string::npos);
+  EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"1\"} 3\n"),
+            std::string::npos);
   EXPECT_NE(text.find("em_latency_seconds_bucket{layer=\"a\\\"b\",le=\"+Inf\"} 4\n"),
             std::string::npos);
   EXPECT_NE(text.find("em_latency_seconds_sum{layer=\"a\\\"b\"} 7.6500000000000004\n"),
@@ -60,7 +62,7 @@ TEST(MetricsTest, CountersIgnoreNegativeIncrementsAndCollectorsRunAtScrape) {
 
 TEST(MetricsTest, HistogramQuantileInterpolatesWithinBuckets) {
   Histogram h({1.0, 2.0, 4.0});
-  EXPECT_EQ(h.Quantile(0.5), 0.0);  // empty
+  EXPECT_EQ(h.Quantile(0.5), 0.0);              // empty
   for (int i = 0; i < 10; ++i) h.Observe(1.5);  // all in (1, 2]
   EXPECT_DOUBLE_EQ(h.Quantile(0.5), 1.5);
   EXPECT_DOUBLE_EQ(h.Quantile(1.0), 2.0);
@@ -122,9 +124,15 @@ class EmptyRouter final : public v1::RouterService::Service {};
 
 TEST(GrpcUtilTest, HealthIsNotServingUntilSetAndReflectsChanges) {
   EmptyRouter service;
-  absl::StatusOr<RunningServer> server = StartGrpcServer(ServerOptions{}, {&service});
+  ServerOptions options;
+  options.health_service_names = {v1::RouterService::service_full_name()};
+  absl::StatusOr<RunningServer> server = StartGrpcServer(options, {&service});
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_GT(server->port, 0);
+  absl::StatusOr<bool> named = CheckHealth(*MakeChannel(LoopbackAddress(server->port)),
+                                           "expertmesh.v1.RouterService", absl::Seconds(5));
+  ASSERT_TRUE(named.ok()) << named.status();
+  EXPECT_FALSE(*named);
   auto channel = MakeChannel(LoopbackAddress(server->port));
   absl::StatusOr<bool> serving = CheckHealth(*channel, "", absl::Seconds(5));
   ASSERT_TRUE(serving.ok()) << serving.status();

@@ -15,7 +15,8 @@ namespace {
 
 QuantizedActivations MakeActivations(int64_t n_rows, int64_t dim) {
   std::vector<float> x(n_rows * dim);
-  for (int64_t i = 0; i < n_rows * dim; ++i) x[i] = 0.01f * static_cast<float>((i * 37) % 201 - 100);
+  for (int64_t i = 0; i < n_rows * dim; ++i)
+    x[i] = 0.01f * static_cast<float>((i * 37) % 201 - 100);
   return QuantizeActivations(x, n_rows, dim);
 }
 
