@@ -87,26 +87,38 @@ absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const Ex
           "experts: expert %d of layer %d is not held here", routes.experts[p], layer));
     }
   }
-  std::fill(out.begin(), out.end(), 0.0f);
-  std::vector<float> y(D);
-  const int64_t inter = experts_.empty() ? 0 : experts_.begin()->second.gate_proj.out_features;
-  std::vector<float> gate(inter), up(inter);
+  // Rows grouped by expert, experts in ascending order: each row still adds its experts'
+  // outputs in ascending expert order, and each row is computed alone (Linear::Forward).
+  std::map<int32_t, std::vector<std::pair<int64_t, float>>> by_expert;  // expert -> (row, w)
   for (int64_t r = 0; r < n_rows; ++r) {
-    // Pairs in ascending expert order, whatever order the caller listed them in.
-    std::vector<std::pair<int32_t, float>> pairs;
     for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
-      pairs.emplace_back(routes.experts[p], routes.weights[p]);
+      by_expert[routes.experts[p]].emplace_back(r, routes.weights[p]);
     }
-    std::sort(pairs.begin(), pairs.end());
-    for (auto [expert, weight] : pairs) {
-      const MlpWeights& w = experts_.at(LayerExpert{layer, expert});
-      // gate_proj / up_proj take x as given: Run() hands over the FP8 values exactly.
-      w.gate_proj.Forward(x.data() + r * D, 1, gate.data(), /*quantize_activations=*/false);
-      w.up_proj.Forward(x.data() + r * D, 1, up.data(), /*quantize_activations=*/false);
-      for (int64_t i = 0; i < inter; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-      if (options_.quantize_activations) FakeQuantizeActivations(gate, 1, inter);
-      w.down_proj.Forward(gate.data(), 1, y.data(), /*quantize_activations=*/false);
-      for (int64_t i = 0; i < D; ++i) out[r * D + i] += weight * y[i];
+  }
+  std::fill(out.begin(), out.end(), 0.0f);
+  std::vector<float> xs, gate, up, y;
+  for (const auto& [expert, rows] : by_expert) {
+    const MlpWeights& w = experts_.at(LayerExpert{layer, expert});
+    const int64_t m = std::ssize(rows);
+    const int64_t inter = w.gate_proj.out_features;
+    xs.resize(m * D);
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy_n(x.data() + rows[i].first * D, D, xs.data() + i * D);
+    }
+    gate.resize(m * inter);
+    up.resize(m * inter);
+    y.resize(m * D);
+    // gate_proj / up_proj take x as given: Run() hands over the FP8 values exactly.
+    w.gate_proj.Forward(xs.data(), m, gate.data(), /*quantize_activations=*/false);
+    w.up_proj.Forward(xs.data(), m, up.data(), /*quantize_activations=*/false);
+    for (int64_t i = 0; i < m * inter; ++i) {
+      gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];  // silu(gate) * up
+    }
+    if (options_.quantize_activations) FakeQuantizeActivations(gate, m, inter);
+    w.down_proj.Forward(gate.data(), m, y.data(), /*quantize_activations=*/false);
+    for (int64_t i = 0; i < m; ++i) {
+      const auto [r, weight] = rows[i];
+      for (int64_t d = 0; d < D; ++d) out[r * D + d] += weight * y[i * D + d];
     }
   }
   return absl::OkStatus();

@@ -1,5 +1,7 @@
 #include "core/model.h"
 
+#include <algorithm>
+#include <bit>
 #include <cstring>
 #include <utility>
 
@@ -33,12 +35,16 @@ void Linear::DequantizeRow(int64_t r, float* out) const {
       const uint8_t* w = weight.as<uint8_t>() + r * n;
       const float* scales = scale_inv.as<float>() + (r / block.rows) * NumBlocks(n, block.cols);
       const float* table = Fp8E4M3Table();
-      for (int64_t c = 0; c < n; ++c) out[c] = table[w[c]] * scales[c / block.cols];
+      for (int64_t c0 = 0, b = 0; c0 < n; c0 += block.cols, ++b) {
+        const int64_t c1 = std::min<int64_t>(n, c0 + block.cols);
+        for (int64_t c = c0; c < c1; ++c) out[c] = table[w[c]] * scales[b];
+      }
       break;
     }
     case DType::kBF16: {
+      // BF16 is the top half of a float32: exact, inlined.
       const uint16_t* w = weight.as<uint16_t>() + r * n;
-      for (int64_t c = 0; c < n; ++c) out[c] = Bf16ToFloat(w[c]);
+      for (int64_t c = 0; c < n; ++c) out[c] = std::bit_cast<float>(uint32_t{w[c]} << 16);
       break;
     }
     case DType::kF16: {
