@@ -111,7 +111,7 @@ def write_deepseek_config(out_dir):
         "pad_token": EOS,
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 4096,
+        "model_max_length": 2048,  # max_position_embeddings of tools/train/tiny_arch.json
         # The generic fast tokenizer: runs tokenizer.json as it is (LlamaTokenizerFast would
         # rebuild parts of it in recent transformers versions).
         "tokenizer_class": "PreTrainedTokenizerFast",
