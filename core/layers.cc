@@ -114,7 +114,6 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
                 const LayerOptions& opt) {
   const bool quant = opt.quantize_activations;
-  const int64_t D = c.hidden_size;
   const int64_t H = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim;
   const int64_t rope_dim = c.qk_rope_head_dim;
@@ -212,7 +211,6 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
     }
   }
   w.o_proj.Forward(attn.data(), n, out, quant);
-  (void)D;
 }
 
 void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize) {
