@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <mutex>
 #include <numeric>
 
@@ -72,8 +73,17 @@ double Normal(Rng& rng) {  // Box-Muller
 }  // namespace
 
 absl::StatusOr<std::string> ShardTestModel() {
+  // One model per test process, removed when the process exits.
+  struct TempDir {
+    std::string path;
+    ~TempDir() {
+      std::error_code ec;
+      if (!path.empty()) std::filesystem::remove_all(path, ec);
+    }
+  };
   static std::mutex mu;
-  static std::string dir;  // one model per test process
+  static TempDir temp;
+  std::string& dir = temp.path;
   std::lock_guard<std::mutex> lock(mu);
   if (!dir.empty()) return dir;
   char tmpl[] = "/tmp/expertmesh-shards-model-XXXXXX";
