@@ -272,7 +272,8 @@ Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
       n_layers_(static_cast<int32_t>(config.num_hidden_layers + config.num_nextn_predict_layers)),
       n_routed_experts_(static_cast<int32_t>(config.n_routed_experts)),
       options_(std::move(options)),
-      expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_) {}
+      expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
+      unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {}
 
 absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const ModelConfig& config,
                                                                DispatcherOptions options) {
@@ -294,6 +295,7 @@ Dispatcher::~Dispatcher() {
   }
   watch_cv_.notify_all();
   if (watcher_.joinable()) watcher_.join();
+  if (reporter_.joinable()) reporter_.join();
   std::map<std::string, std::shared_ptr<ReplicaStream>> streams;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -374,7 +376,55 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map) {
 }
 
 void Dispatcher::WatchRouter(const std::string& router_address) {
+  router_address_ = router_address;
   watcher_ = std::thread([this, router_address] { WatchLoop(router_address); });
+  if (options_.load_report_interval > absl::ZeroDuration()) {
+    reporter_ = std::thread([this] { ReportLoop(); });
+  }
+}
+
+absl::Status Dispatcher::ReportLoad() {
+  if (router_address_.empty()) return absl::FailedPreconditionError("no router to report to");
+  v1::LoadReport report;
+  report.set_reporter(options_.identity.instance_id());
+  for (int32_t l = 0; l < n_layers_; ++l) {
+    for (int32_t e = 0; e < n_routed_experts_; ++e) {
+      const uint64_t tokens =
+          unreported_load_[static_cast<size_t>(l) * n_routed_experts_ + e].exchange(0);
+      if (tokens == 0) continue;
+      v1::LayerExpertLoad* load = report.add_loads();
+      load->set_layer(l);
+      load->set_expert(e);
+      load->set_tokens(tokens);
+    }
+  }
+  if (report.loads_size() == 0) return absl::OkStatus();
+  auto stub = v1::RouterService::NewStub(MakeChannel(router_address_));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   absl::ToChronoMilliseconds(options_.connect_timeout));
+  v1::LoadReportResponse resp;
+  const grpc::Status s = stub->ReportLoad(&ctx, report, &resp);
+  if (!s.ok()) {  // keep the counts for the next report
+    for (const v1::LayerExpertLoad& l : report.loads()) {
+      unreported_load_[static_cast<size_t>(l.layer()) * n_routed_experts_ + l.expert()] +=
+          l.tokens();
+    }
+    return FromGrpcStatus(s);
+  }
+  return absl::OkStatus();
+}
+
+void Dispatcher::ReportLoop() {
+  std::unique_lock<std::mutex> lock(watch_mu_);
+  while (!watch_cv_.wait_for(lock, absl::ToChronoMilliseconds(options_.load_report_interval),
+                             [this] { return stopping_; })) {
+    lock.unlock();
+    if (absl::Status s = ReportLoad(); !s.ok()) {
+      spdlog::warn("dispatcher: load report: {}", std::string(s.message()));
+    }
+    lock.lock();
+  }
 }
 
 void Dispatcher::WatchLoop(std::string router_address) {
@@ -480,6 +530,8 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
       g.request.add_experts(e);
       g.request.add_weights(routes.weights[p]);
       offs->Set(offs->size() - 1, offs->Get(offs->size() - 1) + 1);
+      unreported_load_[static_cast<size_t>(layer) * n_routed_experts_ + e].fetch_add(
+          1, std::memory_order_relaxed);
       if (options_.metrics) ExpertTokens(layer, e)->Inc();
     }
   }

@@ -47,7 +47,10 @@ struct DispatcherOptions {
   absl::Duration connect_timeout = absl::Seconds(2);  // handshake when a stream is opened
   int max_message_bytes = kDefaultMaxMessageBytes;
   int max_in_flight_per_replica = 256;  // requests queued or outstanding on one stream
-  MetricsRegistry* metrics = nullptr;   // optional; must outlive the dispatcher
+  // With WatchRouter: how often the tokens sent to each expert since the last report go to
+  // the router (ReportLoad: the planner's input). Zero = never.
+  absl::Duration load_report_interval = absl::Seconds(5);
+  MetricsRegistry* metrics = nullptr;  // optional; must outlive the dispatcher
 };
 
 class ReplicaStream;  // dispatcher.cc
@@ -65,8 +68,11 @@ class Dispatcher final : public RoutedExperts {
   // Applies a placement map (newer versions only). The router watcher calls this; tests and
   // static deployments may call it directly.
   absl::Status ApplyPlacement(const v1::PlacementMap& map);
-  // Watches router_address's placement maps on a background thread until destruction.
+  // Watches router_address's placement maps on a background thread until destruction, and
+  // reports expert load there every load_report_interval.
   void WatchRouter(const std::string& router_address);
+  // Sends the expert load accumulated since the last report now (what the timer does).
+  absl::Status ReportLoad();
 
   uint64_t placement_version() const;
   // Every shard group of the current map has at least one replica.
@@ -81,6 +87,7 @@ class Dispatcher final : public RoutedExperts {
   struct Group;  // one shard's part of a step
   Dispatcher(const ModelConfig& config, DispatcherOptions options);
   void WatchLoop(std::string router_address);
+  void ReportLoop();
   Counter* ExpertTokens(int layer, int expert);
 
   int64_t hidden_size_;
@@ -100,8 +107,11 @@ class Dispatcher final : public RoutedExperts {
   bool stopping_ = false;
   grpc::ClientContext* watch_ctx_ = nullptr;  // the open watch call, cancelled on stop
   std::thread watcher_;
+  std::thread reporter_;
+  std::string router_address_;
 
-  std::vector<std::atomic<Counter*>> expert_tokens_;  // [n_layers, n_routed_experts], lazy
+  std::vector<std::atomic<Counter*>> expert_tokens_;    // [n_layers, n_routed_experts], lazy
+  std::vector<std::atomic<uint64_t>> unreported_load_;  // [n_layers, n_routed_experts]
 };
 
 }  // namespace expertmesh

@@ -9,11 +9,13 @@
 
 #include <atomic>
 #include <cmath>
+#include <map>
 #include <thread>
 
 #include <gtest/gtest.h>
 
 #include "expert-service/expert_service.h"
+#include "expertmesh/v1/router.grpc.pb.h"
 #include "router/router_service.h"
 #include "service-common/handshake.h"
 #include "tests/cluster/shards_test_util.h"
@@ -225,6 +227,31 @@ TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShardThenServesAgain) 
   ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(10), router_->service().version()).ok());
   RunAndCheck(2, 6, 77);
   RunAndCheck(1, 3, 78);
+}
+
+TEST_F(DispatcherTest, ReportsExpertLoadToTheRouter) {
+  std::map<std::pair<int, int>, uint64_t> sent;
+  for (int i = 0; i < 4; ++i) {
+    const int layer = 1 + i % 2;
+    const Batch b = RandomBatch(config_, 3 + i, 900 + i);
+    std::vector<float> out(b.x.n_rows * config_.hidden_size);
+    ASSERT_TRUE(dispatcher_->Run(layer, b.x, b.routes, out).ok());
+    for (int32_t e : b.routes.experts) ++sent[{layer, e}];
+  }
+  ASSERT_TRUE(dispatcher_->ReportLoad().ok());
+  auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::StatusResponse status;
+  ASSERT_TRUE(stub->GetStatus(&ctx, v1::StatusRequest{}, &status).ok());
+  std::map<std::pair<int, int>, uint64_t> reported;
+  for (const v1::LayerExpertLoad& l : status.expert_load()) {
+    reported[{l.layer(), l.expert()}] = l.tokens();
+  }
+  EXPECT_EQ(reported, sent);
+  EXPECT_EQ(status.placement().shards_size(), kShards);
+  EXPECT_EQ(status.placement().shards(1).replicas_size(), kReplicas);
+  EXPECT_TRUE(status.placement().shards(1).replicas(0).healthy());
 }
 
 TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {

@@ -1,7 +1,9 @@
-// router-service and expert-service as real processes on loopback: start-up (NOT_SERVING
-// until loaded, then registered), /metrics over HTTP, a dispatcher step through them, a bad
-// message answered with its own error by the process, and SIGTERM: the replica deregisters
-// before it exits (the router's map drops it at once, not at expiry) and exits with 0.
+// router-service and expert-service as real processes on loopback (shard 0: one replica,
+// shard 1: two): start-up (NOT_SERVING until loaded, then registered), /metrics over HTTP, a
+// dispatcher step through them, a bad message answered with its own error by the process, a
+// replica frozen with SIGSTOP (the step fails over after the attempt timeout, same output),
+// and SIGTERM: a replica deregisters before it exits (the router's map drops it at once, not
+// at expiry) and exits with 0; with none left the step is UNAVAILABLE naming the shard.
 #include <csignal>
 #include <thread>
 
@@ -31,16 +33,18 @@ absl::StatusOr<v1::StatusResponse> RouterStatus(v1::RouterService::Stub& stub) {
   return resp;
 }
 
-// Polls the router until every shard group has `want` replicas (bounded by the network).
-absl::StatusOr<v1::StatusResponse> WaitForReplicas(v1::RouterService::Stub& stub, int want,
+// Polls the router until shard group s has want[s] replicas (bounded by the network).
+absl::StatusOr<v1::StatusResponse> WaitForReplicas(v1::RouterService::Stub& stub,
+                                                   const std::vector<int>& want,
                                                    absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<v1::StatusResponse> st;
   while (absl::Now() < deadline) {
-    st = RouterStatus(stub);
-    if (st.ok()) {
+    absl::StatusOr<v1::StatusResponse> st = RouterStatus(stub);
+    if (st.ok() && st->placement().shards_size() == static_cast<int>(want.size())) {
       bool all = true;
-      for (const auto& g : st->placement().shards()) all &= g.replicas_size() == want;
+      for (size_t s = 0; s < want.size(); ++s) {
+        all &= st->placement().shards(static_cast<int>(s)).replicas_size() == want[s];
+      }
       if (all) return st;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -48,49 +52,96 @@ absl::StatusOr<v1::StatusResponse> WaitForReplicas(v1::RouterService::Stub& stub
   return absl::DeadlineExceededError("replicas did not register");
 }
 
-TEST(ShardProcessTest, RegisterServeAndDeregisterOnSigterm) {
-  absl::StatusOr<std::string> dir = testing::ShardTestModel();
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  const std::string bin = EXPERTMESH_BINARY_DIR;
-  const std::string logs = *dir;
+class ShardProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::string> dir = testing::ShardTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    dir_ = *dir;
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(dir_ + "/config.json");
+    ASSERT_TRUE(config.ok());
+    config_ = *config;
+    placement_ = *EvenPlacement(config_, 2);
+    absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir_);
+    ASSERT_TRUE(ckpt.ok());
+    ckpt_ = *std::move(ckpt);
+    absl::StatusOr<std::unique_ptr<LocalExperts>> all =
+        LocalExperts::Create(*ckpt_, config_, AllExperts(config_));
+    ASSERT_TRUE(all.ok());
+    all_ = *std::move(all);
+  }
+
+  std::unique_ptr<ChildProcess> Start(const std::string& name, const std::string& binary,
+                                      std::vector<std::string> args) {
+    absl::StatusOr<std::unique_ptr<ChildProcess>> p =
+        ChildProcess::Start(ProcessSpec{name, std::string(EXPERTMESH_BINARY_DIR) + binary,
+                                        std::move(args), dir_ + "/" + name + ".log"});
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *std::move(p) : nullptr;
+  }
+  std::string Log(const std::string& name) {
+    return launcher::TailOfFile(dir_ + "/" + name + ".log");
+  }
+
+  // One step through the dispatcher, compared with LocalExperts' sharded computation.
+  absl::Status RunAndCheck(Dispatcher& d, int layer, int64_t n_rows, uint64_t seed) {
+    const testing::Batch b = testing::RandomBatch(config_, n_rows, seed);
+    std::vector<float> got(n_rows * config_.hidden_size);
+    if (absl::Status s = d.Run(layer, b.x, b.routes, got); !s.ok()) return s;
+    absl::StatusOr<std::vector<float>> want =
+        testing::ExpectedShardedOutput(*all_, placement_, layer, b, config_.hidden_size);
+    if (!want.ok()) return want.status();
+    EXPECT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+    return absl::OkStatus();
+  }
+
+  std::string dir_;
+  ModelConfig config_;
+  Placement placement_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::unique_ptr<LocalExperts> all_;
+};
+
+TEST_F(ShardProcessTest, RegisterServeFailOverAndDeregisterOnSigterm) {
   absl::StatusOr<int> router_port = PickFreePort();
   absl::StatusOr<int> router_metrics = PickFreePort();
   absl::StatusOr<int> expert_metrics = PickFreePort();
   ASSERT_TRUE(router_port.ok() && router_metrics.ok() && expert_metrics.ok());
   const std::string router_addr = LoopbackAddress(*router_port);
-
-  absl::StatusOr<std::unique_ptr<ChildProcess>> router = ChildProcess::Start(ProcessSpec{
-      "router-service",
-      bin + "/router/router-service",
-      {"--model", *dir, "--num-shards", "2", "--listen", router_addr, "--metrics-port",
-       std::to_string(*router_metrics), "--heartbeat-interval-ms", "100", "--expiry-ms", "30000"},
-      logs + "/router.log"});
-  ASSERT_TRUE(router.ok()) << router.status();
+  std::unique_ptr<ChildProcess> router = Start(
+      "router", "/router/router-service",
+      {"--model", dir_, "--num-shards", "2", "--listen", router_addr, "--metrics-port",
+       std::to_string(*router_metrics), "--heartbeat-interval-ms", "100", "--expiry-ms", "30000"});
+  ASSERT_NE(router, nullptr);
   auto router_channel = MakeChannel(router_addr);
-  ASSERT_TRUE(WaitForServing(*router_channel, absl::Seconds(30)).ok())
-      << launcher::TailOfFile(logs + "/router.log");
+  ASSERT_TRUE(WaitForServing(*router_channel, absl::Seconds(30)).ok()) << Log("router");
   auto router_stub = v1::RouterService::NewStub(router_channel);
 
+  // experts[0]: shard 0; experts[1] and experts[2]: shard 1; on known ports.
   std::vector<std::unique_ptr<ChildProcess>> experts;
-  for (int s = 0; s < 2; ++s) {
-    std::vector<std::string> args = {"--model",      *dir,         "--shard-id", std::to_string(s),
-                                     "--num-shards", "2",          "--router",   router_addr,
-                                     "--listen",     "127.0.0.1:0"};
-    if (s == 0) {
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<int> port = PickFreePort();
+    ASSERT_TRUE(port.ok());
+    addresses.push_back(LoopbackAddress(*port));
+    std::vector<std::string> args = {
+        "--model", dir_,       "--shard-id", i == 0 ? "0" : "1", "--num-shards",
+        "2",       "--router", router_addr,  "--listen",         addresses.back()};
+    if (i == 0) {
       args.push_back("--metrics-port");
       args.push_back(std::to_string(*expert_metrics));
     }
-    absl::StatusOr<std::unique_ptr<ChildProcess>> p = ChildProcess::Start(
-        ProcessSpec{absl::StrCat("expert-service[", s, "]"), bin + "/expert-service/expert-service",
-                    args, absl::StrCat(logs, "/expert", s, ".log")});
-    ASSERT_TRUE(p.ok()) << p.status();
-    experts.push_back(*std::move(p));
+    experts.push_back(Start(absl::StrCat("expert", i), "/expert-service/expert-service", args));
+    ASSERT_NE(experts.back(), nullptr);
   }
-  absl::StatusOr<v1::StatusResponse> st = WaitForReplicas(*router_stub, 1, absl::Seconds(60));
-  ASSERT_TRUE(st.ok()) << launcher::TailOfFile(logs + "/expert0.log");
-  ASSERT_EQ(st->placement().shards_size(), 2);
-  const std::string shard1_addr = st->placement().shards(1).replicas(0).address();
-  auto expert_channel = MakeChannel(shard1_addr);
+  absl::StatusOr<v1::StatusResponse> st = WaitForReplicas(*router_stub, {1, 2}, absl::Seconds(60));
+  ASSERT_TRUE(st.ok()) << Log("expert1");
+  // The dispatcher's first choice for shard 1 is the first replica of the map.
+  const std::string first_addr = st->placement().shards(1).replicas(0).address();
+  const int first = first_addr == addresses[1] ? 1 : 2;
+  ASSERT_EQ(addresses[first], first_addr);
+  const int second = 3 - first;
+  auto expert_channel = MakeChannel(first_addr);
   ASSERT_TRUE(WaitForServing(*expert_channel, absl::Seconds(10)).ok());
   ASSERT_TRUE(
       WaitForServing(*expert_channel, absl::Seconds(10), "expertmesh.v1.ExpertService").ok());
@@ -99,29 +150,15 @@ TEST(ShardProcessTest, RegisterServeAndDeregisterOnSigterm) {
   ASSERT_TRUE(metrics.ok()) << metrics.status();
   EXPECT_NE(metrics->find("expertmesh_expert_bytes_mapped "), std::string::npos);
 
-  // One step through the processes equals LocalExperts' sharded computation.
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
   DispatcherOptions d;
-  d.identity = *MakeLocalIdentity(*dir, "test", "process-test");
+  d.identity = *MakeLocalIdentity(dir_, "test", "process-test");
   d.step_deadline = absl::Seconds(10);
-  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
+  d.attempt_timeout = absl::Seconds(1);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config_, d);
   ASSERT_TRUE(dispatcher.ok());
   (*dispatcher)->WatchRouter(router_addr);
-  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(10)).ok());
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*dir);
-  ASSERT_TRUE(ckpt.ok());
-  absl::StatusOr<std::unique_ptr<LocalExperts>> all =
-      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
-  ASSERT_TRUE(all.ok());
-  const testing::Batch b = testing::RandomBatch(*config, 12, 9);
-  std::vector<float> got(12 * config->hidden_size);
-  ASSERT_TRUE((*dispatcher)->Run(2, b.x, b.routes, got).ok());
-  absl::StatusOr<std::vector<float>> want =
-      testing::ExpectedShardedOutput(**all, *placement, 2, b, config->hidden_size);
-  ASSERT_TRUE(want.ok());
-  EXPECT_EQ(got, *want);
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(10), st->placement().version()).ok());
+  ASSERT_TRUE(RunAndCheck(**dispatcher, 2, 12, 9).ok());
 
   // A malformed message to the process: its own error, then the same stream still serves.
   {
@@ -133,7 +170,7 @@ TEST(ShardProcessTest, RegisterServeAndDeregisterOnSigterm) {
     bad.set_request_id(1);
     bad.set_layer(2);
     bad.set_n_rows(1);
-    bad.set_hidden_size(static_cast<uint32_t>(config->hidden_size));
+    bad.set_hidden_size(static_cast<uint32_t>(config_.hidden_size));
     bad.set_activations("short");
     ASSERT_TRUE(stream->Write(bad));
     v1::ExpertResponse resp;
@@ -144,35 +181,47 @@ TEST(ShardProcessTest, RegisterServeAndDeregisterOnSigterm) {
     EXPECT_TRUE(stream->Finish().ok());
   }
 
-  // SIGTERM: the replica of shard 1 deregisters, then exits 0; the router drops it at once
+  // Freeze the first choice of shard 1: its request times out after attempt_timeout and goes
+  // to the other replica; the output is the same.
+  experts[first]->Signal(SIGSTOP);
+  const absl::Time start = absl::Now();
+  const absl::Status frozen = RunAndCheck(**dispatcher, 1, 5, 10);
+  const absl::Duration took = absl::Now() - start;
+  experts[first]->Signal(SIGCONT);
+  ASSERT_TRUE(frozen.ok()) << frozen;
+  EXPECT_GE(took, absl::Seconds(1));
+  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_GE((*dispatcher)->failovers(), 1u);
+
+  // SIGTERM: each replica of shard 1 deregisters, then exits 0; the router drops it at once
   // (expiry is 30 s here, so only the deregistration can explain it).
-  const absl::Time term = absl::Now();
-  experts[1]->Signal(SIGTERM);
-  ASSERT_TRUE(experts[1]->WaitFor(absl::Seconds(20)));
-  EXPECT_EQ(experts[1]->ExitDescription(), "exited with 0");
-  st = RouterStatus(*router_stub);
+  for (int i : {first, second}) {
+    experts[i]->Signal(SIGTERM);
+    ASSERT_TRUE(experts[i]->WaitFor(absl::Seconds(20)));
+    EXPECT_EQ(experts[i]->ExitDescription(), "exited with 0") << Log(absl::StrCat("expert", i));
+    st = RouterStatus(*router_stub);
+    ASSERT_TRUE(st.ok());
+    EXPECT_EQ(st->placement().shards(1).replicas_size(), i == first ? 1 : 0);
+    EXPECT_EQ(st->placement().shards(0).replicas_size(), 1);
+  }
+  // The dispatcher learns the map without shard 1; the step then fails naming the shard.
   ASSERT_TRUE(st.ok());
-  EXPECT_EQ(st->placement().shards(1).replicas_size(), 0);
-  EXPECT_EQ(st->placement().shards(0).replicas_size(), 1);
-  EXPECT_LT(absl::Now() - term, absl::Seconds(20));
-  // The dispatcher learns the new map; the step then fails naming the shard.
   const absl::Time until = absl::Now() + absl::Seconds(10);
-  while ((*dispatcher)->Covered() && absl::Now() < until) {
+  while ((*dispatcher)->placement_version() < st->placement().version() && absl::Now() < until) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  const absl::Status s = (*dispatcher)->Run(2, b.x, b.routes, got);
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-  EXPECT_NE(s.message().find("shard 1"), std::string::npos) << s;
+  EXPECT_FALSE((*dispatcher)->Covered());
+  const absl::Status gone = RunAndCheck(**dispatcher, 2, 3, 11);
+  EXPECT_EQ(gone.code(), absl::StatusCode::kUnavailable) << gone;
+  EXPECT_NE(gone.message().find("shard 1"), std::string::npos) << gone;
 
-  absl::StatusOr<std::string> router_metrics_text =
-      HttpGet("127.0.0.1", *router_metrics, "/metrics");
-  ASSERT_TRUE(router_metrics_text.ok()) << router_metrics_text.status();
-  EXPECT_NE(router_metrics_text->find("expertmesh_router_replicas 1\n"), std::string::npos)
-      << *router_metrics_text;
+  absl::StatusOr<std::string> router_text = HttpGet("127.0.0.1", *router_metrics, "/metrics");
+  ASSERT_TRUE(router_text.ok()) << router_text.status();
+  EXPECT_NE(router_text->find("expertmesh_router_replicas 1\n"), std::string::npos) << *router_text;
 
   dispatcher->reset();
   EXPECT_TRUE(experts[0]->Stop(absl::Seconds(20)).ok());
-  EXPECT_TRUE((*router)->Stop(absl::Seconds(20)).ok());
+  EXPECT_TRUE(router->Stop(absl::Seconds(20)).ok());
 }
 
 }  // namespace
