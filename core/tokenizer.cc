@@ -459,17 +459,29 @@ struct Segment {
 
 // Finds `tokens` in `s` leftmost-longest and cuts `s` around them, honouring single_word,
 // lstrip and rstrip as tokenizers' AddedVocabulary::find_matches does.
-void SplitAddedTokens(const std::vector<const AddedToken*>& tokens, const std::string& s,
+// Added tokens indexed by their first byte, so that a text is scanned once whatever their
+// number (DeepSeek-V3 has about 800, all starting with '<').
+struct AddedTokenSet {
+  std::vector<const AddedToken*> by_first_byte[256];
+  bool empty = true;
+  void Add(const AddedToken* t) {
+    if (t->content.empty()) return;
+    by_first_byte[static_cast<uint8_t>(t->content[0])].push_back(t);
+    empty = false;
+  }
+};
+
+void SplitAddedTokens(const AddedTokenSet& tokens, const std::string& s,
                       std::vector<Segment>* out) {
-  if (tokens.empty()) {
+  if (tokens.empty) {
     if (!s.empty()) out->push_back({-1, s});
     return;
   }
   size_t start_offset = 0, pos = 0;
   while (pos < s.size()) {
     const AddedToken* best = nullptr;
-    for (const AddedToken* t : tokens) {
-      if (!t->content.empty() && s.compare(pos, t->content.size(), t->content) == 0 &&
+    for (const AddedToken* t : tokens.by_first_byte[static_cast<uint8_t>(s[pos])]) {
+      if (s.compare(pos, t->content.size(), t->content) == 0 &&
           (best == nullptr || t->content.size() > best->content.size())) {
         best = t;
       }
@@ -532,8 +544,8 @@ struct Tokenizer::Impl {
   bool ignore_merges = false;
 
   std::vector<AddedToken> added;
-  std::vector<const AddedToken*> raw_added;         // matched before normalization
-  std::vector<const AddedToken*> normalized_added;  // matched after normalization
+  AddedTokenSet raw_added;         // matched before normalization
+  AddedTokenSet normalized_added;  // matched after normalization
   std::unordered_map<std::string, int32_t> added_by_content;
 
   std::optional<int32_t> bos, eos;
@@ -744,7 +756,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     impl->id_to_token[a.id] = a.content;
   }
   for (const AddedToken& a : impl->added) {
-    (a.normalized ? impl->normalized_added : impl->raw_added).push_back(&a);
+    (a.normalized ? impl->normalized_added : impl->raw_added).Add(&a);
   }
 
   // Merges: "a b" strings or [a, b] pairs; rank = position.
