@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/cuda/fp8_f16.h"
+#include "core/cuda/gemm_fragments.h"
 
 namespace expertmesh::cuda {
 
@@ -57,25 +58,15 @@ __device__ __forceinline__ void MmaFp8(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// The same 16x8x32 product on FP16 tensor cores (sm_86): each fp8 word of 4 k values is widened
-// into two f16x2 words and the 32-deep product runs as two 16-deep MMAs.
-// NOTES: the k order inside an MMA does not matter for a dot product as long as A and B agree.
-// Fragment word a[0] / b[0] hold k = {4t..4t+3} of the 32-wide chunk and a[2] / b[1] hold
-// {16+4t..16+4t+3} (t = lane % 4); the first f16 MMA takes the k pairs of a[0]/a[1] and b[0]
-// (low half to the f16 fragment's first k pair, high half to its second), the second MMA those
-// of a[2]/a[3] and b[1]. A and B map the same physical k to the same MMA k, so the sum is the
-// same set of products. The partial sum carries a factor 2^-16 (see fp8_f16.h).
+// The same 16x8x32 product on FP16 tensor cores (sm_86): fragments from frag::F16Fragments.
 __device__ __forceinline__ void MmaF16FromFp8(float (&d)[4], const uint32_t (&a)[4],
                                               const uint32_t (&b)[2]) {
-  uint32_t a0l, a0h, a1l, a1h, a2l, a2h, a3l, a3h, b0l, b0h, b1l, b1h;
-  Fp8x4ToF16x4Scaled(a[0], &a0l, &a0h);
-  Fp8x4ToF16x4Scaled(a[1], &a1l, &a1h);
-  Fp8x4ToF16x4Scaled(a[2], &a2l, &a2h);
-  Fp8x4ToF16x4Scaled(a[3], &a3l, &a3h);
-  Fp8x4ToF16x4Scaled(b[0], &b0l, &b0h);
-  Fp8x4ToF16x4Scaled(b[1], &b1l, &b1h);
-  MmaF16(d, a0l, a1l, a0h, a1h, b0l, b0h);
-  MmaF16(d, a2l, a3l, a2h, a3h, b1l, b1h);
+  uint32_t a16[2][4], b16[2][2];
+  frag::F16Fragments(a, b, a16, b16);
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    MmaF16(d, a16[s][0], a16[s][1], a16[s][2], a16[s][3], b16[s][0], b16[s][1]);
+  }
 }
 
 __device__ __forceinline__ float WarpSum(float v) {

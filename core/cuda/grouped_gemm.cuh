@@ -41,7 +41,7 @@ constexpr int kBlockK = 128;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kStages = 2;
-constexpr int kPitch = kBlockK + 16;  // bytes per shared row
+constexpr int kPitch = frag::kPitch;  // bytes per shared row (128 + 16 padding)
 constexpr float kActMinAmax = 1e-4f;  // core/quant.h kActQuantMinAmax
 constexpr float kFp8Max = 448.0f;
 
@@ -141,14 +141,12 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
     };
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;  // thread in its quad
     // Shared B rows of this warp's four n8 tiles: gate/up take 16 gate + the same 16 up rows, so
     // the thread that holds gate[r][c] also holds up[r][c].
     int b_row[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      b_row[j] = P == Phase::kGateUp ? (j >> 1) * 128 + 16 * warp + 8 * (j & 1) : 32 * warp + 8 * j;
-    }
+    for (int j = 0; j < 4; ++j) b_row[j] = frag::BRow(P == Phase::kGateUp, warp, j);
     // Weight scale rows (128-row blocks) of the warp's columns.
     const int n_kb_w = n_kb;  // scale columns of a weight = ceil(K / 128)
     const float* sb_row[4];
@@ -187,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
       for (int m = 0; m < MT; ++m) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int src = s_arow[m * 16 + g + 8 * half];
+          const int src = s_arow[frag::AccRow(m, lane, 2 * half)];
           sa[m][half] = src >= 0 ? a_scales[src * a_scale_stride + kb] * kUnscale : 0.0f;
         }
       }
@@ -208,16 +206,15 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
         uint32_t bf[4][2];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint8_t* row = b_s + (b_row[j] + g) * kPitch + ks * 32 + 4 * t;
-          bf[j][0] = LoadSmemU32(row);
-          bf[j][1] = LoadSmemU32(row + 16);
+          bf[j][0] = LoadSmemU32(b_s + frag::BOffset(b_row[j], ks, lane, 0));
+          bf[j][1] = LoadSmemU32(b_s + frag::BOffset(b_row[j], ks, lane, 1));
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const uint8_t* r0 = a_s + (m * 16 + g) * kPitch + ks * 32 + 4 * t;
-          const uint8_t* r1 = r0 + 8 * kPitch;
-          const uint32_t af[4] = {LoadSmemU32(r0), LoadSmemU32(r1), LoadSmemU32(r0 + 16),
-                                  LoadSmemU32(r1 + 16)};
+          uint32_t af[4];
+#pragma unroll
+          for (int reg = 0; reg < 4; ++reg)
+            af[reg] = LoadSmemU32(a_s + frag::AOffset(m, ks, lane, reg));
 #pragma unroll
           for (int j = 0; j < 4; ++j) MmaStep<M>(part[m][j], af, bf[j]);
         }
@@ -258,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
           }
           a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
           a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-          if (t == 0) s_amax[warp][m * 16 + g + 8 * half] = a;
+          if (t == 0) s_amax[warp][frag::AccRow(m, lane, 2 * half)] = a;
         }
       __syncthreads();
       const int i_blocks = I_pad / 128;
@@ -266,19 +263,19 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = m * 16 + g + 8 * half;
+          const int r = frag::AccRow(m, lane, 2 * half);
           if (r >= rows) continue;
           float amax = kActMinAmax;
 #pragma unroll
           for (int v = 0; v < kWarps; ++v) amax = fmaxf(amax, s_amax[v][r]);
           const float scale = amax / kFp8Max;
           const int64_t slot = slot_begin + r;
-          uint8_t* h_row = p.h + slot * I_pad + n0 + 16 * warp;
+          uint8_t* h_row = p.h + slot * I_pad + n0;
 #pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
+          for (int jj = 0; jj < 2; ++jj) {  // gate tiles: shared B row = intermediate column
             const uint16_t q = static_cast<uint16_t>(ToFp8(h[m][jj][2 * half] / scale)) |
                                static_cast<uint16_t>(ToFp8(h[m][jj][2 * half + 1] / scale)) << 8;
-            *reinterpret_cast<uint16_t*>(h_row + 8 * jj + 2 * t) = q;
+            *reinterpret_cast<uint16_t*>(h_row + frag::AccBRow(b_row[jj], lane, 0)) = q;
           }
           if (warp == 0 && t == 0) p.h_scales[slot * i_blocks + blockIdx.y] = scale;
         }
@@ -287,13 +284,13 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = m * 16 + g + 8 * half;
+          const int r = frag::AccRow(m, lane, 2 * half);
           if (r >= rows) continue;
           const int64_t slot = slot_begin + r;
           const float weight = p.slot_weight[slot];
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int col = n0 + 32 * warp + 8 * j + 2 * t;
+            const int col = n0 + frag::AccBRow(b_row[j], lane, 0);
             if (col >= H) continue;  // H % 16 == 0, so col + 1 < H too
             *reinterpret_cast<float2*>(p.slot_out + slot * H + col) =
                 make_float2(acc[m][j][2 * half] * weight, acc[m][j][2 * half + 1] * weight);
