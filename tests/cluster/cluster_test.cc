@@ -14,7 +14,9 @@
 #include <signal.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <map>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -45,16 +47,29 @@ class ClusterTest : public ::testing::Test {
     ASSERT_TRUE(dir.ok()) << dir.status();
     model_dir_ = new std::string(*dir);
     prompts_ = new std::vector<std::vector<int32_t>>(testing::MakePrompts(kPrompts, 40, 320, 11));
-    absl::StatusOr<std::vector<std::vector<int32_t>>> want =
-        testing::ReferenceGreedy(*model_dir_, *prompts_, kMaxTokens);
-    ASSERT_TRUE(want.ok()) << want.status();
-    want_ = new std::vector<std::vector<int32_t>>(*std::move(want));
+    want_ = new std::map<int, std::vector<std::vector<int32_t>>>();
+    // The reference engine with the data plane's numerics for 1, 2 and 4 shard groups
+    // (all 64 prompts for 2 groups, the 64-sequence test's cluster; 8 for the others).
+    for (int shards : {1, 2, 4}) {
+      const std::vector<std::vector<int32_t>> prompts(
+          prompts_->begin(), prompts_->begin() + (shards == 2 ? kPrompts : 8));
+      absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+          testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens, shards);
+      ASSERT_TRUE(want.ok()) << want.status();
+      (*want_)[shards] = *std::move(want);
+    }
+    const std::vector<std::vector<int32_t>> first8(prompts_->begin(), prompts_->begin() + 8);
+    absl::StatusOr<std::vector<std::vector<int32_t>>> plain =
+        testing::ReferenceGreedy(*model_dir_, first8, kMaxTokens, 0);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    plain_ = new std::vector<std::vector<int32_t>>(*std::move(plain));
   }
   static void TearDownTestSuite() {
     std::filesystem::remove_all(*model_dir_);
     delete model_dir_;
     delete prompts_;
     delete want_;
+    delete plain_;
   }
 
   static ClusterOptions Options(int shards, int replicas) {
@@ -75,8 +90,10 @@ class ClusterTest : public ::testing::Test {
   static std::unique_ptr<v1::AttentionService::Stub> Stub(const Cluster& c) {
     return v1::AttentionService::NewStub(MakeChannel(c.attention().grpc_address));
   }
-  // Runs prompts [0, n) concurrently, one thread each; checks every result.
-  static void ExpectReferenceOutputs(const Cluster& c, int n) {
+  // Runs prompts [0, n) concurrently, one thread each; checks every result against the
+  // reference for the cluster's shard count and returns the tokens.
+  static std::vector<std::vector<int32_t>> ExpectReferenceOutputs(const Cluster& c, int n) {
+    const std::vector<std::vector<int32_t>>& want = want_->at(c.options().shards);
     auto stub = Stub(c);
     std::vector<SubmitResult> results(n);
     std::vector<std::thread> threads;
@@ -87,12 +104,15 @@ class ClusterTest : public ::testing::Test {
       });
     }
     for (std::thread& t : threads) t.join();
+    std::vector<std::vector<int32_t>> got;
     for (int i = 0; i < n; ++i) {
-      ASSERT_TRUE(results[i].status.ok())
+      EXPECT_TRUE(results[i].status.ok())
           << "prompt " << i << ": " << results[i].status.error_message();
       EXPECT_EQ(results[i].finish, v1::FINISH_REASON_LENGTH);
-      EXPECT_EQ(results[i].tokens, (*want_)[i]) << "prompt " << i;
+      EXPECT_EQ(results[i].tokens, want[i]) << "prompt " << i;
+      got.push_back(results[i].tokens);
     }
+    return got;
   }
   // A metric's value (the first series of that name) in a service's /metrics: 0 when the
   // metric does not exist yet, NaN when /metrics cannot be read.
@@ -118,22 +138,34 @@ class ClusterTest : public ::testing::Test {
 
   static std::string* model_dir_;
   static std::vector<std::vector<int32_t>>* prompts_;
-  static std::vector<std::vector<int32_t>>* want_;
+  static std::map<int, std::vector<std::vector<int32_t>>>* want_;  // by shard groups
+  static std::vector<std::vector<int32_t>>* plain_;                // LocalExperts, float results
 };
 std::string* ClusterTest::model_dir_ = nullptr;
 std::vector<std::vector<int32_t>>* ClusterTest::prompts_ = nullptr;
-std::vector<std::vector<int32_t>>* ClusterTest::want_ = nullptr;
+std::map<int, std::vector<std::vector<int32_t>>>* ClusterTest::want_ = nullptr;
+std::vector<std::vector<int32_t>>* ClusterTest::plain_ = nullptr;
 
 TEST_F(ClusterTest, DistributionChangesNothing) {
   for (int shards : {1, 2, 4}) {
+    std::vector<std::vector<int32_t>> first;
     for (int replicas : {1, 2}) {
-      SCOPED_TRACE(testing::Message()
+      SCOPED_TRACE(::testing::Message()
                    << shards << " shard group(s) x " << replicas << " replica(s)");
       absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(shards, replicas));
       ASSERT_TRUE(c.ok()) << c.status();
-      ExpectReferenceOutputs(**c, 8);
+      std::vector<std::vector<int32_t>> got = ExpectReferenceOutputs(**c, 8);
+      if (replicas == 1) first = got;
+      EXPECT_EQ(got, first);  // replicas change nothing
       EXPECT_TRUE((*c)->UnexpectedExits().empty());
       EXPECT_TRUE((*c)->Stop().ok());  // every service exits cleanly on SIGTERM
+      // Informational: agreement with the engine whose experts return float (no BF16 wire).
+      int same = 0;
+      for (int i = 0; i < 8; ++i) same += got[i] == (*plain_)[i] ? 1 : 0;
+      std::printf(
+          "[ info ] %d shard group(s) x %d replica(s): %d/8 prompts equal the "
+          "float-result engine too\n",
+          shards, replicas, same);
     }
   }
 }
@@ -254,7 +286,7 @@ TEST_F(ClusterTest, ReplicaKilledMidGenerationThenNoReplicaThenRecovery) {
   constexpr int kLong = 120;
   std::vector<int> kill_order = {0, 1};
   absl::StatusOr<std::vector<std::vector<int32_t>>> want_long =
-      testing::ReferenceGreedy(*model_dir_, {(*prompts_)[1]}, kLong);
+      testing::ReferenceGreedy(*model_dir_, {(*prompts_)[1]}, kLong, /*wire_shards=*/2);
   ASSERT_TRUE(want_long.ok());
 
   // 1. SIGKILL one replica of shard 0 while a sequence is generating.

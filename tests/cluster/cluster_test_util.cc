@@ -9,8 +9,10 @@
 #include "core/engine.h"
 #include "core/local_experts.h"
 #include "core/model.h"
+#include "core/numerics.h"
 #include "core/safetensors.h"
 #include "core/sampling.h"
+#include "router/placement.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::testing {
@@ -65,6 +67,50 @@ constexpr char kConfig[] = R"({
 }
 )";
 
+// LocalExperts seen through the expert data plane of a placement: per shard group (in
+// shard-id order) the rows that route to it, with only its pairs, computed by the same
+// LocalExperts, rounded to BF16 (the wire's result format) and added into out.
+class WireNumericsExperts final : public RoutedExperts {
+ public:
+  WireNumericsExperts(LocalExperts* experts, Placement placement, int64_t hidden_size)
+      : experts_(experts), placement_(std::move(placement)), hidden_size_(hidden_size) {}
+  absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                   std::span<float> out) override {
+    const int64_t H = hidden_size_;
+    std::fill(out.begin(), out.end(), 0.0f);
+    std::vector<float> part(out.size());
+    for (int32_t shard = 0; shard < placement_.num_shards; ++shard) {
+      ExpertRoutes sub;
+      std::vector<bool> has(static_cast<size_t>(routes.n_rows()), false);
+      for (int64_t r = 0; r < routes.n_rows(); ++r) {
+        std::vector<int32_t> e;
+        std::vector<float> w;
+        for (int32_t k = routes.offsets[r]; k < routes.offsets[r + 1]; ++k) {
+          if (placement_.ShardOf(layer, routes.experts[k]) == shard) {
+            e.push_back(routes.experts[k]);
+            w.push_back(routes.weights[k]);
+          }
+        }
+        has[static_cast<size_t>(r)] = !e.empty();
+        sub.AddRow(e, w);
+      }
+      if (absl::Status s = experts_->Run(layer, x, sub, part); !s.ok()) return s;
+      for (int64_t r = 0; r < routes.n_rows(); ++r) {
+        if (!has[static_cast<size_t>(r)]) continue;
+        for (int64_t c = 0; c < H; ++c) {
+          out[r * H + c] += Bf16ToFloat(FloatToBf16(part[r * H + c]));
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  LocalExperts* experts_;
+  Placement placement_;
+  int64_t hidden_size_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::string> MakeClusterTestModel() {
@@ -93,8 +139,8 @@ std::vector<std::vector<int32_t>> MakePrompts(int n, int max_len, int vocab, uin
 }
 
 absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
-    const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts,
-    int max_tokens) {
+    const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts, int max_tokens,
+    int wire_shards) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) return config.status();
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
@@ -106,7 +152,16 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
   absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
       LocalExperts::Create(**ckpt, *config, AllExperts(*config));
   if (!experts.ok()) return experts.status();
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(**model, experts->get());
+  RoutedExperts* routed = experts->get();
+  std::unique_ptr<WireNumericsExperts> wire;
+  if (wire_shards > 0) {
+    absl::StatusOr<Placement> placement = EvenPlacement(*config, wire_shards);
+    if (!placement.ok()) return placement.status();
+    wire = std::make_unique<WireNumericsExperts>(experts->get(), *std::move(placement),
+                                                 config->hidden_size);
+    routed = wire.get();
+  }
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(**model, routed);
   if (!engine.ok()) return engine.status();
 
   std::vector<std::vector<int32_t>> out;

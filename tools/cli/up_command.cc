@@ -16,6 +16,7 @@
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "spdlog/spdlog.h"
+#include "tools/cli/commands.h"
 #include "tools/launcher/cluster.h"
 
 namespace expertmesh {

@@ -103,13 +103,15 @@ absl::StatusOr<Cluster::Member> Cluster::StartService(const std::string& name,
   return m;
 }
 
-std::vector<std::string> Cluster::ExpertArgs(int shard, int port, int metrics_port) const {
+std::vector<std::string> Cluster::ExpertArgs(int shard, int replica, int port,
+                                             int metrics_port) const {
   std::vector<std::string> args = {"--model",        options_.model_dir,
                                    "--shard-id",     std::to_string(shard),
                                    "--num-shards",   std::to_string(options_.shards),
                                    "--listen",       absl::StrCat(options_.host, ":", port),
                                    "--router",       router_.grpc_address,
-                                   "--metrics-port", std::to_string(metrics_port)};
+                                   "--metrics-port", std::to_string(metrics_port),
+                                   "--instance-id",  absl::StrCat("shard", shard, "-r", replica)};
   args.insert(args.end(), options_.extra_expert_args.begin(), options_.extra_expert_args.end());
   return args;
 }
@@ -123,7 +125,7 @@ absl::Status Cluster::StartExpert(int shard, int replica) {
   if (!mport.ok()) return mport.status();
   absl::StatusOr<Member> m =
       StartService(absl::StrCat("expert-service[shard ", shard, " replica ", replica, "]"), *bin,
-                   ExpertArgs(shard, *port, *mport), *port, *mport);
+                   ExpertArgs(shard, replica, *port, *mport), *port, *mport);
   if (!m.ok()) return m.status();
   experts_[{shard, replica}] = std::move(*m);
   return absl::OkStatus();

@@ -86,7 +86,7 @@ class Cluster {
   absl::StatusOr<Member> StartService(const std::string& name, const std::string& binary,
                                       std::vector<std::string> args, int port, int metrics_port);
   absl::Status StartExpert(int shard, int replica);
-  std::vector<std::string> ExpertArgs(int shard, int port, int metrics_port) const;
+  std::vector<std::string> ExpertArgs(int shard, int replica, int port, int metrics_port) const;
 
   ClusterOptions options_;
   std::string bin_dir_;
