@@ -177,7 +177,13 @@ class HttpServer::Impl {
       parser.body_limit(options_.max_body_bytes);
       parser.header_limit(64 * 1024);
       boost::system::error_code ec;
-      http::read(c.socket, buffer, parser, ec);
+      http::read_header(c.socket, buffer, parser, ec);
+      if (!ec && parser.get()[http::field::expect] == "100-continue") {
+        // curl asks before sending a body over 1 KiB.
+        http::response<http::empty_body> go_on{http::status::continue_, 11};
+        http::write(c.socket, go_on, ec);
+      }
+      if (!ec) http::read(c.socket, buffer, parser, ec);
       if (ec == http::error::body_limit) {
         c.busy = true;
         WriteError(c,

@@ -1,0 +1,615 @@
+// The gateway against a real cluster on loopback (router, expert shard and attention service
+// as separate processes, started by the launcher; the gateway in-process, as main.cc runs it):
+// greedy text equals the in-process engine's, streamed deltas equal the non-streamed text,
+// stop strings, every error case with its status and body, 200 concurrent streams against a
+// queue of 64, client disconnects, API keys, readiness, the gRPC API.
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <boost/asio.hpp>
+#include <boost/json.hpp>
+
+#include "core/chat_template.h"
+#include "core/tokenizer.h"
+#include "gateway/gateway_server.h"
+#include "gateway/strings.h"
+#include "gtest/gtest.h"
+#include "service-common/metrics_http.h"
+#include "service-common/process.h"
+#include "tests/cluster/cluster_test_util.h"
+#include "tests/gateway/gateway_test_util.h"
+#include "tools/launcher/cluster.h"
+
+namespace expertmesh::gateway {
+namespace {
+namespace json = boost::json;
+using testing::HttpRequest;
+using testing::HttpResult;
+using testing::SseData;
+
+constexpr int kMaxTokens = 10;
+const std::vector<std::string> kPrompts = {"In the beginning God created", "The quick brown fox",
+                                           "Hello, world! \xc3\xa9t\xc3\xa9", "A"};
+
+// A value of the Prometheus text exposition ("name" or "name{labels}"); -1 when absent.
+double MetricValue(const std::string& text, const std::string& series) {
+  size_t pos = 0;
+  while ((pos = text.find(series + " ", pos)) != std::string::npos) {
+    if (pos == 0 || text[pos - 1] == '\n') {
+      return std::stod(text.substr(pos + series.size() + 1));
+    }
+    pos += series.size();
+  }
+  return -1;
+}
+
+class GatewayClusterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    model_dir_ = new std::string(*dir);
+    launcher::ClusterOptions co;
+    co.model_dir = *dir;
+    co.bin_dir = EXPERTMESH_BINARY_DIR;
+    co.max_batch = 16;
+    co.max_waiting = 256;
+    absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
+    ASSERT_TRUE(cluster.ok()) << cluster.status();
+    cluster_ = cluster->release();
+
+    GatewayOptions go;
+    go.model_dir = *dir;
+    go.attention = {cluster_->attention().grpc_address};
+    go.http_host = "127.0.0.1";
+    go.max_running = 8;  // small, so that 200 concurrent requests use the queue of 64
+    go.max_waiting = 64;
+    go.request_timeout = std::chrono::seconds(120);
+    absl::StatusOr<std::unique_ptr<GatewayServer>> gateway = GatewayServer::Create(go);
+    ASSERT_TRUE(gateway.ok()) << gateway.status();
+    gateway_ = gateway->release();
+    ASSERT_TRUE(gateway_->pool().WaitReady(std::chrono::seconds(60)));
+
+    auto tokenizer = Tokenizer::Load(*dir + "/tokenizer.json");
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = tokenizer->release();
+    // The engine's greedy continuations of the test prompts (with BOS, as the gateway encodes).
+    std::vector<std::vector<int32_t>> prompts;
+    for (const std::string& p : kPrompts) prompts.push_back(*tokenizer_->Encode(p, true));
+    auto ref = expertmesh::testing::ReferenceGreedy(*dir, prompts, 16);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    prompt_ids_ = new std::vector<std::vector<int32_t>>(prompts);
+    reference_ = new std::vector<std::vector<int32_t>>(*ref);
+  }
+  static void TearDownTestSuite() {
+    delete gateway_;
+    gateway_ = nullptr;
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(gateway_, nullptr) << "the cluster or the gateway did not start";
+    ASSERT_NE(reference_, nullptr);
+  }
+
+  // The reference text of prompt i after n greedy tokens.
+  static std::string ReferenceText(size_t i, int n) {
+    std::vector<int32_t> ids((*reference_)[i].begin(), (*reference_)[i].begin() + n);
+    return tokenizer_->Decode(ids, true);
+  }
+  static int port() { return gateway_->http_port(); }
+  static absl::StatusOr<HttpResult> Post(const std::string& path, const json::object& body) {
+    return HttpRequest(port(), "POST", path, json::serialize(body));
+  }
+  static json::object Completion(size_t i, int max_tokens) {
+    return json::object{{"model", gateway_->card().id},
+                        {"prompt", kPrompts[i]},
+                        {"max_tokens", max_tokens},
+                        {"temperature", 0},
+                        {"ignore_eos", true}};
+  }
+  // The attention service's load, as the gateway's pool sees it.
+  static v1::LoadResponse AttentionLoad() {
+    auto channel = MakeChannel(cluster_->attention().grpc_address);
+    auto stub = v1::AttentionService::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::LoadResponse load;
+    EXPECT_TRUE(stub->GetLoad(&ctx, v1::LoadRequest(), &load).ok());
+    return load;
+  }
+  // Waits (the network is the subject here) until the attention service holds no sequence.
+  static bool AttentionIdle() {
+    for (int i = 0; i < 200; ++i) {
+      v1::LoadResponse load = AttentionLoad();
+      if (load.running() == 0 && load.waiting() == 0) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  static inline std::string* model_dir_ = nullptr;
+  static inline launcher::Cluster* cluster_ = nullptr;
+  static inline GatewayServer* gateway_ = nullptr;
+  static inline Tokenizer* tokenizer_ = nullptr;
+  static inline std::vector<std::vector<int32_t>>* prompt_ids_ = nullptr;
+  static inline std::vector<std::vector<int32_t>>* reference_ = nullptr;
+};
+
+// Below the gateway: the attention service alone reproduces the engine (when this fails, so
+// do the gateway's equality tests, and the fault is not the gateway's).
+TEST_F(GatewayClusterTest, AttentionServiceAloneEqualsTheEngine) {
+  auto stub = v1::AttentionService::NewStub(MakeChannel(cluster_->attention().grpc_address));
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    v1::SubmitRequest req =
+        expertmesh::testing::GreedyRequest(Cat("direct-", i), (*prompt_ids_)[i], kMaxTokens);
+    req.mutable_sampling()->set_top_p(0.95f);  // as the gateway sends the model's default
+    expertmesh::testing::SubmitResult r = expertmesh::testing::SubmitAndCollect(*stub, req);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    std::vector<int32_t> want((*reference_)[i].begin(), (*reference_)[i].begin() + kMaxTokens);
+    EXPECT_EQ(r.tokens, want) << "prompt " << i;
+  }
+}
+
+TEST_F(GatewayClusterTest, CompletionsGreedyEqualsTheEngine) {
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    auto r = Post("/v1/completions", Completion(i, kMaxTokens));
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->status, 200) << r->body;
+    json::value v = json::parse(r->body);
+    EXPECT_EQ(v.at("object").as_string(), "text_completion");
+    const json::object& choice = v.at("choices").at(0).as_object();
+    EXPECT_EQ(choice.at("text").as_string(), ReferenceText(i, kMaxTokens)) << kPrompts[i];
+    EXPECT_EQ(choice.at("finish_reason").as_string(), "length");
+    EXPECT_EQ(v.at("usage").at("prompt_tokens").as_int64(), (*prompt_ids_)[i].size());
+    EXPECT_EQ(v.at("usage").at("completion_tokens").as_int64(), kMaxTokens);
+    EXPECT_EQ(v.at("usage").at("total_tokens").as_int64(), (*prompt_ids_)[i].size() + kMaxTokens);
+  }
+}
+
+TEST_F(GatewayClusterTest, StreamedDeltasConcatenateToTheNonStreamedText) {
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    json::object body = Completion(i, kMaxTokens);
+    body["stream"] = true;
+    body["stream_options"] = json::object{{"include_usage", true}};
+    auto r = Post("/v1/completions", body);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->status, 200) << r->body;
+    EXPECT_EQ(r->headers["content-type"], "text/event-stream");
+    std::vector<std::string> events = SseData(r->body);
+    ASSERT_GE(events.size(), 3u);
+    EXPECT_EQ(events.back(), "[DONE]");
+    std::string text;
+    std::string finish;
+    json::value usage;
+    for (size_t e = 0; e + 1 < events.size(); ++e) {
+      json::value v = json::parse(events[e]);
+      const json::array& choices = v.at("choices").as_array();
+      if (choices.empty()) {
+        usage = v.at("usage");
+        continue;
+      }
+      EXPECT_TRUE(v.at("usage").is_null());
+      text += std::string(choices[0].at("text").as_string());
+      if (!choices[0].at("finish_reason").is_null()) {
+        finish = std::string(choices[0].at("finish_reason").as_string());
+      }
+    }
+    EXPECT_EQ(text, ReferenceText(i, kMaxTokens));
+    EXPECT_EQ(finish, "length");
+    ASSERT_TRUE(usage.is_object());
+    EXPECT_EQ(usage.at("completion_tokens").as_int64(), kMaxTokens);
+  }
+}
+
+TEST_F(GatewayClusterTest, ChatUsesTheModelsTemplate) {
+  json::array messages{json::object{{"role", "system"}, {"content", "Be brief."}},
+                       json::object{{"role", "user"}, {"content", "Who made the world?"}}};
+  auto tmpl = ChatTemplate::FromTokenizerConfig(*model_dir_ + "/tokenizer_config.json");
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status();
+  auto prompt = tmpl->Apply(messages, true);
+  ASSERT_TRUE(prompt.ok()) << prompt.status();
+  auto ids = tokenizer_->Encode(*prompt, false);
+  ASSERT_TRUE(ids.ok());
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  const std::string want = tokenizer_->Decode((*ref)[0], true);
+
+  json::object body{{"model", gateway_->card().id},
+                    {"messages", messages},
+                    {"max_completion_tokens", kMaxTokens},
+                    {"temperature", 0},
+                    {"ignore_eos", true}};
+  auto r = Post("/v1/chat/completions", body);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->status, 200) << r->body;
+  json::value v = json::parse(r->body);
+  EXPECT_EQ(v.at("object").as_string(), "chat.completion");
+  EXPECT_EQ(v.at("choices").at(0).at("message").at("content").as_string(), want);
+  EXPECT_EQ(v.at("choices").at(0).at("message").at("role").as_string(), "assistant");
+  EXPECT_EQ(v.at("usage").at("prompt_tokens").as_int64(), ids->size());
+
+  body["stream"] = true;
+  auto s = Post("/v1/chat/completions", body);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<std::string> events = SseData(s->body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  for (size_t e = 0; e + 1 < events.size(); ++e) {
+    json::value c = json::parse(events[e]);
+    EXPECT_EQ(c.at("object").as_string(), "chat.completion.chunk");
+    const json::object& delta = c.at("choices").at(0).at("delta").as_object();
+    if (e == 0) EXPECT_EQ(delta.at("role").as_string(), "assistant");
+    if (const json::value* content = delta.if_contains("content")) {
+      text += std::string(content->as_string());
+    }
+  }
+  EXPECT_EQ(text, want);
+}
+
+TEST_F(GatewayClusterTest, StopStringsAcrossTokensAreCutAndNotEmitted) {
+  const int n = 16;
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    const std::string full = ReferenceText(i, n);
+    // A two-byte stop string from the middle of the reference text (on a character
+    // boundary), usually spanning two tokens.
+    size_t k = full.size() / 2;
+    while (k > 0 && (static_cast<unsigned char>(full[k]) & 0xC0) == 0x80) --k;
+    size_t len = 1;
+    while (k + len < full.size() && len < 2) ++len;
+    while (k + len < full.size() && (static_cast<unsigned char>(full[k + len]) & 0xC0) == 0x80) {
+      ++len;
+    }
+    const std::string stop = full.substr(k, len);
+    const std::string want = full.substr(0, full.find(stop));
+    for (bool stream : {false, true}) {
+      json::object body = Completion(i, n);
+      body["stop"] = json::array{json::string(stop), "\x01never"};
+      body["stream"] = stream;
+      auto r = Post("/v1/completions", body);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_EQ(r->status, 200) << r->body;
+      std::string text, finish;
+      if (!stream) {
+        json::value v = json::parse(r->body);
+        text = v.at("choices").at(0).at("text").as_string();
+        finish = v.at("choices").at(0).at("finish_reason").as_string();
+      } else {
+        for (const std::string& e : SseData(r->body)) {
+          if (e == "[DONE]") break;
+          json::value c = json::parse(e);
+          text += std::string(c.at("choices").at(0).at("text").as_string());
+          if (!c.at("choices").at(0).at("finish_reason").is_null()) {
+            finish = c.at("choices").at(0).at("finish_reason").as_string();
+          }
+        }
+      }
+      EXPECT_EQ(text, want) << "stop '" << stop << "' stream " << stream;
+      EXPECT_EQ(finish, "stop");
+    }
+  }
+  EXPECT_TRUE(AttentionIdle());
+}
+
+TEST_F(GatewayClusterTest, LogprobsAreReturned) {
+  json::object body = Completion(0, 4);
+  body["logprobs"] = 2;
+  auto r = Post("/v1/completions", body);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->status, 200) << r->body;
+  json::value v = json::parse(r->body);
+  const json::object& lp = v.at("choices").at(0).at("logprobs").as_object();
+  ASSERT_EQ(lp.at("tokens").as_array().size(), 4u);
+  ASSERT_EQ(lp.at("token_logprobs").as_array().size(), 4u);
+  for (const json::value& x : lp.at("token_logprobs").as_array()) {
+    EXPECT_LE(x.to_number<double>(), 0.0);
+  }
+  for (const json::value& top : lp.at("top_logprobs").as_array()) {
+    EXPECT_EQ(top.as_object().size(), 2u);
+  }
+}
+
+TEST_F(GatewayClusterTest, EveryErrorHasItsStatusAndBodyAndTheGatewayStaysUp) {
+  const std::string model = gateway_->card().id;
+  std::string long_prompt;  // about 600 tokens: more than the context of 256
+  for (int i = 0; i < 600; ++i) long_prompt += " the";
+  struct Case {
+    std::string method, path, body;
+    int status;
+    std::string param;  // "" = null
+  };
+  const std::vector<Case> cases = {
+      {"POST", "/v1/completions", "{not json", 400, ""},
+      {"POST", "/v1/completions", R"({"model": ")" + model + R"(", "prompt": 5})", 400, "prompt"},
+      {"POST", "/v1/completions", R"({"model": "nope", "prompt": "a"})", 404, "model"},
+      {"POST", "/v1/completions",
+       R"({"model": ")" + model + R"(", "prompt": "a", "temperature": 9})", 400, "temperature"},
+      {"POST", "/v1/completions",
+       R"({"model": ")" + model + R"(", "prompt": ")" + long_prompt + R"("})", 400, "prompt"},
+      {"POST", "/v1/completions",
+       R"({"model": ")" + model + R"(", "prompt": "a", "max_tokens": 255})", 400, "prompt"},
+      {"POST", "/v1/completions", R"({"model": ")" + model + R"(", "prompt": [1, 99999]})", 400,
+       "prompt"},
+      {"POST", "/v1/completions", "{\"model\": \"" + model + "\", \"prompt\": \"\xff\"}", 400, ""},
+      {"POST", "/v1/completions",
+       R"({"model": ")" + model + R"(", "prompt": "a", "frobnicate": 1})", 400, "frobnicate"},
+      {"POST", "/v1/completions", R"({"model": ")" + model + R"(", "prompt": "a", "n": 3})", 400,
+       "n"},
+      {"POST", "/v1/chat/completions", R"({"model": ")" + model + R"(", "messages": []})", 400,
+       "messages"},
+      {"POST", "/v1/chat/completions",
+       R"({"model": ")" + model + R"(", "messages": [{"role": "user", "content": ")" + long_prompt +
+           R"("}]})",
+       400, "messages"},
+      {"GET", "/v1/completions", "", 405, ""},
+      {"GET", "/v2/whatever", "", 404, ""},
+      {"GET", "/v1/models/nope", "", 404, "model"},
+  };
+  for (const Case& c : cases) {
+    auto r = HttpRequest(port(), c.method, c.path, c.body);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->status, c.status) << c.body << " -> " << r->body;
+    boost::system::error_code ec;
+    json::value v = json::parse(r->body, ec);
+    ASSERT_FALSE(ec) << r->body;
+    const json::object& err = v.at("error").as_object();
+    EXPECT_TRUE(err.at("message").is_string());
+    EXPECT_FALSE(err.at("message").as_string().empty());
+    EXPECT_TRUE(err.at("type").is_string());
+    EXPECT_TRUE(err.contains("code"));
+    if (c.param.empty()) {
+      EXPECT_TRUE(err.at("param").is_null()) << r->body;
+    } else {
+      ASSERT_TRUE(err.at("param").is_string()) << r->body;
+      EXPECT_EQ(err.at("param").as_string(), c.param) << r->body;
+    }
+  }
+  auto health = HttpRequest(port(), "GET", "/health");
+  ASSERT_TRUE(health.ok());
+  EXPECT_EQ(health->status, 200);
+  auto after = Post("/v1/completions", Completion(0, 2));
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->status, 200);
+}
+
+TEST_F(GatewayClusterTest, ModelsHealthAndMetrics) {
+  auto models = HttpRequest(port(), "GET", "/v1/models");
+  ASSERT_TRUE(models.ok());
+  ASSERT_EQ(models->status, 200);
+  json::value v = json::parse(models->body);
+  EXPECT_EQ(v.at("data").at(0).at("id").as_string(), gateway_->card().id);
+  EXPECT_EQ(v.at("data").at(0).at("max_model_len").as_int64(), 256);
+  auto one = HttpRequest(port(), "GET", "/v1/models/" + gateway_->card().id);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->status, 200);
+  auto metrics = HttpRequest(port(), "GET", "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(metrics->status, 200);
+  EXPECT_NE(metrics->body.find("expertmesh_gateway_requests_running"), std::string::npos);
+  EXPECT_NE(metrics->body.find("expertmesh_gateway_time_to_first_token_seconds"),
+            std::string::npos);
+}
+
+TEST_F(GatewayClusterTest, TwoHundredConcurrentStreamsAgainstAQueueOf64) {
+  constexpr int kRequests = 200;
+  constexpr int kTokens = 8;
+  std::vector<std::string> want;
+  for (size_t i = 0; i < kPrompts.size(); ++i) want.push_back(ReferenceText(i, kTokens));
+  std::atomic<int> ok{0}, rejected{0}, wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kRequests; ++t) {
+    threads.emplace_back([&, t] {
+      const size_t i = t % kPrompts.size();
+      json::object body = Completion(i, kTokens);
+      body["stream"] = true;
+      auto r = Post("/v1/completions", body);
+      if (!r.ok()) {
+        ++wrong;
+        return;
+      }
+      if (r->status == 429) {
+        json::value v = json::parse(r->body);
+        if (v.at("error").at("code").as_string() == "rate_limit_exceeded" &&
+            !r->headers["retry-after"].empty()) {
+          ++rejected;
+        } else {
+          ++wrong;
+        }
+        return;
+      }
+      std::string text;
+      std::vector<std::string> events = SseData(r->body);
+      for (const std::string& e : events) {
+        if (e == "[DONE]") break;
+        text += std::string(json::parse(e).at("choices").at(0).at("text").as_string());
+      }
+      if (r->status == 200 && !events.empty() && events.back() == "[DONE]" && text == want[i]) {
+        ++ok;
+      } else {
+        ++wrong;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(ok + rejected, kRequests);
+  EXPECT_GE(ok.load(), 8 + 64);  // at least the running slots and the queue were served
+  std::printf("concurrency: %d completed, %d rejected with 429\n", ok.load(), rejected.load());
+  // Nothing leaked: the gateway's gauges and the attention service's load are back to zero.
+  auto metrics = HttpRequest(port(), "GET", "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_requests_running"), 0);
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_requests_waiting"), 0);
+  EXPECT_TRUE(AttentionIdle());
+}
+
+TEST_F(GatewayClusterTest, ClientDisconnectCancelsTheSequence) {
+  auto attention_metrics = [&] {
+    auto text = HttpGet("127.0.0.1", cluster_->attention().metrics_port, "/metrics");
+    EXPECT_TRUE(text.ok()) << text.status();
+    return text.ok() ? *text : std::string();
+  };
+  const std::string cancelled =
+      R"(expertmesh_attention_requests_finished_total{reason="cancelled"})";
+  const double before = std::max(0.0, MetricValue(attention_metrics(), cancelled));
+  {
+    boost::asio::io_context io;
+    boost::asio::ip::tcp::socket socket(io);
+    socket.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port())});
+    json::object body = Completion(1, 240);
+    body["stream"] = true;
+    const std::string payload = json::serialize(body);
+    const std::string request = Cat(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+        "Content-Type: application/json\r\nContent-Length: ", payload.size(), "\r\n\r\n", payload);
+    boost::asio::write(socket, boost::asio::buffer(request));
+    // Read until the first SSE event has arrived, then hang up.
+    std::string got;
+    char buf[512];
+    while (got.find("data: ") == std::string::npos) {
+      size_t n = socket.read_some(boost::asio::buffer(buf));
+      got.append(buf, n);
+    }
+    socket.close();
+  }
+  EXPECT_TRUE(AttentionIdle());
+  EXPECT_EQ(MetricValue(attention_metrics(), cancelled), before + 1);
+}
+
+TEST_F(GatewayClusterTest, GrpcGenerateAndListModels) {
+  auto channel = MakeChannel(LoopbackAddress(gateway_->grpc_port()));
+  auto stub = v1::Gateway::NewStub(channel);
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::GenerateRequest req;
+    req.set_prompt(kPrompts[i]);
+    req.set_max_tokens(kMaxTokens);
+    req.set_ignore_eos(true);
+    req.set_return_token_ids(true);
+    req.mutable_sampling()->set_temperature(0);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    std::vector<int32_t> ids;
+    std::string text;
+    v1::GenerateResponse last;
+    while (reader->Read(&resp)) {
+      ids.insert(ids.end(), resp.token_ids().begin(), resp.token_ids().end());
+      text += resp.text();
+      last = resp;
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+    std::vector<int32_t> want((*reference_)[i].begin(), (*reference_)[i].begin() + kMaxTokens);
+    EXPECT_EQ(ids, want);
+    EXPECT_EQ(text, ReferenceText(i, kMaxTokens));
+    EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(last.usage().completion_tokens(), static_cast<uint32_t>(kMaxTokens));
+  }
+  {  // Errors map to gRPC codes.
+    grpc::ClientContext ctx;
+    v1::GenerateRequest req;
+    req.set_model("nope");
+    req.set_prompt("a");
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GenerateRequest req;
+    req.set_prompt("a");
+    req.mutable_sampling()->set_temperature(5);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  grpc::ClientContext ctx;
+  v1::ListModelsResponse models;
+  ASSERT_TRUE(stub->ListModels(&ctx, v1::ListModelsRequest(), &models).ok());
+  ASSERT_EQ(models.models_size(), 1);
+  EXPECT_EQ(models.models(0).id(), gateway_->card().id);
+}
+
+TEST_F(GatewayClusterTest, ApiKeysAndReadiness) {
+  GatewayOptions go;
+  go.model_dir = *model_dir_;
+  go.attention = {cluster_->attention().grpc_address};
+  go.http_host = "127.0.0.1";
+  go.api_keys = {"k-one", "k-two"};
+  auto guarded = GatewayServer::Create(go);
+  ASSERT_TRUE(guarded.ok()) << guarded.status();
+  ASSERT_TRUE((*guarded)->pool().WaitReady(std::chrono::seconds(30)));
+  const std::string body = json::serialize(Completion(0, 2));
+  const int p = (*guarded)->http_port();
+  auto none = HttpRequest(p, "POST", "/v1/completions", body);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->status, 401);
+  EXPECT_EQ(json::parse(none->body).at("error").at("code").as_string(), "invalid_api_key");
+  auto bad = HttpRequest(p, "POST", "/v1/completions", body, {{"Authorization", "Bearer no"}});
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(bad->status, 401);
+  auto good = HttpRequest(p, "POST", "/v1/completions", body, {{"Authorization", "Bearer k-two"}});
+  ASSERT_TRUE(good.ok());
+  EXPECT_EQ(good->status, 200) << good->body;
+
+  // A gateway whose attention replica does not answer: /health is 503 with an OpenAI error,
+  // and generation requests get 503 too.
+  absl::StatusOr<int> dead = PickFreePort();
+  ASSERT_TRUE(dead.ok());
+  go.api_keys.clear();
+  go.attention = {LoopbackAddress(*dead)};
+  auto lonely = GatewayServer::Create(go);
+  ASSERT_TRUE(lonely.ok()) << lonely.status();
+  auto health = HttpRequest((*lonely)->http_port(), "GET", "/health");
+  ASSERT_TRUE(health.ok());
+  EXPECT_EQ(health->status, 503);
+  EXPECT_EQ(json::parse(health->body).at("error").at("type").as_string(), "server_error");
+  auto gen = HttpRequest((*lonely)->http_port(), "POST", "/v1/completions", body);
+  ASSERT_TRUE(gen.ok());
+  EXPECT_EQ(gen->status, 503) << gen->body;
+}
+
+TEST_F(GatewayClusterTest, OfficialOpenAiClient) {
+  // tools/test.sh installs tools/requirements-test.txt into .venv-test and exports this.
+  const char* env = std::getenv("EXPERTMESH_TEST_PYTHON");
+  const std::string python =
+      env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
+  ASSERT_TRUE(std::filesystem::exists(python))
+      << python << " is missing: create it with tools/requirements-test.txt (tools/test.sh)";
+  json::array cases;
+  for (size_t i = 0; i < kPrompts.size(); ++i) {
+    cases.push_back(json::object{{"kind", "completion"},
+                                 {"prompt", kPrompts[i]},
+                                 {"max_tokens", kMaxTokens},
+                                 {"want", ReferenceText(i, kMaxTokens)}});
+  }
+  json::array messages{json::object{{"role", "user"}, {"content", "Tell me a story."}}};
+  auto tmpl = ChatTemplate::FromTokenizerConfig(*model_dir_ + "/tokenizer_config.json");
+  ASSERT_TRUE(tmpl.ok());
+  auto ids = tokenizer_->Encode(*tmpl->Apply(messages, true), false);
+  ASSERT_TRUE(ids.ok());
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  cases.push_back(json::object{{"kind", "chat"},
+                               {"messages", messages},
+                               {"max_tokens", kMaxTokens},
+                               {"want", tokenizer_->Decode((*ref)[0], true)}});
+  const std::string expected = *model_dir_ + "/openai_expected.json";
+  std::ofstream(expected) << json::serialize(
+      json::object{{"model", gateway_->card().id}, {"cases", cases}});
+  const std::string command =
+      Cat(python, " ", EXPERTMESH_SOURCE_DIR, "/tests/gateway/openai_client_test.py",
+          " --base-url http://127.0.0.1:", port(), "/v1 --expected ", expected);
+  EXPECT_EQ(std::system(command.c_str()), 0) << command;
+}
+
+}  // namespace
+}  // namespace expertmesh::gateway

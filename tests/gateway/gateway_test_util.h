@@ -1,0 +1,32 @@
+// Test helpers for the gateway: a small random DeepSeek-V3 checkpoint that carries the bundled
+// tokenizer (so text goes in and out), a minimal HTTP/1.1 client on Beast, and SSE parsing.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace expertmesh::gateway::testing {
+
+// A fresh directory under /tmp holding a seeded random checkpoint whose vocabulary is the
+// bundled tokenizer's (models/expertmesh-tiny/tokenizer*.json copied beside it) and a
+// generation_config.json (bos 0, eos 1, temperature 0.6, top_p 0.95).
+absl::StatusOr<std::string> MakeGatewayTestModel();
+
+struct HttpResult {
+  int status = 0;
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;                            // chunked bodies de-chunked
+};
+
+// One request on a fresh connection to 127.0.0.1:port.
+absl::StatusOr<HttpResult> HttpRequest(int port, const std::string& method,
+                                       const std::string& target, const std::string& body = "",
+                                       const std::map<std::string, std::string>& headers = {});
+
+// The payloads of the `data:` lines of an SSE body, in order.
+std::vector<std::string> SseData(const std::string& body);
+
+}  // namespace expertmesh::gateway::testing
