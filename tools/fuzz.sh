@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (preset `fuzz`, clang + ASan/UBSan) and runs each for
-# FUZZ_SECONDS (default 60) on a scratch copy of its seed corpus in tests/fuzz/corpus/.
+# Builds the libFuzzer targets (preset `fuzz`, clang + ASan/UBSan) and runs them for
+# FUZZ_SECONDS in all (default 60, split evenly between the targets), each on a scratch copy
+# of its seed corpus in tests/fuzz/corpus/<target without _fuzz>/.
 # Exits non-zero when a target crashes, leaks, or breaks an invariant; the failing input is
 # kept under <build dir>/fuzz-artifacts/ (rerun it with: <target binary> <that file>).
 #   FUZZ_SECONDS=60  FUZZ_BUILD_DIR=build/fuzz  FUZZ_JOBS=2  tools/fuzz.sh [target ...]
@@ -12,8 +13,10 @@ build="${FUZZ_BUILD_DIR:-build/fuzz}"
 jobs="${FUZZ_JOBS:-2}"
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(safetensors_header_fuzz)
+  targets=(safetensors_header_fuzz safetensors_file_fuzz)
 fi
+per_target=$((seconds / ${#targets[@]}))
+((per_target > 0)) || per_target=1
 
 cmake --preset fuzz -B "$build" >/dev/null
 cmake --build "$build" --target "${targets[@]}" -j "$jobs"
@@ -31,8 +34,8 @@ for target in "${targets[@]}"; do
   if [[ -d "$seeds" ]]; then
     cp "$seeds"/* "$corpus"/
   fi
-  echo "fuzz.sh: running $target for ${seconds}s on $(ls "$corpus" | wc -l) seeds"
-  if ! "$build/tests/fuzz/$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  echo "fuzz.sh: running $target for ${per_target}s on $(ls "$corpus" | wc -l) seeds"
+  if ! "$build/tests/fuzz/$target" -max_total_time="$per_target" -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 -artifact_prefix="$artifacts/$target-" "$corpus"; then
     echo "fuzz.sh: $target FAILED; inputs in $artifacts/" >&2
     status=1

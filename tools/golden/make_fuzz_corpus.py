@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of the safetensors header fuzzer (tests/fuzz/corpus/safetensors_header).
+"""Writes the seed corpora of the safetensors fuzzers (tests/fuzz/corpus/<target>).
 
-Each seed is 8 bytes little-endian data-section size followed by header JSON: the headers of
-the golden files written by Python's safetensors library, plus hand-made near misses
-(overlaps, bad offsets, odd numbers, deep nesting, unknown dtypes).
+safetensors_header: 8 bytes little-endian data-section size followed by header JSON: the
+  headers of the golden files written by Python's safetensors library, plus hand-made near
+  misses (overlaps, bad offsets, odd numbers, deep nesting, unknown dtypes).
+safetensors_file: the golden files themselves.
 Run: python3 tools/golden/make_fuzz_corpus.py  (from the repository root)
 """
 import glob
 import os
+import shutil
 import struct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "fuzz", "corpus", "safetensors_header")
+FILE_OUT = os.path.join(ROOT, "tests", "fuzz", "corpus", "safetensors_file")
 
 
 def seed(name, data_size, header):
@@ -21,9 +24,11 @@ def seed(name, data_size, header):
 
 def main():
     os.makedirs(OUT, exist_ok=True)
+    os.makedirs(FILE_OUT, exist_ok=True)
     golden = sorted(glob.glob(os.path.join(ROOT, "tests", "golden", "safetensors", "**", "*.safetensors"),
                               recursive=True))
     for i, path in enumerate(golden):
+        shutil.copyfile(path, os.path.join(FILE_OUT, f"golden{i}"))
         raw = open(path, "rb").read()
         (n,) = struct.unpack("<Q", raw[:8])
         seed(f"golden{i}", len(raw) - 8 - n, raw[8:8 + n].decode())
