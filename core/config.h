@@ -1,6 +1,9 @@
 // config.json of model_type deepseek_v3 (DeepSeek-V3, R1 and models of the same shape).
 // Every field DeepSeek-V3/R1 use is parsed; a value this engine cannot serve is rejected
-// with a message naming the field.
+// with a message naming the field. Both DeepSeek's spelling (rope_scaling.type, torch_dtype)
+// and transformers 5's (rope_parameters.rope_type, dtype, num_mtp_layers) are read. The
+// fields that fix the model's shape and routing are required (q_lora_rank may be null: no q
+// compression); the rest default as below. JSON null counts as absent.
 #pragma once
 
 #include <optional>
