@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <set>
 #include <string>
@@ -220,6 +221,8 @@ TEST(Checkpoint, MapsOnlyTheTensorsAskedFor) {
   EXPECT_GE((*ckpt)->bytes_mapped(), subset);
   EXPECT_LE((*ckpt)->bytes_mapped(), subset + 3 * 2 * page);
   EXPECT_LT((*ckpt)->bytes_mapped(), total / 10);
+  std::cout << "mapped " << (*ckpt)->bytes_mapped() << " bytes for 3 tensors of " << subset
+            << " bytes; checkpoint holds " << total << " bytes\n";
 }
 
 // ---- Malformed input: an error naming the file (and the tensor when there is one) ----------
