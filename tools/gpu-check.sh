@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
-# gpu-check: on a machine with an NVIDIA GPU, builds the CUDA preset (the CUDA backend, its
-# tests and its benchmark), runs the GPU tests (ctest -L gpu) and the grouped-GEMM benchmark,
-# and prints a summary table. Sized for one H200 in under 8 minutes (16 cores to build).
-#   tools/gpu-check.sh               # everything
-#   QUICK=1 tools/gpu-check.sh       # benchmark on fewer batch sizes
-#   BUILD=build/x JOBS=8 tools/gpu-check.sh
-# Exit status: 0 when every step passed, 1 otherwise, 2 when no GPU is visible.
+# gpu-check: the CUDA backend's GPU checks in one go -- build the CUDA preset, run the host-side
+# tests, the GPU kernel tests (ctest label gpu) and the grouped-GEMM benchmark, then print a
+# summary table. Sized for one H200 in under 8 minutes.
+#
+#   tools/gpu-check.sh                      # on a GPU machine with the build dependencies
+#   tools/gpu-check.sh --bundle DIR         # here (no GPU needed): build, then put the test and
+#                                           # benchmark binaries and the non-CUDA shared
+#                                           # libraries they need into DIR (~15 MB)
+#   tools/gpu-check.sh --prebuilt DIR       # on a GPU machine that lacks the build dependencies
+#                                           # (only the CUDA toolkit / driver): run from DIR
+# Environment: BUILD (build dir, default build/gpu-check), JOBS, NVCC_THREADS, QUICK=1 (fewer benchmark
+# shapes), GPU_CHECK_LOGS (where the step logs go; default $BUILD/gpu-check-logs).
+# Exit status: 0 when every step passed, 1 otherwise, 2 when no GPU is visible (run modes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=full
+DIR=""
+case "${1:-}" in
+  --bundle) MODE=bundle; DIR=${2:?--bundle needs a directory} ;;
+  --prebuilt) MODE=prebuilt; DIR=${2:?--prebuilt needs a directory} ;;
+  "") ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  *) echo "gpu-check: unknown argument '$1' (see --help)" >&2; exit 1 ;;
+esac
+
 BUILD=${BUILD:-build/gpu-check}
 JOBS=${JOBS:-$(nproc)}
-LOGS="$BUILD/gpu-check-logs"
+# nvcc compiles the four architectures of a file in parallel threads on a GPU machine's many
+# cores; a bundle is built on a shared development machine: one thread.
+NVCC_THREADS=${NVCC_THREADS:-$([[ $MODE == bundle ]] && echo 1 || echo 4)}
+LOGS=${GPU_CHECK_LOGS:-$BUILD/gpu-check-logs}
 mkdir -p "$LOGS"
-declare -a STEPS=() RESULTS=() SECONDS_TAKEN=()
+TARGETS=(cuda_host_test cuda_kernels_test cuda_nccl_test bench_grouped_gemm)
+declare -a STEPS=() RESULTS=() TAKEN=()
 
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2
@@ -23,11 +43,58 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   STEPS+=("$name")
-  SECONDS_TAKEN+=($((SECONDS - t0)))
-  if [[ $rc -eq 0 ]]; then RESULTS+=("ok"); elif [[ $rc -eq 124 ]]; then RESULTS+=("TIMEOUT"); else RESULTS+=("FAIL($rc)"); fi
-  tail -n 5 "$LOGS/$name.log"
+  TAKEN+=($((SECONDS - t0)))
+  if [[ $rc -eq 0 ]]; then RESULTS+=("ok"); elif [[ $rc -eq 124 ]]; then RESULTS+=("TIMEOUT");
+  else RESULTS+=("FAIL($rc)"); fi
+  tail -n 4 "$LOGS/$name.log"
   return $rc
 }
+
+build() {
+  step configure 180 cmake --preset cuda -B "$BUILD" -DEXPERTMESH_SERVICES=OFF \
+    -DEXPERTMESH_BENCHMARKS=ON "-DCMAKE_CUDA_FLAGS=--threads=${NVCC_THREADS}" &&
+    step build 420 cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}"
+}
+
+summary() {
+  echo
+  echo "================ gpu-check summary ================"
+  printf '%-12s %-10s %8s\n' step result seconds
+  local status=0 i
+  for i in "${!STEPS[@]}"; do
+    printf '%-12s %-10s %8s\n' "${STEPS[$i]}" "${RESULTS[$i]}" "${TAKEN[$i]}"
+    [[ ${RESULTS[$i]} == ok ]] || status=1
+  done
+  if [[ -f "$LOGS/gpu-tests.log" ]]; then
+    echo
+    echo "-- kernel accuracy (measured by the GPU tests)"
+    grep -h '\[measured\]' "$LOGS/gpu-tests.log" | sed 's/^[0-9]*: //'
+    grep -hE '^\[  (FAILED|SKIPPED) ' "$LOGS/gpu-tests.log" | sort -u
+  fi
+  if [[ -f "$LOGS/benchmark.log" ]]; then
+    echo
+    echo "-- benchmark"
+    sed -n '/^device:/,$p' "$LOGS/benchmark.log"
+  fi
+  echo
+  echo "logs: $LOGS"
+  return $status
+}
+
+if [[ $MODE == bundle ]]; then
+  build || { summary; exit 1; }
+  mkdir -p "$DIR/bin" "$DIR/lib"
+  cp "$BUILD/tests/cuda/cuda_host_test" "$BUILD/tests/cuda/cuda_kernels_test" \
+    "$BUILD/tests/cuda/cuda_nccl_test" "$BUILD/core/cuda/bench/bench_grouped_gemm" "$DIR/bin/"
+  # Shared libraries outside glibc / libstdc++ and outside CUDA (the GPU machine has those).
+  for bin in "$DIR"/bin/*; do
+    ldd "$bin" | awk '$3 ~ /^\// {print $3}'
+  done | sort -u | grep -vE '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|ld-linux|/cuda' |
+    while read -r lib; do cp -L "$lib" "$DIR/lib/"; done
+  du -sh "$DIR"
+  echo "bundle ready: run 'tools/gpu-check.sh --prebuilt $DIR' on the GPU machine"
+  exit 0
+fi
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu-check: no NVIDIA GPU visible (nvidia-smi -L failed)" >&2
@@ -35,31 +102,34 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi -L
 
-step configure 120 cmake --preset cuda -B "$BUILD" -DEXPERTMESH_SERVICES=OFF \
-  -DEXPERTMESH_BENCHMARKS=ON "-DCMAKE_CUDA_FLAGS=--threads=4"
-step build 300 cmake --build "$BUILD" -j "$JOBS" \
-  --target cuda_host_test cuda_kernels_test bench_grouped_gemm
-step unit-tests 60 ctest --test-dir "$BUILD" -R '^cuda_host_test$' --output-on-failure
-step gpu-tests 240 ctest --test-dir "$BUILD" -L gpu --output-on-failure -V
+if [[ $MODE == full ]]; then
+  build || { summary; exit 1; }
+  BIN_HOST="$BUILD/tests/cuda/cuda_host_test"
+  BIN_KERNELS="$BUILD/tests/cuda/cuda_kernels_test"
+  BIN_NCCL="$BUILD/tests/cuda/cuda_nccl_test"
+  BIN_BENCH="$BUILD/core/cuda/bench/bench_grouped_gemm"
+else
+  # CUDA libraries (cudart, cublasLt, nccl) come from the machine: the toolkit or the Python
+  # wheels of its PyTorch.
+  libpath="$DIR/lib"
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d $d ]] && libpath+=":$d"
+  done
+  nvidia_root=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)
+  for d in "$nvidia_root"/nvidia/*/lib "$nvidia_root"/nvidia/*/*/lib; do
+    [[ -d $d ]] && libpath+=":$d"
+  done
+  export LD_LIBRARY_PATH="$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  BIN_HOST="$DIR/bin/cuda_host_test"
+  BIN_KERNELS="$DIR/bin/cuda_kernels_test"
+  BIN_NCCL="$DIR/bin/cuda_nccl_test"
+  BIN_BENCH="$DIR/bin/bench_grouped_gemm"
+fi
+
+step unit-tests 60 "$BIN_HOST"
+step gpu-tests 300 "$BIN_KERNELS"
+step nccl-test 60 "$BIN_NCCL"
 BENCH_ARGS=(--iters 10)
 [[ -n "${QUICK:-}" ]] && BENCH_ARGS+=(--quick)
-step benchmark 240 "$BUILD/core/cuda/bench/bench_grouped_gemm" "${BENCH_ARGS[@]}"
-
-echo
-echo "================ gpu-check summary ================"
-printf '%-12s %-10s %8s\n' step result seconds
-status=0
-for i in "${!STEPS[@]}"; do
-  printf '%-12s %-10s %8s\n' "${STEPS[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}"
-  [[ ${RESULTS[$i]} == ok ]] || status=1
-done
-echo
-echo "-- kernel accuracy (measured by the GPU tests)"
-grep -h '\[measured\]' "$LOGS/gpu-tests.log" 2>/dev/null | sed 's/^[0-9]*: //' || true
-grep -hE '^\[  (FAILED|SKIPPED) ' "$LOGS/gpu-tests.log" 2>/dev/null | sort -u || true
-echo
-echo "-- benchmark"
-sed -n '/^device:/,$p' "$LOGS/benchmark.log" 2>/dev/null || true
-echo
-echo "logs: $LOGS"
-exit $status
+step benchmark 240 "$BIN_BENCH" "${BENCH_ARGS[@]}"
+summary
