@@ -144,14 +144,22 @@ class Regex {
   ~Regex() { pcre2_code_free(code_); }
 
   // Non-empty, non-overlapping matches of the regex in valid UTF-8 `s` as [begin, end).
-  std::vector<std::pair<size_t, size_t>> FindAll(std::string_view s) const {
+  // Fails (rather than returning fewer matches) when PCRE2 hits a resource limit.
+  absl::StatusOr<std::vector<std::pair<size_t, size_t>>> FindAll(std::string_view s) const {
     std::vector<std::pair<size_t, size_t>> out;
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
     size_t pos = 0;
     while (pos <= s.size()) {
       int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos,
                            PCRE2_NO_UTF_CHECK, md, nullptr);
-      if (rc < 0) break;
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        pcre2_match_data_free(md);
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(rc, message, sizeof(message));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("regex match failed: ", reinterpret_cast<char*>(message)));
+      }
       PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       if (ov[1] > ov[0]) {
         out.emplace_back(ov[0], ov[1]);
@@ -277,7 +285,7 @@ absl::Status ParseNormalizer(const json::value* v, std::vector<NormalizerStep>* 
   return absl::OkStatus();
 }
 
-std::string Normalize(const std::vector<NormalizerStep>& steps, std::string s) {
+absl::StatusOr<std::string> Normalize(const std::vector<NormalizerStep>& steps, std::string s) {
   for (const NormalizerStep& step : steps) {
     switch (step.kind) {
       case NormalizerStep::kUnicode: {
@@ -285,7 +293,10 @@ std::string Normalize(const std::vector<NormalizerStep>& steps, std::string s) {
         std::string out;
         icu::StringByteSink<std::string> sink(&out);
         step.unicode->normalizeUTF8(0, icu::StringPiece(s.data(), s.size()), sink, nullptr, err);
-        if (U_SUCCESS(err)) s = std::move(out);
+        if (U_FAILURE(err)) {
+          return absl::InternalError(absl::StrCat("ICU normalization: ", u_errorName(err)));
+        }
+        s = std::move(out);
         break;
       }
       case NormalizerStep::kPrepend:
@@ -294,7 +305,9 @@ std::string Normalize(const std::vector<NormalizerStep>& steps, std::string s) {
       case NormalizerStep::kReplace: {
         std::string out;
         size_t last = 0;
-        for (auto [b, e] : step.pattern->FindAll(s)) {
+        absl::StatusOr<std::vector<std::pair<size_t, size_t>>> matches = step.pattern->FindAll(s);
+        if (!matches.ok()) return matches.status();
+        for (auto [b, e] : *matches) {
           out.append(s, last, b - last).append(step.text);
           last = e;
         }
@@ -320,11 +333,14 @@ struct PreTokenizerStep {
 };
 
 // Splits `s` as tokenizers' NormalizedString::split does.
-void SplitPiece(const PreTokenizerStep& step, const std::string& s, std::vector<std::string>* out) {
+absl::Status SplitPiece(const PreTokenizerStep& step, const std::string& s,
+                        std::vector<std::string>* out) {
   // Spans covering s: (begin, end, is_match).
   std::vector<std::tuple<size_t, size_t, bool>> spans;
   size_t last = 0;
-  for (auto [b, e] : step.pattern->FindAll(s)) {
+  absl::StatusOr<std::vector<std::pair<size_t, size_t>>> matches = step.pattern->FindAll(s);
+  if (!matches.ok()) return matches.status();
+  for (auto [b, e] : *matches) {
     if (b > last) spans.emplace_back(last, b, false);
     spans.emplace_back(b, e, true);
     last = e;
@@ -383,6 +399,7 @@ void SplitPiece(const PreTokenizerStep& step, const std::string& s, std::vector<
   for (auto [b, e] : pieces) {
     if (e > b) out->push_back(s.substr(b, e - b));
   }
+  return absl::OkStatus();
 }
 
 absl::Status ParsePreTokenizer(const json::value* v, std::vector<PreTokenizerStep>* steps) {
@@ -752,7 +769,11 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     impl->added_by_content[a.content] = a.id;
     // Normalized tokens are matched in normalized text, so their content is normalized too;
     // like `tokenizers`, the token's text (id_to_token, Decode) is then the normalized form.
-    if (a.normalized) a.content = Normalize(impl->normalizer, a.content);
+    if (a.normalized) {
+      absl::StatusOr<std::string> normalized = Normalize(impl->normalizer, a.content);
+      if (!normalized.ok()) return normalized.status();
+      a.content = *std::move(normalized);
+    }
     impl->id_to_token[a.id] = a.content;
   }
   for (const AddedToken& a : impl->added) {
@@ -842,7 +863,9 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
     if (seg.id >= 0) {
       segments.push_back(std::move(seg));
     } else {
-      SplitAddedTokens(impl_->normalized_added, Normalize(impl_->normalizer, seg.text), &segments);
+      absl::StatusOr<std::string> normalized = Normalize(impl_->normalizer, seg.text);
+      if (!normalized.ok()) return normalized.status();
+      SplitAddedTokens(impl_->normalized_added, *normalized, &segments);
     }
   }
   for (const Segment& seg : segments) {
@@ -861,7 +884,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
             continue;
           }
         }
-        SplitPiece(step, p, &next);
+        if (absl::Status s = SplitPiece(step, p, &next); !s.ok()) return s;
       }
       pieces = std::move(next);
     }

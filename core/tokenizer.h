@@ -46,8 +46,8 @@ class Tokenizer {
   Tokenizer& operator=(const Tokenizer&) = delete;
 
   // Token ids of `text`, special tokens written in the text included. InvalidArgument when
-  // `text` is not valid UTF-8; FailedPrecondition when add_bos and the tokenizer has no BOS.
-  // Thread-safe.
+  // `text` is not valid UTF-8 (or 1 GiB or longer); FailedPrecondition when add_bos and the
+  // tokenizer has no BOS; ResourceExhausted if a regex hits a PCRE2 limit. Thread-safe.
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos) const;
 
   // Text of `ids`. Ids outside the vocabulary are skipped; invalid UTF-8 produced by the
