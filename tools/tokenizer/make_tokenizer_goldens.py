@@ -129,6 +129,8 @@ FIXED = [
     "<think>\nreasoning\n</think>\n\nanswer", "text<tool>call</tool>", "café! cafe\u0301! CAFÉ!",
     "\u0000", "\U0010fffd\ue000", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝐛𝐨𝐥𝐝", "ﬁ ﬂ ﬀ Å Ω K", "   leading", "trailing   ",
     "a\n\n\nb", "a \n b", "line\r\nline\rline", " ?? !! ", "'s 's's ''", "1 22 333 4444 55555",
+    # Long runs (the regexes' look-ahead and the BPE queue on long pieces).
+    " " * 3000 + "x", "a" * 3000, "7" * 2000, "日本" * 500, "\n" * 1000 + " \n" * 500, "!?" * 1000,
 ]
 
 
