@@ -22,6 +22,13 @@ void RouterServiceImpl::Changed() {
         .Set(static_cast<double>(membership_.version()));
     options_.metrics->GetGauge("expertmesh_router_replicas", "Registered shard replicas")
         .Set(static_cast<double>(membership_.replica_count()));
+    const v1::PlacementMap map = membership_.Map(absl::Now());
+    for (const v1::ShardGroup& g : map.shards()) {
+      options_.metrics
+          ->GetGauge("expertmesh_router_shard_replicas", "Registered replicas per shard group",
+                     {{"shard", std::to_string(g.shard_id())}})
+          .Set(g.replicas_size());
+    }
   }
   changed_.notify_all();
 }

@@ -1,5 +1,6 @@
 // service-common: the metrics registry and its text format, /metrics over real HTTP on
 // loopback, the Status mapping, the handshake rule, and grpc.health.v1 on a real server.
+#include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
 #include "core/wire.h"
@@ -153,6 +154,55 @@ TEST(GrpcUtilTest, HealthIsNotServingUntilSetAndReflectsChanges) {
   server->server->Shutdown();
   // Nothing listens any more: the call itself fails.
   EXPECT_FALSE(CheckHealth(*channel, "", absl::Milliseconds(500)).ok());
+}
+
+// grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo with list_services, over a
+// generic bidi call (no generated reflection stubs ship with the Debian packages): the
+// request is field 7 (list_services) = ""; the answer names the registered services.
+TEST(GrpcUtilTest, ReflectionListsTheServices) {
+  EmptyRouter service;
+  absl::StatusOr<RunningServer> server = StartGrpcServer(ServerOptions{}, {&service});
+  ASSERT_TRUE(server.ok()) << server.status();
+  grpc::GenericStub stub(MakeChannel(LoopbackAddress(server->port)));
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  ASSERT_NE(call, nullptr);
+  void* tag;
+  bool ok;
+  auto step = [&](intptr_t want) {
+    EXPECT_TRUE(cq.Next(&tag, &ok));
+    EXPECT_EQ(reinterpret_cast<intptr_t>(tag), want);
+    return ok;
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(step(1));
+  const std::string request("\x3a\x00", 2);
+  grpc::Slice slice(request);
+  grpc::ByteBuffer out(&slice, 1);
+  call->Write(out, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(step(2));
+  grpc::ByteBuffer in;
+  call->Read(&in, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(step(3));
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(in.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_NE(bytes.find("expertmesh.v1.RouterService"), std::string::npos);
+  EXPECT_NE(bytes.find("grpc.health.v1.Health"), std::string::npos);
+  call->WritesDone(reinterpret_cast<void*>(4));
+  step(4);
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  step(5);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  server->server->Shutdown();
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
 }
 
 TEST(ProcessTest, FreePortIsBindable) {

@@ -218,6 +218,9 @@ TEST_F(ShardProcessTest, RegisterServeFailOverAndDeregisterOnSigterm) {
   absl::StatusOr<std::string> router_text = HttpGet("127.0.0.1", *router_metrics, "/metrics");
   ASSERT_TRUE(router_text.ok()) << router_text.status();
   EXPECT_NE(router_text->find("expertmesh_router_replicas 1\n"), std::string::npos) << *router_text;
+  EXPECT_NE(router_text->find("expertmesh_router_shard_replicas{shard=\"1\"} 0\n"),
+            std::string::npos)
+      << *router_text;
 
   dispatcher->reset();
   EXPECT_TRUE(experts[0]->Stop(absl::Seconds(20)).ok());
