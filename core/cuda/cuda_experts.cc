@@ -219,6 +219,15 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
     for (ExpertRoutes& s : sub) s.offsets.push_back(static_cast<int32_t>(s.experts.size()));
   }
 
+  // Stage the activations once in pinned memory: every device copies from there asynchronously.
+  absl::Status staged = ReservePinned(host_x_, x.fp8.size());
+  if (staged.ok()) staged = ReservePinned(host_x_scales_, x.scales.size());
+  if (!staged.ok()) return staged;
+  std::memcpy(host_x_.data(), x.fp8.data(), x.fp8.size());
+  std::memcpy(host_x_scales_.data(), x.scales.data(), x.scales.size() * sizeof(float));
+  const std::span<const uint8_t> x_fp8(host_x_.data(), x.fp8.size());
+  const std::span<const float> x_scales(host_x_scales_.data(), x.scales.size());
+
   // Launch every device that has work, then collect.
   std::vector<int> active;
   for (int d = 0; d < n_dev; ++d) {
@@ -253,8 +262,8 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
     if (s.ok()) s = Reserve(st.workspace, GroupedExpertsWorkspaceBytes(P, H, I));
     if (s.ok()) s = Reserve(st.out, R * H);
     if (s.ok()) s = ReservePinned(st.host_out, (single ? R : P) * H);
-    if (s.ok()) s = st.x.CopyFromHost(x.fp8, st.stream);
-    if (s.ok()) s = st.x_scales.CopyFromHost(x.scales, st.stream);
+    if (s.ok()) s = st.x.CopyFromHost(x_fp8, st.stream);
+    if (s.ok()) s = st.x_scales.CopyFromHost(x_scales, st.stream);
     if (s.ok()) s = st.ints.CopyFromHost(ints, st.stream);
     if (s.ok()) s = st.slot_weight.CopyFromHost(st.layout.slot_weight, st.stream);
     if (!s.ok()) return s;

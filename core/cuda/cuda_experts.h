@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/config.h"
+#include "core/cuda/device_buffer.h"
 #include "core/experts.h"
 #include "core/local_experts.h"
 #include "core/safetensors.h"
@@ -60,6 +61,8 @@ class CudaExperts : public RoutedExperts {
   int64_t moe_intermediate_size_;
   std::vector<std::unique_ptr<DeviceState>> devices_;
   std::map<LayerExpert, Placement> placement_;
+  PinnedBuffer<uint8_t> host_x_;       // staging of the batch's FP8 activations
+  PinnedBuffer<float> host_x_scales_;  // and of their scales
 };
 
 }  // namespace expertmesh::cuda

@@ -87,7 +87,10 @@ class PinnedBuffer {
   static absl::StatusOr<PinnedBuffer> Create(size_t count) {
     PinnedBuffer b;
     if (count > 0) {
-      absl::Status s = CudaStatus(cudaMallocHost(&b.ptr_, count * sizeof(T)), "cudaMallocHost");
+      // Portable: pinned for every device's context, so all GPUs of a process DMA from it.
+      absl::Status s = CudaStatus(cudaHostAlloc(reinterpret_cast<void**>(&b.ptr_),
+                                                count * sizeof(T), cudaHostAllocPortable),
+                                  "cudaHostAlloc");
       if (!s.ok()) return s;
     }
     b.count_ = count;
