@@ -7,6 +7,7 @@
 #include <boost/json.hpp>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -295,6 +296,38 @@ TEST(Tokenizer, TinyModelSpecialTokens) {
   EXPECT_EQ(ids->front(), 0);
   EXPECT_EQ(t.Decode(*ids, false), "<｜begin▁of▁sentence｜>Hi");
   EXPECT_EQ(t.Decode(*ids, true), "Hi");
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// The layout of DeepSeek-V3's own tokenizer.json: an empty normalizer Sequence, added tokens
+// with normalized=true, merges as "a b" strings, BOS known only from the post-processor.
+TEST(Tokenizer, AcceptsDeepSeekV3FileLayout) {
+  std::string text = ReadFile(kSource + "/models/expertmesh-tiny/tokenizer.json");
+  boost::json::value doc = boost::json::parse(text);
+  boost::json::object& root = doc.as_object();
+  root["normalizer"] = boost::json::parse(R"({"type": "Sequence", "normalizers": []})");
+  for (boost::json::value& t : root["added_tokens"].as_array()) t.as_object()["normalized"] = true;
+  for (boost::json::value& m : root["model"].as_object()["merges"].as_array()) {
+    const boost::json::array& pair = m.as_array();
+    m = boost::json::string(std::string(pair[0].as_string()) + " " +
+                            std::string(pair[1].as_string()));
+  }
+  auto deepseek_layout = Tokenizer::FromJson(boost::json::serialize(doc));
+  ASSERT_TRUE(deepseek_layout.ok()) << deepseek_layout.status();
+  EXPECT_EQ((*deepseek_layout)->bos_id(), 0);  // from the TemplateProcessing post-processor
+  EXPECT_FALSE((*deepseek_layout)->eos_id().has_value());
+  auto reference = Tokenizer::Load(kSource + "/models/expertmesh-tiny/tokenizer.json");
+  ASSERT_TRUE(reference.ok());
+  for (const std::string& line : ReadLines(kGoldenDir + "/golden_texts.txt")) {
+    std::string t = JsonString(line);
+    ASSERT_EQ(*(*deepseek_layout)->Encode(t, true), *(*reference)->Encode(t, true)) << line;
+  }
 }
 
 TEST(Tokenizer, AddBosWithoutBosFails) {
