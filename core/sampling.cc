@@ -75,7 +75,14 @@ absl::StatusOr<Sampler> Sampler::Create(const SamplingParams& p) {
   return Sampler(p);
 }
 
-SampledToken Sampler::Sample(std::span<const float> logits) {
+double TokenDistribution::Prob(int32_t token) const {
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] == token) return probs[i];
+  }
+  return 0.0;
+}
+
+std::vector<float> Sampler::Penalized(std::span<const float> logits) const {
   const int64_t vocab = std::ssize(logits);
   std::vector<float> adjusted(logits.begin(), logits.end());
   for (auto [token, count] : counts_) {
@@ -83,34 +90,65 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
       adjusted[token] -= params_.presence_penalty + params_.frequency_penalty * count;
     }
   }
+  return adjusted;
+}
+
+void Sampler::Nucleus(const std::vector<float>& adjusted, std::vector<int32_t>& order,
+                      std::vector<double>& weights) const {
+  const int64_t vocab = std::ssize(adjusted);
   // Candidates by descending adjusted logit, lower id first on ties.
-  std::vector<int32_t> order(vocab);
+  order.resize(vocab);
   std::iota(order.begin(), order.end(), 0);
   auto by_logit = [&](int32_t a, int32_t b) {
     return adjusted[a] > adjusted[b] || (adjusted[a] == adjusted[b] && a < b);
   };
+  int64_t k = params_.top_k > 0 ? std::min<int64_t>(params_.top_k, vocab) : vocab;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), by_logit);
+  order.resize(k);
+  // Softmax with temperature over the top-k, then the top-p nucleus (at least one token).
+  weights.resize(k);
+  double sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    weights[i] = std::exp((static_cast<double>(adjusted[order[i]]) - adjusted[order[0]]) /
+                          params_.temperature);
+    sum += weights[i];
+  }
+  int64_t keep = 0;
+  double cumulative = 0.0;
+  while (keep < k) {
+    cumulative += weights[keep] / sum;
+    ++keep;
+    if (cumulative >= params_.top_p) break;
+  }
+  order.resize(keep);
+  weights.resize(keep);
+}
+
+TokenDistribution Sampler::Distribution(std::span<const float> logits) const {
+  TokenDistribution d;
+  const std::vector<float> adjusted = Penalized(logits);
+  if (params_.temperature == 0.0f) {
+    d.tokens = {Argmax(adjusted)};
+    d.probs = {1.0};
+    return d;
+  }
+  Nucleus(adjusted, d.tokens, d.probs);
+  double kept_sum = 0.0;
+  for (double w : d.probs) kept_sum += w;
+  for (double& p : d.probs) p /= kept_sum;
+  return d;
+}
+
+SampledToken Sampler::Sample(std::span<const float> logits) {
+  const std::vector<float> adjusted = Penalized(logits);
   int32_t chosen;
   if (params_.temperature == 0.0f) {
     chosen = Argmax(adjusted);
   } else {
-    int64_t k = params_.top_k > 0 ? std::min<int64_t>(params_.top_k, vocab) : vocab;
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), by_logit);
-    order.resize(k);
-    // Softmax with temperature over the top-k, then the top-p nucleus (at least one token).
-    std::vector<double> probs(k);
-    double sum = 0.0;
-    for (int64_t i = 0; i < k; ++i) {
-      probs[i] = std::exp((static_cast<double>(adjusted[order[i]]) - adjusted[order[0]]) /
-                          params_.temperature);
-      sum += probs[i];
-    }
-    int64_t keep = 0;
-    double cumulative = 0.0;
-    while (keep < k) {
-      cumulative += probs[keep] / sum;
-      ++keep;
-      if (cumulative >= params_.top_p) break;
-    }
+    std::vector<int32_t> order;
+    std::vector<double> probs;
+    Nucleus(adjusted, order, probs);
+    const int64_t keep = std::ssize(order);
     double kept_sum = 0.0;
     for (int64_t i = 0; i < keep; ++i) kept_sum += probs[i];
     const double u = rng_.Uniform() * kept_sum;
@@ -124,6 +162,11 @@ SampledToken Sampler::Sample(std::span<const float> logits) {
       }
     }
   }
+  return Emit(logits, chosen);
+}
+
+SampledToken Sampler::Emit(std::span<const float> logits, int32_t chosen) {
+  const int64_t vocab = std::ssize(logits);
   SampledToken out;
   out.token = chosen;
   std::vector<float> logprobs = LogSoftmax(logits);

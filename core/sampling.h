@@ -29,6 +29,15 @@ struct TokenLogprob {
   float logprob = 0.0f;
 };
 
+// The distribution a Sampler draws from for one position: candidate tokens, most likely
+// first (lower id on ties), with probabilities summing to 1.
+struct TokenDistribution {
+  std::vector<int32_t> tokens;
+  std::vector<double> probs;
+  // Probability of `token` (0 outside the candidates).
+  double Prob(int32_t token) const;
+};
+
 struct SampledToken {
   int32_t token = 0;
   // log-softmax of the model's logits (before penalties and temperature) at `token`.
@@ -55,8 +64,23 @@ class Sampler {
   void Observe(int32_t token) { ++counts_[token]; }
   const SamplingParams& params() const { return params_; }
 
+  // For speculative decoding (core/speculative.h):
+  // The distribution Sample() draws from for these logits (penalties, temperature, top-k,
+  // top-p applied to the tokens generated so far). Temperature 0: the argmax, probability 1.
+  TokenDistribution Distribution(std::span<const float> logits) const;
+  // One uniform draw in [0, 1) from this sequence's generator.
+  double Uniform() { return rng_.Uniform(); }
+  // Records `token` as generated and reports it as Sample() would have, had it drawn it.
+  SampledToken Emit(std::span<const float> logits, int32_t token);
+
  private:
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+  // logits minus the presence / frequency penalties: [vocab_size].
+  std::vector<float> Penalized(std::span<const float> logits) const;
+  // Temperature > 0: the kept candidates (top-k, then the top-p nucleus) by descending
+  // adjusted logit, with unnormalized weights exp((l - l_max) / temperature).
+  void Nucleus(const std::vector<float>& adjusted, std::vector<int32_t>& order,
+               std::vector<double>& weights) const;
   SamplingParams params_;
   Rng rng_;
   std::unordered_map<int32_t, int32_t> counts_;  // generated token -> occurrences

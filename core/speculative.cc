@@ -1,0 +1,276 @@
+#include "core/speculative.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_format.h"
+
+namespace expertmesh {
+
+// ---- The acceptance rule -------------------------------------------------------------------
+
+RejectionResult RejectionSample(std::span<const double> p, std::span<const double> q, int32_t draft,
+                                const std::function<double()>& uniform) {
+  const double pd = p[draft], qd = q[draft];
+  if (qd <= 0.0 || uniform() < std::min(1.0, pd / qd)) return {draft, true};
+  // Residual: max(0, p - q), normalized. Its mass is 1 - sum(min(p, q)) > 0 here.
+  double mass = 0.0;
+  for (size_t i = 0; i < p.size(); ++i) mass += std::max(0.0, p[i] - q[i]);
+  const double u = uniform() * mass;
+  double acc = 0.0;
+  int32_t last = draft;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const double r = std::max(0.0, p[i] - q[i]);
+    if (r <= 0.0) continue;
+    last = static_cast<int32_t>(i);
+    acc += r;
+    if (u < acc) return {last, false};
+  }
+  return {last, false};  // rounding: the last token with residual mass
+}
+
+VerifiedToken VerifyDraft(Sampler& sampler, std::span<const float> logits, int32_t draft) {
+  const TokenDistribution p = sampler.Distribution(logits);
+  int32_t token;
+  bool accepted;
+  if (sampler.params().temperature == 0.0f) {
+    token = p.tokens[0];
+    accepted = token == draft;
+  } else {
+    const double pd = p.Prob(draft);
+    if (sampler.Uniform() < pd) {
+      token = draft;
+      accepted = true;
+    } else {
+      // p with the draft removed, renormalized (its mass is 1 - pd > 0 here).
+      const double u = sampler.Uniform() * (1.0 - pd);
+      double acc = 0.0;
+      token = -1;
+      for (size_t i = 0; i < p.tokens.size(); ++i) {
+        if (p.tokens[i] == draft) continue;
+        token = p.tokens[i];
+        acc += p.probs[i];
+        if (u < acc) break;
+      }
+      accepted = false;
+      if (token < 0) {  // the draft was the only candidate: p(d) = 1, reached by rounding
+        token = draft;
+        accepted = true;
+      }
+    }
+  }
+  return {sampler.Emit(logits, token), accepted};
+}
+
+Verification VerifyDrafts(Sampler& sampler, std::span<const float> logits,
+                          std::span<const int32_t> drafts, int64_t vocab_size) {
+  Verification v;
+  for (size_t j = 0; j < drafts.size(); ++j) {
+    VerifiedToken t = VerifyDraft(sampler, logits.subspan(j * vocab_size, vocab_size), drafts[j]);
+    v.tokens.push_back(std::move(t.token));
+    if (!t.accepted) return v;
+    ++v.accepted;
+  }
+  v.tokens.push_back(sampler.Sample(logits.subspan(drafts.size() * vocab_size, vocab_size)));
+  return v;
+}
+
+// ---- The drafter -----------------------------------------------------------------------------
+
+void AppendMtpRows(MtpSequence& seq, std::span<const int32_t> next_tokens,
+                   std::span<const float> hidden) {
+  seq.next_tokens.insert(seq.next_tokens.end(), next_tokens.begin(), next_tokens.end());
+  seq.hidden.insert(seq.hidden.end(), hidden.begin(), hidden.end());
+}
+
+absl::StatusOr<MtpDrafter> MtpDrafter::Create(Engine* engine, int draft_k) {
+  if (engine->model().mtp().empty()) {
+    return absl::FailedPreconditionError(
+        "speculative decoding needs the MTP module (num_nextn_predict_layers >= 1, loaded)");
+  }
+  if (draft_k < 1 || draft_k > kMaxDraftTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("draft_k %d must lie in [1, %d]", draft_k, kMaxDraftTokens));
+  }
+  return MtpDrafter(engine, draft_k);
+}
+
+absl::Status MtpDrafter::Draft(std::span<MtpSequence* const> seqs, std::span<const int> k,
+                               int64_t* mtp_rows) {
+  const int64_t D = engine_->model().config().hidden_size;
+  int64_t rows = 0;
+  // 1. The pending rows of every sequence that has some or wants drafts.
+  std::vector<MtpInput> batch;
+  std::vector<size_t> which;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    MtpSequence& s = *seqs[i];
+    s.drafts.clear();
+    if (s.pending() == 0) {
+      if (k[i] > 0) {
+        return absl::FailedPreconditionError("MTP draft without a pending row (no new token)");
+      }
+      continue;
+    }
+    batch.push_back(MtpInput{s.next_tokens, s.hidden, s.cache, false});
+    which.push_back(i);
+    rows += s.pending();
+  }
+  if (batch.empty()) return absl::OkStatus();
+  absl::StatusOr<std::vector<SequenceOutput>> out = engine_->ForwardMtp(batch, 0);
+  if (!out.ok()) return out.status();
+  // 2. Chained drafts: (d_j, the module's last hidden state) at the next position.
+  std::vector<int64_t> committed(seqs.size(), 0);
+  std::vector<std::vector<float>> last_hidden(seqs.size());
+  std::vector<size_t> active;
+  for (size_t b = 0; b < which.size(); ++b) {
+    MtpSequence& s = *seqs[which[b]];
+    s.next_tokens.clear();
+    s.hidden.clear();
+    committed[which[b]] = s.cache->length();
+    if (k[which[b]] == 0) continue;
+    s.drafts.push_back(Argmax((*out)[b].logits));
+    const std::vector<float>& h = (*out)[b].hidden;
+    last_hidden[which[b]].assign(h.end() - D, h.end());
+    if (k[which[b]] > 1) active.push_back(which[b]);
+  }
+  absl::Status status;
+  for (int j = 1; !active.empty(); ++j) {
+    batch.clear();
+    for (size_t i : active) {
+      batch.push_back(MtpInput{std::span<const int32_t>(&seqs[i]->drafts.back(), 1), last_hidden[i],
+                               seqs[i]->cache, false});
+    }
+    rows += std::ssize(active);
+    out = engine_->ForwardMtp(batch, 0);
+    if (!out.ok()) {
+      status = out.status();
+      break;
+    }
+    std::vector<size_t> still;
+    for (size_t b = 0; b < active.size(); ++b) {
+      const size_t i = active[b];
+      seqs[i]->drafts.push_back(Argmax((*out)[b].logits));
+      last_hidden[i] = std::move((*out)[b].hidden);
+      if (static_cast<int>(seqs[i]->drafts.size()) < k[i]) still.push_back(i);
+    }
+    active = std::move(still);
+  }
+  // 3. The chained positions held drafts: drop them.
+  for (size_t i : which) {
+    if (seqs[i]->cache->length() > committed[i]) seqs[i]->cache->Truncate(committed[i]);
+  }
+  if (mtp_rows != nullptr) *mtp_rows = rows;
+  if (!status.ok()) {
+    for (size_t i : which) seqs[i]->drafts.clear();
+  }
+  return status;
+}
+
+// ---- The adaptive policy ---------------------------------------------------------------------
+
+namespace {
+constexpr double kCostDecay = 0.2;         // weight of a new observation in the mean
+constexpr double kAcceptanceDecay = 0.98;  // per observed step: old counts fade
+constexpr size_t kMaxRowPoints = 128;      // distinct row counts kept
+}  // namespace
+
+void RowCostModel::Observe(int64_t rows, double seconds) {
+  auto it = mean_.find(rows);
+  if (it == mean_.end()) {
+    if (mean_.size() >= kMaxRowPoints) {
+      // Forget the point farthest from this one; the policy cares about nearby sizes.
+      auto far = std::max_element(mean_.begin(), mean_.end(), [&](const auto& a, const auto& b) {
+        return std::abs(a.first - rows) < std::abs(b.first - rows);
+      });
+      mean_.erase(far);
+    }
+    mean_[rows] = seconds;
+  } else {
+    it->second += kCostDecay * (seconds - it->second);
+  }
+}
+
+double RowCostModel::Predict(int64_t rows) const {
+  if (mean_.empty()) return -1.0;
+  auto hi = mean_.lower_bound(rows);
+  if (hi != mean_.end() && hi->first == rows) return hi->second;
+  if (mean_.size() == 1) {
+    const auto& [r, t] = *mean_.begin();
+    return t * static_cast<double>(rows) / static_cast<double>(r);
+  }
+  // Two points to interpolate between (or extrapolate from, at either end).
+  std::map<int64_t, double>::const_iterator a, b;
+  if (hi == mean_.end()) {
+    b = std::prev(hi);
+    a = std::prev(b);
+  } else if (hi == mean_.begin()) {
+    a = hi;
+    b = std::next(hi);
+  } else {
+    a = std::prev(hi);
+    b = hi;
+  }
+  const double slope = (b->second - a->second) / static_cast<double>(b->first - a->first);
+  const double t = a->second + slope * static_cast<double>(rows - a->first);
+  // A noisy slope must not predict a free (or negative-cost) step.
+  return std::max(t, 0.05 * std::min(a->second, b->second));
+}
+
+void DraftPolicy::ObserveAcceptance(std::span<const int64_t> drafted,
+                                    std::span<const int64_t> accepted) {
+  for (int j = 0; j < kMaxDraftTokens; ++j) {
+    drafted_[j] *= kAcceptanceDecay;
+    accepted_[j] *= kAcceptanceDecay;
+    if (j < std::ssize(drafted)) {
+      drafted_[j] += static_cast<double>(drafted[j]);
+      accepted_[j] += static_cast<double>(accepted[j]);
+    }
+  }
+}
+
+double DraftPolicy::acceptance_rate(int position) const {
+  return drafted_[position] > 0.0 ? accepted_[position] / drafted_[position] : -1.0;
+}
+
+double DraftPolicy::PredictedSpeedup(int64_t B, int k) const {
+  const double t_plain = main_.Predict(B);
+  const double t_verify = main_.Predict(B * (1 + k));
+  // The MTP module runs over ~(1 + accepted) pending rows per sequence, then k - 1 chained.
+  double expected = 0.0, run = 1.0;
+  for (int j = 0; j < k; ++j) {
+    const double a = acceptance_rate(j);
+    if (a < 0.0) return -1.0;
+    run *= a;
+    expected += run;
+  }
+  const double t_mtp = mtp_.Predict(static_cast<int64_t>(std::llround(B * (1.0 + expected)))) +
+                       (k - 1) * mtp_.Predict(B);
+  if (t_plain <= 0.0 || t_verify <= 0.0 || t_mtp < 0.0) return -1.0;
+  return (1.0 + expected) * t_plain / (t_verify + t_mtp);
+}
+
+int DraftPolicy::Choose(int64_t B) {
+  if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
+  // Unmeasured: probe by drafting (that measures acceptance, verify and MTP costs), then
+  // by not drafting (that measures the plain step).
+  if (acceptance_rate(0) < 0.0 || !main_.Observed(B * (1 + draft_k_))) return draft_k_;
+  if (!main_.Observed(B)) return 0;
+  int best = 0;
+  double best_speedup = options_.margin;
+  for (int k = 1; k <= draft_k_; ++k) {
+    const double s = PredictedSpeedup(B, k);
+    if (s > best_speedup) {
+      best = k;
+      best_speedup = s;
+    }
+  }
+  // Every probe_interval steps the other choice, so both step costs (and, while off, the
+  // acceptance) stay current.
+  if (++steps_since_probe_ >= options_.probe_interval) {
+    steps_since_probe_ = 0;
+    return best > 0 ? 0 : 1;
+  }
+  return best;
+}
+
+}  // namespace expertmesh
