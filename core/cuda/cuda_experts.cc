@@ -119,7 +119,9 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(
   }
 
   const int64_t sb = NumBlocks(I, 128) * NumBlocks(H, 128);  // scale blocks per projection
-  const int64_t per_expert = 3 * H * I + 3 * sb * 4;
+  // Each weight and each scale table starts 256-byte aligned (cp.async reads 16-byte chunks).
+  auto align = [](int64_t n) { return (n + 255) / 256 * 256; };
+  const int64_t per_expert = 3 * (align(H * I) + align(sb * 4));
   for (int dev = 0; dev < n_dev; ++dev) {
     DeviceState& st = *ce->devices_[dev];
     cudaSetDevice(st.device);
@@ -154,14 +156,14 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(
         absl::Status s = CudaStatus(
             cudaMemcpy(dst, lin->weight.data, pr.out * pr.in, cudaMemcpyHostToDevice), "weights");
         if (s.ok()) {
-          s = CudaStatus(
-              cudaMemcpy(dst + pr.out * pr.in, lin->scale_inv.data, sb * 4, cudaMemcpyHostToDevice),
-              "weight scales");
+          s = CudaStatus(cudaMemcpy(dst + align(pr.out * pr.in), lin->scale_inv.data, sb * 4,
+                                    cudaMemcpyHostToDevice),
+                         "weight scales");
         }
         if (!s.ok()) return s;
         *pr.w = dst;
-        *pr.s = reinterpret_cast<const float*>(dst + pr.out * pr.in);
-        offset += pr.out * pr.in + sb * 4;  // H*I is a multiple of 16: alignment kept
+        *pr.s = reinterpret_cast<const float*>(dst + align(pr.out * pr.in));
+        offset += align(pr.out * pr.in) + align(sb * 4);
       }
     }
     for (auto& [layer, table] : tables) {
