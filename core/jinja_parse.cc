@@ -118,6 +118,9 @@ absl::StatusOr<std::vector<Tok>> LexExpr(std::string_view src) {
       if (!found) return Error(absl::StrCat("unexpected character '", std::string(1, c), "'"));
     }
   }
+  if (out.size() > kMaxExpressionTokens) {
+    return Error(absl::StrCat("expression of ", out.size(), " tokens is too long"));
+  }
   out.push_back({Tok::Kind::kEnd, ""});
   return out;
 }
@@ -535,6 +538,13 @@ class TemplateParser {
   // Parses nodes until a block whose keyword is in `stops`; that keyword goes to *stop and the
   // stop block's expression tokens stay in stop_parser_.
   absl::Status ParseBody(Body* body, const std::vector<std::string>& stops, std::string* stop) {
+    if (++nesting_ > kMaxStatementNesting) return Error("statements nested too deeply");
+    absl::Status s = ParseBodyNested(body, stops, stop);
+    --nesting_;
+    return s;
+  }
+  absl::Status ParseBodyNested(Body* body, const std::vector<std::string>& stops,
+                               std::string* stop) {
     while (pos_ < pieces_.size()) {
       const Piece& p = pieces_[pos_++];
       if (p.kind == Piece::Kind::kText) {
@@ -633,6 +643,7 @@ class TemplateParser {
 
   std::vector<Piece> pieces_;
   size_t pos_ = 0;
+  int nesting_ = 0;
   std::unique_ptr<ExprParser> stop_parser_;
 };
 

@@ -137,6 +137,7 @@ class Renderer {
     if (items.empty()) return Render(node.else_body, out);
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < n; ++k) {
+      if (++iterations_ > kMaxLoopIterations) return Error("too many loop iterations");
       scopes_.emplace_back();
       auto& scope = scopes_.back();
       absl::Status s = bind(&scope, items[k]);
@@ -310,6 +311,9 @@ class Renderer {
     }
     if (op == "*" && a.is(K::kString) && b.numeric() && !b.is(K::kFloat)) {
       std::string s;
+      if (b.as_int() > 0 && a.s.size() * static_cast<uint64_t>(b.as_int()) > kMaxStringBytes) {
+        return Error("string repetition too long");
+      }
       for (int64_t k = 0; k < b.as_int(); ++k) s += a.s;
       return Value::Str(s);
     }
@@ -433,6 +437,7 @@ class Renderer {
                                                                      : 0;
       int64_t step = r.size() > 2 ? r[2] : 1;
       if (step == 0 || r.empty()) return Error("bad range()");
+      if ((stop - start) / step > kMaxRangeLength) return Error("range() too long");
       List l;
       for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) l.push_back(Value::Int(k));
       return Value::MakeList(std::move(l));
@@ -673,6 +678,7 @@ class Renderer {
 
   std::vector<std::unordered_map<std::string, Value>> scopes_;
   LoopControl loop_control_ = LoopControl::kNone;
+  int64_t iterations_ = 0;
 };
 
 }  // namespace

@@ -151,6 +151,20 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
             absl::StatusCode::kUnimplemented);
   EXPECT_EQ(ChatTemplate::Create("{{ x is sameas y }}", "", "").status().code(),
             absl::StatusCode::kUnimplemented);
+  // Limits: recursion, memory and time stay bounded whatever the template says.
+  std::string deep_parens = std::string(5000, '(') + "1" + std::string(5000, ')');
+  EXPECT_FALSE(ChatTemplate::Create("{{ " + deep_parens + " }}", "", "").ok());
+  std::string deep_ifs;
+  for (int k = 0; k < 1000; ++k) deep_ifs += "{% if true %}";
+  for (int k = 0; k < 1000; ++k) deep_ifs += "{% endif %}";
+  EXPECT_FALSE(ChatTemplate::Create(deep_ifs, "", "").ok());
+  for (std::string hostile :
+       {"{% for i in range(10000000000) %}{% endfor %}", "{{ 'ab' * 10000000000 }}",
+        "{% for i in range(1000000) %}{% for j in range(1000000) %}{% endfor %}{% endfor %}"}) {
+    auto t = ChatTemplate::Create(hostile, "", "");
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->Apply({}, false).status().code(), absl::StatusCode::kInvalidArgument) << hostile;
+  }
   EXPECT_EQ(ChatTemplate::FromTokenizerConfig("/nonexistent.json").status().code(),
             absl::StatusCode::kNotFound);
 }
