@@ -130,6 +130,17 @@ class ClusterTest : public ::testing::Test {
   static double Metric(const Cluster& c, const std::string& name) {
     return Metric(c.attention().metrics_port, name);
   }
+  // Stops the cluster (every service must exit cleanly on SIGTERM); its logs are kept only
+  // when the test failed.
+  void StopCluster(Cluster& c) {
+    EXPECT_TRUE(c.UnexpectedExits().empty());
+    EXPECT_TRUE(c.Stop().ok());
+    if (HasFailure()) {
+      std::printf("[ info ] service logs kept in %s\n", c.log_dir().c_str());
+    } else {
+      std::filesystem::remove_all(c.log_dir());
+    }
+  }
   static bool Healthy(const Cluster& c) {
     auto ch = MakeChannel(c.attention().grpc_address);
     absl::StatusOr<bool> s = CheckHealth(*ch, "", absl::Seconds(2));
@@ -157,8 +168,7 @@ TEST_F(ClusterTest, DistributionChangesNothing) {
       std::vector<std::vector<int32_t>> got = ExpectReferenceOutputs(**c, 8);
       if (replicas == 1) first = got;
       EXPECT_EQ(got, first);  // replicas change nothing
-      EXPECT_TRUE((*c)->UnexpectedExits().empty());
-      EXPECT_TRUE((*c)->Stop().ok());  // every service exits cleanly on SIGTERM
+      StopCluster(**c);
       // Informational: agreement with the engine whose experts return float (no BF16 wire).
       int same = 0;
       for (int i = 0; i < 8; ++i) same += got[i] == (*plain_)[i] ? 1 : 0;
@@ -275,7 +285,7 @@ TEST_F(ClusterTest, SixtyFourConcurrentSequencesThenCancelFreesKvBlocks) {
   }
   EXPECT_TRUE(Healthy(**c));
   ExpectReferenceOutputs(**c, 2);  // still serves
-  EXPECT_TRUE((*c)->UnexpectedExits().empty());
+  StopCluster(**c);
 }
 
 TEST_F(ClusterTest, ReplicaKilledMidGenerationThenNoReplicaThenRecovery) {
@@ -343,8 +353,7 @@ TEST_F(ClusterTest, ReplicaKilledMidGenerationThenNoReplicaThenRecovery) {
   ASSERT_TRUE((*c)->RestartExpert(0, kill_order[0]).ok());
   ASSERT_TRUE(launcher::WaitServing((*c)->attention().grpc_address, absl::Seconds(30)).ok());
   ExpectReferenceOutputs(**c, 8);
-  EXPECT_TRUE((*c)->UnexpectedExits().empty());
-  EXPECT_TRUE((*c)->Stop().ok());
+  StopCluster(**c);
 }
 
 }  // namespace

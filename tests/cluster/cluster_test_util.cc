@@ -12,7 +12,6 @@
 #include "core/numerics.h"
 #include "core/safetensors.h"
 #include "core/sampling.h"
-#include "router/placement.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::testing {
@@ -67,26 +66,32 @@ constexpr char kConfig[] = R"({
 }
 )";
 
-// LocalExperts seen through the expert data plane of a placement: per shard group (in
-// shard-id order) the rows that route to it, with only its pairs, computed by the same
-// LocalExperts, rounded to BF16 (the wire's result format) and added into out.
+// LocalExperts seen through the expert data plane of the even placement over num_shards
+// groups: per shard group (in shard-id order) the rows that route to it, with only its
+// pairs, computed by the same LocalExperts, rounded to BF16 (the wire's result format) and
+// added into out. The even placement is restated here from its definition (expert e of E
+// lives in shard floor(e * N / E)), independently of the router library.
 class WireNumericsExperts final : public RoutedExperts {
  public:
-  WireNumericsExperts(LocalExperts* experts, Placement placement, int64_t hidden_size)
-      : experts_(experts), placement_(std::move(placement)), hidden_size_(hidden_size) {}
+  WireNumericsExperts(LocalExperts* experts, int32_t num_shards, int64_t n_routed_experts,
+                      int64_t hidden_size)
+      : experts_(experts),
+        num_shards_(num_shards),
+        n_routed_experts_(n_routed_experts),
+        hidden_size_(hidden_size) {}
   absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                    std::span<float> out) override {
     const int64_t H = hidden_size_;
     std::fill(out.begin(), out.end(), 0.0f);
     std::vector<float> part(out.size());
-    for (int32_t shard = 0; shard < placement_.num_shards; ++shard) {
+    for (int32_t shard = 0; shard < num_shards_; ++shard) {
       ExpertRoutes sub;
       std::vector<bool> has(static_cast<size_t>(routes.n_rows()), false);
       for (int64_t r = 0; r < routes.n_rows(); ++r) {
         std::vector<int32_t> e;
         std::vector<float> w;
         for (int32_t k = routes.offsets[r]; k < routes.offsets[r + 1]; ++k) {
-          if (placement_.ShardOf(layer, routes.experts[k]) == shard) {
+          if (routes.experts[k] * num_shards_ / n_routed_experts_ == shard) {
             e.push_back(routes.experts[k]);
             w.push_back(routes.weights[k]);
           }
@@ -107,7 +112,8 @@ class WireNumericsExperts final : public RoutedExperts {
 
  private:
   LocalExperts* experts_;
-  Placement placement_;
+  int32_t num_shards_;
+  int64_t n_routed_experts_;
   int64_t hidden_size_;
 };
 
@@ -155,10 +161,8 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
   RoutedExperts* routed = experts->get();
   std::unique_ptr<WireNumericsExperts> wire;
   if (wire_shards > 0) {
-    absl::StatusOr<Placement> placement = EvenPlacement(*config, wire_shards);
-    if (!placement.ok()) return placement.status();
-    wire = std::make_unique<WireNumericsExperts>(experts->get(), *std::move(placement),
-                                                 config->hidden_size);
+    wire = std::make_unique<WireNumericsExperts>(experts->get(), wire_shards,
+                                                 config->n_routed_experts, config->hidden_size);
     routed = wire.get();
   }
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(**model, routed);
