@@ -4,6 +4,7 @@
 #include <deque>
 #include <optional>
 #include <set>
+#include <utility>
 
 #include <grpcpp/grpcpp.h>
 
@@ -332,7 +333,7 @@ absl::Status Dispatcher::WaitCovered(absl::Duration timeout, uint64_t min_versio
   return absl::OkStatus();
 }
 
-absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map) {
+absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_version) {
   absl::StatusOr<Placement> placement = PlacementFromMap(map);
   if (!placement.ok()) return placement.status();
   if (placement->n_layers != n_layers_ || placement->n_routed_experts != n_routed_experts_) {
@@ -344,7 +345,9 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map) {
   std::vector<std::shared_ptr<ReplicaStream>> removed;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (table_ && map.version() <= table_->version) return absl::OkStatus();  // stale
+    if (table_ && !any_version && map.version() <= table_->version) {
+      return absl::OkStatus();  // stale
+    }
     auto table = std::make_shared<Table>();
     table->version = map.version();
     table->replicas.resize(placement->num_shards);
@@ -439,11 +442,13 @@ void Dispatcher::WatchLoop(std::string router_address) {
     }
     v1::WatchPlacementRequest req;
     *req.mutable_identity() = options_.identity;
-    req.set_known_version(placement_version());
+    req.set_known_version(0);  // always send the current map: the router may have restarted
     auto reader = stub->WatchPlacement(&ctx, req);
     v1::PlacementMap map;
+    bool first = true;
     while (reader->Read(&map)) {
-      if (absl::Status s = ApplyPlacement(map); !s.ok()) {
+      if (absl::Status s = ApplyPlacement(map, /*any_version=*/std::exchange(first, false));
+          !s.ok()) {
         spdlog::error("dispatcher: placement v{} refused: {}", map.version(),
                       std::string(s.message()));
       }

@@ -65,9 +65,10 @@ class Dispatcher final : public RoutedExperts {
   absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                    std::span<float> out) override;
 
-  // Applies a placement map (newer versions only). The router watcher calls this; tests and
-  // static deployments may call it directly.
-  absl::Status ApplyPlacement(const v1::PlacementMap& map);
+  // Applies a placement map (newer versions only, unless `any_version`: the first map of a
+  // new watch stream is taken whatever its version, since a restarted router counts again
+  // from 1). The router watcher calls this; tests and static deployments may call it directly.
+  absl::Status ApplyPlacement(const v1::PlacementMap& map, bool any_version = false);
   // Watches router_address's placement maps on a background thread until destruction, and
   // reports expert load there every load_report_interval.
   void WatchRouter(const std::string& router_address);

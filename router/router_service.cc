@@ -1,5 +1,7 @@
 #include "router/router_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
@@ -147,6 +149,8 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(Placement plac
   rs->service_ = std::make_unique<RouterServiceImpl>(std::move(placement), options);
   ServerOptions server = options.server;
   server.health_service_names.push_back(v1::RouterService::service_full_name());
+  // Each watch stream holds a sync-server thread: room for all of them plus unary calls.
+  server.max_sync_threads = std::max(server.max_sync_threads, options.max_watchers + 32);
   absl::StatusOr<RunningServer> running = StartGrpcServer(server, {rs->service_.get()});
   if (!running.ok()) return running.status();
   rs->server_ = std::move(running->server);

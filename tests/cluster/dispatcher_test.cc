@@ -254,6 +254,40 @@ TEST_F(DispatcherTest, ReportsExpertLoadToTheRouter) {
   EXPECT_TRUE(status.placement().shards(1).replicas(0).healthy());
 }
 
+TEST_F(DispatcherTest, FollowsARestartedRouterWhoseVersionsStartAgain) {
+  // Two membership changes push the old router's version above what a fresh router reaches.
+  Replica(1, 1).Drain();
+  ASSERT_NE(AddReplica(1), nullptr);
+  const uint64_t old_version = router_->service().version();
+  ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(10), old_version).ok());
+  RunAndCheck(1, 4, 31);
+
+  const int port = router_->port();
+  router_.reset();  // the replicas' heartbeats fail; the dispatcher's watch breaks
+  RouterServerOptions ro;
+  ro.server.listen = LoopbackAddress(port);
+  ro.identity = identity_;
+  ro.membership.heartbeat_interval = absl::Milliseconds(100);
+  ro.membership.expiry = absl::Milliseconds(600);
+  absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(placement_, ro);
+  ASSERT_TRUE(router.ok()) << router.status();
+  router_ = *std::move(router);
+  // The 4 live replicas learn from their heartbeats that the router forgot them and register
+  // again: versions 2..5 on the new router, below the old router's.
+  const absl::Time until = absl::Now() + absl::Seconds(20);
+  while (router_->service().version() < 5 && absl::Now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const uint64_t new_version = router_->service().version();
+  ASSERT_EQ(new_version, 5u);
+  ASSERT_LT(new_version, old_version);
+  while (dispatcher_->placement_version() != new_version && absl::Now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(dispatcher_->placement_version(), new_version);
+  RunAndCheck(2, 5, 32);
+}
+
 TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
   const Batch b = RandomBatch(config_, 2, 5);
   std::vector<float> out(2 * config_.hidden_size);
