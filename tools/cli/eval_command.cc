@@ -33,6 +33,7 @@
 #include "core/sampling.h"
 #include "core/tokenizer.h"
 #include "spdlog/spdlog.h"
+#include "tools/cli/commands.h"
 
 namespace expertmesh {
 namespace {
