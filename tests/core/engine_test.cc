@@ -244,6 +244,22 @@ TEST_F(EngineTest, LocalExpertsHoldOnlyTheirExperts) {
   EXPECT_EQ((*some)->Run(2, q1, foreign, out1).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LocalExpertsMapping, AShardMapsOnlyItsExpertsBytes) {
+  // A fresh checkpoint: LocalExperts for one expert maps that expert's pages and nothing else.
+  auto ckpt = Checkpoint::Open(EngineDataDir("engine-yarn"));
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  auto config = LoadModelConfig(EngineDataDir("engine-yarn") + "/config.json");
+  ASSERT_TRUE(config.ok());
+  const std::vector<LayerExpert> one = {{2, 3}};
+  auto experts = LocalExperts::Create(**ckpt, *config, one);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  const uint64_t expert_bytes = (*experts)->bytes_mapped();  // 3 x (64 x 256 FP8 + 2 scales)
+  // Whole pages around each of the 6 tensors: at most one extra page on each side.
+  EXPECT_GE((*ckpt)->bytes_mapped(), expert_bytes);
+  EXPECT_LE((*ckpt)->bytes_mapped(), expert_bytes + 6 * 2 * 4096);
+  EXPECT_LT((*ckpt)->bytes_mapped(), (*ckpt)->total_bytes() / 10);
+}
+
 TEST(KvCacheTest, ExtendTruncateAndBounds) {
   auto cache = *ContiguousKvCache::Create(2, 4, 2, /*max_length=*/3);
   EXPECT_EQ(cache->row_size(), 6);
