@@ -41,6 +41,8 @@ class CudaExperts : public RoutedExperts {
   ~CudaExperts() override;
 
   // x: [n_rows, hidden_size] FP8 with 1 x 128 scales; out: [n_rows, hidden_size] overwritten.
+  // Not reentrant (buffers are reused between calls): one caller at a time. RunUnquantized
+  // keeps the interface's default (Unimplemented): the GPU path takes FP8 activations only.
   absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                    std::span<float> out) override;
 
