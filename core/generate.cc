@@ -135,9 +135,10 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
       ks.clear();
       for (size_t i : active) {
         Seq& s = seqs[i];
-        // Room: every draft could become a token, and each needs a cache slot.
-        const int64_t room = std::min(s.request->max_tokens - std::ssize(s.result.tokens) - 1,
-                                      max_context - s.length);
+        // Room: drafts beyond the tokens still wanted are wasted, and each needs a cache
+        // slot inside the context (a step emits at most k + 1 tokens; extra ones are cut).
+        const int64_t room =
+            std::min(s.request->max_tokens - std::ssize(s.result.tokens), max_context - s.length);
         const int ki = static_cast<int>(std::clamp<int64_t>(room, 0, k));
         if (ki > 0 || s.mtp.pending() >= kMaxPendingMtpRows) {
           mtp_seqs.push_back(&s.mtp);
@@ -185,8 +186,9 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
       }
       s.result.drafted += std::ssize(drafts);
       s.result.accepted += v.accepted;
-      caches_[active[b]]->Truncate(start + 1 + v.accepted);
       const size_t taken = emit(active[b], v.tokens);
+      // The cache keeps every emitted token but the newest (as without drafting).
+      caches_[active[b]]->Truncate(start + static_cast<int64_t>(taken));
       st.decode_tokens += static_cast<int64_t>(taken);
       if (mtp() && !s.done) {
         std::vector<int32_t> next;

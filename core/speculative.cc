@@ -169,9 +169,11 @@ absl::Status MtpDrafter::Draft(std::span<MtpSequence* const> seqs, std::span<con
 // ---- The adaptive policy ---------------------------------------------------------------------
 
 namespace {
-constexpr double kCostDecay = 0.2;         // weight of a new observation in the mean
-constexpr double kAcceptanceDecay = 0.98;  // per observed step: old counts fade
-constexpr size_t kMaxRowPoints = 128;      // distinct row counts kept
+constexpr double kCostDecay = 0.2;  // weight of a new observation in the mean
+// Acceptance counts fade by exp(-n / kAcceptanceWindow) per n new drafts: the estimate
+// follows the last ~64 drafts whatever the batch size.
+constexpr double kAcceptanceWindow = 64.0;
+constexpr size_t kMaxRowPoints = 128;  // distinct row counts kept
 }  // namespace
 
 void RowCostModel::Observe(int64_t rows, double seconds) {
@@ -218,9 +220,11 @@ double RowCostModel::Predict(int64_t rows) const {
 
 void DraftPolicy::ObserveAcceptance(std::span<const int64_t> drafted,
                                     std::span<const int64_t> accepted) {
+  const double n = drafted.empty() ? 0.0 : static_cast<double>(drafted[0]);
+  const double decay = std::exp(-n / kAcceptanceWindow);
   for (int j = 0; j < kMaxDraftTokens; ++j) {
-    drafted_[j] *= kAcceptanceDecay;
-    accepted_[j] *= kAcceptanceDecay;
+    drafted_[j] *= decay;
+    accepted_[j] *= decay;
     if (j < std::ssize(drafted)) {
       drafted_[j] += static_cast<double>(drafted[j]);
       accepted_[j] += static_cast<double>(accepted[j]);
