@@ -298,5 +298,64 @@ TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A placement from a JSON plan that stripes experts over the shards (and differs per
+// layer), served by replicas started with explicit expert lists: the same exactness.
+TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = PlacementFromJson(
+      R"({"num_shards": 3, "layers": {"1": [0,1,2,0,1,2,0,1], "2": [2,2,2,1,1,0,0,0],)"
+      R"( "3": [1,0,1,0,2,0,1,0]}})",
+      *config);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "striped");
+  RouterServerOptions ro;
+  ro.identity = identity;
+  absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(*placement, ro);
+  ASSERT_TRUE(router.ok()) << router.status();
+  std::vector<std::unique_ptr<ExpertServer>> shards;
+  for (int s = 0; s < 3; ++s) {
+    ExpertServerOptions o;
+    o.model_dir = *dir;
+    o.experts = placement->ExpertsOf(s);
+    o.shard_id = s;
+    o.router_address = (*router)->address();
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    shards.push_back(*std::move(e));
+  }
+  // A replica whose experts disagree with the router's plan is refused at start-up.
+  ExpertServerOptions wrong;
+  wrong.model_dir = *dir;
+  wrong.experts = EvenPlacement(*config, 3)->ExpertsOf(0);
+  wrong.shard_id = 0;
+  wrong.router_address = (*router)->address();
+  absl::StatusOr<std::unique_ptr<ExpertServer>> refused = ExpertServer::Start(wrong);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+
+  DispatcherOptions d;
+  d.identity = identity;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
+  ASSERT_TRUE(dispatcher.ok());
+  (*dispatcher)->WatchRouter((*router)->address());
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), 4).ok());
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*dir);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> all =
+      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
+  ASSERT_TRUE(all.ok());
+  for (int layer : {1, 2, 3}) {
+    const Batch b = RandomBatch(*config, 11, 40 + layer);
+    std::vector<float> got(11 * config->hidden_size);
+    ASSERT_TRUE((*dispatcher)->Run(layer, b.x, b.routes, got).ok());
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(**all, *placement, layer, b, config->hidden_size);
+    ASSERT_TRUE(want.ok());
+    EXPECT_EQ(got, *want) << "layer " << layer;
+  }
+}
+
 }  // namespace
 }  // namespace expertmesh
