@@ -209,7 +209,8 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
     for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
       auto it = placement_.find(LayerExpert{layer, routes.experts[p]});
       if (it == placement_.end()) {
-        return absl::FailedPreconditionError(absl::StrFormat(
+        // The same code as LocalExperts: a service maps it the same way whatever the backend.
+        return absl::InvalidArgumentError(absl::StrFormat(
             "CUDA experts: expert %d of layer %d is not held here", routes.experts[p], layer));
       }
       ExpertRoutes& s = sub[it->second.device];
