@@ -69,9 +69,10 @@ class ReplicaStream {
   int64_t outstanding_rows() const { return outstanding_rows_.load(); }
   bool healthy() const { return open_.load() && !broken_.load(); }
 
-  // Opens the stream (handshake first) unless it is open and healthy. A broken stream is
-  // torn down and opened afresh. Serialized per replica.
-  absl::Status EnsureOpen() {
+  // Opens the stream (handshake first, bounded by `deadline` and connect_timeout) unless it
+  // is open and healthy. A broken stream is torn down and opened afresh. Serialized per
+  // replica.
+  absl::Status EnsureOpen(absl::Time deadline) {
     std::lock_guard<std::mutex> open_lock(open_mu_);
     if (closed_) return absl::UnavailableError(absl::StrCat(address_, ": closed"));
     if (open_ && !broken_) return absl::OkStatus();
@@ -80,8 +81,8 @@ class ReplicaStream {
     auto stub = v1::ExpertService::NewStub(channel_);
     {
       grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(options_.connect_timeout));
+      ctx.set_deadline(
+          absl::ToChronoTime(std::min(deadline, absl::Now() + options_.connect_timeout)));
       v1::HandshakeRequest req;
       *req.mutable_client() = options_.identity;
       v1::HandshakeResponse resp;
@@ -574,7 +575,7 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
     });
     for (const auto& r : candidates) {
       g.tried.insert(r.get());
-      if (absl::Status s = r->EnsureOpen(); !s.ok()) {
+      if (absl::Status s = r->EnsureOpen(step_deadline); !s.ok()) {
         g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
         continue;
       }
