@@ -1,5 +1,5 @@
 // The FP8 grouped expert GEMM on the GPU against the plain CPU reference of the RoutedExperts
-// contract (gpu_test_util.cc), on both MMA paths (the FP16 path of sm_86 runs on any GPU) and
+// contract (expert_reference.cc), on both MMA paths (the FP16 path of sm_86 runs on any GPU) and
 // both tile heights, with ragged shapes, empty experts, saturated values, and batch invariance.
 //
 // Tolerances. GPU and CPU differ in FP32 summation order (tensor-core k order and the per-128
