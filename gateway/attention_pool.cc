@@ -38,9 +38,16 @@ absl::Status SubmitCall::Finish() {
     return absl::CancelledError("cancelled by the gateway");
   }
   if (!status.ok()) {
-    return FromGrpcStatus(
-        grpc::Status(status.error_code(),
-                     Cat("attention service ", replica_->address, ": ", status.error_message())));
+    // The gateway validated the request; a replica refusing it now is the cluster's fault
+    // (HTTP 500), not the client's. Capacity, availability and deadlines keep their codes.
+    grpc::StatusCode code = status.error_code();
+    if (code == grpc::StatusCode::INVALID_ARGUMENT ||
+        code == grpc::StatusCode::FAILED_PRECONDITION || code == grpc::StatusCode::OUT_OF_RANGE ||
+        code == grpc::StatusCode::NOT_FOUND) {
+      code = grpc::StatusCode::INTERNAL;
+    }
+    return FromGrpcStatus(grpc::Status(
+        code, Cat("attention service ", replica_->address, ": ", status.error_message())));
   }
   return absl::OkStatus();
 }

@@ -3,6 +3,8 @@
 // greedy text equals the in-process engine's, streamed deltas equal the non-streamed text,
 // stop strings, every error case with its status and body, 200 concurrent streams against a
 // queue of 64, client disconnects, API keys, readiness, the gRPC API.
+#include <signal.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -22,6 +24,7 @@
 #include "tests/cluster/cluster_test_util.h"
 #include "tests/gateway/gateway_test_util.h"
 #include "tools/launcher/cluster.h"
+#include "tools/launcher/process.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -609,6 +612,87 @@ TEST_F(GatewayClusterTest, OfficialOpenAiClient) {
       Cat(python, " ", EXPERTMESH_SOURCE_DIR, "/tests/gateway/openai_client_test.py",
           " --base-url http://127.0.0.1:", port(), "/v1 --expected ", expected);
   EXPECT_EQ(std::system(command.c_str()), 0) << command;
+}
+
+TEST_F(GatewayClusterTest, GatewayProcessDrainsOnSigterm) {
+  auto bin = launcher::FindServiceBinary(EXPERTMESH_BINARY_DIR, "gateway", "gateway");
+  ASSERT_TRUE(bin.ok()) << bin.status();
+  absl::StatusOr<int> http = PickFreePort();
+  absl::StatusOr<int> grpc = PickFreePort();
+  ASSERT_TRUE(http.ok() && grpc.ok());
+  launcher::ProcessSpec spec;
+  spec.name = "gateway";
+  spec.binary = *bin;
+  spec.args = {"--model",         *model_dir_,
+               "--attention",     cluster_->attention().grpc_address,
+               "--listen",        LoopbackAddress(*grpc),
+               "--http-host",     "127.0.0.1",
+               "--http-port",     std::to_string(*http),
+               "--drain-grace-s", "60"};
+  spec.log_path = *model_dir_ + "/gateway-drain.log";
+  auto process = launcher::ChildProcess::Start(spec);
+  ASSERT_TRUE(process.ok()) << process.status();
+  ASSERT_TRUE(launcher::WaitServing(LoopbackAddress(*grpc), absl::Seconds(60), process->get()).ok())
+      << launcher::TailOfFile(spec.log_path);
+
+  // A long stream is in flight when SIGTERM arrives; it must still finish whole.
+  constexpr int kTokens = 200;
+  absl::StatusOr<HttpResult> result;
+  std::thread client([&] {
+    json::object body = Completion(2, kTokens);
+    body["stream"] = true;
+    body["stream_options"] = json::object{{"include_usage", true}};
+    result = HttpRequest(*http, "POST", "/v1/completions", json::serialize(body));
+  });
+  bool running = false;
+  for (int i = 0; i < 2000 && !running; ++i) {
+    auto m = HttpRequest(*http, "GET", "/metrics");
+    running = m.ok() && MetricValue(m->body, "expertmesh_gateway_requests_running") == 1;
+  }
+  EXPECT_TRUE(running) << "the request was never seen running";
+  (*process)->Signal(SIGTERM);
+  client.join();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->status, 200) << result->body;
+  std::vector<std::string> events = SseData(result->body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  json::value usage = json::parse(events[events.size() - 2]).at("usage");
+  EXPECT_EQ(usage.at("completion_tokens").as_int64(), kTokens);
+  ASSERT_TRUE((*process)->WaitFor(absl::Seconds(60)));
+  EXPECT_EQ((*process)->ExitDescription(), "exited with 0") << launcher::TailOfFile(spec.log_path);
+  EXPECT_FALSE(HttpRequest(*http, "GET", "/health").ok());  // no longer accepting
+}
+
+// Runs last: it kills the cluster's only expert shard mid-stream (and restarts it).
+TEST_F(GatewayClusterTest, ZzFailureMidStreamIsAnErrorEvent) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket socket(io);
+  socket.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port())});
+  json::object body = Completion(0, 64);
+  body["stream"] = true;
+  const std::string payload = json::serialize(body);
+  boost::asio::write(socket, boost::asio::buffer(
+                                 Cat("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ",
+                                     payload.size(), "\r\nConnection: close\r\n\r\n", payload)));
+  std::string got;
+  char buf[4096];
+  boost::system::error_code ec;
+  while (got.find("data: ") == std::string::npos && !ec) {
+    got.append(buf, socket.read_some(boost::asio::buffer(buf), ec));
+  }
+  ASSERT_FALSE(ec) << ec.message();
+  ASSERT_TRUE(cluster_->KillExpert(0, 0, SIGKILL).ok());
+  while (!ec) got.append(buf, socket.read_some(boost::asio::buffer(buf), ec));
+  EXPECT_EQ(got.substr(0, 15), "HTTP/1.1 200 OK");
+  const size_t error_at = got.find("data: {\"error\":");
+  ASSERT_NE(error_at, std::string::npos) << got;
+  EXPECT_NE(got.find("data: [DONE]", error_at), std::string::npos);
+  EXPECT_EQ(got.find("\"finish_reason\":\"length\""), std::string::npos);
+  ASSERT_TRUE(cluster_->RestartExpert(0, 0).ok());
+  auto health = HttpRequest(port(), "GET", "/health");
+  ASSERT_TRUE(health.ok());
+  EXPECT_EQ(health->status, 200);
 }
 
 }  // namespace
