@@ -1,6 +1,8 @@
 // `expertmesh run`: loads a checkpoint into the reference engine (with a progress bar),
 // generates from a prompt (token ids, or text through the checkpoint's tokenizer.json) and
-// prints the tokens and the prefill and decode speeds.
+// prints the tokens and the prefill and decode speeds. With a checkpoint that carries the
+// multi-token-prediction module, decoding is speculative by default (--no-mtp: off; --draft-k
+// drafts per step); the acceptance rate is printed beside the speed.
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "core/config.h"
 #include "core/engine.h"
+#include "core/generate.h"
 #include "core/local_experts.h"
 #include "core/model.h"
 #include "core/safetensors.h"
@@ -36,6 +39,9 @@ struct RunArgs {
   bool no_act_quant = false;
   bool naive_attention = false;
   bool ignore_eos = false;
+  bool mtp = true;
+  int draft_k = 1;
+  bool mtp_always = false;
 };
 
 // "\r<label> [#####     ]  45% (n/total)" on stderr; a newline when done.
@@ -63,7 +69,7 @@ int Run(const RunArgs& args) {
   }
   const auto t_load = Clock::now();
   ModelLoadOptions load;
-  load.load_mtp = false;
+  load.load_mtp = args.mtp;
   load.progress = [](int64_t d, int64_t t) { ProgressBar("model", d, t); };
   auto model = Model::Create(**ckpt, *config, load);
   if (!model.ok()) {
@@ -72,7 +78,7 @@ int Run(const RunArgs& args) {
   }
   std::vector<LayerExpert> all;
   for (const LayerExpert& e : AllExperts(*config)) {
-    if (e.layer < config->num_hidden_layers) all.push_back(e);
+    if (args.mtp || e.layer < config->num_hidden_layers) all.push_back(e);
   }
   LocalExperts::Options expert_options;
   expert_options.quantize_activations = !args.no_act_quant;
@@ -133,61 +139,66 @@ int Run(const RunArgs& args) {
     spdlog::error("{}", engine.status().ToString());
     return 1;
   }
-  SamplingParams sp;
-  sp.temperature = args.temperature;
-  sp.top_p = args.top_p;
-  sp.top_k = args.top_k;
-  sp.seed = args.seed;
-  auto sampler = Sampler::Create(sp);
-  if (!sampler.ok()) {
-    spdlog::error("{}", sampler.status().ToString());
+  GenerateRequest request;
+  request.prompt = prompt;
+  request.max_tokens = args.max_tokens;
+  request.ignore_eos = args.ignore_eos;
+  request.sampling.temperature = args.temperature;
+  request.sampling.top_p = args.top_p;
+  request.sampling.top_k = args.top_k;
+  request.sampling.seed = args.seed;
+  if (absl::StatusOr<Sampler> s = Sampler::Create(request.sampling); !s.ok()) {
+    spdlog::error("{}", s.status().ToString());
     return 1;
+  }
+  GeneratorOptions gen_options;
+  gen_options.mtp = args.mtp;
+  gen_options.draft_k = args.draft_k;
+  gen_options.policy.adaptive = !args.mtp_always;
+  auto generator = Generator::Create(engine->get(), gen_options);
+  if (!generator.ok()) {
+    spdlog::error("{}", generator.status().ToString());
+    return 1;
+  }
+  if (args.mtp && !(*generator)->mtp()) {
+    spdlog::info("{} has no MTP module: decoding without drafts", args.model_dir);
   }
 
-  auto cache = (*engine)->NewCache();
-  auto forward = [&](std::span<const int32_t> tokens) -> absl::StatusOr<std::vector<float>> {
-    SequenceInput in{tokens, cache.get(), false};
-    auto out = (*engine)->Forward(std::span<const SequenceInput>(&in, 1));
-    if (!out.ok()) return out.status();
-    return std::move((*out)[0].logits);
-  };
-  const auto t_prefill = Clock::now();
-  auto logits = forward(prompt);
-  if (!logits.ok()) {
-    spdlog::error("{}", logits.status().ToString());
-    return 1;
-  }
-  const double prefill_s = std::chrono::duration<double>(Clock::now() - t_prefill).count();
-  std::vector<int32_t> generated;
   std::unique_ptr<Tokenizer::StreamDecoder> text;
   if (tokenizer != nullptr)
     text = std::make_unique<Tokenizer::StreamDecoder>(tokenizer.get(), false);
-  const auto t_decode = Clock::now();
-  int decode_steps = 0;
-  for (int i = 0; i < args.max_tokens; ++i) {
-    const SampledToken tok = sampler->Sample(*logits);
-    generated.push_back(tok.token);
-    std::printf("%d%s", tok.token, text ? "" : " ");
-    if (text) std::printf(" (%s) ", text->Push(tok.token).c_str());
-    std::fflush(stdout);
-    const bool eos = config->eos_token_id && tok.token == *config->eos_token_id;
-    if (i + 1 == args.max_tokens || (eos && !args.ignore_eos)) break;
-    logits = forward(std::span<const int32_t>(&generated.back(), 1));
-    ++decode_steps;
-    if (!logits.ok()) {
-      spdlog::error("{}", logits.status().ToString());
-      return 1;
-    }
+  std::vector<int32_t> generated;
+  GenerateStats stats;
+  auto result = (*generator)
+                    ->Generate(std::span<const GenerateRequest>(&request, 1), &stats,
+                               [&](size_t, std::span<const SampledToken> tokens) {
+                                 for (const SampledToken& tok : tokens) {
+                                   generated.push_back(tok.token);
+                                   std::printf("%d%s", tok.token, text ? "" : " ");
+                                   if (text) std::printf(" (%s) ", text->Push(tok.token).c_str());
+                                 }
+                                 std::fflush(stdout);
+                               });
+  if (!result.ok()) {
+    spdlog::error("{}", result.status().ToString());
+    return 1;
   }
-  const double decode_s = std::chrono::duration<double>(Clock::now() - t_decode).count();
   std::printf("\n");
   if (tokenizer != nullptr) {
     std::printf("text: %s\n", tokenizer->Decode(generated, true).c_str());
   }
-  std::printf("prefill: %zu tokens in %.3f s (%.1f tokens/s)\n", prompt.size(), prefill_s,
-              prompt.size() / prefill_s);
-  std::printf("decode: %d tokens in %.3f s (%.1f tokens/s)\n", decode_steps, decode_s,
-              decode_steps > 0 ? decode_steps / decode_s : 0.0);
+  std::printf("prefill: %zu tokens in %.3f s (%.1f tokens/s)\n", prompt.size(),
+              stats.prefill_seconds, prompt.size() / stats.prefill_seconds);
+  std::printf("decode: %lld tokens in %.3f s (%.1f tokens/s), %lld forward steps\n",
+              static_cast<long long>(stats.decode_tokens), stats.decode_seconds,
+              stats.decode_seconds > 0 ? stats.decode_tokens / stats.decode_seconds : 0.0,
+              static_cast<long long>(stats.decode_steps));
+  if ((*generator)->mtp()) {
+    std::printf("mtp: %lld drafts in %lld steps, %lld accepted (%.1f%%)\n",
+                static_cast<long long>(stats.drafted), static_cast<long long>(stats.draft_steps),
+                static_cast<long long>(stats.accepted),
+                stats.drafted > 0 ? 100.0 * stats.accepted / stats.drafted : 0.0);
+  }
   return 0;
 }
 
@@ -215,6 +226,14 @@ void AddRunCommand(CLI::App& app) {
   cmd->add_flag("--naive-attention", args->naive_attention,
                 "expand kv_b_proj per cached token instead of the absorbed form");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "keep generating after eos_token_id");
+  cmd->add_flag("--mtp,!--no-mtp", args->mtp,
+                "speculative decoding with the checkpoint's MTP module (when it has one)")
+      ->capture_default_str();
+  cmd->add_option("--draft-k", args->draft_k, "MTP drafts per step")
+      ->capture_default_str()
+      ->check(CLI::Range(1, kMaxDraftTokens));
+  cmd->add_flag("--mtp-always", args->mtp_always,
+                "draft every step (default: adaptive, drafting only when it pays)");
   cmd->callback([args]() {
     const int rc = Run(*args);
     if (rc != 0) throw CLI::RuntimeError(rc);
