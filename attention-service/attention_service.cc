@@ -57,6 +57,7 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::SubmitRequest& r
   }
   r.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   r.ignore_eos = req.ignore_eos();
+  r.disable_mtp = req.disable_mtp();
 
   const v1::SamplingParams& s = req.sampling();
   if (!std::isfinite(s.temperature()) || s.temperature() < 0.0f) {
@@ -136,6 +137,8 @@ grpc::Status AttentionServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Su
       out.set_finish_reason(ToProto(e->finish));
       out.set_prompt_tokens(static_cast<uint32_t>(e->prompt_tokens));
       out.set_completion_tokens(static_cast<uint32_t>(e->completion_tokens));
+      out.set_drafted_tokens(static_cast<uint32_t>(e->drafted_tokens));
+      out.set_accepted_draft_tokens(static_cast<uint32_t>(e->accepted_tokens));
     }
     if (!writer->Write(out)) {
       (*stream)->Cancel();
@@ -202,7 +205,7 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   if (!ckpt.ok()) return ckpt.status();
   s->checkpoint_ = *std::move(ckpt);
   ModelLoadOptions load;
-  load.load_mtp = false;  // this service does not draft with MTP (yet)
+  load.load_mtp = o.scheduler.mtp;  // the MTP module drafts (speculative decoding)
   if (o.load_progress) {
     load.progress = [](int64_t done, int64_t total) {
       if (done == total || done % 64 == 0) spdlog::info("loading: {}/{} tensors", done, total);
@@ -251,6 +254,10 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
                   ? static_cast<double>(l.kv_blocks_used) / static_cast<double>(l.kv_blocks_total)
                   : 0.0);
   });
+  spdlog::info("speculative decoding with the MTP module: {}",
+               s->scheduler_->mtp()
+                   ? absl::StrCat("on, up to ", o.scheduler.draft_k, " draft(s) per step")
+                   : std::string("off"));
   s->monitor_ = std::thread([p = s.get()] { p->MonitorCoverage(); });
   return s;
 }

@@ -26,6 +26,18 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model, experts, options.engine);
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
+  if (options.mtp && !model->mtp().empty()) {
+    absl::StatusOr<MtpDrafter> drafter = MtpDrafter::Create(s->engine_.get(), options.draft_k);
+    if (!drafter.ok()) return drafter.status();
+    s->drafter_ = *std::move(drafter);
+    s->policy_ = std::make_unique<DraftPolicy>(options.draft_k, options.policy);
+    // The MTP caches: one layer each, as many token slots as the main pool, so a sequence
+    // that got its main blocks always gets its MTP blocks.
+    absl::StatusOr<std::unique_ptr<KvBlockPool>> mtp_pool = KvBlockPool::Create(
+        options.kv_blocks, options.kv_block_size, 1, c.kv_lora_rank + c.qk_rope_head_dim);
+    if (!mtp_pool.ok()) return mtp_pool.status();
+    s->mtp_pool_ = *std::move(mtp_pool);
+  }
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
 }
@@ -181,7 +193,10 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
 
 SequenceEvent Scheduler::FinishEvent(Sequence& seq, FinishReason reason, absl::Status error) {
   if (seq.cache) seq.cache->Release();  // the KV blocks go back now, not when seq is freed
+  if (seq.mtp_cache) seq.mtp_cache->Release();
   SequenceEvent e;
+  e.drafted_tokens = seq.drafted;
+  e.accepted_tokens = seq.accepted;
   e.finish = reason;
   e.error = std::move(error);
   e.prompt_tokens = static_cast<int64_t>(seq.request.prompt.size());
@@ -220,6 +235,13 @@ void Scheduler::AdmitLocked() {
     absl::StatusOr<std::unique_ptr<PagedKvCache>> cache =
         PagedKvCache::Create(pool_.get(), KvBudget(seq.request));
     if (!cache.ok()) break;  // arrival order: the head waits until blocks are freed
+    if (drafter_ && !seq.request.disable_mtp) {
+      absl::StatusOr<std::unique_ptr<PagedKvCache>> mtp_cache =
+          PagedKvCache::Create(mtp_pool_.get(), KvBudget(seq.request));
+      if (!mtp_cache.ok()) break;  // (cannot happen: the pools are allocated alike)
+      seq.mtp_cache = *std::move(mtp_cache);
+      seq.mtp.cache = seq.mtp_cache.get();
+    }
     seq.cache = *std::move(cache);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -242,96 +264,184 @@ void Scheduler::Loop() {
   }
 }
 
-void Scheduler::Step() {
-  // 1. The batch: the next prompt chunk of sequences still prefilling, the last token of
-  // the others.
-  const size_t n_seq = running_.size();
-  std::vector<SequenceInput> batch(n_seq);
-  std::vector<bool> prefill_done(n_seq);
-  int64_t n_tokens = 0;
-  int64_t n_prompt = 0;
-  for (size_t i = 0; i < n_seq; ++i) {
-    Sequence& seq = *running_[i];
-    const int64_t prompt_len = static_cast<int64_t>(seq.request.prompt.size());
-    batch[i].cache = seq.cache.get();
-    if (seq.prefilled < prompt_len) {
-      const int64_t n = std::min(options_.prefill_chunk, prompt_len - seq.prefilled);
-      batch[i].tokens = std::span<const int32_t>(seq.tokens).subspan(seq.prefilled, n);
-      prefill_done[i] = seq.prefilled + n == prompt_len;
-      n_prompt += n;
-    } else {
-      batch[i].tokens = std::span<const int32_t>(seq.tokens).last(1);
-      prefill_done[i] = true;
+size_t Scheduler::Emit(Sequence& seq, std::span<const SampledToken> tokens, FinishReason* finish) {
+  const ModelConfig& c = model_->config();
+  SequenceEvent e;
+  size_t taken = 0;
+  for (const SampledToken& t : tokens) {
+    seq.tokens.push_back(t.token);
+    ++seq.generated;
+    ++taken;
+    GeneratedToken g{t.token, t.logprob, {}};
+    for (const TokenLogprob& alt : t.top_logprobs)
+      g.top_logprobs.push_back({alt.token, alt.logprob});
+    e.tokens.push_back(std::move(g));
+    const bool eos = c.eos_token_id.has_value() && t.token == *c.eos_token_id;
+    const std::vector<int32_t>& stop = seq.request.stop_token_ids;
+    if ((eos && !seq.request.ignore_eos) ||
+        std::find(stop.begin(), stop.end(), t.token) != stop.end()) {
+      *finish = FinishReason::kStop;
+    } else if (seq.generated >= seq.request.max_tokens ||
+               static_cast<int64_t>(seq.tokens.size()) >= max_context_) {
+      *finish = FinishReason::kLength;
     }
-    n_tokens += static_cast<int64_t>(batch[i].tokens.size());
+    if (*finish != FinishReason::kNone) break;
   }
+  if (generated_tokens_ != nullptr) generated_tokens_->Inc(static_cast<double>(taken));
+  seq.stream->Push(std::move(e));
+  return taken;
+}
 
-  // 2. The forward pass (no lock held: Submit/Cancel/Load stay responsive).
-  const absl::Time start = absl::Now();
-  absl::StatusOr<std::vector<SequenceOutput>> out = engine_->Forward(batch);
-  if (step_seconds_ != nullptr) {
-    step_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
-    batch_tokens_->Observe(static_cast<double>(n_tokens));
-  }
-
-  // 3. Sample, stream, finish. Final events are pushed only after the finished sequences
-  // left the batch, so a client that saw its finish also sees the load without it.
+void Scheduler::Step() {
+  const ModelConfig& c = model_->config();
+  const int64_t V = c.vocab_size, D = c.hidden_size;
+  const size_t n_seq = running_.size();
   std::vector<bool> done(n_seq, false);
   std::vector<std::pair<std::shared_ptr<SequenceStream>, SequenceEvent>> finals;
   auto finish = [&](size_t i, FinishReason reason, absl::Status error) {
     finals.push_back({running_[i]->stream, FinishEvent(*running_[i], reason, std::move(error))});
     done[i] = true;
   };
+  const absl::Time start = absl::Now();
+
+  // 1. Drafts for the decoding sequences (and MTP catch-up of long-paused ones).
+  absl::Status status;
+  int k = 0;
+  if (drafter_) {
+    int64_t decoding = 0;
+    for (const auto& seq : running_) decoding += seq->prefilled == seq->prompt_len() ? 1 : 0;
+    k = decoding > 0 ? policy_->Choose(decoding) : 0;
+    std::vector<MtpSequence*> mtp_seqs;
+    std::vector<int> ks;
+    for (auto& sp : running_) {
+      Sequence& seq = *sp;
+      seq.mtp.drafts.clear();
+      if (!seq.drafting() || seq.prefilled < seq.prompt_len()) continue;
+      // A step emits at most k + 1 tokens: no drafts beyond the tokens still wanted or
+      // beyond the context (the cache budget covers exactly that).
+      const int64_t room = std::min(seq.request.max_tokens - seq.generated,
+                                    max_context_ - static_cast<int64_t>(seq.tokens.size()));
+      const int ki = static_cast<int>(std::clamp<int64_t>(room, 0, k));
+      if (ki > 0 || seq.mtp.pending() >= kMaxPendingMtpRows) {
+        mtp_seqs.push_back(&seq.mtp);
+        ks.push_back(ki);
+      }
+    }
+    if (!mtp_seqs.empty()) {
+      const absl::Time t = absl::Now();
+      int64_t rows = 0;
+      status = drafter_->Draft(mtp_seqs, ks, &rows);
+      if (status.ok() && k > 0) policy_->ObserveMtp(rows, absl::ToDoubleSeconds(absl::Now() - t));
+    }
+  }
+
+  // 2. The main forward: the next prompt chunk of sequences still prefilling; the last
+  // token and its drafts for the others. No lock held: Submit/Cancel/Load stay responsive.
+  std::vector<std::vector<int32_t>> inputs(n_seq);
+  std::vector<SequenceInput> batch(n_seq);
+  std::vector<int64_t> starts(n_seq);
+  int64_t n_tokens = 0, n_prompt = 0;
+  bool any_drafts = false;
+  for (size_t i = 0; i < n_seq; ++i) {
+    Sequence& seq = *running_[i];
+    starts[i] = seq.cache->length();
+    if (seq.prefilled < seq.prompt_len()) {
+      const int64_t n = std::min(options_.prefill_chunk, seq.prompt_len() - seq.prefilled);
+      inputs[i].assign(seq.tokens.begin() + seq.prefilled, seq.tokens.begin() + seq.prefilled + n);
+      n_prompt += n;
+    } else {
+      inputs[i].assign(1, seq.tokens.back());
+      inputs[i].insert(inputs[i].end(), seq.mtp.drafts.begin(), seq.mtp.drafts.end());
+      any_drafts |= !seq.mtp.drafts.empty();
+    }
+    batch[i] = SequenceInput{inputs[i], seq.cache.get(), !seq.mtp.drafts.empty()};
+    n_tokens += static_cast<int64_t>(inputs[i].size());
+  }
+  absl::StatusOr<std::vector<SequenceOutput>> out = absl::UnknownError("not run");
+  if (status.ok()) {
+    const absl::Time t = absl::Now();
+    out = engine_->Forward(batch);
+    if (out.ok() && drafter_) {
+      policy_->ObserveMain(n_tokens, absl::ToDoubleSeconds(absl::Now() - t));
+    }
+  } else {
+    out = status;  // the drafts failed (an MTP layer's dispatch)
+  }
+  if (step_seconds_ != nullptr) {
+    step_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+    batch_tokens_->Observe(static_cast<double>(n_tokens));
+  }
+
+  // 3. Verify, sample, stream, roll back. Final events are pushed only after the finished
+  // sequences left the batch, so a client that saw its finish also sees the load without it.
   if (!out.ok()) {
     spdlog::warn("step over {} sequences ({} tokens) failed: {}", n_seq, n_tokens,
                  out.status().ToString());
     for (size_t i = 0; i < n_seq; ++i) finish(i, FinishReason::kError, out.status());
   } else {
     if (prompt_tokens_ != nullptr) prompt_tokens_->Inc(static_cast<double>(n_prompt));
-    const ModelConfig& c = model_->config();
+    int64_t drafted[kMaxDraftTokens] = {}, accepted[kMaxDraftTokens] = {};
     for (size_t i = 0; i < n_seq; ++i) {
       Sequence& seq = *running_[i];
-      const int64_t prompt_len = static_cast<int64_t>(seq.request.prompt.size());
-      if (seq.prefilled < prompt_len) {
-        seq.prefilled += static_cast<int64_t>(batch[i].tokens.size());
-        if (!prefill_done[i]) continue;
-      }
-      const SampledToken t = seq.sampler->Sample((*out)[i].logits);
-      seq.tokens.push_back(t.token);
-      ++seq.generated;
-      if (generated_tokens_ != nullptr) generated_tokens_->Inc();
-      SequenceEvent e;
-      GeneratedToken g{t.token, t.logprob, {}};
-      for (const TokenLogprob& alt : t.top_logprobs)
-        g.top_logprobs.push_back({alt.token, alt.logprob});
-      e.tokens.push_back(std::move(g));
-      seq.stream->Push(std::move(e));
-
+      const SequenceOutput& o = (*out)[i];
       FinishReason reason = FinishReason::kNone;
-      const bool eos = c.eos_token_id.has_value() && t.token == *c.eos_token_id;
-      if ((eos && !seq.request.ignore_eos) ||
-          std::find(seq.request.stop_token_ids.begin(), seq.request.stop_token_ids.end(),
-                    t.token) != seq.request.stop_token_ids.end()) {
-        reason = FinishReason::kStop;
-      } else if (seq.generated >= seq.request.max_tokens ||
-                 static_cast<int64_t>(seq.tokens.size()) >= max_context_) {
-        reason = FinishReason::kLength;
+      if (seq.prefilled < seq.prompt_len()) {
+        const int64_t n = static_cast<int64_t>(inputs[i].size());
+        seq.prefilled += n;
+        const bool last_chunk = seq.prefilled == seq.prompt_len();
+        std::vector<int32_t> next(seq.tokens.begin() + starts[i] + 1,
+                                  seq.tokens.begin() + starts[i] + n);  // t[p+1] in the chunk
+        if (last_chunk) {
+          const SampledToken t = seq.sampler->Sample(o.logits);
+          Emit(seq, std::span<const SampledToken>(&t, 1), &reason);
+          next.push_back(t.token);
+        } else {
+          next.push_back(seq.tokens[static_cast<size_t>(starts[i] + n)]);
+        }
+        if (seq.drafting() && reason == FinishReason::kNone) AppendMtpRows(seq.mtp, next, o.hidden);
+      } else {
+        const std::vector<int32_t>& drafts = seq.mtp.drafts;
+        const Verification v = VerifyDrafts(*seq.sampler, o.logits, drafts, V);
+        for (size_t j = 0; j < drafts.size(); ++j) {
+          ++drafted[j];
+          if (static_cast<int>(j) < v.accepted) ++accepted[j];
+        }
+        seq.drafted += static_cast<int64_t>(drafts.size());
+        seq.accepted += v.accepted;
+        const size_t taken = Emit(seq, v.tokens, &reason);
+        // The cache keeps every emitted token but the newest (as without drafting).
+        seq.cache->Truncate(starts[i] + static_cast<int64_t>(taken));
+        if (seq.drafting() && reason == FinishReason::kNone) {
+          std::vector<int32_t> next;
+          for (const SampledToken& t : v.tokens) next.push_back(t.token);
+          AppendMtpRows(seq.mtp, next,
+                        std::span<const float>(o.hidden).first((v.accepted + 1) * D));
+        }
       }
       if (reason != FinishReason::kNone) finish(i, reason, absl::OkStatus());
+    }
+    if (drafter_ && any_drafts) {
+      policy_->ObserveAcceptance(drafted, accepted);
+      if (drafted_tokens_ != nullptr) {
+        for (int j = 0; j < kMaxDraftTokens; ++j) {
+          drafted_tokens_->Inc(static_cast<double>(drafted[j]));
+          accepted_tokens_->Inc(static_cast<double>(accepted[j]));
+        }
+      }
     }
   }
 
   // 4. Drop finished sequences, then tell their clients.
   std::unique_lock<std::mutex> lock(mu_);
-  size_t k = 0;
+  size_t kept = 0;
   for (size_t i = 0; i < n_seq; ++i) {
     if (done[i]) {
       live_.erase(running_[i]->request.request_id);
     } else {
-      running_[k++] = std::move(running_[i]);
+      running_[kept++] = std::move(running_[i]);
     }
   }
-  running_.resize(k);
+  running_.resize(kept);
   running_count_ = static_cast<int64_t>(running_.size());
   lock.unlock();
   for (auto& [stream, event] : finals) stream->Push(std::move(event));

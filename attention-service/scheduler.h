@@ -8,9 +8,14 @@
 // engine's (core/engine.h) over paged KV caches, with the routed experts behind a
 // RoutedExperts (the router's remote dispatcher in the service, LocalExperts in tests).
 //
+// Speculative decoding: when the model carries its MTP module (and options.mtp), decoding
+// sequences draft tokens with it (core/speculative.h: MtpDrafter, DraftPolicy) and the main
+// forward verifies them; a step then emits accepted + 1 tokens per sequence. Each sequence
+// has a second paged cache, 1 layer, for the MTP module, from a pool of the same capacity.
+//
 // Because every layer computes each row independently of the rest of the batch, a sequence's
-// tokens do not depend on what it was batched with: the service's greedy output equals the
-// in-process engine's.
+// tokens do not depend on what it was batched with, nor on drafting: the service's greedy
+// output equals the in-process engine's.
 #pragma once
 
 #include <condition_variable>
@@ -19,6 +24,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -30,6 +37,7 @@
 #include "core/engine.h"
 #include "core/experts.h"
 #include "core/model.h"
+#include "core/speculative.h"
 #include "service-common/metrics.h"
 
 namespace expertmesh::attention {
@@ -41,6 +49,9 @@ struct SchedulerOptions {
   int64_t max_waiting = 256;  // queued sequences; beyond: RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;
   EngineOptions engine;
+  bool mtp = true;  // draft with the MTP module when the model has it loaded
+  int draft_k = 1;  // drafts per step, [1, kMaxDraftTokens]
+  DraftPolicyOptions policy;
 };
 
 struct SchedulerLoad {
@@ -70,6 +81,7 @@ class Scheduler {
   bool Cancel(const std::string& request_id);
   SchedulerLoad Load() const;
   int64_t max_context() const { return max_context_; }
+  bool mtp() const { return drafter_.has_value(); }
   // Stops the step thread; every live sequence finishes with UNAVAILABLE.
   void Shutdown();
 
@@ -78,10 +90,16 @@ class Scheduler {
     GenerationRequest request;
     std::shared_ptr<SequenceStream> stream;
     std::unique_ptr<PagedKvCache> cache;
+    std::unique_ptr<PagedKvCache> mtp_cache;  // when drafting: the MTP module's (1 layer)
+    MtpSequence mtp;
     std::unique_ptr<Sampler> sampler;
     std::vector<int32_t> tokens;  // prompt, then generated
     int64_t prefilled = 0;        // prompt tokens already in the cache
     int64_t generated = 0;
+    int64_t drafted = 0;  // drafts verified
+    int64_t accepted = 0;
+    int64_t prompt_len() const { return static_cast<int64_t>(request.prompt.size()); }
+    bool drafting() const { return mtp_cache != nullptr; }
   };
   Scheduler(const Model* model, RoutedExperts* experts, const SchedulerOptions& options,
             MetricsRegistry* metrics, std::unique_ptr<KvBlockPool> pool);
@@ -92,6 +110,9 @@ class Scheduler {
   void AdmitLocked();
   // Runs one forward step over `running_`.
   void Step();
+  // Emits sampled tokens until the sequence finishes; returns how many were taken and sets
+  // *finish when it finished.
+  size_t Emit(Sequence& seq, std::span<const SampledToken> tokens, FinishReason* finish);
   // Releases the sequence's KV blocks and pushes its final event.
   void Finish(Sequence& seq, FinishReason reason, absl::Status error);
   SequenceEvent FinishEvent(Sequence& seq, FinishReason reason, absl::Status error);
@@ -101,7 +122,10 @@ class Scheduler {
   RoutedExperts* experts_;
   const SchedulerOptions options_;
   std::unique_ptr<KvBlockPool> pool_;
+  std::unique_ptr<KvBlockPool> mtp_pool_;  // when drafting
   std::unique_ptr<Engine> engine_;
+  std::optional<MtpDrafter> drafter_;
+  std::unique_ptr<DraftPolicy> policy_;
   const int64_t max_context_;
 
   mutable std::mutex mu_;
@@ -117,6 +141,8 @@ class Scheduler {
   Counter* requests_finished_[5] = {};
   Counter* generated_tokens_ = nullptr;
   Counter* prompt_tokens_ = nullptr;
+  Counter* drafted_tokens_ = nullptr;
+  Counter* accepted_tokens_ = nullptr;
   Histogram* step_seconds_ = nullptr;
   Histogram* batch_tokens_ = nullptr;
 };

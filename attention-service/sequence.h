@@ -30,6 +30,7 @@ struct GenerationRequest {
   int64_t max_tokens = 16;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
+  bool disable_mtp = false;  // no speculative drafting for this sequence
   absl::Time deadline = absl::InfiniteFuture();
 };
 
@@ -45,6 +46,8 @@ struct SequenceEvent {
   absl::Status error;                         // kError: why (UNAVAILABLE, DEADLINE_EXCEEDED...)
   int64_t prompt_tokens = 0;                  // on the last event
   int64_t completion_tokens = 0;
+  int64_t drafted_tokens = 0;   // on the last event: drafts verified
+  int64_t accepted_tokens = 0;  // drafts accepted
 };
 
 // Single producer (scheduler), single consumer (RPC handler).

@@ -4,6 +4,7 @@
 // prefilled in chunks, sequences waiting for KV blocks -- produces for each sequence exactly
 // the reference engine's greedy tokens. Cancellation and admission limits free and bound
 // resources as specified.
+#include <cstdio>
 #include <filesystem>
 #include <thread>
 
@@ -242,6 +243,77 @@ TEST_F(SchedulerTest, ValidatesAgainstTheModel) {
   r = Greedy("stop", {5}, 4);
   r.stop_token_ids = {999};
   EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
+  // The committed MTP test checkpoint (num_nextn_predict_layers = 1).
+  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/tests/data/engine-mtp";
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config);  // with MTP
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_FALSE((*model)->mtp().empty());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
+  ASSERT_TRUE(experts.ok());
+
+  constexpr int kMaxTokens = 14;
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(6, 20, static_cast<int>(config->vocab_size), 5);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(dir, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  SchedulerOptions o;
+  o.kv_blocks = 64;
+  o.kv_block_size = 4;
+  o.prefill_chunk = 5;  // prompts of up to 20 tokens: several chunks, MTP rows per chunk
+  o.draft_k = 2;
+  o.policy.adaptive = false;  // always draft 2
+  MetricsRegistry metrics;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model->get(), experts->get(), o, &metrics);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->mtp());
+  std::vector<std::shared_ptr<SequenceStream>> streams;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerationRequest r;
+    r.request_id = "mtp" + std::to_string(i);
+    r.prompt = prompts[i];
+    r.max_tokens = kMaxTokens;
+    r.ignore_eos = true;
+    r.disable_mtp = i == 0;  // one sequence without drafting, batched with the others
+    absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(r);
+    ASSERT_TRUE(st.ok()) << st.status();
+    streams.push_back(*st);
+  }
+  int64_t drafted = 0, accepted = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<int32_t> got;
+    SequenceEvent last;
+    while (true) {
+      std::optional<SequenceEvent> e = streams[i]->Next(absl::Seconds(60));
+      ASSERT_TRUE(e.has_value());
+      for (const GeneratedToken& t : e->tokens) got.push_back(t.token);
+      if (e->finish != FinishReason::kNone) {
+        last = *e;
+        break;
+      }
+    }
+    EXPECT_EQ(last.finish, FinishReason::kLength) << last.error;
+    EXPECT_EQ(got, (*want)[i]) << "sequence " << i;  // drafting changes no token
+    if (i == 0) EXPECT_EQ(last.drafted_tokens, 0);
+    drafted += last.drafted_tokens;
+    accepted += last.accepted_tokens;
+  }
+  // Drafts were made and verified (each step drafts 2 while 2 or more tokens are wanted).
+  EXPECT_GT(drafted, 5 * (kMaxTokens / 3));
+  EXPECT_LE(accepted, drafted);
+  std::printf("[ info ] MTP drafts: %lld verified, %lld accepted\n",
+              static_cast<long long>(drafted), static_cast<long long>(accepted));
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 
 TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
