@@ -220,6 +220,18 @@ v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
   return finish(status);
 }
 
+std::string AdvertisedAddress(const std::string& advertise, const std::string& listen,
+                              int bound_port) {
+  if (!advertise.empty()) return advertise;
+  std::string host = listen.substr(0, listen.rfind(':'));
+  if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
+    spdlog::warn("listening on {}: advertising 127.0.0.1; pass --advertise for other hosts",
+                 listen);
+    host = "127.0.0.1";
+  }
+  return absl::StrCat(host, ":", bound_port);
+}
+
 absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOptions options) {
   std::unique_ptr<ExpertServer> es(new ExpertServer());
   es->options_ = std::move(options);
@@ -290,7 +302,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   if (!o.router_address.empty()) {
     v1::RegisterRequest reg;
     *reg.mutable_identity() = *identity;
-    reg.set_address(o.advertise_address.empty() ? es->address() : o.advertise_address);
+    reg.set_address(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
     reg.set_shard_id(o.shard_id);
     reg.set_capacity(o.capacity);
     for (const LayerExpert& le : o.experts) {

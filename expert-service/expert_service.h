@@ -41,6 +41,11 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
                                    const ExpertRequestLimits& limits,
                                    const std::function<bool(int, int)>& holds);
 
+// The address a replica registers: `advertise` when given, else the listen host with the
+// bound port (a wildcard host becomes 127.0.0.1, with a warning).
+std::string AdvertisedAddress(const std::string& advertise, const std::string& listen,
+                              int bound_port);
+
 class ExpertServiceImpl final : public v1::ExpertService::Service {
  public:
   ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
@@ -80,7 +85,7 @@ struct ExpertServerOptions {
   std::vector<LayerExpert> experts;  // what this replica holds
   int32_t shard_id = 0;              // the shard group it registers for
   ServerOptions server;              // listen address (port 0 = any)
-  std::string advertise_address;     // what the router hands out; default 127.0.0.1:<port>
+  std::string advertise_address;     // what the router hands out; default AdvertisedAddress()
   std::string router_address;        // empty: do not register
   std::string instance_id = "expert";
   ExpertRequestLimits limits;

@@ -287,5 +287,14 @@ TEST_F(ExpertServiceTest, MapsExactlyItsShareOfTheCheckpoint) {
   EXPECT_LT(mine, (*ckpt)->total_bytes() / 2);
 }
 
+TEST(AdvertisedAddressTest, ListenHostWithTheBoundPort) {
+  EXPECT_EQ(AdvertisedAddress("", "127.0.0.1:0", 4321), "127.0.0.1:4321");
+  EXPECT_EQ(AdvertisedAddress("", "10.1.2.3:5000", 5000), "10.1.2.3:5000");
+  EXPECT_EQ(AdvertisedAddress("", "0.0.0.0:0", 77), "127.0.0.1:77");
+  EXPECT_EQ(AdvertisedAddress("", "[::]:0", 77), "127.0.0.1:77");
+  EXPECT_EQ(AdvertisedAddress("shard-1.experts:9000", "0.0.0.0:9000", 9000),
+            "shard-1.experts:9000");
+}
+
 }  // namespace
 }  // namespace expertmesh
