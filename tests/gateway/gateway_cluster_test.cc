@@ -664,6 +664,63 @@ TEST_F(GatewayClusterTest, GatewayProcessDrainsOnSigterm) {
   EXPECT_FALSE(HttpRequest(*http, "GET", "/health").ok());  // no longer accepting
 }
 
+TEST_F(GatewayClusterTest, SpreadsSequencesOverAttentionReplicasByLoad) {
+  // A second attention replica beside the launcher's, on the same router.
+  auto bin =
+      launcher::FindServiceBinary(EXPERTMESH_BINARY_DIR, "attention-service", "attention-service");
+  ASSERT_TRUE(bin.ok()) << bin.status();
+  absl::StatusOr<int> grpc = PickFreePort();
+  absl::StatusOr<int> metrics = PickFreePort();
+  ASSERT_TRUE(grpc.ok() && metrics.ok());
+  launcher::ProcessSpec spec;
+  spec.name = "attention-service[2]";
+  spec.binary = *bin;
+  spec.args = {"--model",        *model_dir_,
+               "--router",       cluster_->router().grpc_address,
+               "--listen",       LoopbackAddress(*grpc),
+               "--metrics-port", std::to_string(*metrics)};
+  spec.log_path = *model_dir_ + "/attention-2.log";
+  auto second = launcher::ChildProcess::Start(spec);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE(launcher::WaitServing(LoopbackAddress(*grpc), absl::Seconds(60), second->get()).ok())
+      << launcher::TailOfFile(spec.log_path);
+
+  GatewayOptions go;
+  go.model_dir = *model_dir_;
+  go.attention = {cluster_->attention().grpc_address, LoopbackAddress(*grpc)};
+  go.http_host = "127.0.0.1";
+  auto gateway = GatewayServer::Create(go);
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  for (int i = 0; i < 200 && (*gateway)->pool().Snapshot()[1].ready == false; ++i) {
+    (*gateway)->pool().PollOnce();
+  }
+  ASSERT_TRUE((*gateway)->pool().Snapshot()[0].ready && (*gateway)->pool().Snapshot()[1].ready);
+
+  const std::string series = "expertmesh_attention_prompt_tokens_total";
+  auto prompt_tokens = [&](int metrics_port) {
+    auto text = HttpGet("127.0.0.1", metrics_port, "/metrics");
+    return text.ok() ? std::max(0.0, MetricValue(*text, series)) : -1.0;
+  };
+  const double before_a = prompt_tokens(cluster_->attention().metrics_port);
+  const double before_b = prompt_tokens(*metrics);
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      auto r = HttpRequest((*gateway)->http_port(), "POST", "/v1/completions",
+                           json::serialize(Completion(t % kPrompts.size(), 24)));
+      if (r.ok() && r->status == 200) ++ok;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 16);
+  // Concurrent sequences go to the replica with fewer open streams: both got work.
+  EXPECT_GT(prompt_tokens(cluster_->attention().metrics_port), before_a);
+  EXPECT_GT(prompt_tokens(*metrics), before_b);
+  (*gateway)->Drain(std::chrono::seconds(5));
+  EXPECT_TRUE((*second)->Stop(absl::Seconds(10)).ok());
+}
+
 // Runs last: it kills the cluster's only expert shard mid-stream (and restarts it).
 TEST_F(GatewayClusterTest, ZzFailureMidStreamIsAnErrorEvent) {
   boost::asio::io_context io;
