@@ -59,6 +59,29 @@ absl::Status GroupedExperts(const DeviceArch& arch, const GroupedGemmPlan& plan,
   return CudaStatus(err, absl::StrFormat("grouped GEMM %s launch", plan.name()));
 }
 
+absl::Status Fp8Linear(const DeviceArch& arch, const Fp8LinearParams& p, cudaStream_t stream,
+                       std::optional<MmaPath> path) {
+  if (p.n_rows < 0 || p.in_features <= 0 || p.in_features % 128 != 0 || p.out_features <= 0 ||
+      p.out_features % 16 != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "FP8 linear: in_features %d must be a positive multiple of 128 and out_features %d of 16",
+        p.in_features, p.out_features));
+  }
+  absl::StatusOr<GroupedGemmPlan> plan = PlanGroupedGemm(arch, p.n_rows);
+  if (!plan.ok()) return plan.status();
+  if (path) {
+    if (*path == MmaPath::kFp8E4M3 && plan->path != MmaPath::kFp8E4M3) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "FP8 linear: FP8 tensor cores need sm_89+; device is sm_%d%d", arch.major, arch.minor));
+    }
+    plan->path = *path;
+  }
+  const cudaError_t err = plan->path == MmaPath::kFp8E4M3
+                              ? LaunchFp8LinearFp8(p, plan->block_m, stream)
+                              : LaunchFp8LinearF16(p, plan->block_m, stream);
+  return CudaStatus(err, absl::StrFormat("FP8 linear %s launch", plan->name()));
+}
+
 absl::Status ActQuant(const ActQuantParams& p, cudaStream_t stream) {
   if (p.n_rows < 0 || p.dim <= 0) return absl::InvalidArgumentError("ActQuant: bad shape");
   return CudaStatus(LaunchActQuant(p, stream), "act quant launch");

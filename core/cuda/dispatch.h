@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <optional>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/cuda/elementwise.h"
@@ -23,6 +25,11 @@ absl::StatusOr<DeviceArch> QueryDeviceArch(int device);
 // a test may force plan.path to kF16FromFp8 on newer devices, never kFp8E4M3 on sm_86.
 absl::Status GroupedExperts(const DeviceArch& arch, const GroupedGemmPlan& plan,
                             const GroupedExpertsParams& p, cudaStream_t stream);
+
+// FP8 linear layer; the tile height follows n_rows as for the grouped GEMM. `path` overrides
+// the device's MMA path (tests), within what the device supports.
+absl::Status Fp8Linear(const DeviceArch& arch, const Fp8LinearParams& p, cudaStream_t stream,
+                       std::optional<MmaPath> path = std::nullopt);
 
 absl::Status ActQuant(const ActQuantParams& p, cudaStream_t stream);
 absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);

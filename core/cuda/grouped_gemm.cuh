@@ -88,10 +88,13 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
     __shared__ int32_t s_arow[kBlockM];                // A row of each tile row, -1 past the end
     __shared__ float s_amax[kWarps][kBlockM];          // gate/up epilogue
 
-    const int32_t expert = p.tiles[3 * blockIdx.x];
-    const int32_t slot_begin = p.tiles[3 * blockIdx.x + 1];
-    const int32_t rows = p.tiles[3 * blockIdx.x + 2] - slot_begin;
-    const ExpertWeightPtrs w = p.experts[expert];
+    // Dense mode (tiles == null, a plain FP8 linear layer): CTA row x = rows [x * block_m, ...)
+    // of the one weight in p.dense.
+    const bool dense = p.tiles == nullptr;
+    const int32_t slot_begin = dense ? blockIdx.x * kBlockM : p.tiles[3 * blockIdx.x + 1];
+    const int32_t rows =
+        (dense ? min(p.n_slots, slot_begin + kBlockM) : p.tiles[3 * blockIdx.x + 2]) - slot_begin;
+    const ExpertWeightPtrs w = dense ? p.dense : p.experts[p.tiles[3 * blockIdx.x]];
     const int H = p.hidden_size;
     const int I = p.moe_intermediate_size;
     const int I_pad = static_cast<int>(PaddedIntermediate(I));
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1) GroupedGemmKernel(const GroupedEx
           const int r = frag::AccRow(m, lane, 2 * half);
           if (r >= rows) continue;
           const int64_t slot = slot_begin + r;
-          const float weight = p.slot_weight[slot];
+          const float weight = p.slot_weight != nullptr ? p.slot_weight[slot] : 1.0f;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int col = n0 + frag::AccBRow(b_row[j], lane, 0);
@@ -347,6 +350,43 @@ cudaError_t Launch(const GroupedExpertsParams& p, int block_m, cudaStream_t stre
       return LaunchForTile<M, 1>(p, stream);
     case 64:
       return LaunchForTile<M, 4>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// y [R, N] = x [R, K] . W^T through the down kernel in dense mode (weight 1, no gather).
+template <Mma M, int MT>
+cudaError_t LaunchLinearForTile(const Fp8LinearParams& lp, cudaStream_t stream) {
+  constexpr int kSmem = SmemBytes(16 * MT);
+  auto down = GroupedGemmKernel<M, Phase::kDown, MT>;
+  cudaError_t err = cudaFuncSetAttribute(down, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  GroupedExpertsParams p;
+  p.hidden_size = lp.out_features;           // N: B rows and output columns
+  p.moe_intermediate_size = lp.in_features;  // K (a multiple of 128: rows are not padded)
+  p.n_rows = lp.n_rows;
+  p.n_slots = lp.n_rows;
+  // The down kernel only reads h and h_scales (they are the gate/up kernel's outputs).
+  p.h = const_cast<uint8_t*>(lp.x);
+  p.h_scales = const_cast<float*>(lp.x_scales);
+  p.slot_out = lp.y;
+  p.dense.down = lp.weight;
+  p.dense.down_scale = lp.weight_scale_inv;
+  if (lp.n_rows == 0) return cudaSuccess;
+  const unsigned m_tiles = static_cast<unsigned>((lp.n_rows + 16 * MT - 1) / (16 * MT));
+  const unsigned n_tiles = static_cast<unsigned>((lp.out_features + kBlockN - 1) / kBlockN);
+  down<<<dim3(m_tiles, n_tiles), kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <Mma M>
+cudaError_t LaunchLinear(const Fp8LinearParams& p, int block_m, cudaStream_t stream) {
+  switch (block_m) {
+    case 16:
+      return LaunchLinearForTile<M, 1>(p, stream);
+    case 64:
+      return LaunchLinearForTile<M, 4>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

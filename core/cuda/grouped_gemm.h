@@ -45,6 +45,24 @@ struct GroupedExpertsParams {
   float* h_scales = nullptr;                  // workspace [P, I_pad / 128]
   float* slot_out = nullptr;                  // workspace [P, H]
   float* out = nullptr;                       // [R, H]
+  // Dense mode (tiles == nullptr, slot_weight == nullptr): one weight for all rows; used by
+  // the FP8 linear layer below through the down kernel.
+  ExpertWeightPtrs dense;
+};
+
+// A plain FP8 linear layer y = x W^T with DeepSeek's scales (attention projections, dense and
+// shared MLPs), computed by the down kernel in dense mode:
+//   x: [R, K] e4m3 with x_scales [R, K / 128] (K = in_features, a multiple of 128),
+//   weight: [N, K] e4m3 with weight_scale_inv [ceil(N / 128), K / 128], y: [R, N] float.
+struct Fp8LinearParams {
+  int32_t n_rows = 0;        // R
+  int32_t in_features = 0;   // K
+  int32_t out_features = 0;  // N, multiple of 16
+  const uint8_t* x = nullptr;
+  const float* x_scales = nullptr;
+  const uint8_t* weight = nullptr;
+  const float* weight_scale_inv = nullptr;
+  float* y = nullptr;
 };
 
 EM_HOST_DEVICE int64_t PaddedIntermediate(int64_t moe_intermediate_size) {
@@ -62,5 +80,7 @@ cudaError_t LaunchGroupedExpertsFp8(const GroupedExpertsParams& p, int block_m,
                                     cudaStream_t stream);
 cudaError_t LaunchGroupedExpertsF16(const GroupedExpertsParams& p, int block_m,
                                     cudaStream_t stream);
+cudaError_t LaunchFp8LinearFp8(const Fp8LinearParams& p, int block_m, cudaStream_t stream);
+cudaError_t LaunchFp8LinearF16(const Fp8LinearParams& p, int block_m, cudaStream_t stream);
 
 }  // namespace expertmesh::cuda

@@ -9,4 +9,8 @@ cudaError_t LaunchGroupedExpertsF16(const GroupedExpertsParams& p, int block_m,
   return grouped_gemm::Launch<grouped_gemm::Mma::kF16FromFp8>(p, block_m, stream);
 }
 
+cudaError_t LaunchFp8LinearF16(const Fp8LinearParams& p, int block_m, cudaStream_t stream) {
+  return grouped_gemm::LaunchLinear<grouped_gemm::Mma::kF16FromFp8>(p, block_m, stream);
+}
+
 }  // namespace expertmesh::cuda

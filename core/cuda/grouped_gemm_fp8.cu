@@ -8,4 +8,8 @@ cudaError_t LaunchGroupedExpertsFp8(const GroupedExpertsParams& p, int block_m,
   return grouped_gemm::Launch<grouped_gemm::Mma::kFp8>(p, block_m, stream);
 }
 
+cudaError_t LaunchFp8LinearFp8(const Fp8LinearParams& p, int block_m, cudaStream_t stream) {
+  return grouped_gemm::LaunchLinear<grouped_gemm::Mma::kFp8>(p, block_m, stream);
+}
+
 }  // namespace expertmesh::cuda
