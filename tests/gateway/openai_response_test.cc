@@ -1,0 +1,108 @@
+// OpenAI response shapes: whole responses and SSE chunks for both endpoints, logprobs in each
+// endpoint's form, usage; and API keys from a file and the environment.
+#include "gateway/openai_response.h"
+
+#include <stdlib.h>
+
+#include <fstream>
+
+#include <boost/json.hpp>
+
+#include "gateway/gateway_server.h"
+#include "gtest/gtest.h"
+
+namespace expertmesh::gateway {
+namespace {
+namespace json = boost::json;
+
+Delta MakeDelta(std::string text, std::vector<int32_t> ids, bool with_logprobs) {
+  Delta d;
+  d.text = std::move(text);
+  d.token_ids = std::move(ids);
+  if (with_logprobs) {
+    for (int32_t id : d.token_ids) {
+      d.logprobs.push_back({id,
+                            "t" + std::to_string(id),
+                            -0.5f,
+                            {{id, "t" + std::to_string(id), -0.5f}, {99, "alt", -1.5f}}});
+    }
+  }
+  return d;
+}
+
+TEST(OpenAiResponse, CompletionWholeAndChunks) {
+  OpenAiResponder r(Endpoint::kCompletions, "cmpl-1", "tiny", 1700000000, true);
+  r.Collect(MakeDelta("Hel", {5}, true));
+  r.Collect(MakeDelta("lo", {6, 7}, true));
+  Outcome out{"stop", "!", {3, 3, 0}};
+  json::value v = json::parse(r.Full(out));
+  EXPECT_EQ(v.at("id").as_string(), "cmpl-1");
+  EXPECT_EQ(v.at("object").as_string(), "text_completion");
+  EXPECT_EQ(v.at("created").as_int64(), 1700000000);
+  EXPECT_EQ(v.at("model").as_string(), "tiny");
+  const json::value& c = v.at("choices").at(0);
+  EXPECT_EQ(c.at("text").as_string(), "Hello");
+  EXPECT_EQ(c.at("finish_reason").as_string(), "stop");
+  const json::value& lp = c.at("logprobs");
+  EXPECT_EQ(lp.at("tokens").as_array().size(), 3u);
+  EXPECT_EQ(lp.at("tokens").at(1).as_string(), "t6");
+  EXPECT_EQ(lp.at("text_offset").at(2).as_int64(), 4);  // "t5" + "t6"
+  EXPECT_EQ(lp.at("top_logprobs").at(0).at("alt").as_double(), -1.5);
+  EXPECT_EQ(v.at("usage").at("total_tokens").as_int64(), 6);
+
+  OpenAiResponder s(Endpoint::kCompletions, "cmpl-2", "tiny", 1, false);
+  json::value chunk = json::parse(s.Chunk(MakeDelta("a", {1}, false), true));
+  EXPECT_EQ(chunk.at("choices").at(0).at("text").as_string(), "a");
+  EXPECT_TRUE(chunk.at("choices").at(0).at("finish_reason").is_null());
+  EXPECT_TRUE(chunk.at("choices").at(0).at("logprobs").is_null());
+  EXPECT_TRUE(chunk.at("usage").is_null());
+  json::value fin = json::parse(s.FinishChunk(out, false));
+  EXPECT_EQ(fin.at("choices").at(0).at("finish_reason").as_string(), "stop");
+  EXPECT_FALSE(fin.as_object().contains("usage"));
+  json::value usage = json::parse(s.UsageChunk(out.usage));
+  EXPECT_TRUE(usage.at("choices").as_array().empty());
+  EXPECT_EQ(usage.at("usage").at("completion_tokens").as_int64(), 3);
+}
+
+TEST(OpenAiResponse, ChatWholeAndChunks) {
+  OpenAiResponder r(Endpoint::kChatCompletions, "chatcmpl-1", "tiny", 2, true);
+  r.Collect(MakeDelta("\xc3\xa9t\xc3\xa9", {5}, true));
+  json::value v = json::parse(r.Full({"length", std::nullopt, {1, 1, 0}}));
+  EXPECT_EQ(v.at("object").as_string(), "chat.completion");
+  const json::value& c = v.at("choices").at(0);
+  EXPECT_EQ(c.at("message").at("role").as_string(), "assistant");
+  EXPECT_EQ(c.at("message").at("content").as_string(), "\xc3\xa9t\xc3\xa9");
+  EXPECT_EQ(c.at("finish_reason").as_string(), "length");
+  const json::value& entry = c.at("logprobs").at("content").at(0);
+  EXPECT_EQ(entry.at("token").as_string(), "t5");
+  EXPECT_EQ(entry.at("bytes").as_array().size(), 2u);
+  EXPECT_EQ(entry.at("top_logprobs").as_array().size(), 2u);
+
+  OpenAiResponder s(Endpoint::kChatCompletions, "chatcmpl-2", "tiny", 2, false);
+  json::value first = json::parse(s.Chunk(MakeDelta("Hi", {1}, false), false));
+  EXPECT_EQ(first.at("object").as_string(), "chat.completion.chunk");
+  EXPECT_EQ(first.at("choices").at(0).at("delta").at("role").as_string(), "assistant");
+  EXPECT_EQ(first.at("choices").at(0).at("delta").at("content").as_string(), "Hi");
+  json::value second = json::parse(s.Chunk(MakeDelta("!", {2}, false), false));
+  EXPECT_FALSE(second.at("choices").at(0).at("delta").as_object().contains("role"));
+  json::value fin = json::parse(s.FinishChunk({"stop", std::nullopt, {}}, false));
+  EXPECT_TRUE(fin.at("choices").at(0).at("delta").as_object().empty());
+  EXPECT_EQ(SseEvent("{}"), "data: {}\n\n");
+}
+
+TEST(ApiKeys, FileAndEnvironment) {
+  const std::string path = ::testing::TempDir() + "/gateway_keys.txt";
+  std::ofstream(path) << "# operators\nkey-a\n\n  key-b  \n";
+  auto keys = LoadApiKeys(path, "key-c, key-d");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  EXPECT_EQ(*keys, (std::vector<std::string>{"key-a", "key-b", "key-c", "key-d"}));
+  auto none = LoadApiKeys("", nullptr);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  EXPECT_FALSE(LoadApiKeys("/nonexistent/keys", nullptr).ok());
+  std::ofstream(path) << "# only a comment\n";
+  EXPECT_FALSE(LoadApiKeys(path, nullptr).ok());
+}
+
+}  // namespace
+}  // namespace expertmesh::gateway
