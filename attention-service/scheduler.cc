@@ -60,6 +60,10 @@ Scheduler::Scheduler(const Model* model, RoutedExperts* experts, const Scheduler
         &metrics->GetCounter("expertmesh_attention_generated_tokens_total", "Tokens sampled");
     prompt_tokens_ =
         &metrics->GetCounter("expertmesh_attention_prompt_tokens_total", "Prompt tokens prefilled");
+    drafted_tokens_ = &metrics->GetCounter("expertmesh_attention_drafted_tokens_total",
+                                           "MTP draft tokens verified");
+    accepted_tokens_ = &metrics->GetCounter("expertmesh_attention_accepted_draft_tokens_total",
+                                            "MTP draft tokens accepted");
     step_seconds_ =
         &metrics->GetHistogram("expertmesh_attention_step_seconds",
                                "Wall time of one batched forward step", LatencyBucketsSeconds());

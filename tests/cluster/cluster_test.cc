@@ -185,6 +185,9 @@ TEST_F(ClusterTest, SixtyFourConcurrentSequencesThenCancelFreesKvBlocks) {
   ASSERT_TRUE(c.ok()) << c.status();
   ExpectReferenceOutputs(**c, kPrompts);
   EXPECT_EQ(Metric(**c, "expertmesh_attention_kv_blocks_used"), 0.0);
+  // The attention service drafted with the MTP module (its MoE layer dispatched to the
+  // shards like the others), and the tokens are still the reference's.
+  EXPECT_GT(Metric(**c, "expertmesh_attention_drafted_tokens_total"), 0.0);
 
   // Client-side cancel mid-stream, and the Cancel rpc: both free the sequence's blocks.
   auto stub = Stub(**c);

@@ -25,7 +25,7 @@ constexpr char kConfig[] = R"({
   "intermediate_size": 192,
   "moe_intermediate_size": 64,
   "num_hidden_layers": 4,
-  "num_nextn_predict_layers": 0,
+  "num_nextn_predict_layers": 1,
   "num_attention_heads": 4,
   "num_key_value_heads": 4,
   "n_shared_experts": 1,

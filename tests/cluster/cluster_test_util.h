@@ -1,7 +1,8 @@
 // Shared by the attention-service and cluster tests: a small random DeepSeek-V3 checkpoint
 // written at test time (4 layers, 3 of them MoE with 8 routed experts: enough MoE layers and
-// experts for 4 shard groups), deterministic test prompts, and the in-process reference
-// engine's greedy continuations -- what every distributed run must reproduce token for token.
+// experts for 4 shard groups; plus an MTP module, so the services draft speculatively),
+// deterministic test prompts, and the in-process reference engine's greedy continuations -- what
+// every distributed run must reproduce token for token.
 #pragma once
 
 #include <cstdint>
