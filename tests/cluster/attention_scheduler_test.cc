@@ -198,6 +198,25 @@ TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
   EXPECT_FALSE((*s)->Cancel("long"));         // no longer live
 }
 
+TEST_F(SchedulerTest, ExpiredSequencesEndWithDeadlineExceeded) {
+  SchedulerOptions o;
+  o.kv_blocks = 64;
+  o.kv_block_size = 4;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_TRUE(s.ok());
+  GenerationRequest r = Greedy("late", {5, 6, 7}, 50);
+  r.deadline = absl::InfinitePast();  // expired before its first step
+  absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(r);
+  ASSERT_TRUE(st.ok());
+  std::vector<int32_t> tokens;
+  SequenceEvent last = Drain(**st, &tokens);
+  EXPECT_EQ(last.finish, FinishReason::kError);
+  EXPECT_EQ(last.error.code(), absl::StatusCode::kDeadlineExceeded) << last.error;
+  EXPECT_TRUE(tokens.empty());
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
 TEST_F(SchedulerTest, RejectsWhatCannotFitAndBoundsTheQueue) {
   SchedulerOptions o;
   o.kv_blocks = 4;
