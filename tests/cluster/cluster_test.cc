@@ -24,6 +24,7 @@
 #include "expertmesh/v1/attention.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "service-common/grpc_util.h"
+#include "service-common/handshake.h"
 #include "service-common/metrics_http.h"
 #include "tests/cluster/cluster_test_util.h"
 #include "tools/launcher/cluster.h"
@@ -180,7 +181,7 @@ TEST_F(ClusterTest, DistributionChangesNothing) {
   }
 }
 
-TEST_F(ClusterTest, SixtyFourConcurrentSequencesThenCancelFreesKvBlocks) {
+TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
   absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(2, 1));
   ASSERT_TRUE(c.ok()) << c.status();
   ExpectReferenceOutputs(**c, kPrompts);
@@ -287,6 +288,26 @@ TEST_F(ClusterTest, SixtyFourConcurrentSequencesThenCancelFreesKvBlocks) {
     EXPECT_TRUE(r.tokens.empty()) << what;
   }
   EXPECT_TRUE(Healthy(**c));
+
+  // Handshake: the same model is accepted, another model's fingerprint refused.
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*model_dir_, "gateway", "test");
+  ASSERT_TRUE(me.ok()) << me.status();
+  for (bool same : {true, false}) {
+    v1::HandshakeRequest req;
+    *req.mutable_client() = *me;
+    if (!same) req.mutable_client()->set_model_fingerprint("another-model");
+    v1::HandshakeResponse resp;
+    grpc::ClientContext hctx;
+    hctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    const grpc::Status hs = stub->Handshake(&hctx, req, &resp);
+    if (same) {
+      EXPECT_TRUE(hs.ok()) << hs.error_message();
+      EXPECT_EQ(resp.server().service(), "attention-service");
+      EXPECT_EQ(resp.server().model_fingerprint(), me->model_fingerprint());
+    } else {
+      EXPECT_EQ(hs.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    }
+  }
   ExpectReferenceOutputs(**c, 2);  // still serves
   StopCluster(**c);
 }
