@@ -241,15 +241,18 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
                                         "Sequences waiting for a batch slot or KV blocks");
   Gauge& used = s->metrics_.GetGauge("expertmesh_attention_kv_blocks_used", "KV blocks in use");
   Gauge& total = s->metrics_.GetGauge("expertmesh_attention_kv_blocks_total", "KV blocks");
+  Gauge& mtp_used = s->metrics_.GetGauge("expertmesh_attention_mtp_kv_blocks_used",
+                                         "KV blocks of the MTP module's caches in use");
   Gauge& usage = s->metrics_.GetGauge("expertmesh_attention_kv_cache_usage_ratio",
                                       "KV blocks in use / KV blocks");
   Scheduler* sched = s->scheduler_.get();
-  s->metrics_.AddCollector([=, &running, &waiting, &used, &total, &usage] {
+  s->metrics_.AddCollector([=, &running, &waiting, &used, &total, &mtp_used, &usage] {
     const SchedulerLoad l = sched->Load();
     running.Set(static_cast<double>(l.running));
     waiting.Set(static_cast<double>(l.waiting));
     used.Set(static_cast<double>(l.kv_blocks_used));
     total.Set(static_cast<double>(l.kv_blocks_total));
+    mtp_used.Set(static_cast<double>(l.mtp_kv_blocks_used));
     usage.Set(l.kv_blocks_total > 0
                   ? static_cast<double>(l.kv_blocks_used) / static_cast<double>(l.kv_blocks_total)
                   : 0.0);

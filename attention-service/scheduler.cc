@@ -169,6 +169,7 @@ SchedulerLoad Scheduler::Load() const {
   }
   load.kv_blocks_used = pool_->used_blocks();
   load.kv_blocks_total = pool_->total_blocks();
+  load.mtp_kv_blocks_used = mtp_pool_ ? mtp_pool_->used_blocks() : 0;
   load.max_context = max_context_;
   return load;
 }

@@ -59,6 +59,7 @@ struct SchedulerLoad {
   int64_t waiting = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
+  int64_t mtp_kv_blocks_used = 0;  // the MTP module's pool (same size as the main one)
   int64_t max_context = 0;
 };
 

@@ -225,6 +225,7 @@ TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     EXPECT_EQ(Metric(**c, "expertmesh_attention_kv_blocks_used"), 0.0);
+    EXPECT_EQ(Metric(**c, "expertmesh_attention_mtp_kv_blocks_used"), 0.0);
     EXPECT_EQ(Metric(**c, "expertmesh_attention_requests_running"), 0.0);
   }
 
