@@ -11,6 +11,11 @@
 // their sum. Dispatch latency: the attention service's expertmesh_dispatch_latency_seconds
 // histogram, read from /metrics before and after each batch size, the difference's
 // quantiles (linear interpolation inside the bucket, as Prometheus does).
+//
+// A model to run it on: the bundled one, or a random checkpoint of the small config beside
+// this file (4 layers, 3 MoE with 8 experts):
+//   expertmesh-make-checkpoint --config tools/bench/cluster_bench_config.json --out DIR --seed 1
+//   expertmesh-bench-cluster --model DIR --shards 2 --replicas 1
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
