@@ -101,13 +101,15 @@ class ForwardMatchesTransformers(unittest.TestCase):
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_mod
 
         layer = self.cfg_dict["first_k_dense_replace"]
-        x = torch.randn(64, self.cfg_dict["hidden_size"], generator=torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(64, self.cfg_dict["hidden_size"], generator=g)
         with torch.no_grad():
             _, w_ours, i_ours = self.model.model.layers[layer].mlp.gate(x)
             _, w_hf, i_hf = self.hf.model.layers[layer].mlp.gate(x)
         o1, o2 = i_ours.sort(-1), i_hf.sort(-1)
         self.assertTrue(torch.equal(o1.values, o2.values))
-        self.assertLess((w_ours.gather(1, o1.indices) - w_hf.gather(1, o2.indices)).abs().max(), 1e-6)
+        w_diff = (w_ours.gather(1, o1.indices) - w_hf.gather(1, o2.indices)).abs().max()
+        self.assertLess(w_diff, 1e-6)
         self.assertIsInstance(self.hf.model.layers[layer].mlp.gate, hf_mod.DeepseekV3TopkRouter)
 
     def test_mtp_matches_reference_built_from_transformers(self):
@@ -131,7 +133,8 @@ class ForwardMatchesTransformers(unittest.TestCase):
             [sd[f"mlp.experts.{e}.down_proj.weight"] for e in range(E)])
         block.load_state_dict(block_sd, strict=True)
         H, eps = self.cfg_dict["hidden_size"], self.cfg_dict["rms_norm_eps"]
-        norms = {n: hf_mod.DeepseekV3RMSNorm(H, eps) for n in ("enorm", "hnorm", "shared_head.norm")}
+        norms = {n: hf_mod.DeepseekV3RMSNorm(H, eps)
+                 for n in ("enorm", "hnorm", "shared_head.norm")}
         for n, m in norms.items():
             m.weight.data.copy_(sd[n + ".weight"])
 
@@ -147,7 +150,8 @@ class ForwardMatchesTransformers(unittest.TestCase):
             self.assertFalse(torch.allclose(h, normed))
             T = self.ids.shape[1] - 1
             e = self.hf.model.embed_tokens(self.ids[:, 1:])
-            x = torch.cat([norms["enorm"](e), norms["hnorm"](h[:, :-1])], -1) @ sd["eh_proj.weight"].T
+            x = torch.cat([norms["enorm"](e), norms["hnorm"](h[:, :-1])], -1)
+            x = x @ sd["eh_proj.weight"].T
             pos = torch.arange(T)[None]
             mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
             x = block(x, attention_mask=mask, position_ids=pos,
@@ -176,7 +180,8 @@ class CommittedModel(unittest.TestCase):
             os.path.join(root, "expertmesh-tiny-bf16"), dtype=torch.float32,
             output_loading_info=True, attn_implementation="eager")
         self.assertEqual(list(info["missing_keys"]), [])
-        ids = torch.randint(0, hf.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        ids = torch.randint(0, hf.config.vocab_size, (1, 64), generator=g)
         with torch.no_grad():
             a, _ = ours(ids, with_mtp=False)
             b = hf(ids).logits

@@ -44,7 +44,8 @@ def parse_args():
     p.add_argument("--tokenizer-dir", default=os.path.join(ROOT, "models/expertmesh-tiny"))
     p.add_argument("--data", default=os.path.join(ROOT, "data/corpus"))
     p.add_argument("--out", default=os.path.join(ROOT, "build/trainer/run"))
-    p.add_argument("--log-csv", default=os.path.join(ROOT, "models/expertmesh-tiny/training_log.csv"))
+    p.add_argument("--log-csv",
+                   default=os.path.join(ROOT, "models/expertmesh-tiny/training_log.csv"))
     p.add_argument("--steps", type=int, default=1600, help="steps (unless --minutes)")
     p.add_argument("--minutes", type=float, default=0,
                    help="train for this wall time instead: the LR schedule follows elapsed time")
@@ -163,7 +164,8 @@ def lr_at(step, progress, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     t = min(1.0, progress)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    cosine = 0.5 * (1 + math.cos(math.pi * t))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
 def save_checkpoint(model, cfg_dict, step, args):
