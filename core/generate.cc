@@ -140,7 +140,7 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
         const int64_t room =
             std::min(s.request->max_tokens - std::ssize(s.result.tokens), max_context - s.length);
         const int ki = static_cast<int>(std::clamp<int64_t>(room, 0, k));
-        if (ki > 0 || s.mtp.pending() >= kMaxPendingMtpRows) {
+        if (ki > 0 && !s.mtp.retired) {
           mtp_seqs.push_back(&s.mtp);
           ks.push_back(ki);
         }

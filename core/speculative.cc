@@ -79,6 +79,13 @@ Verification VerifyDrafts(Sampler& sampler, std::span<const float> logits,
 
 void AppendMtpRows(MtpSequence& seq, std::span<const int32_t> next_tokens,
                    std::span<const float> hidden) {
+  if (seq.retired) return;
+  if (seq.pending() + std::ssize(next_tokens) > kMaxPendingMtpRows) {
+    seq.retired = true;
+    seq.next_tokens = {};
+    seq.hidden = {};
+    return;
+  }
   seq.next_tokens.insert(seq.next_tokens.end(), next_tokens.begin(), next_tokens.end());
   seq.hidden.insert(seq.hidden.end(), hidden.begin(), hidden.end());
 }
@@ -105,6 +112,7 @@ absl::Status MtpDrafter::Draft(std::span<MtpSequence* const> seqs, std::span<con
   for (size_t i = 0; i < seqs.size(); ++i) {
     MtpSequence& s = *seqs[i];
     s.drafts.clear();
+    if (s.retired) continue;
     if (s.pending() == 0) {
       if (k[i] > 0) {
         return absl::FailedPreconditionError("MTP draft without a pending row (no new token)");
@@ -173,6 +181,7 @@ constexpr double kCostDecay = 0.2;  // weight of a new observation in the mean
 // Acceptance counts fade by exp(-n / kAcceptanceWindow) per n new drafts: the estimate
 // follows the last ~64 drafts whatever the batch size.
 constexpr double kAcceptanceWindow = 64.0;
+constexpr double kPriorDrafts = 8.0;
 constexpr size_t kMaxRowPoints = 128;  // distinct row counts kept
 }  // namespace
 
@@ -218,6 +227,14 @@ double RowCostModel::Predict(int64_t rows) const {
   return std::max(t, 0.05 * std::min(a->second, b->second));
 }
 
+DraftPolicy::DraftPolicy(int draft_k, DraftPolicyOptions options)
+    : draft_k_(draft_k), options_(options) {
+  for (int j = 0; j < kMaxDraftTokens; ++j) {
+    drafted_[j] = kPriorDrafts;
+    accepted_[j] = 0.5 * kPriorDrafts;
+  }
+}
+
 void DraftPolicy::ObserveAcceptance(std::span<const int64_t> drafted,
                                     std::span<const int64_t> accepted) {
   const double n = drafted.empty() ? 0.0 : static_cast<double>(drafted[0]);
@@ -257,7 +274,7 @@ int DraftPolicy::Choose(int64_t B) {
   if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
   // Unmeasured: probe by drafting (that measures acceptance, verify and MTP costs), then
   // by not drafting (that measures the plain step).
-  if (acceptance_rate(0) < 0.0 || !main_.Observed(B * (1 + draft_k_))) return draft_k_;
+  if (!main_.Observed(B * (1 + draft_k_))) return draft_k_;
   if (!main_.Observed(B)) return 0;
   int best = 0;
   double best_speedup = options_.margin;
@@ -270,8 +287,15 @@ int DraftPolicy::Choose(int64_t B) {
   }
   // Every probe_interval steps the other choice, so both step costs (and, while off, the
   // acceptance) stay current.
-  if (++steps_since_probe_ >= options_.probe_interval) {
+  // While off, the interval doubles after each probe that confirms it (up to
+  // kMaxPendingMtpRows steps): a probe costs the MTP module's catch-up over the skipped rows.
+  if (best > 0) probe_backoff_ = 1;
+  if (++steps_since_probe_ >= options_.probe_interval * probe_backoff_) {
     steps_since_probe_ = 0;
+    if (best == 0) {
+      probe_backoff_ = std::min<int>(
+          2 * probe_backoff_, std::max<int>(1, kMaxPendingMtpRows / options_.probe_interval));
+    }
     return best > 0 ? 0 : 1;
   }
   return best;

@@ -41,8 +41,9 @@
 namespace expertmesh {
 
 inline constexpr int kMaxDraftTokens = 4;
-// A sequence whose MTP module has fallen this many rows behind (drafting paused) is fed
-// anyway, so the rows kept for it stay bounded.
+// A sequence whose MTP module has fallen more than this many rows behind (drafting paused
+// that long) stops drafting for good: its pending rows are dropped, so a paused drafter
+// costs neither time (no catch-up) nor unbounded memory.
 inline constexpr int64_t kMaxPendingMtpRows = 256;
 
 // ---- The acceptance rule -------------------------------------------------------------------
@@ -88,11 +89,12 @@ struct MtpSequence {
   std::vector<int32_t> next_tokens;  // pending rows: t[i+1] ...
   std::vector<float> hidden;         // ... and h[i]: [pending, hidden_size]
   std::vector<int32_t> drafts;       // drafted tokens, verified by the next main forward
+  bool retired = false;              // fell kMaxPendingMtpRows behind: never drafts again
   int64_t pending() const { return static_cast<int64_t>(next_tokens.size()); }
 };
 
 // Rows the main model produced: hidden [n, hidden_size] at n positions whose next tokens are
-// next_tokens [n]. They become the MTP module's pending rows.
+// next_tokens [n]. They become the MTP module's pending rows (dropped once retired).
 void AppendMtpRows(MtpSequence& seq, std::span<const int32_t> next_tokens,
                    std::span<const float> hidden);
 
@@ -105,7 +107,8 @@ class MtpDrafter {
   int draft_k() const { return draft_k_; }
   // Feeds each sequence's pending rows to the MTP module, then drafts k[i] tokens for
   // sequence i into seqs[i]->drafts (k[i] = 0: only feeds). Sequences without pending rows
-  // and k = 0 are skipped. On return every MTP cache holds exactly the fed positions.
+  // and k = 0, and retired sequences, are skipped (no drafts). On return every MTP cache
+  // holds exactly the fed positions.
   // mtp_rows (if not null) gets the rows the module ran over.
   absl::Status Draft(std::span<MtpSequence* const> seqs, std::span<const int> k,
                      int64_t* mtp_rows = nullptr);
@@ -145,10 +148,11 @@ struct DraftPolicyOptions {
 // with the best predicted tokens/s wins. T_main comes from a RowCostModel over main forward
 // rows, T_mtp from one over MTP rows. Until both sides are measured at this B it probes
 // them, and every probe_interval steps it takes the other choice once (a probe: drafting
-// while off, a plain step while on) so the estimates stay current.
+// while off, a plain step while on) so the estimates stay current; while off the interval
+// doubles after each probe, up to kMaxPendingMtpRows steps (sequences paused longer retire).
 class DraftPolicy {
  public:
-  DraftPolicy(int draft_k, DraftPolicyOptions options) : draft_k_(draft_k), options_(options) {}
+  DraftPolicy(int draft_k, DraftPolicyOptions options);
 
   int Choose(int64_t decoding);
   // After a step: its main forward (rows, seconds), its MTP work (rows, seconds; 0 when it
@@ -157,7 +161,9 @@ class DraftPolicy {
   void ObserveMtp(int64_t rows, double seconds) { mtp_.Observe(rows, seconds); }
   void ObserveAcceptance(std::span<const int64_t> drafted, std::span<const int64_t> accepted);
 
-  double acceptance_rate(int position) const;  // alpha_{position+1}
+  // alpha_{position+1}: accepted / drafted counts, starting from a prior of 0.5 worth
+  // kPriorDrafts drafts, so that one early rejection does not switch drafting off.
+  double acceptance_rate(int position) const;
   // Predicted tokens/s ratio of drafting k against not, at batch B (< 0 when unknown).
   double PredictedSpeedup(int64_t decoding, int k) const;
 
@@ -168,6 +174,7 @@ class DraftPolicy {
   double drafted_[kMaxDraftTokens] = {};
   double accepted_[kMaxDraftTokens] = {};
   int steps_since_probe_ = 0;
+  int probe_backoff_ = 1;
 };
 
 }  // namespace expertmesh

@@ -163,11 +163,13 @@ struct Simulation {
 
 TEST(SpeculativeTest, PolicyTurnsDraftingOffWhenItLosesAndBackOnWhenItPays) {
   Simulation sim;
-  // Batch 32, poor acceptance: off after the probes, then one probe step in 32.
+  // Batch 32, poor acceptance: off after the probes, then probes at intervals of 32, 64,
+  // 128, 256 steps.
   const int low = sim.Run(32, 0.1, 320);
   EXPECT_LE(low, 2 + 320 / 32);
-  // Acceptance improves: the probes see it and drafting comes back.
-  sim.Run(32, 0.9, 320);
+  EXPECT_LE(sim.Run(32, 0.1, 512), 3);
+  // Acceptance improves: the probes (now every 256 steps) see it and drafting comes back.
+  sim.Run(32, 0.9, 1600);
   const int high = sim.Run(32, 0.9, 100);
   EXPECT_GE(high, 100 - 100 / 32 - 1);
   EXPECT_GT(sim.policy.PredictedSpeedup(32, 1), 1.0);
