@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
   int step_deadline_ms = 10000, attempt_timeout_ms = 3000, default_deadline_ms = 600000;
   int64_t kv_blocks = 1024, kv_block_size = 16, max_batch = 64, max_waiting = 256,
           prefill_chunk = 64;
-  bool no_act_quant = false, no_mtp = false;
+  bool no_act_quant = false, no_mtp = false, mtp_always = false;
   int draft_k = 1;
   app.add_option("--model", o.model_dir, "Checkpoint directory")
       ->required()
@@ -54,6 +54,8 @@ int main(int argc, char** argv) {
   app.add_option("--draft-k", draft_k, "MTP drafts per step (adaptive: 0..k)")
       ->check(CLI::Range(1, 4))
       ->capture_default_str();
+  app.add_flag("--mtp-always", mtp_always,
+               "Draft every step (default: adaptive, drafting only when it pays)");
   app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
@@ -70,6 +72,7 @@ int main(int argc, char** argv) {
   o.scheduler.engine.quantize_activations = !no_act_quant;
   o.scheduler.mtp = !no_mtp;
   o.scheduler.draft_k = draft_k;
+  o.scheduler.policy.adaptive = !mtp_always;
   o.step_deadline = absl::Milliseconds(step_deadline_ms);
   o.attempt_timeout = absl::Milliseconds(attempt_timeout_ms);
   o.default_deadline = absl::Milliseconds(default_deadline_ms);
