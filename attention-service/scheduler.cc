@@ -332,6 +332,7 @@ void Scheduler::Step() {
         ks.push_back(ki);
       }
     }
+    KeepOneForProbe(*policy_, mtp_seqs, ks);  // a probe while off drafts for one sequence
     if (!mtp_seqs.empty()) {
       const absl::Time t = absl::Now();
       int64_t rows = 0;

@@ -146,6 +146,7 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
         }
         s.mtp.drafts.clear();
       }
+      KeepOneForProbe(*policy_, mtp_seqs, ks);
       if (!mtp_seqs.empty()) {
         const auto t_mtp = Clock::now();
         int64_t rows = 0;

@@ -270,7 +270,26 @@ double DraftPolicy::PredictedSpeedup(int64_t B, int k) const {
   return (1.0 + expected) * t_plain / (t_verify + t_mtp);
 }
 
+void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
+                     std::vector<int>& k) {
+  if (!policy.probing()) return;
+  int best = -1;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (k[i] > 0 && !seqs[i]->retired && (best < 0 || seqs[i]->pending() < seqs[best]->pending())) {
+      best = static_cast<int>(i);
+    }
+  }
+  if (best < 0) {
+    seqs.clear();
+    k.clear();
+    return;
+  }
+  seqs = {seqs[best]};
+  k = {k[best]};
+}
+
 int DraftPolicy::Choose(int64_t B) {
+  probing_ = false;
   if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
   // Unmeasured: probe by drafting (that measures acceptance, verify and MTP costs), then
   // by not drafting (that measures the plain step).
@@ -296,6 +315,7 @@ int DraftPolicy::Choose(int64_t B) {
       probe_backoff_ = std::min<int>(
           2 * probe_backoff_, std::max<int>(1, kMaxPendingMtpRows / options_.probe_interval));
     }
+    probing_ = best == 0;
     return best > 0 ? 0 : 1;
   }
   return best;

@@ -164,6 +164,9 @@ class DraftPolicy {
   // alpha_{position+1}: accepted / drafted counts, starting from a prior of 0.5 worth
   // kPriorDrafts drafts, so that one early rejection does not switch drafting off.
   double acceptance_rate(int position) const;
+  // The last Choose() was a probe while drafting is off: draft for one sequence only
+  // (KeepOneForProbe), which measures acceptance at the cost of one sequence's catch-up.
+  bool probing() const { return probing_; }
   // Predicted tokens/s ratio of drafting k against not, at batch B (< 0 when unknown).
   double PredictedSpeedup(int64_t decoding, int k) const;
 
@@ -175,6 +178,13 @@ class DraftPolicy {
   double accepted_[kMaxDraftTokens] = {};
   int steps_since_probe_ = 0;
   int probe_backoff_ = 1;
+  bool probing_ = false;
 };
+
+// On a probe (policy.probing()), keeps only the sequence with the fewest pending MTP rows
+// among those with drafts wanted (the cheapest to catch up); seqs and k are the Draft()
+// arguments of the step, filtered in place.
+void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
+                     std::vector<int>& k);
 
 }  // namespace expertmesh

@@ -176,6 +176,59 @@ absl::StatusOr<StreamsResult> ClusterStreams(v1::AttentionService::Stub& stub,
   return out;
 }
 
+// Mean seconds of the main forward with r new rows per sequence and of the MTP forward with
+// r rows per sequence, B sequences of `context` cached tokens (the cost model the adaptive
+// policy learns online).
+void Breakdown(Engine& engine, int64_t B, int context) {
+  const ModelConfig& c = engine.model().config();
+  const int64_t D = c.hidden_size;
+  Rng rng(9);
+  auto time = [&](int rows, bool mtp) {
+    std::vector<std::unique_ptr<ContiguousKvCache>> caches;
+    std::vector<std::vector<int32_t>> tokens(B);
+    std::vector<float> hidden(rows * D, 0.01f);
+    for (int64_t b = 0; b < B; ++b) {
+      caches.push_back(mtp ? engine.NewMtpCache() : engine.NewCache());
+      for (int j = 0; j < context + rows; ++j) {
+        tokens[b].push_back(2 + static_cast<int32_t>(rng.Next() % (c.vocab_size - 2)));
+      }
+    }
+    double total = 0;
+    constexpr int kReps = 12;
+    for (int rep = 0; rep < kReps; ++rep) {
+      std::vector<SequenceInput> in;
+      std::vector<MtpInput> min;
+      std::vector<float> ctx_hidden(context * D, 0.01f);
+      for (int64_t b = 0; b < B; ++b) {
+        caches[b]->Truncate(0);
+        std::span<const int32_t> t(tokens[b]);
+        if (mtp) {
+          MtpInput pre{t.first(context), ctx_hidden, caches[b].get(), false};
+          (void)engine.ForwardMtp(std::span<const MtpInput>(&pre, 1));
+          min.push_back({t.subspan(context, rows), hidden, caches[b].get(), false});
+        } else {
+          SequenceInput pre{t.first(context), caches[b].get(), false};
+          (void)engine.Forward(std::span<const SequenceInput>(&pre, 1));
+          in.push_back({t.subspan(context, rows), caches[b].get(), rows > 1});
+        }
+      }
+      const auto start = Clock::now();
+      if (mtp) {
+        (void)engine.ForwardMtp(min);
+      } else {
+        (void)engine.Forward(in);
+      }
+      if (rep > 1) total += std::chrono::duration<double>(Clock::now() - start).count();
+    }
+    return total / (kReps - 2);
+  };
+  std::printf(
+      "batch %lld, context %d: main forward 1 row %.2f ms, 2 rows %.2f ms, 3 rows %.2f "
+      "ms per step; MTP forward 1 row %.2f ms, 2 rows %.2f ms\n",
+      static_cast<long long>(B), context, 1e3 * time(1, false), 1e3 * time(2, false),
+      1e3 * time(3, false), 1e3 * time(1, true), 1e3 * time(2, true));
+}
+
 void PrintRow(const char* where, int b, const Figures& f) {
   std::printf("%-11s %5d %12.1f %12.1f %8.2fx %10.1f%%", where, b, f.plain, f.mtp,
               f.plain > 0 ? f.mtp / f.plain : 0.0,
@@ -188,7 +241,7 @@ void PrintRow(const char* where, int b, const Figures& f) {
 }
 
 int Run(const std::string& model_dir, int shards, std::vector<int> batches, int decode_tokens,
-        int draft_k, bool always, bool skip_cluster) {
+        int draft_k, bool always, bool skip_cluster, bool breakdown) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
   if (!config.ok() || !ckpt.ok()) {
@@ -216,6 +269,9 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
       static_cast<long long>(config->num_hidden_layers),
       static_cast<long long>(config->n_routed_experts), static_cast<long long>(config->vocab_size),
       decode_tokens, draft_k, always ? "always draft" : "adaptive");
+  if (breakdown) {
+    for (int b : batches) Breakdown(**engine, b, 32);
+  }
   std::printf("%-11s %5s %12s %12s %9s %11s %11s %11s\n", "where", "batch", "plain tok/s",
               "mtp tok/s", "speedup", "acceptance", "drafting", "predicted");
   for (int b : batches) {
@@ -266,7 +322,7 @@ int main(int argc, char** argv) {
       "through a loopback cluster, with acceptance rates"};
   std::string model;
   int shards = 2, decode_tokens = 64, draft_k = 1;
-  bool always = false, skip_cluster = false;
+  bool always = false, skip_cluster = false, breakdown = false;
   std::vector<int> batches = {1, 8, 32};
   app.add_option("--model", model, "Checkpoint directory (with num_nextn_predict_layers >= 1)")
       ->required()
@@ -280,6 +336,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--mtp-always", always, "In-process: draft every step (no adaptive policy)");
   app.add_flag("--in-process-only", skip_cluster, "Skip the cluster rows");
+  app.add_flag("--breakdown", breakdown, "First time the main and MTP forwards by rows");
   CLI11_PARSE(app, argc, argv);
-  return expertmesh::Run(model, shards, batches, decode_tokens, draft_k, always, skip_cluster);
+  return expertmesh::Run(model, shards, batches, decode_tokens, draft_k, always, skip_cluster,
+                         breakdown);
 }
