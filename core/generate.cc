@@ -99,8 +99,14 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
       batch[i] = SequenceInput{requests[i].prompt, caches_[i].get(), false};
       seqs[i].length = std::ssize(requests[i].prompt);
     }
+    const auto t_main = Clock::now();
     absl::StatusOr<std::vector<SequenceOutput>> out = engine_->Forward(batch);
     if (!out.ok()) return out.status();
+    if (mtp()) {
+      int64_t rows = 0;
+      for (const GenerateRequest& r : requests) rows += std::ssize(r.prompt);
+      policy_->ObserveMain(rows, Since(t_main));
+    }
     for (size_t i = 0; i < n; ++i) {
       const SampledToken t = seqs[i].sampler->Sample((*out)[i].logits);
       emit(i, std::span<const SampledToken>(&t, 1));

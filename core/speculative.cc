@@ -291,14 +291,17 @@ void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
 int DraftPolicy::Choose(int64_t B) {
   probing_ = false;
   if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
-  // Unmeasured: probe by drafting (that measures acceptance, verify and MTP costs), then
-  // by not drafting (that measures the plain step).
-  if (!main_.Observed(B * (1 + draft_k_))) return draft_k_;
+  // Unmeasured: first the plain step at this B; then, while the costs of drafting cannot
+  // be predicted (one main point only, or no MTP point), a probe: drafting for one sequence.
   if (!main_.Observed(B)) return 0;
   int best = 0;
   double best_speedup = options_.margin;
   for (int k = 1; k <= draft_k_; ++k) {
     const double s = PredictedSpeedup(B, k);
+    if (s < 0.0 || main_.points() < 2) {
+      probing_ = true;
+      return 1;
+    }
     if (s > best_speedup) {
       best = k;
       best_speedup = s;

@@ -130,6 +130,7 @@ class RowCostModel {
   // < 0 when nothing was observed yet.
   double Predict(int64_t rows) const;
   bool Observed(int64_t rows) const { return mean_.contains(rows); }
+  size_t points() const { return mean_.size(); }
 
  private:
   std::map<int64_t, double> mean_;  // rows -> seconds
@@ -138,7 +139,9 @@ class RowCostModel {
 struct DraftPolicyOptions {
   bool adaptive = true;     // false: always draft draft_k tokens
   int probe_interval = 32;  // one step in this many takes the other choice, to re-measure
-  double margin = 1.0;      // draft when predicted speed-up > margin
+  // Draft when the predicted speed-up exceeds this: hysteresis against timing noise (a
+  // shared CPU machine measures step times within ~10%), so gains under 10% are forgone.
+  double margin = 1.1;
 };
 
 // Chooses the number of drafts per step (0 = off) for a batch of B decoding sequences:
@@ -146,17 +149,19 @@ struct DraftPolicyOptions {
 // drafting k emits B * (1 + sum_{j<=k} prod_{i<=j} alpha_i) tokens in
 // T_main(B * (1 + k)) + T_mtp(k, B) seconds against B tokens in T_main(B) without; the k
 // with the best predicted tokens/s wins. T_main comes from a RowCostModel over main forward
-// rows, T_mtp from one over MTP rows. Until both sides are measured at this B it probes
-// them, and every probe_interval steps it takes the other choice once (a probe: drafting
-// while off, a plain step while on) so the estimates stay current; while off the interval
-// doubles after each probe, up to kMaxPendingMtpRows steps (sequences paused longer retire).
+// rows, T_mtp from one over MTP rows. It first measures the plain step at this B, then
+// probes drafting (for one sequence) while T_main has one point or T_mtp none; every probe_interval
+// steps it takes the other choice once (a probe: drafting while off, a plain step while on) so the
+// estimates stay current; while off the interval doubles after each probe, up to kMaxPendingMtpRows
+// steps (sequences paused longer retire).
 class DraftPolicy {
  public:
   DraftPolicy(int draft_k, DraftPolicyOptions options);
 
   int Choose(int64_t decoding);
-  // After a step: its main forward (rows, seconds), its MTP work (rows, seconds; 0 when it
-  // drafted nothing) and, per draft position j, drafted[j] / accepted[j] counts.
+  // After a step: its main forward (rows, seconds; prefill steps too: they give the cost
+  // of many rows), its MTP work (rows, seconds; 0 when it drafted nothing) and, per draft
+  // position j, drafted[j] / accepted[j] counts.
   void ObserveMain(int64_t rows, double seconds) { main_.Observe(rows, seconds); }
   void ObserveMtp(int64_t rows, double seconds) { mtp_.Observe(rows, seconds); }
   void ObserveAcceptance(std::span<const int64_t> drafted, std::span<const int64_t> accepted);

@@ -85,24 +85,36 @@ std::vector<std::vector<int32_t>> Prompts(const std::string& model_dir, int n, i
   return out;
 }
 
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Plain and MTP runs alternate `repeats` times; each mode's rate is its median (the machine
+// may be shared: alternation spreads load changes over both modes).
 absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
-                                  int decode_tokens, int draft_k, bool always) {
+                                  int decode_tokens, int draft_k, bool always, int repeats,
+                                  double margin) {
   std::vector<GenerateRequest> requests;
   for (const auto& p : prompts) requests.push_back({p, {}, decode_tokens + 1, true, {}});
   Figures f;
   std::vector<std::vector<int32_t>> tokens[2];
-  for (int mode = 0; mode < 2; ++mode) {
+  std::vector<double> rates[2];
+  for (int run = 0; run < 2 * repeats; ++run) {
+    const int mode = run % 2;
+    tokens[mode].clear();
     GeneratorOptions o;
     o.mtp = mode == 1;
     o.draft_k = draft_k;
     o.policy.adaptive = !always;
+    o.policy.margin = margin;
     absl::StatusOr<std::unique_ptr<Generator>> g = Generator::Create(&engine, o);
     if (!g.ok()) return g.status();
     GenerateStats stats;
     absl::StatusOr<std::vector<GenerateResult>> r = (*g)->Generate(requests, &stats);
     if (!r.ok()) return r.status();
     const double rate = stats.decode_tokens / stats.decode_seconds;
-    (mode == 0 ? f.plain : f.mtp) = rate;
+    rates[mode].push_back(rate);
     if (mode == 1) {
       f.drafted = stats.drafted;
       f.accepted = stats.accepted;
@@ -116,6 +128,8 @@ absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<
       for (const SampledToken& t : res.tokens) tokens[mode].back().push_back(t.token);
     }
   }
+  f.plain = Median(rates[0]);
+  f.mtp = Median(rates[1]);
   f.same_tokens = tokens[0] == tokens[1];
   return f;
 }
@@ -241,7 +255,7 @@ void PrintRow(const char* where, int b, const Figures& f) {
 }
 
 int Run(const std::string& model_dir, int shards, std::vector<int> batches, int decode_tokens,
-        int draft_k, bool always, bool skip_cluster, bool breakdown) {
+        int draft_k, bool always, bool skip_cluster, bool breakdown, int repeats, double margin) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
   if (!config.ok() || !ckpt.ok()) {
@@ -276,7 +290,7 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
               "mtp tok/s", "speedup", "acceptance", "drafting", "predicted");
   for (int b : batches) {
     absl::StatusOr<Figures> f = InProcess(**engine, Prompts(model_dir, b, config->vocab_size, 16),
-                                          decode_tokens, draft_k, always);
+                                          decode_tokens, draft_k, always, repeats, margin);
     if (!f.ok()) {
       spdlog::error("in-process batch {}: {}", b, f.status().ToString());
       return 1;
@@ -300,14 +314,26 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
   auto stub = v1::AttentionService::NewStub(MakeChannel((*cluster)->attention().grpc_address));
   for (int b : batches) {
     const auto prompts = Prompts(model_dir, b, config->vocab_size, 16);
-    absl::StatusOr<StreamsResult> plain = ClusterStreams(*stub, prompts, decode_tokens, true);
-    absl::StatusOr<StreamsResult> mtp = ClusterStreams(*stub, prompts, decode_tokens, false);
-    if (!plain.ok() || !mtp.ok()) {
-      spdlog::error("cluster batch {}: {}", b,
-                    (!plain.ok() ? plain.status() : mtp.status()).ToString());
-      return 1;
+    std::vector<double> rates[2];
+    Figures f;
+    std::vector<std::vector<int32_t>> first_plain;
+    for (int run = 0; run < 2 * repeats; ++run) {
+      const bool plain = run % 2 == 0;
+      absl::StatusOr<StreamsResult> r = ClusterStreams(*stub, prompts, decode_tokens, plain);
+      if (!r.ok()) {
+        spdlog::error("cluster batch {}: {}", b, r.status().ToString());
+        return 1;
+      }
+      rates[plain ? 0 : 1].push_back(r->rate);
+      if (run == 0) first_plain = r->tokens;
+      f.same_tokens &= r->tokens == first_plain;
+      if (!plain) {
+        f.drafted += r->drafted;
+        f.accepted += r->accepted;
+      }
     }
-    Figures f{plain->rate, mtp->rate, mtp->drafted, mtp->accepted, plain->tokens == mtp->tokens};
+    f.plain = Median(rates[0]);
+    f.mtp = Median(rates[1]);
     PrintRow("cluster", b, f);
   }
   return (*cluster)->Stop().ok() ? 0 : 1;
@@ -321,7 +347,8 @@ int main(int argc, char** argv) {
       "Decode tokens/s with and without MTP speculative decoding, in-process and "
       "through a loopback cluster, with acceptance rates"};
   std::string model;
-  int shards = 2, decode_tokens = 64, draft_k = 1;
+  int shards = 2, decode_tokens = 64, draft_k = 1, repeats = 3;
+  double margin = expertmesh::DraftPolicyOptions{}.margin;
   bool always = false, skip_cluster = false, breakdown = false;
   std::vector<int> batches = {1, 8, 32};
   app.add_option("--model", model, "Checkpoint directory (with num_nextn_predict_layers >= 1)")
@@ -336,8 +363,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--mtp-always", always, "In-process: draft every step (no adaptive policy)");
   app.add_flag("--in-process-only", skip_cluster, "Skip the cluster rows");
+  app.add_option("--margin", margin, "In-process: the policy's speed-up margin")
+      ->capture_default_str();
+  app.add_option("--repeats", repeats, "Alternating runs per mode (median reported)")
+      ->check(CLI::Range(1, 50))
+      ->capture_default_str();
   app.add_flag("--breakdown", breakdown, "First time the main and MTP forwards by rows");
   CLI11_PARSE(app, argc, argv);
   return expertmesh::Run(model, shards, batches, decode_tokens, draft_k, always, skip_cluster,
-                         breakdown);
+                         breakdown, repeats, margin);
 }
