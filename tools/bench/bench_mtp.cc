@@ -306,6 +306,7 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
   o.kv_blocks = 8192;
   o.step_deadline_ms = 30000;
   o.extra_attention_args = {"--draft-k", std::to_string(draft_k)};
+  if (always) o.extra_attention_args.push_back("--mtp-always");
   absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
   if (!cluster.ok()) {
     spdlog::error("{}", cluster.status().ToString());
@@ -361,7 +362,7 @@ int main(int argc, char** argv) {
   app.add_option("--draft-k", draft_k, "MTP drafts per step")
       ->check(CLI::Range(1, expertmesh::kMaxDraftTokens))
       ->capture_default_str();
-  app.add_flag("--mtp-always", always, "In-process: draft every step (no adaptive policy)");
+  app.add_flag("--mtp-always", always, "Draft every step (no adaptive policy), both sides");
   app.add_flag("--in-process-only", skip_cluster, "Skip the cluster rows");
   app.add_option("--margin", margin, "In-process: the policy's speed-up margin")
       ->capture_default_str();
