@@ -58,6 +58,7 @@ class GatewayClusterTest : public ::testing::Test {
     launcher::ClusterOptions co;
     co.model_dir = *dir;
     co.bin_dir = EXPERTMESH_BINARY_DIR;
+    co.shards = kShards;
     co.max_batch = 16;
     co.max_waiting = 256;
     absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
@@ -82,7 +83,9 @@ class GatewayClusterTest : public ::testing::Test {
     // The engine's greedy continuations of the test prompts (with BOS, as the gateway encodes).
     std::vector<std::vector<int32_t>> prompts;
     for (const std::string& p : kPrompts) prompts.push_back(*tokenizer_->Encode(p, true));
-    auto ref = expertmesh::testing::ReferenceGreedy(*dir, prompts, 16);
+    // The reference engine with the data plane's numerics for this cluster's shard groups
+    // (each shard's partial sum travels as BF16): what the cluster reproduces bit for bit.
+    auto ref = expertmesh::testing::ReferenceGreedy(*dir, prompts, 16, kShards);
     ASSERT_TRUE(ref.ok()) << ref.status();
     prompt_ids_ = new std::vector<std::vector<int32_t>>(prompts);
     reference_ = new std::vector<std::vector<int32_t>>(*ref);
@@ -142,6 +145,7 @@ class GatewayClusterTest : public ::testing::Test {
     return false;
   }
 
+  static constexpr int kShards = 1;
   static inline std::string* model_dir_ = nullptr;
   static inline launcher::Cluster* cluster_ = nullptr;
   static inline GatewayServer* gateway_ = nullptr;
@@ -225,7 +229,7 @@ TEST_F(GatewayClusterTest, ChatUsesTheModelsTemplate) {
   ASSERT_TRUE(prompt.ok()) << prompt.status();
   auto ids = tokenizer_->Encode(*prompt, false);
   ASSERT_TRUE(ids.ok());
-  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens, kShards);
   ASSERT_TRUE(ref.ok()) << ref.status();
   const std::string want = tokenizer_->Decode((*ref)[0], true);
 
@@ -608,7 +612,7 @@ TEST_F(GatewayClusterTest, OfficialOpenAiClient) {
   ASSERT_TRUE(tmpl.ok());
   auto ids = tokenizer_->Encode(*tmpl->Apply(messages, true), false);
   ASSERT_TRUE(ids.ok());
-  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens, kShards);
   ASSERT_TRUE(ref.ok()) << ref.status();
   cases.push_back(json::object{{"kind", "chat"},
                                {"messages", messages},
