@@ -14,8 +14,8 @@ void ExpertRoutes::AddRow(std::span<const int32_t> e, std::span<const float> w) 
 
 absl::Status RoutedExperts::RunUnquantized(int layer, std::span<const float>, const ExpertRoutes&,
                                            std::span<float>) {
-  return absl::UnimplementedError(
-      "this RoutedExperts takes FP8 activations only (layer " + std::to_string(layer) + ")");
+  return absl::UnimplementedError("this RoutedExperts takes FP8 activations only (layer " +
+                                  std::to_string(layer) + ")");
 }
 
 }  // namespace expertmesh

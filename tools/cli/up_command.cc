@@ -147,6 +147,9 @@ void AddUpCommand(CLI::App& app) {
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
   up->add_flag("--gateway", c.gateway, "Also start the gateway");
+  up->add_option("--http-port", c.gateway_http_port,
+                 "The gateway's OpenAI HTTP port (0: a free port)")
+      ->capture_default_str();
   up->add_option("--bin-dir", c.bin_dir, "Where the service binaries are (default: build tree)");
   up->add_option("--log-dir", c.log_dir, "One log file per service (default: a new /tmp dir)");
   up->add_option("--kv-blocks", c.kv_blocks, "Attention service KV blocks")->capture_default_str();

@@ -221,7 +221,8 @@ absl::Status Cluster::StartAll() {
     absl::StatusOr<std::string> bin = FindServiceBinary(bin_dir_, "gateway", "gateway");
     if (!bin.ok()) return bin.status();
     absl::StatusOr<int> port = PickFreePort();
-    absl::StatusOr<int> hport = PickFreePort();
+    absl::StatusOr<int> hport =
+        options_.gateway_http_port != 0 ? options_.gateway_http_port : PickFreePort();
     if (!port.ok() || !hport.ok()) return absl::UnavailableError("no free port");
     std::vector<std::string> args = {"--model",     options_.model_dir,
                                      "--attention", attention_.grpc_address,

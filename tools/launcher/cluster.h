@@ -23,6 +23,7 @@ struct ClusterOptions {
   int shards = 1;    // shard groups
   int replicas = 1;  // replicas per shard group
   bool gateway = false;
+  int gateway_http_port = 0;  // the gateway's OpenAI HTTP port; 0 = a free port
   // Where the service binaries are: <bin_dir>/<name> or <bin_dir>/<name-dir>/<name> (a
   // build tree). Empty: FindBinDir().
   std::string bin_dir;
