@@ -27,9 +27,9 @@ struct RopeScaling {  // rope_scaling, type "yarn"
 
 struct QuantizationConfig {  // quantization_config
   bool present = false;
-  std::string quant_method;      // "fp8"
-  std::string fmt;               // "e4m3"
-  std::string activation_scheme; // "dynamic"
+  std::string quant_method;       // "fp8"
+  std::string fmt;                // "e4m3"
+  std::string activation_scheme;  // "dynamic"
   std::vector<int> weight_block_size{128, 128};
 };
 
