@@ -5,10 +5,14 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/kernel_plan.h"
 #include "core/numerics.h"
 #include "core/wire.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
+#if EXPERTMESH_HAVE_CUDA
+#include "core/cuda/cuda_experts.h"
+#endif
 
 namespace expertmesh {
 
@@ -116,7 +120,10 @@ ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity
                                      ExpertRequestLimits limits, MetricsRegistry* metrics)
     : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {}
 
-void ExpertServiceImpl::SetExperts(std::unique_ptr<LocalExperts> experts) {
+void ExpertServiceImpl::SetExperts(std::unique_ptr<RoutedExperts> experts,
+                                   std::span<const LayerExpert> held, bool serialize) {
+  for (const LayerExpert& le : held) held_.emplace(le.layer, le.expert);
+  serialize_ = serialize;
   owned_experts_ = std::move(experts);
   experts_.store(owned_experts_.get());
 }
@@ -191,10 +198,12 @@ v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
     }
   } done{this};
 
-  LocalExperts* experts = experts_.load();
+  RoutedExperts* experts = experts_.load();
   if (!experts) return finish(absl::UnavailableError("shard replica is still loading"));
-  if (absl::Status s = ValidateExpertRequest(
-          request, config_, limits_, [experts](int l, int e) { return experts->Holds(l, e); });
+  if (absl::Status s = ValidateExpertRequest(request, config_, limits_,
+                                             [this](int l, int e) {
+                                               return held_.count({l, e}) != 0;
+                                             });
       !s.ok()) {
     return finish(s);
   }
@@ -210,7 +219,12 @@ v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
     routes.experts.assign(request.experts().begin(), request.experts().end());
     routes.weights.assign(request.weights().begin(), request.weights().end());
     std::vector<float> out(static_cast<size_t>(n_rows * H));
-    status = experts->Run(request.layer(), *x, routes, out);
+    if (serialize_) {
+      std::lock_guard<std::mutex> lock(run_mu_);
+      status = experts->Run(request.layer(), *x, routes, out);
+    } else {
+      status = experts->Run(request.layer(), *x, routes, out);
+    }
     if (status.ok()) {
       PackOutputRows(out, response.mutable_outputs());
       response.set_n_rows(static_cast<uint32_t>(n_rows));
@@ -274,19 +288,37 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   spdlog::info("loading {} experts of shard {} ({:.1f} MiB of {:.1f} MiB in the checkpoint)",
                o.experts.size(), o.shard_id, share / 1048576.0,
                es->checkpoint_->total_bytes() / 1048576.0);
-  LocalExperts::Options lo;
-  lo.quantize_activations = o.quantize_activations;
-  const int64_t total = static_cast<int64_t>(o.experts.size());
-  const int64_t step = std::max<int64_t>(1, total / 10);
-  lo.progress = [step](int64_t done, int64_t n) {
-    if (done % step == 0 || done == n) spdlog::info("loaded {}/{} experts", done, n);
-  };
-  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
-      LocalExperts::Create(*es->checkpoint_, es->config_, o.experts, lo);
-  if (!experts.ok()) return experts.status();
-  es->bytes_mapped_ = (*experts)->bytes_mapped();
-  spdlog::info("experts loaded: {} bytes of expert tensors ({} bytes mapped from files)",
-               es->bytes_mapped_, es->checkpoint_->bytes_mapped());
+  absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(o.device);
+  if (!device.ok()) return device.status();
+  std::unique_ptr<RoutedExperts> backend;
+  if (device->cuda) {
+#if EXPERTMESH_HAVE_CUDA
+    spdlog::info("copying the experts to CUDA device(s) {}", o.device);
+    absl::StatusOr<std::unique_ptr<cuda::CudaExperts>> gpu = cuda::CudaExperts::Create(
+        *es->checkpoint_, es->config_, o.experts, {.devices = device->devices});
+    if (!gpu.ok()) return gpu.status();
+    es->bytes_mapped_ = share;
+    backend = *std::move(gpu);
+#else
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--device ", o.device, ": this expert-service was built without CUDA (EXPERTMESH_CUDA)"));
+#endif
+  } else {
+    LocalExperts::Options lo;
+    lo.quantize_activations = o.quantize_activations;
+    const int64_t total = static_cast<int64_t>(o.experts.size());
+    const int64_t step = std::max<int64_t>(1, total / 10);
+    lo.progress = [step](int64_t done, int64_t n) {
+      if (done % step == 0 || done == n) spdlog::info("loaded {}/{} experts", done, n);
+    };
+    absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+        LocalExperts::Create(*es->checkpoint_, es->config_, o.experts, lo);
+    if (!experts.ok()) return experts.status();
+    es->bytes_mapped_ = (*experts)->bytes_mapped();
+    backend = *std::move(experts);
+  }
+  spdlog::info("experts loaded on {}: {} bytes of expert tensors ({} bytes mapped from files)",
+               o.device, es->bytes_mapped_, es->checkpoint_->bytes_mapped());
   if (o.metrics) {
     o.metrics->GetGauge("expertmesh_expert_bytes_mapped", "Bytes of expert tensors held")
         .Set(static_cast<double>(es->bytes_mapped_));
@@ -296,7 +328,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
           .Set(svc->outstanding_rows());
     });
   }
-  es->service_->SetExperts(*std::move(experts));
+  es->service_->SetExperts(std::move(backend), o.experts, /*serialize=*/device->cuda);
   SetServing(*es->server_, true);
 
   if (!o.router_address.empty()) {

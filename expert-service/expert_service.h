@@ -14,6 +14,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -60,7 +62,10 @@ class ExpertServiceImpl final : public v1::ExpertService::Service {
   // One message, validated and computed (what Compute does for each).
   v1::ExpertResponse Handle(const v1::ExpertRequest& request);
 
-  void SetExperts(std::unique_ptr<LocalExperts> experts);  // once loaded
+  // Once loaded: the backend (CPU LocalExperts or CUDA) and the (layer, expert) pairs it holds.
+  // `serialize`: the backend takes one caller at a time (the CUDA backend).
+  void SetExperts(std::unique_ptr<RoutedExperts> experts, std::span<const LayerExpert> held,
+                  bool serialize);
   void StartDraining();  // new messages get UNAVAILABLE from now on
   // Waits until no message is being computed.
   void WaitIdle();
@@ -71,8 +76,11 @@ class ExpertServiceImpl final : public v1::ExpertService::Service {
   v1::PeerIdentity identity_;
   ExpertRequestLimits limits_;
   MetricsRegistry* metrics_;
-  std::atomic<LocalExperts*> experts_{nullptr};
-  std::unique_ptr<LocalExperts> owned_experts_;
+  std::atomic<RoutedExperts*> experts_{nullptr};
+  std::unique_ptr<RoutedExperts> owned_experts_;
+  std::set<std::pair<int, int>> held_;  // written once before experts_ is published
+  bool serialize_ = false;
+  std::mutex run_mu_;  // taken around Run() when serialize_
   std::atomic<bool> draining_{false};
   std::atomic<uint32_t> outstanding_rows_{0};
   std::mutex idle_mu_;
@@ -90,7 +98,8 @@ struct ExpertServerOptions {
   std::string instance_id = "expert";
   ExpertRequestLimits limits;
   bool quantize_activations = true;
-  uint32_t capacity = 4096;  // rows in flight announced to the router
+  std::string device = "cpu";  // "cpu" or "cuda:N[,M...]" (experts spread over the GPUs)
+  uint32_t capacity = 4096;    // rows in flight announced to the router
   absl::Duration rpc_timeout = absl::Seconds(2);
   MetricsRegistry* metrics = nullptr;  // optional; must outlive the server
 };

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   int shard_id = -1, num_shards = -1, metrics_port = -1;
   uint64_t max_request_mib = 48;
   bool no_act_quant = false;
+  std::string device = "cpu";
   app.add_option("--model", model_dir, "Checkpoint directory")->required();
   app.add_option("--shard-id", shard_id, "This replica's shard group (with --num-shards)");
   app.add_option("--num-shards", num_shards, "Shard groups of the even placement plan");
@@ -30,6 +31,8 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-host", metrics_host, "Address /metrics binds");
   app.add_option("--max-request-mib", max_request_mib, "Largest accepted request message");
   app.add_option("--instance-id", instance_id, "Name in logs and handshakes");
+  app.add_option("--device", device, "cpu, or cuda:N[,M...]: the experts spread over these GPUs")
+      ->capture_default_str();
   app.add_flag("--no-act-quant", no_act_quant, "Do not quantize the intermediate activations");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error");
   CLI11_PARSE(app, argc, argv);
@@ -46,6 +49,7 @@ int main(int argc, char** argv) {
   }
   ExpertServerOptions options;
   options.model_dir = model_dir;
+  options.device = device;
   if (!experts_text.empty()) {
     absl::StatusOr<std::vector<LayerExpert>> experts = ParseExpertList(experts_text);
     if (!experts.ok()) {

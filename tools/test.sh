@@ -6,6 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tools/install-deps.sh
 export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+export CCACHE_BASEDIR="$root"  # cache hits across clones in other folders
 jobs=${JOBS:-$(nproc)}
 
 echo "== format check"

@@ -287,6 +287,26 @@ TEST_F(ExpertServiceTest, MapsExactlyItsShareOfTheCheckpoint) {
   EXPECT_LT(mine, (*ckpt)->total_bytes() / 2);
 }
 
+TEST_F(ExpertServiceTest, DeviceSpecIsCheckedBeforeLoading) {
+  ExpertServerOptions o;
+  o.model_dir = *model_dir_;
+  o.experts = placement_->ExpertsOf(1);
+  o.shard_id = 1;
+  o.device = "gpu7";
+  absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << s.status();
+  EXPECT_NE(std::string(s.status().message()).find("gpu7"), std::string::npos) << s.status();
+#if !EXPERTMESH_HAVE_CUDA
+  // A binary without the CUDA backend says so instead of falling back to the CPU.
+  o.device = "cuda:0";
+  s = ExpertServer::Start(o);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.status().message()).find("without CUDA"), std::string::npos)
+      << s.status();
+#endif
+}
+
 TEST(AdvertisedAddressTest, ListenHostWithTheBoundPort) {
   EXPECT_EQ(AdvertisedAddress("", "127.0.0.1:0", 4321), "127.0.0.1:4321");
   EXPECT_EQ(AdvertisedAddress("", "10.1.2.3:5000", 5000), "10.1.2.3:5000");
