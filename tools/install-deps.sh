@@ -7,7 +7,7 @@ PKGS=(build-essential cmake ninja-build ccache pkg-config git curl python3 pytho
       libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libsimdjson-dev libspdlog-dev
       libcli11-dev libhwy-dev libtbb-dev libopenblas-dev
       clang libclang-rt-14-dev clang-format)
-# Model tools: public-domain text for tools/corpus/build_corpus.py.
+# Model tools: the English text tools/corpus/build_corpus.py extracts (KJV, fortunes, GCIDE).
 PKGS+=(bible-kjv bible-kjv-text fortunes fortunes-min dict-gcide)
 missing=()
 for p in "${PKGS[@]}"; do
