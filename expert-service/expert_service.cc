@@ -219,12 +219,10 @@ v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
     routes.experts.assign(request.experts().begin(), request.experts().end());
     routes.weights.assign(request.weights().begin(), request.weights().end());
     std::vector<float> out(static_cast<size_t>(n_rows * H));
-    if (serialize_) {
-      std::lock_guard<std::mutex> lock(run_mu_);
-      status = experts->Run(request.layer(), *x, routes, out);
-    } else {
-      status = experts->Run(request.layer(), *x, routes, out);
-    }
+    std::unique_lock<std::mutex> run_lock(run_mu_, std::defer_lock);
+    if (serialize_) run_lock.lock();
+    status = experts->Run(request.layer(), *x, routes, out);
+    if (run_lock.owns_lock()) run_lock.unlock();
     if (status.ok()) {
       PackOutputRows(out, response.mutable_outputs());
       response.set_n_rows(static_cast<uint32_t>(n_rows));
