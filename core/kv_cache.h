@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -31,6 +32,11 @@ class MlaKvCache {
   virtual const float* Slot(int layer, int64_t pos) const = 0;
   virtual int num_layers() const = 0;
   virtual int64_t row_size() const = 0;  // kv_lora_rank + qk_rope_head_dim
+  // Paged caches: the ids of the pages (blocks) holding positions [0, page_size() * n), in
+  // order, so a device-side cache (core/cuda/cuda_engine.h) can mirror the same layout.
+  // Empty (and page_size() 0) for caches that are not paged.
+  virtual std::span<const int32_t> page_ids() const { return {}; }
+  virtual int64_t page_size() const { return 0; }
 };
 
 class ContiguousKvCache : public MlaKvCache {

@@ -91,6 +91,14 @@ void AppendMtpRows(MtpSequence& seq, std::span<const int32_t> next_tokens,
 }
 
 absl::StatusOr<MtpDrafter> MtpDrafter::Create(Engine* engine, int draft_k) {
+  auto adapter = std::make_shared<ReferenceForwardEngine>(engine);
+  absl::StatusOr<MtpDrafter> d = Create(adapter.get(), draft_k);
+  if (!d.ok()) return d.status();
+  d->owned_ = std::move(adapter);
+  return d;
+}
+
+absl::StatusOr<MtpDrafter> MtpDrafter::Create(ForwardEngine* engine, int draft_k) {
   if (engine->model().mtp().empty()) {
     return absl::FailedPreconditionError(
         "speculative decoding needs the MTP module (num_nextn_predict_layers >= 1, loaded)");
@@ -99,7 +107,7 @@ absl::StatusOr<MtpDrafter> MtpDrafter::Create(Engine* engine, int draft_k) {
     return absl::InvalidArgumentError(
         absl::StrFormat("draft_k %d must lie in [1, %d]", draft_k, kMaxDraftTokens));
   }
-  return MtpDrafter(engine, draft_k);
+  return MtpDrafter(engine, nullptr, draft_k);
 }
 
 absl::Status MtpDrafter::Draft(std::span<MtpSequence* const> seqs, std::span<const int> k,

@@ -29,12 +29,14 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "core/engine.h"
+#include "core/forward_engine.h"
 #include "core/kv_cache.h"
 #include "core/sampling.h"
 
@@ -103,6 +105,8 @@ class MtpDrafter {
   // The engine's model must carry an MTP module (num_nextn_predict_layers >= 1, loaded).
   // draft_k in [1, kMaxDraftTokens]. `engine` must outlive the drafter.
   static absl::StatusOr<MtpDrafter> Create(Engine* engine, int draft_k);
+  // The same over any ForwardEngine (the GPU engine in the attention service).
+  static absl::StatusOr<MtpDrafter> Create(ForwardEngine* engine, int draft_k);
 
   int draft_k() const { return draft_k_; }
   // Feeds each sequence's pending rows to the MTP module, then drafts k[i] tokens for
@@ -114,8 +118,10 @@ class MtpDrafter {
                      int64_t* mtp_rows = nullptr);
 
  private:
-  MtpDrafter(Engine* engine, int draft_k) : engine_(engine), draft_k_(draft_k) {}
-  Engine* engine_;
+  MtpDrafter(ForwardEngine* engine, std::shared_ptr<ForwardEngine> owned, int draft_k)
+      : engine_(engine), owned_(std::move(owned)), draft_k_(draft_k) {}
+  ForwardEngine* engine_;
+  std::shared_ptr<ForwardEngine> owned_;  // the adapter when created over an Engine
   int draft_k_;
 };
 

@@ -1,0 +1,920 @@
+// CudaEngine (see cuda_engine.h). Legend: T = tokens of the batch, D = hidden_size,
+// Hl = heads on a rank, qk = qk_head_dim, R = kv_lora_rank, Dkv = R + qk_rope_head_dim,
+// v = v_head_dim, I_l = a rank's intermediate range.
+#include "core/cuda/cuda_engine.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/cuda/device_buffer.h"
+#include "core/cuda/dispatch.h"
+#include "core/cuda/engine_kernels.h"
+#include "core/gate.h"
+#include "core/layers.h"
+#include "core/quant.h"
+#if EXPERTMESH_HAVE_NCCL
+#include "core/cuda/nccl_group.h"
+#endif
+
+namespace expertmesh::cuda {
+
+namespace {
+
+absl::Status BlasStatus(cublasStatus_t s, std::string_view what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrFormat("cuBLAS %s: %s (%d)", what, cublasGetStatusString(s), static_cast<int>(s)));
+}
+
+template <typename T>
+absl::Status Reserve(DeviceBuffer<T>& b, size_t n) {
+  if (b.size() >= n) return absl::OkStatus();
+  absl::StatusOr<DeviceBuffer<T>> nb = DeviceBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
+  if (!nb.ok()) return nb.status();
+  b = std::move(*nb);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status ReservePinned(PinnedBuffer<T>& b, size_t n) {
+  if (b.size() >= n) return absl::OkStatus();
+  absl::StatusOr<PinnedBuffer<T>> nb = PinnedBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
+  if (!nb.ok()) return nb.status();
+  b = std::move(*nb);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::StatusOr<DeviceBuffer<T>> Upload(std::span<const T> host) {
+  return DeviceBuffer<T>::FromHost(host);
+}
+
+// A rank's part of one projection: FP8 blocks for the FP8 kernel, or a float matrix for cuBLAS.
+struct DevLinear {
+  int64_t out = 0;              // rows of the part
+  int64_t in = 0;               // columns of the part
+  bool fp8 = false;             // Fp8Linear over w8 / scales
+  bool quantize_input = false;  // float path over an FP8 source: inputs quantized + dequantized
+  DeviceBuffer<uint8_t> w8;     // [out, in] e4m3
+  DeviceBuffer<float> scales;   // [ceil(out / 128), in / 128]
+  DeviceBuffer<float> w32;      // [out, in]
+  bool present() const { return out > 0 && in > 0; }
+  uint64_t bytes() const { return w8.bytes() + scales.bytes() + w32.bytes(); }
+};
+
+absl::StatusOr<DevLinear> UploadLinear(const Linear& w, Range rows, Range cols,
+                                       bool quantize_activations) {
+  DevLinear d;
+  if (rows.empty() || cols.empty()) return d;
+  d.out = rows.size();
+  d.in = cols.size();
+  const bool quantized = w.is_fp8() && quantize_activations;
+  if (quantized && w.block.rows == 128 && w.block.cols == 128 && rows.begin % 128 == 0 &&
+      cols.begin % 128 == 0 && d.in % 128 == 0 && d.out % 16 == 0) {
+    absl::StatusOr<Linear> part = SliceLinear(w, rows, cols);
+    if (!part.ok()) return part.status();
+    absl::StatusOr<DeviceBuffer<uint8_t>> w8 =
+        Upload(std::span<const uint8_t>(part->weight.data, static_cast<size_t>(part->weight.size)));
+    if (!w8.ok()) return w8.status();
+    absl::StatusOr<DeviceBuffer<float>> sc = Upload(std::span<const float>(
+        part->scale_inv.as<float>(), static_cast<size_t>(part->scale_inv.size / sizeof(float))));
+    if (!sc.ok()) return sc.status();
+    d.w8 = std::move(*w8);
+    d.scales = std::move(*sc);
+    d.fp8 = true;
+    return d;
+  }
+  const std::vector<float> f = DequantizeSlice(w, rows, cols);
+  absl::StatusOr<DeviceBuffer<float>> w32 = Upload(std::span<const float>(f));
+  if (!w32.ok()) return w32.status();
+  d.w32 = std::move(*w32);
+  d.quantize_input = quantized;
+  return d;
+}
+
+Range Whole(int64_t n) { return {0, n}; }
+
+}  // namespace
+
+// One decoder layer (or an MTP module's layer) on one rank.
+struct CudaEngine::Block {
+  int layer = 0;  // the RoutedExperts' layer id
+  bool is_moe = false;
+  DeviceBuffer<float> input_layernorm, post_attention_layernorm, q_a_layernorm, kv_a_layernorm;
+  DevLinear q_a, q_b, q, kv_a, o;
+  DeviceBuffer<float> w_uk;  // [Hl, qk_nope_head_dim, R]
+  DeviceBuffer<float> w_uv;  // [Hl, v, R]
+  DevLinear gate, up, down;  // dense MLP or shared expert part (absent for an empty range)
+  const GateWeights* gate_weights = nullptr;  // MoE: the host gate
+};
+
+// What one MTP module holds on a rank beyond its block.
+struct MtpDev {
+  DeviceBuffer<float> enorm, hnorm, head_norm, embed;  // embed empty: the main one
+  DevLinear eh_proj, head;                             // head: rank 0 only
+};
+
+struct CudaEngine::Rank {
+  int rank = 0;
+  int device = 0;
+  DeviceArch arch;
+  cudaStream_t stream = nullptr;
+  bool owns_stream = false;
+  cublasHandle_t blas = nullptr;
+  std::vector<Block> layers;
+  std::vector<Block> mtp_blocks;
+  std::vector<MtpDev> mtp;
+  DeviceBuffer<float> embed;  // [vocab_size, D]
+  DeviceBuffer<float> norm;   // rank 0
+  DevLinear lm_head;          // rank 0
+  DeviceBuffer<float> inv_freq;
+  DeviceBuffer<uint16_t> kv;      // [num_hidden_layers, pages, page_size, Dkv] bf16
+  DeviceBuffer<uint16_t> mtp_kv;  // [1, mtp pages, page_size, Dkv]
+  // Scratch, sized per forward (Run reserves everything before enqueuing).
+  DeviceBuffer<float> h, xn, delta, routed, qa, q, kvr, qm, ctx, attn, attn_all, gathered, g, u;
+  DeviceBuffer<float> x32, cat, sel, logits;
+  DeviceBuffer<uint8_t> x8;
+  DeviceBuffer<float> x8_scales;
+  DeviceBuffer<int32_t> ints;  // tokens | positions | seq_lens | out_rows | block_table
+  DeviceBuffer<int64_t> slots;
+  // Rank 0: pinned staging of the routed-expert call (hidden rows out, expert sums back).
+  PinnedBuffer<float> host_x, host_routed;
+  cudaEvent_t xn_ready = nullptr;
+
+  ~Rank() {
+    cudaSetDevice(device);
+    if (xn_ready != nullptr) cudaEventDestroy(xn_ready);
+    if (blas != nullptr) cublasDestroy(blas);
+    if (owns_stream && stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  // y: [n, out] = x: [n, in] . W^T.
+  absl::Status Linear(const DevLinear& w, const float* x, int64_t n, float* y) {
+    if (!w.present()) return absl::InternalError("CUDA engine: linear part absent");
+    if (n == 0) return absl::OkStatus();
+    if (w.fp8 || w.quantize_input) {
+      ActQuantParams aq;
+      aq.n_rows = static_cast<int32_t>(n);
+      aq.dim = static_cast<int32_t>(w.in);
+      aq.x = x;
+      aq.q = x8.get();
+      aq.scales = x8_scales.get();
+      EM_RETURN_IF_ERROR(ActQuant(aq, stream));
+    }
+    if (w.fp8) {
+      Fp8LinearParams p;
+      p.n_rows = static_cast<int32_t>(n);
+      p.in_features = static_cast<int32_t>(w.in);
+      p.out_features = static_cast<int32_t>(w.out);
+      p.x = x8.get();
+      p.x_scales = x8_scales.get();
+      p.weight = w.w8.get();
+      p.weight_scale_inv = w.scales.get();
+      p.y = y;
+      return Fp8Linear(arch, p, stream);
+    }
+    if (w.quantize_input) {
+      EM_RETURN_IF_ERROR(
+          CudaStatus(LaunchDequantActivations(x8.get(), x8_scales.get(), static_cast<int32_t>(n),
+                                              static_cast<int32_t>(w.in), x32.get(), stream),
+                     "dequantize activations"));
+      x = x32.get();
+    }
+    // Row-major y = x W^T is column-major y^T = W x^T: W^T is W read column-major, so op T.
+    const float one = 1.0f, zero = 0.0f;
+    return BlasStatus(
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.out), static_cast<int>(n),
+                    static_cast<int>(w.in), &one, w.w32.get(), static_cast<int>(w.in), x,
+                    static_cast<int>(w.in), &zero, y, static_cast<int>(w.out)),
+        "sgemm");
+  }
+
+  absl::Status Norm(const float* x, const DeviceBuffer<float>& weight, int64_t n, int64_t dim,
+                    double eps, float* out) {
+    RmsNormParams p;
+    p.n_rows = static_cast<int32_t>(n);
+    p.dim = static_cast<int32_t>(dim);
+    p.eps = static_cast<float>(eps);
+    p.x = x;
+    p.weight = weight.get();
+    p.out = out;
+    return RmsNorm(p, stream);
+  }
+
+  // y += x over n floats.
+  absl::Status Add(const float* x, float* y, int64_t n) {
+    const float one = 1.0f;
+    return BlasStatus(cublasSaxpy(blas, static_cast<int>(n), &one, x, 1, y, 1), "saxpy");
+  }
+
+  // The MLP part: out = down(silu(gate(x)) * up(x)), zeros when this rank holds no part.
+  absl::Status Mlp(const Block& b, const float* x, int64_t T, int64_t D, float* out) {
+    if (!b.gate.present()) {
+      return CudaStatus(cudaMemsetAsync(out, 0, T * D * sizeof(float), stream), "memset");
+    }
+    EM_RETURN_IF_ERROR(Linear(b.gate, x, T, g.get()));
+    EM_RETURN_IF_ERROR(Linear(b.up, x, T, u.get()));
+    EM_RETURN_IF_ERROR(
+        CudaStatus(LaunchSwiglu(g.get(), u.get(), T * b.gate.out, stream), "swiglu"));
+    return Linear(b.down, g.get(), T, out);
+  }
+};
+
+// One forward's host-side description.
+struct CudaEngine::Batch {
+  struct Seq {
+    MlaKvCache* cache = nullptr;
+    int64_t start = 0;      // cached length before this forward
+    int64_t row_begin = 0;  // first row in the batch
+    int64_t n = 0;
+    bool all_logits = false;
+  };
+  std::vector<Seq> seqs;
+  std::vector<int32_t> tokens;  // [T]
+  std::vector<float> hidden;    // MTP: [T, D] main-model hidden states
+  int64_t T = 0;
+  int64_t max_pages = 0;          // columns of the per-token block table
+  std::vector<int32_t> ints;      // tokens | positions | seq_lens | out_rows | block_table
+  std::vector<int64_t> slots;     // [T] cache row of each new token
+  std::vector<int32_t> out_rows;  // rows whose logits are wanted
+  int64_t kv_pages = 0;           // pages of the cache this forward writes
+};
+
+absl::Status PageListCache::Extend(int64_t n) {
+  if (n < 0 || length_ + n > static_cast<int64_t>(pages_.size()) * page_size_) {
+    return absl::ResourceExhaustedError(absl::StrCat("page list cache: ", length_, " + ", n,
+                                                     " tokens exceed ", pages_.size(), " pages"));
+  }
+  length_ += n;
+  return absl::OkStatus();
+}
+
+CudaEngine::CudaEngine(const Model& model, RoutedExperts* experts, CudaEngineOptions options,
+                       TpPlan plan)
+    : model_(model), experts_(experts), options_(std::move(options)), plan_(std::move(plan)) {}
+
+CudaEngine::~CudaEngine() {
+  ranks_.clear();  // before the NCCL group whose streams they may use
+  nccl_.reset();
+}
+
+uint64_t CudaEngine::device_bytes() const {
+  uint64_t n = 0;
+  for (const auto& r : ranks_) {
+    n +=
+        r->embed.bytes() + r->norm.bytes() + r->lm_head.bytes() + r->kv.bytes() + r->mtp_kv.bytes();
+    for (const auto* blocks : {&r->layers, &r->mtp_blocks}) {
+      for (const Block& b : *blocks) {
+        for (const DevLinear* l : {&b.q_a, &b.q_b, &b.q, &b.kv_a, &b.o, &b.gate, &b.up, &b.down}) {
+          n += l->bytes();
+        }
+        n += b.w_uk.bytes() + b.w_uv.bytes();
+      }
+    }
+    for (const MtpDev& m : r->mtp) n += m.embed.bytes() + m.eh_proj.bytes() + m.head.bytes();
+  }
+  return n;
+}
+
+namespace {
+
+absl::StatusOr<DeviceBuffer<float>> UploadVector(const std::vector<float>& v) {
+  return DeviceBuffer<float>::FromHost(std::span<const float>(v));
+}
+
+// One decoder layer's weights on rank `s`.
+absl::Status UploadBlock(const ModelConfig& c, const RankShard& s, const DecoderLayerWeights& w,
+                         bool quant, CudaEngine::Block& b) {
+  const int64_t D = c.hidden_size;
+  const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, R = c.kv_lora_rank;
+  const MlaWeights& a = w.self_attn;
+  b.layer = w.layer;
+  b.is_moe = w.is_moe;
+  auto vec = [](const std::vector<float>& x, DeviceBuffer<float>& out) -> absl::Status {
+    absl::StatusOr<DeviceBuffer<float>> d = UploadVector(x);
+    if (!d.ok()) return d.status();
+    out = std::move(*d);
+    return absl::OkStatus();
+  };
+  auto lin = [quant](const Linear& l, Range rows, Range cols, DevLinear& out) -> absl::Status {
+    absl::StatusOr<DevLinear> d = UploadLinear(l, rows, cols, quant);
+    if (!d.ok()) return d.status();
+    out = std::move(*d);
+    return absl::OkStatus();
+  };
+  EM_RETURN_IF_ERROR(vec(w.input_layernorm, b.input_layernorm));
+  EM_RETURN_IF_ERROR(vec(w.post_attention_layernorm, b.post_attention_layernorm));
+  if (a.q_proj) {
+    EM_RETURN_IF_ERROR(lin(*a.q_proj, s.q_rows, Whole(D), b.q));
+  } else {
+    EM_RETURN_IF_ERROR(lin(*a.q_a_proj, Whole(c.q_lora_rank), Whole(D), b.q_a));
+    EM_RETURN_IF_ERROR(vec(a.q_a_layernorm, b.q_a_layernorm));
+    EM_RETURN_IF_ERROR(lin(*a.q_b_proj, s.q_rows, Whole(c.q_lora_rank), b.q_b));
+  }
+  EM_RETURN_IF_ERROR(
+      lin(a.kv_a_proj_with_mqa, Whole(a.kv_a_proj_with_mqa.out_features), Whole(D), b.kv_a));
+  EM_RETURN_IF_ERROR(vec(a.kv_a_layernorm, b.kv_a_layernorm));
+  // Absorbed MLA: per head, kv_b_proj rows [nope | v] are W_UK then W_UV, dequantized once.
+  const std::vector<float> kvb = DequantizeSlice(a.kv_b_proj, s.kv_b_rows, Whole(R));
+  const int64_t Hl = s.heads.size();
+  std::vector<float> uk(Hl * nope * R), uv(Hl * v * R);
+  for (int64_t h = 0; h < Hl; ++h) {
+    const float* head = kvb.data() + h * (nope + v) * R;
+    std::copy_n(head, nope * R, uk.data() + h * nope * R);
+    std::copy_n(head + nope * R, v * R, uv.data() + h * v * R);
+  }
+  EM_RETURN_IF_ERROR(vec(uk, b.w_uk));
+  EM_RETURN_IF_ERROR(vec(uv, b.w_uv));
+  EM_RETURN_IF_ERROR(lin(a.o_proj, Whole(D), s.o_cols, b.o));
+  const MlpWeights* mlp = w.mlp ? &*w.mlp : (w.shared_experts ? &*w.shared_experts : nullptr);
+  if (mlp != nullptr) {
+    const Range inter = w.mlp ? s.mlp_inter : s.shared_inter;
+    EM_RETURN_IF_ERROR(lin(mlp->gate_proj, inter, Whole(D), b.gate));
+    EM_RETURN_IF_ERROR(lin(mlp->up_proj, inter, Whole(D), b.up));
+    EM_RETURN_IF_ERROR(lin(mlp->down_proj, Whole(D), inter, b.down));
+  }
+  if (w.is_moe) b.gate_weights = &w.gate;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const Model& model,
+                                                               RoutedExperts* experts,
+                                                               CudaEngineOptions options) {
+  const ModelConfig& c = model.config();
+  if (options.engine.attention != AttentionForm::kAbsorbed) {
+    return absl::UnimplementedError("CUDA engine: only the absorbed MLA form is implemented");
+  }
+  bool has_moe = false;
+  for (const auto& layer : model.layers()) has_moe |= layer.is_moe;
+  for (const auto& m : model.mtp()) has_moe |= m.block.is_moe;
+  if (has_moe && experts == nullptr) {
+    return absl::InvalidArgumentError("CUDA engine: the model has MoE layers but no RoutedExperts");
+  }
+  if (options.devices.empty()) return absl::InvalidArgumentError("CUDA engine: no devices");
+  if (options.kv_pages < 1 || options.page_size < 1) {
+    return absl::InvalidArgumentError("CUDA engine: kv_pages and page_size must be >= 1");
+  }
+  if (c.kv_lora_rank > kMlaMaxLoraRank || c.kv_lora_rank % 2 != 0) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "CUDA engine: kv_lora_rank %d (even, at most %d)", c.kv_lora_rank, kMlaMaxLoraRank));
+  }
+  const int n_visible = DeviceCount();
+  if (n_visible == 0) {
+    return absl::FailedPreconditionError("CUDA engine: no CUDA device present");
+  }
+  std::vector<int> sorted = options.devices;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+    return absl::InvalidArgumentError("CUDA engine: a device is listed twice");
+  }
+  for (int d : options.devices) {
+    if (d < 0 || d >= n_visible) {
+      return absl::FailedPreconditionError(
+          absl::StrFormat("cuda:%d requested, %d CUDA device(s) visible", d, n_visible));
+    }
+  }
+  const int tp = static_cast<int>(options.devices.size());
+  bool fp8 = false;
+  for (const auto& layer : model.layers()) fp8 |= layer.self_attn.o_proj.is_fp8();
+  absl::StatusOr<TpPlan> plan =
+      PlanTensorParallel(c, tp, fp8 && options.engine.quantize_activations);
+  if (!plan.ok()) return plan.status();
+  if (options.mtp_kv_pages < 0) options.mtp_kv_pages = model.mtp().empty() ? 0 : options.kv_pages;
+
+  std::unique_ptr<CudaEngine> e(new CudaEngine(model, experts, options, *std::move(plan)));
+  const expertmesh::Rope rope(c);
+  e->softmax_scale_ = rope.softmax_scale();
+  e->attention_factor_ = rope.attention_factor();
+  if (tp > 1) {
+#if EXPERTMESH_HAVE_NCCL
+    absl::StatusOr<std::unique_ptr<NcclGroup>> group = NcclGroup::Create(options.devices);
+    if (!group.ok()) return group.status();
+    e->nccl_ = std::shared_ptr<NcclGroup>(std::move(*group));
+#else
+    return absl::UnimplementedError(
+        "CUDA engine: tensor parallelism over several devices needs NCCL (not built in)");
+#endif
+  }
+  const bool quant = options.engine.quantize_activations;
+  const int64_t D = c.hidden_size, Dkv = c.kv_lora_rank + c.qk_rope_head_dim;
+  for (int r = 0; r < tp; ++r) {
+    auto rk = std::make_unique<Rank>();
+    rk->rank = r;
+    rk->device = options.devices[r];
+    absl::StatusOr<DeviceArch> arch = QueryDeviceArch(rk->device);
+    if (!arch.ok()) return arch.status();
+    rk->arch = *arch;
+    EM_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(rk->device), "cudaSetDevice"));
+    if (e->nccl_ != nullptr) {
+#if EXPERTMESH_HAVE_NCCL
+      rk->stream = e->nccl_->stream(r);
+#endif
+    } else {
+      EM_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&rk->stream, cudaStreamNonBlocking),
+                                    "cudaStreamCreate"));
+      rk->owns_stream = true;
+    }
+    EM_RETURN_IF_ERROR(BlasStatus(cublasCreate(&rk->blas), "create"));
+    EM_RETURN_IF_ERROR(BlasStatus(cublasSetStream(rk->blas, rk->stream), "set stream"));
+    // Plain FP32 (no TF32): the engine is compared with the float reference.
+    EM_RETURN_IF_ERROR(BlasStatus(cublasSetMathMode(rk->blas, CUBLAS_DEFAULT_MATH), "math mode"));
+    EM_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&rk->xn_ready, cudaEventDisableTiming),
+                                  "cudaEventCreate"));
+    Rank& R = *rk;
+    e->ranks_.push_back(std::move(rk));
+    const RankShard& s = e->plan_.ranks[r];
+
+    absl::StatusOr<DeviceBuffer<float>> buf =
+        UploadVector(DequantizeSlice(model.embed_tokens(), Whole(c.vocab_size), Whole(D)));
+    if (!buf.ok()) return buf.status();
+    R.embed = std::move(*buf);
+    buf = UploadVector(rope.inv_freq());
+    if (!buf.ok()) return buf.status();
+    R.inv_freq = std::move(*buf);
+    R.layers.resize(model.layers().size());
+    for (size_t l = 0; l < model.layers().size(); ++l) {
+      EM_RETURN_IF_ERROR(UploadBlock(c, s, model.layers()[l], quant, R.layers[l]));
+    }
+    if (r == 0) {
+      buf = UploadVector(model.norm());
+      if (!buf.ok()) return buf.status();
+      R.norm = std::move(*buf);
+      absl::StatusOr<DevLinear> head =
+          UploadLinear(model.lm_head(), Whole(c.vocab_size), Whole(D), quant);
+      if (!head.ok()) return head.status();
+      R.lm_head = std::move(*head);
+    }
+    R.mtp_blocks.resize(model.mtp().size());
+    R.mtp.resize(model.mtp().size());
+    for (size_t m = 0; m < model.mtp().size(); ++m) {
+      const MtpWeights& w = model.mtp()[m];
+      MtpDev& md = R.mtp[m];
+      EM_RETURN_IF_ERROR(UploadBlock(c, s, w.block, quant, R.mtp_blocks[m]));
+      for (auto [src, dst] : {std::pair{&w.enorm, &md.enorm}, std::pair{&w.hnorm, &md.hnorm},
+                              std::pair{&w.shared_head_norm, &md.head_norm}}) {
+        buf = UploadVector(*src);
+        if (!buf.ok()) return buf.status();
+        *dst = std::move(*buf);
+      }
+      absl::StatusOr<DevLinear> eh = UploadLinear(w.eh_proj, Whole(D), Whole(2 * D), quant);
+      if (!eh.ok()) return eh.status();
+      md.eh_proj = std::move(*eh);
+      if (w.embed_tokens.weight.data != model.embed_tokens().weight.data) {
+        buf = UploadVector(DequantizeSlice(w.embed_tokens, Whole(c.vocab_size), Whole(D)));
+        if (!buf.ok()) return buf.status();
+        md.embed = std::move(*buf);
+      }
+      if (r == 0) {
+        absl::StatusOr<DevLinear> head =
+            UploadLinear(w.shared_head_head, Whole(c.vocab_size), Whole(D), quant);
+        if (!head.ok()) return head.status();
+        md.head = std::move(*head);
+      }
+    }
+    absl::StatusOr<DeviceBuffer<uint16_t>> kv = DeviceBuffer<uint16_t>::Create(
+        c.num_hidden_layers * options.kv_pages * options.page_size * Dkv);
+    if (!kv.ok()) return kv.status();
+    R.kv = std::move(*kv);
+    kv = DeviceBuffer<uint16_t>::Create(options.mtp_kv_pages * options.page_size * Dkv);
+    if (!kv.ok()) return kv.status();
+    R.mtp_kv = std::move(*kv);
+    EM_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "weight upload"));
+  }
+  return e;
+}
+
+absl::Status CudaEngine::Prepare(Batch& b) {
+  const int64_t ps = options_.page_size;
+  int64_t row = 0;
+  auto restore = [&b](size_t upto) {
+    for (size_t i = 0; i < upto; ++i) b.seqs[i].cache->Truncate(b.seqs[i].start);
+  };
+  for (size_t i = 0; i < b.seqs.size(); ++i) {
+    Batch::Seq& s = b.seqs[i];
+    s.start = s.cache->length();
+    s.row_begin = row;
+    row += s.n;
+    if (s.cache->page_size() != ps || s.cache->page_ids().empty()) {
+      restore(i);
+      return absl::InvalidArgumentError(
+          absl::StrFormat("CUDA engine: caches must be paged with page_size %d (got page_size %d)",
+                          ps, s.cache->page_size()));
+    }
+    if (absl::Status st = s.cache->Extend(s.n); !st.ok()) {
+      restore(i);
+      return st;
+    }
+    const std::span<const int32_t> pages = s.cache->page_ids();
+    const int64_t needed = (s.start + s.n + ps - 1) / ps;
+    bool ok = needed <= std::ssize(pages);
+    for (int64_t p = 0; ok && p < needed; ++p) ok = pages[p] >= 0 && pages[p] < b.kv_pages;
+    if (!ok) {
+      restore(i + 1);
+      return absl::InvalidArgumentError(
+          absl::StrFormat("CUDA engine: a cache's pages do not cover %d tokens within [0, %d)",
+                          s.start + s.n, b.kv_pages));
+    }
+    b.max_pages = std::max(b.max_pages, needed);
+  }
+  b.T = row;
+  // Per token: position, causal length, cache row, and its sequence's page table.
+  const int64_t T = b.T;
+  std::vector<int32_t> positions(T), seq_lens(T), table(T * b.max_pages, 0);
+  b.slots.resize(T);
+  for (const Batch::Seq& s : b.seqs) {
+    const std::span<const int32_t> pages = s.cache->page_ids();
+    for (int64_t i = 0; i < s.n; ++i) {
+      const int64_t t = s.row_begin + i, pos = s.start + i;
+      positions[t] = static_cast<int32_t>(pos);
+      seq_lens[t] = static_cast<int32_t>(pos + 1);
+      b.slots[t] = static_cast<int64_t>(pages[pos / ps]) * ps + pos % ps;
+      const int64_t np = std::min<int64_t>(std::ssize(pages), b.max_pages);
+      std::copy_n(pages.begin(), np, table.begin() + t * b.max_pages);
+    }
+    for (int64_t i = s.all_logits ? 0 : s.n - 1; i < s.n; ++i) {
+      b.out_rows.push_back(static_cast<int32_t>(s.row_begin + i));
+    }
+  }
+  b.ints = b.tokens;
+  b.ints.insert(b.ints.end(), positions.begin(), positions.end());
+  b.ints.insert(b.ints.end(), seq_lens.begin(), seq_lens.end());
+  b.ints.insert(b.ints.end(), b.out_rows.begin(), b.out_rows.end());
+  b.ints.insert(b.ints.end(), table.begin(), table.end());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Forward(
+    std::span<const SequenceInput> batch) {
+  const ModelConfig& c = model_.config();
+  Batch b;
+  b.kv_pages = options_.kv_pages;
+  for (const SequenceInput& in : batch) {
+    if (in.tokens.empty() || in.cache == nullptr || in.cache->num_layers() != c.num_hidden_layers ||
+        in.cache->row_size() != c.kv_lora_rank + c.qk_rope_head_dim) {
+      return absl::InvalidArgumentError(
+          "CUDA engine: each sequence needs >= 1 token and a cache shaped for the model");
+    }
+    for (int32_t t : in.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "CUDA engine: token %d outside the vocabulary [0, %d)", t, c.vocab_size));
+      }
+    }
+    b.seqs.push_back({in.cache, 0, 0, std::ssize(in.tokens), in.all_logits});
+    b.tokens.insert(b.tokens.end(), in.tokens.begin(), in.tokens.end());
+  }
+  if (b.seqs.empty()) return std::vector<SequenceOutput>{};
+  EM_RETURN_IF_ERROR(Prepare(b));
+  absl::StatusOr<std::vector<SequenceOutput>> out = Run(b, -1);
+  if (!out.ok()) {
+    for (const Batch::Seq& s : b.seqs) s.cache->Truncate(s.start);
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::ForwardMtp(std::span<const MtpInput> batch,
+                                                                   int depth) {
+  const ModelConfig& c = model_.config();
+  const int64_t D = c.hidden_size;
+  if (depth < 0 || depth >= std::ssize(model_.mtp())) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("CUDA engine: no MTP module %d loaded (%d)", depth, model_.mtp().size()));
+  }
+  Batch b;
+  b.kv_pages = options_.mtp_kv_pages;
+  for (const MtpInput& in : batch) {
+    const int64_t n = std::ssize(in.next_tokens);
+    if (n == 0 || std::ssize(in.hidden) != n * D || in.cache == nullptr ||
+        in.cache->num_layers() != 1) {
+      return absl::InvalidArgumentError(
+          "CUDA engine: MTP input needs n >= 1 tokens, [n, hidden_size] hidden states and a "
+          "1-layer cache");
+    }
+    for (int32_t t : in.next_tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "CUDA engine: token %d outside the vocabulary [0, %d)", t, c.vocab_size));
+      }
+    }
+    b.seqs.push_back({in.cache, 0, 0, n, in.all_logits});
+    b.tokens.insert(b.tokens.end(), in.next_tokens.begin(), in.next_tokens.end());
+    b.hidden.insert(b.hidden.end(), in.hidden.begin(), in.hidden.end());
+  }
+  if (b.seqs.empty()) return std::vector<SequenceOutput>{};
+  EM_RETURN_IF_ERROR(Prepare(b));
+  absl::StatusOr<std::vector<SequenceOutput>> out = Run(b, depth);
+  if (!out.ok()) {
+    for (const Batch::Seq& s : b.seqs) s.cache->Truncate(s.start);
+  }
+  return out;
+}
+
+absl::Status CudaEngine::AllReduce(const std::vector<float*>& buffers, int64_t count) {
+  if (nccl_ == nullptr) return absl::OkStatus();
+#if EXPERTMESH_HAVE_NCCL
+  return nccl_->AllReduceSum(buffers, static_cast<size_t>(count));
+#else
+  return absl::InternalError("CUDA engine: all-reduce without NCCL");
+#endif
+}
+
+absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_depth) {
+  const ModelConfig& c = model_.config();
+  const int64_t T = b.T, D = c.hidden_size, Dkv = c.kv_lora_rank + c.qk_rope_head_dim;
+  const int64_t H = c.num_attention_heads, Hl = H / plan_.tp_size;
+  const int64_t rows_out = std::ssize(b.out_rows);
+  int64_t max_in = std::max({2 * D, c.q_lora_rank, H * c.v_head_dim, c.intermediate_size,
+                             c.n_shared_experts * c.moe_intermediate_size});
+  int64_t max_inter = 0;
+  for (const RankShard& s : plan_.ranks) {
+    max_inter = std::max({max_inter, s.mlp_inter.size(), s.shared_inter.size()});
+  }
+  // Reserve every buffer first: nothing is reallocated while work is queued.
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    EM_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(r.device), "cudaSetDevice"));
+    for (auto* buf : {&r.h, &r.xn, &r.delta, &r.routed}) EM_RETURN_IF_ERROR(Reserve(*buf, T * D));
+    EM_RETURN_IF_ERROR(Reserve(r.qa, T * std::max<int64_t>(c.q_lora_rank, 1)));
+    EM_RETURN_IF_ERROR(Reserve(r.q, T * Hl * c.qk_head_dim()));
+    EM_RETURN_IF_ERROR(Reserve(r.kvr, T * Dkv));
+    EM_RETURN_IF_ERROR(Reserve(r.qm, T * Hl * Dkv));
+    EM_RETURN_IF_ERROR(Reserve(r.ctx, T * Hl * c.kv_lora_rank));
+    EM_RETURN_IF_ERROR(Reserve(r.attn, T * Hl * c.v_head_dim));
+    EM_RETURN_IF_ERROR(Reserve(r.attn_all, T * H * c.v_head_dim));
+    EM_RETURN_IF_ERROR(Reserve(r.gathered, T * H * c.v_head_dim));
+    EM_RETURN_IF_ERROR(Reserve(r.g, T * std::max<int64_t>(max_inter, 1)));
+    EM_RETURN_IF_ERROR(Reserve(r.u, T * std::max<int64_t>(max_inter, 1)));
+    EM_RETURN_IF_ERROR(Reserve(r.x32, T * max_in));
+    EM_RETURN_IF_ERROR(Reserve(r.x8, T * max_in));
+    EM_RETURN_IF_ERROR(Reserve(r.x8_scales, T * NumBlocks(max_in, 128)));
+    EM_RETURN_IF_ERROR(Reserve(r.cat, T * 2 * D));
+    EM_RETURN_IF_ERROR(Reserve(r.sel, rows_out * D));
+    EM_RETURN_IF_ERROR(Reserve(r.logits, rows_out * c.vocab_size));
+    EM_RETURN_IF_ERROR(Reserve(r.ints, b.ints.size()));
+    EM_RETURN_IF_ERROR(Reserve(r.slots, b.slots.size()));
+    if (r.rank == 0) {
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_x, T * D));
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_routed, T * D));
+    }
+    EM_RETURN_IF_ERROR(r.ints.CopyFromHost(b.ints, r.stream));
+    EM_RETURN_IF_ERROR(r.slots.CopyFromHost(b.slots, r.stream));
+  }
+  // Embeddings (and for MTP: eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i])))) on every rank.
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    cudaSetDevice(r.device);
+    const float* table = r.embed.get();
+    if (mtp_depth >= 0 && r.mtp[mtp_depth].embed.size() > 0) table = r.mtp[mtp_depth].embed.get();
+    float* e = mtp_depth >= 0 ? r.xn.get() : r.h.get();
+    EM_RETURN_IF_ERROR(CudaStatus(LaunchGatherRows(table, r.ints.get(), static_cast<int32_t>(T),
+                                                   static_cast<int32_t>(D), e, r.stream),
+                                  "embedding gather"));
+    if (mtp_depth < 0) continue;
+    const MtpDev& m = r.mtp[mtp_depth];
+    EM_RETURN_IF_ERROR(r.delta.CopyFromHost(b.hidden, r.stream));
+    EM_RETURN_IF_ERROR(r.Norm(r.xn.get(), m.enorm, T, D, c.rms_norm_eps, r.xn.get()));
+    EM_RETURN_IF_ERROR(r.Norm(r.delta.get(), m.hnorm, T, D, c.rms_norm_eps, r.delta.get()));
+    for (auto [src, col] : {std::pair{r.xn.get(), 0}, std::pair{r.delta.get(), 1}}) {
+      EM_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpy2DAsync(r.cat.get() + col * D, 2 * D * sizeof(float), src, D * sizeof(float),
+                            D * sizeof(float), T, cudaMemcpyDeviceToDevice, r.stream),
+          "concat"));
+    }
+    EM_RETURN_IF_ERROR(r.Linear(m.eh_proj, r.cat.get(), T, r.h.get()));
+  }
+  const size_t n_layers = mtp_depth >= 0 ? 1 : model_.layers().size();
+  for (size_t l = 0; l < n_layers; ++l) EM_RETURN_IF_ERROR(Layer(b, mtp_depth, l));
+
+  // Outputs on rank 0: hidden rows, then final norm + head on the wanted rows.
+  Rank& r = *ranks_[0];
+  cudaSetDevice(r.device);
+  const DeviceBuffer<float>& norm = mtp_depth >= 0 ? r.mtp[mtp_depth].head_norm : r.norm;
+  const DevLinear& head = mtp_depth >= 0 ? r.mtp[mtp_depth].head : r.lm_head;
+  const int32_t* out_rows = r.ints.get() + 3 * T;
+  EM_RETURN_IF_ERROR(
+      CudaStatus(LaunchGatherRows(r.h.get(), out_rows, static_cast<int32_t>(rows_out),
+                                  static_cast<int32_t>(D), r.sel.get(), r.stream),
+                 "output rows"));
+  EM_RETURN_IF_ERROR(r.Norm(r.sel.get(), norm, rows_out, D, c.rms_norm_eps, r.sel.get()));
+  EM_RETURN_IF_ERROR(r.Linear(head, r.sel.get(), rows_out, r.logits.get()));
+  std::vector<float> hidden(T * D), logits(rows_out * c.vocab_size);
+  EM_RETURN_IF_ERROR(r.h.CopyToHost(std::span<float>(hidden), r.stream));
+  EM_RETURN_IF_ERROR(r.logits.CopyToHost(std::span<float>(logits), r.stream));
+  for (auto& rp : ranks_) {  // the other ranks' last all-reduce / residual
+    cudaSetDevice(rp->device);
+    EM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(rp->stream), "forward"));
+  }
+  std::vector<SequenceOutput> outs(b.seqs.size());
+  int64_t logit_row = 0;
+  for (size_t i = 0; i < b.seqs.size(); ++i) {
+    const Batch::Seq& s = b.seqs[i];
+    outs[i].hidden.assign(hidden.begin() + s.row_begin * D,
+                          hidden.begin() + (s.row_begin + s.n) * D);
+    const int64_t rows = s.all_logits ? s.n : 1;
+    outs[i].logits.assign(logits.begin() + logit_row * c.vocab_size,
+                          logits.begin() + (logit_row + rows) * c.vocab_size);
+    logit_row += rows;
+  }
+  return outs;
+}
+
+absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
+  const ModelConfig& c = model_.config();
+  const int64_t T = b.T, D = c.hidden_size, R = c.kv_lora_rank, Dkv = R + c.qk_rope_head_dim;
+  const int64_t nope = c.qk_nope_head_dim, rope_dim = c.qk_rope_head_dim, qk = c.qk_head_dim();
+  const int64_t v = c.v_head_dim, H = c.num_attention_heads, tp = plan_.tp_size, Hl = H / tp;
+  const int cache_layer = mtp_depth >= 0 ? 0 : static_cast<int>(layer_index);
+  const float one = 1.0f, zero = 0.0f;
+
+  // ---- Attention up to the per-rank head outputs attn: [T, Hl * v].
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    cudaSetDevice(r.device);
+    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+    const int32_t* positions = r.ints.get() + T;
+    const int32_t* seq_lens = r.ints.get() + 2 * T;
+    const int32_t* table = r.ints.get() + 3 * T + b.out_rows.size();
+    uint16_t* cache = (mtp_depth >= 0 ? r.mtp_kv.get() : r.kv.get()) +
+                      cache_layer * b.kv_pages * options_.page_size * Dkv;
+    EM_RETURN_IF_ERROR(r.Norm(r.h.get(), w.input_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
+    if (w.q.present()) {
+      EM_RETURN_IF_ERROR(r.Linear(w.q, r.xn.get(), T, r.q.get()));
+    } else {
+      EM_RETURN_IF_ERROR(r.Linear(w.q_a, r.xn.get(), T, r.qa.get()));
+      EM_RETURN_IF_ERROR(
+          r.Norm(r.qa.get(), w.q_a_layernorm, T, c.q_lora_rank, c.rms_norm_eps, r.qa.get()));
+      EM_RETURN_IF_ERROR(r.Linear(w.q_b, r.qa.get(), T, r.q.get()));
+    }
+    // kv: [T, R | rope] -> RoPE on k_pe -> kv_a_layernorm on c_kv and BF16 into the cache.
+    EM_RETURN_IF_ERROR(r.Linear(w.kv_a, r.xn.get(), T, r.kvr.get()));
+    RopeParams rp_kv;
+    rp_kv.n_tokens = static_cast<int32_t>(T);
+    rp_kv.n_heads = 1;
+    rp_kv.head_stride = static_cast<int32_t>(Dkv);
+    rp_kv.token_stride = static_cast<int32_t>(Dkv);
+    rp_kv.rope_offset = static_cast<int32_t>(R);
+    rp_kv.rope_dim = static_cast<int32_t>(rope_dim);
+    rp_kv.attention_scaling = attention_factor_;
+    rp_kv.inv_freq = r.inv_freq.get();
+    rp_kv.positions = positions;
+    rp_kv.x = r.kvr.get();
+    EM_RETURN_IF_ERROR(Rope(rp_kv, r.stream));
+    KvCacheWriteParams kw;
+    kw.n_tokens = static_cast<int32_t>(T);
+    kw.kv_lora_rank = static_cast<int32_t>(R);
+    kw.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
+    kw.eps = static_cast<float>(c.rms_norm_eps);
+    kw.kv = r.kvr.get();
+    kw.norm_weight = w.kv_a_layernorm.get();
+    kw.slot = r.slots.get();
+    kw.cache = cache;
+    EM_RETURN_IF_ERROR(CudaStatus(LaunchKvCacheWrite(kw, r.stream), "KV cache write"));
+    // q: [T, Hl, nope | rope] -> RoPE on q_pe.
+    RopeParams rp_q = rp_kv;
+    rp_q.n_heads = static_cast<int32_t>(Hl);
+    rp_q.head_stride = static_cast<int32_t>(qk);
+    rp_q.token_stride = static_cast<int32_t>(Hl * qk);
+    rp_q.rope_offset = static_cast<int32_t>(nope);
+    rp_q.x = r.q.get();
+    EM_RETURN_IF_ERROR(Rope(rp_q, r.stream));
+    // Absorbed query qm: [T, Hl, R | rope]: per head q_nope . W_UK (column-major: qm_h^T [R, T] =
+    // W_UK_h^T [R, nope] . q_nope_h^T [nope, T]), then q_pe copied beside it.
+    EM_RETURN_IF_ERROR(
+        BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(R),
+                                             static_cast<int>(T), static_cast<int>(nope), &one,
+                                             w.w_uk.get(), static_cast<int>(R), nope * R, r.q.get(),
+                                             static_cast<int>(Hl * qk), qk, &zero, r.qm.get(),
+                                             static_cast<int>(Hl * Dkv), Dkv, static_cast<int>(Hl)),
+                   "q_nope . W_UK"));
+    EM_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy2DAsync(r.qm.get() + R, Dkv * sizeof(float), r.q.get() + nope, qk * sizeof(float),
+                          rope_dim * sizeof(float), T * Hl, cudaMemcpyDeviceToDevice, r.stream),
+        "q_pe copy"));
+    // Prefill = the decode kernel once per new position: each token row is its own query
+    // "sequence" with causal length start + i + 1 over its sequence's page table.
+    MlaDecodeParams md;
+    md.n_seqs = static_cast<int32_t>(T);
+    md.num_heads = static_cast<int32_t>(Hl);
+    md.kv_lora_rank = static_cast<int32_t>(R);
+    md.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
+    md.page_size = static_cast<int32_t>(options_.page_size);
+    md.max_pages_per_seq = static_cast<int32_t>(b.max_pages);
+    md.softmax_scale = softmax_scale_;
+    md.q = r.qm.get();
+    md.kv_cache = cache;
+    md.block_table = table;
+    md.seq_lens = seq_lens;
+    md.out = r.ctx.get();
+    EM_RETURN_IF_ERROR(MlaDecode(r.arch, md, r.stream));
+    // attn_h [T, v] = ctx_h [T, R] . W_UV_h^T (column-major: attn_h^T = W_UV_h . ctx_h^T).
+    EM_RETURN_IF_ERROR(
+        BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(v),
+                                             static_cast<int>(T), static_cast<int>(R), &one,
+                                             w.w_uv.get(), static_cast<int>(R), v * R, r.ctx.get(),
+                                             static_cast<int>(Hl * R), R, &zero, r.attn.get(),
+                                             static_cast<int>(Hl * v), v, static_cast<int>(Hl)),
+                   "ctx . W_UV"));
+  }
+  // ---- o_proj: column-parallel partial sums, or all heads gathered and o_proj whole.
+  std::vector<float*> deltas;
+  for (auto& rp : ranks_) deltas.push_back(rp->delta.get());
+  if (plan_.o_proj == OProjMode::kGatherReplicated && tp > 1) {
+#if EXPERTMESH_HAVE_NCCL
+    std::vector<const float*> send;
+    std::vector<float*> recv;
+    for (auto& rp : ranks_) {
+      send.push_back(rp->attn.get());
+      recv.push_back(rp->gathered.get());
+    }
+    EM_RETURN_IF_ERROR(nccl_->AllGather(send, recv, static_cast<size_t>(T * Hl * v)));
+#endif
+    for (auto& rp : ranks_) {
+      Rank& r = *rp;
+      cudaSetDevice(r.device);
+      // gathered: [tp, T, Hl * v] -> attn_all: [T, H * v] (rank k's heads at columns k Hl v).
+      for (int64_t k = 0; k < tp; ++k) {
+        EM_RETURN_IF_ERROR(CudaStatus(
+            cudaMemcpy2DAsync(r.attn_all.get() + k * Hl * v, H * v * sizeof(float),
+                              r.gathered.get() + k * T * Hl * v, Hl * v * sizeof(float),
+                              Hl * v * sizeof(float), T, cudaMemcpyDeviceToDevice, r.stream),
+            "gathered heads"));
+      }
+      const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+      EM_RETURN_IF_ERROR(r.Linear(w.o, r.attn_all.get(), T, r.delta.get()));
+    }
+  } else {
+    for (auto& rp : ranks_) {
+      Rank& r = *rp;
+      cudaSetDevice(r.device);
+      const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+      EM_RETURN_IF_ERROR(r.Linear(w.o, r.attn.get(), T, r.delta.get()));
+    }
+    EM_RETURN_IF_ERROR(AllReduce(deltas, T * D));
+  }
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    cudaSetDevice(r.device);
+    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+    EM_RETURN_IF_ERROR(r.Add(r.delta.get(), r.h.get(), T * D));
+    EM_RETURN_IF_ERROR(
+        r.Norm(r.h.get(), w.post_attention_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
+  }
+
+  // ---- FFN: dense MLP part, or MoE (host gate + routed experts; shared expert part on GPU).
+  const Block& w0 =
+      mtp_depth >= 0 ? ranks_[0]->mtp_blocks[mtp_depth] : ranks_[0]->layers[layer_index];
+  if (w0.is_moe) {
+    Rank& r = *ranks_[0];
+    cudaSetDevice(r.device);
+    EM_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(r.host_x.data(), r.xn.get(), T * D * sizeof(float),
+                                   cudaMemcpyDeviceToHost, r.stream),
+                   "hidden rows to host"));
+    EM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(r.xn_ready, r.stream), "event"));
+  }
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    cudaSetDevice(r.device);
+    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+    EM_RETURN_IF_ERROR(r.Mlp(w, r.xn.get(), T, D, r.delta.get()));
+  }
+  if (w0.is_moe) {
+    // Meanwhile the GPUs run the shared expert: the gate and the routed experts on the host
+    // rows, as the reference engine does (routes bitwise those of core/gate.h for these rows).
+    Rank& r = *ranks_[0];
+    cudaSetDevice(r.device);
+    EM_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(r.xn_ready), "hidden rows to host"));
+    const std::span<const float> xs(r.host_x.data(), T * D);
+    const std::span<float> routed(r.host_routed.data(), T * D);
+    ExpertRoutes routes = RunGate(model_.gate_params(), *w0.gate_weights, xs, T, D);
+    if (options_.engine.quantize_activations) {
+      QuantizedActivations q = QuantizeActivations(xs, T, D);
+      EM_RETURN_IF_ERROR(experts_->Run(w0.layer, q, routes, routed));
+    } else {
+      EM_RETURN_IF_ERROR(experts_->RunUnquantized(w0.layer, xs, routes, routed));
+    }
+    EM_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(r.routed.get(), r.host_routed.data(), T * D * sizeof(float),
+                                   cudaMemcpyHostToDevice, r.stream),
+                   "routed rows to device"));
+    EM_RETURN_IF_ERROR(r.Add(r.routed.get(), r.delta.get(), T * D));
+  }
+  EM_RETURN_IF_ERROR(AllReduce(deltas, T * D));
+  for (auto& rp : ranks_) {
+    Rank& r = *rp;
+    cudaSetDevice(r.device);
+    EM_RETURN_IF_ERROR(r.Add(r.delta.get(), r.h.get(), T * D));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace expertmesh::cuda
