@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
           prefill_chunk = 64;
   bool no_act_quant = false, no_mtp = false, mtp_always = false;
   int draft_k = 1;
+  std::string device = "cpu";
   app.add_option("--model", o.model_dir, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -49,6 +50,9 @@ int main(int argc, char** argv) {
   app.add_option("--default-deadline-ms", default_deadline_ms, "Deadline of a Submit without one")
       ->check(CLI::Range(1, 86400000))
       ->capture_default_str();
+  app.add_option("--device", device,
+                 "cpu, or cuda:N[,M...]: the dense layers on these GPUs (tensor parallel)")
+      ->capture_default_str();
   app.add_flag("--no-act-quant", no_act_quant, "FP8 weights see float inputs (as transformers)");
   app.add_flag("--no-mtp", no_mtp, "No speculative decoding with the model's MTP module");
   app.add_option("--draft-k", draft_k, "MTP drafts per step (adaptive: 0..k)")
@@ -70,6 +74,7 @@ int main(int argc, char** argv) {
   o.scheduler.max_waiting = max_waiting;
   o.scheduler.prefill_chunk = prefill_chunk;
   o.scheduler.engine.quantize_activations = !no_act_quant;
+  o.scheduler.device = device;
   o.scheduler.mtp = !no_mtp;
   o.scheduler.draft_k = draft_k;
   o.scheduler.policy.adaptive = !mtp_always;

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +34,9 @@ class PagedKvCache : public MlaKvCache {
   const float* Slot(int layer, int64_t pos) const override;
   int num_layers() const override { return static_cast<int>(pool_->n_layers()); }
   int64_t row_size() const override { return pool_->slot_dim(); }
+  // The GPU engine mirrors the pool's blocks in its device cache by these ids.
+  std::span<const int32_t> page_ids() const override { return blocks_; }
+  int64_t page_size() const override { return pool_->block_size(); }
 
   int64_t capacity() const { return capacity_; }
   const std::vector<int32_t>& block_table() const { return blocks_; }

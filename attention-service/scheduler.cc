@@ -4,7 +4,11 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "core/kernel_plan.h"
 #include "spdlog/spdlog.h"
+#if EXPERTMESH_HAVE_CUDA
+#include "core/cuda/cuda_engine.h"
+#endif
 
 namespace expertmesh::attention {
 
@@ -23,11 +27,40 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
                           c.kv_lora_rank + c.qk_rope_head_dim);
   if (!pool.ok()) return pool.status();
   std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, *std::move(pool)));
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model, experts, options.engine);
-  if (!engine.ok()) return engine.status();
-  s->engine_ = *std::move(engine);
-  if (options.mtp && !model->mtp().empty()) {
-    absl::StatusOr<MtpDrafter> drafter = MtpDrafter::Create(s->engine_.get(), options.draft_k);
+  absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(options.device);
+  if (!device.ok()) return device.status();
+  const bool drafting = options.mtp && !model->mtp().empty();
+  if (device->cuda) {
+#if EXPERTMESH_HAVE_CUDA
+    cuda::CudaEngineOptions co;
+    co.devices = device->devices;
+    co.kv_pages = options.kv_blocks;
+    co.page_size = options.kv_block_size;
+    co.mtp_kv_pages = drafting ? options.kv_blocks : 0;
+    co.engine = options.engine;
+    absl::StatusOr<std::unique_ptr<cuda::CudaEngine>> gpu =
+        cuda::CudaEngine::Create(*model, experts, co);
+    if (!gpu.ok()) {
+      return absl::Status(gpu.status().code(),
+                          absl::StrCat("--device ", options.device, ": ", gpu.status().message()));
+    }
+    spdlog::info("GPU engine on {}: tensor parallel over {} device(s), {} MiB on the devices",
+                 options.device, (*gpu)->tp_size(), (*gpu)->device_bytes() >> 20);
+    s->forward_ = *std::move(gpu);
+#else
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device ", options.device,
+                     ": this attention-service was built without CUDA (EXPERTMESH_CUDA)"));
+#endif
+  } else {
+    absl::StatusOr<std::unique_ptr<Engine>> engine =
+        Engine::Create(*model, experts, options.engine);
+    if (!engine.ok()) return engine.status();
+    s->engine_ = *std::move(engine);
+    s->forward_ = std::make_unique<ReferenceForwardEngine>(s->engine_.get());
+  }
+  if (drafting) {
+    absl::StatusOr<MtpDrafter> drafter = MtpDrafter::Create(s->forward_.get(), options.draft_k);
     if (!drafter.ok()) return drafter.status();
     s->drafter_ = *std::move(drafter);
     s->policy_ = std::make_unique<DraftPolicy>(options.draft_k, options.policy);
@@ -366,7 +399,7 @@ void Scheduler::Step() {
   absl::StatusOr<std::vector<SequenceOutput>> out = absl::UnknownError("not run");
   if (status.ok()) {
     const absl::Time t = absl::Now();
-    out = engine_->Forward(batch);
+    out = forward_->Forward(batch);
     if (out.ok() && drafter_) {
       policy_->ObserveMain(n_tokens, absl::ToDoubleSeconds(absl::Now() - t));
     }

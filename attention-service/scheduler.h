@@ -36,6 +36,7 @@
 #include "attention-service/sequence.h"
 #include "core/engine.h"
 #include "core/experts.h"
+#include "core/forward_engine.h"
 #include "core/model.h"
 #include "core/speculative.h"
 #include "service-common/metrics.h"
@@ -49,6 +50,9 @@ struct SchedulerOptions {
   int64_t max_waiting = 256;  // queued sequences; beyond: RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;
   EngineOptions engine;
+  // "cpu" (the reference engine) or "cuda:N[,M...]": the GPU engine (core/cuda/cuda_engine.h),
+  // tensor parallel over the listed GPUs, its device KV cache paged like kv_blocks.
+  std::string device = "cpu";
   bool mtp = true;  // draft with the MTP module when the model has it loaded
   int draft_k = 1;  // drafts per step, [1, kMaxDraftTokens]
   DraftPolicyOptions policy;
@@ -123,8 +127,9 @@ class Scheduler {
   RoutedExperts* experts_;
   const SchedulerOptions options_;
   std::unique_ptr<KvBlockPool> pool_;
-  std::unique_ptr<KvBlockPool> mtp_pool_;  // when drafting
-  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<KvBlockPool> mtp_pool_;   // when drafting
+  std::unique_ptr<Engine> engine_;          // --device cpu
+  std::unique_ptr<ForwardEngine> forward_;  // what steps run: engine_'s adapter or the GPU engine
   std::optional<MtpDrafter> drafter_;
   std::unique_ptr<DraftPolicy> policy_;
   const int64_t max_context_;

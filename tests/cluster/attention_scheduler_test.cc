@@ -374,5 +374,36 @@ TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
             kInvalid);
 }
 
+// --device: "cpu" is the reference engine; a CUDA device that is absent (or a build without
+// CUDA) fails at start-up with a message naming the flag; a malformed spec is refused.
+TEST_F(SchedulerTest, DeviceFlagErrorsAtStartup) {
+  SchedulerOptions o;
+  o.kv_blocks = 8;
+  o.device = "cuda:99";
+  absl::StatusOr<std::unique_ptr<Scheduler>> gpu =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_FALSE(gpu.ok());
+  EXPECT_NE(gpu.status().message().find("--device cuda:99"), std::string::npos) << gpu.status();
+  o.device = "gpu0";
+  EXPECT_FALSE(Scheduler::Create(model_.get(), experts_.get(), o, nullptr).ok());
+  o.device = "cpu";
+  absl::StatusOr<std::unique_ptr<Scheduler>> cpu =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  EXPECT_TRUE(cpu.ok()) << cpu.status();
+}
+
+// The paged cache reports its blocks as page ids (what the GPU engine addresses).
+TEST(PagedKvCacheTest, ReportsItsBlocksAsPages) {
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool = KvBlockPool::Create(8, 4, 2, 3);
+  ASSERT_TRUE(pool.ok());
+  absl::StatusOr<std::unique_ptr<PagedKvCache>> cache = PagedKvCache::Create(pool->get(), 9);
+  ASSERT_TRUE(cache.ok());
+  const MlaKvCache& base = **cache;
+  EXPECT_EQ(base.page_size(), 4);
+  ASSERT_EQ(base.page_ids().size(), 3u);
+  EXPECT_EQ(std::vector<int32_t>(base.page_ids().begin(), base.page_ids().end()),
+            (*cache)->block_table());
+}
+
 }  // namespace
 }  // namespace expertmesh::attention
