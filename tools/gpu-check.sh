@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gpu-check: the CUDA backend's GPU checks in one go -- build the CUDA preset, run the host-side
-# tests, the GPU kernel tests (ctest label gpu) and the grouped-GEMM benchmark, then print a
-# summary table. Sized for one H200 in under 8 minutes.
+# tests, the GPU kernel tests (ctest label gpu), the GPU engine against the reference engine
+# (cuda_engine_test: TP 1, and TP 2 where two GPUs are visible) and the grouped-GEMM benchmark,
+# then print a summary table. Sized for one H200 in under 8 minutes.
 #
 #   tools/gpu-check.sh                      # on a GPU machine with the build dependencies
 #   tools/gpu-check.sh --bundle DIR         # here (no GPU needed): build, then put the test and
@@ -33,7 +34,7 @@ JOBS=${JOBS:-$(nproc)}
 NVCC_THREADS=${NVCC_THREADS:-$([[ $MODE == bundle ]] && echo 1 || echo 4)}
 LOGS=${GPU_CHECK_LOGS:-$BUILD/gpu-check-logs}
 mkdir -p "$LOGS"
-TARGETS=(cuda_host_test cuda_kernels_test cuda_nccl_test bench_grouped_gemm)
+TARGETS=(cuda_host_test cuda_kernels_test cuda_nccl_test cuda_engine_test bench_grouped_gemm)
 declare -a STEPS=() RESULTS=() TAKEN=()
 
 step() {  # step NAME TIMEOUT_S COMMAND...
@@ -73,8 +74,10 @@ summary() {
   if [[ -f "$LOGS/gpu-tests.log" ]]; then
     echo
     echo "-- kernel accuracy (measured by the GPU tests)"
-    grep -h '\[measured\]' "$LOGS/gpu-tests.log" | sed 's/^[0-9]*: //'
-    grep -hE '^\[  (FAILED|SKIPPED) ' "$LOGS/gpu-tests.log" | sort -u
+    grep -h '\[measured\]' "$LOGS/gpu-tests.log" "$LOGS/engine-test.log" 2>/dev/null |
+      sed 's/^[0-9]*: //'
+    grep -hE '^\[  (FAILED|SKIPPED) ' "$LOGS/gpu-tests.log" "$LOGS/engine-test.log" 2>/dev/null |
+      sort -u
   fi
   if [[ -f "$LOGS/benchmark.log" ]]; then
     echo
@@ -90,7 +93,7 @@ if [[ $MODE == bundle ]]; then
   build || { summary; exit 1; }
   mkdir -p "$DIR/bin" "$DIR/lib"
   for t in tests/cuda/cuda_host_test tests/cuda/cuda_kernels_test tests/cuda/cuda_nccl_test \
-    core/cuda/bench/bench_grouped_gemm; do
+    tests/cuda/cuda_engine_test core/cuda/bench/bench_grouped_gemm; do
     [[ -f "$BUILD/$t" ]] && cp "$BUILD/$t" "$DIR/bin/"
   done
   # Shared libraries outside glibc / libstdc++ and outside CUDA (the GPU machine has those).
@@ -114,6 +117,7 @@ if [[ $MODE == full ]]; then
   BIN_HOST="$BUILD/tests/cuda/cuda_host_test"
   BIN_KERNELS="$BUILD/tests/cuda/cuda_kernels_test"
   BIN_NCCL="$BUILD/tests/cuda/cuda_nccl_test"
+  BIN_ENGINE="$BUILD/tests/cuda/cuda_engine_test"
   BIN_BENCH="$BUILD/core/cuda/bench/bench_grouped_gemm"
 else
   # CUDA libraries (cudart, cublasLt, nccl) come from the machine: the toolkit or the Python
@@ -130,12 +134,17 @@ else
   BIN_HOST="$DIR/bin/cuda_host_test"
   BIN_KERNELS="$DIR/bin/cuda_kernels_test"
   BIN_NCCL="$DIR/bin/cuda_nccl_test"
+  BIN_ENGINE="$DIR/bin/cuda_engine_test"
   BIN_BENCH="$DIR/bin/bench_grouped_gemm"
 fi
 
 step unit-tests 60 "$BIN_HOST"
 step gpu-tests 300 "$BIN_KERNELS"
 [[ -x $BIN_NCCL ]] && step nccl-test 60 "$BIN_NCCL"
+# The engine test reads the bundled models; point it at this checkout's (a bundle's binary was
+# built elsewhere).
+export EXPERTMESH_MODELS_DIR="$PWD/models"
+step engine-test 300 "$BIN_ENGINE"
 # Out-of-bounds and race checks of the kernels on the small shapes (MEMCHECK=0 skips). Where the
 # sanitizer cannot attach to the device (some virtualized machines), the step reads "n/a".
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
@@ -153,6 +162,13 @@ if [[ ${MEMCHECK:-1} != 0 && -n $SANITIZER ]]; then
       RESULTS[-1]="n/a"
     fi
   done
+  # The GPU engine's own kernels and buffer sizes: one TP 1 run of the FP8 model.
+  if ! step engine-memcheck 180 "$SANITIZER" --tool memcheck --error-exitcode 1 "$BIN_ENGINE" \
+    '--gtest_filter=Bundled/CudaEngineTest.MatchesReferenceEngine/expertmesh_tiny_tp1' &&
+    grep -qE 'not supported|Failed to initialize|LibraryNotLoaded|error 999' \
+      "$LOGS/engine-memcheck.log"; then
+    RESULTS[-1]="n/a"
+  fi
 fi
 BENCH_ARGS=(--iters 10)
 [[ -n "${QUICK:-}" ]] && BENCH_ARGS+=(--quick)

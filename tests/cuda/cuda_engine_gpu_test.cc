@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -51,6 +52,15 @@ Errors Compare(const std::vector<float>& got, const std::vector<float>& want) {
   return {std::sqrt(diff / std::max(ref, 1e-30)), max_err / std::max(peak, 1e-30)};
 }
 
+// The bundled models: $EXPERTMESH_MODELS_DIR (tools/gpu-check.sh sets it, since a bundled
+// binary runs in another checkout), else this source tree's models/.
+std::string ModelDir(const std::string& name) {
+  const char* env = std::getenv("EXPERTMESH_MODELS_DIR");
+  const std::string root =
+      env != nullptr && *env != '\0' ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/models";
+  return root + "/" + name;
+}
+
 int32_t Argmax(const std::vector<float>& v, size_t begin, size_t n) {
   return static_cast<int32_t>(std::max_element(v.begin() + begin, v.begin() + begin + n) -
                               v.begin() - begin);
@@ -65,7 +75,7 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
     GTEST_SKIP() << "tensor parallelism over " << tp << " GPUs needs " << tp << " CUDA devices; "
                  << DeviceCount() << " present";
   }
-  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/models/" + name;
+  const std::string dir = ModelDir(name);
   auto ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   auto config = LoadModelConfig(dir + "/config.json");
@@ -170,8 +180,8 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
     EXPECT_LE(l.rel_peak, kMaxRelPeak);
   }
 
-  // Rollback (MTP verification): truncating a sequence and re-running its last step gives the
-  // same logits, since the cache rows past the length are simply overwritten.
+  // Rollback (MTP verification): after truncating a sequence by one token, the next forward
+  // overwrites that position's cache rows; GPU and reference still agree.
   const int64_t len = gpu_caches[1]->length();
   gpu_caches[1]->Truncate(len - 1);
   cpu_caches[1]->Truncate(len - 1);
@@ -186,7 +196,7 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
 
 TEST(CudaEngineErrors, ReportsBadSetups) {
   EM_REQUIRE_GPU();
-  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny";
+  const std::string dir = ModelDir("expertmesh-tiny");
   auto ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok());
   auto config = LoadModelConfig(dir + "/config.json");
