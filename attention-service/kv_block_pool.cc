@@ -10,8 +10,8 @@ namespace expertmesh::attention {
 
 absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(int64_t n_blocks,
                                                                  int64_t block_size,
-                                                                 int64_t n_layers,
-                                                                 int64_t slot_dim) {
+                                                                 int64_t n_layers, int64_t slot_dim,
+                                                                 bool host_storage) {
   if (n_blocks <= 0 || block_size <= 0 || n_layers <= 0 || slot_dim <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("KV pool: n_blocks=", n_blocks, " block_size=", block_size,
@@ -21,19 +21,22 @@ absl::StatusOr<std::unique_ptr<KvBlockPool>> KvBlockPool::Create(int64_t n_block
     return absl::InvalidArgumentError(absl::StrCat("KV pool: too many blocks: ", n_blocks));
   }
   const double bytes = 4.0 * n_blocks * n_layers * block_size * slot_dim;
-  if (bytes > 64.0 * (int64_t{1} << 30)) {
+  if (host_storage && bytes > 64.0 * (int64_t{1} << 30)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("KV pool of ", bytes / (1 << 30), " GiB is more than 64 GiB"));
   }
-  return std::unique_ptr<KvBlockPool>(new KvBlockPool(n_blocks, block_size, n_layers, slot_dim));
+  return std::unique_ptr<KvBlockPool>(
+      new KvBlockPool(n_blocks, block_size, n_layers, slot_dim, host_storage));
 }
 
-KvBlockPool::KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t slot_dim)
+KvBlockPool::KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t slot_dim,
+                         bool host_storage)
     : n_blocks_(n_blocks),
       block_size_(block_size),
       n_layers_(n_layers),
       slot_dim_(slot_dim),
-      storage_(static_cast<size_t>(n_blocks * n_layers * block_size * slot_dim), 0.0f),
+      storage_(host_storage ? static_cast<size_t>(n_blocks * n_layers * block_size * slot_dim) : 0,
+               0.0f),
       in_use_(static_cast<size_t>(n_blocks), false) {
   free_list_.reserve(static_cast<size_t>(n_blocks));
   for (int64_t b = n_blocks - 1; b >= 0; --b) free_list_.push_back(static_cast<int32_t>(b));

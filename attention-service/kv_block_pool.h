@@ -23,8 +23,11 @@ namespace expertmesh::attention {
 
 class KvBlockPool {
  public:
+  // host_storage = false: block ids only (the GPU engine keeps the slots in device memory);
+  // Slot() then returns null.
   static absl::StatusOr<std::unique_ptr<KvBlockPool>> Create(int64_t n_blocks, int64_t block_size,
-                                                             int64_t n_layers, int64_t slot_dim);
+                                                             int64_t n_layers, int64_t slot_dim,
+                                                             bool host_storage = true);
 
   int64_t block_size() const { return block_size_; }
   int64_t n_layers() const { return n_layers_; }
@@ -44,12 +47,14 @@ class KvBlockPool {
 
   // The slot of (block, layer, offset): slot_dim floats.
   float* Slot(int32_t block, int64_t layer, int64_t offset) {
+    if (storage_.empty()) return nullptr;
     return storage_.data() +
            ((static_cast<int64_t>(block) * n_layers_ + layer) * block_size_ + offset) * slot_dim_;
   }
 
  private:
-  KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t slot_dim);
+  KvBlockPool(int64_t n_blocks, int64_t block_size, int64_t n_layers, int64_t slot_dim,
+              bool host_storage);
   const int64_t n_blocks_, block_size_, n_layers_, slot_dim_;
   std::vector<float> storage_;
   mutable std::mutex mu_;

@@ -22,13 +22,15 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
         ") must be >= 1, max_waiting (", options.max_waiting, ") >= 0"));
   }
   const ModelConfig& c = model->config();
-  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
-      KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
-                          c.kv_lora_rank + c.qk_rope_head_dim);
-  if (!pool.ok()) return pool.status();
-  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, *std::move(pool)));
   absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(options.device);
   if (!device.ok()) return device.status();
+  // On a GPU the pools only hand out block ids: the slots live in the engine's device cache.
+  const bool host_kv = !device->cuda;
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
+      KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
+                          c.kv_lora_rank + c.qk_rope_head_dim, host_kv);
+  if (!pool.ok()) return pool.status();
+  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, *std::move(pool)));
   const bool drafting = options.mtp && !model->mtp().empty();
   if (device->cuda) {
 #if EXPERTMESH_HAVE_CUDA
@@ -67,7 +69,7 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
     // The MTP caches: one layer each, as many token slots as the main pool, so a sequence
     // that got its main blocks always gets its MTP blocks.
     absl::StatusOr<std::unique_ptr<KvBlockPool>> mtp_pool = KvBlockPool::Create(
-        options.kv_blocks, options.kv_block_size, 1, c.kv_lora_rank + c.qk_rope_head_dim);
+        options.kv_blocks, options.kv_block_size, 1, c.kv_lora_rank + c.qk_rope_head_dim, host_kv);
     if (!mtp_pool.ok()) return mtp_pool.status();
     s->mtp_pool_ = *std::move(mtp_pool);
   }

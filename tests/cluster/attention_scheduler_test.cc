@@ -403,6 +403,14 @@ TEST(PagedKvCacheTest, ReportsItsBlocksAsPages) {
   ASSERT_EQ(base.page_ids().size(), 3u);
   EXPECT_EQ(std::vector<int32_t>(base.page_ids().begin(), base.page_ids().end()),
             (*cache)->block_table());
+  // A pool without host storage (the GPU engine's) still hands out the same ids.
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> ids_only =
+      KvBlockPool::Create(8, 4, 2, 3, /*host_storage=*/false);
+  ASSERT_TRUE(ids_only.ok());
+  absl::StatusOr<std::unique_ptr<PagedKvCache>> c2 = PagedKvCache::Create(ids_only->get(), 9);
+  ASSERT_TRUE(c2.ok());
+  EXPECT_EQ((*c2)->block_table(), (*cache)->block_table());
+  EXPECT_EQ((*ids_only)->Slot(0, 0, 0), nullptr);
 }
 
 }  // namespace
