@@ -18,6 +18,7 @@
 #include "core/cuda/engine_kernels.h"
 #include "core/gate.h"
 #include "core/layers.h"
+#include "core/paged_batch.h"
 #include "core/quant.h"
 #if EXPERTMESH_HAVE_NCCL
 #include "core/cuda/nccl_group.h"
@@ -498,6 +499,7 @@ absl::Status CudaEngine::Prepare(Batch& b) {
   auto restore = [&b](size_t upto) {
     for (size_t i = 0; i < upto; ++i) b.seqs[i].cache->Truncate(b.seqs[i].start);
   };
+  std::vector<PagedSequence> paged;
   for (size_t i = 0; i < b.seqs.size(); ++i) {
     Batch::Seq& s = b.seqs[i];
     s.start = s.cache->length();
@@ -513,42 +515,22 @@ absl::Status CudaEngine::Prepare(Batch& b) {
       restore(i);
       return st;
     }
-    const std::span<const int32_t> pages = s.cache->page_ids();
-    const int64_t needed = (s.start + s.n + ps - 1) / ps;
-    bool ok = needed <= std::ssize(pages);
-    for (int64_t p = 0; ok && p < needed; ++p) ok = pages[p] >= 0 && pages[p] < b.kv_pages;
-    if (!ok) {
-      restore(i + 1);
-      return absl::InvalidArgumentError(
-          absl::StrFormat("CUDA engine: a cache's pages do not cover %d tokens within [0, %d)",
-                          s.start + s.n, b.kv_pages));
-    }
-    b.max_pages = std::max(b.max_pages, needed);
+    paged.push_back({s.cache->page_ids(), s.start, s.n, s.all_logits});
   }
-  b.T = row;
-  // Per token: position, causal length, cache row, and its sequence's page table.
-  const int64_t T = b.T;
-  std::vector<int32_t> positions(T), seq_lens(T), table(T * b.max_pages, 0);
-  b.slots.resize(T);
-  for (const Batch::Seq& s : b.seqs) {
-    const std::span<const int32_t> pages = s.cache->page_ids();
-    for (int64_t i = 0; i < s.n; ++i) {
-      const int64_t t = s.row_begin + i, pos = s.start + i;
-      positions[t] = static_cast<int32_t>(pos);
-      seq_lens[t] = static_cast<int32_t>(pos + 1);
-      b.slots[t] = static_cast<int64_t>(pages[pos / ps]) * ps + pos % ps;
-      const int64_t np = std::min<int64_t>(std::ssize(pages), b.max_pages);
-      std::copy_n(pages.begin(), np, table.begin() + t * b.max_pages);
-    }
-    for (int64_t i = s.all_logits ? 0 : s.n - 1; i < s.n; ++i) {
-      b.out_rows.push_back(static_cast<int32_t>(s.row_begin + i));
-    }
+  absl::StatusOr<PagedBatchLayout> layout = BuildPagedBatchLayout(paged, ps, b.kv_pages);
+  if (!layout.ok()) {
+    restore(b.seqs.size());
+    return layout.status();
   }
+  b.T = layout->n_tokens;
+  b.max_pages = layout->max_pages;
+  b.slots = std::move(layout->slots);
+  b.out_rows = std::move(layout->out_rows);
   b.ints = b.tokens;
-  b.ints.insert(b.ints.end(), positions.begin(), positions.end());
-  b.ints.insert(b.ints.end(), seq_lens.begin(), seq_lens.end());
+  b.ints.insert(b.ints.end(), layout->positions.begin(), layout->positions.end());
+  b.ints.insert(b.ints.end(), layout->seq_lens.begin(), layout->seq_lens.end());
   b.ints.insert(b.ints.end(), b.out_rows.begin(), b.out_rows.end());
-  b.ints.insert(b.ints.end(), table.begin(), table.end());
+  b.ints.insert(b.ints.end(), layout->block_table.begin(), layout->block_table.end());
   return absl::OkStatus();
 }
 
