@@ -1,18 +1,19 @@
-// CudaEngine (see cuda_engine.h). Legend: T = tokens of the batch, D = hidden_size,
-// Hl = heads on a rank, qk = qk_head_dim, R = kv_lora_rank, Dkv = R + qk_rope_head_dim,
-// v = v_head_dim, I_l = a rank's intermediate range.
+// CudaEngine (see cuda_engine.h): validation, the batch's paged addressing and the layer loop.
+// What one GPU holds and its ops: cuda_engine_rank.{h,cc}.
+// Legend: T = tokens of the batch, D = hidden_size, Hl = heads on a rank, qk = qk_head_dim,
+// R = kv_lora_rank, Dkv = R + qk_rope_head_dim, v = v_head_dim.
 #include "core/cuda/cuda_engine.h"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/cuda/cuda_engine_rank.h"
 #include "core/cuda/device_buffer.h"
 #include "core/cuda/dispatch.h"
 #include "core/cuda/engine_kernels.h"
@@ -25,208 +26,6 @@
 #endif
 
 namespace expertmesh::cuda {
-
-namespace {
-
-absl::Status BlasStatus(cublasStatus_t s, std::string_view what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrFormat("cuBLAS %s: %s (%d)", what, cublasGetStatusString(s), static_cast<int>(s)));
-}
-
-template <typename T>
-absl::Status Reserve(DeviceBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<DeviceBuffer<T>> nb = DeviceBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
-template <typename T>
-absl::Status ReservePinned(PinnedBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<PinnedBuffer<T>> nb = PinnedBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
-template <typename T>
-absl::StatusOr<DeviceBuffer<T>> Upload(std::span<const T> host) {
-  return DeviceBuffer<T>::FromHost(host);
-}
-
-// A rank's part of one projection: FP8 blocks for the FP8 kernel, or a float matrix for cuBLAS.
-struct DevLinear {
-  int64_t out = 0;              // rows of the part
-  int64_t in = 0;               // columns of the part
-  bool fp8 = false;             // Fp8Linear over w8 / scales
-  bool quantize_input = false;  // float path over an FP8 source: inputs quantized + dequantized
-  DeviceBuffer<uint8_t> w8;     // [out, in] e4m3
-  DeviceBuffer<float> scales;   // [ceil(out / 128), in / 128]
-  DeviceBuffer<float> w32;      // [out, in]
-  bool present() const { return out > 0 && in > 0; }
-  uint64_t bytes() const { return w8.bytes() + scales.bytes() + w32.bytes(); }
-};
-
-absl::StatusOr<DevLinear> UploadLinear(const Linear& w, Range rows, Range cols,
-                                       bool quantize_activations) {
-  DevLinear d;
-  if (rows.empty() || cols.empty()) return d;
-  d.out = rows.size();
-  d.in = cols.size();
-  const bool quantized = w.is_fp8() && quantize_activations;
-  if (quantized && w.block.rows == 128 && w.block.cols == 128 && rows.begin % 128 == 0 &&
-      cols.begin % 128 == 0 && d.in % 128 == 0 && d.out % 16 == 0) {
-    absl::StatusOr<Linear> part = SliceLinear(w, rows, cols);
-    if (!part.ok()) return part.status();
-    absl::StatusOr<DeviceBuffer<uint8_t>> w8 =
-        Upload(std::span<const uint8_t>(part->weight.data, static_cast<size_t>(part->weight.size)));
-    if (!w8.ok()) return w8.status();
-    absl::StatusOr<DeviceBuffer<float>> sc = Upload(std::span<const float>(
-        part->scale_inv.as<float>(), static_cast<size_t>(part->scale_inv.size / sizeof(float))));
-    if (!sc.ok()) return sc.status();
-    d.w8 = std::move(*w8);
-    d.scales = std::move(*sc);
-    d.fp8 = true;
-    return d;
-  }
-  const std::vector<float> f = DequantizeSlice(w, rows, cols);
-  absl::StatusOr<DeviceBuffer<float>> w32 = Upload(std::span<const float>(f));
-  if (!w32.ok()) return w32.status();
-  d.w32 = std::move(*w32);
-  d.quantize_input = quantized;
-  return d;
-}
-
-Range Whole(int64_t n) { return {0, n}; }
-
-}  // namespace
-
-// One decoder layer (or an MTP module's layer) on one rank.
-struct CudaEngine::Block {
-  int layer = 0;  // the RoutedExperts' layer id
-  bool is_moe = false;
-  DeviceBuffer<float> input_layernorm, post_attention_layernorm, q_a_layernorm, kv_a_layernorm;
-  DevLinear q_a, q_b, q, kv_a, o;
-  DeviceBuffer<float> w_uk;  // [Hl, qk_nope_head_dim, R]
-  DeviceBuffer<float> w_uv;  // [Hl, v, R]
-  DevLinear gate, up, down;  // dense MLP or shared expert part (absent for an empty range)
-  const GateWeights* gate_weights = nullptr;  // MoE: the host gate
-};
-
-// What one MTP module holds on a rank beyond its block.
-struct MtpDev {
-  DeviceBuffer<float> enorm, hnorm, head_norm, embed;  // embed empty: the main one
-  DevLinear eh_proj, head;                             // head: rank 0 only
-};
-
-struct CudaEngine::Rank {
-  int rank = 0;
-  int device = 0;
-  DeviceArch arch;
-  cudaStream_t stream = nullptr;
-  bool owns_stream = false;
-  cublasHandle_t blas = nullptr;
-  std::vector<Block> layers;
-  std::vector<Block> mtp_blocks;
-  std::vector<MtpDev> mtp;
-  DeviceBuffer<float> embed;  // [vocab_size, D]
-  DeviceBuffer<float> norm;   // rank 0
-  DevLinear lm_head;          // rank 0
-  DeviceBuffer<float> inv_freq;
-  DeviceBuffer<uint16_t> kv;      // [num_hidden_layers, pages, page_size, Dkv] bf16
-  DeviceBuffer<uint16_t> mtp_kv;  // [1, mtp pages, page_size, Dkv]
-  // Scratch, sized per forward (Run reserves everything before enqueuing).
-  DeviceBuffer<float> h, xn, delta, routed, qa, q, kvr, qm, ctx, attn, attn_all, gathered, g, u;
-  DeviceBuffer<float> x32, cat, sel, logits;
-  DeviceBuffer<uint8_t> x8;
-  DeviceBuffer<float> x8_scales;
-  DeviceBuffer<int32_t> ints;  // tokens | positions | seq_lens | out_rows | block_table
-  DeviceBuffer<int64_t> slots;
-  // Rank 0: pinned staging of the routed-expert call (hidden rows out, expert sums back).
-  PinnedBuffer<float> host_x, host_routed;
-  cudaEvent_t xn_ready = nullptr;
-
-  ~Rank() {
-    cudaSetDevice(device);
-    if (xn_ready != nullptr) cudaEventDestroy(xn_ready);
-    if (blas != nullptr) cublasDestroy(blas);
-    if (owns_stream && stream != nullptr) cudaStreamDestroy(stream);
-  }
-
-  // y: [n, out] = x: [n, in] . W^T.
-  absl::Status Linear(const DevLinear& w, const float* x, int64_t n, float* y) {
-    if (!w.present()) return absl::InternalError("CUDA engine: linear part absent");
-    if (n == 0) return absl::OkStatus();
-    if (w.fp8 || w.quantize_input) {
-      ActQuantParams aq;
-      aq.n_rows = static_cast<int32_t>(n);
-      aq.dim = static_cast<int32_t>(w.in);
-      aq.x = x;
-      aq.q = x8.get();
-      aq.scales = x8_scales.get();
-      EM_RETURN_IF_ERROR(ActQuant(aq, stream));
-    }
-    if (w.fp8) {
-      Fp8LinearParams p;
-      p.n_rows = static_cast<int32_t>(n);
-      p.in_features = static_cast<int32_t>(w.in);
-      p.out_features = static_cast<int32_t>(w.out);
-      p.x = x8.get();
-      p.x_scales = x8_scales.get();
-      p.weight = w.w8.get();
-      p.weight_scale_inv = w.scales.get();
-      p.y = y;
-      return Fp8Linear(arch, p, stream);
-    }
-    if (w.quantize_input) {
-      EM_RETURN_IF_ERROR(
-          CudaStatus(LaunchDequantActivations(x8.get(), x8_scales.get(), static_cast<int32_t>(n),
-                                              static_cast<int32_t>(w.in), x32.get(), stream),
-                     "dequantize activations"));
-      x = x32.get();
-    }
-    // Row-major y = x W^T is column-major y^T = W x^T: W^T is W read column-major, so op T.
-    const float one = 1.0f, zero = 0.0f;
-    return BlasStatus(
-        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.out), static_cast<int>(n),
-                    static_cast<int>(w.in), &one, w.w32.get(), static_cast<int>(w.in), x,
-                    static_cast<int>(w.in), &zero, y, static_cast<int>(w.out)),
-        "sgemm");
-  }
-
-  absl::Status Norm(const float* x, const DeviceBuffer<float>& weight, int64_t n, int64_t dim,
-                    double eps, float* out) {
-    RmsNormParams p;
-    p.n_rows = static_cast<int32_t>(n);
-    p.dim = static_cast<int32_t>(dim);
-    p.eps = static_cast<float>(eps);
-    p.x = x;
-    p.weight = weight.get();
-    p.out = out;
-    return RmsNorm(p, stream);
-  }
-
-  // y += x over n floats.
-  absl::Status Add(const float* x, float* y, int64_t n) {
-    const float one = 1.0f;
-    return BlasStatus(cublasSaxpy(blas, static_cast<int>(n), &one, x, 1, y, 1), "saxpy");
-  }
-
-  // The MLP part: out = down(silu(gate(x)) * up(x)), zeros when this rank holds no part.
-  absl::Status Mlp(const Block& b, const float* x, int64_t T, int64_t D, float* out) {
-    if (!b.gate.present()) {
-      return CudaStatus(cudaMemsetAsync(out, 0, T * D * sizeof(float), stream), "memset");
-    }
-    EM_RETURN_IF_ERROR(Linear(b.gate, x, T, g.get()));
-    EM_RETURN_IF_ERROR(Linear(b.up, x, T, u.get()));
-    EM_RETURN_IF_ERROR(
-        CudaStatus(LaunchSwiglu(g.get(), u.get(), T * b.gate.out, stream), "swiglu"));
-    return Linear(b.down, g.get(), T, out);
-  }
-};
 
 // One forward's host-side description.
 struct CudaEngine::Batch {
@@ -283,69 +82,6 @@ uint64_t CudaEngine::device_bytes() const {
   }
   return n;
 }
-
-namespace {
-
-absl::StatusOr<DeviceBuffer<float>> UploadVector(const std::vector<float>& v) {
-  return DeviceBuffer<float>::FromHost(std::span<const float>(v));
-}
-
-// One decoder layer's weights on rank `s`.
-absl::Status UploadBlock(const ModelConfig& c, const RankShard& s, const DecoderLayerWeights& w,
-                         bool quant, CudaEngine::Block& b) {
-  const int64_t D = c.hidden_size;
-  const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, R = c.kv_lora_rank;
-  const MlaWeights& a = w.self_attn;
-  b.layer = w.layer;
-  b.is_moe = w.is_moe;
-  auto vec = [](const std::vector<float>& x, DeviceBuffer<float>& out) -> absl::Status {
-    absl::StatusOr<DeviceBuffer<float>> d = UploadVector(x);
-    if (!d.ok()) return d.status();
-    out = std::move(*d);
-    return absl::OkStatus();
-  };
-  auto lin = [quant](const Linear& l, Range rows, Range cols, DevLinear& out) -> absl::Status {
-    absl::StatusOr<DevLinear> d = UploadLinear(l, rows, cols, quant);
-    if (!d.ok()) return d.status();
-    out = std::move(*d);
-    return absl::OkStatus();
-  };
-  EM_RETURN_IF_ERROR(vec(w.input_layernorm, b.input_layernorm));
-  EM_RETURN_IF_ERROR(vec(w.post_attention_layernorm, b.post_attention_layernorm));
-  if (a.q_proj) {
-    EM_RETURN_IF_ERROR(lin(*a.q_proj, s.q_rows, Whole(D), b.q));
-  } else {
-    EM_RETURN_IF_ERROR(lin(*a.q_a_proj, Whole(c.q_lora_rank), Whole(D), b.q_a));
-    EM_RETURN_IF_ERROR(vec(a.q_a_layernorm, b.q_a_layernorm));
-    EM_RETURN_IF_ERROR(lin(*a.q_b_proj, s.q_rows, Whole(c.q_lora_rank), b.q_b));
-  }
-  EM_RETURN_IF_ERROR(
-      lin(a.kv_a_proj_with_mqa, Whole(a.kv_a_proj_with_mqa.out_features), Whole(D), b.kv_a));
-  EM_RETURN_IF_ERROR(vec(a.kv_a_layernorm, b.kv_a_layernorm));
-  // Absorbed MLA: per head, kv_b_proj rows [nope | v] are W_UK then W_UV, dequantized once.
-  const std::vector<float> kvb = DequantizeSlice(a.kv_b_proj, s.kv_b_rows, Whole(R));
-  const int64_t Hl = s.heads.size();
-  std::vector<float> uk(Hl * nope * R), uv(Hl * v * R);
-  for (int64_t h = 0; h < Hl; ++h) {
-    const float* head = kvb.data() + h * (nope + v) * R;
-    std::copy_n(head, nope * R, uk.data() + h * nope * R);
-    std::copy_n(head + nope * R, v * R, uv.data() + h * v * R);
-  }
-  EM_RETURN_IF_ERROR(vec(uk, b.w_uk));
-  EM_RETURN_IF_ERROR(vec(uv, b.w_uv));
-  EM_RETURN_IF_ERROR(lin(a.o_proj, Whole(D), s.o_cols, b.o));
-  const MlpWeights* mlp = w.mlp ? &*w.mlp : (w.shared_experts ? &*w.shared_experts : nullptr);
-  if (mlp != nullptr) {
-    const Range inter = w.mlp ? s.mlp_inter : s.shared_inter;
-    EM_RETURN_IF_ERROR(lin(mlp->gate_proj, inter, Whole(D), b.gate));
-    EM_RETURN_IF_ERROR(lin(mlp->up_proj, inter, Whole(D), b.up));
-    EM_RETURN_IF_ERROR(lin(mlp->down_proj, Whole(D), inter, b.down));
-  }
-  if (w.is_moe) b.gate_weights = &w.gate;
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const Model& model,
                                                                RoutedExperts* experts,
@@ -405,90 +141,15 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const Model& mode
         "CUDA engine: tensor parallelism over several devices needs NCCL (not built in)");
 #endif
   }
-  const bool quant = options.engine.quantize_activations;
-  const int64_t D = c.hidden_size, Dkv = c.kv_lora_rank + c.qk_rope_head_dim;
   for (int r = 0; r < tp; ++r) {
-    auto rk = std::make_unique<Rank>();
-    rk->rank = r;
-    rk->device = options.devices[r];
-    absl::StatusOr<DeviceArch> arch = QueryDeviceArch(rk->device);
-    if (!arch.ok()) return arch.status();
-    rk->arch = *arch;
-    EM_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(rk->device), "cudaSetDevice"));
-    if (e->nccl_ != nullptr) {
+    cudaStream_t stream = nullptr;  // its own, or the NCCL group's for that rank
 #if EXPERTMESH_HAVE_NCCL
-      rk->stream = e->nccl_->stream(r);
+    if (e->nccl_ != nullptr) stream = e->nccl_->stream(r);
 #endif
-    } else {
-      EM_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&rk->stream, cudaStreamNonBlocking),
-                                    "cudaStreamCreate"));
-      rk->owns_stream = true;
-    }
-    EM_RETURN_IF_ERROR(BlasStatus(cublasCreate(&rk->blas), "create"));
-    EM_RETURN_IF_ERROR(BlasStatus(cublasSetStream(rk->blas, rk->stream), "set stream"));
-    // Plain FP32 (no TF32): the engine is compared with the float reference.
-    EM_RETURN_IF_ERROR(BlasStatus(cublasSetMathMode(rk->blas, CUBLAS_DEFAULT_MATH), "math mode"));
-    EM_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&rk->xn_ready, cudaEventDisableTiming),
-                                  "cudaEventCreate"));
-    Rank& R = *rk;
-    e->ranks_.push_back(std::move(rk));
-    const RankShard& s = e->plan_.ranks[r];
-
-    absl::StatusOr<DeviceBuffer<float>> buf =
-        UploadVector(DequantizeSlice(model.embed_tokens(), Whole(c.vocab_size), Whole(D)));
-    if (!buf.ok()) return buf.status();
-    R.embed = std::move(*buf);
-    buf = UploadVector(rope.inv_freq());
-    if (!buf.ok()) return buf.status();
-    R.inv_freq = std::move(*buf);
-    R.layers.resize(model.layers().size());
-    for (size_t l = 0; l < model.layers().size(); ++l) {
-      EM_RETURN_IF_ERROR(UploadBlock(c, s, model.layers()[l], quant, R.layers[l]));
-    }
-    if (r == 0) {
-      buf = UploadVector(model.norm());
-      if (!buf.ok()) return buf.status();
-      R.norm = std::move(*buf);
-      absl::StatusOr<DevLinear> head =
-          UploadLinear(model.lm_head(), Whole(c.vocab_size), Whole(D), quant);
-      if (!head.ok()) return head.status();
-      R.lm_head = std::move(*head);
-    }
-    R.mtp_blocks.resize(model.mtp().size());
-    R.mtp.resize(model.mtp().size());
-    for (size_t m = 0; m < model.mtp().size(); ++m) {
-      const MtpWeights& w = model.mtp()[m];
-      MtpDev& md = R.mtp[m];
-      EM_RETURN_IF_ERROR(UploadBlock(c, s, w.block, quant, R.mtp_blocks[m]));
-      for (auto [src, dst] : {std::pair{&w.enorm, &md.enorm}, std::pair{&w.hnorm, &md.hnorm},
-                              std::pair{&w.shared_head_norm, &md.head_norm}}) {
-        buf = UploadVector(*src);
-        if (!buf.ok()) return buf.status();
-        *dst = std::move(*buf);
-      }
-      absl::StatusOr<DevLinear> eh = UploadLinear(w.eh_proj, Whole(D), Whole(2 * D), quant);
-      if (!eh.ok()) return eh.status();
-      md.eh_proj = std::move(*eh);
-      if (w.embed_tokens.weight.data != model.embed_tokens().weight.data) {
-        buf = UploadVector(DequantizeSlice(w.embed_tokens, Whole(c.vocab_size), Whole(D)));
-        if (!buf.ok()) return buf.status();
-        md.embed = std::move(*buf);
-      }
-      if (r == 0) {
-        absl::StatusOr<DevLinear> head =
-            UploadLinear(w.shared_head_head, Whole(c.vocab_size), Whole(D), quant);
-        if (!head.ok()) return head.status();
-        md.head = std::move(*head);
-      }
-    }
-    absl::StatusOr<DeviceBuffer<uint16_t>> kv = DeviceBuffer<uint16_t>::Create(
-        c.num_hidden_layers * options.kv_pages * options.page_size * Dkv);
-    if (!kv.ok()) return kv.status();
-    R.kv = std::move(*kv);
-    kv = DeviceBuffer<uint16_t>::Create(options.mtp_kv_pages * options.page_size * Dkv);
-    if (!kv.ok()) return kv.status();
-    R.mtp_kv = std::move(*kv);
-    EM_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "weight upload"));
+    absl::StatusOr<std::unique_ptr<Rank>> rank =
+        Rank::Create(model, e->plan_.ranks[r], options.devices[r], stream, e->options_);
+    if (!rank.ok()) return rank.status();
+    e->ranks_.push_back(*std::move(rank));
   }
   return e;
 }

@@ -74,8 +74,8 @@ class CudaEngine : public ForwardEngine {
   const TpPlan& plan() const { return plan_; }
   uint64_t device_bytes() const;  // weights + caches + scratch, all ranks
 
-  // Defined in the .cc: per-GPU state, one decoder layer's weights on a rank, one forward's
-  // host-side description.
+  // Per-GPU state and one decoder layer's weights on a rank (cuda_engine_rank.h); one forward's
+  // host-side description (cuda_engine.cc).
   struct Rank;
   struct Block;
   struct Batch;
