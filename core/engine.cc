@@ -67,7 +67,8 @@ std::vector<SequenceOutput> Engine::Outputs(const float* h, std::span<const Sequ
     xn.resize(rows * D);
     RmsNorm(hs + first * D, norm.data(), rows, D, c.rms_norm_eps, xn.data());
     outs[s].logits.resize(rows * c.vocab_size);
-    head.Forward(xn.data(), rows, outs[s].logits.data(), options_.quantize_activations);
+    head.Forward(xn.data(), rows, outs[s].logits.data(), options_.quantize_activations,
+                 options_.kernel);
   }
   return outs;
 }
@@ -101,7 +102,7 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::Forward(std::span<const Sequ
   const int64_t T = std::ssize(tokens);
   std::vector<float> h(T * D);  // the residual stream: [T, hidden_size]
   EmbedTokens(model_.embed_tokens(), tokens, h.data());
-  const LayerOptions opt{options_.quantize_activations, options_.attention};
+  const LayerOptions opt{options_.quantize_activations, options_.attention, options_.kernel};
   for (const DecoderLayerWeights& layer : model_.layers()) {
     absl::Status st = DecoderLayerForward(c, model_.gate_params(), layer, rope_, layer.layer,
                                           *slices, experts_, h.data(), T, opt);
@@ -160,8 +161,8 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::ForwardMtp(std::span<const M
     std::copy_n(e.data() + t * D, D, cat.data() + t * 2 * D);
     std::copy_n(hidden.data() + t * D, D, cat.data() + t * 2 * D + D);
   }
-  mtp.eh_proj.Forward(cat.data(), T, h.data(), options_.quantize_activations);
-  const LayerOptions opt{options_.quantize_activations, options_.attention};
+  mtp.eh_proj.Forward(cat.data(), T, h.data(), options_.quantize_activations, options_.kernel);
+  const LayerOptions opt{options_.quantize_activations, options_.attention, options_.kernel};
   absl::Status st = DecoderLayerForward(c, model_.gate_params(), mtp.block, rope_, 0, *slices,
                                         experts_, h.data(), T, opt);
   if (!st.ok()) {

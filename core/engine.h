@@ -1,5 +1,7 @@
-// The reference engine: DeepSeek-V3's forward pass on the CPU, plain and readable (no SIMD,
-// no threads), the implementation every optimized path and the cluster are tested against.
+// The reference engine: DeepSeek-V3's forward pass on the CPU, plain and readable (no
+// threads; the linear layers' inner loops run SIMD kernels unless EngineOptions::kernel asks
+// for the reference loops), the implementation every optimized path and the cluster are
+// tested against.
 // A forward takes a batch of sequences, each appending 1..n tokens (prefill or decode) at its
 // KV cache's current length, and returns per sequence the logits (last position, or every new
 // position for speculative verification) and the last layer's hidden states (before the final
@@ -27,6 +29,8 @@ struct EngineOptions {
   // RunUnquantized() when off.
   bool quantize_activations = true;
   AttentionForm attention = AttentionForm::kAbsorbed;
+  // Linear layers' kernels: SIMD (default) or the plain reference loops (core/model.cc).
+  LinearKernel kernel = LinearKernel::kSimd;
 };
 
 struct SequenceInput {

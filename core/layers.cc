@@ -1,9 +1,12 @@
 #include "core/layers.h"
 
+#include "core/cpu_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numbers>
 
+#include "core/cpu_kernels.h"
 #include "core/quant.h"
 
 namespace expertmesh {
@@ -113,6 +116,13 @@ void Rope::Apply(float* x, int64_t pos) const {
 void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
                 const LayerOptions& opt) {
+  const SequenceSlice seq{&cache, start, 0, n};
+  MlaForwardBatch(c, w, rope, cache_layer, {&seq, 1}, x, n, out, opt);
+}
+
+void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
+                     std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
+                     const LayerOptions& opt) {
   const bool quant = opt.quantize_activations;
   const int64_t H = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim;
@@ -122,104 +132,124 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
   const int64_t rank = c.kv_lora_rank;
   const float scale = rope.softmax_scale();
 
-  // q: [n, H * qk_head_dim], per head [q_nope | q_pe].
-  std::vector<float> q(n * H * qk_head_dim);
+  // The projections run over all T rows at once (each weight row is read once per step).
+  // q: [T, H * qk_head_dim], per head [q_nope | q_pe].
+  std::vector<float> q(T * H * qk_head_dim);
   if (w.q_proj) {
-    w.q_proj->Forward(x, n, q.data(), quant);
+    w.q_proj->Forward(x, T, q.data(), quant, opt.kernel);
   } else {
-    std::vector<float> q_a(n * c.q_lora_rank);
-    w.q_a_proj->Forward(x, n, q_a.data(), quant);
-    RmsNorm(q_a.data(), w.q_a_layernorm.data(), n, c.q_lora_rank, c.rms_norm_eps, q_a.data());
-    w.q_b_proj->Forward(q_a.data(), n, q.data(), quant);
+    std::vector<float> q_a(T * c.q_lora_rank);
+    w.q_a_proj->Forward(x, T, q_a.data(), quant, opt.kernel);
+    RmsNorm(q_a.data(), w.q_a_layernorm.data(), T, c.q_lora_rank, c.rms_norm_eps, q_a.data());
+    w.q_b_proj->Forward(q_a.data(), T, q.data(), quant, opt.kernel);
   }
-  // kv: [n, kv_lora_rank + qk_rope_head_dim] -> cache rows [c_kv | k_pe].
-  std::vector<float> kv(n * (rank + rope_dim));
-  w.kv_a_proj_with_mqa.Forward(x, n, kv.data(), quant);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = kv.data() + i * (rank + rope_dim);
-    float* slot = cache.Slot(cache_layer, start + i);
-    RmsNorm(row, w.kv_a_layernorm.data(), 1, rank, c.rms_norm_eps, slot);
-    std::copy(row + rank, row + rank + rope_dim, slot + rank);
-    rope.Apply(slot + rank, start + i);
-    for (int64_t h = 0; h < H; ++h)
-      rope.Apply(q.data() + (i * H + h) * qk_head_dim + nope, start + i);
+  // kv: [T, kv_lora_rank + qk_rope_head_dim] -> cache rows [c_kv | k_pe].
+  std::vector<float> kv(T * (rank + rope_dim));
+  w.kv_a_proj_with_mqa.Forward(x, T, kv.data(), quant, opt.kernel);
+  for (const SequenceSlice& s : seqs) {
+    for (int64_t i = 0; i < s.n; ++i) {
+      const int64_t pos = s.start + i, row_i = s.row_begin + i;
+      const float* row = kv.data() + row_i * (rank + rope_dim);
+      float* slot = s.cache->Slot(cache_layer, pos);
+      RmsNorm(row, w.kv_a_layernorm.data(), 1, rank, c.rms_norm_eps, slot);
+      std::copy(row + rank, row + rank + rope_dim, slot + rank);
+      rope.Apply(slot + rank, pos);
+      for (int64_t h = 0; h < H; ++h)
+        rope.Apply(q.data() + (row_i * H + h) * qk_head_dim + nope, pos);
+    }
   }
 
-  const int64_t L = start + n;             // cached length visible to the last new token
-  std::vector<float> attn(n * H * v_dim);  // [n, H * v_head_dim]
-  std::vector<float> scores(L);
+  std::vector<float> attn(T * H * v_dim);  // [T, H * v_head_dim]
+  std::vector<float> scores;
   if (opt.attention == AttentionForm::kNaive) {
-    // kv_b_proj(c_kv) for every cached token: [L, H * (nope + v_dim)].
-    std::vector<float> c_kv(L * rank);
-    for (int64_t j = 0; j < L; ++j) {
-      const float* slot = cache.Slot(cache_layer, j);
-      std::copy(slot, slot + rank, c_kv.data() + j * rank);
-    }
-    const int64_t kvb_dim = H * (nope + v_dim);
-    std::vector<float> kvb(L * kvb_dim);
-    w.kv_b_proj.Forward(c_kv.data(), L, kvb.data(), quant);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t visible = start + i + 1;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q.data() + (i * H + h) * qk_head_dim;
-        for (int64_t j = 0; j < visible; ++j) {
-          const float* k_nope = kvb.data() + j * kvb_dim + h * (nope + v_dim);
-          const float* k_pe = cache.Slot(cache_layer, j) + rank;
-          scores[j] = (DotSeq(qh, k_nope, nope) + DotSeq(qh + nope, k_pe, rope_dim)) * scale;
-        }
-        Softmax(scores.data(), visible);
-        float* o = attn.data() + (i * H + h) * v_dim;
-        std::fill(o, o + v_dim, 0.0f);
-        for (int64_t j = 0; j < visible; ++j) {
-          const float* v = kvb.data() + j * kvb_dim + h * (nope + v_dim) + nope;
-          for (int64_t d = 0; d < v_dim; ++d) o[d] += scores[j] * v[d];
+    for (const SequenceSlice& s : seqs) {
+      MlaKvCache& cache = *s.cache;
+      const int64_t L = s.start + s.n;  // cached length visible to the last new token
+      scores.resize(L);
+      // kv_b_proj(c_kv) for every cached token: [L, H * (nope + v_dim)].
+      std::vector<float> c_kv(L * rank);
+      for (int64_t j = 0; j < L; ++j) {
+        const float* slot = cache.Slot(cache_layer, j);
+        std::copy(slot, slot + rank, c_kv.data() + j * rank);
+      }
+      const int64_t kvb_dim = H * (nope + v_dim);
+      std::vector<float> kvb(L * kvb_dim);
+      w.kv_b_proj.Forward(c_kv.data(), L, kvb.data(), quant, opt.kernel);
+      for (int64_t i = 0; i < s.n; ++i) {
+        const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
+          for (int64_t j = 0; j < visible; ++j) {
+            const float* k_nope = kvb.data() + j * kvb_dim + h * (nope + v_dim);
+            const float* k_pe = cache.Slot(cache_layer, j) + rank;
+            scores[j] = (DotSeq(qh, k_nope, nope) + DotSeq(qh + nope, k_pe, rope_dim)) * scale;
+          }
+          Softmax(scores.data(), visible);
+          float* o = attn.data() + (row_i * H + h) * v_dim;
+          std::fill(o, o + v_dim, 0.0f);
+          for (int64_t j = 0; j < visible; ++j) {
+            const float* v = kvb.data() + j * kvb_dim + h * (nope + v_dim) + nope;
+            for (int64_t d = 0; d < v_dim; ++d) o[d] += scores[j] * v[d];
+          }
         }
       }
     }
   } else {
     // Absorbed: per head, W_uk: rows [h*(nope+v), +nope) and W_uv: the next v_dim rows of
     // kv_b_proj, each [.., kv_lora_rank]. score_j = (W_uk^T q_nope) . c_j + q_pe . k_pe_j;
-    // o = W_uv (sum_j p_j c_j). Dequantized here, for this call only.
+    // o = W_uv (sum_j p_j c_j). Dequantized here, once per call.
     const int64_t kvb_rows = H * (nope + v_dim);
     std::vector<float> wkv_b(kvb_rows * rank);
-    for (int64_t r = 0; r < kvb_rows; ++r) w.kv_b_proj.DequantizeRow(r, wkv_b.data() + r * rank);
+    for (int64_t r = 0; r < kvb_rows; ++r) {
+      if (opt.kernel == LinearKernel::kSimd) {
+        w.kv_b_proj.DequantizeRowSimd(r, wkv_b.data() + r * rank);
+      } else {
+        w.kv_b_proj.DequantizeRow(r, wkv_b.data() + r * rank);
+      }
+    }
     std::vector<float> q_lat(rank), ctx(rank);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t visible = start + i + 1;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q.data() + (i * H + h) * qk_head_dim;
-        const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
-        const float* w_uv = w_uk + nope * rank;
-        std::fill(q_lat.begin(), q_lat.end(), 0.0f);
-        for (int64_t d = 0; d < nope; ++d) {
-          for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
+    const auto dot = opt.kernel == LinearKernel::kSimd ? &simd::Dot : &DotSeq;
+    for (const SequenceSlice& s : seqs) {
+      const MlaKvCache& cache = *s.cache;
+      scores.resize(s.start + s.n);
+      for (int64_t i = 0; i < s.n; ++i) {
+        const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
+          const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
+          const float* w_uv = w_uk + nope * rank;
+          std::fill(q_lat.begin(), q_lat.end(), 0.0f);
+          for (int64_t d = 0; d < nope; ++d) {
+            for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
+          }
+          for (int64_t j = 0; j < visible; ++j) {
+            const float* slot = cache.Slot(cache_layer, j);
+            scores[j] =
+                (dot(q_lat.data(), slot, rank) + dot(qh + nope, slot + rank, rope_dim)) * scale;
+          }
+          Softmax(scores.data(), visible);
+          std::fill(ctx.begin(), ctx.end(), 0.0f);
+          for (int64_t j = 0; j < visible; ++j) {
+            const float* slot = cache.Slot(cache_layer, j);
+            for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
+          }
+          float* o = attn.data() + (row_i * H + h) * v_dim;
+          for (int64_t d = 0; d < v_dim; ++d) o[d] = dot(w_uv + d * rank, ctx.data(), rank);
         }
-        for (int64_t j = 0; j < visible; ++j) {
-          const float* slot = cache.Slot(cache_layer, j);
-          scores[j] =
-              (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) * scale;
-        }
-        Softmax(scores.data(), visible);
-        std::fill(ctx.begin(), ctx.end(), 0.0f);
-        for (int64_t j = 0; j < visible; ++j) {
-          const float* slot = cache.Slot(cache_layer, j);
-          for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
-        }
-        float* o = attn.data() + (i * H + h) * v_dim;
-        for (int64_t d = 0; d < v_dim; ++d) o[d] = DotSeq(w_uv + d * rank, ctx.data(), rank);
       }
     }
   }
-  w.o_proj.Forward(attn.data(), n, out, quant);
+  w.o_proj.Forward(attn.data(), T, out, quant, opt.kernel);
 }
 
-void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize) {
+void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize,
+                LinearKernel kernel) {
   const int64_t inter = w.gate_proj.out_features;
   std::vector<float> gate(T * inter), up(T * inter);
-  w.gate_proj.Forward(x, T, gate.data(), quantize);
-  w.up_proj.Forward(x, T, up.data(), quantize);
+  w.gate_proj.Forward(x, T, gate.data(), quantize, kernel);
+  w.up_proj.Forward(x, T, up.data(), quantize, kernel);
   for (int64_t i = 0; i < T * inter; ++i) gate[i] = Silu(gate[i]) * up[i];
-  w.down_proj.Forward(gate.data(), T, out, quantize);
+  w.down_proj.Forward(gate.data(), T, out, quantize, kernel);
 }
 
 absl::Status MoeForward(const ModelConfig& c, const GateParams& gate_params,
@@ -238,7 +268,7 @@ absl::Status MoeForward(const ModelConfig& c, const GateParams& gate_params,
   }
   if (w.shared_experts) {
     std::vector<float> shared(T * D);
-    MlpForward(*w.shared_experts, x, T, shared.data(), opt.quantize_activations);
+    MlpForward(*w.shared_experts, x, T, shared.data(), opt.quantize_activations, opt.kernel);
     for (int64_t i = 0; i < T * D; ++i) out[i] += shared[i];
   }
   return absl::OkStatus();
@@ -251,10 +281,7 @@ absl::Status DecoderLayerForward(const ModelConfig& c, const GateParams& gate_pa
   const int64_t D = c.hidden_size;
   std::vector<float> xn(T * D), delta(T * D);
   RmsNorm(h, w.input_layernorm.data(), T, D, c.rms_norm_eps, xn.data());
-  for (const SequenceSlice& s : seqs) {
-    MlaForward(c, w.self_attn, rope, cache_layer, *s.cache, s.start, xn.data() + s.row_begin * D,
-               s.n, delta.data() + s.row_begin * D, opt);
-  }
+  MlaForwardBatch(c, w.self_attn, rope, cache_layer, seqs, xn.data(), T, delta.data(), opt);
   for (int64_t i = 0; i < T * D; ++i) h[i] += delta[i];
   RmsNorm(h, w.post_attention_layernorm.data(), T, D, c.rms_norm_eps, xn.data());
   if (w.is_moe) {
@@ -263,7 +290,7 @@ absl::Status DecoderLayerForward(const ModelConfig& c, const GateParams& gate_pa
     }
     EM_RETURN_IF_ERROR(MoeForward(c, gate_params, w, *experts, xn.data(), T, delta.data(), opt));
   } else {
-    MlpForward(*w.mlp, xn.data(), T, delta.data(), opt.quantize_activations);
+    MlpForward(*w.mlp, xn.data(), T, delta.data(), opt.quantize_activations, opt.kernel);
   }
   for (int64_t i = 0; i < T * D; ++i) h[i] += delta[i];
   return absl::OkStatus();

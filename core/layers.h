@@ -32,6 +32,7 @@ struct LayerOptions {
   // plain float inputs (what transformers does).
   bool quantize_activations = true;
   AttentionForm attention = AttentionForm::kAbsorbed;
+  LinearKernel kernel = LinearKernel::kSimd;
 };
 
 // y: [n, dim] = x / rms(x) * weight, rms with eps; in place allowed (y == x).
@@ -69,9 +70,15 @@ struct SequenceSlice {
 void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
                 const LayerOptions& opt);
+// The same over a batch: x, out: [T, D]; slice s owns rows [row_begin, row_begin + n) and its
+// cache. The projections run once over all rows; each row's result equals MlaForward's.
+void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
+                     std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
+                     const LayerOptions& opt);
 
 // out: [T, D] = down_proj(silu(gate_proj(x)) * up_proj(x)), x: [T, D].
-void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize);
+void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize,
+                LinearKernel kernel = LinearKernel::kSimd);
 
 // MoE: out: [T, D] = routed experts (via `experts`) + shared experts; x: [T, D].
 absl::Status MoeForward(const ModelConfig& c, const GateParams& gate_params,

@@ -109,13 +109,13 @@ absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const Ex
     up.resize(m * inter);
     y.resize(m * D);
     // gate_proj / up_proj take x as given: Run() hands over the FP8 values exactly.
-    w.gate_proj.Forward(xs.data(), m, gate.data(), /*quantize_activations=*/false);
-    w.up_proj.Forward(xs.data(), m, up.data(), /*quantize_activations=*/false);
+    w.gate_proj.Forward(xs.data(), m, gate.data(), /*quantize_activations=*/false, options_.kernel);
+    w.up_proj.Forward(xs.data(), m, up.data(), /*quantize_activations=*/false, options_.kernel);
     for (int64_t i = 0; i < m * inter; ++i) {
       gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];  // silu(gate) * up
     }
     if (options_.quantize_activations) FakeQuantizeActivations(gate, m, inter);
-    w.down_proj.Forward(gate.data(), m, y.data(), /*quantize_activations=*/false);
+    w.down_proj.Forward(gate.data(), m, y.data(), /*quantize_activations=*/false, options_.kernel);
     for (int64_t i = 0; i < m; ++i) {
       const auto [r, weight] = rows[i];
       for (int64_t d = 0; d < D; ++d) out[r * D + d] += weight * y[i * D + d];

@@ -37,6 +37,7 @@ class LocalExperts : public RoutedExperts {
     // RunUnquantized, nothing else). Off matches float oracles.
     bool quantize_activations = true;
     std::function<void(int64_t done, int64_t total)> progress;  // per expert loaded
+    LinearKernel kernel = LinearKernel::kSimd;                  // the experts' linear layers
   };
 
   static absl::StatusOr<std::unique_ptr<LocalExperts>> Create(const Checkpoint& ckpt,

@@ -58,7 +58,28 @@ void Linear::DequantizeRow(int64_t r, float* out) const {
   }
 }
 
-void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activations) const {
+void Linear::DequantizeRowSimd(int64_t r, float* out) const {
+  const int64_t n = in_features;
+  switch (dtype) {
+    case DType::kF8E4M3:
+      simd::DequantFp8Row(weight.as<uint8_t>() + r * n,
+                          scale_inv.as<float>() + (r / block.rows) * NumBlocks(n, block.cols), n,
+                          block.cols, out);
+      break;
+    case DType::kBF16:
+      simd::DequantBf16Row(weight.as<uint16_t>() + r * n, n, out);
+      break;
+    case DType::kF16:
+      simd::DequantF16Row(weight.as<uint16_t>() + r * n, n, out);
+      break;
+    default:
+      DequantizeRow(r, out);
+      break;
+  }
+}
+
+void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activations,
+                     LinearKernel kernel) const {
   std::vector<float> xq;
   if (is_fp8() && quantize_activations) {
     xq.assign(x, x + n * in_features);
@@ -66,6 +87,15 @@ void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activati
     x = xq.data();
   }
   std::vector<float> w_row(in_features);
+  if (kernel == LinearKernel::kSimd) {
+    // F32 weights are read in place; the others are widened one row at a time (in L1).
+    for (int64_t o = 0; o < out_features; ++o) {
+      const float* w = dtype == DType::kF32 ? weight.as<float>() + o * in_features : w_row.data();
+      if (dtype != DType::kF32) DequantizeRowSimd(o, w_row.data());
+      simd::DotRows(w, x, n, in_features, in_features, y + o, out_features);
+    }
+    return;
+  }
   for (int64_t o = 0; o < out_features; ++o) {
     DequantizeRow(o, w_row.data());
     for (int64_t t = 0; t < n; ++t) {

@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/config.h"
+#include "core/cpu_kernels.h"
 #include "core/gate.h"
 #include "core/quant.h"
 #include "core/safetensors.h"
@@ -46,10 +47,14 @@ struct Linear {
   bool is_fp8() const { return dtype == DType::kF8E4M3; }
   // Row r of W as float: out [in_features].
   void DequantizeRow(int64_t r, float* out) const;
+  // The same in SIMD: bitwise equal.
+  void DequantizeRowSimd(int64_t r, float* out) const;
   // y: [n, out_features] = x: [n, in_features] . W^T. With quantize_activations and an FP8
   // weight, each row of x is first quantized per 128 channels (what DeepSeek's FP8 GEMM sees).
-  // Every row is computed alone, in a fixed order (batch invariant).
-  void Forward(const float* x, int64_t n, float* y, bool quantize_activations) const;
+  // Every row is computed alone, in a fixed order (batch invariant). `kernel` picks the
+  // SIMD kernels (core/cpu_kernels.h) or the plain reference loops.
+  void Forward(const float* x, int64_t n, float* y, bool quantize_activations,
+               LinearKernel kernel = LinearKernel::kSimd) const;
 };
 
 // Loads `name` as a Linear: FP8 when `<name>_scale_inv` exists, else BF16/F16/F32.

@@ -1,0 +1,219 @@
+// Highway compiles this file once per SIMD target (foreach_target.h) and dispatches at run time.
+#include "core/cpu_kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "core/cpu_kernels.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+#ifndef EXPERTMESH_CPU_KERNELS_ONCE
+#define EXPERTMESH_CPU_KERNELS_ONCE
+namespace expertmesh::simd {
+inline constexpr int kPartials = 64;  // partial sums of a dot product, on every target
+
+// The last steps of the fixed reduction: 16 partial sums to one.
+inline float SumPartials16(const float* p) {
+  float s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = p[j] + p[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// One FP8 E4M3 code as float, scaled: bit-exact with the reference table (numerics.h).
+inline float Fp8Scaled(uint8_t b, float scale) {
+  if ((b & 0x7F) == 0x7F) return std::nanf("");
+  uint32_t bits = (uint32_t{b & 0x80u} << 24) | (uint32_t{b & 0x7Fu} << 20);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f * 0x1p120f * scale;
+}
+}  // namespace expertmesh::simd
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace expertmesh::simd {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// The 7 low bits of an e4m3 code, placed at float bits 20..26 (sign at 31), read as a float
+// and multiplied by 2^120, give the code's value exactly, subnormal codes included: the
+// exponent bias moves from 7 to 127. Times the block scale: one rounding, as the reference.
+void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, int64_t block_cols,
+                       float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::Rebind<uint8_t, decltype(df)> d8;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const auto low7 = hn::Set(du, 0x7Fu);
+  const auto sign = hn::Set(du, 0x80u);
+  const auto two120 = hn::Set(df, 0x1p120f);
+  const auto nan = hn::Set(df, std::nanf(""));
+  for (int64_t c0 = 0, b = 0; c0 < n; c0 += block_cols, ++b) {
+    const int64_t c1 = std::min(n, c0 + block_cols);
+    const float s = block_scales[b];
+    const auto scale = hn::Set(df, s);
+    int64_t c = c0;
+    for (; c + N <= c1; c += N) {
+      const auto v = hn::PromoteTo(du, hn::LoadU(d8, w + c));
+      const auto mag = hn::And(v, low7);
+      const auto bits = hn::Or(hn::ShiftLeft<24>(hn::And(v, sign)), hn::ShiftLeft<20>(mag));
+      const auto f = hn::Mul(hn::Mul(hn::BitCast(df, bits), two120), scale);
+      const auto is_nan = hn::RebindMask(df, hn::Eq(mag, low7));
+      hn::StoreU(hn::IfThenElse(is_nan, nan, f), df, out + c);
+    }
+    for (; c < c1; ++c) out[c] = Fp8Scaled(w[c], s);
+  }
+}
+
+void DequantBf16RowImpl(const uint16_t* w, int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::Rebind<uint16_t, decltype(df)> d16;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t c = 0;
+  for (; c + N <= n; c += N) {
+    const auto v = hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, w + c)));
+    hn::StoreU(hn::BitCast(df, v), df, out + c);
+  }
+  for (; c < n; ++c) {
+    const uint32_t bits = uint32_t{w[c]} << 16;
+    std::memcpy(out + c, &bits, sizeof(float));
+  }
+}
+
+void DequantF16RowImpl(const uint16_t* w, int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const auto* wh = reinterpret_cast<const hwy::float16_t*>(w);
+  int64_t c = 0;
+  for (; c < n; c += N) {
+    if (c + N > n) {  // tail: widen through a padded copy (exact either way)
+      HWY_ALIGN hwy::float16_t tmp[hn::MaxLanes(df)] = {};
+      HWY_ALIGN float wide[hn::MaxLanes(df)];
+      std::memcpy(tmp, wh + c, (n - c) * sizeof(uint16_t));
+      hn::Store(hn::PromoteTo(df, hn::Load(dh, tmp)), df, wide);
+      std::memcpy(out + c, wide, (n - c) * sizeof(float));
+      break;
+    }
+    hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, wh + c)), df, out + c);
+  }
+}
+
+// p[j] + p[j + n/2] down to one lane: adding the vector's halves is that order on any width.
+template <class D>
+HWY_INLINE float HalvingSum(D d, hn::Vec<D> v) {
+#if HWY_TARGET == HWY_SCALAR
+  return hn::GetLane(v);
+#else
+  if constexpr (hn::MaxLanes(d) == 1) {
+    return hn::GetLane(v);
+  } else {
+    const hn::Half<D> dh;
+    return HalvingSum(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  }
+#endif
+}
+
+// 64 partial sums (4 independent FMA chains even on AVX-512) in kPartials / lanes vectors,
+// two rows of x at a time (each weight load feeds two FMAs).
+void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_stride,
+                 float* y, int64_t y_stride) {
+  const hn::CappedTag<float, 16> d;
+  const hn::CappedTag<float, 1> d1;
+  using V = hn::Vec<decltype(d)>;
+  // Fixed-width targets only (x86, NEON): compile-time counts keep the sums in registers.
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nvec = kPartials / N;  // 4 (AVX-512), 8 (AVX2), 16 (SSE4, NEON), 64 (scalar)
+  const int64_t k_main = k / kPartials * kPartials;
+  HWY_ALIGN float partial[kPartials];
+  // The 16 lanes' fixed tree; acc[0 .. nvec/4) hold p[0..16) after the two vector steps.
+  auto finish = [&](V* acc, const float* xt) -> float {
+    if (k_main == k) {
+      for (size_t j = 0; j < nvec / 2; ++j) acc[j] = hn::Add(acc[j], acc[j + nvec / 2]);
+      for (size_t j = 0; j < nvec / 4; ++j) acc[j] = hn::Add(acc[j], acc[j + nvec / 4]);
+      for (size_t n = nvec / 4; n > 1; n /= 2) {  // narrower than 16 lanes: p[j] + p[j + 8]
+        for (size_t j = 0; j < n / 2; ++j) acc[j] = hn::Add(acc[j], acc[j + n / 2]);
+      }
+      static_assert(N * nvec == kPartials);
+      return HalvingSum(d, acc[0]);
+    }
+    for (size_t j = 0; j < nvec; ++j) hn::Store(acc[j], d, partial + j * N);
+    for (int64_t i = k_main; i < k; ++i) {  // the tail, with the vector loop's MulAdd
+      float& p = partial[i % kPartials];
+      p = hn::GetLane(hn::MulAdd(hn::Set(d1, xt[i]), hn::Set(d1, w[i]), hn::Set(d1, p)));
+    }
+    for (int j = 0; j < 32; ++j) partial[j] += partial[j + 32];
+    for (int j = 0; j < 16; ++j) partial[j] += partial[j + 16];
+    return SumPartials16(partial);
+  };
+  int64_t t = 0;
+  for (; t + 2 <= rows; t += 2) {
+    const float* xa = x + t * x_stride;
+    const float* xb = xa + x_stride;
+    V a[nvec], b[nvec];
+    for (size_t j = 0; j < nvec; ++j) a[j] = b[j] = hn::Zero(d);
+    for (int64_t i = 0; i < k_main; i += kPartials) {
+      for (size_t j = 0; j < nvec; ++j) {
+        const V wv = hn::LoadU(d, w + i + j * N);
+        a[j] = hn::MulAdd(hn::LoadU(d, xa + i + j * N), wv, a[j]);
+        b[j] = hn::MulAdd(hn::LoadU(d, xb + i + j * N), wv, b[j]);
+      }
+    }
+    y[t * y_stride] = finish(a, xa);
+    y[(t + 1) * y_stride] = finish(b, xb);
+  }
+  for (; t < rows; ++t) {
+    const float* xt = x + t * x_stride;
+    V a[nvec];
+    for (size_t j = 0; j < nvec; ++j) a[j] = hn::Zero(d);
+    for (int64_t i = 0; i < k_main; i += kPartials) {
+      for (size_t j = 0; j < nvec; ++j) {
+        a[j] = hn::MulAdd(hn::LoadU(d, xt + i + j * N), hn::LoadU(d, w + i + j * N), a[j]);
+      }
+    }
+    y[t * y_stride] = finish(a, xt);
+  }
+}
+
+const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace expertmesh::simd
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace expertmesh::simd {
+
+HWY_EXPORT(DequantFp8RowImpl);
+HWY_EXPORT(DequantBf16RowImpl);
+HWY_EXPORT(DequantF16RowImpl);
+HWY_EXPORT(DotRowsImpl);
+HWY_EXPORT(TargetNameImpl);
+
+void DequantFp8Row(const uint8_t* w, const float* block_scales, int64_t n, int64_t block_cols,
+                   float* out) {
+  HWY_DYNAMIC_DISPATCH(DequantFp8RowImpl)(w, block_scales, n, block_cols, out);
+}
+void DequantBf16Row(const uint16_t* w, int64_t n, float* out) {
+  HWY_DYNAMIC_DISPATCH(DequantBf16RowImpl)(w, n, out);
+}
+void DequantF16Row(const uint16_t* w, int64_t n, float* out) {
+  HWY_DYNAMIC_DISPATCH(DequantF16RowImpl)(w, n, out);
+}
+void DotRows(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_stride, float* y,
+             int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(w, x, rows, k, x_stride, y, y_stride);
+}
+float Dot(const float* a, const float* b, int64_t k) {
+  float y;
+  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(b, a, 1, k, k, &y, 1);
+  return y;
+}
+const char* TargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
+
+}  // namespace expertmesh::simd
+#endif
