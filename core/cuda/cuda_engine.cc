@@ -27,6 +27,9 @@
 
 namespace expertmesh::cuda {
 
+// Every new token is one query row of the MLA decode kernel, whose grid's y dimension counts them.
+constexpr int64_t kMaxRowsPerForward = 65535;
+
 // One forward's host-side description.
 struct CudaEngine::Batch {
   struct Seq {
@@ -179,6 +182,11 @@ absl::Status CudaEngine::Prepare(Batch& b) {
     paged.push_back({s.cache->page_ids(), s.start, s.n, s.all_logits});
   }
   absl::StatusOr<PagedBatchLayout> layout = BuildPagedBatchLayout(paged, ps, b.kv_pages);
+  if (layout.ok() && layout->n_tokens > kMaxRowsPerForward) {
+    layout = absl::InvalidArgumentError(
+        absl::StrFormat("CUDA engine: %d new tokens in one forward, at most %d (MLA decode grid)",
+                        layout->n_tokens, kMaxRowsPerForward));
+  }
   if (!layout.ok()) {
     restore(b.seqs.size());
     return layout.status();
