@@ -30,6 +30,24 @@ inline float Fp8Scaled(uint8_t b, float scale) {
   std::memcpy(&f, &bits, sizeof f);
   return f * 0x1p120f * scale;
 }
+// The same for one fp16 value.
+inline float Fp16Widen(uint16_t h) {
+  const uint32_t mag = h & 0x7FFFu, sign = uint32_t{h & 0x8000u} << 16;
+  uint32_t bits;
+  if (mag >= 0x7C00u) {
+    bits = (mag << 13) | 0x7F800000u;
+  } else {
+    float f;
+    const uint32_t shifted = mag << 13;
+    std::memcpy(&f, &shifted, sizeof f);
+    f *= 0x1p112f;
+    std::memcpy(&bits, &f, sizeof f);
+  }
+  bits |= sign;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
 }  // namespace expertmesh::simd
 #endif
 
@@ -84,23 +102,30 @@ void DequantBf16RowImpl(const uint16_t* w, int64_t n, float* out) {
   }
 }
 
+// Highway's emulated f16 widening (targets without F16C) does not keep inf and NaN, so the
+// bits are moved by hand, as for FP8: the 15 low bits at float bits 13..27, times 2^112
+// (bias 15 -> 127), exact for normals and subnormals; exponent 31 becomes 255 (inf, NaN).
 void DequantF16RowImpl(const uint16_t* w, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
-  const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::Rebind<uint16_t, decltype(df)> d16;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  const auto* wh = reinterpret_cast<const hwy::float16_t*>(w);
+  const auto low15 = hn::Set(du, 0x7FFFu);
+  const auto inf_exp = hn::Set(du, 0x7C00u);
+  const auto f32_inf = hn::Set(du, 0x7F800000u);
+  const auto two112 = hn::Set(df, 0x1p112f);
   int64_t c = 0;
-  for (; c < n; c += N) {
-    if (c + N > n) {  // tail: widen through a padded copy (exact either way)
-      HWY_ALIGN hwy::float16_t tmp[hn::MaxLanes(df)] = {};
-      HWY_ALIGN float wide[hn::MaxLanes(df)];
-      std::memcpy(tmp, wh + c, (n - c) * sizeof(uint16_t));
-      hn::Store(hn::PromoteTo(df, hn::Load(dh, tmp)), df, wide);
-      std::memcpy(out + c, wide, (n - c) * sizeof(float));
-      break;
-    }
-    hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, wh + c)), df, out + c);
+  for (; c + N <= n; c += N) {
+    const auto v = hn::PromoteTo(du, hn::LoadU(d16, w + c));
+    const auto mag = hn::And(v, low15);
+    const auto shifted = hn::ShiftLeft<13>(mag);
+    const auto finite = hn::BitCast(du, hn::Mul(hn::BitCast(df, shifted), two112));
+    const auto special = hn::Or(shifted, f32_inf);
+    const auto bits = hn::IfThenElse(hn::Eq(hn::And(mag, inf_exp), inf_exp), special, finite);
+    const auto sign = hn::ShiftLeft<16>(hn::AndNot(low15, v));
+    hn::StoreU(hn::BitCast(df, hn::Or(bits, sign)), df, out + c);
   }
+  for (; c < n; ++c) out[c] = Fp16Widen(w[c]);
 }
 
 // p[j] + p[j + n/2] down to one lane: adding the vector's halves is that order on any width.
