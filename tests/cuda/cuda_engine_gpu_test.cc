@@ -3,7 +3,8 @@
 // the reference's tokens, then the MTP module over the prefill's hidden states; tensor
 // parallelism over 1 and 2 GPUs (2 skips with a message on a one-GPU machine). Logits and
 // pre-final-norm hidden states are compared by relative RMS error and by the largest error
-// relative to the reference's peak; the greedy token must agree at every step.
+// relative to the reference's peak; the greedy token must agree at every step, unless the two
+// candidates are a near-tie within the row's logit error.
 //
 // Tolerances are ESTIMATES, not yet measured on a GPU: the GPU keeps the latent cache in BF16
 // (2^-9 relative rounding of c_kv and k_pe, ~3e-3 RMS in the scores), FP8 projections
@@ -148,9 +149,23 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
       EXPECT_LE(h.rel_rms, kMaxRelRms) << "step " << step << " seq " << s;
       EXPECT_LE(l.rel_peak, kMaxRelPeak) << "step " << step << " seq " << s;
       EXPECT_LE(h.rel_peak, kMaxRelPeak) << "step " << step << " seq " << s;
+      // The greedy token agrees, or the two candidates are a near-tie: their reference logits
+      // differ by no more than the largest logit error of the row.
       const size_t last = (*want)[s].logits.size() - V;
       const int32_t next = Argmax((*want)[s].logits, last, V);
-      EXPECT_EQ(Argmax((*got)[s].logits, last, V), next) << "step " << step << " seq " << s;
+      const int32_t gpu_next = Argmax((*got)[s].logits, last, V);
+      double row_err = 0.0;
+      for (int64_t i = 0; i < V; ++i) {
+        row_err = std::max(row_err, std::abs(static_cast<double>((*got)[s].logits[last + i]) -
+                                             (*want)[s].logits[last + i]));
+      }
+      const double gap = (*want)[s].logits[last + next] - (*want)[s].logits[last + gpu_next];
+      EXPECT_LE(gap, row_err) << "step " << step << " seq " << s << ": GPU picks " << gpu_next
+                              << ", reference " << next;
+      if (gpu_next != next) {
+        std::printf("[measured] step %d seq %d: greedy near-tie %d vs %d (gap %.3g)\n", step, s,
+                    gpu_next, next, gap);
+      }
       inputs[s] = {next};
     }
   }
