@@ -1,6 +1,7 @@
 // Highway compiles this file once per SIMD target (foreach_target.h) and dispatches at run time.
 #include "core/cpu_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -204,6 +205,137 @@ void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_
   }
 }
 
+// One tile column (16 outputs at one k) widened to float: 16 / N vectors.
+template <TileType kType, class D>
+HWY_INLINE void WidenTileColumn(D d, const uint8_t* col, hn::Vec<D> scale, hn::Vec<D>* w) {
+  constexpr size_t N = hn::MaxLanes(d);
+  const hn::RebindToUnsigned<D> du;
+  for (size_t j = 0; j < kTileRows / N; ++j) {
+    if constexpr (kType == TileType::kF8E4M3) {
+      // Pack() admits no NaN codes, and `scale` carries the 2^120 (exact: |s| < 2^7).
+      const hn::Rebind<uint8_t, D> d8;
+      const auto v = hn::PromoteTo(du, hn::LoadU(d8, col + j * N));
+      const auto bits = hn::Or(hn::ShiftLeft<24>(hn::And(v, hn::Set(du, 0x80u))),
+                               hn::ShiftLeft<20>(hn::And(v, hn::Set(du, 0x7Fu))));
+      w[j] = hn::Mul(hn::BitCast(d, bits), scale);
+    } else {
+      const hn::Rebind<uint16_t, D> d16;
+      const auto v =
+          hn::PromoteTo(du, hn::LoadU(d16, reinterpret_cast<const uint16_t*>(col) + j * N));
+      if constexpr (kType == TileType::kBF16) {
+        w[j] = hn::BitCast(d, hn::ShiftLeft<16>(v));
+      } else {
+        const auto low15 = hn::Set(du, 0x7FFFu), inf_exp = hn::Set(du, 0x7C00u);
+        const auto mag = hn::And(v, low15);
+        const auto shifted = hn::ShiftLeft<13>(mag);
+        const auto finite = hn::BitCast(du, hn::Mul(hn::BitCast(d, shifted), hn::Set(d, 0x1p112f)));
+        const auto special = hn::Or(shifted, hn::Set(du, 0x7F800000u));
+        const auto bits = hn::IfThenElse(hn::Eq(hn::And(mag, inf_exp), inf_exp), special, finite);
+        w[j] = hn::BitCast(d, hn::Or(bits, hn::ShiftLeft<16>(hn::AndNot(low15, v))));
+      }
+    }
+  }
+}
+
+// kRows (1 or 2) rows of x against one tile: acc[row][chain][vector].
+template <TileType kType, int kRows>
+HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block_cols, int64_t in,
+                         const float* x, float* y_tile, int64_t y_stride, int64_t valid) {
+  const hn::CappedTag<float, kTileRows> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nv = kTileRows / N;
+  constexpr int64_t kBytes = kType == TileType::kF8E4M3 ? 1 : 2;
+  V acc[kRows][4][nv];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < 4; ++c) {
+      for (size_t j = 0; j < nv; ++j) acc[r][c][j] = hn::Zero(d);
+    }
+  }
+  V w[nv];
+  auto step = [&](int64_t k, int c, V scale) HWY_ATTR {
+    WidenTileColumn<kType>(d, tile + k * kTileRows * kBytes, scale, w);
+    for (int r = 0; r < kRows; ++r) {
+      const V xk = hn::Set(d, x[r * in + k]);
+      for (size_t j = 0; j < nv; ++j) acc[r][c][j] = hn::MulAdd(xk, w[j], acc[r][c][j]);
+    }
+  };
+  const int64_t bc = kType == TileType::kF8E4M3 ? block_cols : in;
+  for (int64_t k0 = 0, b = 0; k0 < in; k0 += bc, ++b) {
+    const V scale = hn::Set(d, kType == TileType::kF8E4M3 ? scales[b] * 0x1p120f : 1.0f);
+    const int64_t k1 = std::min(in, k0 + bc);
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+      step(k, 0, scale);
+      step(k + 1, 1, scale);
+      step(k + 2, 2, scale);
+      step(k + 3, 3, scale);
+    }
+    for (; k < k1; ++k) {  // only at the end of `in` (block_cols % 4 == 0)
+      switch (k & 3) {
+        case 0:
+          step(k, 0, scale);
+          break;
+        case 1:
+          step(k, 1, scale);
+          break;
+        default:
+          step(k, 2, scale);
+          break;
+      }
+    }
+  }
+  HWY_ALIGN float tmp[kTileRows];
+  for (int r = 0; r < kRows; ++r) {
+    for (size_t j = 0; j < nv; ++j) {
+      const V sum =
+          hn::Add(hn::Add(acc[r][0][j], acc[r][1][j]), hn::Add(acc[r][2][j], acc[r][3][j]));
+      if (valid == kTileRows) {
+        hn::StoreU(sum, d, y_tile + r * y_stride + j * N);
+      } else {
+        hn::Store(sum, d, tmp + j * N);
+      }
+    }
+    if (valid < kTileRows) std::memcpy(y_tile + r * y_stride, tmp, valid * sizeof(float));
+  }
+}
+
+template <TileType kType>
+void TiledLinearT(const uint8_t* tiles, const float* scale_inv, int64_t block_rows,
+                  int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n,
+                  float* y) {
+  constexpr int64_t kBytes = kType == TileType::kF8E4M3 ? 1 : 2;
+  const int64_t scale_cols = kType == TileType::kF8E4M3 ? (in + block_cols - 1) / block_cols : 0;
+  for (int64_t o = 0; o < out; o += kTileRows) {
+    const uint8_t* tile = tiles + (o / kTileRows) * in * kTileRows * kBytes;
+    const float* scales =
+        kType == TileType::kF8E4M3 ? scale_inv + (o / block_rows) * scale_cols : nullptr;
+    const int64_t valid = std::min<int64_t>(kTileRows, out - o);
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      TileRows<kType, 2>(tile, scales, block_cols, in, x + t * in, y + t * out + o, out, valid);
+    }
+    if (t < n)
+      TileRows<kType, 1>(tile, scales, block_cols, in, x + t * in, y + t * out + o, out, valid);
+  }
+}
+
+void TiledLinearImpl(TileType type, const uint8_t* tiles, const float* scale_inv,
+                     int64_t block_rows, int64_t block_cols, int64_t out, int64_t in,
+                     const float* x, int64_t n, float* y) {
+  switch (type) {
+    case TileType::kF8E4M3:
+      return TiledLinearT<TileType::kF8E4M3>(tiles, scale_inv, block_rows, block_cols, out, in, x,
+                                             n, y);
+    case TileType::kBF16:
+      return TiledLinearT<TileType::kBF16>(tiles, scale_inv, block_rows, block_cols, out, in, x, n,
+                                           y);
+    case TileType::kF16:
+      return TiledLinearT<TileType::kF16>(tiles, scale_inv, block_rows, block_cols, out, in, x, n,
+                                          y);
+  }
+}
+
 const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace HWY_NAMESPACE
@@ -218,6 +350,13 @@ HWY_EXPORT(DequantBf16RowImpl);
 HWY_EXPORT(DequantF16RowImpl);
 HWY_EXPORT(DotRowsImpl);
 HWY_EXPORT(TargetNameImpl);
+HWY_EXPORT(TiledLinearImpl);
+
+void TiledLinear(TileType type, const uint8_t* tiles, const float* scale_inv, int64_t block_rows,
+                 int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n, float* y) {
+  HWY_DYNAMIC_DISPATCH(TiledLinearImpl)
+  (type, tiles, scale_inv, block_rows, block_cols, out, in, x, n, y);
+}
 
 void DequantFp8Row(const uint8_t* w, const float* block_scales, int64_t n, int64_t block_cols,
                    float* out) {

@@ -38,6 +38,21 @@ void DequantF16Row(const uint16_t* w, int64_t n, float* out);
 void DotRows(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_stride, float* y,
              int64_t y_stride);
 
+// ---- Tiled linear layers (Linear::Pack) ----
+// W [out, in] stored as 16-row tiles: tile i holds rows [16 i, 16 i + 16), column-major
+// ([in][16], the weight's own 1- or 2-byte codes; rows past `out` are zero). A step of the
+// kernel widens one tile column (16 outputs' weights at one k) and multiply-adds it into
+// every row of x: the weight is widened once per call whatever the number of rows, and no
+// horizontal sums are needed. Order, per output: 4 FMA chains over k = c (mod 4) in increasing
+// k, then (c0 + c1) + (c2 + c3); batch invariant, the same on every FMA target.
+inline constexpr int kTileRows = 16;
+enum class TileType { kF8E4M3, kBF16, kF16 };
+// y: [n, out] = x: [n, in] . W^T. FP8: scale_inv [ceil(out / block_rows), ceil(in /
+// block_cols)], block_rows a multiple of 16 and block_cols of 4, no NaN code (0x7F, 0xFF) and
+// every |scale| < 2^7 (Pack checks all of these; the row-wise kernels take the rest).
+void TiledLinear(TileType type, const uint8_t* tiles, const float* scale_inv, int64_t block_rows,
+                 int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n, float* y);
+
 // dot(a, b) over k elements: DotRows for one row.
 float Dot(const float* a, const float* b, int64_t k);
 

@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<LocalExperts>> LocalExperts::Create(
                                       std::tuple{"up_proj", inter, h, &w.up_proj},
                                       std::tuple{"down_proj", h, inter, &w.down_proj}}) {
       auto lin = LoadLinear(ckpt, p + name + ".weight", out, in, block);
+      if (lin.ok()) lin->Pack();
       if (!lin.ok()) return lin.status();
       *dst = *std::move(lin);
       le->bytes_mapped_ += dst->weight.size + dst->scale_inv.size;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -78,6 +79,35 @@ void Linear::DequantizeRowSimd(int64_t r, float* out) const {
   }
 }
 
+void Linear::Pack() {
+  const bool fp8 = dtype == DType::kF8E4M3;
+  if (fp8 && (block.rows % simd::kTileRows != 0 || block.cols % 4 != 0)) return;
+  if (!fp8 && dtype != DType::kBF16 && dtype != DType::kF16) return;
+  if (fp8) {  // TiledLinear's FP8 preconditions; weights that fail them stay row-wise
+    const uint8_t* w = weight.data;
+    for (int64_t i = 0; i < out_features * in_features; ++i) {
+      if ((w[i] & 0x7F) == 0x7F) return;  // NaN
+    }
+    const float* s = scale_inv.as<float>();
+    for (uint64_t i = 0; i < scale_inv.size / sizeof(float); ++i) {
+      if (!(std::abs(s[i]) < 0x1p7f)) return;
+    }
+  }
+  const int64_t bytes = fp8 ? 1 : 2, T = simd::kTileRows;
+  const int64_t n_tiles = (out_features + T - 1) / T;
+  auto packed = std::make_shared<std::vector<uint8_t>>(n_tiles * T * in_features * bytes, 0);
+  const uint8_t* w = weight.data;
+  for (int64_t o = 0; o < out_features; ++o) {
+    uint8_t* tile = packed->data() + (o / T) * T * in_features * bytes;
+    const uint8_t* row = w + o * in_features * bytes;
+    for (int64_t k = 0; k < in_features; ++k) {
+      std::memcpy(tile + (k * T + o % T) * bytes, row + k * bytes, bytes);
+    }
+  }
+  tiles = std::move(packed);
+  tiles_of = weight.data;
+}
+
 void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activations,
                      LinearKernel kernel) const {
   std::vector<float> xq;
@@ -85,6 +115,14 @@ void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activati
     xq.assign(x, x + n * in_features);
     FakeQuantizeActivations(xq, n, in_features);
     x = xq.data();
+  }
+  if (kernel == LinearKernel::kSimd && tiles != nullptr && tiles_of == weight.data) {
+    const simd::TileType type = dtype == DType::kF8E4M3 ? simd::TileType::kF8E4M3
+                                : dtype == DType::kBF16 ? simd::TileType::kBF16
+                                                        : simd::TileType::kF16;
+    simd::TiledLinear(type, tiles->data(), is_fp8() ? scale_inv.as<float>() : nullptr, block.rows,
+                      block.cols, out_features, in_features, x, n, y);
+    return;
   }
   std::vector<float> w_row(in_features);
   if (kernel == LinearKernel::kSimd) {
@@ -222,6 +260,8 @@ class Loader {
 
   absl::Status Lin(const std::string& name, int64_t out, int64_t in, Linear* dst) {
     auto l = LoadLinear(ckpt_, name, out, in, block_);
+    // Embedding tables are read a row at a time, never multiplied: no tiles for them.
+    if (l.ok() && !name.ends_with("embed_tokens.weight")) l->Pack();
     if (!l.ok()) return l.status();
     *dst = *std::move(l);
     Tick(dst->is_fp8() ? 2 : 1);

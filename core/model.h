@@ -44,7 +44,16 @@ struct Linear {
   TensorView scale_inv;  // FP8 only: [ceil(out/block.rows), ceil(in/block.cols)] float32
   BlockShape block;
 
+  // The SIMD kernels' copy of the weight in 16-row tiles (core/cpu_kernels.h TiledLinear),
+  // built by Pack(); used while tiles_of == weight.data (a copy whose view was changed, e.g.
+  // sliced, falls back to the row-wise kernels).
+  std::shared_ptr<const std::vector<uint8_t>> tiles;
+  const uint8_t* tiles_of = nullptr;
+
   bool is_fp8() const { return dtype == DType::kF8E4M3; }
+  // Builds `tiles` (FP8 with block.rows % 16 == 0 and block.cols % 4 == 0, BF16, F16; F32
+  // weights are read in place). Memory: one more copy of the weight's bytes.
+  void Pack();
   // Row r of W as float: out [in_features].
   void DequantizeRow(int64_t r, float* out) const;
   // The same in SIMD: bitwise equal.

@@ -12,6 +12,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/config.h"
@@ -197,9 +198,17 @@ TEST(CpuKernelsTest, LinearForwardSimdMatchesReference) {
     std::mt19937 rng(11);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (DType dtype : {DType::kF8E4M3, DType::kBF16}) {
-      for (auto [out, in] : {std::pair<int64_t, int64_t>{144, 256}, {256, 640}, {100, 300}}) {
+      for (auto [out, in, tiled] : {std::tuple<int64_t, int64_t, bool>{144, 256, false},
+                                    {144, 256, true},
+                                    {256, 640, true},
+                                    {100, 302, true},
+                                    {100, 300, false}}) {
         OwnedLinear l = MakeLinear(dtype, out, in, rng);
-        const int64_t n = 3;
+        if (tiled) {
+          l.linear.Pack();
+          ASSERT_NE(l.linear.tiles, nullptr);
+        }
+        const int64_t n = 5;
         std::vector<float> x(n * in), ref(n * out), got(n * out);
         for (float& v : x) v = normal(rng);
         for (bool quant : {false, true}) {
@@ -219,6 +228,50 @@ TEST(CpuKernelsTest, LinearForwardSimdMatchesReference) {
       }
     }
   });
+}
+
+// TiledLinear's documented order, emulated in scalar code: per output, 4 FMA chains over
+// k = c (mod 4), then (c0 + c1) + (c2 + c3). Bit for bit on FMA targets; the result of a row
+// is the same alone and in a batch (rows are processed in pairs).
+TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  ForEachTarget([&] {
+    for (DType dtype : {DType::kF8E4M3, DType::kBF16}) {
+      const int64_t out = 40, in = 258, n = 3;  // a ragged last tile, k % 4 == 2
+      OwnedLinear l = MakeLinear(dtype, out, in, rng);
+      l.linear.Pack();
+      ASSERT_NE(l.linear.tiles, nullptr);
+      std::vector<float> x(n * in), y(n * out), y1(out), w(in);
+      for (float& v : x) v = normal(rng);
+      l.linear.Forward(x.data(), n, y.data(), false, LinearKernel::kSimd);
+      for (int64_t t = 0; t < n; ++t) {
+        l.linear.Forward(x.data() + t * in, 1, y1.data(), false, LinearKernel::kSimd);
+        for (int64_t o = 0; o < out; ++o) {
+          EXPECT_EQ(Bits(y[t * out + o]), Bits(y1[o])) << "row " << t << " out " << o;
+          if (!HasFma()) continue;
+          l.linear.DequantizeRow(o, w.data());
+          float c[4] = {0, 0, 0, 0};
+          for (int64_t k = 0; k < in; ++k) c[k % 4] = std::fma(x[t * in + k], w[k], c[k % 4]);
+          EXPECT_EQ(Bits(y[t * out + o]), Bits((c[0] + c[1]) + (c[2] + c[3])))
+              << "dtype " << static_cast<int>(dtype) << " row " << t << " out " << o;
+        }
+      }
+    }
+  });
+}
+
+// FP8 weights holding a NaN code keep the row-wise kernels (which give NaN, as the reference).
+TEST(CpuKernelsTest, PackLeavesNaNWeightsRowWise) {
+  std::mt19937 rng(9);
+  OwnedLinear l = MakeLinear(DType::kF8E4M3, 32, 128, rng);
+  l.bytes[5] = 0x7F;
+  l.linear.Pack();
+  EXPECT_EQ(l.linear.tiles, nullptr);
+  std::vector<float> x(128, 1.0f), y(32);
+  l.linear.Forward(x.data(), 1, y.data(), false, LinearKernel::kSimd);
+  EXPECT_TRUE(std::isnan(y[0]));
+  EXPECT_FALSE(std::isnan(y[1]));
 }
 
 // The bundled model, greedy: the engine with SIMD kernels against reference kernels.
