@@ -313,8 +313,16 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
     EM_RETURN_IF_ERROR(Reserve(r.ints, b.ints.size()));
     EM_RETURN_IF_ERROR(Reserve(r.slots, b.slots.size()));
     if (r.rank == 0) {
+      const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
+      EM_RETURN_IF_ERROR(Reserve(r.scores, T * std::max<int64_t>(E, 1)));
+      EM_RETURN_IF_ERROR(Reserve(r.topk_weights, T * std::max<int64_t>(k, 1)));
+      EM_RETURN_IF_ERROR(Reserve(r.topk_ids, T * std::max<int64_t>(k, 1)));
       EM_RETURN_IF_ERROR(ReservePinned(r.host_x, T * D));
       EM_RETURN_IF_ERROR(ReservePinned(r.host_routed, T * D));
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_x8, T * D));
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_scales, T * NumBlocks(D, 128)));
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_topk_weights, T * std::max<int64_t>(k, 1)));
+      EM_RETURN_IF_ERROR(ReservePinned(r.host_topk_ids, T * std::max<int64_t>(k, 1)));
     }
     EM_RETURN_IF_ERROR(r.ints.CopyFromHost(b.ints, r.stream));
     EM_RETURN_IF_ERROR(r.slots.CopyFromHost(b.slots, r.stream));
@@ -520,45 +528,18 @@ absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
         r.Norm(r.h.get(), w.post_attention_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
   }
 
-  // ---- FFN: dense MLP part, or MoE (host gate + routed experts; shared expert part on GPU).
-  const Block& w0 =
-      mtp_depth >= 0 ? ranks_[0]->mtp_blocks[mtp_depth] : ranks_[0]->layers[layer_index];
-  if (w0.is_moe) {
-    Rank& r = *ranks_[0];
-    cudaSetDevice(r.device);
-    EM_RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpyAsync(r.host_x.data(), r.xn.get(), T * D * sizeof(float),
-                                   cudaMemcpyDeviceToHost, r.stream),
-                   "hidden rows to host"));
-    EM_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(r.xn_ready, r.stream), "event"));
-  }
+  // ---- FFN: dense MLP part, or MoE (gate on rank 0, routed experts through the host while
+  // the shared expert part runs on every GPU).
+  Rank& r0 = *ranks_[0];
+  const Block& w0 = mtp_depth >= 0 ? r0.mtp_blocks[mtp_depth] : r0.layers[layer_index];
+  if (w0.is_moe) EM_RETURN_IF_ERROR(EnqueueGate(r0, w0, T));
   for (auto& rp : ranks_) {
     Rank& r = *rp;
     cudaSetDevice(r.device);
     const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
     EM_RETURN_IF_ERROR(r.Mlp(w, r.xn.get(), T, D, r.delta.get()));
   }
-  if (w0.is_moe) {
-    // Meanwhile the GPUs run the shared expert: the gate and the routed experts on the host
-    // rows, as the reference engine does (routes bitwise those of core/gate.h for these rows).
-    Rank& r = *ranks_[0];
-    cudaSetDevice(r.device);
-    EM_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(r.xn_ready), "hidden rows to host"));
-    const std::span<const float> xs(r.host_x.data(), T * D);
-    const std::span<float> routed(r.host_routed.data(), T * D);
-    ExpertRoutes routes = RunGate(model_.gate_params(), *w0.gate_weights, xs, T, D);
-    if (options_.engine.quantize_activations) {
-      QuantizedActivations q = QuantizeActivations(xs, T, D);
-      EM_RETURN_IF_ERROR(experts_->Run(w0.layer, q, routes, routed));
-    } else {
-      EM_RETURN_IF_ERROR(experts_->RunUnquantized(w0.layer, xs, routes, routed));
-    }
-    EM_RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpyAsync(r.routed.get(), r.host_routed.data(), T * D * sizeof(float),
-                                   cudaMemcpyHostToDevice, r.stream),
-                   "routed rows to device"));
-    EM_RETURN_IF_ERROR(r.Add(r.routed.get(), r.delta.get(), T * D));
-  }
+  if (w0.is_moe) EM_RETURN_IF_ERROR(CallRoutedExperts(r0, w0, T));
   EM_RETURN_IF_ERROR(AllReduce(deltas, T * D));
   for (auto& rp : ranks_) {
     Rank& r = *rp;
@@ -566,6 +547,80 @@ absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
     EM_RETURN_IF_ERROR(r.Add(r.delta.get(), r.h.get(), T * D));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaEngine::EnqueueGate(Rank& r, const Block& w, int64_t T) {
+  const ModelConfig& c = model_.config();
+  const GateParams& gp = model_.gate_params();
+  const int64_t D = c.hidden_size, E = gp.n_routed_experts, k = gp.num_experts_per_tok;
+  cudaSetDevice(r.device);
+  // s = sigmoid(xn . gate.weight^T): [T, E] in float32, then group-limited top-k.
+  EM_RETURN_IF_ERROR(r.Linear(w.router, r.xn.get(), T, r.scores.get()));
+  EM_RETURN_IF_ERROR(CudaStatus(LaunchSigmoid(r.scores.get(), T * E, r.stream), "sigmoid"));
+  GateTopkParams g;
+  g.n_tokens = static_cast<int32_t>(T);
+  g.n_routed_experts = static_cast<int32_t>(E);
+  g.n_group = static_cast<int32_t>(gp.n_group);
+  g.topk_group = static_cast<int32_t>(gp.topk_group);
+  g.num_experts_per_tok = static_cast<int32_t>(k);
+  g.norm_topk_prob = gp.norm_topk_prob;
+  g.routed_scaling_factor = static_cast<float>(gp.routed_scaling_factor);
+  g.scores = r.scores.get();
+  g.correction_bias = w.e_score_correction_bias.get();
+  g.topk_ids = r.topk_ids.get();
+  g.topk_weights = r.topk_weights.get();
+  EM_RETURN_IF_ERROR(GateTopk(g, r.stream));
+  // The shards' input: FP8 with 1 x 128 scales (bitwise core/quant.h), or float.
+  auto d2h = [&](void* dst, const void* src, size_t bytes) {
+    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, r.stream),
+                      "MoE rows to host");
+  };
+  if (options_.engine.quantize_activations) {
+    ActQuantParams aq;
+    aq.n_rows = static_cast<int32_t>(T);
+    aq.dim = static_cast<int32_t>(D);
+    aq.x = r.xn.get();
+    aq.q = r.x8.get();
+    aq.scales = r.x8_scales.get();
+    EM_RETURN_IF_ERROR(ActQuant(aq, r.stream));
+    EM_RETURN_IF_ERROR(d2h(r.host_x8.data(), r.x8.get(), T * D));
+    EM_RETURN_IF_ERROR(
+        d2h(r.host_scales.data(), r.x8_scales.get(), T * NumBlocks(D, 128) * sizeof(float)));
+  } else {
+    EM_RETURN_IF_ERROR(d2h(r.host_x.data(), r.xn.get(), T * D * sizeof(float)));
+  }
+  EM_RETURN_IF_ERROR(d2h(r.host_topk_ids.data(), r.topk_ids.get(), T * k * sizeof(int32_t)));
+  EM_RETURN_IF_ERROR(d2h(r.host_topk_weights.data(), r.topk_weights.get(), T * k * sizeof(float)));
+  return CudaStatus(cudaEventRecord(r.xn_ready, r.stream), "event");
+}
+
+absl::Status CudaEngine::CallRoutedExperts(Rank& r, const Block& w, int64_t T) {
+  const int64_t D = model_.config().hidden_size;
+  const int64_t k = model_.gate_params().num_experts_per_tok;
+  cudaSetDevice(r.device);
+  EM_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(r.xn_ready), "MoE rows to host"));
+  ExpertRoutes routes;  // each row's experts in ascending id order, as GateTopk writes them
+  for (int64_t t = 0; t < T; ++t) {
+    routes.AddRow(std::span<const int32_t>(r.host_topk_ids.data() + t * k, k),
+                  std::span<const float>(r.host_topk_weights.data() + t * k, k));
+  }
+  const std::span<float> routed(r.host_routed.data(), T * D);
+  if (options_.engine.quantize_activations) {
+    QuantizedActivations q;
+    q.n_rows = T;
+    q.dim = D;
+    q.fp8.assign(r.host_x8.data(), r.host_x8.data() + T * D);
+    q.scales.assign(r.host_scales.data(), r.host_scales.data() + T * q.groups());
+    EM_RETURN_IF_ERROR(experts_->Run(w.layer, q, routes, routed));
+  } else {
+    EM_RETURN_IF_ERROR(experts_->RunUnquantized(
+        w.layer, std::span<const float>(r.host_x.data(), T * D), routes, routed));
+  }
+  EM_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(r.routed.get(), r.host_routed.data(), T * D * sizeof(float),
+                                 cudaMemcpyHostToDevice, r.stream),
+                 "routed rows to device"));
+  return r.Add(r.routed.get(), r.delta.get(), T * D);
 }
 
 }  // namespace expertmesh::cuda

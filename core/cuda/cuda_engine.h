@@ -7,7 +7,7 @@
 // Tensor parallelism (core/tp_plan.h) over `devices` (rank i on devices[i]): attention heads
 // split, dense MLP / shared expert split by intermediate, partial sums all-reduced with
 // NcclGroup; embeddings, norms and the latent KV cache replicated on every rank (MLA's latent is
-// shared by all heads); the gate, the routed-expert call and lm_head run once (host / rank 0).
+// shared by all heads); the gate, the routed-expert call and lm_head run once (rank 0).
 //
 // KV cache: per rank a paged BF16 latent cache [layer][page][page_size][kv_lora_rank +
 // qk_rope_head_dim] (and a 1-layer one for the MTP module), addressed by the page ids each
@@ -17,11 +17,13 @@
 //
 // Per layer, per rank: RMSNorm -> q_a / q_b (or q_proj), kv_a -> RoPE -> cache write ->
 // absorbed MLA (q_nope W_UK batched GEMM, MlaDecode, W_UV batched GEMM) -> o_proj -> all-reduce
-// -> residual -> RMSNorm -> MLP (SwiGLU) or MoE (host gate + RoutedExperts, shared expert on
-// the GPU meanwhile) -> all-reduce -> residual. FP8 projections run the FP8 block-scaled kernel
-// (Fp8Linear) when the rank's slice keeps whole 128x128 blocks, else as float GEMMs (cuBLAS)
-// over dequantized weights with FP8-quantized-and-dequantized activations (the same numbers).
-// BF16 / F32 weights are held as float (cuBLAS SGEMM): exact, at twice BF16's memory.
+// -> residual -> RMSNorm -> MLP (SwiGLU) or MoE (gate on the GPU: sigmoid scores + GateTopk;
+// FP8 rows and routes to pinned host memory, RoutedExperts called from the host while the
+// shared expert runs on the GPUs, its sums copied back) -> all-reduce -> residual. FP8 projections
+// run the FP8 block-scaled kernel (Fp8Linear) when the rank's slice keeps whole 128x128 blocks,
+// else as float GEMMs (cuBLAS) over dequantized weights with FP8-quantized-and-dequantized
+// activations (the same numbers). BF16 / F32 weights are held as float (cuBLAS SGEMM): exact, at
+// twice BF16's memory.
 //
 // Prefill runs the decode kernel once per new position: each query row is its own MlaDecode
 // "sequence" with its causal length (start + i + 1) over its sequence's page table -- correct
@@ -87,6 +89,11 @@ class CudaEngine : public ForwardEngine {
   absl::StatusOr<std::vector<SequenceOutput>> Run(Batch& b, int mtp_depth);
   absl::Status Layer(Batch& b, int mtp_depth, size_t layer_index);
   absl::Status AllReduce(const std::vector<float*>& buffers, int64_t count);
+  // MoE, on rank 0: the gate (scores GEMM, sigmoid, noaux_tc top-k) and the rows for the
+  // shards (FP8 + scales, or float) are computed on the GPU and copied to pinned host memory;
+  // then, while the shared expert runs, the routed-expert call, its sums added into delta.
+  absl::Status EnqueueGate(Rank& r, const Block& w, int64_t T);
+  absl::Status CallRoutedExperts(Rank& r, const Block& w, int64_t T);
 
   const Model& model_;
   RoutedExperts* experts_;

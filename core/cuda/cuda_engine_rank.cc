@@ -82,7 +82,15 @@ absl::Status UploadBlock(const ModelConfig& c, const RankShard& s, const Decoder
     EM_RETURN_IF_ERROR(lin(mlp->up_proj, inter, Whole(D), b.up));
     EM_RETURN_IF_ERROR(lin(mlp->down_proj, Whole(D), inter, b.down));
   }
-  if (w.is_moe) b.gate_weights = &w.gate;
+  if (w.is_moe && s.rank == 0) {
+    const int64_t E = std::ssize(w.gate.e_score_correction_bias);
+    absl::StatusOr<DeviceBuffer<float>> router = UploadVector(w.gate.weight);
+    if (!router.ok()) return router.status();
+    b.router.out = E;
+    b.router.in = D;
+    b.router.w32 = std::move(*router);
+    EM_RETURN_IF_ERROR(vec(w.gate.e_score_correction_bias, b.e_score_correction_bias));
+  }
   return absl::OkStatus();
 }
 

@@ -71,7 +71,10 @@ struct CudaEngine::Block {
   DeviceBuffer<float> w_uk;  // [Hl, qk_nope_head_dim, R]
   DeviceBuffer<float> w_uv;  // [Hl, v, R]
   DevLinear gate, up, down;  // dense MLP or shared expert part (absent for an empty range)
-  const GateWeights* gate_weights = nullptr;  // MoE: the host gate
+  // MoE, rank 0 only: the router (gate.weight [n_routed_experts, D], float) and its
+  // e_score_correction_bias [n_routed_experts].
+  DevLinear router;
+  DeviceBuffer<float> e_score_correction_bias;
 };
 
 // What one MTP module holds on a rank beyond its block.
@@ -104,7 +107,11 @@ struct CudaEngine::Rank {
   DeviceBuffer<int32_t> ints;  // tokens | positions | seq_lens | out_rows | block_table
   DeviceBuffer<int64_t> slots;
   // Rank 0: pinned staging of the routed-expert call (hidden rows out, expert sums back).
-  PinnedBuffer<float> host_x, host_routed;
+  DeviceBuffer<float> scores, topk_weights;  // [T, n_routed_experts], [T, k]
+  DeviceBuffer<int32_t> topk_ids;            // [T, k]
+  PinnedBuffer<float> host_x, host_routed, host_scales, host_topk_weights;
+  PinnedBuffer<uint8_t> host_x8;
+  PinnedBuffer<int32_t> host_topk_ids;
   cudaEvent_t xn_ready = nullptr;
 
   // Rank `shard.rank` on `device`: its weights by the plan, its latent caches (main and MTP),

@@ -17,6 +17,13 @@ __global__ void GatherRowsKernel(const float* table, const int32_t* ids, int32_t
   for (int c = threadIdx.x; c < dim; c += blockDim.x) out[dst + c] = table[src + c];
 }
 
+__global__ void SigmoidKernel(float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    x[i] = 1.0f / (1.0f + expf(-x[i]));
+  }
+}
+
 __global__ void SwigluKernel(float* gate, const float* up, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -63,6 +70,13 @@ cudaError_t LaunchGatherRows(const float* table, const int32_t* ids, int32_t n, 
                              float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   GatherRowsKernel<<<n, 256, 0, stream>>>(table, ids, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSigmoid(float* x, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 4096);
+  SigmoidKernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(x, n);
   return cudaGetLastError();
 }
 

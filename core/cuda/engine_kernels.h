@@ -1,8 +1,8 @@
 // The few small CUDA ops the GPU engine (cuda_engine.h) needs beyond the existing kernels:
-// embedding / row gather, SwiGLU, the MLA cache write (kv_a_layernorm + BF16 store into the
-// paged cache) and FP8 activation dequantization (for FP8 weights run as float GEMMs). All
-// memory-bound, one pass; launched only by cuda_engine.cc.
-// Dimension legend: T = tokens, D = channels, P = pages, B = page_size.
+// embedding / row gather, the gate's sigmoid, SwiGLU, the MLA cache write (kv_a_layernorm + BF16
+// store into the paged cache) and FP8 activation dequantization (for FP8 weights run as float
+// GEMMs). All memory-bound, one pass; launched only by cuda_engine.cc. Dimension legend: T =
+// tokens, D = channels, P = pages, B = page_size.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,6 +14,9 @@ namespace expertmesh::cuda {
 // out[i, :] = table[ids[i], :]; table [rows, dim] float, out [n, dim].
 cudaError_t LaunchGatherRows(const float* table, const int32_t* ids, int32_t n, int32_t dim,
                              float* out, cudaStream_t stream);
+
+// x[i] = 1 / (1 + exp(-x[i])) over n values (the MoE gate's scores).
+cudaError_t LaunchSigmoid(float* x, int64_t n, cudaStream_t stream);
 
 // gate[i] = silu(gate[i]) * up[i] over n values (SwiGLU between gate/up and down).
 cudaError_t LaunchSwiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);

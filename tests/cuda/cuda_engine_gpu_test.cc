@@ -11,8 +11,8 @@
 // accumulate in FP32 per 128-deep block and may quantize an activation one FP8 step apart where
 // the float inputs differ in the last bits. Expected RMS error ~5e-3; allowed 3e-2 (RMS) and
 // 1e-1 of the peak (max). Replace with measured figures (the [measured] lines) once run.
-// The gate runs on the host over the GPU's hidden rows: a near-tie between two experts can
-// flip under those small differences and change one row's experts, which shows as one large
+// The gate's scores come from the GPU's hidden rows: a near-tie between two experts can flip
+// under those small differences and change one row's experts, which shows as one large
 // row error (max / peak) while the RMS stays small -- look for that before suspecting a kernel.
 #include "core/cuda/cuda_engine.h"
 
