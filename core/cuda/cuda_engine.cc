@@ -331,12 +331,9 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   for (auto& rp : ranks_) {
     Rank& r = *rp;
     cudaSetDevice(r.device);
-    const float* table = r.embed.get();
-    if (mtp_depth >= 0 && r.mtp[mtp_depth].embed.size() > 0) table = r.mtp[mtp_depth].embed.get();
-    float* e = mtp_depth >= 0 ? r.xn.get() : r.h.get();
-    EM_RETURN_IF_ERROR(CudaStatus(LaunchGatherRows(table, r.ints.get(), static_cast<int32_t>(T),
-                                                   static_cast<int32_t>(D), e, r.stream),
-                                  "embedding gather"));
+    const DevEmbedding& table =
+        mtp_depth >= 0 && r.mtp[mtp_depth].embed.present() ? r.mtp[mtp_depth].embed : r.embed;
+    EM_RETURN_IF_ERROR(r.Embed(table, r.ints.get(), T, D, mtp_depth >= 0 ? r.xn.get() : r.h.get()));
     if (mtp_depth < 0) continue;
     const MtpDev& m = r.mtp[mtp_depth];
     EM_RETURN_IF_ERROR(r.delta.CopyFromHost(b.hidden, r.stream));

@@ -22,8 +22,8 @@
 // shared expert runs on the GPUs, its sums copied back) -> all-reduce -> residual. FP8 projections
 // run the FP8 block-scaled kernel (Fp8Linear) when the rank's slice keeps whole 128x128 blocks,
 // else as float GEMMs (cuBLAS) over dequantized weights with FP8-quantized-and-dequantized
-// activations (the same numbers). BF16 / F32 weights are held as float (cuBLAS SGEMM): exact, at
-// twice BF16's memory.
+// activations (the same numbers). BF16 / F32 matrices are held as float (cuBLAS SGEMM): exact, at
+// twice BF16's memory; embedding tables stay BF16 (rows widened when gathered).
 //
 // Prefill runs the decode kernel once per new position: each query row is its own MlaDecode
 // "sequence" with its causal length (start + i + 1) over its sequence's page table -- correct

@@ -126,6 +126,22 @@ absl::StatusOr<DevLinear> UploadLinear(const Linear& w, Range rows, Range cols,
   return d;
 }
 
+absl::StatusOr<DevEmbedding> UploadEmbedding(const Linear& table) {
+  DevEmbedding e;
+  if (table.dtype == DType::kBF16) {
+    absl::StatusOr<DeviceBuffer<uint16_t>> b = Upload(std::span<const uint16_t>(
+        table.weight.as<uint16_t>(), static_cast<size_t>(table.out_features * table.in_features)));
+    if (!b.ok()) return b.status();
+    e.bf16 = std::move(*b);
+    return e;
+  }
+  absl::StatusOr<DeviceBuffer<float>> f =
+      UploadVector(DequantizeSlice(table, Whole(table.out_features), Whole(table.in_features)));
+  if (!f.ok()) return f.status();
+  e.f32 = std::move(*f);
+  return e;
+}
+
 absl::StatusOr<std::unique_ptr<CudaEngine::Rank>> CudaEngine::Rank::Create(
     const Model& model, const RankShard& shard, int device, cudaStream_t stream,
     const CudaEngineOptions& options) {
@@ -166,7 +182,9 @@ absl::StatusOr<std::unique_ptr<CudaEngine::Rank>> CudaEngine::Rank::Create(
     return absl::OkStatus();
   };
   const Range vocab = Whole(c.vocab_size), hidden = Whole(D);
-  EM_RETURN_IF_ERROR(vec(DequantizeSlice(model.embed_tokens(), vocab, hidden), R->embed));
+  absl::StatusOr<DevEmbedding> embed = UploadEmbedding(model.embed_tokens());
+  if (!embed.ok()) return embed.status();
+  R->embed = std::move(*embed);
   EM_RETURN_IF_ERROR(vec(expertmesh::Rope(c).inv_freq(), R->inv_freq));
   R->layers.resize(model.layers().size());
   for (size_t l = 0; l < model.layers().size(); ++l) {
@@ -187,7 +205,9 @@ absl::StatusOr<std::unique_ptr<CudaEngine::Rank>> CudaEngine::Rank::Create(
     EM_RETURN_IF_ERROR(vec(w.hnorm, md.hnorm));
     EM_RETURN_IF_ERROR(lin(w.eh_proj, hidden, Whole(2 * D), md.eh_proj));
     if (w.embed_tokens.weight.data != model.embed_tokens().weight.data) {
-      EM_RETURN_IF_ERROR(vec(DequantizeSlice(w.embed_tokens, vocab, hidden), md.embed));
+      absl::StatusOr<DevEmbedding> own = UploadEmbedding(w.embed_tokens);
+      if (!own.ok()) return own.status();
+      md.embed = std::move(*own);
     }
     if (head_rank) {
       EM_RETURN_IF_ERROR(vec(w.shared_head_norm, md.head_norm));
@@ -267,6 +287,16 @@ absl::Status CudaEngine::Rank::Norm(const float* x, const DeviceBuffer<float>& w
 absl::Status CudaEngine::Rank::Add(const float* x, float* y, int64_t n) {
   const float one = 1.0f;
   return BlasStatus(cublasSaxpy(blas, static_cast<int>(n), &one, x, 1, y, 1), "saxpy");
+}
+
+absl::Status CudaEngine::Rank::Embed(const DevEmbedding& table, const int32_t* ids, int64_t n,
+                                     int64_t D, float* out) {
+  const cudaError_t err = table.bf16.size() > 0
+                              ? LaunchGatherRowsBf16(table.bf16.get(), ids, static_cast<int32_t>(n),
+                                                     static_cast<int32_t>(D), out, stream)
+                              : LaunchGatherRows(table.f32.get(), ids, static_cast<int32_t>(n),
+                                                 static_cast<int32_t>(D), out, stream);
+  return CudaStatus(err, "embedding gather");
 }
 
 absl::Status CudaEngine::Rank::Mlp(const Block& b, const float* x, int64_t T, int64_t D,

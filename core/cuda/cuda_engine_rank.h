@@ -77,10 +77,21 @@ struct CudaEngine::Block {
   DeviceBuffer<float> e_score_correction_bias;
 };
 
+// An embedding table [vocab_size, D] on one GPU: BF16 as the checkpoint stores it (gathered
+// rows widened exactly to float), or float for any other dtype.
+struct DevEmbedding {
+  DeviceBuffer<uint16_t> bf16;
+  DeviceBuffer<float> f32;
+  bool present() const { return bf16.size() > 0 || f32.size() > 0; }
+  uint64_t bytes() const { return bf16.bytes() + f32.bytes(); }
+};
+absl::StatusOr<DevEmbedding> UploadEmbedding(const Linear& table);
+
 // What one MTP module holds on a rank beyond its block.
 struct MtpDev {
-  DeviceBuffer<float> enorm, hnorm, head_norm, embed;  // embed empty: the main one
-  DevLinear eh_proj, head;                             // head: rank 0 only
+  DeviceBuffer<float> enorm, hnorm, head_norm;
+  DevEmbedding embed;       // absent: the main one
+  DevLinear eh_proj, head;  // head: rank 0 only
 };
 
 struct CudaEngine::Rank {
@@ -93,9 +104,9 @@ struct CudaEngine::Rank {
   std::vector<Block> layers;
   std::vector<Block> mtp_blocks;
   std::vector<MtpDev> mtp;
-  DeviceBuffer<float> embed;  // [vocab_size, D]
-  DeviceBuffer<float> norm;   // rank 0
-  DevLinear lm_head;          // rank 0
+  DevEmbedding embed;        // [vocab_size, D]
+  DeviceBuffer<float> norm;  // rank 0
+  DevLinear lm_head;         // rank 0
   DeviceBuffer<float> inv_freq;
   DeviceBuffer<uint16_t> kv;      // [num_hidden_layers, pages, page_size, Dkv] bf16
   DeviceBuffer<uint16_t> mtp_kv;  // [1, mtp pages, page_size, Dkv]
@@ -126,6 +137,9 @@ struct CudaEngine::Rank {
                     double eps, float* out);
   // y += x over n floats.
   absl::Status Add(const float* x, float* y, int64_t n);
+  // out: [n, D] = table[ids] (ids: [n] on the device).
+  absl::Status Embed(const DevEmbedding& table, const int32_t* ids, int64_t n, int64_t D,
+                     float* out);
   // The MLP part: out = down(silu(gate(x)) * up(x)), zeros when this rank holds no part.
   absl::Status Mlp(const Block& b, const float* x, int64_t T, int64_t D, float* out);
 };

@@ -17,6 +17,13 @@ __global__ void GatherRowsKernel(const float* table, const int32_t* ids, int32_t
   for (int c = threadIdx.x; c < dim; c += blockDim.x) out[dst + c] = table[src + c];
 }
 
+__global__ void GatherRowsBf16Kernel(const uint16_t* table, const int32_t* ids, int32_t dim,
+                                     float* out) {
+  const int64_t src = static_cast<int64_t>(ids[blockIdx.x]) * dim;
+  const int64_t dst = static_cast<int64_t>(blockIdx.x) * dim;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) out[dst + c] = Bf16Bits(table[src + c]);
+}
+
 __global__ void SigmoidKernel(float* x, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -70,6 +77,13 @@ cudaError_t LaunchGatherRows(const float* table, const int32_t* ids, int32_t n, 
                              float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   GatherRowsKernel<<<n, 256, 0, stream>>>(table, ids, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGatherRowsBf16(const uint16_t* table, const int32_t* ids, int32_t n, int32_t dim,
+                                 float* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  GatherRowsBf16Kernel<<<n, 256, 0, stream>>>(table, ids, dim, out);
   return cudaGetLastError();
 }
 

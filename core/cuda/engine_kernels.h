@@ -18,6 +18,10 @@ cudaError_t LaunchGatherRows(const float* table, const int32_t* ids, int32_t n, 
 // x[i] = 1 / (1 + exp(-x[i])) over n values (the MoE gate's scores).
 cudaError_t LaunchSigmoid(float* x, int64_t n, cudaStream_t stream);
 
+// The same from a BF16 table (rows widened exactly).
+cudaError_t LaunchGatherRowsBf16(const uint16_t* table, const int32_t* ids, int32_t n, int32_t dim,
+                                 float* out, cudaStream_t stream);
+
 // gate[i] = silu(gate[i]) * up[i] over n values (SwiGLU between gate/up and down).
 cudaError_t LaunchSwiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
 
