@@ -229,8 +229,27 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   s->dispatcher_ = *std::move(dispatcher);
   s->dispatcher_->WatchRouter(o.router_address);
 
+  RoutedExperts* experts = s->dispatcher_.get();
+  const int n_layers = static_cast<int>(s->config_.num_hidden_layers);
+  if (o.local_mtp_experts && o.scheduler.mtp && !s->model_->mtp().empty()) {
+    std::vector<LayerExpert> mtp;
+    for (int d = 0; d < std::ssize(s->model_->mtp()); ++d) {
+      for (int e = 0; e < s->config_.n_routed_experts; ++e) mtp.push_back({n_layers + d, e});
+    }
+    LocalExperts::Options lo;
+    lo.quantize_activations = o.scheduler.engine.quantize_activations;
+    absl::StatusOr<std::unique_ptr<LocalExperts>> local =
+        LocalExperts::Create(*s->checkpoint_, s->config_, mtp, lo);
+    if (!local.ok()) return local.status();
+    s->mtp_experts_ = *std::move(local);
+    s->experts_ =
+        std::make_unique<LayerSplitExperts>(s->dispatcher_.get(), s->mtp_experts_.get(), n_layers);
+    experts = s->experts_.get();
+    spdlog::info("MTP module's {} routed experts held here ({} MiB): drafting skips the network",
+                 mtp.size(), s->mtp_experts_->bytes_mapped() >> 20);
+  }
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      Scheduler::Create(s->model_.get(), s->dispatcher_.get(), o.scheduler, &s->metrics_);
+      Scheduler::Create(s->model_.get(), experts, o.scheduler, &s->metrics_);
   if (!scheduler.ok()) return scheduler.status();
   s->scheduler_ = *std::move(scheduler);
   s->service_->SetScheduler(s->scheduler_.get());

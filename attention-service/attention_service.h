@@ -20,6 +20,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "attention-service/scheduler.h"
+#include "core/experts.h"
+#include "core/local_experts.h"
 #include "core/model.h"
 #include "core/safetensors.h"
 #include "expertmesh/v1/attention.grpc.pb.h"
@@ -41,6 +43,9 @@ struct AttentionServerOptions {
   absl::Duration attempt_timeout = absl::Seconds(3);    // one shard replica, then failover
   absl::Duration default_deadline = absl::Minutes(10);  // a Submit without a deadline
   bool load_progress = false;                           // log loading progress
+  // The MTP module's routed experts in this process (drafting without a network round
+  // trip); off: on the shards, like every other layer.
+  bool local_mtp_experts = true;
 };
 
 // SubmitRequest -> GenerationRequest: checks what needs no model (sampling values, limits),
@@ -99,6 +104,9 @@ class AttentionServer {
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Dispatcher> dispatcher_;
+  std::unique_ptr<LocalExperts> mtp_experts_;  // with local_mtp_experts and drafting
+  std::unique_ptr<LayerSplitExperts>
+      experts_;  // dispatcher_ below the MTP layers, then mtp_experts_
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<AttentionServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;

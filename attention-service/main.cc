@@ -58,6 +58,9 @@ int main(int argc, char** argv) {
   app.add_option("--draft-k", draft_k, "MTP drafts per step (adaptive: 0..k)")
       ->check(CLI::Range(1, 4))
       ->capture_default_str();
+  app.add_flag("!--remote-mtp-experts", o.local_mtp_experts,
+               "The MTP module's routed experts on the shards (default: held here, so drafting "
+               "costs no network round trip)");
   app.add_flag("--mtp-always", mtp_always,
                "Draft every step (default: adaptive, drafting only when it pays)");
   app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")

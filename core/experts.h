@@ -43,4 +43,27 @@ class RoutedExperts {
                                       const ExpertRoutes& routes, std::span<float> out);
 };
 
+// MoE layers below `first_local_layer` go to `remote`, the rest (the MTP module's layers) to
+// `local`. The attention service keeps the MTP layer's experts in process this way, so that
+// drafting, which is on every step's critical path, costs no network round trip.
+class LayerSplitExperts final : public RoutedExperts {
+ public:
+  LayerSplitExperts(RoutedExperts* remote, RoutedExperts* local, int first_local_layer)
+      : remote_(remote), local_(local), first_local_layer_(first_local_layer) {}
+  absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                   std::span<float> out) override {
+    return For(layer).Run(layer, x, routes, out);
+  }
+  absl::Status RunUnquantized(int layer, std::span<const float> x, const ExpertRoutes& routes,
+                              std::span<float> out) override {
+    return For(layer).RunUnquantized(layer, x, routes, out);
+  }
+
+ private:
+  RoutedExperts& For(int layer) const { return layer < first_local_layer_ ? *remote_ : *local_; }
+  RoutedExperts* remote_;
+  RoutedExperts* local_;
+  int first_local_layer_;
+};
+
 }  // namespace expertmesh
