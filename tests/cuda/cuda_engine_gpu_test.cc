@@ -6,14 +6,16 @@
 // relative to the reference's peak; the greedy token must agree at every step, unless the two
 // candidates are a near-tie within the row's logit error.
 //
-// Tolerances are ESTIMATES, not yet measured on a GPU: the GPU keeps the latent cache in BF16
-// (2^-9 relative rounding of c_kv and k_pe, ~3e-3 RMS in the scores), FP8 projections
-// accumulate in FP32 per 128-deep block and may quantize an activation one FP8 step apart where
-// the float inputs differ in the last bits. Expected RMS error ~5e-3; allowed 3e-2 (RMS) and
-// 1e-1 of the peak (max). Replace with measured figures (the [measured] lines) once run.
+// Tolerances are ESTIMATES, not yet measured on a GPU. The largest known difference is the
+// BF16 latent cache: its cost alone, emulated on the CPU (tests/cuda/engine_bf16_cache_test.cc),
+// is 2.0e-2 relative RMS in the FP8 model's logits (rounding moves activations across FP8
+// quantization steps) and 1.2e-3 in the BF16 model's. Beyond it: FP32 accumulation order (FP8
+// kernel per 128-deep block, cuBLAS), ~1e-6. Allowed: about three times the emulated cache
+// cost (RMS), and a peak bound for single rows. Replace with measured figures (the [measured]
+// lines) once run.
 // The gate's scores come from the GPU's hidden rows: a near-tie between two experts can flip
-// under those small differences and change one row's experts, which shows as one large
-// row error (max / peak) while the RMS stays small -- look for that before suspecting a kernel.
+// under those small differences and change one row's experts, which shows as one large row
+// error (max / peak) while the RMS stays small -- look for that before suspecting a kernel.
 #include "core/cuda/cuda_engine.h"
 
 #include <cmath>
@@ -36,8 +38,14 @@
 namespace expertmesh::cuda::testing {
 namespace {
 
-constexpr double kMaxRelRms = 3e-2;   // estimate (see the header comment)
-constexpr double kMaxRelPeak = 1e-1;  // estimate
+struct Tolerance {
+  double rel_rms;   // relative RMS error, logits and hidden states
+  double rel_peak;  // largest error / largest reference magnitude
+};
+// Estimates (see the header comment).
+Tolerance ToleranceFor(const std::string& model) {
+  return model == "expertmesh-tiny" ? Tolerance{6e-2, 1.5e-1} : Tolerance{1e-2, 5e-2};
+}
 
 struct Errors {
   double rel_rms = 0.0;
@@ -75,6 +83,7 @@ class CudaEngineTest : public ::testing::TestWithParam<std::tuple<std::string, i
 TEST_P(CudaEngineTest, MatchesReferenceEngine) {
   EM_REQUIRE_GPU();
   const auto& [name, tp] = GetParam();
+  const Tolerance tol = ToleranceFor(name);
   if (DeviceCount() < tp) {
     GTEST_SKIP() << "tensor parallelism over " << tp << " GPUs needs " << tp << " CUDA devices; "
                  << DeviceCount() << " present";
@@ -145,10 +154,10 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
         worst.rel_rms = std::max(worst.rel_rms, e.rel_rms);
         worst.rel_peak = std::max(worst.rel_peak, e.rel_peak);
       }
-      EXPECT_LE(l.rel_rms, kMaxRelRms) << "step " << step << " seq " << s;
-      EXPECT_LE(h.rel_rms, kMaxRelRms) << "step " << step << " seq " << s;
-      EXPECT_LE(l.rel_peak, kMaxRelPeak) << "step " << step << " seq " << s;
-      EXPECT_LE(h.rel_peak, kMaxRelPeak) << "step " << step << " seq " << s;
+      EXPECT_LE(l.rel_rms, tol.rel_rms) << "step " << step << " seq " << s;
+      EXPECT_LE(h.rel_rms, tol.rel_rms) << "step " << step << " seq " << s;
+      EXPECT_LE(l.rel_peak, tol.rel_peak) << "step " << step << " seq " << s;
+      EXPECT_LE(h.rel_peak, tol.rel_peak) << "step " << step << " seq " << s;
       // The greedy token agrees, or the two candidates are a near-tie: their reference logits
       // differ by no more than the largest logit error of the row.
       const size_t last = (*want)[s].logits.size() - V;
@@ -194,8 +203,8 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
         "[measured] CudaEngine %s tp %d MTP module: logits rel RMS %.3g, max err / peak "
         "%.3g\n",
         name.c_str(), tp, l.rel_rms, l.rel_peak);
-    EXPECT_LE(l.rel_rms, kMaxRelRms);
-    EXPECT_LE(l.rel_peak, kMaxRelPeak);
+    EXPECT_LE(l.rel_rms, tol.rel_rms);
+    EXPECT_LE(l.rel_peak, tol.rel_peak);
   }
 
   // Rollback (MTP verification): after truncating a sequence by one token, the next forward
@@ -209,7 +218,7 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
   auto got = (*gpu)->Forward(gb);
   auto want = (*cpu)->Forward(cb);
   ASSERT_TRUE(got.ok() && want.ok());
-  EXPECT_LE(Compare((*got)[0].logits, (*want)[0].logits).rel_rms, kMaxRelRms);
+  EXPECT_LE(Compare((*got)[0].logits, (*want)[0].logits).rel_rms, tol.rel_rms);
 }
 
 TEST(CudaEngineErrors, ReportsBadSetups) {
