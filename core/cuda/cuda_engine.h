@@ -64,8 +64,9 @@ class CudaEngine : public ForwardEngine {
                                                             CudaEngineOptions options);
   ~CudaEngine() override;
 
-  // Each sequence's cache must be paged (page_ids() covering length() + its new tokens, with
-  // this engine's page_size, ids < kv_pages); 1 layer for ForwardMtp.
+  // Not reentrant (scratch buffers are reused): one caller at a time, as the scheduler's step
+  // thread. Each sequence's cache must be paged (page_ids() covering length() + its new tokens,
+  // with this engine's page_size, ids < kv_pages); 1 layer for ForwardMtp.
   absl::StatusOr<std::vector<SequenceOutput>> Forward(
       std::span<const SequenceInput> batch) override;
   absl::StatusOr<std::vector<SequenceOutput>> ForwardMtp(std::span<const MtpInput> batch,
