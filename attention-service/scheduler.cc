@@ -344,13 +344,18 @@ void Scheduler::Step() {
   };
   const absl::Time start = absl::Now();
 
-  // 1. Drafts for the decoding sequences (and MTP catch-up of long-paused ones).
+  // 1. Drafts for the decoding sequences (feeding their pending rows to the MTP module first).
   absl::Status status;
   int k = 0;
   if (drafter_) {
     int64_t decoding = 0;
     for (const auto& seq : running_) decoding += seq->prefilled == seq->prompt_len() ? 1 : 0;
     k = decoding > 0 ? policy_->Choose(decoding) : 0;
+    if (k != last_draft_k_ && spdlog::should_log(spdlog::level::debug)) {
+      spdlog::debug("draft policy: {} draft(s) per sequence{}; {}", k,
+                    policy_->probing() ? " (probe)" : "", policy_->Describe(decoding, 1));
+    }
+    last_draft_k_ = k;
     std::vector<MtpSequence*> mtp_seqs;
     std::vector<int> ks;
     for (auto& sp : running_) {
@@ -362,7 +367,9 @@ void Scheduler::Step() {
       const int64_t room = std::min(seq.request.max_tokens - seq.generated,
                                     max_context_ - static_cast<int64_t>(seq.tokens.size()));
       const int ki = static_cast<int>(std::clamp<int64_t>(room, 0, k));
-      if (ki > 0 || seq.mtp.pending() >= kMaxPendingMtpRows) {
+      // No catch-up while drafting is off: a sequence paused for kMaxPendingMtpRows rows
+      // retires (AppendMtpRows), so a paused drafter costs nothing, as in core/generate.
+      if (ki > 0) {
         mtp_seqs.push_back(&seq.mtp);
         ks.push_back(ki);
       }

@@ -132,6 +132,7 @@ class Scheduler {
   std::unique_ptr<ForwardEngine> forward_;  // what steps run: engine_'s adapter or the GPU engine
   std::optional<MtpDrafter> drafter_;
   std::unique_ptr<DraftPolicy> policy_;
+  int last_draft_k_ = -1;  // the policy's previous choice (logged when it changes)
   const int64_t max_context_;
 
   mutable std::mutex mu_;

@@ -189,7 +189,10 @@ constexpr double kCostDecay = 0.2;  // weight of a new observation in the mean
 // Acceptance counts fade by exp(-n / kAcceptanceWindow) per n new drafts: the estimate
 // follows the last ~64 drafts whatever the batch size.
 constexpr double kAcceptanceWindow = 64.0;
-constexpr double kPriorDrafts = 8.0;
+// The prior (acceptance 0.5) weighs one draft: a probe while off sees one sequence's drafts
+// only, so a heavier prior would take many probes to learn a high acceptance.
+constexpr double kPriorDrafts = 1.0;
+constexpr int kProbeBurst = 4;         // consecutive steps of a probe while off
 constexpr size_t kMaxRowPoints = 128;  // distinct row counts kept
 }  // namespace
 
@@ -278,6 +281,14 @@ double DraftPolicy::PredictedSpeedup(int64_t B, int k) const {
   return (1.0 + expected) * t_plain / (t_verify + t_mtp);
 }
 
+std::string DraftPolicy::Describe(int64_t B, int k) const {
+  return absl::StrFormat(
+      "B=%d k=%d: T_main(%d rows)=%.3f ms, T_main(%d rows)=%.3f ms, T_mtp(%d rows)=%.3f ms, "
+      "acceptance %.3f, predicted %.3fx",
+      B, k, B, 1e3 * main_.Predict(B), B * (1 + k), 1e3 * main_.Predict(B * (1 + k)), B,
+      1e3 * mtp_.Predict(B), acceptance_rate(0), PredictedSpeedup(B, k));
+}
+
 void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
                      std::vector<int>& k) {
   if (!policy.probing()) return;
@@ -299,6 +310,11 @@ void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
 int DraftPolicy::Choose(int64_t B) {
   probing_ = false;
   if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
+  if (burst_left_ > 0) {  // the rest of a probe while off: same sequence, next drafts
+    --burst_left_;
+    probing_ = true;
+    return 1;
+  }
   // Unmeasured: first the plain step at this B; then, while the costs of drafting cannot
   // be predicted (one main point only, or no MTP point), a probe: drafting for one sequence.
   if (!main_.Observed(B)) return 0;
@@ -327,6 +343,7 @@ int DraftPolicy::Choose(int64_t B) {
           2 * probe_backoff_, std::max<int>(1, kMaxPendingMtpRows / options_.probe_interval));
     }
     probing_ = best == 0;
+    if (probing_) burst_left_ = kProbeBurst - 1;
     return best > 0 ? 0 : 1;
   }
   return best;

@@ -32,6 +32,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -157,9 +158,10 @@ struct DraftPolicyOptions {
 // with the best predicted tokens/s wins. T_main comes from a RowCostModel over main forward
 // rows, T_mtp from one over MTP rows. It first measures the plain step at this B, then
 // probes drafting (for one sequence) while T_main has one point or T_mtp none; every probe_interval
-// steps it takes the other choice once (a probe: drafting while off, a plain step while on) so the
-// estimates stay current; while off the interval doubles after each probe, up to kMaxPendingMtpRows
-// steps (sequences paused longer retire).
+// steps it takes the other choice (a probe while off: drafting for one sequence during 4
+// consecutive steps; a single plain step while on) so the estimates stay current; while off
+// the interval doubles after each probe, up to kMaxPendingMtpRows steps (sequences paused
+// longer retire).
 class DraftPolicy {
  public:
   DraftPolicy(int draft_k, DraftPolicyOptions options);
@@ -172,14 +174,16 @@ class DraftPolicy {
   void ObserveMtp(int64_t rows, double seconds) { mtp_.Observe(rows, seconds); }
   void ObserveAcceptance(std::span<const int64_t> drafted, std::span<const int64_t> accepted);
 
-  // alpha_{position+1}: accepted / drafted counts, starting from a prior of 0.5 worth
-  // kPriorDrafts drafts, so that one early rejection does not switch drafting off.
+  // alpha_{position+1}: accepted / drafted counts, starting from a prior of 0.5 worth one
+  // draft.
   double acceptance_rate(int position) const;
   // The last Choose() was a probe while drafting is off: draft for one sequence only
   // (KeepOneForProbe), which measures acceptance at the cost of one sequence's catch-up.
   bool probing() const { return probing_; }
   // Predicted tokens/s ratio of drafting k against not, at batch B (< 0 when unknown).
   double PredictedSpeedup(int64_t decoding, int k) const;
+  // The estimates behind PredictedSpeedup(B, k), for logs.
+  std::string Describe(int64_t decoding, int k) const;
 
  private:
   int draft_k_;
@@ -190,6 +194,7 @@ class DraftPolicy {
   int steps_since_probe_ = 0;
   int probe_backoff_ = 1;
   bool probing_ = false;
+  int burst_left_ = 0;  // steps left in the current probe
 };
 
 // On a probe (policy.probing()), keeps only the sequence with the fewest pending MTP rows

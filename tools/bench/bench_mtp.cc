@@ -55,7 +55,7 @@ struct Figures {
   double plain = 0, mtp = 0;  // decode tokens/s
   int64_t drafted = 0, accepted = 0;
   bool same_tokens = true;
-  double draft_step_share = -1;  // in-process: steps that drafted / decode steps
+  double draft_step_share = -1;  // steps that drafted / decode steps (cluster: per sequence)
   double predicted = -1;         // in-process: the policy's predicted speed-up at the end
 };
 
@@ -136,7 +136,7 @@ absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<
 
 struct StreamsResult {
   double rate = 0;
-  int64_t drafted = 0, accepted = 0;
+  int64_t drafted = 0, accepted = 0, emitted = 0;
   std::vector<std::vector<int32_t>> tokens;
 };
 
@@ -185,6 +185,7 @@ absl::StatusOr<StreamsResult> ClusterStreams(v1::AttentionService::Stub& stub,
     out.rate += rate[i];
     out.drafted += drafted[i];
     out.accepted += accepted[i];
+    out.emitted += std::ssize(tokens[i]);
   }
   out.tokens = std::move(tokens);
   return out;
@@ -247,9 +248,8 @@ void PrintRow(const char* where, int b, const Figures& f) {
   std::printf("%-11s %5d %12.1f %12.1f %8.2fx %10.1f%%", where, b, f.plain, f.mtp,
               f.plain > 0 ? f.mtp / f.plain : 0.0,
               f.drafted > 0 ? 100.0 * f.accepted / f.drafted : 0.0);
-  if (f.draft_step_share >= 0) {
-    std::printf(" %10.0f%% %10.2fx", 100.0 * f.draft_step_share, f.predicted);
-  }
+  if (f.draft_step_share >= 0) std::printf(" %10.0f%%", 100.0 * f.draft_step_share);
+  if (f.predicted >= 0) std::printf(" %10.2fx", f.predicted);
   std::printf("%s\n", f.same_tokens ? "" : "  GREEDY TOKENS DIFFER");
   std::fflush(stdout);
 }
@@ -318,6 +318,8 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
     std::vector<double> rates[2];
     Figures f;
     std::vector<std::vector<int32_t>> first_plain;
+    int64_t sequence_steps = 0;  // MTP runs: steps summed over sequences (a step emits 1 +
+                                 // accepted tokens), for the share of steps that drafted
     for (int run = 0; run < 2 * repeats; ++run) {
       const bool plain = run % 2 == 0;
       absl::StatusOr<StreamsResult> r = ClusterStreams(*stub, prompts, decode_tokens, plain);
@@ -331,10 +333,16 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
       if (!plain) {
         f.drafted += r->drafted;
         f.accepted += r->accepted;
+        sequence_steps += r->emitted - r->accepted;
       }
     }
     f.plain = Median(rates[0]);
     f.mtp = Median(rates[1]);
+    // k drafts per drafting step: drafted / k steps drafted.
+    if (sequence_steps > 0) {
+      f.draft_step_share =
+          static_cast<double>(f.drafted) / draft_k / static_cast<double>(sequence_steps);
+    }
     PrintRow("cluster", b, f);
   }
   return (*cluster)->Stop().ok() ? 0 : 1;
