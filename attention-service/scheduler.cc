@@ -348,9 +348,13 @@ void Scheduler::Step() {
   absl::Status status;
   int k = 0;
   if (drafter_) {
-    int64_t decoding = 0;
-    for (const auto& seq : running_) decoding += seq->prefilled == seq->prompt_len() ? 1 : 0;
-    k = decoding > 0 ? policy_->Choose(decoding) : 0;
+    int64_t decoding = 0, pending = 0;
+    for (const auto& seq : running_) {
+      if (seq->prefilled < seq->prompt_len()) continue;
+      ++decoding;
+      if (seq->drafting() && !seq->mtp.retired) pending += seq->mtp.pending();
+    }
+    k = decoding > 0 ? policy_->Choose(decoding, pending) : 0;
     if (k != last_draft_k_ && spdlog::should_log(spdlog::level::debug)) {
       spdlog::debug("draft policy: {} draft(s) per sequence{}; {}", k,
                     policy_->probing() ? " (probe)" : "", policy_->Describe(decoding, 1));

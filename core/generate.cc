@@ -135,7 +135,9 @@ absl::StatusOr<std::vector<GenerateResult>> Generator::Generate(
     const int64_t B = std::ssize(active);
 
     // 1. Drafts (and MTP catch-up of sequences with many pending rows).
-    int k = mtp() ? policy_->Choose(B) : 0;
+    int64_t pending = 0;
+    for (size_t i : active) pending += seqs[i].mtp.retired ? 0 : seqs[i].mtp.pending();
+    int k = mtp() ? policy_->Choose(B, pending) : 0;
     if (mtp()) {
       mtp_seqs.clear();
       ks.clear();

@@ -185,7 +185,7 @@ absl::Status MtpDrafter::Draft(std::span<MtpSequence* const> seqs, std::span<con
 // ---- The adaptive policy ---------------------------------------------------------------------
 
 namespace {
-constexpr double kCostDecay = 0.2;  // weight of a new observation in the mean
+constexpr double kCostDecay = 0.1;  // weight of a new observation in the mean
 // Acceptance counts fade by exp(-n / kAcceptanceWindow) per n new drafts: the estimate
 // follows the last ~64 drafts whatever the batch size.
 constexpr double kAcceptanceWindow = 64.0;
@@ -307,7 +307,7 @@ void KeepOneForProbe(const DraftPolicy& policy, std::vector<MtpSequence*>& seqs,
   k = {k[best]};
 }
 
-int DraftPolicy::Choose(int64_t B) {
+int DraftPolicy::Choose(int64_t B, int64_t pending_rows) {
   probing_ = false;
   if (!options_.adaptive || B == 0) return B == 0 ? 0 : draft_k_;
   if (burst_left_ > 0) {  // the rest of a probe while off: same sequence, next drafts
@@ -335,6 +335,13 @@ int DraftPolicy::Choose(int64_t B) {
   // acceptance) stay current.
   // While off, the interval doubles after each probe that confirms it (up to
   // kMaxPendingMtpRows steps): a probe costs the MTP module's catch-up over the skipped rows.
+  // Switching on first feeds every sequence's pending rows to the MTP module at once: worth
+  // it only when the expected gain over the next probe_interval steps exceeds that catch-up.
+  if (best > 0 && !on_ && pending_rows > 0) {
+    const double t_plain = main_.Predict(B), t_catch_up = mtp_.Predict(pending_rows);
+    if (t_catch_up > options_.probe_interval * t_plain * (1.0 - 1.0 / best_speedup)) best = 0;
+  }
+  on_ = best > 0;
   if (best > 0) probe_backoff_ = 1;
   if (++steps_since_probe_ >= options_.probe_interval * probe_backoff_) {
     steps_since_probe_ = 0;

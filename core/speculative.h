@@ -146,9 +146,10 @@ class RowCostModel {
 struct DraftPolicyOptions {
   bool adaptive = true;     // false: always draft draft_k tokens
   int probe_interval = 32;  // one step in this many takes the other choice, to re-measure
-  // Draft when the predicted speed-up exceeds this: hysteresis against timing noise (a
-  // shared CPU machine measures step times within ~10%), so gains under 10% are forgone.
-  double margin = 1.1;
+  // Draft when the predicted speed-up exceeds this: hysteresis against timing noise (step
+  // times on a shared 2-core machine swing by ~20% between steps, and a wrong switch costs
+  // the MTP catch-up), so gains under 20% are forgone.
+  double margin = 1.2;
 };
 
 // Chooses the number of drafts per step (0 = off) for a batch of B decoding sequences:
@@ -161,12 +162,15 @@ struct DraftPolicyOptions {
 // steps it takes the other choice (a probe while off: drafting for one sequence during 4
 // consecutive steps; a single plain step while on) so the estimates stay current; while off
 // the interval doubles after each probe, up to kMaxPendingMtpRows steps (sequences paused
-// longer retire).
+// longer retire). Switching on from off also needs the predicted gain over probe_interval
+// steps to exceed the MTP catch-up over the pending rows.
 class DraftPolicy {
  public:
   DraftPolicy(int draft_k, DraftPolicyOptions options);
 
-  int Choose(int64_t decoding);
+  // pending_rows: the decoding sequences' rows not yet fed to the MTP module (their sum),
+  // which switching drafting on must feed first.
+  int Choose(int64_t decoding, int64_t pending_rows = 0);
   // After a step: its main forward (rows, seconds; prefill steps too: they give the cost
   // of many rows), its MTP work (rows, seconds; 0 when it drafted nothing) and, per draft
   // position j, drafted[j] / accepted[j] counts.
@@ -195,6 +199,7 @@ class DraftPolicy {
   int probe_backoff_ = 1;
   bool probing_ = false;
   int burst_left_ = 0;  // steps left in the current probe
+  bool on_ = false;     // the last decision (not a probe) was to draft
 };
 
 // On a probe (policy.probing()), keeps only the sequence with the fewest pending MTP rows
