@@ -357,7 +357,8 @@ void Scheduler::Step() {
     k = decoding > 0 ? policy_->Choose(decoding, pending) : 0;
     if (k != last_draft_k_ && spdlog::should_log(spdlog::level::debug)) {
       spdlog::debug("draft policy: {} draft(s) per sequence{}; {}", k,
-                    policy_->probing() ? " (probe)" : "", policy_->Describe(decoding, 1));
+                    policy_->probing() ? " (probe)" : "",
+                    policy_->Describe(decoding, std::max(k, 1)));
     }
     last_draft_k_ = k;
     std::vector<MtpSequence*> mtp_seqs;

@@ -350,8 +350,15 @@ int DraftPolicy::Choose(int64_t B, int64_t pending_rows) {
           2 * probe_backoff_, std::max<int>(1, kMaxPendingMtpRows / options_.probe_interval));
     }
     probing_ = best == 0;
-    if (probing_) burst_left_ = kProbeBurst - 1;
-    return best > 0 ? 0 : 1;
+    if (probing_) {
+      burst_left_ = kProbeBurst - 1;
+      return 1;
+    }
+    // While on: alternately a plain step and, below draft_k, one more draft than chosen (it
+    // measures the next position's acceptance and the larger verify, which the choice
+    // needs to ever move up).
+    explore_deeper_ = !explore_deeper_;
+    return explore_deeper_ && best < draft_k_ ? best + 1 : 0;
   }
   return best;
 }

@@ -158,12 +158,12 @@ struct DraftPolicyOptions {
 // T_main(B * (1 + k)) + T_mtp(k, B) seconds against B tokens in T_main(B) without; the k
 // with the best predicted tokens/s wins. T_main comes from a RowCostModel over main forward
 // rows, T_mtp from one over MTP rows. It first measures the plain step at this B, then
-// probes drafting (for one sequence) while T_main has one point or T_mtp none; every probe_interval
-// steps it takes the other choice (a probe while off: drafting for one sequence during 4
-// consecutive steps; a single plain step while on) so the estimates stay current; while off
-// the interval doubles after each probe, up to kMaxPendingMtpRows steps (sequences paused
-// longer retire). Switching on from off also needs the predicted gain over probe_interval
-// steps to exceed the MTP catch-up over the pending rows.
+// probes drafting (for one sequence) while T_main has one point or T_mtp none; every
+// probe_interval steps it takes another choice (a probe while off: drafting for one sequence
+// during 4 consecutive steps; while on, alternately a plain step and a step with one draft
+// more) so the estimates stay current; while off the interval doubles after each probe, up
+// to kMaxPendingMtpRows steps (sequences paused longer retire). Switching on from off also needs
+// the predicted gain over probe_interval steps to exceed the MTP catch-up over the pending rows.
 class DraftPolicy {
  public:
   DraftPolicy(int draft_k, DraftPolicyOptions options);
@@ -198,8 +198,9 @@ class DraftPolicy {
   int steps_since_probe_ = 0;
   int probe_backoff_ = 1;
   bool probing_ = false;
-  int burst_left_ = 0;  // steps left in the current probe
-  bool on_ = false;     // the last decision (not a probe) was to draft
+  int burst_left_ = 0;           // steps left in the current probe
+  bool on_ = false;              // the last decision (not a probe) was to draft
+  bool explore_deeper_ = false;  // while on, the next re-measuring step drafts one more
 };
 
 // On a probe (policy.probing()), keeps only the sequence with the fewest pending MTP rows
