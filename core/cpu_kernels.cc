@@ -133,6 +133,7 @@ void DequantF16RowImpl(const uint16_t* w, int64_t n, float* out) {
 template <class D>
 HWY_INLINE float HalvingSum(D d, hn::Vec<D> v) {
 #if HWY_TARGET == HWY_SCALAR
+  (void)d;
   return hn::GetLane(v);
 #else
   if constexpr (hn::MaxLanes(d) == 1) {
@@ -155,10 +156,13 @@ void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_
   constexpr size_t N = hn::MaxLanes(d);
   constexpr size_t nvec = kPartials / N;  // 4 (AVX-512), 8 (AVX2), 16 (SSE4, NEON), 64 (scalar)
   const int64_t k_main = k / kPartials * kPartials;
+  // Whole vectors past the last full block of 64 still land in their own partials: the
+  // vector at k_main + j * N holds partials j * N ...
+  const int64_t k_vec = k_main + (k - k_main) / static_cast<int64_t>(N) * static_cast<int64_t>(N);
   HWY_ALIGN float partial[kPartials];
   // The 16 lanes' fixed tree; acc[0 .. nvec/4) hold p[0..16) after the two vector steps.
   auto finish = [&](V* acc, const float* xt) -> float {
-    if (k_main == k) {
+    if (k_vec == k) {
       for (size_t j = 0; j < nvec / 2; ++j) acc[j] = hn::Add(acc[j], acc[j + nvec / 2]);
       for (size_t j = 0; j < nvec / 4; ++j) acc[j] = hn::Add(acc[j], acc[j + nvec / 4]);
       for (size_t n = nvec / 4; n > 1; n /= 2) {  // narrower than 16 lanes: p[j] + p[j + 8]
@@ -168,7 +172,7 @@ void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_
       return HalvingSum(d, acc[0]);
     }
     for (size_t j = 0; j < nvec; ++j) hn::Store(acc[j], d, partial + j * N);
-    for (int64_t i = k_main; i < k; ++i) {  // the tail, with the vector loop's MulAdd
+    for (int64_t i = k_vec; i < k; ++i) {  // the tail, with the vector loop's MulAdd
       float& p = partial[i % kPartials];
       p = hn::GetLane(hn::MulAdd(hn::Set(d1, xt[i]), hn::Set(d1, w[i]), hn::Set(d1, p)));
     }
@@ -189,6 +193,12 @@ void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_
         b[j] = hn::MulAdd(hn::LoadU(d, xb + i + j * N), wv, b[j]);
       }
     }
+    for (size_t j = 0; j < nvec; ++j) {
+      if (k_main + static_cast<int64_t>((j + 1) * N) > k) break;
+      const V wv = hn::LoadU(d, w + k_main + j * N);
+      a[j] = hn::MulAdd(hn::LoadU(d, xa + k_main + j * N), wv, a[j]);
+      b[j] = hn::MulAdd(hn::LoadU(d, xb + k_main + j * N), wv, b[j]);
+    }
     y[t * y_stride] = finish(a, xa);
     y[(t + 1) * y_stride] = finish(b, xb);
   }
@@ -200,6 +210,10 @@ void DotRowsImpl(const float* w, const float* x, int64_t rows, int64_t k, int64_
       for (size_t j = 0; j < nvec; ++j) {
         a[j] = hn::MulAdd(hn::LoadU(d, xt + i + j * N), hn::LoadU(d, w + i + j * N), a[j]);
       }
+    }
+    for (size_t j = 0; j < nvec; ++j) {
+      if (k_main + static_cast<int64_t>((j + 1) * N) > k) break;
+      a[j] = hn::MulAdd(hn::LoadU(d, xt + k_main + j * N), hn::LoadU(d, w + k_main + j * N), a[j]);
     }
     y[t * y_stride] = finish(a, xt);
   }

@@ -113,6 +113,67 @@ void Rope::Apply(float* x, int64_t pos) const {
   }
 }
 
+namespace {
+
+// The absorbed attention core with the SIMD kernels, one sequence at a time: every query of
+// the sequence (its new rows x heads, each [W_uk^T q_nope | q_pe], one cache row long) is
+// scored against each cached row in one pass over that row (simd::DotRows), and the context
+// sums read each cached row once for all queries. wkv_b: kv_b_proj dequantized
+// [H * (nope + v_dim), rank]; q: [T, H * qk_head_dim] (RoPE applied); attn: [T, H * v_dim].
+void AbsorbedAttentionSimd(const ModelConfig& c, const float* wkv_b, const float* q, float scale,
+                           int cache_layer, std::span<const SequenceSlice> seqs, float* attn) {
+  const int64_t H = c.num_attention_heads, nope = c.qk_nope_head_dim;
+  const int64_t rope_dim = c.qk_rope_head_dim, v_dim = c.v_head_dim;
+  const int64_t rank = c.kv_lora_rank, R = rank + rope_dim, qk_head_dim = c.qk_head_dim();
+  std::vector<float> queries, scores, ctx;
+  for (const SequenceSlice& s : seqs) {
+    const MlaKvCache& cache = *s.cache;
+    const int64_t Q = s.n * H, L = s.start + s.n;
+    queries.assign(Q * R, 0.0f);  // query (i, h) at row i * H + h
+    for (int64_t i = 0; i < s.n; ++i) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q + ((s.row_begin + i) * H + h) * qk_head_dim;
+        const float* w_uk = wkv_b + h * (nope + v_dim) * rank;
+        float* ql = queries.data() + (i * H + h) * R;
+        for (int64_t d = 0; d < nope; ++d) {
+          for (int64_t r = 0; r < rank; ++r) ql[r] += qh[d] * w_uk[d * rank + r];
+        }
+        std::copy(qh + nope, qh + nope + rope_dim, ql + rank);
+      }
+    }
+    // scores: [Q, L]; row i sees positions < start + i + 1 (the rest are computed, unused).
+    scores.resize(Q * L);
+    for (int64_t j = 0; j < L; ++j) {
+      simd::DotRows(cache.Slot(cache_layer, j), queries.data(), Q, R, R, scores.data() + j, L);
+    }
+    for (int64_t qi = 0; qi < Q; ++qi) {
+      float* row = scores.data() + qi * L;
+      const int64_t visible = s.start + qi / H + 1;
+      for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
+      Softmax(row, visible);
+    }
+    ctx.assign(Q * rank, 0.0f);
+    for (int64_t j = 0; j < L; ++j) {
+      const float* slot = cache.Slot(cache_layer, j);
+      for (int64_t qi = 0; qi < Q; ++qi) {
+        if (j >= s.start + qi / H + 1) continue;  // masked
+        const float p = scores[qi * L + j];
+        float* cq = ctx.data() + qi * rank;
+        for (int64_t r = 0; r < rank; ++r) cq[r] += p * slot[r];
+      }
+    }
+    for (int64_t i = 0; i < s.n; ++i) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* w_uv = wkv_b + (h * (nope + v_dim) + nope) * rank;
+        float* o = attn + ((s.row_begin + i) * H + h) * v_dim;
+        simd::DotRows(ctx.data() + (i * H + h) * rank, w_uv, v_dim, rank, rank, o, 1);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
                 const LayerOptions& opt) {
@@ -207,34 +268,38 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
         w.kv_b_proj.DequantizeRow(r, wkv_b.data() + r * rank);
       }
     }
-    std::vector<float> q_lat(rank), ctx(rank);
-    const auto dot = opt.kernel == LinearKernel::kSimd ? &simd::Dot : &DotSeq;
-    for (const SequenceSlice& s : seqs) {
-      const MlaKvCache& cache = *s.cache;
-      scores.resize(s.start + s.n);
-      for (int64_t i = 0; i < s.n; ++i) {
-        const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
-        for (int64_t h = 0; h < H; ++h) {
-          const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
-          const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
-          const float* w_uv = w_uk + nope * rank;
-          std::fill(q_lat.begin(), q_lat.end(), 0.0f);
-          for (int64_t d = 0; d < nope; ++d) {
-            for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
+    if (opt.kernel == LinearKernel::kSimd) {
+      AbsorbedAttentionSimd(c, wkv_b.data(), q.data(), scale, cache_layer, seqs, attn.data());
+    } else {
+      std::vector<float> q_lat(rank), ctx(rank);
+      for (const SequenceSlice& s : seqs) {
+        const MlaKvCache& cache = *s.cache;
+        scores.resize(s.start + s.n);
+        for (int64_t i = 0; i < s.n; ++i) {
+          const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
+          for (int64_t h = 0; h < H; ++h) {
+            const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
+            const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
+            const float* w_uv = w_uk + nope * rank;
+            std::fill(q_lat.begin(), q_lat.end(), 0.0f);
+            for (int64_t d = 0; d < nope; ++d) {
+              for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
+            }
+            for (int64_t j = 0; j < visible; ++j) {
+              const float* slot = cache.Slot(cache_layer, j);
+              scores[j] =
+                  (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) *
+                  scale;
+            }
+            Softmax(scores.data(), visible);
+            std::fill(ctx.begin(), ctx.end(), 0.0f);
+            for (int64_t j = 0; j < visible; ++j) {
+              const float* slot = cache.Slot(cache_layer, j);
+              for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
+            }
+            float* o = attn.data() + (row_i * H + h) * v_dim;
+            for (int64_t d = 0; d < v_dim; ++d) o[d] = DotSeq(w_uv + d * rank, ctx.data(), rank);
           }
-          for (int64_t j = 0; j < visible; ++j) {
-            const float* slot = cache.Slot(cache_layer, j);
-            scores[j] =
-                (dot(q_lat.data(), slot, rank) + dot(qh + nope, slot + rank, rope_dim)) * scale;
-          }
-          Softmax(scores.data(), visible);
-          std::fill(ctx.begin(), ctx.end(), 0.0f);
-          for (int64_t j = 0; j < visible; ++j) {
-            const float* slot = cache.Slot(cache_layer, j);
-            for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
-          }
-          float* o = attn.data() + (row_i * H + h) * v_dim;
-          for (int64_t d = 0; d < v_dim; ++d) o[d] = dot(w_uv + d * rank, ctx.data(), rank);
         }
       }
     }
