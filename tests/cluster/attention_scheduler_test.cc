@@ -323,7 +323,9 @@ TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
     }
     EXPECT_EQ(last.finish, FinishReason::kLength) << last.error;
     EXPECT_EQ(got, (*want)[i]) << "sequence " << i;  // drafting changes no token
-    if (i == 0) EXPECT_EQ(last.drafted_tokens, 0);
+    if (i == 0) {
+      EXPECT_EQ(last.drafted_tokens, 0);
+    }
     drafted += last.drafted_tokens;
     accepted += last.accepted_tokens;
   }

@@ -84,7 +84,9 @@ TEST(SpeculativeTest, DeterministicDraftKeepsTheSamplersDistribution) {
     EXPECT_LT(chi.statistic, chi.critical_001) << "draft " << draft;
     const double pd = p.Prob(draft);
     EXPECT_NEAR(accepted, kN * pd, 4.5 * std::sqrt(kN * pd * (1 - pd)) + 1e-9) << draft;
-    if (draft == 5) EXPECT_EQ(accepted, 0);  // outside the top-k
+    if (draft == 5) {
+      EXPECT_EQ(accepted, 0);  // outside the top-k
+    }
   }
 }
 

@@ -23,6 +23,7 @@
 
 #include "CLI/CLI.hpp"
 #include "core/config.h"
+#include "core/cpu_kernels.h"
 #include "core/engine.h"
 #include "core/generate.h"
 #include "core/local_experts.h"
@@ -194,7 +195,7 @@ absl::StatusOr<StreamsResult> ClusterStreams(v1::AttentionService::Stub& stub,
 // Mean seconds of the main forward with r new rows per sequence and of the MTP forward with
 // r rows per sequence, B sequences of `context` cached tokens (the cost model the adaptive
 // policy learns online).
-void Breakdown(Engine& engine, int64_t B, int context) {
+void Breakdown(Engine& engine, int64_t B, int context, const char* kernels) {
   const ModelConfig& c = engine.model().config();
   const int64_t D = c.hidden_size;
   Rng rng(9);
@@ -238,9 +239,9 @@ void Breakdown(Engine& engine, int64_t B, int context) {
     return total / (kReps - 2);
   };
   std::printf(
-      "batch %lld, context %d: main forward 1 row %.2f ms, 2 rows %.2f ms, 3 rows %.2f "
-      "ms per step; MTP forward 1 row %.2f ms, 2 rows %.2f ms\n",
-      static_cast<long long>(B), context, 1e3 * time(1, false), 1e3 * time(2, false),
+      "%s kernels, batch %lld, context %d: main forward 1 row %.2f ms, 2 rows %.2f ms, 3 rows "
+      "%.2f ms per step; MTP forward 1 row %.2f ms, 2 rows %.2f ms\n",
+      kernels, static_cast<long long>(B), context, 1e3 * time(1, false), 1e3 * time(2, false),
       1e3 * time(3, false), 1e3 * time(1, true), 1e3 * time(2, true));
 }
 
@@ -284,7 +285,20 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
       static_cast<long long>(config->n_routed_experts), static_cast<long long>(config->vocab_size),
       decode_tokens, draft_k, always ? "always draft" : "adaptive");
   if (breakdown) {
-    for (int b : batches) Breakdown(**engine, b, 32);
+    // The same forwards with the reference loops (core/model.cc), the SIMD kernels' baseline.
+    LocalExperts::Options ro;
+    ro.kernel = LinearKernel::kReference;
+    absl::StatusOr<std::unique_ptr<LocalExperts>> ref_experts =
+        LocalExperts::Create(**ckpt, *config, AllExperts(*config), ro);
+    EngineOptions eo;
+    eo.kernel = LinearKernel::kReference;
+    if (!ref_experts.ok()) return 1;
+    absl::StatusOr<std::unique_ptr<Engine>> ref = Engine::Create(**model, ref_experts->get(), eo);
+    if (!ref.ok()) return 1;
+    for (int b : batches) {
+      Breakdown(**ref, b, 32, "reference");
+      Breakdown(**engine, b, 32, simd::TargetName());
+    }
   }
   std::printf("%-11s %5s %12s %12s %9s %11s %11s %11s\n", "where", "batch", "plain tok/s",
               "mtp tok/s", "speedup", "acceptance", "drafting", "predicted");
