@@ -57,9 +57,32 @@ namespace expertmesh::simd {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// The 7 low bits of an e4m3 code, placed at float bits 20..26 (sign at 31), read as a float
-// and multiplied by 2^120, give the code's value exactly, subnormal codes included: the
-// exponent bias moves from 7 to 127. Times the block scale: one rounding, as the reference.
+// Exact widening, shared by the row dequantization and the tiles. v: codes in u32 lanes.
+// FP8 E4M3: the 7 low bits at float bits 20..26 (sign at 31), read as a float, are the code's
+// value times 2^-120, subnormal codes included (the exponent bias moves from 7 to 127); the
+// caller multiplies by 2^120 (exact). NaN codes are not special-cased here.
+template <class D, class VU>
+HWY_INLINE hn::Vec<D> Fp8Bits(D d, VU v) {
+  const hn::RebindToUnsigned<D> du;
+  return hn::BitCast(d, hn::Or(hn::ShiftLeft<24>(hn::And(v, hn::Set(du, 0x80u))),
+                               hn::ShiftLeft<20>(hn::And(v, hn::Set(du, 0x7Fu)))));
+}
+// FP16 (Highway's emulated widening, on targets without F16C, loses inf and NaN): the 15 low
+// bits at float bits 13..27 times 2^112 (bias 15 -> 127), exact for normals and subnormals;
+// exponent 31 becomes 255 (inf, NaN).
+template <class D, class VU>
+HWY_INLINE hn::Vec<D> F16Widen(D d, VU v) {
+  const hn::RebindToUnsigned<D> du;
+  const auto low15 = hn::Set(du, 0x7FFFu), inf_exp = hn::Set(du, 0x7C00u);
+  const auto mag = hn::And(v, low15);
+  const auto shifted = hn::ShiftLeft<13>(mag);
+  const auto finite = hn::BitCast(du, hn::Mul(hn::BitCast(d, shifted), hn::Set(d, 0x1p112f)));
+  const auto special = hn::Or(shifted, hn::Set(du, 0x7F800000u));
+  const auto bits = hn::IfThenElse(hn::Eq(hn::And(mag, inf_exp), inf_exp), special, finite);
+  return hn::BitCast(d, hn::Or(bits, hn::ShiftLeft<16>(hn::AndNot(low15, v))));
+}
+
+// Times the block scale: one rounding, as the reference table's value * scale.
 void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, int64_t block_cols,
                        float* out) {
   const hn::ScalableTag<float> df;
@@ -67,7 +90,6 @@ void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, i
   const hn::Rebind<uint8_t, decltype(df)> d8;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const auto low7 = hn::Set(du, 0x7Fu);
-  const auto sign = hn::Set(du, 0x80u);
   const auto two120 = hn::Set(df, 0x1p120f);
   const auto nan = hn::Set(df, std::nanf(""));
   for (int64_t c0 = 0, b = 0; c0 < n; c0 += block_cols, ++b) {
@@ -77,10 +99,8 @@ void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, i
     int64_t c = c0;
     for (; c + N <= c1; c += N) {
       const auto v = hn::PromoteTo(du, hn::LoadU(d8, w + c));
-      const auto mag = hn::And(v, low7);
-      const auto bits = hn::Or(hn::ShiftLeft<24>(hn::And(v, sign)), hn::ShiftLeft<20>(mag));
-      const auto f = hn::Mul(hn::Mul(hn::BitCast(df, bits), two120), scale);
-      const auto is_nan = hn::RebindMask(df, hn::Eq(mag, low7));
+      const auto f = hn::Mul(hn::Mul(Fp8Bits(df, v), two120), scale);
+      const auto is_nan = hn::RebindMask(df, hn::Eq(hn::And(v, low7), low7));
       hn::StoreU(hn::IfThenElse(is_nan, nan, f), df, out + c);
     }
     for (; c < c1; ++c) out[c] = Fp8Scaled(w[c], s);
@@ -103,28 +123,14 @@ void DequantBf16RowImpl(const uint16_t* w, int64_t n, float* out) {
   }
 }
 
-// Highway's emulated f16 widening (targets without F16C) does not keep inf and NaN, so the
-// bits are moved by hand, as for FP8: the 15 low bits at float bits 13..27, times 2^112
-// (bias 15 -> 127), exact for normals and subnormals; exponent 31 becomes 255 (inf, NaN).
 void DequantF16RowImpl(const uint16_t* w, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
   const hn::RebindToUnsigned<decltype(df)> du;
   const hn::Rebind<uint16_t, decltype(df)> d16;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  const auto low15 = hn::Set(du, 0x7FFFu);
-  const auto inf_exp = hn::Set(du, 0x7C00u);
-  const auto f32_inf = hn::Set(du, 0x7F800000u);
-  const auto two112 = hn::Set(df, 0x1p112f);
   int64_t c = 0;
   for (; c + N <= n; c += N) {
-    const auto v = hn::PromoteTo(du, hn::LoadU(d16, w + c));
-    const auto mag = hn::And(v, low15);
-    const auto shifted = hn::ShiftLeft<13>(mag);
-    const auto finite = hn::BitCast(du, hn::Mul(hn::BitCast(df, shifted), two112));
-    const auto special = hn::Or(shifted, f32_inf);
-    const auto bits = hn::IfThenElse(hn::Eq(hn::And(mag, inf_exp), inf_exp), special, finite);
-    const auto sign = hn::ShiftLeft<16>(hn::AndNot(low15, v));
-    hn::StoreU(hn::BitCast(df, hn::Or(bits, sign)), df, out + c);
+    hn::StoreU(F16Widen(df, hn::PromoteTo(du, hn::LoadU(d16, w + c))), df, out + c);
   }
   for (; c < n; ++c) out[c] = Fp16Widen(w[c]);
 }
@@ -228,10 +234,7 @@ HWY_INLINE void WidenTileColumn(D d, const uint8_t* col, hn::Vec<D> scale, hn::V
     if constexpr (kType == TileType::kF8E4M3) {
       // Pack() admits no NaN codes, and `scale` carries the 2^120 (exact: |s| < 2^7).
       const hn::Rebind<uint8_t, D> d8;
-      const auto v = hn::PromoteTo(du, hn::LoadU(d8, col + j * N));
-      const auto bits = hn::Or(hn::ShiftLeft<24>(hn::And(v, hn::Set(du, 0x80u))),
-                               hn::ShiftLeft<20>(hn::And(v, hn::Set(du, 0x7Fu))));
-      w[j] = hn::Mul(hn::BitCast(d, bits), scale);
+      w[j] = hn::Mul(Fp8Bits(d, hn::PromoteTo(du, hn::LoadU(d8, col + j * N))), scale);
     } else {
       const hn::Rebind<uint16_t, D> d16;
       const auto v =
@@ -239,13 +242,7 @@ HWY_INLINE void WidenTileColumn(D d, const uint8_t* col, hn::Vec<D> scale, hn::V
       if constexpr (kType == TileType::kBF16) {
         w[j] = hn::BitCast(d, hn::ShiftLeft<16>(v));
       } else {
-        const auto low15 = hn::Set(du, 0x7FFFu), inf_exp = hn::Set(du, 0x7C00u);
-        const auto mag = hn::And(v, low15);
-        const auto shifted = hn::ShiftLeft<13>(mag);
-        const auto finite = hn::BitCast(du, hn::Mul(hn::BitCast(d, shifted), hn::Set(d, 0x1p112f)));
-        const auto special = hn::Or(shifted, hn::Set(du, 0x7F800000u));
-        const auto bits = hn::IfThenElse(hn::Eq(hn::And(mag, inf_exp), inf_exp), special, finite);
-        w[j] = hn::BitCast(d, hn::Or(bits, hn::ShiftLeft<16>(hn::AndNot(low15, v))));
+        w[j] = F16Widen(d, v);
       }
     }
   }

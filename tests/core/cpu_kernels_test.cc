@@ -164,7 +164,7 @@ TEST(CpuKernelsTest, DotRowsFollowsTheDocumentedOrderAndIsBatchInvariant) {
   });
 }
 
-// A Linear over owned memory: FP8 with 128x128 block scales, or BF16.
+// A Linear over owned memory: FP8 with 128x128 block scales, BF16 or FP16.
 struct OwnedLinear {
   std::vector<uint8_t> bytes;
   std::vector<float> scales;
@@ -187,7 +187,10 @@ OwnedLinear MakeLinear(DType dtype, int64_t out, int64_t in, std::mt19937& rng) 
   } else {
     o.bytes.resize(out * in * 2);
     auto* h = reinterpret_cast<uint16_t*>(o.bytes.data());
-    for (int64_t i = 0; i < out * in; ++i) h[i] = FloatToBf16(normal(rng) * 0.05f);
+    for (int64_t i = 0; i < out * in; ++i) {
+      const float v = normal(rng) * 0.05f;
+      h[i] = dtype == DType::kF16 ? FloatToFp16(v) : FloatToBf16(v);
+    }
   }
   o.linear.weight = Own(o.bytes.data(), o.bytes.size(), nullptr);
   return o;
@@ -237,7 +240,7 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   ForEachTarget([&] {
-    for (DType dtype : {DType::kF8E4M3, DType::kBF16}) {
+    for (DType dtype : {DType::kF8E4M3, DType::kBF16, DType::kF16}) {
       const int64_t out = 40, in = 258, n = 3;  // a ragged last tile, k % 4 == 2
       OwnedLinear l = MakeLinear(dtype, out, in, rng);
       l.linear.Pack();
