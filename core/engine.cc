@@ -52,8 +52,8 @@ absl::StatusOr<std::vector<SequenceSlice>> Engine::Place(std::span<MlaKvCache* c
 
 std::vector<SequenceOutput> Engine::Outputs(const float* h, std::span<const SequenceSlice> slices,
                                             const std::vector<uint8_t>& all_logits,
-                                            const std::vector<float>& norm,
-                                            const Linear& head) const {
+                                            const std::vector<float>& norm, const Linear& head,
+                                            bool last_hidden_only) const {
   const ModelConfig& c = model_.config();
   const int64_t D = c.hidden_size;
   std::vector<SequenceOutput> outs(slices.size());
@@ -61,7 +61,7 @@ std::vector<SequenceOutput> Engine::Outputs(const float* h, std::span<const Sequ
   for (size_t s = 0; s < slices.size(); ++s) {
     const SequenceSlice& sl = slices[s];
     const float* hs = h + sl.row_begin * D;
-    outs[s].hidden.assign(hs, hs + sl.n * D);
+    outs[s].hidden.assign(last_hidden_only ? hs + (sl.n - 1) * D : hs, hs + sl.n * D);
     const int64_t first = all_logits[s] ? 0 : sl.n - 1;
     const int64_t rows = sl.n - first;
     xn.resize(rows * D);
@@ -163,13 +163,17 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::ForwardMtp(std::span<const M
   }
   mtp.eh_proj.Forward(cat.data(), T, h.data(), options_.quantize_activations, options_.kernel);
   const LayerOptions opt{options_.quantize_activations, options_.attention, options_.kernel};
+  // Drafting needs the last position's output only: the other rows just fill the cache.
+  const bool last_only =
+      std::none_of(all_logits.begin(), all_logits.end(), [](uint8_t a) { return a != 0; });
   absl::Status st = DecoderLayerForward(c, model_.gate_params(), mtp.block, rope_, 0, *slices,
-                                        experts_, h.data(), T, opt);
+                                        experts_, h.data(), T, opt, last_only);
   if (!st.ok()) {
     for (const SequenceSlice& sl : *slices) sl.cache->Truncate(sl.start);
     return st;
   }
-  return Outputs(h.data(), *slices, all_logits, mtp.shared_head_norm, mtp.shared_head_head);
+  return Outputs(h.data(), *slices, all_logits, mtp.shared_head_norm, mtp.shared_head_head,
+                 last_only);
 }
 
 }  // namespace expertmesh

@@ -41,7 +41,9 @@ struct SequenceInput {
 
 struct SequenceOutput {
   std::vector<float> logits;  // [n or 1, vocab_size]
-  std::vector<float> hidden;  // [n, hidden_size]: last layer's output, before the final norm
+  // [n, hidden_size]: last layer's output, before the final norm. ForwardMtp without
+  // all_logits: [1, hidden_size], the last position (the module computes no other output).
+  std::vector<float> hidden;
 };
 
 // MTP input at position i: the token t[i+1] and the main model's hidden state h[i].
@@ -78,7 +80,8 @@ class Engine {
   // Final norm + head on the rows each sequence wants; h: [T, hidden_size].
   std::vector<SequenceOutput> Outputs(const float* h, std::span<const SequenceSlice> slices,
                                       const std::vector<uint8_t>& all_logits,
-                                      const std::vector<float>& norm, const Linear& head) const;
+                                      const std::vector<float>& norm, const Linear& head,
+                                      bool last_hidden_only = false) const;
   // Extends every cache; on failure restores the lengths.
   absl::StatusOr<std::vector<SequenceSlice>> Place(std::span<MlaKvCache* const> caches,
                                                    std::span<const int64_t> lengths);

@@ -119,20 +119,25 @@ namespace {
 // the sequence (its new rows x heads, each [W_uk^T q_nope | q_pe], one cache row long) is
 // scored against each cached row in one pass over that row (simd::DotRows), and the context
 // sums read each cached row once for all queries. wkv_b: kv_b_proj dequantized
-// [H * (nope + v_dim), rank]; q: [T, H * qk_head_dim] (RoPE applied); attn: [T, H * v_dim].
+// [H * (nope + v_dim), rank]; slice k's query rows first_i[k] .. n - 1 are rows q_first[k] ..
+// of q: [Tq, H * qk_head_dim] (RoPE applied) and of attn: [Tq, H * v_dim].
 void AbsorbedAttentionSimd(const ModelConfig& c, const float* wkv_b, const float* q, float scale,
-                           int cache_layer, std::span<const SequenceSlice> seqs, float* attn) {
+                           int cache_layer, std::span<const SequenceSlice> seqs,
+                           std::span<const int64_t> q_first, std::span<const int64_t> first_i,
+                           float* attn) {
   const int64_t H = c.num_attention_heads, nope = c.qk_nope_head_dim;
   const int64_t rope_dim = c.qk_rope_head_dim, v_dim = c.v_head_dim;
   const int64_t rank = c.kv_lora_rank, R = rank + rope_dim, qk_head_dim = c.qk_head_dim();
   std::vector<float> queries, scores, ctx;
-  for (const SequenceSlice& s : seqs) {
+  for (size_t k = 0; k < seqs.size(); ++k) {
+    const SequenceSlice& s = seqs[k];
     const MlaKvCache& cache = *s.cache;
-    const int64_t Q = s.n * H, L = s.start + s.n;
-    queries.assign(Q * R, 0.0f);  // query (i, h) at row i * H + h
-    for (int64_t i = 0; i < s.n; ++i) {
+    const int64_t i0 = first_i[k], n = s.n - i0;  // query rows i0 .. s.n - 1
+    const int64_t Q = n * H, L = s.start + s.n;
+    queries.assign(Q * R, 0.0f);  // query (i, h) at row (i - i0) * H + h
+    for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q + ((s.row_begin + i) * H + h) * qk_head_dim;
+        const float* qh = q + ((q_first[k] + i) * H + h) * qk_head_dim;
         const float* w_uk = wkv_b + h * (nope + v_dim) * rank;
         float* ql = queries.data() + (i * H + h) * R;
         for (int64_t d = 0; d < nope; ++d) {
@@ -141,14 +146,14 @@ void AbsorbedAttentionSimd(const ModelConfig& c, const float* wkv_b, const float
         std::copy(qh + nope, qh + nope + rope_dim, ql + rank);
       }
     }
-    // scores: [Q, L]; row i sees positions < start + i + 1 (the rest are computed, unused).
+    // scores: [Q, L]; row i sees positions < start + i0 + i + 1 (the rest: computed, unused).
     scores.resize(Q * L);
     for (int64_t j = 0; j < L; ++j) {
       simd::DotRows(cache.Slot(cache_layer, j), queries.data(), Q, R, R, scores.data() + j, L);
     }
     for (int64_t qi = 0; qi < Q; ++qi) {
       float* row = scores.data() + qi * L;
-      const int64_t visible = s.start + qi / H + 1;
+      const int64_t visible = s.start + i0 + qi / H + 1;
       for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
       Softmax(row, visible);
     }
@@ -156,16 +161,16 @@ void AbsorbedAttentionSimd(const ModelConfig& c, const float* wkv_b, const float
     for (int64_t j = 0; j < L; ++j) {
       const float* slot = cache.Slot(cache_layer, j);
       for (int64_t qi = 0; qi < Q; ++qi) {
-        if (j >= s.start + qi / H + 1) continue;  // masked
+        if (j >= s.start + i0 + qi / H + 1) continue;  // masked
         const float p = scores[qi * L + j];
         float* cq = ctx.data() + qi * rank;
         for (int64_t r = 0; r < rank; ++r) cq[r] += p * slot[r];
       }
     }
-    for (int64_t i = 0; i < s.n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < H; ++h) {
         const float* w_uv = wkv_b + (h * (nope + v_dim) + nope) * rank;
-        float* o = attn + ((s.row_begin + i) * H + h) * v_dim;
+        float* o = attn + ((q_first[k] + i) * H + h) * v_dim;
         simd::DotRows(ctx.data() + (i * H + h) * rank, w_uv, v_dim, rank, rank, o, 1);
       }
     }
@@ -178,13 +183,14 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
                 const LayerOptions& opt) {
   const SequenceSlice seq{&cache, start, 0, n};
-  MlaForwardBatch(c, w, rope, cache_layer, {&seq, 1}, x, n, out, opt);
+  MlaForwardBatch(c, w, rope, cache_layer, {&seq, 1}, x, n, out, opt, false);
 }
 
 void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                      std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
-                     const LayerOptions& opt) {
+                     const LayerOptions& opt, bool last_rows_only) {
   const bool quant = opt.quantize_activations;
+  const int64_t D = c.hidden_size;
   const int64_t H = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim;
   const int64_t rope_dim = c.qk_rope_head_dim;
@@ -193,21 +199,41 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
   const int64_t rank = c.kv_lora_rank;
   const float scale = rope.softmax_scale();
 
-  // The projections run over all T rows at once (each weight row is read once per step).
-  // q: [T, H * qk_head_dim], per head [q_nope | q_pe].
-  std::vector<float> q(T * H * qk_head_dim);
-  if (w.q_proj) {
-    w.q_proj->Forward(x, T, q.data(), quant, opt.kernel);
-  } else {
-    std::vector<float> q_a(T * c.q_lora_rank);
-    w.q_a_proj->Forward(x, T, q_a.data(), quant, opt.kernel);
-    RmsNorm(q_a.data(), w.q_a_layernorm.data(), T, c.q_lora_rank, c.rms_norm_eps, q_a.data());
-    w.q_b_proj->Forward(q_a.data(), T, q.data(), quant, opt.kernel);
+  // Query rows: every row, or with last_rows_only the last of each slice (slice k's queries
+  // start at q row q_first[k] and cover its rows [first_i[k], n)).
+  const int64_t n_slices = std::ssize(seqs);
+  std::vector<int64_t> q_first(n_slices), first_i(n_slices);
+  int64_t Tq = 0;
+  for (int64_t k = 0; k < n_slices; ++k) {
+    first_i[k] = last_rows_only ? seqs[k].n - 1 : 0;
+    q_first[k] = Tq;
+    Tq += seqs[k].n - first_i[k];
   }
-  // kv: [T, kv_lora_rank + qk_rope_head_dim] -> cache rows [c_kv | k_pe].
+  std::vector<float> xq_rows;
+  const float* xq = x;
+  if (last_rows_only) {
+    xq_rows.resize(Tq * D);
+    for (int64_t k = 0; k < n_slices; ++k) {
+      std::copy_n(x + (seqs[k].row_begin + seqs[k].n - 1) * D, D, xq_rows.data() + q_first[k] * D);
+    }
+    xq = xq_rows.data();
+  }
+  // The projections run over all rows at once (each weight row is read once per step).
+  // q: [Tq, H * qk_head_dim], per head [q_nope | q_pe].
+  std::vector<float> q(Tq * H * qk_head_dim);
+  if (w.q_proj) {
+    w.q_proj->Forward(xq, Tq, q.data(), quant, opt.kernel);
+  } else {
+    std::vector<float> q_a(Tq * c.q_lora_rank);
+    w.q_a_proj->Forward(xq, Tq, q_a.data(), quant, opt.kernel);
+    RmsNorm(q_a.data(), w.q_a_layernorm.data(), Tq, c.q_lora_rank, c.rms_norm_eps, q_a.data());
+    w.q_b_proj->Forward(q_a.data(), Tq, q.data(), quant, opt.kernel);
+  }
+  // kv: [T, kv_lora_rank + qk_rope_head_dim] -> cache rows [c_kv | k_pe], for every row.
   std::vector<float> kv(T * (rank + rope_dim));
   w.kv_a_proj_with_mqa.Forward(x, T, kv.data(), quant, opt.kernel);
-  for (const SequenceSlice& s : seqs) {
+  for (int64_t k = 0; k < n_slices; ++k) {
+    const SequenceSlice& s = seqs[k];
     for (int64_t i = 0; i < s.n; ++i) {
       const int64_t pos = s.start + i, row_i = s.row_begin + i;
       const float* row = kv.data() + row_i * (rank + rope_dim);
@@ -215,15 +241,17 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
       RmsNorm(row, w.kv_a_layernorm.data(), 1, rank, c.rms_norm_eps, slot);
       std::copy(row + rank, row + rank + rope_dim, slot + rank);
       rope.Apply(slot + rank, pos);
-      for (int64_t h = 0; h < H; ++h)
-        rope.Apply(q.data() + (row_i * H + h) * qk_head_dim + nope, pos);
+      if (i < first_i[k]) continue;
+      const int64_t qr = q_first[k] + i - first_i[k];
+      for (int64_t h = 0; h < H; ++h) rope.Apply(q.data() + (qr * H + h) * qk_head_dim + nope, pos);
     }
   }
 
-  std::vector<float> attn(T * H * v_dim);  // [T, H * v_head_dim]
+  std::vector<float> attn(Tq * H * v_dim);  // [Tq, H * v_head_dim]
   std::vector<float> scores;
   if (opt.attention == AttentionForm::kNaive) {
-    for (const SequenceSlice& s : seqs) {
+    for (int64_t k = 0; k < n_slices; ++k) {
+      const SequenceSlice& s = seqs[k];
       MlaKvCache& cache = *s.cache;
       const int64_t L = s.start + s.n;  // cached length visible to the last new token
       scores.resize(L);
@@ -236,8 +264,8 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
       const int64_t kvb_dim = H * (nope + v_dim);
       std::vector<float> kvb(L * kvb_dim);
       w.kv_b_proj.Forward(c_kv.data(), L, kvb.data(), quant, opt.kernel);
-      for (int64_t i = 0; i < s.n; ++i) {
-        const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
+      for (int64_t i = first_i[k]; i < s.n; ++i) {
+        const int64_t visible = s.start + i + 1, row_i = q_first[k] + i - first_i[k];
         for (int64_t h = 0; h < H; ++h) {
           const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
           for (int64_t j = 0; j < visible; ++j) {
@@ -269,14 +297,16 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
       }
     }
     if (opt.kernel == LinearKernel::kSimd) {
-      AbsorbedAttentionSimd(c, wkv_b.data(), q.data(), scale, cache_layer, seqs, attn.data());
+      AbsorbedAttentionSimd(c, wkv_b.data(), q.data(), scale, cache_layer, seqs, q_first, first_i,
+                            attn.data());
     } else {
       std::vector<float> q_lat(rank), ctx(rank);
-      for (const SequenceSlice& s : seqs) {
+      for (int64_t k = 0; k < n_slices; ++k) {
+        const SequenceSlice& s = seqs[k];
         const MlaKvCache& cache = *s.cache;
         scores.resize(s.start + s.n);
-        for (int64_t i = 0; i < s.n; ++i) {
-          const int64_t visible = s.start + i + 1, row_i = s.row_begin + i;
+        for (int64_t i = first_i[k]; i < s.n; ++i) {
+          const int64_t visible = s.start + i + 1, row_i = q_first[k] + i - first_i[k];
           for (int64_t h = 0; h < H; ++h) {
             const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
             const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
@@ -304,7 +334,16 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
       }
     }
   }
-  w.o_proj.Forward(attn.data(), T, out, quant, opt.kernel);
+  if (!last_rows_only) {
+    w.o_proj.Forward(attn.data(), T, out, quant, opt.kernel);
+    return;
+  }
+  std::vector<float> out_q(Tq * D);
+  w.o_proj.Forward(attn.data(), Tq, out_q.data(), quant, opt.kernel);
+  std::fill(out, out + T * D, 0.0f);
+  for (int64_t k = 0; k < n_slices; ++k) {
+    std::copy_n(out_q.data() + q_first[k] * D, D, out + (seqs[k].row_begin + seqs[k].n - 1) * D);
+  }
 }
 
 void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize,
@@ -342,22 +381,35 @@ absl::Status MoeForward(const ModelConfig& c, const GateParams& gate_params,
 absl::Status DecoderLayerForward(const ModelConfig& c, const GateParams& gate_params,
                                  const DecoderLayerWeights& w, const Rope& rope, int cache_layer,
                                  std::span<const SequenceSlice> seqs, RoutedExperts* experts,
-                                 float* h, int64_t T, const LayerOptions& opt) {
+                                 float* h, int64_t T, const LayerOptions& opt,
+                                 bool last_rows_only) {
   const int64_t D = c.hidden_size;
   std::vector<float> xn(T * D), delta(T * D);
   RmsNorm(h, w.input_layernorm.data(), T, D, c.rms_norm_eps, xn.data());
-  MlaForwardBatch(c, w.self_attn, rope, cache_layer, seqs, xn.data(), T, delta.data(), opt);
-  for (int64_t i = 0; i < T * D; ++i) h[i] += delta[i];
-  RmsNorm(h, w.post_attention_layernorm.data(), T, D, c.rms_norm_eps, xn.data());
+  MlaForwardBatch(c, w.self_attn, rope, cache_layer, seqs, xn.data(), T, delta.data(), opt,
+                  last_rows_only);
+  // The feed-forward part over the rows that are wanted: [To, D] gathered from h.
+  std::vector<int64_t> rows;
+  for (const SequenceSlice& s : seqs) {
+    for (int64_t i = last_rows_only ? s.n - 1 : 0; i < s.n; ++i) rows.push_back(s.row_begin + i);
+  }
+  const int64_t To = std::ssize(rows);
+  std::vector<float> ho(To * D);
+  for (int64_t r = 0; r < To; ++r) {
+    for (int64_t d = 0; d < D; ++d) ho[r * D + d] = h[rows[r] * D + d] + delta[rows[r] * D + d];
+  }
+  RmsNorm(ho.data(), w.post_attention_layernorm.data(), To, D, c.rms_norm_eps, xn.data());
   if (w.is_moe) {
     if (experts == nullptr) {
       return absl::FailedPreconditionError("MoE layer without a RoutedExperts implementation");
     }
-    EM_RETURN_IF_ERROR(MoeForward(c, gate_params, w, *experts, xn.data(), T, delta.data(), opt));
+    EM_RETURN_IF_ERROR(MoeForward(c, gate_params, w, *experts, xn.data(), To, delta.data(), opt));
   } else {
-    MlpForward(*w.mlp, xn.data(), T, delta.data(), opt.quantize_activations, opt.kernel);
+    MlpForward(*w.mlp, xn.data(), To, delta.data(), opt.quantize_activations, opt.kernel);
   }
-  for (int64_t i = 0; i < T * D; ++i) h[i] += delta[i];
+  for (int64_t r = 0; r < To; ++r) {
+    for (int64_t d = 0; d < D; ++d) h[rows[r] * D + d] = ho[r * D + d] + delta[r * D + d];
+  }
   return absl::OkStatus();
 }
 

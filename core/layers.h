@@ -72,9 +72,12 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
                 const LayerOptions& opt);
 // The same over a batch: x, out: [T, D]; slice s owns rows [row_begin, row_begin + n) and its
 // cache. The projections run once over all rows; each row's result equals MlaForward's.
+// last_rows_only: every row's cache entry is written, but only the last row of each slice is
+// attended and projected (out is zero elsewhere): what a forward that only needs its last
+// position's output (the MTP module drafting) has to compute.
 void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                      std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
-                     const LayerOptions& opt);
+                     const LayerOptions& opt, bool last_rows_only = false);
 
 // out: [T, D] = down_proj(silu(gate_proj(x)) * up_proj(x)), x: [T, D].
 void MlpForward(const MlpWeights& w, const float* x, int64_t T, float* out, bool quantize,
@@ -85,11 +88,14 @@ absl::Status MoeForward(const ModelConfig& c, const GateParams& gate_params,
                         const DecoderLayerWeights& w, RoutedExperts& experts, const float* x,
                         int64_t T, float* out, const LayerOptions& opt);
 
-// One decoder layer over the batch, in place on h: [T, D] (the residual stream).
+// One decoder layer over the batch, in place on h: [T, D] (the residual stream). With
+// last_rows_only, only the last row of each slice is carried through (the others only leave
+// their KV cache entries; their rows of h are then meaningless).
 // cache_layer indexes the caches of `seqs`; the routed experts are asked for layer w.layer.
 absl::Status DecoderLayerForward(const ModelConfig& c, const GateParams& gate_params,
                                  const DecoderLayerWeights& w, const Rope& rope, int cache_layer,
                                  std::span<const SequenceSlice> seqs, RoutedExperts* experts,
-                                 float* h, int64_t T, const LayerOptions& opt);
+                                 float* h, int64_t T, const LayerOptions& opt,
+                                 bool last_rows_only = false);
 
 }  // namespace expertmesh

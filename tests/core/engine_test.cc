@@ -181,6 +181,55 @@ TEST_F(EngineTest, MtpIsChunkAndBatchInvariant) {
   EXPECT_EQ(chunked, (*all)[0].logits);
 }
 
+void MtpLastRowOnlyCase(Engine& engine);
+
+// Without all_logits the MTP module carries only each sequence's last row through its layer
+// (the others only fill the cache): the last row's logits and hidden state, and the cache, are
+// those of the full computation, bit for bit.
+TEST_F(EngineTest, MtpLastRowOnlyEqualsTheFullComputation) {
+  for (const EngineOptions& options :
+       {EngineOptions{}, EngineOptions{true, AttentionForm::kAbsorbed, LinearKernel::kReference},
+        EngineOptions{true, AttentionForm::kNaive, LinearKernel::kSimd}}) {
+    SCOPED_TRACE(options.attention == AttentionForm::kNaive ? "naive" : "absorbed");
+    MtpLastRowOnlyCase(*mtp_->NewEngine(options));
+  }
+}
+
+void MtpLastRowOnlyCase(Engine& e) {
+  Engine* engine = &e;
+  const int64_t D = engine->model().config().hidden_size;
+  const std::vector<int32_t> prompt = Tokens(10, 256, 9);
+  auto cache = engine->NewCache();
+  SequenceOutput main = Run1(*engine, *cache, prompt, true);
+  const std::vector<int32_t> next(prompt.begin() + 1, prompt.end());
+  const std::vector<int32_t> other = {7, 8, 9};
+  auto full_a = engine->NewMtpCache(), full_b = engine->NewMtpCache();
+  auto last_a = engine->NewMtpCache(), last_b = engine->NewMtpCache();
+  const std::span<const float> ha(main.hidden.data(), 9 * D), hb(main.hidden.data(), 3 * D);
+  std::vector<MtpInput> full = {{next, ha, full_a.get(), true}, {other, hb, full_b.get(), true}};
+  std::vector<MtpInput> last = {{next, ha, last_a.get(), false}, {other, hb, last_b.get(), false}};
+  auto f = engine->ForwardMtp(full);
+  auto l = engine->ForwardMtp(last);
+  ASSERT_TRUE(f.ok() && l.ok());
+  const int64_t V = engine->model().config().vocab_size;
+  for (int b = 0; b < 2; ++b) {
+    const auto& fo = (*f)[b];
+    const auto& lo = (*l)[b];
+    ASSERT_EQ(std::ssize(lo.logits), V);
+    ASSERT_EQ(std::ssize(lo.hidden), D);
+    EXPECT_EQ(lo.logits, std::vector<float>(fo.logits.end() - V, fo.logits.end())) << b;
+    EXPECT_EQ(lo.hidden, std::vector<float>(fo.hidden.end() - D, fo.hidden.end())) << b;
+  }
+  for (auto [a, b] : {std::pair{full_a.get(), last_a.get()}, {full_b.get(), last_b.get()}}) {
+    ASSERT_EQ(a->length(), b->length());
+    for (int64_t pos = 0; pos < a->length(); ++pos) {
+      const float* x = a->Slot(0, pos);
+      const float* y = b->Slot(0, pos);
+      EXPECT_TRUE(std::equal(x, x + a->row_size(), y)) << "position " << pos;
+    }
+  }
+}
+
 TEST_F(EngineTest, BadInputsAreErrorsAndLeaveCachesUnchanged) {
   auto engine = yarn_->NewEngine({});
   auto cache = engine->NewCache();
