@@ -318,10 +318,10 @@ int DraftPolicy::Choose(int64_t B, int64_t pending_rows) {
   // Unmeasured: first the plain step at this B; then, while the costs of drafting cannot
   // be predicted (one main point only, or no MTP point), a probe: drafting for one sequence.
   if (!main_.Observed(B)) return 0;
-  // Hysteresis: on takes the margin, staying on only a predicted gain (no flapping while the
-  // prediction wanders around the margin).
+  // Hysteresis: on takes the margin, staying on half of it (no flapping while the prediction
+  // wanders around the margin, no staying on for a gain within the noise).
   int best = 0;
-  double best_speedup = on_ ? 1.0 : options_.margin;
+  double best_speedup = on_ ? 1.0 + 0.5 * (options_.margin - 1.0) : options_.margin;
   for (int k = 1; k <= draft_k_; ++k) {
     const double s = PredictedSpeedup(B, k);
     if (s < 0.0 || main_.points() < 2) {

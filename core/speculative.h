@@ -147,7 +147,7 @@ struct DraftPolicyOptions {
   bool adaptive = true;     // false: always draft draft_k tokens
   int probe_interval = 32;  // one step in this many takes the other choice, to re-measure
   // Start drafting when the predicted speed-up exceeds this (keep drafting while it exceeds
-  // 1): hysteresis against timing noise (step
+  // 1 + (margin - 1) / 2): hysteresis against timing noise (step
   // times on a shared 2-core machine swing by ~20% between steps, and a wrong switch costs
   // the MTP catch-up), so gains under 20% are forgone.
   double margin = 1.2;
