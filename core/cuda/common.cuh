@@ -73,6 +73,21 @@ __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// 1 / sqrt(mean(row[0..n)^2) + eps) over a CTA of 256 threads (8 warps), for every thread: the
+// RMSNorm factor of RmsNorm and of the MLA cache write (kv_a_layernorm).
+__device__ __forceinline__ float BlockInvRms256(const float* row, int n, float eps) {
+  __shared__ float s_warp[8];
+  float ss = 0.0f;
+  for (int c = threadIdx.x; c < n; c += blockDim.x) ss += row[c] * row[c];
+  ss = WarpSum(ss);
+  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < 8; ++w) total += s_warp[w];
+  return rsqrtf(total / static_cast<float>(n) + eps);
+}
 __device__ __forceinline__ float WarpMax(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

@@ -38,17 +38,8 @@ __global__ void ActQuantKernel(const ActQuantParams p) {
 
 // One CTA of 256 threads per row.
 __global__ void RmsNormKernel(const RmsNormParams p) {
-  __shared__ float s_warp[8];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.dim;
-  float ss = 0.0f;
-  for (int c = threadIdx.x; c < p.dim; c += blockDim.x) ss += p.x[base + c] * p.x[base + c];
-  ss = WarpSum(ss);
-  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < 8; ++w) total += s_warp[w];
-  const float inv = rsqrtf(total / static_cast<float>(p.dim) + p.eps);
+  const float inv = BlockInvRms256(p.x + base, p.dim, p.eps);
   for (int c = threadIdx.x; c < p.dim; c += blockDim.x) {
     p.out[base + c] = p.weight[c] * (p.x[base + c] * inv);
   }

@@ -41,19 +41,10 @@ __global__ void SwigluKernel(float* gate, const float* up, int64_t n) {
 
 // One CTA of 256 threads per token.
 __global__ void KvCacheWriteKernel(const KvCacheWriteParams p) {
-  __shared__ float s_warp[8];
   const int dim = p.kv_lora_rank + p.qk_rope_head_dim;
   const float* row = p.kv + static_cast<int64_t>(blockIdx.x) * dim;
   uint16_t* dst = p.cache + p.slot[blockIdx.x] * dim;
-  float ss = 0.0f;
-  for (int c = threadIdx.x; c < p.kv_lora_rank; c += blockDim.x) ss += row[c] * row[c];
-  ss = WarpSum(ss);
-  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < 8; ++w) total += s_warp[w];
-  const float inv = rsqrtf(total / static_cast<float>(p.kv_lora_rank) + p.eps);
+  const float inv = BlockInvRms256(row, p.kv_lora_rank, p.eps);
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
     const float v = c < p.kv_lora_rank ? p.norm_weight[c] * (row[c] * inv) : row[c];
     dst[c] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
