@@ -208,7 +208,10 @@ void RowCostModel::Observe(int64_t rows, double seconds) {
     }
     mean_[rows] = seconds;
   } else {
-    it->second += kCostDecay * (seconds - it->second);
+    // A stalled step (the OS, a shard's hiccup) must not move the mean for long: each
+    // observation counts at most 2x / at least 0.5x the current mean.
+    const double clamped = std::clamp(seconds, 0.5 * it->second, 2.0 * it->second);
+    it->second += kCostDecay * (clamped - it->second);
   }
 }
 

@@ -129,8 +129,9 @@ class MtpDrafter {
 // ---- The adaptive policy ---------------------------------------------------------------------
 
 // Seconds of a forward as a function of its rows, measured online: an exponentially
-// weighted mean per observed row count; between observed counts linear interpolation, beyond
-// them linear extrapolation from the two nearest (proportional to rows from a single one).
+// weighted mean per observed row count (each observation clamped to [0.5, 2] x the mean); between
+// observed counts linear interpolation, beyond them linear extrapolation from the two nearest
+// (proportional to rows from a single one).
 class RowCostModel {
  public:
   void Observe(int64_t rows, double seconds);
