@@ -211,7 +211,15 @@ void RowCostModel::Observe(int64_t rows, double seconds) {
     // A stalled step (the OS, a shard's hiccup) must not move the mean for long: each
     // observation counts at most 2x / at least 0.5x the current mean.
     const double clamped = std::clamp(seconds, 0.5 * it->second, 2.0 * it->second);
+    const double before = it->second;
     it->second += kCostDecay * (clamped - it->second);
+    // Every cost drifts together (the context grows, the machine's load changes): the other
+    // points keep their ratio to this one, so a point not measured for a while (the verify
+    // rows while drafting is off) does not go stale against the fresh ones.
+    const double drift = it->second / before;
+    for (auto& [r, t] : mean_) {
+      if (r != rows) t *= drift;
+    }
   }
 }
 

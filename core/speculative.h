@@ -129,7 +129,8 @@ class MtpDrafter {
 // ---- The adaptive policy ---------------------------------------------------------------------
 
 // Seconds of a forward as a function of its rows, measured online: an exponentially
-// weighted mean per observed row count (each observation clamped to [0.5, 2] x the mean); between
+// weighted mean per observed row count (each observation clamped to [0.5, 2] x the mean; the
+// other points follow its relative change, so all costs drift together); between
 // observed counts linear interpolation, beyond them linear extrapolation from the two nearest
 // (proportional to rows from a single one).
 class RowCostModel {

@@ -137,6 +137,7 @@ TEST(SpeculativeTest, RowCostModelInterpolatesAndExtrapolates) {
   EXPECT_DOUBLE_EQ(m.Predict(2), 1.5);
   m.Observe(8, 4.0);  // moving mean: 3 + 0.1 * (4 - 3)
   EXPECT_NEAR(m.Predict(8), 3.1, 1e-12);
+  EXPECT_NEAR(m.Predict(4), 2.0 * 3.1 / 3.0, 1e-12);  // drifts with the point observed
   m.Observe(8, 100.0);  // a stall counts as 2x the mean: 3.1 + 0.1 * (6.2 - 3.1)
   EXPECT_NEAR(m.Predict(8), 3.41, 1e-12);
 }
