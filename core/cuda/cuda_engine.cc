@@ -317,12 +317,12 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
       EM_RETURN_IF_ERROR(Reserve(r.scores, T * std::max<int64_t>(E, 1)));
       EM_RETURN_IF_ERROR(Reserve(r.topk_weights, T * std::max<int64_t>(k, 1)));
       EM_RETURN_IF_ERROR(Reserve(r.topk_ids, T * std::max<int64_t>(k, 1)));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_x, T * D));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_routed, T * D));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_x8, T * D));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_scales, T * NumBlocks(D, 128)));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_topk_weights, T * std::max<int64_t>(k, 1)));
-      EM_RETURN_IF_ERROR(ReservePinned(r.host_topk_ids, T * std::max<int64_t>(k, 1)));
+      EM_RETURN_IF_ERROR(Reserve(r.host_x, T * D));
+      EM_RETURN_IF_ERROR(Reserve(r.host_routed, T * D));
+      EM_RETURN_IF_ERROR(Reserve(r.host_x8, T * D));
+      EM_RETURN_IF_ERROR(Reserve(r.host_scales, T * NumBlocks(D, 128)));
+      EM_RETURN_IF_ERROR(Reserve(r.host_topk_weights, T * std::max<int64_t>(k, 1)));
+      EM_RETURN_IF_ERROR(Reserve(r.host_topk_ids, T * std::max<int64_t>(k, 1)));
     }
     EM_RETURN_IF_ERROR(r.ints.CopyFromHost(b.ints, r.stream));
     EM_RETURN_IF_ERROR(r.slots.CopyFromHost(b.slots, r.stream));

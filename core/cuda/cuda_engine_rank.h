@@ -25,25 +25,6 @@ namespace expertmesh::cuda {
 
 absl::Status BlasStatus(cublasStatus_t s, std::string_view what);
 
-// Grow-only buffers (contents not kept).
-template <typename T>
-inline absl::Status Reserve(DeviceBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<DeviceBuffer<T>> nb = DeviceBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
-template <typename T>
-inline absl::Status ReservePinned(PinnedBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<PinnedBuffer<T>> nb = PinnedBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
 // A rank's part of one projection: FP8 blocks for the FP8 kernel, or a float matrix for cuBLAS.
 struct DevLinear {
   int64_t out = 0;              // rows of the part

@@ -41,28 +41,6 @@ struct CudaExperts::DeviceState {
   }
 };
 
-namespace {
-
-template <typename T>
-absl::Status Reserve(DeviceBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<DeviceBuffer<T>> nb = DeviceBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
-template <typename T>
-absl::Status ReservePinned(PinnedBuffer<T>& b, size_t n) {
-  if (b.size() >= n) return absl::OkStatus();
-  absl::StatusOr<PinnedBuffer<T>> nb = PinnedBuffer<T>::Create(std::max<size_t>(n, 2 * b.size()));
-  if (!nb.ok()) return nb.status();
-  b = std::move(*nb);
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 CudaExperts::CudaExperts(int64_t hidden_size, int64_t moe_intermediate_size)
     : hidden_size_(hidden_size), moe_intermediate_size_(moe_intermediate_size) {}
 CudaExperts::~CudaExperts() = default;
@@ -223,8 +201,8 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
   }
 
   // Stage the activations once in pinned memory: every device copies from there asynchronously.
-  absl::Status staged = ReservePinned(host_x_, x.fp8.size());
-  if (staged.ok()) staged = ReservePinned(host_x_scales_, x.scales.size());
+  absl::Status staged = Reserve(host_x_, x.fp8.size());
+  if (staged.ok()) staged = Reserve(host_x_scales_, x.scales.size());
   if (!staged.ok()) return staged;
   std::memcpy(host_x_.data(), x.fp8.data(), x.fp8.size());
   std::memcpy(host_x_scales_.data(), x.scales.data(), x.scales.size() * sizeof(float));
@@ -264,7 +242,7 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
     if (s.ok()) s = Reserve(st.slot_weight, P);
     if (s.ok()) s = Reserve(st.workspace, GroupedExpertsWorkspaceBytes(P, H, I));
     if (s.ok()) s = Reserve(st.out, R * H);
-    if (s.ok()) s = ReservePinned(st.host_out, (single ? R : P) * H);
+    if (s.ok()) s = Reserve(st.host_out, (single ? R : P) * H);
     if (s.ok()) s = st.x.CopyFromHost(x_fp8, st.stream);
     if (s.ok()) s = st.x_scales.CopyFromHost(x_scales, st.stream);
     if (s.ok()) s = st.ints.CopyFromHost(ints, st.stream);

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <span>
 #include <string_view>
@@ -115,5 +116,16 @@ class PinnedBuffer {
   T* ptr_ = nullptr;
   size_t count_ = 0;
 };
+
+// Grows a DeviceBuffer or PinnedBuffer to hold at least n elements (to 2x its size at least,
+// so repeated growth stays amortized); the contents are not kept.
+template <typename Buffer>
+absl::Status Reserve(Buffer& b, size_t n) {
+  if (b.size() >= n) return absl::OkStatus();
+  absl::StatusOr<Buffer> nb = Buffer::Create(std::max<size_t>(n, 2 * b.size()));
+  if (!nb.ok()) return nb.status();
+  b = std::move(*nb);
+  return absl::OkStatus();
+}
 
 }  // namespace expertmesh::cuda
