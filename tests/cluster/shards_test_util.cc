@@ -10,59 +10,11 @@
 
 #include "core/numerics.h"
 #include "core/sampling.h"
+#include "tests/common/tiny_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::testing {
 namespace {
-
-constexpr char kConfig[] = R"({
-  "architectures": ["DeepseekV3ForCausalLM"],
-  "model_type": "deepseek_v3",
-  "vocab_size": 64,
-  "hidden_size": 320,
-  "intermediate_size": 192,
-  "moe_intermediate_size": 96,
-  "num_hidden_layers": 3,
-  "num_nextn_predict_layers": 1,
-  "num_attention_heads": 2,
-  "num_key_value_heads": 2,
-  "n_shared_experts": 1,
-  "n_routed_experts": 8,
-  "routed_scaling_factor": 2.5,
-  "kv_lora_rank": 64,
-  "q_lora_rank": 96,
-  "qk_rope_head_dim": 16,
-  "v_head_dim": 32,
-  "qk_nope_head_dim": 32,
-  "topk_method": "noaux_tc",
-  "n_group": 2,
-  "topk_group": 2,
-  "num_experts_per_tok": 4,
-  "moe_layer_freq": 1,
-  "first_k_dense_replace": 1,
-  "norm_topk_prob": true,
-  "scoring_func": "sigmoid",
-  "hidden_act": "silu",
-  "max_position_embeddings": 128,
-  "initializer_range": 0.02,
-  "rms_norm_eps": 1e-06,
-  "use_cache": true,
-  "rope_theta": 10000,
-  "rope_scaling": null,
-  "attention_bias": false,
-  "attention_dropout": 0.0,
-  "tie_word_embeddings": false,
-  "bos_token_id": 0,
-  "eos_token_id": 1,
-  "torch_dtype": "bfloat16",
-  "quantization_config": {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [128, 128]
-  }
-}
-)";
 
 double Normal(Rng& rng) {  // Box-Muller
   const double u1 = std::max(rng.Uniform(), 1e-300);
@@ -88,9 +40,20 @@ absl::StatusOr<std::string> ShardTestModel() {
   if (!dir.empty()) return dir;
   char tmpl[] = "/tmp/expertmesh-shards-model-XXXXXX";
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(kConfig);
+  const std::string config_json = TinyConfigJson({.vocab_size = 64,
+                                                  .hidden_size = 320,
+                                                  .moe_intermediate_size = 96,
+                                                  .num_hidden_layers = 3,
+                                                  .num_attention_heads = 2,
+                                                  .kv_lora_rank = 64,
+                                                  .q_lora_rank = 96,
+                                                  .topk_group = 2,
+                                                  .num_experts_per_tok = 4,
+                                                  .max_position_embeddings = 128});
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(config_json);
   if (!config.ok()) return config.status();
-  if (absl::Status s = WriteRandomCheckpoint(*config, kConfig, tmpl, /*seed=*/4242, 3); !s.ok()) {
+  if (absl::Status s = WriteRandomCheckpoint(*config, config_json, tmpl, /*seed=*/4242, 3);
+      !s.ok()) {
     return s;
   }
   dir = tmpl;

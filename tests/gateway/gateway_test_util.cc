@@ -12,6 +12,7 @@
 
 #include "core/config.h"
 #include "gateway/strings.h"
+#include "tests/common/tiny_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::gateway::testing {
@@ -22,64 +23,17 @@ namespace http = boost::beast::http;
 namespace {
 
 // The shape of the cluster tests' model with the bundled tokenizer's vocabulary (4096).
-constexpr char kConfig[] = R"({
-  "architectures": ["DeepseekV3ForCausalLM"],
-  "model_type": "deepseek_v3",
-  "vocab_size": 4096,
-  "hidden_size": 256,
-  "intermediate_size": 192,
-  "moe_intermediate_size": 64,
-  "num_hidden_layers": 3,
-  "num_nextn_predict_layers": 0,
-  "num_attention_heads": 4,
-  "num_key_value_heads": 4,
-  "n_shared_experts": 1,
-  "n_routed_experts": 8,
-  "routed_scaling_factor": 2.5,
-  "kv_lora_rank": 96,
-  "q_lora_rank": 128,
-  "qk_rope_head_dim": 16,
-  "v_head_dim": 32,
-  "qk_nope_head_dim": 32,
-  "topk_method": "noaux_tc",
-  "n_group": 2,
-  "topk_group": 1,
-  "num_experts_per_tok": 2,
-  "moe_layer_freq": 1,
-  "first_k_dense_replace": 1,
-  "norm_topk_prob": true,
-  "scoring_func": "sigmoid",
-  "hidden_act": "silu",
-  "max_position_embeddings": 256,
-  "initializer_range": 0.02,
-  "rms_norm_eps": 1e-06,
-  "use_cache": true,
-  "rope_theta": 10000,
-  "rope_scaling": null,
-  "attention_bias": false,
-  "attention_dropout": 0.0,
-  "tie_word_embeddings": false,
-  "bos_token_id": 0,
-  "eos_token_id": 1,
-  "torch_dtype": "bfloat16",
-  "quantization_config": {
-    "activation_scheme": "dynamic",
-    "fmt": "e4m3",
-    "quant_method": "fp8",
-    "weight_block_size": [128, 128]
-  }
-}
-)";
-
 }  // namespace
 
 absl::StatusOr<std::string> MakeGatewayTestModel() {
   char tmpl[] = "/tmp/expertmesh-gateway-model-XXXXXX";
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
   const fs::path dir = tmpl;
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(kConfig);
+  const std::string config_json = expertmesh::testing::TinyConfigJson(
+      {.vocab_size = 4096, .num_hidden_layers = 3, .num_nextn_predict_layers = 0});
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(config_json);
   if (!config.ok()) return config.status();
-  if (absl::Status s = WriteRandomCheckpoint(*config, kConfig, dir.string(), 20261128, 2);
+  if (absl::Status s = WriteRandomCheckpoint(*config, config_json, dir.string(), 20261128, 2);
       !s.ok()) {
     return s;
   }
