@@ -20,17 +20,10 @@ build/cpu/tools/cli/expertmesh run --model "$MODEL" --prompt "And God said" --ma
   2>/dev/null | tail -4
 
 echo "== starting the cluster"
-log=$(mktemp)
-build/cpu/tools/cli/expertmesh up --model "$MODEL" --shards "$SHARDS" --replicas 1 --gateway \
-  --http-port "$PORT" >"$log" 2>&1 &
-up_pid=$!
-trap 'kill -TERM $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -f "$log"' EXIT
-for _ in $(seq 1 240); do
-  grep -q "Ctrl-C" "$log" && break
-  kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
-  sleep 0.5
-done
-cat "$log"
+source tools/cluster-up.sh
+cluster_up build/cpu/tools/cli/expertmesh up --model "$MODEL" --shards "$SHARDS" --replicas 1 \
+  --gateway --http-port "$PORT"
+cat "$up_log"
 
 echo "== a streamed chat answer through the gateway (POST /v1/chat/completions, stream: true)"
 curl -sN "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' -d '{

@@ -11,16 +11,9 @@ port=${PORT:-8011}
 prompts=${NUM_PROMPTS:-64}
 max_tokens=${MAX_TOKENS:-64}
 
-log=$(mktemp)
-"$build/tools/cli/expertmesh" up --model "$model" --shards 2 --replicas 1 --gateway \
-  --http-port "$port" --bin-dir "$build" >"$log" 2>&1 &
-up_pid=$!
-trap 'kill -TERM $up_pid 2>/dev/null; wait $up_pid 2>/dev/null; rm -f "$log"' EXIT
-for _ in $(seq 1 240); do
-  grep -q "Ctrl-C" "$log" && break
-  kill -0 $up_pid 2>/dev/null || { cat "$log"; exit 1; }
-  sleep 0.5
-done
+source "$root/tools/cluster-up.sh"
+cluster_up "$build/tools/cli/expertmesh" up --model "$model" --shards 2 --replicas 1 --gateway \
+  --http-port "$port" --bin-dir "$build"
 for c in 1 16 64; do
   echo "== gateway, concurrency $c"
   python3 "$root/tools/bench/bench_serving.py" --base-url "http://127.0.0.1:$port" \
