@@ -34,11 +34,11 @@ absl::Time FromChrono(std::chrono::system_clock::time_point t) {
 
 }  // namespace
 
-absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::SubmitRequest& req,
-                                                      int64_t max_context, absl::Time now,
-                                                      absl::Time rpc_deadline,
-                                                      absl::Duration default_deadline) {
-  GenerationRequest r;
+absl::StatusOr<SequenceRequest> ToGenerationRequest(const v1::SubmitRequest& req,
+                                                    int64_t max_context, absl::Time now,
+                                                    absl::Time rpc_deadline,
+                                                    absl::Duration default_deadline) {
+  SequenceRequest r;
   r.request_id = req.request_id();
   if (r.request_id.size() > 256) return absl::InvalidArgumentError("request_id over 256 bytes");
   if (req.prompt_token_ids_size() == 0) {
@@ -104,7 +104,7 @@ grpc::Status AttentionServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Su
   if (scheduler == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading");
   }
-  absl::StatusOr<GenerationRequest> request = ToGenerationRequest(
+  absl::StatusOr<SequenceRequest> request = ToGenerationRequest(
       *req, scheduler->max_context(), absl::Now(), FromChrono(ctx->deadline()), default_deadline_);
   if (!request.ok()) return ToGrpcStatus(request.status());
   if (request->request_id.empty()) request->request_id = absl::StrCat("anon-", next_id_++);

@@ -20,12 +20,12 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "attention-service/scheduler.h"
-#include "core/experts.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
+#include "core/format/safetensors.h"
+#include "core/model/experts.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "dispatcher/dispatcher.h"
 #include "expertmesh/v1/attention.grpc.pb.h"
-#include "router/dispatcher.h"
 #include "service-common/grpc_util.h"
 #include "service-common/metrics.h"
 #include "service-common/metrics_http.h"
@@ -48,13 +48,13 @@ struct AttentionServerOptions {
   bool local_mtp_experts = true;
 };
 
-// SubmitRequest -> GenerationRequest: checks what needs no model (sampling values, limits),
+// SubmitRequest -> SequenceRequest: checks what needs no model (sampling values, limits),
 // fills defaults (max_tokens 0 = up to the context, top_p 0 = off), sets the deadline from
 // deadline_ms (relative; 0 = default) and the RPC deadline, whichever comes first.
-absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::SubmitRequest& request,
-                                                      int64_t max_context, absl::Time now,
-                                                      absl::Time rpc_deadline,
-                                                      absl::Duration default_deadline);
+absl::StatusOr<SequenceRequest> ToGenerationRequest(const v1::SubmitRequest& request,
+                                                    int64_t max_context, absl::Time now,
+                                                    absl::Time rpc_deadline,
+                                                    absl::Duration default_deadline);
 
 class AttentionServiceImpl final : public v1::AttentionService::Service {
  public:

@@ -1,5 +1,5 @@
-// One sequence's MLA KV cache in the attention service: an MlaKvCache (core/kv_cache.h) whose
-// token slots live in blocks of the shared KvBlockPool, so the engine's layers read and write
+// One sequence's MLA KV cache in the attention service: an MlaKvCache (core/engine/kv_cache.h)
+// whose token slots live in blocks of the shared KvBlockPool, so the engine's layers read and write
 // the paged storage exactly as they do the reference engine's contiguous cache.
 //
 // Blocks are taken from the pool up front for the sequence's whole budget (prompt plus
@@ -15,7 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention-service/kv_block_pool.h"
-#include "core/kv_cache.h"
+#include "core/engine/kv_cache.h"
 
 namespace expertmesh::attention {
 

@@ -4,11 +4,9 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
-#include "core/kernel_plan.h"
+#include "core/backend/backend.h"
+#include "core/base/status.h"
 #include "spdlog/spdlog.h"
-#if EXPERTMESH_HAVE_CUDA
-#include "core/cuda/cuda_engine.h"
-#endif
 
 namespace expertmesh::attention {
 
@@ -22,56 +20,36 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
         ") must be >= 1, max_waiting (", options.max_waiting, ") >= 0"));
   }
   const ModelConfig& c = model->config();
-  absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(options.device);
-  if (!device.ok()) return device.status();
+  EM_ASSIGN_OR_RETURN(const DeviceSpec device, ParseDeviceSpec(options.device));
   // On a GPU the pools only hand out block ids: the slots live in the engine's device cache.
-  const bool host_kv = !device->cuda;
-  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool =
+  const bool host_kv = !device.cuda;
+  EM_ASSIGN_OR_RETURN(
+      std::unique_ptr<KvBlockPool> pool,
       KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
-                          c.kv_lora_rank + c.qk_rope_head_dim, host_kv);
-  if (!pool.ok()) return pool.status();
-  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, *std::move(pool)));
+                          c.kv_lora_rank + c.qk_rope_head_dim, host_kv));
+  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, std::move(pool)));
   const bool drafting = options.mtp && !model->mtp().empty();
-  if (device->cuda) {
-#if EXPERTMESH_HAVE_CUDA
-    cuda::CudaEngineOptions co;
-    co.devices = device->devices;
-    co.kv_pages = options.kv_blocks;
-    co.page_size = options.kv_block_size;
-    co.mtp_kv_pages = drafting ? options.kv_blocks : 0;
-    co.engine = options.engine;
-    absl::StatusOr<std::unique_ptr<cuda::CudaEngine>> gpu =
-        cuda::CudaEngine::Create(*model, experts, co);
-    if (!gpu.ok()) {
-      return absl::Status(gpu.status().code(),
-                          absl::StrCat("--device ", options.device, ": ", gpu.status().message()));
-    }
-    spdlog::info("GPU engine on {}: tensor parallel over {} device(s), {} MiB on the devices",
-                 options.device, (*gpu)->tp_size(), (*gpu)->device_bytes() >> 20);
-    s->forward_ = *std::move(gpu);
-#else
-    return absl::FailedPreconditionError(
-        absl::StrCat("--device ", options.device,
-                     ": this attention-service was built without CUDA (EXPERTMESH_CUDA)"));
-#endif
-  } else {
-    absl::StatusOr<std::unique_ptr<Engine>> engine =
-        Engine::Create(*model, experts, options.engine);
-    if (!engine.ok()) return engine.status();
-    s->engine_ = *std::move(engine);
-    s->forward_ = std::make_unique<ReferenceForwardEngine>(s->engine_.get());
-  }
-  if (drafting) {
-    absl::StatusOr<MtpDrafter> drafter = MtpDrafter::Create(s->forward_.get(), options.draft_k);
-    if (!drafter.ok()) return drafter.status();
-    s->drafter_ = *std::move(drafter);
-    s->policy_ = std::make_unique<DraftPolicy>(options.draft_k, options.policy);
+  ForwardBackendOptions fo;
+  fo.engine = options.engine;
+  fo.kv_pages = options.kv_blocks;
+  fo.page_size = options.kv_block_size;
+  fo.mtp_kv_pages = drafting ? options.kv_blocks : 0;
+  EM_ASSIGN_OR_RETURN(ForwardBackend backend, CreateForwardBackend(*model, experts, device, fo));
+  spdlog::info("{}", backend.description);
+  s->engine_ = std::move(backend.engine);
+  s->forward_ = std::move(backend.forward);
+  StepperOptions so;
+  so.mtp = options.mtp;
+  so.draft_k = options.draft_k;
+  so.policy = options.policy;
+  so.prefill_chunk = options.prefill_chunk;
+  EM_ASSIGN_OR_RETURN(s->stepper_, DecodeStepper::Create(s->forward_.get(), so));
+  if (s->stepper_->mtp()) {
     // The MTP caches: one layer each, as many token slots as the main pool, so a sequence
     // that got its main blocks always gets its MTP blocks.
-    absl::StatusOr<std::unique_ptr<KvBlockPool>> mtp_pool = KvBlockPool::Create(
-        options.kv_blocks, options.kv_block_size, 1, c.kv_lora_rank + c.qk_rope_head_dim, host_kv);
-    if (!mtp_pool.ok()) return mtp_pool.status();
-    s->mtp_pool_ = *std::move(mtp_pool);
+    EM_ASSIGN_OR_RETURN(s->mtp_pool_,
+                        KvBlockPool::Create(options.kv_blocks, options.kv_block_size, 1,
+                                            c.kv_lora_rank + c.qk_rope_head_dim, host_kv));
   }
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
@@ -110,13 +88,13 @@ Scheduler::Scheduler(const Model* model, RoutedExperts* experts, const Scheduler
 
 Scheduler::~Scheduler() { Shutdown(); }
 
-int64_t Scheduler::KvBudget(const GenerationRequest& r) const {
+int64_t Scheduler::KvBudget(const SequenceRequest& r) const {
   // Every token fed to the model needs a slot: the prompt and all generated tokens but the
   // last; the context bounds the total.
   return std::min<int64_t>(static_cast<int64_t>(r.prompt.size()) + r.max_tokens, max_context_);
 }
 
-absl::Status Scheduler::Validate(const GenerationRequest& r) const {
+absl::Status Scheduler::Validate(const SequenceRequest& r) const {
   const ModelConfig& c = model_->config();
   if (r.prompt.empty()) return absl::InvalidArgumentError("prompt_token_ids is empty");
   for (size_t i = 0; i < r.prompt.size(); ++i) {
@@ -151,7 +129,7 @@ absl::Status Scheduler::Validate(const GenerationRequest& r) const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(GenerationRequest request) {
+absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(SequenceRequest request) {
   if (absl::Status s = Validate(request); !s.ok()) return s;
   const int64_t blocks = pool_->BlocksFor(KvBudget(request));
   if (blocks > pool_->total_blocks()) {
@@ -164,7 +142,13 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(GenerationRequ
   auto seq = std::make_unique<Sequence>();
   seq->sampler = std::make_unique<Sampler>(*std::move(sampler));
   seq->stream = std::make_shared<SequenceStream>(request.request_id);
-  seq->tokens = request.prompt;
+  StepSequence& step = seq->step;
+  step.max_tokens = request.max_tokens;
+  step.ignore_eos = request.ignore_eos;
+  step.stop_token_ids = request.stop_token_ids;
+  step.sampler = seq->sampler.get();
+  step.prompt_len = static_cast<int64_t>(request.prompt.size());
+  step.tokens = request.prompt;
   seq->request = std::move(request);
   std::shared_ptr<SequenceStream> stream = seq->stream;
   {
@@ -235,12 +219,12 @@ SequenceEvent Scheduler::FinishEvent(Sequence& seq, FinishReason reason, absl::S
   if (seq.cache) seq.cache->Release();  // the KV blocks go back now, not when seq is freed
   if (seq.mtp_cache) seq.mtp_cache->Release();
   SequenceEvent e;
-  e.drafted_tokens = seq.drafted;
-  e.accepted_tokens = seq.accepted;
+  e.drafted_tokens = seq.step.drafted;
+  e.accepted_tokens = seq.step.accepted;
   e.finish = reason;
   e.error = std::move(error);
   e.prompt_tokens = static_cast<int64_t>(seq.request.prompt.size());
-  e.completion_tokens = seq.generated;
+  e.completion_tokens = seq.step.generated;
   if (requests_finished_[static_cast<int>(reason)] != nullptr) {
     requests_finished_[static_cast<int>(reason)]->Inc();
   }
@@ -255,8 +239,8 @@ void Scheduler::ReapLocked(std::vector<std::unique_ptr<Sequence>>& finished) {
     } else if (now >= seq->request.deadline) {
       Finish(*seq, FinishReason::kError,
              absl::DeadlineExceededError(absl::StrCat("request ", seq->request.request_id,
-                                                      " passed its deadline after ", seq->generated,
-                                                      " generated tokens")));
+                                                      " passed its deadline after ",
+                                                      seq->step.generated, " generated tokens")));
     } else {
       return false;
     }
@@ -275,14 +259,15 @@ void Scheduler::AdmitLocked() {
     absl::StatusOr<std::unique_ptr<PagedKvCache>> cache =
         PagedKvCache::Create(pool_.get(), KvBudget(seq.request));
     if (!cache.ok()) break;  // arrival order: the head waits until blocks are freed
-    if (drafter_ && !seq.request.disable_mtp) {
+    if (stepper_->mtp() && !seq.request.disable_mtp) {
       absl::StatusOr<std::unique_ptr<PagedKvCache>> mtp_cache =
           PagedKvCache::Create(mtp_pool_.get(), KvBudget(seq.request));
       if (!mtp_cache.ok()) break;  // (cannot happen: the pools are allocated alike)
       seq.mtp_cache = *std::move(mtp_cache);
-      seq.mtp.cache = seq.mtp_cache.get();
+      seq.step.mtp.cache = seq.mtp_cache.get();
     }
     seq.cache = *std::move(cache);
+    seq.step.cache = seq.cache.get();
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
@@ -304,187 +289,60 @@ void Scheduler::Loop() {
   }
 }
 
-size_t Scheduler::Emit(Sequence& seq, std::span<const SampledToken> tokens, FinishReason* finish) {
-  const ModelConfig& c = model_->config();
+void Scheduler::PushTokens(Sequence& seq) {
   SequenceEvent e;
-  size_t taken = 0;
-  for (const SampledToken& t : tokens) {
-    seq.tokens.push_back(t.token);
-    ++seq.generated;
-    ++taken;
+  for (const SampledToken& t : seq.step.emitted) {
     GeneratedToken g{t.token, t.logprob, {}};
     for (const TokenLogprob& alt : t.top_logprobs)
       g.top_logprobs.push_back({alt.token, alt.logprob});
     e.tokens.push_back(std::move(g));
-    const bool eos = c.eos_token_id.has_value() && t.token == *c.eos_token_id;
-    const std::vector<int32_t>& stop = seq.request.stop_token_ids;
-    if ((eos && !seq.request.ignore_eos) ||
-        std::find(stop.begin(), stop.end(), t.token) != stop.end()) {
-      *finish = FinishReason::kStop;
-    } else if (seq.generated >= seq.request.max_tokens ||
-               static_cast<int64_t>(seq.tokens.size()) >= max_context_) {
-      *finish = FinishReason::kLength;
-    }
-    if (*finish != FinishReason::kNone) break;
   }
-  if (generated_tokens_ != nullptr) generated_tokens_->Inc(static_cast<double>(taken));
+  if (generated_tokens_ != nullptr) {
+    generated_tokens_->Inc(static_cast<double>(seq.step.emitted.size()));
+  }
   seq.stream->Push(std::move(e));
-  return taken;
 }
 
 void Scheduler::Step() {
-  const ModelConfig& c = model_->config();
-  const int64_t V = c.vocab_size, D = c.hidden_size;
   const size_t n_seq = running_.size();
+  std::vector<StepSequence*> batch(n_seq);
+  for (size_t i = 0; i < n_seq; ++i) batch[i] = &running_[i]->step;
   std::vector<bool> done(n_seq, false);
   std::vector<std::pair<std::shared_ptr<SequenceStream>, SequenceEvent>> finals;
   auto finish = [&](size_t i, FinishReason reason, absl::Status error) {
     finals.push_back({running_[i]->stream, FinishEvent(*running_[i], reason, std::move(error))});
     done[i] = true;
   };
-  const absl::Time start = absl::Now();
 
-  // 1. Drafts for the decoding sequences (feeding their pending rows to the MTP module first).
-  absl::Status status;
-  int k = 0;
-  if (drafter_) {
-    int64_t decoding = 0, pending = 0;
-    for (const auto& seq : running_) {
-      if (seq->prefilled < seq->prompt_len()) continue;
-      ++decoding;
-      if (seq->drafting() && !seq->mtp.retired) pending += seq->mtp.pending();
-    }
-    k = decoding > 0 ? policy_->Choose(decoding, pending) : 0;
-    if (k != last_draft_k_ && spdlog::should_log(spdlog::level::debug)) {
-      spdlog::debug("draft policy: {} draft(s) per sequence{}; {}", k,
-                    policy_->probing() ? " (probe)" : "",
-                    policy_->Describe(decoding, std::max(k, 1)));
-    }
-    last_draft_k_ = k;
-    std::vector<MtpSequence*> mtp_seqs;
-    std::vector<int> ks;
-    for (auto& sp : running_) {
-      Sequence& seq = *sp;
-      seq.mtp.drafts.clear();
-      if (!seq.drafting() || seq.prefilled < seq.prompt_len()) continue;
-      // A step emits at most k + 1 tokens: no drafts beyond the tokens still wanted or
-      // beyond the context (the cache budget covers exactly that).
-      const int64_t room = std::min(seq.request.max_tokens - seq.generated,
-                                    max_context_ - static_cast<int64_t>(seq.tokens.size()));
-      const int ki = static_cast<int>(std::clamp<int64_t>(room, 0, k));
-      // No catch-up while drafting is off: a sequence paused for kMaxPendingMtpRows rows
-      // retires (AppendMtpRows), so a paused drafter costs nothing, as in core/generate.
-      if (ki > 0) {
-        mtp_seqs.push_back(&seq.mtp);
-        ks.push_back(ki);
+  // The step itself, with no lock held: Submit/Cancel/Load stay responsive.
+  const absl::Time start = absl::Now();
+  const absl::StatusOr<StepStats> stats = stepper_->Step(batch);
+  if (!stats.ok()) {
+    spdlog::warn("step over {} sequences failed: {}", n_seq, stats.status());
+    for (size_t i = 0; i < n_seq; ++i) finish(i, FinishReason::kError, stats.status());
+  } else {
+    if (step_seconds_ != nullptr) {
+      step_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
+      batch_tokens_->Observe(static_cast<double>(stats->rows));
+      prompt_tokens_->Inc(static_cast<double>(stats->prompt_rows));
+      if (stats->verified_drafts) {
+        for (int j = 0; j < kMaxDraftTokens; ++j) {
+          drafted_tokens_->Inc(static_cast<double>(stats->drafted[j]));
+          accepted_tokens_->Inc(static_cast<double>(stats->accepted[j]));
+        }
       }
     }
-    KeepOneForProbe(*policy_, mtp_seqs, ks);  // a probe while off drafts for one sequence
-    if (!mtp_seqs.empty()) {
-      const absl::Time t = absl::Now();
-      int64_t rows = 0;
-      status = drafter_->Draft(mtp_seqs, ks, &rows);
-      if (status.ok() && k > 0) policy_->ObserveMtp(rows, absl::ToDoubleSeconds(absl::Now() - t));
-    }
-  }
-
-  // 2. The main forward: the next prompt chunk of sequences still prefilling; the last
-  // token and its drafts for the others. No lock held: Submit/Cancel/Load stay responsive.
-  std::vector<std::vector<int32_t>> inputs(n_seq);
-  std::vector<SequenceInput> batch(n_seq);
-  std::vector<int64_t> starts(n_seq);
-  int64_t n_tokens = 0, n_prompt = 0;
-  bool any_drafts = false;
-  for (size_t i = 0; i < n_seq; ++i) {
-    Sequence& seq = *running_[i];
-    starts[i] = seq.cache->length();
-    if (seq.prefilled < seq.prompt_len()) {
-      const int64_t n = std::min(options_.prefill_chunk, seq.prompt_len() - seq.prefilled);
-      inputs[i].assign(seq.tokens.begin() + seq.prefilled, seq.tokens.begin() + seq.prefilled + n);
-      n_prompt += n;
-    } else {
-      inputs[i].assign(1, seq.tokens.back());
-      inputs[i].insert(inputs[i].end(), seq.mtp.drafts.begin(), seq.mtp.drafts.end());
-      any_drafts |= !seq.mtp.drafts.empty();
-    }
-    batch[i] = SequenceInput{inputs[i], seq.cache.get(), !seq.mtp.drafts.empty()};
-    n_tokens += static_cast<int64_t>(inputs[i].size());
-  }
-  absl::StatusOr<std::vector<SequenceOutput>> out = absl::UnknownError("not run");
-  if (status.ok()) {
-    const absl::Time t = absl::Now();
-    out = forward_->Forward(batch);
-    if (out.ok() && drafter_) {
-      policy_->ObserveMain(n_tokens, absl::ToDoubleSeconds(absl::Now() - t));
-    }
-  } else {
-    out = status;  // the drafts failed (an MTP layer's dispatch)
-  }
-  if (step_seconds_ != nullptr) {
-    step_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
-    batch_tokens_->Observe(static_cast<double>(n_tokens));
-  }
-
-  // 3. Verify, sample, stream, roll back. Final events are pushed only after the finished
-  // sequences left the batch, so a client that saw its finish also sees the load without it.
-  if (!out.ok()) {
-    spdlog::warn("step over {} sequences ({} tokens) failed: {}", n_seq, n_tokens,
-                 out.status().ToString());
-    for (size_t i = 0; i < n_seq; ++i) finish(i, FinishReason::kError, out.status());
-  } else {
-    if (prompt_tokens_ != nullptr) prompt_tokens_->Inc(static_cast<double>(n_prompt));
-    int64_t drafted[kMaxDraftTokens] = {}, accepted[kMaxDraftTokens] = {};
+    // Final events are pushed only after the finished sequences left the batch, so a client
+    // that saw its finish also sees the load without it.
     for (size_t i = 0; i < n_seq; ++i) {
       Sequence& seq = *running_[i];
-      const SequenceOutput& o = (*out)[i];
-      FinishReason reason = FinishReason::kNone;
-      if (seq.prefilled < seq.prompt_len()) {
-        const int64_t n = static_cast<int64_t>(inputs[i].size());
-        seq.prefilled += n;
-        const bool last_chunk = seq.prefilled == seq.prompt_len();
-        std::vector<int32_t> next(seq.tokens.begin() + starts[i] + 1,
-                                  seq.tokens.begin() + starts[i] + n);  // t[p+1] in the chunk
-        if (last_chunk) {
-          const SampledToken t = seq.sampler->Sample(o.logits);
-          Emit(seq, std::span<const SampledToken>(&t, 1), &reason);
-          next.push_back(t.token);
-        } else {
-          next.push_back(seq.tokens[static_cast<size_t>(starts[i] + n)]);
-        }
-        if (seq.drafting() && reason == FinishReason::kNone) AppendMtpRows(seq.mtp, next, o.hidden);
-      } else {
-        const std::vector<int32_t>& drafts = seq.mtp.drafts;
-        const Verification v = VerifyDrafts(*seq.sampler, o.logits, drafts, V);
-        for (size_t j = 0; j < drafts.size(); ++j) {
-          ++drafted[j];
-          if (static_cast<int>(j) < v.accepted) ++accepted[j];
-        }
-        seq.drafted += static_cast<int64_t>(drafts.size());
-        seq.accepted += v.accepted;
-        const size_t taken = Emit(seq, v.tokens, &reason);
-        // The cache keeps every emitted token but the newest (as without drafting).
-        seq.cache->Truncate(starts[i] + static_cast<int64_t>(taken));
-        if (seq.drafting() && reason == FinishReason::kNone) {
-          std::vector<int32_t> next;
-          for (const SampledToken& t : v.tokens) next.push_back(t.token);
-          AppendMtpRows(seq.mtp, next,
-                        std::span<const float>(o.hidden).first((v.accepted + 1) * D));
-        }
-      }
-      if (reason != FinishReason::kNone) finish(i, reason, absl::OkStatus());
-    }
-    if (drafter_ && any_drafts) {
-      policy_->ObserveAcceptance(drafted, accepted);
-      if (drafted_tokens_ != nullptr) {
-        for (int j = 0; j < kMaxDraftTokens; ++j) {
-          drafted_tokens_->Inc(static_cast<double>(drafted[j]));
-          accepted_tokens_->Inc(static_cast<double>(accepted[j]));
-        }
-      }
+      if (!seq.step.emitted.empty()) PushTokens(seq);
+      if (seq.step.stop == StopReason::kStop) finish(i, FinishReason::kStop, absl::OkStatus());
+      if (seq.step.stop == StopReason::kLength) finish(i, FinishReason::kLength, absl::OkStatus());
     }
   }
 
-  // 4. Drop finished sequences, then tell their clients.
+  // Drop finished sequences, then tell their clients.
   std::unique_lock<std::mutex> lock(mu_);
   size_t kept = 0;
   for (size_t i = 0; i < n_seq; ++i) {

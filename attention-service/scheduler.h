@@ -5,12 +5,14 @@
 // batch in which each sequence contributes either its next prompt chunk (at most
 // prefill_chunk tokens: long prompts are prefilled over several steps, interleaved with
 // other sequences' decodes) or its last sampled token. The forward pass is the reference
-// engine's (core/engine.h) over paged KV caches, with the routed experts behind a
+// engine's (core/engine/engine.h) over paged KV caches, with the routed experts behind a
 // RoutedExperts (the router's remote dispatcher in the service, LocalExperts in tests).
 //
+// Each step is core's DecodeStepper (core/decode/step.h), the same the in-process generator
+// runs: the scheduler decides which sequences run and streams what the step emitted.
 // Speculative decoding: when the model carries its MTP module (and options.mtp), decoding
-// sequences draft tokens with it (core/speculative.h: MtpDrafter, DraftPolicy) and the main
-// forward verifies them; a step then emits accepted + 1 tokens per sequence. Each sequence
+// sequences draft tokens with it (core/decode/speculative.h: MtpDrafter, DraftPolicy) and the
+// main forward verifies them; a step then emits accepted + 1 tokens per sequence. Each sequence
 // has a second paged cache, 1 layer, for the MTP module, from a pool of the same capacity.
 //
 // Because every layer computes each row independently of the rest of the batch, a sequence's
@@ -34,11 +36,11 @@
 #include "attention-service/kv_block_pool.h"
 #include "attention-service/paged_kv_cache.h"
 #include "attention-service/sequence.h"
-#include "core/engine.h"
-#include "core/experts.h"
-#include "core/forward_engine.h"
-#include "core/model.h"
-#include "core/speculative.h"
+#include "core/decode/step.h"
+#include "core/engine/engine.h"
+#include "core/engine/forward_engine.h"
+#include "core/model/experts.h"
+#include "core/model/model.h"
 #include "service-common/metrics.h"
 
 namespace expertmesh::attention {
@@ -50,8 +52,9 @@ struct SchedulerOptions {
   int64_t max_waiting = 256;  // queued sequences; beyond: RESOURCE_EXHAUSTED
   int64_t prefill_chunk = 64;
   EngineOptions engine;
-  // "cpu" (the reference engine) or "cuda:N[,M...]": the GPU engine (core/cuda/cuda_engine.h),
-  // tensor parallel over the listed GPUs, its device KV cache paged like kv_blocks.
+  // "cpu" (the reference engine) or "cuda:N[,M...]": the GPU engine
+  // (core/kernels/cuda/cuda_engine.h), tensor parallel over the listed GPUs, its device KV cache
+  // paged like kv_blocks.
   std::string device = "cpu";
   bool mtp = true;  // draft with the MTP module when the model has it loaded
   int draft_k = 1;  // drafts per step, [1, kMaxDraftTokens]
@@ -78,33 +81,26 @@ class Scheduler {
 
   // Checks what only the model can check (token ids in vocab, prompt within the context,
   // sampling values); INVALID_ARGUMENT naming the field.
-  absl::Status Validate(const GenerationRequest& request) const;
+  absl::Status Validate(const SequenceRequest& request) const;
   // Queues a validated request. RESOURCE_EXHAUSTED when the waiting queue is full or the
   // sequence could never fit the KV pool; ALREADY_EXISTS for a live duplicate request_id.
-  absl::StatusOr<std::shared_ptr<SequenceStream>> Submit(GenerationRequest request);
+  absl::StatusOr<std::shared_ptr<SequenceStream>> Submit(SequenceRequest request);
   // Cancels a queued or running sequence; false when unknown (or already finished).
   bool Cancel(const std::string& request_id);
   SchedulerLoad Load() const;
   int64_t max_context() const { return max_context_; }
-  bool mtp() const { return drafter_.has_value(); }
+  bool mtp() const { return stepper_->mtp(); }
   // Stops the step thread; every live sequence finishes with UNAVAILABLE.
   void Shutdown();
 
  private:
   struct Sequence {
-    GenerationRequest request;
+    SequenceRequest request;
     std::shared_ptr<SequenceStream> stream;
     std::unique_ptr<PagedKvCache> cache;
     std::unique_ptr<PagedKvCache> mtp_cache;  // when drafting: the MTP module's (1 layer)
-    MtpSequence mtp;
     std::unique_ptr<Sampler> sampler;
-    std::vector<int32_t> tokens;  // prompt, then generated
-    int64_t prefilled = 0;        // prompt tokens already in the cache
-    int64_t generated = 0;
-    int64_t drafted = 0;  // drafts verified
-    int64_t accepted = 0;
-    int64_t prompt_len() const { return static_cast<int64_t>(request.prompt.size()); }
-    bool drafting() const { return mtp_cache != nullptr; }
+    StepSequence step;  // what the decode step advances (tokens, counts, drafts)
   };
   Scheduler(const Model* model, RoutedExperts* experts, const SchedulerOptions& options,
             MetricsRegistry* metrics, std::unique_ptr<KvBlockPool> pool);
@@ -115,13 +111,12 @@ class Scheduler {
   void AdmitLocked();
   // Runs one forward step over `running_`.
   void Step();
-  // Emits sampled tokens until the sequence finishes; returns how many were taken and sets
-  // *finish when it finished.
-  size_t Emit(Sequence& seq, std::span<const SampledToken> tokens, FinishReason* finish);
+  // Streams the tokens the last step emitted for `seq`.
+  void PushTokens(Sequence& seq);
   // Releases the sequence's KV blocks and pushes its final event.
   void Finish(Sequence& seq, FinishReason reason, absl::Status error);
   SequenceEvent FinishEvent(Sequence& seq, FinishReason reason, absl::Status error);
-  int64_t KvBudget(const GenerationRequest& r) const;
+  int64_t KvBudget(const SequenceRequest& r) const;
 
   const Model* model_;
   RoutedExperts* experts_;
@@ -130,9 +125,7 @@ class Scheduler {
   std::unique_ptr<KvBlockPool> mtp_pool_;   // when drafting
   std::unique_ptr<Engine> engine_;          // --device cpu
   std::unique_ptr<ForwardEngine> forward_;  // what steps run: engine_'s adapter or the GPU engine
-  std::optional<MtpDrafter> drafter_;
-  std::unique_ptr<DraftPolicy> policy_;
-  int last_draft_k_ = -1;  // the policy's previous choice (logged when it changes)
+  std::unique_ptr<DecodeStepper> stepper_;  // runs every step (core/decode/step.h)
   const int64_t max_context_;
 
   mutable std::mutex mu_;

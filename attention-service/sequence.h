@@ -16,14 +16,14 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
 
 namespace expertmesh::attention {
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 const char* FinishReasonName(FinishReason r);
 
-struct GenerationRequest {
+struct SequenceRequest {
   std::string request_id;
   std::vector<int32_t> prompt;  // token ids, non-empty, < vocab_size
   SamplingParams sampling;

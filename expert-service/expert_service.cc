@@ -5,14 +5,12 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "core/kernel_plan.h"
-#include "core/numerics.h"
-#include "core/wire.h"
+#include "core/backend/backend.h"
+#include "core/base/status.h"
+#include "core/format/wire.h"
+#include "core/numerics/numerics.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
-#if EXPERTMESH_HAVE_CUDA
-#include "core/cuda/cuda_experts.h"
-#endif
 
 namespace expertmesh {
 
@@ -273,48 +271,22 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(o.model_dir);
   if (!ckpt.ok()) return ckpt.status();
   es->checkpoint_ = *std::move(ckpt);
-  uint64_t share = 0;
-  for (const LayerExpert& le : o.experts) {
-    for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
-      for (const char* suffix : {".weight", ".weight_scale_inv"}) {
-        const std::string name =
-            absl::StrCat("model.layers.", le.layer, ".mlp.experts.", le.expert, ".", proj, suffix);
-        if (const TensorInfo* t = es->checkpoint_->Info(name)) share += t->end - t->begin;
-      }
-    }
-  }
+  const uint64_t share = ExpertBytesInCheckpoint(*es->checkpoint_, o.experts);
   spdlog::info("loading {} experts of shard {} ({:.1f} MiB of {:.1f} MiB in the checkpoint)",
                o.experts.size(), o.shard_id, share / 1048576.0,
                es->checkpoint_->total_bytes() / 1048576.0);
-  absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(o.device);
-  if (!device.ok()) return device.status();
-  std::unique_ptr<RoutedExperts> backend;
-  if (device->cuda) {
-#if EXPERTMESH_HAVE_CUDA
-    spdlog::info("copying the experts to CUDA device(s) {}", o.device);
-    absl::StatusOr<std::unique_ptr<cuda::CudaExperts>> gpu = cuda::CudaExperts::Create(
-        *es->checkpoint_, es->config_, o.experts, {.devices = device->devices});
-    if (!gpu.ok()) return gpu.status();
-    es->bytes_mapped_ = share;
-    backend = *std::move(gpu);
-#else
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--device ", o.device, ": this expert-service was built without CUDA (EXPERTMESH_CUDA)"));
-#endif
-  } else {
-    LocalExperts::Options lo;
-    lo.quantize_activations = o.quantize_activations;
-    const int64_t total = static_cast<int64_t>(o.experts.size());
-    const int64_t step = std::max<int64_t>(1, total / 10);
-    lo.progress = [step](int64_t done, int64_t n) {
-      if (done % step == 0 || done == n) spdlog::info("loaded {}/{} experts", done, n);
-    };
-    absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
-        LocalExperts::Create(*es->checkpoint_, es->config_, o.experts, lo);
-    if (!experts.ok()) return experts.status();
-    es->bytes_mapped_ = (*experts)->bytes_mapped();
-    backend = *std::move(experts);
-  }
+  EM_ASSIGN_OR_RETURN(const DeviceSpec device, ParseDeviceSpec(o.device));
+  LocalExperts::Options lo;
+  lo.quantize_activations = o.quantize_activations;
+  const int64_t total = static_cast<int64_t>(o.experts.size());
+  const int64_t step = std::max<int64_t>(1, total / 10);
+  lo.progress = [step](int64_t done, int64_t n) {
+    if (done % step == 0 || done == n) spdlog::info("loaded {}/{} experts", done, n);
+  };
+  if (device.cuda) spdlog::info("copying the experts to CUDA device(s) {}", o.device);
+  EM_ASSIGN_OR_RETURN(ExpertsBackend backend,
+                      CreateExpertsBackend(*es->checkpoint_, es->config_, o.experts, device, lo));
+  es->bytes_mapped_ = backend.bytes;
   spdlog::info("experts loaded on {}: {} bytes of expert tensors ({} bytes mapped from files)",
                o.device, es->bytes_mapped_, es->checkpoint_->bytes_mapped());
   if (o.metrics) {
@@ -326,7 +298,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
           .Set(svc->outstanding_rows());
     });
   }
-  es->service_->SetExperts(std::move(backend), o.experts, /*serialize=*/device->cuda);
+  es->service_->SetExperts(std::move(backend.experts), o.experts, backend.serialize);
   SetServing(*es->server_, true);
 
   if (!o.router_address.empty()) {

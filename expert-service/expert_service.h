@@ -20,9 +20,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "core/config.h"
-#include "core/local_experts.h"
-#include "core/safetensors.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
 #include "expert-service/registration.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "service-common/grpc_util.h"

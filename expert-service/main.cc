@@ -4,7 +4,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "expert-service/expert_service.h"
-#include "router/placement.h"
+#include "placement/placement.h"
 #include "service-common/metrics_http.h"
 #include "service-common/process.h"
 #include "spdlog/spdlog.h"

@@ -6,7 +6,7 @@
 
 #include <boost/json.hpp>
 
-#include "core/config.h"
+#include "core/format/config.h"
 #include "gateway/strings.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
@@ -101,13 +101,13 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
       if (self->http_ != nullptr) open.Set(self->http_->open_connections());
     });
   }
-  Generator::Options gen_options;
+  RequestRunner::Options gen_options;
   gen_options.default_timeout = o.request_timeout;
-  g->generator_ = std::make_unique<Generator>(
+  g->runner_ = std::make_unique<RequestRunner>(
       g->tokenizer_.get(), g->chat_template_ ? &*g->chat_template_ : nullptr, card, g->pool_.get(),
       g->admission_.get(), g->metrics_.get(), gen_options);
 
-  g->grpc_service_ = std::make_unique<GatewayGrpcService>(g->generator_.get(), g->metrics_.get());
+  g->grpc_service_ = std::make_unique<GatewayGrpcService>(g->runner_.get(), g->metrics_.get());
   ServerOptions server_options;
   server_options.listen = o.grpc_listen;
   server_options.max_sync_threads = o.grpc_threads;
@@ -121,8 +121,8 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.api_keys = o.api_keys;
   http_options.max_connections = o.max_connections;
   AttentionPool* p = g->pool_.get();
-  absl::StatusOr<std::unique_ptr<HttpServer>> http = HttpServer::Start(
-      http_options, g->generator_.get(), g->metrics_.get(), [p]() -> absl::Status {
+  absl::StatusOr<std::unique_ptr<HttpServer>> http =
+      HttpServer::Start(http_options, g->runner_.get(), g->metrics_.get(), [p]() -> absl::Status {
         if (p->AnyReady()) return absl::OkStatus();
         std::string why = "no attention-service replica is ready";
         for (const AttentionPool::ReplicaState& r : p->Snapshot()) {

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "core/text/chat_template.h"
+#include "core/text/tokenizer.h"
 #include "gateway/admission.h"
 #include "gateway/attention_pool.h"
 #include "gateway/generation.h"
@@ -53,7 +53,7 @@ class GatewayServer {
 
   int http_port() const { return http_->port(); }
   int grpc_port() const { return grpc_.port; }
-  const ModelCard& card() const { return generator_->card(); }
+  const ModelCard& card() const { return runner_->card(); }
   MetricsRegistry& metrics() { return registry_; }
   AttentionPool& pool() { return *pool_; }
 
@@ -70,7 +70,7 @@ class GatewayServer {
   std::optional<ChatTemplate> chat_template_;
   std::unique_ptr<AttentionPool> pool_;
   std::unique_ptr<Admission> admission_;
-  std::unique_ptr<Generator> generator_;
+  std::unique_ptr<RequestRunner> runner_;
   std::unique_ptr<GatewayGrpcService> grpc_service_;
   RunningServer grpc_;
   std::unique_ptr<HttpServer> http_;

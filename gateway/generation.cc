@@ -45,9 +45,9 @@ Counter& GatewayMetrics::Requests(const std::string& api, int status) {
                              {{"api", api}, {"status", std::to_string(status)}});
 }
 
-Generator::Generator(const Tokenizer* tokenizer, const ChatTemplate* chat_template, ModelCard card,
-                     AttentionPool* pool, Admission* admission, GatewayMetrics* metrics,
-                     Options options)
+RequestRunner::RequestRunner(const Tokenizer* tokenizer, const ChatTemplate* chat_template,
+                             ModelCard card, AttentionPool* pool, Admission* admission,
+                             GatewayMetrics* metrics, Options options)
     : tokenizer_(tokenizer),
       chat_template_(chat_template),
       card_(std::move(card)),
@@ -56,12 +56,12 @@ Generator::Generator(const Tokenizer* tokenizer, const ChatTemplate* chat_templa
       metrics_(metrics),
       options_(options) {}
 
-uint32_t Generator::max_context() const {
+uint32_t RequestRunner::max_context() const {
   uint32_t reported = pool_ != nullptr ? pool_->max_context() : 0;
   return reported == 0 ? card_.max_context : std::min(reported, card_.max_context);
 }
 
-absl::StatusOr<PreparedRequest> Generator::Prepare(GenerationRequest request) const {
+absl::StatusOr<PreparedRequest> RequestRunner::Prepare(GenerationRequest request) const {
   PreparedRequest p;
   std::string_view prompt_param = "prompt";
   if (request.messages.has_value()) {
@@ -121,7 +121,8 @@ absl::StatusOr<PreparedRequest> Generator::Prepare(GenerationRequest request) co
   return p;
 }
 
-TokenLogprob Generator::MakeLogprob(int32_t id, float logprob, const v1::TopLogprobs* top) const {
+TokenLogprob RequestRunner::MakeLogprob(int32_t id, float logprob,
+                                        const v1::TopLogprobs* top) const {
   TokenLogprob lp;
   lp.token_id = id;
   lp.token = tokenizer_->Decode(std::span<const int32_t>(&id, 1), false);
@@ -136,7 +137,7 @@ TokenLogprob Generator::MakeLogprob(int32_t id, float logprob, const v1::TopLogp
   return lp;
 }
 
-absl::StatusOr<Outcome> Generator::Run(const PreparedRequest& p, GenerationSink& sink) const {
+absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationSink& sink) const {
   const GenerationRequest& r = p.request;
   const auto start = SteadyClock::now();
   const auto timeout = options_.default_timeout;

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "core/text/chat_template.h"
+#include "core/text/tokenizer.h"
 #include "gateway/admission.h"
 #include "gateway/attention_pool.h"
 #include "gateway/request.h"
@@ -84,14 +84,15 @@ struct GatewayMetrics {
   Counter& Requests(const std::string& api, int status);
 };
 
-class Generator {
+class RequestRunner {
  public:
   struct Options {
     std::chrono::milliseconds default_timeout{std::chrono::minutes(10)};
   };
-  // All pointers must outlive the generator; chat_template may be null (no chat API).
-  Generator(const Tokenizer* tokenizer, const ChatTemplate* chat_template, ModelCard card,
-            AttentionPool* pool, Admission* admission, GatewayMetrics* metrics, Options options);
+  // All pointers must outlive the runner; chat_template may be null (no chat API).
+  RequestRunner(const Tokenizer* tokenizer, const ChatTemplate* chat_template, ModelCard card,
+                AttentionPool* pool, Admission* admission, GatewayMetrics* metrics,
+                Options options);
 
   // Renders and tokenizes the prompt and fixes max_tokens: 400-class errors (prompt longer
   // than the context, token ids out of the vocabulary, invalid UTF-8, template errors).

@@ -98,16 +98,16 @@ absl::StatusOr<GenerationRequest> FromProto(const v1::GenerateRequest& proto, co
 grpc::Status GatewayGrpcService::Generate(grpc::ServerContext* context,
                                           const v1::GenerateRequest* request,
                                           grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  absl::StatusOr<GenerationRequest> r = FromProto(*request, generator_->card(), RequestLimits{});
+  absl::StatusOr<GenerationRequest> r = FromProto(*request, runner_->card(), RequestLimits{});
   absl::StatusOr<PreparedRequest> prepared =
-      r.ok() ? generator_->Prepare(std::move(*r)) : absl::StatusOr<PreparedRequest>(r.status());
+      r.ok() ? runner_->Prepare(std::move(*r)) : absl::StatusOr<PreparedRequest>(r.status());
   if (!prepared.ok()) {
     metrics_->Requests("grpc", ToApiError(prepared.status()).http_status).Inc();
     return ToGrpcStatus(prepared.status());
   }
   WriterSink sink(context, writer, prepared->request.return_token_ids,
                   prepared->request.sampling.logprobs);
-  absl::StatusOr<Outcome> outcome = generator_->Run(*prepared, sink);
+  absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
   if (!outcome.ok()) {
     metrics_->Requests("grpc", ToApiError(outcome.status()).http_status).Inc();
     return ToGrpcStatus(outcome.status());
@@ -128,8 +128,8 @@ grpc::Status GatewayGrpcService::Generate(grpc::ServerContext* context,
 grpc::Status GatewayGrpcService::ListModels(grpc::ServerContext*, const v1::ListModelsRequest*,
                                             v1::ListModelsResponse* response) {
   v1::ModelInfo* m = response->add_models();
-  m->set_id(generator_->card().id);
-  m->set_max_context(generator_->max_context());
+  m->set_id(runner_->card().id);
+  m->set_max_context(runner_->max_context());
   m->set_owned_by("expertmesh");
   return grpc::Status::OK;
 }

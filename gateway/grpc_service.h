@@ -18,8 +18,8 @@ absl::StatusOr<GenerationRequest> FromProto(const v1::GenerateRequest& proto, co
 
 class GatewayGrpcService final : public v1::Gateway::Service {
  public:
-  GatewayGrpcService(const Generator* generator, GatewayMetrics* metrics)
-      : generator_(generator), metrics_(metrics) {}
+  GatewayGrpcService(const RequestRunner* runner, GatewayMetrics* metrics)
+      : runner_(runner), metrics_(metrics) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override;
@@ -27,7 +27,7 @@ class GatewayGrpcService final : public v1::Gateway::Service {
                           v1::ListModelsResponse* response) override;
 
  private:
-  const Generator* generator_;
+  const RequestRunner* runner_;
   GatewayMetrics* metrics_;
 };
 

@@ -52,9 +52,9 @@ int64_t UnixNow() { return static_cast<int64_t>(std::time(nullptr)); }
 
 class HttpServer::Impl {
  public:
-  Impl(Options options, const Generator* generator, GatewayMetrics* metrics, ReadinessFn readiness)
+  Impl(Options options, const RequestRunner* runner, GatewayMetrics* metrics, ReadinessFn readiness)
       : options_(std::move(options)),
-        generator_(generator),
+        runner_(runner),
         metrics_(metrics),
         readiness_(std::move(readiness)),
         acceptor_(io_) {}
@@ -282,16 +282,16 @@ class HttpServer::Impl {
     }
     if (path == "/v1/models" || path.rfind("/v1/models/", 0) == 0) {
       if (!get) return WriteError(c, absl::UnimplementedError("Use GET on /v1/models."), keep);
-      json::object model{{"id", generator_->card().id},
+      json::object model{{"id", runner_->card().id},
                          {"object", "model"},
                          {"created", 0},
                          {"owned_by", "expertmesh"},
-                         {"max_model_len", generator_->max_context()}};
+                         {"max_model_len", runner_->max_context()}};
       if (path == "/v1/models") {
         json::object list{{"object", "list"}, {"data", json::array{model}}};
         return WriteJson(c, 200, json::serialize(list), keep);
       }
-      if (path.substr(std::string_view("/v1/models/").size()) != generator_->card().id) {
+      if (path.substr(std::string_view("/v1/models/").size()) != runner_->card().id) {
         return WriteError(c, UnknownModel(path.substr(11)), keep);
       }
       return WriteJson(c, 200, json::serialize(model), keep);
@@ -373,10 +373,10 @@ class HttpServer::Impl {
     const std::string api = chat ? "chat" : "completions";
     const RequestLimits limits;
     absl::StatusOr<GenerationRequest> request =
-        chat ? ParseChatCompletionRequest(body, generator_->card(), limits)
-             : ParseCompletionRequest(body, generator_->card(), limits);
+        chat ? ParseChatCompletionRequest(body, runner_->card(), limits)
+             : ParseCompletionRequest(body, runner_->card(), limits);
     absl::StatusOr<PreparedRequest> prepared =
-        request.ok() ? generator_->Prepare(std::move(*request))
+        request.ok() ? runner_->Prepare(std::move(*request))
                      : absl::StatusOr<PreparedRequest>(request.status());
     if (!prepared.ok()) {
       metrics_->Requests(api, ToApiError(prepared.status()).http_status).Inc();
@@ -388,7 +388,7 @@ class HttpServer::Impl {
                               UnixNow(), r.sampling.logprobs);
     if (!r.stream) {
       CollectSink sink(c, responder);
-      absl::StatusOr<Outcome> outcome = generator_->Run(*prepared, sink);
+      absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
       if (!outcome.ok()) {
         metrics_->Requests(api, ToApiError(outcome.status()).http_status).Inc();
         if (outcome.status().code() == absl::StatusCode::kCancelled) return false;
@@ -398,7 +398,7 @@ class HttpServer::Impl {
       return WriteJson(c, 200, responder.Full(*outcome), keep);
     }
     SseSink sink(c, responder, r.include_usage);
-    absl::StatusOr<Outcome> outcome = generator_->Run(*prepared, sink);
+    absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
     if (!outcome.ok()) {
       metrics_->Requests(api, ToApiError(outcome.status()).http_status).Inc();
       if (outcome.status().code() == absl::StatusCode::kCancelled) return false;
@@ -417,7 +417,7 @@ class HttpServer::Impl {
   }
 
   const Options options_;
-  const Generator* generator_;
+  const RequestRunner* runner_;
   GatewayMetrics* metrics_;
   ReadinessFn readiness_;
   net::io_context io_;
@@ -435,10 +435,10 @@ HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpServer::~HttpServer() { impl_->Drain(std::chrono::milliseconds(0)); }
 
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(Options options,
-                                                              const Generator* generator,
+                                                              const RequestRunner* runner,
                                                               GatewayMetrics* metrics,
                                                               ReadinessFn readiness) {
-  auto impl = std::make_unique<Impl>(std::move(options), generator, metrics, std::move(readiness));
+  auto impl = std::make_unique<Impl>(std::move(options), runner, metrics, std::move(readiness));
   absl::Status s = impl->Listen();
   if (!s.ok()) return s;
   return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl)));

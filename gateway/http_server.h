@@ -39,7 +39,7 @@ class HttpServer {
   using ReadinessFn = std::function<absl::Status()>;
 
   static absl::StatusOr<std::unique_ptr<HttpServer>> Start(Options options,
-                                                           const Generator* generator,
+                                                           const RequestRunner* runner,
                                                            GatewayMetrics* metrics,
                                                            ReadinessFn readiness);
   ~HttpServer();  // Drain(0)

@@ -6,6 +6,7 @@
 
 #include <boost/json.hpp>
 
+#include "core/base/status.h"
 #include "gateway/api_error.h"
 #include "gateway/strings.h"
 
@@ -90,12 +91,6 @@ class Fields {
  private:
   const json::object& object_;
 };
-
-#define EM_RETURN_IF_ERROR(expr)             \
-  do {                                       \
-    absl::Status _em_status = (expr);        \
-    if (!_em_status.ok()) return _em_status; \
-  } while (0)
 
 absl::StatusOr<json::object> ParseBody(std::string_view body) {
   if (!IsValidUtf8(body)) {
@@ -354,38 +349,6 @@ absl::StatusOr<json::object> NormalizeMessage(const json::value& value, size_t i
 }
 
 }  // namespace
-
-bool IsValidUtf8(std::string_view text) {
-  const auto* p = reinterpret_cast<const unsigned char*>(text.data());
-  const auto* end = p + text.size();
-  while (p < end) {
-    unsigned char c = *p;
-    if (c < 0x80) {
-      ++p;
-      continue;
-    }
-    int n = 0;
-    uint32_t cp = 0;
-    if ((c & 0xE0) == 0xC0) {
-      n = 1, cp = c & 0x1F;
-    } else if ((c & 0xF0) == 0xE0) {
-      n = 2, cp = c & 0x0F;
-    } else if ((c & 0xF8) == 0xF0) {
-      n = 3, cp = c & 0x07;
-    } else {
-      return false;
-    }
-    if (end - p <= n) return false;
-    for (int i = 1; i <= n; ++i) {
-      if ((p[i] & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (p[i] & 0x3F);
-    }
-    static constexpr uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    p += n + 1;
-  }
-  return true;
-}
 
 absl::Status ValidateGenerationRequest(const GenerationRequest& r, const ModelCard& card,
                                        const RequestLimits& limits) {

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/base/utf8.h"  // IsValidUtf8
 #include "gateway/request.h"
 
 namespace expertmesh::gateway {
@@ -25,8 +26,5 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
 // Range checks shared by the HTTP and gRPC APIs (sampling values, stop lists, max_tokens).
 absl::Status ValidateGenerationRequest(const GenerationRequest& request, const ModelCard& card,
                                        const RequestLimits& limits);
-
-// True when `text` is well-formed UTF-8 (no overlongs, surrogates or code points > U+10FFFF).
-bool IsValidUtf8(std::string_view text);
 
 }  // namespace expertmesh::gateway

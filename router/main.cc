@@ -4,8 +4,8 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
-#include "core/config.h"
-#include "router/placement.h"
+#include "core/format/config.h"
+#include "placement/placement.h"
 #include "router/router_service.h"
 #include "service-common/handshake.h"
 #include "service-common/metrics_http.h"

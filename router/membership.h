@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "expertmesh/v1/router.pb.h"
-#include "router/placement.h"
+#include "placement/placement.h"
 
 namespace expertmesh {
 

@@ -3,7 +3,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "core/wire.h"
+#include "core/format/wire.h"
 
 namespace expertmesh {
 

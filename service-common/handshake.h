@@ -1,5 +1,5 @@
 // Peer identity and the handshake rule: two ExpertMesh peers talk only when they serve the
-// same model (fingerprint of config.json) with the same protocol version (core/wire.h).
+// same model (fingerprint of config.json) with the same protocol version (core/format/wire.h).
 // Any other pairing is refused with FAILED_PRECONDITION naming what differs.
 #pragma once
 

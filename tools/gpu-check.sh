@@ -93,7 +93,7 @@ if [[ $MODE == bundle ]]; then
   build || { summary; exit 1; }
   mkdir -p "$DIR/bin" "$DIR/lib"
   for t in tests/cuda/cuda_host_test tests/cuda/cuda_kernels_test tests/cuda/cuda_nccl_test \
-    tests/cuda/cuda_engine_test core/cuda/bench/bench_grouped_gemm; do
+    tests/cuda/cuda_engine_test core/kernels/cuda/bench/bench_grouped_gemm; do
     [[ -f "$BUILD/$t" ]] && cp "$BUILD/$t" "$DIR/bin/"
   done
   # Shared libraries outside glibc / libstdc++ and outside CUDA (the GPU machine has those).
@@ -118,7 +118,7 @@ if [[ $MODE == full ]]; then
   BIN_KERNELS="$BUILD/tests/cuda/cuda_kernels_test"
   BIN_NCCL="$BUILD/tests/cuda/cuda_nccl_test"
   BIN_ENGINE="$BUILD/tests/cuda/cuda_engine_test"
-  BIN_BENCH="$BUILD/core/cuda/bench/bench_grouped_gemm"
+  BIN_BENCH="$BUILD/core/kernels/cuda/bench/bench_grouped_gemm"
 else
   # CUDA libraries (cudart, cublasLt, nccl) come from the machine: the toolkit or the Python
   # wheels of its PyTorch.

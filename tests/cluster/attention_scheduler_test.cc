@@ -12,11 +12,11 @@
 #include "attention-service/kv_block_pool.h"
 #include "attention-service/paged_kv_cache.h"
 #include "attention-service/scheduler.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/cluster_test_util.h"
 
@@ -61,9 +61,9 @@ class SchedulerTest : public ::testing::Test {
       if (e->finish != FinishReason::kNone) return *e;
     }
   }
-  GenerationRequest Greedy(const std::string& id, const std::vector<int32_t>& prompt,
-                           int max_tokens) {
-    GenerationRequest r;
+  SequenceRequest Greedy(const std::string& id, const std::vector<int32_t>& prompt,
+                         int max_tokens) {
+    SequenceRequest r;
     r.request_id = id;
     r.prompt = prompt;
     r.max_tokens = max_tokens;
@@ -205,7 +205,7 @@ TEST_F(SchedulerTest, ExpiredSequencesEndWithDeadlineExceeded) {
   absl::StatusOr<std::unique_ptr<Scheduler>> s =
       Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
   ASSERT_TRUE(s.ok());
-  GenerationRequest r = Greedy("late", {5, 6, 7}, 50);
+  SequenceRequest r = Greedy("late", {5, 6, 7}, 50);
   r.deadline = absl::InfinitePast();  // expired before its first step
   absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(r);
   ASSERT_TRUE(st.ok());
@@ -251,12 +251,12 @@ TEST_F(SchedulerTest, ValidatesAgainstTheModel) {
   absl::StatusOr<std::unique_ptr<Scheduler>> s =
       Scheduler::Create(model_.get(), experts_.get(), SchedulerOptions{}, nullptr);
   ASSERT_TRUE(s.ok());
-  auto code = [&](GenerationRequest r) { return (*s)->Submit(std::move(r)).status().code(); };
+  auto code = [&](SequenceRequest r) { return (*s)->Submit(std::move(r)).status().code(); };
   EXPECT_EQ(code(Greedy("e", {}, 4)), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(Greedy("v", {5, 320}, 4)), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(Greedy("n", {5, -1}, 4)), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(Greedy("c", std::vector<int32_t>(256, 5), 4)), absl::StatusCode::kInvalidArgument);
-  GenerationRequest r = Greedy("t", {5}, 4);
+  SequenceRequest r = Greedy("t", {5}, 4);
   r.sampling.top_p = 1.5f;
   EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
   r = Greedy("stop", {5}, 4);
@@ -298,7 +298,7 @@ TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   ASSERT_TRUE((*s)->mtp());
   std::vector<std::shared_ptr<SequenceStream>> streams;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    GenerationRequest r;
+    SequenceRequest r;
     r.request_id = "mtp" + std::to_string(i);
     r.prompt = prompts[i];
     r.max_tokens = kMaxTokens;
@@ -345,7 +345,7 @@ TEST(ToGenerationRequestTest, ChecksValuesAndFillsDefaults) {
   v1::SubmitRequest ok;
   ok.add_prompt_token_ids(5);
   ok.add_prompt_token_ids(6);
-  absl::StatusOr<GenerationRequest> r = convert(ok);
+  absl::StatusOr<SequenceRequest> r = convert(ok);
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->max_tokens, 254);  // 0 = up to the context
   EXPECT_EQ(r->sampling.top_p, 1.0f);

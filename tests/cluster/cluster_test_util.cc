@@ -5,13 +5,13 @@
 #include <chrono>
 #include <memory>
 
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/numerics.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/numerics/numerics.h"
 #include "tests/common/tiny_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 

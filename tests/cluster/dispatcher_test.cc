@@ -5,7 +5,7 @@
 // replica killed mid-run changes nothing; with no replica of a shard left, Run fails with
 // UNAVAILABLE naming the shard within the step deadline and serves again once a replica
 // registers. (Wall-clock waits here are bounded by the real network's events.)
-#include "router/dispatcher.h"
+#include "dispatcher/dispatcher.h"
 
 #include <atomic>
 #include <cmath>

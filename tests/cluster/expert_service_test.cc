@@ -10,9 +10,9 @@
 
 #include <gtest/gtest.h>
 
-#include "core/numerics.h"
-#include "core/wire.h"
-#include "router/placement.h"
+#include "core/format/wire.h"
+#include "core/numerics/numerics.h"
+#include "placement/placement.h"
 #include "service-common/handshake.h"
 #include "tests/cluster/shards_test_util.h"
 

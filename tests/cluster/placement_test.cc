@@ -1,6 +1,6 @@
 // Placement plans (even spread, JSON files, expert lists, map round trip) and the router's
 // membership state (registration checks, heartbeats, expiry with injected time, versions).
-#include "router/placement.h"
+#include "placement/placement.h"
 
 #include <gtest/gtest.h>
 

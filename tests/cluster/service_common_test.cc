@@ -3,7 +3,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
-#include "core/wire.h"
+#include "core/format/wire.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"

@@ -9,9 +9,9 @@
 
 #include <gtest/gtest.h>
 
+#include "dispatcher/dispatcher.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
-#include "router/dispatcher.h"
 #include "service-common/handshake.h"
 #include "service-common/metrics_http.h"
 #include "service-common/process.h"

@@ -8,8 +8,8 @@
 #include <mutex>
 #include <numeric>
 
-#include "core/numerics.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
+#include "core/numerics/numerics.h"
 #include "tests/common/tiny_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 

@@ -10,12 +10,12 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "core/config.h"
-#include "core/experts.h"
-#include "core/local_experts.h"
-#include "core/quant.h"
-#include "core/safetensors.h"
-#include "router/placement.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/experts.h"
+#include "core/model/local_experts.h"
+#include "core/numerics/quant.h"
+#include "placement/placement.h"
 
 namespace expertmesh::testing {
 

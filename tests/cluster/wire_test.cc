@@ -1,14 +1,14 @@
-// The tensor wire layout (core/wire.h) pinned: exact byte positions, round trips, and the
+// The tensor wire layout (core/format/wire.h) pinned: exact byte positions, round trips, and the
 // size checks of the unpacking side.
-#include "core/wire.h"
+#include "core/format/wire.h"
 
 #include <cstring>
 #include <vector>
 
 #include <gtest/gtest.h>
 
-#include "core/numerics.h"
-#include "core/quant.h"
+#include "core/numerics/numerics.h"
+#include "core/numerics/quant.h"
 
 namespace expertmesh {
 namespace {

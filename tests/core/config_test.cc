@@ -1,7 +1,7 @@
 // config.json parsing: the real DeepSeek-V3 and R1 configs, the spelling transformers 5 writes
 // (tests/golden/config, from tools/golden/make_config_golden.py), the round trip through
 // ModelConfigToJson, and one rejection per value the engine cannot serve, each naming its field.
-#include "core/config.h"
+#include "core/format/config.h"
 
 #include <string>
 #include <vector>

@@ -1,8 +1,8 @@
-// The SIMD kernels (core/cpu_kernels.h) against the reference loops: dequantization bit for
-// bit over every code, dot products against a scalar emulation of the documented order (bit
-// for bit on FMA targets) and against double precision, batch invariance, and the whole
-// engine with SIMD kernels against the engine with reference kernels on the bundled model.
-#include "core/cpu_kernels.h"
+// The SIMD kernels (core/kernels/cpu/cpu_kernels.h) against the reference loops: dequantization bit
+// for bit over every code, dot products against a scalar emulation of the documented order (bit for
+// bit on FMA targets) and against double precision, batch invariance, and the whole engine with
+// SIMD kernels against the engine with reference kernels on the bundled model.
+#include "core/kernels/cpu/cpu_kernels.h"
 
 #include <gtest/gtest.h>
 
@@ -15,12 +15,12 @@
 #include <tuple>
 #include <vector>
 
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/numerics.h"
-#include "core/safetensors.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/numerics/numerics.h"
 #include "hwy/targets.h"
 
 namespace expertmesh {

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "core/layers.h"
+#include "core/engine/layers.h"
 #include "tests/core/engine_test_util.h"
 
 namespace expertmesh::testing {

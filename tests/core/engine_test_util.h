@@ -11,12 +11,12 @@
 #include <vector>
 
 #include "boost/json.hpp"
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
 #include "gtest/gtest.h"
 
 namespace expertmesh::testing {

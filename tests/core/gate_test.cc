@@ -1,6 +1,6 @@
 // The MoE gate (noaux_tc, sigmoid): selection on biased scores, weights from unbiased ones,
 // group limiting (sum of the two largest per group, others -inf), ties to the lowest index.
-#include "core/gate.h"
+#include "core/model/gate.h"
 
 #include <cmath>
 #include <vector>

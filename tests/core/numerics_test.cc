@@ -1,6 +1,6 @@
 // FP8 E4M3 / BF16 / FP16 conversions against PyTorch's own conversions (golden files written
 // by tools/golden/make_numerics_golden.py). Every comparison is bit-exact.
-#include "core/numerics.h"
+#include "core/numerics/numerics.h"
 
 #include <bit>
 #include <cmath>

@@ -1,6 +1,6 @@
-// Per-token addressing of a paged batch (core/paged_batch.h), the host side of the GPU
+// Per-token addressing of a paged batch (core/kernels/plan/paged_batch.h), the host side of the GPU
 // engine's attention: positions, causal lengths, cache slots, page tables, logit rows.
-#include "core/paged_batch.h"
+#include "core/kernels/plan/paged_batch.h"
 
 #include <vector>
 

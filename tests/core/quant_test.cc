@@ -2,7 +2,7 @@
 // tools/golden/make_quant_golden.py): weight blocks (ragged edges, an all-zero block) and
 // per-token 1 x 128 activation groups (an all-zero group, a group below the amax floor).
 // Codes and scales are compared bitwise; error bounds come from the E4M3 format itself.
-#include "core/quant.h"
+#include "core/numerics/quant.h"
 
 #include <algorithm>
 #include <bit>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "core/numerics.h"
+#include "core/numerics/numerics.h"
 #include "gtest/gtest.h"
 #include "tests/core/golden_json.h"
 

@@ -8,8 +8,8 @@
 #include <sstream>
 #include <string>
 
-#include "core/config.h"
-#include "core/safetensors.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/core/engine_test_util.h"
 

@@ -2,7 +2,7 @@
 // library (tests/golden/safetensors, from tools/golden/make_safetensors_golden.py) read back
 // byte for byte; C++ writer round trips; Checkpoint::Get maps only the tensor asked for;
 // every malformed input is an error naming the file and the tensor.
-#include "core/safetensors.h"
+#include "core/format/safetensors.h"
 
 #include <cstring>
 #include <filesystem>

@@ -1,5 +1,5 @@
 // Sampling: greedy ties, seeded determinism, top-k / top-p support, penalties, logprobs.
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
 
 #include <cmath>
 #include <map>

@@ -1,20 +1,20 @@
-// The tensor-parallel sharding plan (core/tp_plan.h): its ranges for DeepSeek-V3 and the bundled
-// model, and its arithmetic run on the CPU -- split matrices, partial results summed in rank
-// order -- against the unsplit layers. The GPU engine (core/cuda/cuda_engine.cc) follows the
-// same plan; this is the CPU twin of its tensor parallelism.
-#include "core/tp_plan.h"
+// The tensor-parallel sharding plan (core/kernels/plan/tp_plan.h): its ranges for DeepSeek-V3 and
+// the bundled model, and its arithmetic run on the CPU -- split matrices, partial results summed in
+// rank order -- against the unsplit layers. The GPU engine (core/kernels/cuda/cuda_engine.cc)
+// follows the same plan; this is the CPU twin of its tensor parallelism.
+#include "core/kernels/plan/tp_plan.h"
 
 #include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "core/config.h"
-#include "core/kv_cache.h"
-#include "core/layers.h"
-#include "core/model.h"
-#include "core/quant.h"
-#include "core/safetensors.h"
+#include "core/engine/kv_cache.h"
+#include "core/engine/layers.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/model.h"
+#include "core/numerics/quant.h"
 #include "gtest/gtest.h"
 
 namespace expertmesh {

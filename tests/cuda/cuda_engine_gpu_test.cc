@@ -1,4 +1,4 @@
-// The GPU engine (core/cuda/cuda_engine.h) against the CPU reference engine on the bundled
+// The GPU engine (core/kernels/cuda/cuda_engine.h) against the CPU reference engine on the bundled
 // models (FP8 and BF16): a batch of two sequences, prefill then 8 greedy decode steps fed with
 // the reference's tokens, then the MTP module over the prefill's hidden states; tensor
 // parallelism over 1 and 2 GPUs (2 skips with a message on a one-GPU machine). Logits and
@@ -16,7 +16,7 @@
 // The gate's scores come from the GPU's hidden rows: a near-tie between two experts can flip
 // under those small differences and change one row's experts, which shows as one large row
 // error (max / peak) while the RMS stays small -- look for that before suspecting a kernel.
-#include "core/cuda/cuda_engine.h"
+#include "core/kernels/cuda/cuda_engine.h"
 
 #include <cmath>
 #include <cstdio>
@@ -28,11 +28,11 @@
 #include <tuple>
 #include <vector>
 
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

@@ -2,12 +2,12 @@
 // CPU reference LocalExperts, loading the same FP8 checkpoint. One device and a device listed
 // twice (the multi-GPU path: per-device groups, host combine) must agree bitwise with each
 // other, and with the CPU within the grouped GEMM's tolerance (grouped_gemm_gpu_test.cc).
-#include "core/cuda/cuda_experts.h"
+#include "core/kernels/cuda/cuda_experts.h"
 
 #include <filesystem>
 #include <random>
 
-#include "core/safetensors.h"
+#include "core/format/safetensors.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

@@ -12,12 +12,12 @@
 #include <string>
 #include <vector>
 
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/numerics.h"
-#include "core/safetensors.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/numerics/numerics.h"
 #include "gtest/gtest.h"
 
 namespace expertmesh {

@@ -1,6 +1,6 @@
 // Host-side grouping of (row, expert) pairs for the grouped GEMM: contiguous layout, gather and
 // scatter maps, tile schedule, and the reference combine. Integer outcomes compared exactly.
-#include "core/expert_layout.h"
+#include "core/kernels/plan/expert_layout.h"
 
 #include <random>
 

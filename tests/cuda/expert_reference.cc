@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/numerics.h"
+#include "core/numerics/numerics.h"
 
 namespace expertmesh::cuda::testing {
 namespace {

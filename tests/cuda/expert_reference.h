@@ -1,6 +1,6 @@
 // Host-only helpers of the CUDA backend tests: random block-quantized experts, the plain-loop
-// CPU reference of the routed-expert FFN (the RoutedExperts contract of core/experts.h written
-// out directly) and error metrics. No CUDA: the CPU emulation test uses them too.
+// CPU reference of the routed-expert FFN (the RoutedExperts contract of core/model/experts.h
+// written out directly) and error metrics. No CUDA: the CPU emulation test uses them too.
 #pragma once
 
 #include <cstdint>
@@ -8,8 +8,8 @@
 #include <span>
 #include <vector>
 
-#include "core/experts.h"
-#include "core/quant.h"
+#include "core/model/experts.h"
+#include "core/numerics/quant.h"
 
 namespace expertmesh::cuda::testing {
 

@@ -5,8 +5,8 @@
 // the peak leave room for the tensor cores' accumulation.
 #include <random>
 
-#include "core/cuda/device_buffer.h"
-#include "core/cuda/dispatch.h"
+#include "core/kernels/cuda/device_buffer.h"
+#include "core/kernels/cuda/dispatch.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

@@ -1,16 +1,16 @@
-// The grouped GEMM's fragment addressing (core/cuda/gemm_fragments.h) run through an emulation
-// of the PTX mma.sync fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32" with .e4m3
-// and "for mma.m16n8k16" with .f16), on the CPU: every warp's accumulators of a whole CTA tile
-// must equal the tile product A . B^T, for both MMA paths and both phases (gate/up, down).
+// The grouped GEMM's fragment addressing (core/kernels/cuda/gemm_fragments.h) run through an
+// emulation of the PTX mma.sync fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32" with
+// .e4m3 and "for mma.m16n8k16" with .f16), on the CPU: every warp's accumulators of a whole CTA
+// tile must equal the tile product A . B^T, for both MMA paths and both phases (gate/up, down).
 // This pins the index math the GPU tests would otherwise only catch on a GPU.
-#include "core/cuda/gemm_fragments.h"
+#include "core/kernels/cuda/gemm_fragments.h"
 
 #include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
 
-#include "core/numerics.h"
+#include "core/numerics/numerics.h"
 #include "gtest/gtest.h"
 
 namespace expertmesh::cuda::frag {

@@ -2,7 +2,7 @@
 // reference helpers of expert_reference.h.
 #pragma once
 
-#include "core/cuda/dispatch.h"
+#include "core/kernels/cuda/dispatch.h"
 #include "gtest/gtest.h"
 #include "tests/cuda/expert_reference.h"
 

@@ -14,9 +14,9 @@
 #include <numeric>
 #include <random>
 
-#include "core/cuda/device_buffer.h"
-#include "core/cuda/dispatch.h"
-#include "core/expert_layout.h"
+#include "core/kernels/cuda/device_buffer.h"
+#include "core/kernels/cuda/dispatch.h"
+#include "core/kernels/plan/expert_layout.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

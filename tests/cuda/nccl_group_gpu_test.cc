@@ -1,8 +1,8 @@
 // NcclGroup over every visible GPU (one GPU is a group of one): all-reduce and all-gather of
 // small integers, which are exact in float, so results compare exactly.
-#include "core/cuda/nccl_group.h"
+#include "core/kernels/cuda/nccl_group.h"
 
-#include "core/cuda/device_buffer.h"
+#include "core/kernels/cuda/device_buffer.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

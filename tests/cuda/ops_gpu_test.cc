@@ -4,13 +4,13 @@
 #include <numeric>
 #include <random>
 
-#include "core/config.h"
-#include "core/cuda/device_buffer.h"
-#include "core/cuda/dispatch.h"
-#include "core/gate.h"
-#include "core/layers.h"
-#include "core/numerics.h"
-#include "core/quant.h"
+#include "core/engine/layers.h"
+#include "core/format/config.h"
+#include "core/kernels/cuda/device_buffer.h"
+#include "core/kernels/cuda/dispatch.h"
+#include "core/model/gate.h"
+#include "core/numerics/numerics.h"
+#include "core/numerics/quant.h"
 #include "tests/cuda/gpu_test_util.h"
 
 namespace expertmesh::cuda::testing {

@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <random>
 
-#include "core/numerics.h"
+#include "core/numerics/numerics.h"
 #include "gtest/gtest.h"
 #include "tests/cuda/expert_reference.h"
 

@@ -1,12 +1,12 @@
 // libFuzzer target: the chat-template interpreter on untrusted template text.
 // Input: the template source; it renders a fixed conversation with a generation prompt.
-// Promise: never crash, overflow the stack or hang (see the limits in core/jinja.h); every
+// Promise: never crash, overflow the stack or hang (see the limits in core/text/jinja.h); every
 // failure is a Status with a message.
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
-#include "core/chat_template.h"
+#include "core/text/chat_template.h"
 
 namespace {
 

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <string>
 
-#include "core/safetensors.h"
+#include "core/format/safetensors.h"
 
 namespace {
 

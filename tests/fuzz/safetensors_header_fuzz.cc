@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-#include "core/safetensors.h"
+#include "core/format/safetensors.h"
 
 namespace {
 

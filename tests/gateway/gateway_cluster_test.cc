@@ -14,8 +14,8 @@
 #include <boost/asio.hpp>
 #include <boost/json.hpp>
 
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "core/text/chat_template.h"
+#include "core/text/tokenizer.h"
 #include "gateway/gateway_server.h"
 #include "gateway/strings.h"
 #include "gtest/gtest.h"

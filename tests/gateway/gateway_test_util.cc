@@ -10,7 +10,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
-#include "core/config.h"
+#include "core/format/config.h"
 #include "gateway/strings.h"
 #include "tests/common/tiny_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"

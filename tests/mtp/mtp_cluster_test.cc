@@ -10,7 +10,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/config.h"
+#include "core/format/config.h"
 #include "expertmesh/v1/attention.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "service-common/grpc_util.h"

@@ -1,4 +1,4 @@
-// Speculative decoding through the in-process Generator on the committed random checkpoint
+// Speculative decoding through the in-process BatchGenerator on the committed random checkpoint
 // with an MTP module (tests/data/engine-mtp): greedy output identical to plain decoding
 // token for token (k = 1, 2, 3; one sequence at a time and batched), both KV caches after
 // rejections equal to those of a run without drafting, and the sampled distribution of the
@@ -9,8 +9,8 @@
 #include <memory>
 #include <vector>
 
-#include "core/generate.h"
-#include "core/speculative.h"
+#include "core/decode/generate.h"
+#include "core/decode/speculative.h"
 #include "gtest/gtest.h"
 #include "tests/core/engine_test_util.h"
 #include "tests/mtp/mtp_test_util.h"
@@ -25,20 +25,20 @@ class MtpGenerateTest : public ::testing::Test {
   static void SetUpTestSuite() { model_ = new LoadedModel(LoadedModel::Load("engine-mtp", true)); }
   static void TearDownTestSuite() { delete model_; }
 
-  std::unique_ptr<Generator> NewGenerator(Engine* engine, bool mtp, int k, bool adaptive) {
-    GeneratorOptions o;
+  std::unique_ptr<BatchGenerator> NewGenerator(Engine* engine, bool mtp, int k, bool adaptive) {
+    BatchGeneratorOptions o;
     o.mtp = mtp;
     o.draft_k = k;
     o.policy.adaptive = adaptive;
-    auto g = Generator::Create(engine, o);
+    auto g = BatchGenerator::Create(engine, o);
     EXPECT_TRUE(g.ok()) << g.status();
     return *std::move(g);
   }
 
-  static std::vector<GenerateRequest> GreedyRequests(int n, int max_tokens) {
-    std::vector<GenerateRequest> out;
+  static std::vector<BatchRequest> GreedyRequests(int n, int max_tokens) {
+    std::vector<BatchRequest> out;
     for (const auto& p : testing::MtpTestPrompts(n, model_->config.vocab_size)) {
-      GenerateRequest r;
+      BatchRequest r;
       r.prompt = p;
       r.max_tokens = max_tokens;
       r.ignore_eos = true;
@@ -47,7 +47,7 @@ class MtpGenerateTest : public ::testing::Test {
     return out;
   }
 
-  static std::vector<int32_t> Tokens(const GenerateResult& r) {
+  static std::vector<int32_t> Tokens(const BatchResult& r) {
     std::vector<int32_t> t;
     for (const SampledToken& s : r.tokens) t.push_back(s.token);
     return t;
@@ -110,7 +110,7 @@ LoadedModel* MtpGenerateTest::model_ = nullptr;
 
 TEST_F(MtpGenerateTest, GreedyWithMtpEqualsGreedyWithout) {
   auto engine = model_->NewEngine({});
-  const std::vector<GenerateRequest> requests = GreedyRequests(8, 24);
+  const std::vector<BatchRequest> requests = GreedyRequests(8, 24);
   auto plain = NewGenerator(engine.get(), false, 1, false);
   ASSERT_FALSE(plain->mtp());
   auto expected = plain->Generate(requests);
@@ -119,12 +119,12 @@ TEST_F(MtpGenerateTest, GreedyWithMtpEqualsGreedyWithout) {
     auto spec = NewGenerator(engine.get(), true, k, /*adaptive=*/false);
     ASSERT_TRUE(spec->mtp());
     // All 8 in one batch, then each alone.
-    GenerateStats stats;
+    BatchStats stats;
     auto batched = spec->Generate(requests, &stats);
     ASSERT_TRUE(batched.ok()) << batched.status();
     for (size_t i = 0; i < requests.size(); ++i) {
       EXPECT_EQ(Tokens((*batched)[i]), Tokens((*expected)[i])) << "k=" << k << " prompt " << i;
-      auto alone = spec->Generate(std::span<const GenerateRequest>(&requests[i], 1));
+      auto alone = spec->Generate(std::span<const BatchRequest>(&requests[i], 1));
       ASSERT_TRUE(alone.ok()) << alone.status();
       EXPECT_EQ(Tokens((*alone)[0]), Tokens((*expected)[i])) << "k=" << k << " alone " << i;
     }
@@ -139,12 +139,12 @@ TEST_F(MtpGenerateTest, GreedyWithMtpEqualsGreedyWithout) {
 
 TEST_F(MtpGenerateTest, AdaptivePolicyKeepsGreedyOutput) {
   auto engine = model_->NewEngine({});
-  const std::vector<GenerateRequest> requests = GreedyRequests(8, 40);
+  const std::vector<BatchRequest> requests = GreedyRequests(8, 40);
   auto plain = NewGenerator(engine.get(), false, 1, false);
   auto expected = plain->Generate(requests);
   ASSERT_TRUE(expected.ok());
   auto spec = NewGenerator(engine.get(), true, 2, /*adaptive=*/true);
-  GenerateStats stats;
+  BatchStats stats;
   auto got = spec->Generate(requests, &stats);
   ASSERT_TRUE(got.ok()) << got.status();
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -163,15 +163,15 @@ TEST_F(MtpGenerateTest, CachesAfterRollbackEqualThoseWithoutDrafting) {
   const int64_t D = model_->config.hidden_size;
   const AcceptingPrompt crafted = FindAcceptingPrompt(*engine);
   ASSERT_FALSE(crafted.prompt.empty());
-  std::vector<GenerateRequest> requests = GreedyRequests(8, 12);
-  requests.insert(requests.begin(), GenerateRequest{crafted.prompt, {}, 12, true, {}});
+  std::vector<BatchRequest> requests = GreedyRequests(8, 12);
+  requests.insert(requests.begin(), BatchRequest{crafted.prompt, {}, 12, true, {}});
   for (size_t i = 0; i < requests.size(); ++i) {
     requests[i].sampling = crafted.sampling;
     requests[i].sampling.seed = 100 + i;
   }
   for (int k : {1, 2}) {
     auto spec = NewGenerator(engine.get(), true, k, false);
-    GenerateStats stats;
+    BatchStats stats;
     auto got = spec->Generate(requests, &stats);
     ASSERT_TRUE(got.ok());
     std::printf("k=%d: %lld drafts, %lld accepted\n", k, static_cast<long long>(stats.drafted),
@@ -225,20 +225,20 @@ TEST_F(MtpGenerateTest, SampledDistributionWithMtpMatchesTheModel) {
   auto engine = model_->NewEngine({});
   const AcceptingPrompt crafted = FindAcceptingPrompt(*engine);
   ASSERT_FALSE(crafted.prompt.empty()) << "no prompt with a usable acceptance probability";
-  GenerateRequest r{crafted.prompt, crafted.sampling, 2, true, {}};
+  BatchRequest r{crafted.prompt, crafted.sampling, 2, true, {}};
   const std::map<int32_t, double>& exact = crafted.second_token;
   const double acceptance = crafted.acceptance;
   auto spec = NewGenerator(engine.get(), true, 1, false);
   constexpr int kRounds = 40, kBatch = 100, kSamples = kRounds * kBatch;
   std::map<int32_t, int> seen;
   int64_t drafted = 0, accepted = 0;
-  std::vector<GenerateRequest> batch(kBatch, r);
+  std::vector<BatchRequest> batch(kBatch, r);
   for (int round = 0; round < kRounds; ++round) {
     for (int i = 0; i < kBatch; ++i) batch[i].sampling.seed = round * 1000 + i + 1;
-    GenerateStats stats;
+    BatchStats stats;
     auto got = spec->Generate(batch, &stats);
     ASSERT_TRUE(got.ok());
-    for (const GenerateResult& g : *got) ++seen[g.tokens[1].token];
+    for (const BatchResult& g : *got) ++seen[g.tokens[1].token];
     drafted += stats.drafted;
     accepted += stats.accepted;
   }

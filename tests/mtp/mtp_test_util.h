@@ -9,7 +9,7 @@
 #include <map>
 #include <vector>
 
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
 
 namespace expertmesh::testing {
 

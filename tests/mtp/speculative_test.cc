@@ -2,7 +2,7 @@
 // target distribution (general p/q, and the deterministic-draft form against a Sampler with
 // temperature, top-k and penalties), greedy verification, the row-cost model and the
 // adaptive draft policy's decisions under a synthetic cost model.
-#include "core/speculative.h"
+#include "core/decode/speculative.h"
 
 #include <cmath>
 #include <map>

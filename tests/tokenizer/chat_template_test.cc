@@ -1,7 +1,7 @@
 // core/chat_template against transformers' apply_chat_template (and Jinja2 itself for
 // template snippets), through tests/data/tokenizers/chat_template_golden.json written by
 // tools/tokenizer/make_tokenizer_goldens.py.
-#include "core/chat_template.h"
+#include "core/text/chat_template.h"
 
 #include <gtest/gtest.h>
 

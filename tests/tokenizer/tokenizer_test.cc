@@ -1,6 +1,6 @@
 // Conformance of core/tokenizer against Hugging Face `tokenizers`, through the golden files
 // written by tools/tokenizer/make_tokenizer_goldens.py (10,000 texts, two tokenizers).
-#include "core/tokenizer.h"
+#include "core/text/tokenizer.h"
 
 #include <gtest/gtest.h>
 

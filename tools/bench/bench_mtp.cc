@@ -7,11 +7,11 @@
 // EOS ignored, so both modes decode the same number of tokens; the greedy tokens of the two
 // modes are compared and a difference is reported (it must never happen).
 //
-// In-process: core/generate.h's Generator (adaptive drafting policy, or --mtp-always), all
-// experts local; decode tokens/s = tokens after each sequence's first / decode time.
-// Cluster: router + shards + attention service started by the launcher; B concurrent
-// Submits, the baseline with SubmitRequest.disable_mtp; per stream (tokens - 1) / (last
-// event time - first event time), summed over the streams.
+// In-process: core/decode/generate.h's BatchGenerator (adaptive drafting policy, or --mtp-always),
+// all experts local; decode tokens/s = tokens after each sequence's first / decode time. Cluster:
+// router + shards + attention service started by the launcher; B concurrent Submits, the baseline
+// with SubmitRequest.disable_mtp; per stream (tokens - 1) / (last event time - first event time),
+// summed over the streams.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,15 +22,15 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "core/config.h"
-#include "core/cpu_kernels.h"
-#include "core/engine.h"
-#include "core/generate.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
-#include "core/tokenizer.h"
+#include "core/decode/generate.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/kernels/cpu/cpu_kernels.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/text/tokenizer.h"
 #include "expertmesh/v1/attention.grpc.pb.h"
 #include "service-common/grpc_util.h"
 #include "spdlog/spdlog.h"
@@ -96,7 +96,7 @@ double Median(std::vector<double> v) {
 absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                                   int decode_tokens, int draft_k, bool always, int repeats,
                                   double margin) {
-  std::vector<GenerateRequest> requests;
+  std::vector<BatchRequest> requests;
   for (const auto& p : prompts) requests.push_back({p, {}, decode_tokens + 1, true, {}});
   Figures f;
   std::vector<std::vector<int32_t>> tokens[2];
@@ -104,15 +104,15 @@ absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<
   for (int run = 0; run < 2 * repeats; ++run) {
     const int mode = run % 2;
     tokens[mode].clear();
-    GeneratorOptions o;
+    BatchGeneratorOptions o;
     o.mtp = mode == 1;
     o.draft_k = draft_k;
     o.policy.adaptive = !always;
     o.policy.margin = margin;
-    absl::StatusOr<std::unique_ptr<Generator>> g = Generator::Create(&engine, o);
+    absl::StatusOr<std::unique_ptr<BatchGenerator>> g = BatchGenerator::Create(&engine, o);
     if (!g.ok()) return g.status();
-    GenerateStats stats;
-    absl::StatusOr<std::vector<GenerateResult>> r = (*g)->Generate(requests, &stats);
+    BatchStats stats;
+    absl::StatusOr<std::vector<BatchResult>> r = (*g)->Generate(requests, &stats);
     if (!r.ok()) return r.status();
     const double rate = stats.decode_tokens / stats.decode_seconds;
     rates[mode].push_back(rate);
@@ -124,7 +124,7 @@ absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<
         f.predicted = (*g)->policy()->PredictedSpeedup(std::ssize(prompts), 1);
       }
     }
-    for (const GenerateResult& res : *r) {
+    for (const BatchResult& res : *r) {
       tokens[mode].emplace_back();
       for (const SampledToken& t : res.tokens) tokens[mode].back().push_back(t.token);
     }
@@ -285,7 +285,7 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
       static_cast<long long>(config->n_routed_experts), static_cast<long long>(config->vocab_size),
       decode_tokens, draft_k, always ? "always draft" : "adaptive");
   if (breakdown) {
-    // The same forwards with the reference loops (core/model.cc), the SIMD kernels' baseline.
+    // The same forwards with the reference loops (core/model/model.cc), the SIMD kernels' baseline.
     LocalExperts::Options ro;
     ro.kernel = LinearKernel::kReference;
     absl::StatusOr<std::unique_ptr<LocalExperts>> ref_experts =

@@ -1,5 +1,5 @@
 // `expertmesh eval --model DIR --text FILE`: how good a checkpoint is, measured with the
-// reference engine (core/engine.h) and the C++ tokenizer:
+// reference engine (core/engine/engine.h) and the C++ tokenizer:
 //   * perplexity of the main model on the text,
 //   * the multi-token-prediction module: top-1 accuracy of its next-next-token prediction on
 //     the text, and its acceptance rate under greedy decoding (the fraction of steps where the
@@ -24,14 +24,14 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/status/statusor.h"
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/experts.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
-#include "core/tokenizer.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/experts.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/text/tokenizer.h"
 #include "spdlog/spdlog.h"
 #include "tools/cli/commands.h"
 

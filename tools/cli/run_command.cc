@@ -13,14 +13,14 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-#include "core/config.h"
-#include "core/engine.h"
-#include "core/generate.h"
-#include "core/local_experts.h"
-#include "core/model.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
-#include "core/tokenizer.h"
+#include "core/decode/generate.h"
+#include "core/decode/sampling.h"
+#include "core/engine/engine.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/model/local_experts.h"
+#include "core/model/model.h"
+#include "core/text/tokenizer.h"
 #include "spdlog/spdlog.h"
 #include "tools/cli/commands.h"
 
@@ -139,7 +139,7 @@ int Run(const RunArgs& args) {
     spdlog::error("{}", engine.status().ToString());
     return 1;
   }
-  GenerateRequest request;
+  BatchRequest request;
   request.prompt = prompt;
   request.max_tokens = args.max_tokens;
   request.ignore_eos = args.ignore_eos;
@@ -151,11 +151,11 @@ int Run(const RunArgs& args) {
     spdlog::error("{}", s.status().ToString());
     return 1;
   }
-  GeneratorOptions gen_options;
+  BatchGeneratorOptions gen_options;
   gen_options.mtp = args.mtp;
   gen_options.draft_k = args.draft_k;
   gen_options.policy.adaptive = !args.mtp_always;
-  auto generator = Generator::Create(engine->get(), gen_options);
+  auto generator = BatchGenerator::Create(engine->get(), gen_options);
   if (!generator.ok()) {
     spdlog::error("{}", generator.status().ToString());
     return 1;
@@ -168,9 +168,9 @@ int Run(const RunArgs& args) {
   if (tokenizer != nullptr)
     text = std::make_unique<Tokenizer::StreamDecoder>(tokenizer.get(), false);
   std::vector<int32_t> generated;
-  GenerateStats stats;
+  BatchStats stats;
   auto result = (*generator)
-                    ->Generate(std::span<const GenerateRequest>(&request, 1), &stats,
+                    ->Generate(std::span<const BatchRequest>(&request, 1), &stats,
                                [&](size_t, std::span<const SampledToken> tokens) {
                                  for (const SampledToken& tok : tokens) {
                                    generated.push_back(tok.token);

@@ -24,7 +24,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 GREEDY_TOKENS = 16
 ACT_QUANT_GROUP = 128
-ACT_QUANT_MIN_AMAX = 1e-4  # core/quant.h kActQuantMinAmax (DeepSeek's act_quant floor)
+ACT_QUANT_MIN_AMAX = 1e-4  # core/numerics/quant.h kActQuantMinAmax (DeepSeek's act_quant floor)
 
 
 def act_quant(x):

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
-#include "core/config.h"
+#include "core/format/config.h"
 #include "spdlog/spdlog.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 

@@ -8,10 +8,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/numerics.h"
-#include "core/quant.h"
-#include "core/safetensors.h"
-#include "core/sampling.h"
+#include "core/decode/sampling.h"
+#include "core/format/safetensors.h"
+#include "core/numerics/numerics.h"
+#include "core/numerics/quant.h"
 
 namespace expertmesh {
 

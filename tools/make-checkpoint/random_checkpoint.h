@@ -10,7 +10,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "core/config.h"
+#include "core/format/config.h"
 
 namespace expertmesh {
 

@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "core/text/chat_template.h"
+#include "core/text/tokenizer.h"
 
 namespace {
 

@@ -291,7 +291,7 @@ class MTPLayer(DecoderLayer):
 
     Input at position i: eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i]))), embedding first as
     vLLM and SGLang load DeepSeek's weights, where h[i] is the main model's last-layer output
-    before the final norm (model.norm), as core/engine.h hands it to its MTP entry point
+    before the final norm (model.norm), as core/engine/engine.h hands it to its MTP entry point
     (hnorm normalizes it). Then one decoder layer with MoE, then shared_head.norm and
     shared_head.head: logits for t[i+2].
     """

@@ -1,0 +1,80 @@
+// Host-side choice of CUDA kernel variants and launch shapes, one place per op.
+//
+// The CUDA backend (core/kernels/cuda/) asks this file which variant of an op to run on a device of
+// a given compute capability and how to launch it; the answer is plain data, so the rules are
+// unit-tested on every machine, with or without a GPU or nvcc. Unsupported devices get a
+// Status naming the device and the op, never a silent fallback.
+//
+// Grouped expert GEMM variants (see core/kernels/cuda/grouped_gemm.cuh for the design note):
+//   sm_86, sm_87          FP8 weights and activations widened to FP16 in registers, mma.sync
+//                         m16n8k16 f16 -> f32 (Ampere has no FP8 tensor cores).
+//   sm_89, sm_90, sm_12x  mma.sync m16n8k32 e4m3 -> f32 (FP8 tensor cores).
+//   anything else         kUnimplemented: the library carries SASS for sm_86/89/90/120 and PTX
+//                         for compute_120 only.
+// Both paths apply the 128x128 weight scales and 1x128 activation scales per 128-deep K block
+// in FP32 outside the MMA (DeepSeek's "promotion"), so they compute the same numbers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace expertmesh {
+
+struct DeviceArch {
+  int major = 0;
+  int minor = 0;
+  int64_t max_smem_per_block = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int sm_count = 1;
+  int compute_capability() const { return major * 10 + minor; }
+};
+
+enum class MmaPath {
+  kF16FromFp8,  // sm_86 class
+  kFp8E4M3,     // sm_89 and newer
+};
+const char* MmaPathName(MmaPath path);
+
+// The tensor-core path of a device, or kUnimplemented.
+absl::StatusOr<MmaPath> SelectMmaPath(const DeviceArch& arch);
+
+// Fixed tile geometry of the grouped GEMM kernels (compile-time constants in the kernels too).
+inline constexpr int kGemmBlockN = 256;   // B rows per CTA: 128 gate + 128 up, or 256 down rows
+inline constexpr int kGemmBlockK = 128;   // one scale block of K per pipeline stage
+inline constexpr int kGemmThreads = 256;  // 8 warps
+inline constexpr int kGemmStages = 2;
+inline constexpr int kGemmSmemPitch = kGemmBlockK + 16;  // bytes per smem row: no bank conflicts
+
+// Shared memory of one CTA: stages x (block_m + block_n) rows x pitch.
+int64_t GroupedGemmSmemBytes(int block_m);
+
+struct GroupedGemmPlan {
+  MmaPath path = MmaPath::kFp8E4M3;
+  int block_m = 16;  // 16 (decode: few rows per expert) or 64 (prefill)
+  int64_t smem_bytes = 0;
+  std::string name() const;  // e.g. "fp8_e4m3/m64"
+};
+
+// Rows per expert decide the regime: with <= 16 rows for every expert the GEMM is bound by
+// reading the weights, and a 16-row tile wastes no loads; beyond that a 64-row tile reuses each
+// weight tile four times more from shared memory.
+absl::StatusOr<GroupedGemmPlan> PlanGroupedGemm(const DeviceArch& arch,
+                                                int32_t max_rows_per_expert);
+
+// hidden_size and moe_intermediate_size must be multiples of 16 (16-byte cp.async rows).
+absl::Status ValidateGroupedGemmShape(int64_t hidden_size, int64_t moe_intermediate_size);
+
+// Launch shape of the MLA decode kernel: heads per CTA so that one CTA reads each cache token
+// once for several heads; must divide num_heads.
+struct MlaDecodePlan {
+  int heads_per_cta = 1;
+  int tokens_per_chunk = 32;
+  int64_t smem_bytes = 0;
+};
+absl::StatusOr<MlaDecodePlan> PlanMlaDecode(const DeviceArch& arch, int num_heads, int kv_lora_rank,
+                                            int qk_rope_head_dim);
+
+}  // namespace expertmesh

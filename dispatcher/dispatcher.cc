@@ -1,0 +1,736 @@
+#include "dispatcher/dispatcher.h"
+
+#include <algorithm>
+#include <deque>
+#include <optional>
+#include <set>
+#include <utility>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/format/wire.h"
+#include "expertmesh/v1/expert.grpc.pb.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "service-common/handshake.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh {
+
+// ---- A step's rendezvous -----------------------------------------------------------------
+
+// What Run() waits on: one slot per shard group, filled by stream reader threads. A slot only
+// accepts the answer of its current attempt (token), so late answers of abandoned attempts
+// are dropped.
+struct StepWaiter {
+  struct Slot {
+    uint64_t token = 0;
+    bool filled = false;
+    absl::Status status;  // transport-level outcome
+    v1::ExpertResponse response;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Slot> slots;
+
+  void Deliver(size_t group, uint64_t token, absl::Status status, v1::ExpertResponse response) {
+    std::lock_guard<std::mutex> lock(mu);
+    Slot& s = slots[group];
+    if (s.token != token || s.filled) return;
+    s.filled = true;
+    s.status = std::move(status);
+    s.response = std::move(response);
+    cv.notify_all();
+  }
+};
+
+struct Pending {
+  std::shared_ptr<StepWaiter> waiter;
+  size_t group = 0;
+  uint64_t token = 0;
+  int64_t rows = 0;
+};
+
+// ---- One long-lived Compute stream to one shard replica ------------------------------------
+
+class ReplicaStream {
+ public:
+  ReplicaStream(std::string replica_id, std::string address, int32_t shard,
+                const DispatcherOptions& options)
+      : replica_id_(std::move(replica_id)),
+        address_(std::move(address)),
+        shard_(shard),
+        options_(options) {}
+  ~ReplicaStream() { Close(); }
+
+  const std::string& replica_id() const { return replica_id_; }
+  const std::string& address() const { return address_; }
+  int64_t outstanding_rows() const { return outstanding_rows_.load(); }
+  bool healthy() const { return open_.load() && !broken_.load(); }
+
+  // Opens the stream (handshake first, bounded by `deadline` and connect_timeout) unless it
+  // is open and healthy. A broken stream is torn down and opened afresh. Serialized per
+  // replica.
+  absl::Status EnsureOpen(absl::Time deadline) {
+    std::lock_guard<std::mutex> open_lock(open_mu_);
+    if (closed_) return absl::UnavailableError(absl::StrCat(address_, ": closed"));
+    if (open_ && !broken_) return absl::OkStatus();
+    TearDown();
+    if (!channel_) channel_ = MakeChannel(address_, options_.max_message_bytes);
+    auto stub = v1::ExpertService::NewStub(channel_);
+    {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(
+          absl::ToChronoTime(std::min(deadline, absl::Now() + options_.connect_timeout)));
+      v1::HandshakeRequest req;
+      *req.mutable_client() = options_.identity;
+      v1::HandshakeResponse resp;
+      if (grpc::Status s = stub->Handshake(&ctx, req, &resp); !s.ok()) {
+        return absl::Status(FromGrpcStatus(s).code(),
+                            absl::StrCat(address_, ": handshake: ", s.error_message()));
+      }
+      if (absl::Status s = CheckPeer(options_.identity, resp.server()); !s.ok()) return s;
+    }
+    stub_ = std::move(stub);
+    // The stream lives as long as the replica is in the map: no call deadline here; every
+    // request on it is bounded by the dispatcher's attempt and step deadlines instead.
+    ctx_ = std::make_unique<grpc::ClientContext>();
+    stream_ = stub_->Compute(ctx_.get());
+    broken_ = false;
+    writer_stop_ = false;
+    open_ = true;
+    writer_ = std::thread([this] { WriterLoop(); });
+    reader_ = std::thread([this] { ReaderLoop(); });
+    spdlog::info("dispatcher: stream to {} ({}) open", replica_id_, address_);
+    return absl::OkStatus();
+  }
+
+  // Queues a request (its request_id is assigned here). The answer, or the failure of the
+  // stream, lands in pending.waiter.
+  absl::StatusOr<uint64_t> Send(v1::ExpertRequest request, Pending pending) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!open_ || broken_) return absl::UnavailableError(absl::StrCat(address_, ": not open"));
+    if (static_cast<int>(pending_.size()) >= options_.max_in_flight_per_replica) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(address_, ": ", pending_.size(), " requests in flight"));
+    }
+    const uint64_t id = next_request_id_++;
+    request.set_request_id(id);
+    outstanding_rows_ += pending.rows;
+    pending_.emplace(id, std::move(pending));
+    queue_.push_back(std::move(request));
+    send_cv_.notify_one();
+    return id;
+  }
+
+  // Forgets a request: its answer, if it still comes, is dropped.
+  void Abandon(uint64_t request_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(request_id);
+    if (it == pending_.end()) return;
+    outstanding_rows_ -= it->second.rows;
+    pending_.erase(it);
+  }
+
+  // Marks the stream failed and cancels it; its pending requests fail over.
+  void Break(const std::string& why) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!open_ || broken_) return;
+    spdlog::warn("dispatcher: breaking stream to {} ({}): {}", replica_id_, address_, why);
+    broken_ = true;
+    if (ctx_) ctx_->TryCancel();
+  }
+
+  void Close() {
+    std::lock_guard<std::mutex> open_lock(open_mu_);
+    closed_ = true;
+    TearDown();
+  }
+
+ private:
+  // Under open_mu_: cancels the stream and joins its threads.
+  void TearDown() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ctx_) ctx_->TryCancel();
+      broken_ = true;
+    }
+    if (reader_.joinable()) reader_.join();  // the reader joins the writer
+    std::lock_guard<std::mutex> lock(mu_);
+    stream_.reset();
+    ctx_.reset();
+    open_ = false;
+  }
+
+  void WriterLoop() {
+    while (true) {
+      v1::ExpertRequest request;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        send_cv_.wait(lock, [this] { return writer_stop_ || !queue_.empty(); });
+        if (writer_stop_) return;
+        request = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      if (!stream_->Write(request)) {
+        Break("write failed");
+        return;
+      }
+    }
+  }
+
+  void ReaderLoop() {
+    v1::ExpertResponse response;
+    while (stream_->Read(&response)) {
+      std::optional<Pending> p;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = pending_.find(response.request_id());
+        if (it != pending_.end()) {
+          outstanding_rows_ -= it->second.rows;
+          p = std::move(it->second);
+          pending_.erase(it);
+        }
+      }
+      if (p) p->waiter->Deliver(p->group, p->token, absl::OkStatus(), std::move(response));
+      response.Clear();
+    }
+    // The stream ended: stop the writer, collect the status, fail what was pending.
+    std::map<uint64_t, Pending> failed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = true;
+      writer_stop_ = true;
+      if (ctx_) ctx_->TryCancel();
+      send_cv_.notify_all();
+    }
+    if (writer_.joinable()) writer_.join();
+    const grpc::Status finish = stream_->Finish();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed.swap(pending_);
+      queue_.clear();
+      outstanding_rows_ = 0;
+    }
+    const absl::Status why = absl::UnavailableError(absl::StrCat(
+        "stream to ", replica_id_, " (", address_,
+        ") ended: ", finish.ok() ? std::string("closed by the replica") : finish.error_message()));
+    if (!failed.empty())
+      spdlog::warn("dispatcher: {}; {} requests fail over", std::string(why.message()),
+                   failed.size());
+    for (auto& [id, p] : failed) p.waiter->Deliver(p.group, p.token, why, {});
+  }
+
+  const std::string replica_id_;
+  const std::string address_;
+  const int32_t shard_;
+  const DispatcherOptions& options_;
+
+  std::mutex open_mu_;  // EnsureOpen / Close
+  bool closed_ = false;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ExpertService::Stub> stub_;
+  std::unique_ptr<grpc::ClientContext> ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::ExpertRequest, v1::ExpertResponse>> stream_;
+  std::thread reader_;
+  std::thread writer_;
+
+  std::mutex mu_;  // the fields below
+  std::condition_variable send_cv_;
+  std::atomic<bool> open_{false};
+  std::atomic<bool> broken_{false};
+  bool writer_stop_ = false;
+  uint64_t next_request_id_ = 1;
+  std::deque<v1::ExpertRequest> queue_;
+  std::map<uint64_t, Pending> pending_;
+  std::atomic<int64_t> outstanding_rows_{0};
+};
+
+// ---- Dispatcher ----------------------------------------------------------------------------
+
+struct Dispatcher::Table {
+  uint64_t version = 0;
+  Placement placement;
+  std::vector<std::vector<std::shared_ptr<ReplicaStream>>> replicas;  // [S], map order
+};
+
+// One shard group's part of a step.
+struct Dispatcher::Group {
+  int32_t shard = 0;
+  std::vector<int32_t> rows;               // rows of the batch routed here, ascending
+  v1::ExpertRequest request;               // built once, resent on failover
+  std::set<const ReplicaStream*> tried;    // replicas that failed this step
+  std::shared_ptr<ReplicaStream> replica;  // the current attempt's replica
+  uint64_t request_id = 0;
+  absl::Time attempt_deadline;
+  bool done = false;
+  std::vector<std::string> errors;  // why each replica failed, for the final message
+  std::string answer;               // BF16 [rows.size(), H] once done
+};
+
+Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
+    : hidden_size_(config.hidden_size),
+      n_layers_(static_cast<int32_t>(config.num_hidden_layers + config.num_nextn_predict_layers)),
+      n_routed_experts_(static_cast<int32_t>(config.n_routed_experts)),
+      options_(std::move(options)),
+      expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
+      unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {}
+
+absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const ModelConfig& config,
+                                                               DispatcherOptions options) {
+  if (config.hidden_size <= 0 || config.n_routed_experts <= 0) {
+    return absl::InvalidArgumentError("dispatcher: config without routed experts");
+  }
+  if (options.attempt_timeout <= absl::ZeroDuration() ||
+      options.step_deadline <= absl::ZeroDuration() || options.max_in_flight_per_replica < 1) {
+    return absl::InvalidArgumentError("dispatcher: timeouts and queue bound must be positive");
+  }
+  return std::unique_ptr<Dispatcher>(new Dispatcher(config, std::move(options)));
+}
+
+Dispatcher::~Dispatcher() {
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    stopping_ = true;
+    if (watch_ctx_) watch_ctx_->TryCancel();
+  }
+  watch_cv_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
+  if (reporter_.joinable()) reporter_.join();
+  std::map<std::string, std::shared_ptr<ReplicaStream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    streams.swap(streams_);
+    table_.reset();
+  }
+  for (auto& [key, s] : streams) s->Close();
+}
+
+uint64_t Dispatcher::placement_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return table_ ? table_->version : 0;
+}
+
+bool Dispatcher::Covered() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!table_) return false;
+  return std::all_of(table_->replicas.begin(), table_->replicas.end(),
+                     [](const auto& r) { return !r.empty(); });
+}
+
+absl::Status Dispatcher::WaitCovered(absl::Duration timeout, uint64_t min_version) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto ready = [&] {
+    return table_ && table_->version >= min_version &&
+           std::all_of(table_->replicas.begin(), table_->replicas.end(),
+                       [](const auto& r) { return !r.empty(); });
+  };
+  if (!table_changed_.wait_for(lock, absl::ToChronoMilliseconds(timeout), ready)) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("dispatcher: placement v", table_ ? table_->version : 0,
+                     " does not cover every shard group within ", absl::FormatDuration(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_version) {
+  absl::StatusOr<Placement> placement = PlacementFromMap(map);
+  if (!placement.ok()) return placement.status();
+  if (placement->n_layers != n_layers_ || placement->n_routed_experts != n_routed_experts_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("dispatcher: placement map of ", placement->n_layers, " layers x ",
+                     placement->n_routed_experts, " experts; this model has ", n_layers_, " x ",
+                     n_routed_experts_));
+  }
+  std::vector<std::shared_ptr<ReplicaStream>> removed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (table_ && !any_version && map.version() <= table_->version) {
+      return absl::OkStatus();  // stale
+    }
+    auto table = std::make_shared<Table>();
+    table->version = map.version();
+    table->replicas.resize(placement->num_shards);
+    table->placement = *std::move(placement);
+    std::map<std::string, std::shared_ptr<ReplicaStream>> streams;
+    for (const v1::ShardGroup& g : map.shards()) {
+      for (const v1::ShardReplica& r : g.replicas()) {
+        const std::string key = absl::StrCat(r.replica_id(), "@", r.address());
+        auto it = streams_.find(key);
+        std::shared_ptr<ReplicaStream> s =
+            it != streams_.end() ? it->second
+                                 : std::make_shared<ReplicaStream>(r.replica_id(), r.address(),
+                                                                   g.shard_id(), options_);
+        streams[key] = s;
+        table->replicas[g.shard_id()].push_back(std::move(s));
+      }
+    }
+    for (auto& [key, s] : streams_) {
+      if (!streams.contains(key)) removed.push_back(s);
+    }
+    streams_.swap(streams);
+    table_ = std::move(table);
+    spdlog::info("dispatcher: placement v{} ({} shard groups)", table_->version,
+                 table_->replicas.size());
+  }
+  table_changed_.notify_all();
+  for (auto& s : removed) s->Close();  // its pending requests fail over
+  return absl::OkStatus();
+}
+
+void Dispatcher::WatchRouter(const std::string& router_address) {
+  router_address_ = router_address;
+  watcher_ = std::thread([this, router_address] { WatchLoop(router_address); });
+  if (options_.load_report_interval > absl::ZeroDuration()) {
+    reporter_ = std::thread([this] { ReportLoop(); });
+  }
+}
+
+absl::Status Dispatcher::ReportLoad() {
+  if (router_address_.empty()) return absl::FailedPreconditionError("no router to report to");
+  v1::LoadReport report;
+  report.set_reporter(options_.identity.instance_id());
+  for (int32_t l = 0; l < n_layers_; ++l) {
+    for (int32_t e = 0; e < n_routed_experts_; ++e) {
+      const uint64_t tokens =
+          unreported_load_[static_cast<size_t>(l) * n_routed_experts_ + e].exchange(0);
+      if (tokens == 0) continue;
+      v1::LayerExpertLoad* load = report.add_loads();
+      load->set_layer(l);
+      load->set_expert(e);
+      load->set_tokens(tokens);
+    }
+  }
+  if (report.loads_size() == 0) return absl::OkStatus();
+  auto stub = v1::RouterService::NewStub(MakeChannel(router_address_));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() +
+                   absl::ToChronoMilliseconds(options_.connect_timeout));
+  v1::LoadReportResponse resp;
+  const grpc::Status s = stub->ReportLoad(&ctx, report, &resp);
+  if (!s.ok()) {  // keep the counts for the next report
+    for (const v1::LayerExpertLoad& l : report.loads()) {
+      unreported_load_[static_cast<size_t>(l.layer()) * n_routed_experts_ + l.expert()] +=
+          l.tokens();
+    }
+    return FromGrpcStatus(s);
+  }
+  return absl::OkStatus();
+}
+
+void Dispatcher::ReportLoop() {
+  std::unique_lock<std::mutex> lock(watch_mu_);
+  while (!watch_cv_.wait_for(lock, absl::ToChronoMilliseconds(options_.load_report_interval),
+                             [this] { return stopping_; })) {
+    lock.unlock();
+    if (absl::Status s = ReportLoad(); !s.ok()) {
+      spdlog::warn("dispatcher: load report: {}", std::string(s.message()));
+    }
+    lock.lock();
+  }
+}
+
+void Dispatcher::WatchLoop(std::string router_address) {
+  auto channel = MakeChannel(router_address, options_.max_message_bytes);
+  auto stub = v1::RouterService::NewStub(channel);
+  while (true) {
+    grpc::ClientContext ctx;  // long-lived watch: no deadline; cancelled on stop
+    {
+      std::lock_guard<std::mutex> lock(watch_mu_);
+      if (stopping_) return;
+      watch_ctx_ = &ctx;
+    }
+    v1::WatchPlacementRequest req;
+    *req.mutable_identity() = options_.identity;
+    req.set_known_version(0);  // always send the current map: the router may have restarted
+    auto reader = stub->WatchPlacement(&ctx, req);
+    v1::PlacementMap map;
+    bool first = true;
+    while (reader->Read(&map)) {
+      if (absl::Status s = ApplyPlacement(map, /*any_version=*/std::exchange(first, false));
+          !s.ok()) {
+        spdlog::error("dispatcher: placement v{} refused: {}", map.version(),
+                      std::string(s.message()));
+      }
+    }
+    const grpc::Status status = reader->Finish();
+    std::unique_lock<std::mutex> lock(watch_mu_);
+    watch_ctx_ = nullptr;
+    if (stopping_) return;
+    spdlog::warn("dispatcher: placement watch on {} ended ({}); reconnecting", router_address,
+                 status.error_message());
+    watch_cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stopping_; });
+  }
+}
+
+Counter* Dispatcher::ExpertTokens(int layer, int expert) {
+  std::atomic<Counter*>& slot =
+      expert_tokens_[static_cast<size_t>(layer) * n_routed_experts_ + expert];
+  Counter* c = slot.load(std::memory_order_acquire);
+  if (!c) {
+    c = &options_.metrics->GetCounter(
+        "expertmesh_dispatch_expert_tokens_total", "Tokens (rows) sent to each routed expert",
+        {{"layer", std::to_string(layer)}, {"expert", std::to_string(expert)}});
+    slot.store(c, std::memory_order_release);
+  }
+  return c;
+}
+
+namespace {
+
+bool Retryable(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return false;  // the request itself is wrong: every replica would say so
+    default:
+      return true;
+  }
+}
+
+}  // namespace
+
+absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                             std::span<float> out) {
+  const absl::Time start = absl::Now();
+  const int64_t R = x.n_rows;
+  const int64_t H = hidden_size_;
+  if (x.dim != H || routes.n_rows() != R || static_cast<int64_t>(out.size()) != R * H ||
+      static_cast<int64_t>(x.fp8.size()) != R * H ||
+      static_cast<int64_t>(x.scales.size()) != R * x.groups() ||
+      routes.offsets.back() != static_cast<int32_t>(routes.experts.size()) ||
+      routes.weights.size() != routes.experts.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("dispatcher: inconsistent batch of ", R,
+                                                   " rows, dim ", x.dim, " (hidden_size ", H, ")"));
+  }
+  std::shared_ptr<const Table> table;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    table = table_;
+  }
+  if (!table) return absl::UnavailableError("dispatcher: no placement map from the router yet");
+  const Placement& placement = table->placement;
+
+  // Rows -> shard groups, each with its own CSR of (expert, weight) pairs.
+  std::vector<Group> groups(placement.num_shards);
+  for (int32_t s = 0; s < placement.num_shards; ++s) {
+    groups[s].shard = s;
+    groups[s].request.add_row_offsets(0);
+  }
+  for (int32_t r = 0; r < R; ++r) {
+    for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
+      const int32_t e = routes.experts[p];
+      const int32_t s = placement.ShardOf(layer, e);
+      if (s < 0) {
+        return absl::FailedPreconditionError(absl::StrCat("dispatcher: placement v", table->version,
+                                                          " has no shard for layer ", layer,
+                                                          " expert ", e));
+      }
+      Group& g = groups[s];
+      auto* offs = g.request.mutable_row_offsets();
+      if (g.rows.empty() || g.rows.back() != r) {
+        g.rows.push_back(r);
+        offs->Add(offs->Get(offs->size() - 1));
+      }
+      g.request.add_experts(e);
+      g.request.add_weights(routes.weights[p]);
+      offs->Set(offs->size() - 1, offs->Get(offs->size() - 1) + 1);
+      unreported_load_[static_cast<size_t>(layer) * n_routed_experts_ + e].fetch_add(
+          1, std::memory_order_relaxed);
+      if (options_.metrics) ExpertTokens(layer, e)->Inc();
+    }
+  }
+  const uint64_t batch_id = next_batch_id_.fetch_add(1);
+  auto waiter = std::make_shared<StepWaiter>();
+  waiter->slots.resize(groups.size());
+  std::vector<size_t> active;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    Group& g = groups[i];
+    if (g.rows.empty()) {
+      g.done = true;
+      continue;
+    }
+    active.push_back(i);
+    g.request.set_batch_id(batch_id);
+    g.request.set_layer(layer);
+    g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
+    g.request.set_hidden_size(static_cast<uint32_t>(H));
+    PackActivationRows(x, g.rows, g.request.mutable_activations(), g.request.mutable_scales());
+  }
+
+  const absl::Time step_deadline = start + options_.step_deadline;
+  uint64_t next_token = 1;
+  // Sends group i to the best untried replica; false when none is left.
+  auto attempt = [&](size_t i) -> bool {
+    Group& g = groups[i];
+    std::vector<std::shared_ptr<ReplicaStream>> candidates;
+    for (const auto& r : table->replicas[g.shard]) {
+      if (!g.tried.contains(r.get())) candidates.push_back(r);
+    }
+    // Healthy streams first, then the least outstanding work; ties keep map order.
+    std::stable_sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
+      if (a->healthy() != b->healthy()) return a->healthy();
+      return a->outstanding_rows() < b->outstanding_rows();
+    });
+    for (const auto& r : candidates) {
+      g.tried.insert(r.get());
+      if (absl::Status s = r->EnsureOpen(step_deadline); !s.ok()) {
+        g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
+        continue;
+      }
+      const uint64_t token = next_token++;
+      {
+        std::lock_guard<std::mutex> lock(waiter->mu);
+        waiter->slots[i] = StepWaiter::Slot{token};
+      }
+      absl::StatusOr<uint64_t> id =
+          r->Send(g.request, Pending{waiter, i, token, static_cast<int64_t>(g.rows.size())});
+      if (!id.ok()) {
+        g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
+        continue;
+      }
+      g.replica = r;
+      g.request_id = *id;
+      g.attempt_deadline = std::min(absl::Now() + options_.attempt_timeout, step_deadline);
+      if (options_.metrics) {
+        options_.metrics
+            ->GetCounter("expertmesh_dispatch_bytes_sent_total", "Request bytes sent per shard",
+                         {{"shard", std::to_string(g.shard)}})
+            .Inc(static_cast<double>(g.request.ByteSizeLong()));
+      }
+      return true;
+    }
+    g.replica.reset();
+    return false;
+  };
+  auto fail_over = [&](size_t i, const std::string& why) -> absl::Status {
+    Group& g = groups[i];
+    g.errors.push_back(absl::StrCat(g.replica ? g.replica->replica_id() : "?", ": ", why));
+    failovers_.fetch_add(1);
+    if (options_.metrics) {
+      options_.metrics
+          ->GetCounter("expertmesh_dispatch_replica_failovers_total",
+                       "Requests resent to another replica of the same shard",
+                       {{"shard", std::to_string(g.shard)}})
+          .Inc();
+    }
+    if (attempt(i)) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("shard ", g.shard,
+                                               ": no live replica left for layer ", layer, " (",
+                                               absl::StrJoin(g.errors, "; "), ")"));
+  };
+  auto abandon_all = [&] {
+    for (size_t i : active) {
+      if (!groups[i].done && groups[i].replica) groups[i].replica->Abandon(groups[i].request_id);
+    }
+  };
+
+  for (size_t i : active) {
+    if (!attempt(i)) {
+      abandon_all();
+      const Group& g = groups[i];
+      return absl::UnavailableError(
+          absl::StrCat("shard ", g.shard, ": no live replica for layer ", layer,
+                       g.errors.empty() ? std::string(" (none registered)")
+                                        : absl::StrCat(" (", absl::StrJoin(g.errors, "; "), ")")));
+    }
+  }
+
+  size_t remaining = active.size();
+  while (remaining > 0) {
+    absl::Time wake = step_deadline;
+    for (size_t i : active) {
+      if (!groups[i].done) wake = std::min(wake, groups[i].attempt_deadline);
+    }
+    std::vector<std::pair<size_t, StepWaiter::Slot>> filled;
+    {
+      std::unique_lock<std::mutex> lock(waiter->mu);
+      const auto any_filled = [&] {
+        for (size_t i : active) {
+          if (!groups[i].done && waiter->slots[i].filled) return true;
+        }
+        return false;
+      };
+      waiter->cv.wait_until(lock, absl::ToChronoTime(wake), any_filled);
+      for (size_t i : active) {
+        if (!groups[i].done && waiter->slots[i].filled) {
+          filled.emplace_back(i, std::move(waiter->slots[i]));
+          waiter->slots[i] = StepWaiter::Slot{};  // token 0: nothing more accepted
+        }
+      }
+    }
+    for (auto& [i, slot] : filled) {
+      Group& g = groups[i];
+      absl::Status s = slot.status;
+      if (s.ok()) s = StatusFromCode(slot.response.error_code(), slot.response.error_message());
+      if (s.ok() && (slot.response.n_rows() != g.rows.size() ||
+                     slot.response.outputs().size() != OutputBytes(g.rows.size(), H))) {
+        s = absl::InternalError(absl::StrCat("answer of ", slot.response.n_rows(), " rows / ",
+                                             slot.response.outputs().size(), " bytes for ",
+                                             g.rows.size(), " rows"));
+      }
+      if (s.ok()) {
+        g.done = true;
+        g.answer = std::move(*slot.response.mutable_outputs());
+        g.request.Clear();
+        --remaining;
+        if (options_.metrics) {
+          options_.metrics
+              ->GetCounter("expertmesh_dispatch_bytes_received_total",
+                           "Response bytes received per shard",
+                           {{"shard", std::to_string(g.shard)}})
+              .Inc(static_cast<double>(g.answer.size()));
+        }
+        continue;
+      }
+      if (!Retryable(s.code())) {
+        abandon_all();
+        return absl::Status(s.code(), absl::StrCat("shard ", g.shard, " (", g.replica->replica_id(),
+                                                   "): ", s.message()));
+      }
+      if (absl::Status f = fail_over(i, std::string(s.message())); !f.ok()) {
+        abandon_all();
+        return f;
+      }
+    }
+    const absl::Time now = absl::Now();
+    for (size_t i : active) {
+      Group& g = groups[i];
+      if (g.done || now < g.attempt_deadline) continue;
+      if (now >= step_deadline) {
+        abandon_all();
+        return absl::DeadlineExceededError(absl::StrCat(
+            "shard ", g.shard, ": no answer for layer ", layer, " within the step deadline of ",
+            absl::FormatDuration(options_.step_deadline)));
+      }
+      g.replica->Abandon(g.request_id);
+      // A replica that does not answer in time is treated as failed: its stream is cut so
+      // every request waiting on it moves elsewhere now rather than at its own timeout.
+      g.replica->Break("no answer within the attempt timeout");
+      if (absl::Status f = fail_over(i, "no answer within the attempt timeout"); !f.ok()) {
+        abandon_all();
+        return f;
+      }
+    }
+  }
+
+  // Combine in shard-id order: out[r] = sum over shards s (ascending) of answer_s[r].
+  std::fill(out.begin(), out.end(), 0.0f);
+  for (const Group& g : groups) {
+    if (g.rows.empty()) continue;
+    if (absl::Status s = AccumulateOutputRows(g.answer, g.rows, H, out); !s.ok()) {
+      return s;
+    }
+  }
+  if (options_.metrics) {
+    options_.metrics
+        ->GetHistogram("expertmesh_dispatch_latency_seconds",
+                       "Time of one MoE layer's dispatch and combine", LatencyBucketsSeconds(),
+                       {{"layer", std::to_string(layer)}})
+        .Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace expertmesh

@@ -1,0 +1,118 @@
+// The dispatcher: RoutedExperts over gRPC. At each MoE layer it takes the batch (already
+// quantized to FP8 per 128 channels) and the gate's (expert, weight) pairs, sends every shard
+// group one ExpertRequest holding only the rows that route to it with only its pairs, on
+// long-lived bidirectional streams (one per shard replica, opened once and kept), and sums
+// the shards' BF16 answers into out in shard-id order (never arrival order), so the result
+// does not depend on timing.
+//
+// Replicas: among a shard's replicas the one with the least outstanding rows gets the work
+// (ties: the first in the map). A replica that fails (stream broken, retryable error) or does
+// not answer within attempt_timeout is abandoned for this request and the request goes to
+// another replica of the same shard; with none left the step fails with UNAVAILABLE naming
+// the shard. The whole step is bounded by step_deadline.
+//
+// Placement and replicas come from the router's versioned maps (WatchRouter: a
+// WatchPlacement stream, reconnected when it breaks); replicas that register later are used
+// as soon as their map arrives.
+//
+// Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/format/config.h"
+#include "core/model/experts.h"
+#include "expertmesh/v1/common.pb.h"
+#include "expertmesh/v1/router.pb.h"
+#include "placement/placement.h"
+#include "service-common/grpc_util.h"
+#include "service-common/metrics.h"
+
+namespace expertmesh {
+
+struct DispatcherOptions {
+  v1::PeerIdentity identity;  // sent in handshakes; replicas of another model are refused
+  absl::Duration step_deadline = absl::Seconds(10);   // one Run(), all shards answered
+  absl::Duration attempt_timeout = absl::Seconds(3);  // one replica's answer, then failover
+  absl::Duration connect_timeout = absl::Seconds(2);  // handshake when a stream is opened
+  int max_message_bytes = kDefaultMaxMessageBytes;
+  int max_in_flight_per_replica = 256;  // requests queued or outstanding on one stream
+  // With WatchRouter: how often the tokens sent to each expert since the last report go to
+  // the router (ReportLoad: the planner's input). Zero = never.
+  absl::Duration load_report_interval = absl::Seconds(5);
+  MetricsRegistry* metrics = nullptr;  // optional; must outlive the dispatcher
+};
+
+class ReplicaStream;  // dispatcher.cc
+
+class Dispatcher final : public RoutedExperts {
+ public:
+  static absl::StatusOr<std::unique_ptr<Dispatcher>> Create(const ModelConfig& config,
+                                                            DispatcherOptions options);
+  ~Dispatcher() override;  // stops the watcher, closes every stream
+
+  // x: [R, H] FP8; routes.n_rows() == R; out: [R, H], overwritten.
+  absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                   std::span<float> out) override;
+
+  // Applies a placement map (newer versions only, unless `any_version`: the first map of a
+  // new watch stream is taken whatever its version, since a restarted router counts again
+  // from 1). The router watcher calls this; tests and static deployments may call it directly.
+  absl::Status ApplyPlacement(const v1::PlacementMap& map, bool any_version = false);
+  // Watches router_address's placement maps on a background thread until destruction, and
+  // reports expert load there every load_report_interval.
+  void WatchRouter(const std::string& router_address);
+  // Sends the expert load accumulated since the last report now (what the timer does).
+  absl::Status ReportLoad();
+
+  uint64_t placement_version() const;
+  // Every shard group of the current map has at least one replica.
+  bool Covered() const;
+  // Waits until Covered() (and, if min_version > 0, a map of at least that version arrived).
+  absl::Status WaitCovered(absl::Duration timeout, uint64_t min_version = 0);
+
+  uint64_t failovers() const { return failovers_.load(); }
+
+ private:
+  struct Table;  // a placement map with its replica streams, immutable once published
+  struct Group;  // one shard's part of a step
+  Dispatcher(const ModelConfig& config, DispatcherOptions options);
+  void WatchLoop(std::string router_address);
+  void ReportLoop();
+  Counter* ExpertTokens(int layer, int expert);
+
+  int64_t hidden_size_;
+  int32_t n_layers_;
+  int32_t n_routed_experts_;
+  DispatcherOptions options_;
+  std::atomic<uint64_t> next_batch_id_{1};
+  std::atomic<uint64_t> failovers_{0};
+
+  mutable std::mutex mu_;
+  std::condition_variable table_changed_;
+  std::shared_ptr<const Table> table_;
+  std::map<std::string, std::shared_ptr<ReplicaStream>> streams_;  // by replica_id@address
+
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  bool stopping_ = false;
+  grpc::ClientContext* watch_ctx_ = nullptr;  // the open watch call, cancelled on stop
+  std::thread watcher_;
+  std::thread reporter_;
+  std::string router_address_;
+
+  std::vector<std::atomic<Counter*>> expert_tokens_;    // [n_layers, n_routed_experts], lazy
+  std::vector<std::atomic<uint64_t>> unreported_load_;  // [n_layers, n_routed_experts]
+};
+
+}  // namespace expertmesh
