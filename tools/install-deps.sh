@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Installs the Debian packages ExpertMesh builds with, when any is missing. Run as root.
+# Installs the Debian 12 packages ExpertMesh builds, tests and demos with, when any is missing.
+# Run as root (or with sudo). Only what cmake/Dependencies.cmake, the CMakeLists.txt files and
+# the scripts tools/test.sh and tools/demo.sh run actually use; CUDA and NCCL come with the machine.
 set -euo pipefail
+# Toolchain: compilers, CMake presets (Ninja), ccache, pkg-config (PCRE2 and ICU are found with
+# it); clang + libclang-rt (libFuzzer, tools/fuzz.sh); clang-format and git (tools/format-check.sh);
+# curl and python3 (tools/demo.sh); python3-venv (tools/test.sh's .venv-test for the openai client).
 PKGS=(build-essential cmake ninja-build ccache pkg-config git curl python3 python3-venv
-      libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-      libboost1.81-dev libboost-json1.81-dev libabsl-dev
-      libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libsimdjson-dev libspdlog-dev
-      libcli11-dev libhwy-dev libtbb-dev libopenblas-dev
       clang libclang-rt-14-dev clang-format)
+# Libraries found in cmake/Dependencies.cmake: gRPC + protobuf (services), Boost (JSON, Beast,
+# Asio), Abseil, GoogleTest/GoogleMock, Google Benchmark (find_package'd when
+# EXPERTMESH_BENCHMARKS), PCRE2 + ICU (tokenizer), spdlog, CLI11, Highway (SIMD kernels).
+PKGS+=(libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+       libboost1.81-dev libboost-json1.81-dev libabsl-dev
+       libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libspdlog-dev
+       libcli11-dev libhwy-dev)
 # Model tools: the English text tools/corpus/build_corpus.py extracts (KJV, fortunes, GCIDE).
 PKGS+=(bible-kjv bible-kjv-text fortunes fortunes-min dict-gcide)
 missing=()
