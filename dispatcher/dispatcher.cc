@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/base/status.h"
 #include "core/format/wire.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
@@ -249,10 +250,21 @@ class ReplicaStream {
 
 // ---- Dispatcher ----------------------------------------------------------------------------
 
+// The metric handles of one shard group, looked up in the registry once per placement map.
+struct Dispatcher::ShardMetrics {
+  Counter* bytes_sent = nullptr;
+  Counter* bytes_received = nullptr;
+  Counter* failovers = nullptr;
+};
+
 struct Dispatcher::Table {
   uint64_t version = 0;
   Placement placement;
   std::vector<std::vector<std::shared_ptr<ReplicaStream>>> replicas;  // [S], map order
+  std::vector<ShardMetrics> shard_metrics;                            // [S] with a registry
+  const ShardMetrics* metrics(int32_t shard) const {
+    return shard_metrics.empty() ? nullptr : &shard_metrics[static_cast<size_t>(shard)];
+  }
 };
 
 // One shard group's part of a step.
@@ -275,7 +287,15 @@ Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
       n_routed_experts_(static_cast<int32_t>(config.n_routed_experts)),
       options_(std::move(options)),
       expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
-      unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {}
+      unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {
+  if (options_.metrics != nullptr) {
+    for (int32_t l = 0; l < n_layers_; ++l) {
+      layer_latency_.push_back(&options_.metrics->GetHistogram(
+          "expertmesh_dispatch_latency_seconds", "Time of one MoE layer's dispatch and combine",
+          LatencyBucketsSeconds(), {{"layer", std::to_string(l)}}));
+    }
+  }
+}
 
 absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const ModelConfig& config,
                                                                DispatcherOptions options) {
@@ -352,6 +372,18 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_ve
     auto table = std::make_shared<Table>();
     table->version = map.version();
     table->replicas.resize(placement->num_shards);
+    if (MetricsRegistry* m = options_.metrics) {
+      for (int32_t shard = 0; shard < placement->num_shards; ++shard) {
+        const MetricLabels labels = {{"shard", std::to_string(shard)}};
+        table->shard_metrics.push_back(ShardMetrics{
+            &m->GetCounter("expertmesh_dispatch_bytes_sent_total", "Request bytes sent per shard",
+                           labels),
+            &m->GetCounter("expertmesh_dispatch_bytes_received_total",
+                           "Response bytes received per shard", labels),
+            &m->GetCounter("expertmesh_dispatch_replica_failovers_total",
+                           "Requests resent to another replica of the same shard", labels)});
+      }
+    }
     table->placement = *std::move(placement);
     std::map<std::string, std::shared_ptr<ReplicaStream>> streams;
     for (const v1::ShardGroup& g : map.shards()) {
@@ -491,18 +523,280 @@ bool Retryable(absl::StatusCode code) {
 
 }  // namespace
 
+// One Run(): the batch split by shard group, each group sent to a replica, answers awaited
+// with failover, then combined. Phases: Partition -> Launch -> Await -> Combine.
+class Dispatcher::StepRun {
+ public:
+  StepRun(Dispatcher& d, int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+          std::shared_ptr<const Table> table, absl::Time start)
+      : d_(d),
+        layer_(layer),
+        x_(x),
+        routes_(routes),
+        table_(std::move(table)),
+        H_(d.hidden_size_),
+        step_deadline_(start + d.options_.step_deadline),
+        waiter_(std::make_shared<StepWaiter>()) {}
+
+  // Rows -> shard groups, each with its own CSR of (expert, weight) pairs, packed as requests.
+  absl::Status Partition();
+  // Sends every non-empty group to its best replica.
+  absl::Status Launch();
+  // Until every group answered: takes answers, fails over on errors and on timeouts.
+  absl::Status Await();
+  // out[r] = sum over shards s (ascending) of answer_s[r].
+  absl::Status Combine(std::span<float> out) const;
+
+ private:
+  // Sends group i to the best untried replica; false when none is left.
+  bool Attempt(size_t i);
+  absl::Status FailOver(size_t i, const std::string& why);
+  void AbandonAll();
+  // Checks one answer; OK when group i is done.
+  absl::Status Accept(size_t i, StepWaiter::Slot& slot);
+  // Groups whose attempt timed out move to another replica.
+  absl::Status HandleTimeouts();
+
+  Dispatcher& d_;
+  const int layer_;
+  const QuantizedActivations& x_;
+  const ExpertRoutes& routes_;
+  const std::shared_ptr<const Table> table_;
+  const int64_t H_;
+  const absl::Time step_deadline_;
+  std::shared_ptr<StepWaiter> waiter_;
+  std::vector<Group> groups_;
+  std::vector<size_t> active_;  // groups with rows
+  size_t remaining_ = 0;
+  uint64_t next_token_ = 1;
+};
+
+absl::Status Dispatcher::StepRun::Partition() {
+  const Placement& placement = table_->placement;
+  groups_.resize(placement.num_shards);
+  for (int32_t s = 0; s < placement.num_shards; ++s) {
+    groups_[s].shard = s;
+    groups_[s].request.add_row_offsets(0);
+  }
+  const size_t base = static_cast<size_t>(layer_) * d_.n_routed_experts_;
+  for (int32_t r = 0; r < x_.n_rows; ++r) {
+    for (int32_t p = routes_.offsets[r]; p < routes_.offsets[r + 1]; ++p) {
+      const int32_t e = routes_.experts[p];
+      const int32_t s = placement.ShardOf(layer_, e);
+      if (s < 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("dispatcher: placement v", table_->version, " has no shard for layer ",
+                         layer_, " expert ", e));
+      }
+      Group& g = groups_[s];
+      auto* offs = g.request.mutable_row_offsets();
+      if (g.rows.empty() || g.rows.back() != r) {
+        g.rows.push_back(r);
+        offs->Add(offs->Get(offs->size() - 1));
+      }
+      g.request.add_experts(e);
+      g.request.add_weights(routes_.weights[p]);
+      offs->Set(offs->size() - 1, offs->Get(offs->size() - 1) + 1);
+      d_.unreported_load_[base + e].fetch_add(1, std::memory_order_relaxed);
+      if (d_.options_.metrics) d_.ExpertTokens(layer_, e)->Inc();
+    }
+  }
+  const uint64_t batch_id = d_.next_batch_id_.fetch_add(1);
+  waiter_->slots.resize(groups_.size());
+  for (size_t i = 0; i < groups_.size(); ++i) {
+    Group& g = groups_[i];
+    if (g.rows.empty()) {
+      g.done = true;
+      continue;
+    }
+    active_.push_back(i);
+    g.request.set_batch_id(batch_id);
+    g.request.set_layer(layer_);
+    g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
+    g.request.set_hidden_size(static_cast<uint32_t>(H_));
+    PackActivationRows(x_, g.rows, g.request.mutable_activations(), g.request.mutable_scales());
+  }
+  remaining_ = active_.size();
+  return absl::OkStatus();
+}
+
+bool Dispatcher::StepRun::Attempt(size_t i) {
+  Group& g = groups_[i];
+  std::vector<std::shared_ptr<ReplicaStream>> candidates;
+  for (const auto& r : table_->replicas[g.shard]) {
+    if (!g.tried.contains(r.get())) candidates.push_back(r);
+  }
+  // Healthy streams first, then the least outstanding work; ties keep map order.
+  std::stable_sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
+    if (a->healthy() != b->healthy()) return a->healthy();
+    return a->outstanding_rows() < b->outstanding_rows();
+  });
+  for (const auto& r : candidates) {
+    g.tried.insert(r.get());
+    if (absl::Status s = r->EnsureOpen(step_deadline_); !s.ok()) {
+      g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
+      continue;
+    }
+    const uint64_t token = next_token_++;
+    {
+      std::lock_guard<std::mutex> lock(waiter_->mu);
+      waiter_->slots[i] = StepWaiter::Slot{token};
+    }
+    absl::StatusOr<uint64_t> id =
+        r->Send(g.request, Pending{waiter_, i, token, static_cast<int64_t>(g.rows.size())});
+    if (!id.ok()) {
+      g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
+      continue;
+    }
+    g.replica = r;
+    g.request_id = *id;
+    g.attempt_deadline = std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);
+    if (const ShardMetrics* m = table_->metrics(g.shard)) {
+      m->bytes_sent->Inc(static_cast<double>(g.request.ByteSizeLong()));
+    }
+    return true;
+  }
+  g.replica.reset();
+  return false;
+}
+
+absl::Status Dispatcher::StepRun::FailOver(size_t i, const std::string& why) {
+  Group& g = groups_[i];
+  g.errors.push_back(absl::StrCat(g.replica ? g.replica->replica_id() : "?", ": ", why));
+  d_.failovers_.fetch_add(1);
+  if (const ShardMetrics* m = table_->metrics(g.shard)) m->failovers->Inc();
+  if (Attempt(i)) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat("shard ", g.shard, ": no live replica left for layer ",
+                                             layer_, " (", absl::StrJoin(g.errors, "; "), ")"));
+}
+
+void Dispatcher::StepRun::AbandonAll() {
+  for (size_t i : active_) {
+    if (!groups_[i].done && groups_[i].replica) groups_[i].replica->Abandon(groups_[i].request_id);
+  }
+}
+
+absl::Status Dispatcher::StepRun::Launch() {
+  for (size_t i : active_) {
+    if (Attempt(i)) continue;
+    AbandonAll();
+    const Group& g = groups_[i];
+    return absl::UnavailableError(
+        absl::StrCat("shard ", g.shard, ": no live replica for layer ", layer_,
+                     g.errors.empty() ? std::string(" (none registered)")
+                                      : absl::StrCat(" (", absl::StrJoin(g.errors, "; "), ")")));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::StepRun::Accept(size_t i, StepWaiter::Slot& slot) {
+  Group& g = groups_[i];
+  absl::Status s = slot.status;
+  if (s.ok()) s = StatusFromCode(slot.response.error_code(), slot.response.error_message());
+  if (s.ok() && (slot.response.n_rows() != g.rows.size() ||
+                 slot.response.outputs().size() != OutputBytes(g.rows.size(), H_))) {
+    s = absl::InternalError(absl::StrCat("answer of ", slot.response.n_rows(), " rows / ",
+                                         slot.response.outputs().size(), " bytes for ",
+                                         g.rows.size(), " rows"));
+  }
+  if (!s.ok()) return s;
+  g.done = true;
+  g.answer = std::move(*slot.response.mutable_outputs());
+  g.request.Clear();
+  --remaining_;
+  if (const ShardMetrics* m = table_->metrics(g.shard)) {
+    m->bytes_received->Inc(static_cast<double>(g.answer.size()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::StepRun::HandleTimeouts() {
+  const absl::Time now = absl::Now();
+  for (size_t i : active_) {
+    Group& g = groups_[i];
+    if (g.done || now < g.attempt_deadline) continue;
+    if (now >= step_deadline_) {
+      AbandonAll();
+      return absl::DeadlineExceededError(absl::StrCat(
+          "shard ", g.shard, ": no answer for layer ", layer_, " within the step deadline of ",
+          absl::FormatDuration(d_.options_.step_deadline)));
+    }
+    g.replica->Abandon(g.request_id);
+    // A replica that does not answer in time is treated as failed: its stream is cut so
+    // every request waiting on it moves elsewhere now rather than at its own timeout.
+    g.replica->Break("no answer within the attempt timeout");
+    if (absl::Status f = FailOver(i, "no answer within the attempt timeout"); !f.ok()) {
+      AbandonAll();
+      return f;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::StepRun::Await() {
+  while (remaining_ > 0) {
+    absl::Time wake = step_deadline_;
+    for (size_t i : active_) {
+      if (!groups_[i].done) wake = std::min(wake, groups_[i].attempt_deadline);
+    }
+    std::vector<std::pair<size_t, StepWaiter::Slot>> filled;
+    {
+      std::unique_lock<std::mutex> lock(waiter_->mu);
+      const auto any_filled = [&] {
+        for (size_t i : active_) {
+          if (!groups_[i].done && waiter_->slots[i].filled) return true;
+        }
+        return false;
+      };
+      waiter_->cv.wait_until(lock, absl::ToChronoTime(wake), any_filled);
+      for (size_t i : active_) {
+        if (!groups_[i].done && waiter_->slots[i].filled) {
+          filled.emplace_back(i, std::move(waiter_->slots[i]));
+          waiter_->slots[i] = StepWaiter::Slot{};  // token 0: nothing more accepted
+        }
+      }
+    }
+    for (auto& [i, slot] : filled) {
+      const absl::Status s = Accept(i, slot);
+      if (s.ok()) continue;
+      const Group& g = groups_[i];
+      if (!Retryable(s.code())) {
+        AbandonAll();
+        return absl::Status(s.code(), absl::StrCat("shard ", g.shard, " (", g.replica->replica_id(),
+                                                   "): ", s.message()));
+      }
+      if (absl::Status f = FailOver(i, std::string(s.message())); !f.ok()) {
+        AbandonAll();
+        return f;
+      }
+    }
+    EM_RETURN_IF_ERROR(HandleTimeouts());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::StepRun::Combine(std::span<float> out) const {
+  std::fill(out.begin(), out.end(), 0.0f);
+  for (const Group& g : groups_) {
+    if (g.rows.empty()) continue;
+    EM_RETURN_IF_ERROR(AccumulateOutputRows(g.answer, g.rows, H_, out));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                              std::span<float> out) {
   const absl::Time start = absl::Now();
   const int64_t R = x.n_rows;
   const int64_t H = hidden_size_;
-  if (x.dim != H || routes.n_rows() != R || static_cast<int64_t>(out.size()) != R * H ||
-      static_cast<int64_t>(x.fp8.size()) != R * H ||
+  if (layer < 0 || layer >= n_layers_ || x.dim != H || routes.n_rows() != R ||
+      static_cast<int64_t>(out.size()) != R * H || static_cast<int64_t>(x.fp8.size()) != R * H ||
       static_cast<int64_t>(x.scales.size()) != R * x.groups() ||
       routes.offsets.back() != static_cast<int32_t>(routes.experts.size()) ||
       routes.weights.size() != routes.experts.size()) {
     return absl::InvalidArgumentError(absl::StrCat("dispatcher: inconsistent batch of ", R,
-                                                   " rows, dim ", x.dim, " (hidden_size ", H, ")"));
+                                                   " rows, dim ", x.dim, " (hidden_size ", H,
+                                                   ") for layer ", layer));
   }
   std::shared_ptr<const Table> table;
   {
@@ -510,225 +804,13 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
     table = table_;
   }
   if (!table) return absl::UnavailableError("dispatcher: no placement map from the router yet");
-  const Placement& placement = table->placement;
-
-  // Rows -> shard groups, each with its own CSR of (expert, weight) pairs.
-  std::vector<Group> groups(placement.num_shards);
-  for (int32_t s = 0; s < placement.num_shards; ++s) {
-    groups[s].shard = s;
-    groups[s].request.add_row_offsets(0);
-  }
-  for (int32_t r = 0; r < R; ++r) {
-    for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
-      const int32_t e = routes.experts[p];
-      const int32_t s = placement.ShardOf(layer, e);
-      if (s < 0) {
-        return absl::FailedPreconditionError(absl::StrCat("dispatcher: placement v", table->version,
-                                                          " has no shard for layer ", layer,
-                                                          " expert ", e));
-      }
-      Group& g = groups[s];
-      auto* offs = g.request.mutable_row_offsets();
-      if (g.rows.empty() || g.rows.back() != r) {
-        g.rows.push_back(r);
-        offs->Add(offs->Get(offs->size() - 1));
-      }
-      g.request.add_experts(e);
-      g.request.add_weights(routes.weights[p]);
-      offs->Set(offs->size() - 1, offs->Get(offs->size() - 1) + 1);
-      unreported_load_[static_cast<size_t>(layer) * n_routed_experts_ + e].fetch_add(
-          1, std::memory_order_relaxed);
-      if (options_.metrics) ExpertTokens(layer, e)->Inc();
-    }
-  }
-  const uint64_t batch_id = next_batch_id_.fetch_add(1);
-  auto waiter = std::make_shared<StepWaiter>();
-  waiter->slots.resize(groups.size());
-  std::vector<size_t> active;
-  for (size_t i = 0; i < groups.size(); ++i) {
-    Group& g = groups[i];
-    if (g.rows.empty()) {
-      g.done = true;
-      continue;
-    }
-    active.push_back(i);
-    g.request.set_batch_id(batch_id);
-    g.request.set_layer(layer);
-    g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
-    g.request.set_hidden_size(static_cast<uint32_t>(H));
-    PackActivationRows(x, g.rows, g.request.mutable_activations(), g.request.mutable_scales());
-  }
-
-  const absl::Time step_deadline = start + options_.step_deadline;
-  uint64_t next_token = 1;
-  // Sends group i to the best untried replica; false when none is left.
-  auto attempt = [&](size_t i) -> bool {
-    Group& g = groups[i];
-    std::vector<std::shared_ptr<ReplicaStream>> candidates;
-    for (const auto& r : table->replicas[g.shard]) {
-      if (!g.tried.contains(r.get())) candidates.push_back(r);
-    }
-    // Healthy streams first, then the least outstanding work; ties keep map order.
-    std::stable_sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
-      if (a->healthy() != b->healthy()) return a->healthy();
-      return a->outstanding_rows() < b->outstanding_rows();
-    });
-    for (const auto& r : candidates) {
-      g.tried.insert(r.get());
-      if (absl::Status s = r->EnsureOpen(step_deadline); !s.ok()) {
-        g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
-        continue;
-      }
-      const uint64_t token = next_token++;
-      {
-        std::lock_guard<std::mutex> lock(waiter->mu);
-        waiter->slots[i] = StepWaiter::Slot{token};
-      }
-      absl::StatusOr<uint64_t> id =
-          r->Send(g.request, Pending{waiter, i, token, static_cast<int64_t>(g.rows.size())});
-      if (!id.ok()) {
-        g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
-        continue;
-      }
-      g.replica = r;
-      g.request_id = *id;
-      g.attempt_deadline = std::min(absl::Now() + options_.attempt_timeout, step_deadline);
-      if (options_.metrics) {
-        options_.metrics
-            ->GetCounter("expertmesh_dispatch_bytes_sent_total", "Request bytes sent per shard",
-                         {{"shard", std::to_string(g.shard)}})
-            .Inc(static_cast<double>(g.request.ByteSizeLong()));
-      }
-      return true;
-    }
-    g.replica.reset();
-    return false;
-  };
-  auto fail_over = [&](size_t i, const std::string& why) -> absl::Status {
-    Group& g = groups[i];
-    g.errors.push_back(absl::StrCat(g.replica ? g.replica->replica_id() : "?", ": ", why));
-    failovers_.fetch_add(1);
-    if (options_.metrics) {
-      options_.metrics
-          ->GetCounter("expertmesh_dispatch_replica_failovers_total",
-                       "Requests resent to another replica of the same shard",
-                       {{"shard", std::to_string(g.shard)}})
-          .Inc();
-    }
-    if (attempt(i)) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat("shard ", g.shard,
-                                               ": no live replica left for layer ", layer, " (",
-                                               absl::StrJoin(g.errors, "; "), ")"));
-  };
-  auto abandon_all = [&] {
-    for (size_t i : active) {
-      if (!groups[i].done && groups[i].replica) groups[i].replica->Abandon(groups[i].request_id);
-    }
-  };
-
-  for (size_t i : active) {
-    if (!attempt(i)) {
-      abandon_all();
-      const Group& g = groups[i];
-      return absl::UnavailableError(
-          absl::StrCat("shard ", g.shard, ": no live replica for layer ", layer,
-                       g.errors.empty() ? std::string(" (none registered)")
-                                        : absl::StrCat(" (", absl::StrJoin(g.errors, "; "), ")")));
-    }
-  }
-
-  size_t remaining = active.size();
-  while (remaining > 0) {
-    absl::Time wake = step_deadline;
-    for (size_t i : active) {
-      if (!groups[i].done) wake = std::min(wake, groups[i].attempt_deadline);
-    }
-    std::vector<std::pair<size_t, StepWaiter::Slot>> filled;
-    {
-      std::unique_lock<std::mutex> lock(waiter->mu);
-      const auto any_filled = [&] {
-        for (size_t i : active) {
-          if (!groups[i].done && waiter->slots[i].filled) return true;
-        }
-        return false;
-      };
-      waiter->cv.wait_until(lock, absl::ToChronoTime(wake), any_filled);
-      for (size_t i : active) {
-        if (!groups[i].done && waiter->slots[i].filled) {
-          filled.emplace_back(i, std::move(waiter->slots[i]));
-          waiter->slots[i] = StepWaiter::Slot{};  // token 0: nothing more accepted
-        }
-      }
-    }
-    for (auto& [i, slot] : filled) {
-      Group& g = groups[i];
-      absl::Status s = slot.status;
-      if (s.ok()) s = StatusFromCode(slot.response.error_code(), slot.response.error_message());
-      if (s.ok() && (slot.response.n_rows() != g.rows.size() ||
-                     slot.response.outputs().size() != OutputBytes(g.rows.size(), H))) {
-        s = absl::InternalError(absl::StrCat("answer of ", slot.response.n_rows(), " rows / ",
-                                             slot.response.outputs().size(), " bytes for ",
-                                             g.rows.size(), " rows"));
-      }
-      if (s.ok()) {
-        g.done = true;
-        g.answer = std::move(*slot.response.mutable_outputs());
-        g.request.Clear();
-        --remaining;
-        if (options_.metrics) {
-          options_.metrics
-              ->GetCounter("expertmesh_dispatch_bytes_received_total",
-                           "Response bytes received per shard",
-                           {{"shard", std::to_string(g.shard)}})
-              .Inc(static_cast<double>(g.answer.size()));
-        }
-        continue;
-      }
-      if (!Retryable(s.code())) {
-        abandon_all();
-        return absl::Status(s.code(), absl::StrCat("shard ", g.shard, " (", g.replica->replica_id(),
-                                                   "): ", s.message()));
-      }
-      if (absl::Status f = fail_over(i, std::string(s.message())); !f.ok()) {
-        abandon_all();
-        return f;
-      }
-    }
-    const absl::Time now = absl::Now();
-    for (size_t i : active) {
-      Group& g = groups[i];
-      if (g.done || now < g.attempt_deadline) continue;
-      if (now >= step_deadline) {
-        abandon_all();
-        return absl::DeadlineExceededError(absl::StrCat(
-            "shard ", g.shard, ": no answer for layer ", layer, " within the step deadline of ",
-            absl::FormatDuration(options_.step_deadline)));
-      }
-      g.replica->Abandon(g.request_id);
-      // A replica that does not answer in time is treated as failed: its stream is cut so
-      // every request waiting on it moves elsewhere now rather than at its own timeout.
-      g.replica->Break("no answer within the attempt timeout");
-      if (absl::Status f = fail_over(i, "no answer within the attempt timeout"); !f.ok()) {
-        abandon_all();
-        return f;
-      }
-    }
-  }
-
-  // Combine in shard-id order: out[r] = sum over shards s (ascending) of answer_s[r].
-  std::fill(out.begin(), out.end(), 0.0f);
-  for (const Group& g : groups) {
-    if (g.rows.empty()) continue;
-    if (absl::Status s = AccumulateOutputRows(g.answer, g.rows, H, out); !s.ok()) {
-      return s;
-    }
-  }
-  if (options_.metrics) {
-    options_.metrics
-        ->GetHistogram("expertmesh_dispatch_latency_seconds",
-                       "Time of one MoE layer's dispatch and combine", LatencyBucketsSeconds(),
-                       {{"layer", std::to_string(layer)}})
-        .Observe(absl::ToDoubleSeconds(absl::Now() - start));
+  StepRun run(*this, layer, x, routes, std::move(table), start);
+  EM_RETURN_IF_ERROR(run.Partition());
+  EM_RETURN_IF_ERROR(run.Launch());
+  EM_RETURN_IF_ERROR(run.Await());
+  EM_RETURN_IF_ERROR(run.Combine(out));
+  if (!layer_latency_.empty()) {
+    layer_latency_[static_cast<size_t>(layer)]->Observe(absl::ToDoubleSeconds(absl::Now() - start));
   }
   return absl::OkStatus();
 }

@@ -86,6 +86,8 @@ class Dispatcher final : public RoutedExperts {
  private:
   struct Table;  // a placement map with its replica streams, immutable once published
   struct Group;  // one shard's part of a step
+  struct ShardMetrics;
+  class StepRun;  // the phases of one Run()
   Dispatcher(const ModelConfig& config, DispatcherOptions options);
   void WatchLoop(std::string router_address);
   void ReportLoop();
@@ -112,6 +114,7 @@ class Dispatcher final : public RoutedExperts {
   std::string router_address_;
 
   std::vector<std::atomic<Counter*>> expert_tokens_;    // [n_layers, n_routed_experts], lazy
+  std::vector<Histogram*> layer_latency_;               // [n_layers] with a registry
   std::vector<std::atomic<uint64_t>> unreported_load_;  // [n_layers, n_routed_experts]
 };
 
