@@ -17,6 +17,7 @@
 #include <boost/json.hpp>
 
 #include "gateway/api_error.h"
+#include "gateway/api_keys.h"
 #include "gateway/openai_parse.h"
 #include "gateway/openai_response.h"
 #include "gateway/strings.h"
@@ -54,6 +55,7 @@ class HttpServer::Impl {
  public:
   Impl(Options options, const RequestRunner* runner, GatewayMetrics* metrics, ReadinessFn readiness)
       : options_(std::move(options)),
+        api_keys_(options_.api_keys),
         runner_(runner),
         metrics_(metrics),
         readiness_(std::move(readiness)),
@@ -230,17 +232,14 @@ class HttpServer::Impl {
   }
 
   bool Authorized(const http::request<http::string_body>& request) const {
-    if (options_.api_keys.empty()) return true;
+    if (api_keys_.empty()) return true;
     auto it = request.find(http::field::authorization);
     if (it == request.end()) return false;
     std::string_view value(it->value().data(), it->value().size());
     constexpr std::string_view kBearer = "Bearer ";
     if (value.substr(0, kBearer.size()) != kBearer) return false;
     value.remove_prefix(kBearer.size());
-    for (const std::string& key : options_.api_keys) {
-      if (value == key) return true;
-    }
-    return false;
+    return api_keys_.Accepts(value);
   }
 
   // Returns whether the connection may be kept open.
@@ -417,6 +416,7 @@ class HttpServer::Impl {
   }
 
   const Options options_;
+  const ApiKeyChecker api_keys_;
   const RequestRunner* runner_;
   GatewayMetrics* metrics_;
   ReadinessFn readiness_;

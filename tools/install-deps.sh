@@ -10,11 +10,12 @@ PKGS=(build-essential cmake ninja-build ccache pkg-config git curl python3 pytho
       clang libclang-rt-14-dev clang-format)
 # Libraries found in cmake/Dependencies.cmake: gRPC + protobuf (services), Boost (JSON, Beast,
 # Asio), Abseil, GoogleTest/GoogleMock, Google Benchmark (find_package'd when
-# EXPERTMESH_BENCHMARKS), PCRE2 + ICU (tokenizer), spdlog, CLI11, Highway (SIMD kernels).
+# EXPERTMESH_BENCHMARKS), PCRE2 + ICU (tokenizer), spdlog, CLI11, Highway (SIMD kernels),
+# OpenSSL libcrypto (constant-time API-key checks in the gateway).
 PKGS+=(libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
        libboost1.81-dev libboost-json1.81-dev libabsl-dev
        libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libspdlog-dev
-       libcli11-dev libhwy-dev)
+       libcli11-dev libhwy-dev libssl-dev)
 # Model tools: the English text tools/corpus/build_corpus.py extracts (KJV, fortunes, GCIDE).
 PKGS+=(bible-kjv bible-kjv-text fortunes fortunes-min dict-gcide)
 missing=()
