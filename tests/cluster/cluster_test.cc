@@ -142,6 +142,15 @@ class ClusterTest : public ::testing::Test {
       std::filesystem::remove_all(c.log_dir());
     }
   }
+  // The cluster a fixture below starts for each test, stopped (and checked) after it.
+  void StartCluster(int shards, int replicas) {
+    absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(shards, replicas));
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = *std::move(c);
+  }
+  void TearDown() override {
+    if (cluster_ != nullptr) StopCluster(*cluster_);
+  }
   static bool Healthy(const Cluster& c) {
     auto ch = MakeChannel(c.attention().grpc_address);
     absl::StatusOr<bool> s = CheckHealth(*ch, "", absl::Seconds(2));
@@ -152,6 +161,7 @@ class ClusterTest : public ::testing::Test {
   static std::vector<std::vector<int32_t>>* prompts_;
   static std::map<int, std::vector<std::vector<int32_t>>>* want_;  // by shard groups
   static std::vector<std::vector<int32_t>>* plain_;                // LocalExperts, float results
+  std::unique_ptr<Cluster> cluster_;
 };
 std::string* ClusterTest::model_dir_ = nullptr;
 std::vector<std::vector<int32_t>>* ClusterTest::prompts_ = nullptr;
@@ -181,17 +191,23 @@ TEST_F(ClusterTest, DistributionChangesNothing) {
   }
 }
 
-TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
-  absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(2, 1));
-  ASSERT_TRUE(c.ok()) << c.status();
-  ExpectReferenceOutputs(**c, kPrompts);
-  EXPECT_EQ(Metric(**c, "expertmesh_attention_kv_blocks_used"), 0.0);
+// Each test gets its own cluster of 2 shard groups x 1 replica.
+class ServingClusterTest : public ClusterTest {
+ protected:
+  void SetUp() override { StartCluster(2, 1); }
+};
+
+TEST_F(ServingClusterTest, SixtyFourConcurrentSequencesEqualTheReference) {
+  ExpectReferenceOutputs(*cluster_, kPrompts);
+  EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_kv_blocks_used"), 0.0);
   // The attention service drafted with the MTP module (its MoE layer dispatched to the
   // shards like the others), and the tokens are still the reference's.
-  EXPECT_GT(Metric(**c, "expertmesh_attention_drafted_tokens_total"), 0.0);
+  EXPECT_GT(Metric(*cluster_, "expertmesh_attention_drafted_tokens_total"), 0.0);
+}
 
-  // Client-side cancel mid-stream, and the Cancel rpc: both free the sequence's blocks.
-  auto stub = Stub(**c);
+// Client-side cancel mid-stream, and the Cancel rpc: both free the sequence's blocks.
+TEST_F(ServingClusterTest, CancelFreesTheBlocks) {
+  auto stub = Stub(*cluster_);
   for (bool use_rpc : {false, true}) {
     SCOPED_TRACE(use_rpc ? "Cancel rpc" : "client cancel");
     grpc::ClientContext ctx;
@@ -200,7 +216,7 @@ TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
     auto reader = stub->Submit(&ctx, GreedyRequest(id, (*prompts_)[0], 200));
     v1::TokenEvent e;
     ASSERT_TRUE(reader->Read(&e));  // running: it holds its blocks
-    EXPECT_GT(Metric(**c, "expertmesh_attention_kv_blocks_used"), 0.0);
+    EXPECT_GT(Metric(*cluster_, "expertmesh_attention_kv_blocks_used"), 0.0);
     if (use_rpc) {
       grpc::ClientContext cctx;
       cctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -221,15 +237,18 @@ TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
     }
     // The blocks return at the next step boundary: poll /metrics (a few ms on loopback).
     const absl::Time end = absl::Now() + absl::Seconds(10);
-    while (Metric(**c, "expertmesh_attention_kv_blocks_used") != 0.0 && absl::Now() < end) {
+    while (Metric(*cluster_, "expertmesh_attention_kv_blocks_used") != 0.0 && absl::Now() < end) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    EXPECT_EQ(Metric(**c, "expertmesh_attention_kv_blocks_used"), 0.0);
-    EXPECT_EQ(Metric(**c, "expertmesh_attention_mtp_kv_blocks_used"), 0.0);
-    EXPECT_EQ(Metric(**c, "expertmesh_attention_requests_running"), 0.0);
+    EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_kv_blocks_used"), 0.0);
+    EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_mtp_kv_blocks_used"), 0.0);
+    EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_requests_running"), 0.0);
   }
+}
 
-  // Bad input: INVALID_ARGUMENT, and the service stays healthy and serving.
+// Bad input: INVALID_ARGUMENT, and the service stays healthy and serving.
+TEST_F(ServingClusterTest, BadInputIsInvalidArgumentAndTheServiceStaysHealthy) {
+  auto stub = Stub(*cluster_);
   std::vector<std::pair<std::string, v1::SubmitRequest>> bad;
   auto base = [&] { return GreedyRequest("bad", {5, 6, 7}, 4); };
   {
@@ -288,9 +307,14 @@ TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
         << what << ": " << r.status.error_message();
     EXPECT_TRUE(r.tokens.empty()) << what;
   }
-  EXPECT_TRUE(Healthy(**c));
+  EXPECT_TRUE(Healthy(*cluster_));
 
-  // Handshake: the same model is accepted, another model's fingerprint refused.
+  ExpectReferenceOutputs(*cluster_, 2);  // still serves
+}
+
+// Handshake: the same model is accepted, another model's fingerprint refused.
+TEST_F(ServingClusterTest, HandshakeAcceptsTheSameModelOnly) {
+  auto stub = Stub(*cluster_);
   absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*model_dir_, "gateway", "test");
   ASSERT_TRUE(me.ok()) << me.status();
   for (bool same : {true, false}) {
@@ -309,49 +333,55 @@ TEST_F(ClusterTest, SixtyFourConcurrentThenCancelThenBadInputThenHandshake) {
       EXPECT_EQ(hs.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
     }
   }
-  ExpectReferenceOutputs(**c, 2);  // still serves
-  StopCluster(**c);
+  ExpectReferenceOutputs(*cluster_, 2);  // still serves
 }
 
-TEST_F(ClusterTest, ReplicaKilledMidGenerationThenNoReplicaThenRecovery) {
-  ClusterOptions o = Options(2, 2);
-  absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = Stub(**c);
+// Each test gets its own cluster of 2 shard groups x 2 replicas.
+class ReplicatedClusterTest : public ClusterTest {
+ protected:
+  void SetUp() override { StartCluster(2, 2); }
+  // SIGKILLs both replicas of shard 0.
+  void KillShard0() {
+    ASSERT_TRUE(cluster_->KillExpert(0, 0, SIGKILL).ok());
+    ASSERT_TRUE(cluster_->KillExpert(0, 1, SIGKILL).ok());
+  }
+};
+
+// SIGKILL one replica of shard 0 while a sequence is generating: the sequence finishes with
+// the same tokens through the other replica.
+TEST_F(ReplicatedClusterTest, ReplicaKilledMidGenerationFinishesThroughTheOther) {
+  auto stub = Stub(*cluster_);
   constexpr int kLong = 120;
-  std::vector<int> kill_order = {0, 1};
   absl::StatusOr<std::vector<std::vector<int32_t>>> want_long =
       testing::ReferenceGreedy(*model_dir_, {(*prompts_)[1]}, kLong, /*wire_shards=*/2);
   ASSERT_TRUE(want_long.ok());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto reader = stub->Submit(&ctx, GreedyRequest("survivor", (*prompts_)[1], kLong));
+  std::vector<int32_t> got;
+  v1::TokenEvent e;
+  ASSERT_TRUE(reader->Read(&e));
+  got.insert(got.end(), e.token_ids().begin(), e.token_ids().end());
+  // Kill the replica of shard 0 that has been computing (the dispatcher prefers one).
+  const std::string kRows = "expertmesh_expert_rows_total";
+  const int busy = Metric(cluster_->expert(0, 0).metrics_port, kRows) > 0 ? 0 : 1;
+  const int other = 1 - busy;
+  ASSERT_GT(Metric(cluster_->expert(0, busy).metrics_port, kRows), 0.0);
+  const double other_rows_before = Metric(cluster_->expert(0, other).metrics_port, kRows);
+  ASSERT_TRUE(cluster_->KillExpert(0, busy, SIGKILL).ok());
+  while (reader->Read(&e)) got.insert(got.end(), e.token_ids().begin(), e.token_ids().end());
+  const grpc::Status s = reader->Finish();
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_LT(1u, got.size());
+  EXPECT_EQ(got, (*want_long)[0]);  // the same tokens, through the other replica
+  EXPECT_GT(Metric(cluster_->expert(0, other).metrics_port, kRows), other_rows_before);
+}
 
-  // 1. SIGKILL one replica of shard 0 while a sequence is generating.
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-    auto reader = stub->Submit(&ctx, GreedyRequest("survivor", (*prompts_)[1], kLong));
-    std::vector<int32_t> got;
-    v1::TokenEvent e;
-    ASSERT_TRUE(reader->Read(&e));
-    got.insert(got.end(), e.token_ids().begin(), e.token_ids().end());
-    // Kill the replica of shard 0 that has been computing (the dispatcher prefers one).
-    const std::string kRows = "expertmesh_expert_rows_total";
-    const int busy = Metric((*c)->expert(0, 0).metrics_port, kRows) > 0 ? 0 : 1;
-    const int other = 1 - busy;
-    ASSERT_GT(Metric((*c)->expert(0, busy).metrics_port, kRows), 0.0);
-    const double other_rows_before = Metric((*c)->expert(0, other).metrics_port, kRows);
-    ASSERT_TRUE((*c)->KillExpert(0, busy, SIGKILL).ok());
-    while (reader->Read(&e)) got.insert(got.end(), e.token_ids().begin(), e.token_ids().end());
-    const grpc::Status s = reader->Finish();
-    ASSERT_TRUE(s.ok()) << s.error_message();
-    EXPECT_LT(1u, got.size());
-    EXPECT_EQ(got, (*want_long)[0]);  // the same tokens, through the other replica
-    EXPECT_GT(Metric((*c)->expert(0, other).metrics_port, kRows), other_rows_before);
-    kill_order = {busy, other};
-  }
-
-  // 2. Kill the last replica of shard 0: sequences fail with UNAVAILABLE within the step
-  // deadline; the services stay up.
-  ASSERT_TRUE((*c)->KillExpert(0, kill_order[1], SIGKILL).ok());
+// No replica of shard 0 left: sequences fail with UNAVAILABLE within the step deadline; the
+// services stay up.
+TEST_F(ReplicatedClusterTest, NoReplicaLeftIsUnavailableWithinTheStepDeadline) {
+  auto stub = Stub(*cluster_);
+  ASSERT_NO_FATAL_FAILURE(KillShard0());
   {
     const absl::Time start = absl::Now();
     SubmitResult r =
@@ -361,24 +391,31 @@ TEST_F(ClusterTest, ReplicaKilledMidGenerationThenNoReplicaThenRecovery) {
     EXPECT_NE(r.status.error_message().find("shard 0"), std::string::npos)
         << r.status.error_message();
     // One step's deadline, plus prefill before the first MoE layer and loopback slack.
-    EXPECT_LT(took, absl::Milliseconds(o.step_deadline_ms) + absl::Seconds(2));
+    EXPECT_LT(took, absl::Milliseconds(cluster_->options().step_deadline_ms) + absl::Seconds(2));
   }
-  EXPECT_TRUE((*c)->UnexpectedExits().empty());
-  {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    v1::LoadResponse load;
-    ASSERT_TRUE(stub->GetLoad(&ctx, v1::LoadRequest(), &load).ok());
-    EXPECT_EQ(load.running() + load.waiting(), 0u);
-    EXPECT_EQ(load.kv_blocks_used(), 0u);
-  }
+  EXPECT_TRUE(cluster_->UnexpectedExits().empty());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::LoadResponse load;
+  ASSERT_TRUE(stub->GetLoad(&ctx, v1::LoadRequest(), &load).ok());
+  EXPECT_EQ(load.running() + load.waiting(), 0u);
+  EXPECT_EQ(load.kv_blocks_used(), 0u);
+}
 
-  // 3. A replica of shard 0 registers again: the attention service turns SERVING and the
-  // cluster serves the reference tokens again.
-  ASSERT_TRUE((*c)->RestartExpert(0, kill_order[0]).ok());
-  ASSERT_TRUE(launcher::WaitServing((*c)->attention().grpc_address, absl::Seconds(30)).ok());
-  ExpectReferenceOutputs(**c, 8);
-  StopCluster(**c);
+// With no replica of shard 0 left the attention service turns NOT_SERVING; once a replica
+// of that shard registers again it turns SERVING and the cluster serves the reference tokens.
+TEST_F(ReplicatedClusterTest, ServesAgainOnceAReplicaRegisters) {
+  ASSERT_NO_FATAL_FAILURE(KillShard0());
+  // The router expires the killed replicas (its expiry), then the attention service stops
+  // serving.
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (Healthy(*cluster_) && absl::Now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_FALSE(Healthy(*cluster_));
+  ASSERT_TRUE(cluster_->RestartExpert(0, 0).ok());
+  ASSERT_TRUE(launcher::WaitServing(cluster_->attention().grpc_address, absl::Seconds(30)).ok());
+  ExpectReferenceOutputs(*cluster_, 8);
 }
 
 }  // namespace

@@ -97,6 +97,11 @@ class DispatcherTest : public ::testing::Test {
     return replicas_.back().get();
   }
   ExpertServer& Replica(int shard, int r) { return *replicas_[shard * kReplicas + r]; }
+  // Crashes both replicas of shard 1 (no deregistration: the router expires them).
+  void KillShard1() {
+    Replica(1, 0).Kill();
+    Replica(1, 1).Kill();
+  }
 
   // Runs one step through the dispatcher and checks it against LocalExperts.
   void RunAndCheck(int layer, int64_t n_rows, uint64_t seed) {
@@ -200,10 +205,9 @@ TEST_F(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
   EXPECT_EQ(Replica(0, 0).service().outstanding_rows(), 0u);
 }
 
-TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShardThenServesAgain) {
+TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
   RunAndCheck(2, 4, 1);
-  Replica(1, 0).Kill();
-  Replica(1, 1).Kill();
+  KillShard1();
   const Batch b = RandomBatch(config_, 6, 77);
   std::vector<float> out(6 * config_.hidden_size);
   const absl::Time start = absl::Now();
@@ -221,7 +225,15 @@ TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShardThenServesAgain) 
   const absl::Status s2 = dispatcher_->Run(2, b.x, b.routes, out);
   EXPECT_EQ(s2.code(), absl::StatusCode::kUnavailable) << s2;
   EXPECT_NE(s2.message().find("shard 1"), std::string::npos) << s2;
+}
 
+TEST_F(DispatcherTest, ServesAgainOnceAReplicaRegisters) {
+  KillShard1();
+  const absl::Time expired_by = absl::Now() + absl::Seconds(10);
+  while (dispatcher_->Covered() && absl::Now() < expired_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the router's expiry
+  }
+  ASSERT_FALSE(dispatcher_->Covered());
   // A new replica registers: the next map covers shard 1 again and steps succeed.
   ASSERT_NE(AddReplica(1), nullptr);
   ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(10), router_->service().version()).ok());
