@@ -1,10 +1,9 @@
 #include "attention-service/kv_block_pool.h"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
-#include "spdlog/spdlog.h"
+#include "core/base/check.h"
 
 namespace expertmesh::attention {
 
@@ -68,10 +67,8 @@ std::optional<std::vector<int32_t>> KvBlockPool::Allocate(int64_t n) {
 void KvBlockPool::Free(std::span<const int32_t> blocks) {
   std::lock_guard<std::mutex> lock(mu_);
   for (int32_t b : blocks) {
-    if (b < 0 || b >= n_blocks_ || !in_use_[static_cast<size_t>(b)]) {
-      spdlog::critical("KV pool: freeing block {} which is not allocated", b);
-      std::abort();
-    }
+    EM_CHECK(b >= 0 && b < n_blocks_ && in_use_[static_cast<size_t>(b)],
+             absl::StrCat("KV pool: freeing block ", b, " which is not allocated"));
     in_use_[static_cast<size_t>(b)] = false;
     free_list_.push_back(b);
   }

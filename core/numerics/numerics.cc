@@ -14,7 +14,8 @@
 #include <cstdlib>
 #include <limits>
 
-#include "spdlog/spdlog.h"
+#include "core/base/check.h"
+#include "spdlog/fmt/fmt.h"
 
 namespace expertmesh {
 namespace {
@@ -25,10 +26,7 @@ constexpr uint32_t kF32InfBits = 0x7F800000u;
 
 // Broken caller invariant (mismatched buffer sizes): fail loudly in every build type.
 void CheckSameSize(size_t in, size_t out, const char* what) {
-  if (in != out) {
-    spdlog::critical("{}: input has {} elements but output has {}", what, in, out);
-    std::abort();
-  }
+  EM_CHECK(in == out, fmt::format("{}: input has {} elements but output has {}", what, in, out));
 }
 
 // Rounds the float32 magnitude bits `abs_bits` (a normal number in the target format) to a

@@ -5,20 +5,18 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
+#include "core/base/check.h"
 #include "core/numerics/numerics.h"
-#include "spdlog/spdlog.h"
+#include "spdlog/fmt/fmt.h"
 
 namespace expertmesh {
 namespace {
 
 // Broken caller invariant (a buffer of the wrong size): fail loudly in every build type.
 void CheckSize(size_t actual, int64_t expected, const char* what) {
-  if (actual != static_cast<size_t>(expected)) {
-    spdlog::critical("{}: buffer has {} elements, expected {}", what, actual, expected);
-    std::abort();
-  }
+  EM_CHECK(actual == static_cast<size_t>(expected),
+           fmt::format("{}: buffer has {} elements, expected {}", what, actual, expected));
 }
 
 }  // namespace
@@ -51,10 +49,7 @@ void QuantizeWeightBlocks(std::span<const float> w, int64_t rows, int64_t cols, 
 
 void DequantizeWeightRow(const uint8_t* fp8, const float* scale_inv, int64_t rows, int64_t cols,
                          BlockShape block, int64_t r, float* out) {
-  if (r < 0 || r >= rows) {
-    spdlog::critical("DequantizeWeightRow: row {} outside [0, {})", r, rows);
-    std::abort();
-  }
+  EM_CHECK(r >= 0 && r < rows, fmt::format("DequantizeWeightRow: row {} outside [0, {})", r, rows));
   const float* table = Fp8E4M3Table();
   const int64_t nb_cols = NumBlocks(cols, block.cols);
   const float* row_scales = scale_inv + (r / block.rows) * nb_cols;
