@@ -185,7 +185,7 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
 
   if (o.metrics_port >= 0) {
     absl::StatusOr<std::unique_ptr<MetricsHttpServer>> m =
-        MetricsHttpServer::Start(&s->metrics_, "127.0.0.1", o.metrics_port);
+        MetricsHttpServer::Start(&s->metrics_, o.metrics_host, o.metrics_port);
     if (!m.ok()) return m.status();
     s->metrics_http_ = *std::move(m);
   }

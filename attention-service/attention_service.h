@@ -34,9 +34,10 @@ namespace expertmesh::attention {
 
 struct AttentionServerOptions {
   std::string model_dir;
-  std::string router_address;  // placement maps come from here
-  ServerOptions server;        // listen address (port 0 = any)
-  int metrics_port = -1;       // /metrics on 127.0.0.1 (0 = any free port, -1 = off)
+  std::string router_address;              // placement maps come from here
+  ServerOptions server;                    // listen address (port 0 = any)
+  std::string metrics_host = "127.0.0.1";  // /metrics binds here (the main: --metrics-host)
+  int metrics_port = -1;                   // 0 = any free port, -1 = off
   std::string instance_id = "attention";
   SchedulerOptions scheduler;
   absl::Duration step_deadline = absl::Seconds(10);     // one MoE dispatch, all shards

@@ -1,16 +1,18 @@
 // attention-service: the sequence owner (see attention_service.h). main only parses flags.
 #include <string>
 
-#include "CLI/CLI.hpp"
 #include "attention-service/attention_service.h"
-#include "service-common/process.h"
+#include "service-common/bootstrap.h"
 #include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
   using namespace expertmesh;
-  CLI::App app{"attention-service: ExpertMesh sequence owner (scheduler, KV cache, dense layers)"};
   attention::AttentionServerOptions o;
-  std::string log_level = "info";
+  ServiceMain main("attention",
+                   "attention-service: ExpertMesh sequence owner (scheduler, KV cache, dense "
+                   "layers)",
+                   {.listen = o.server.listen});
+  CLI::App& app = main.app();
   int step_deadline_ms = 10000, attempt_timeout_ms = 3000, default_deadline_ms = 600000;
   int64_t kv_blocks = 1024, kv_block_size = 16, max_batch = 64, max_waiting = 256,
           prefill_chunk = 64;
@@ -21,10 +23,6 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingDirectory);
   app.add_option("--router", o.router_address, "Router address host:port")->required();
-  app.add_option("--listen", o.server.listen, "gRPC address host:port (port 0 = any)")
-      ->capture_default_str();
-  app.add_option("--metrics-port", o.metrics_port, "Port of /metrics (0 = any, -1 = off)")
-      ->capture_default_str();
   app.add_option("--kv-blocks", kv_blocks, "KV cache blocks")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
       ->capture_default_str();
@@ -65,12 +63,10 @@ int main(int argc, char** argv) {
                "Draft every step (default: adaptive, drafting only when it pays)");
   app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")
       ->capture_default_str();
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
-      ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
-
-  if (absl::Status s = BlockTerminationSignals(); !s.ok()) return 1;
-  if (absl::Status s = SetupLogging("attention", log_level); !s.ok()) return 2;
+  if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
+  o.server.listen = main.flags().listen;
+  o.metrics_host = main.MetricsHost();
+  o.metrics_port = main.flags().metrics_port;
   o.scheduler.kv_blocks = kv_blocks;
   o.scheduler.kv_block_size = kv_block_size;
   o.scheduler.max_batch = max_batch;
@@ -88,14 +84,8 @@ int main(int argc, char** argv) {
 
   absl::StatusOr<std::unique_ptr<attention::AttentionServer>> server =
       attention::AttentionServer::Start(o);
-  if (!server.ok()) {
-    spdlog::error("{}", server.status().ToString());
-    return 1;
-  }
+  if (!server.ok()) return main.StartFailed(server.status());
   spdlog::info("attention service on port {} (metrics port {}), router {}", (*server)->port(),
                (*server)->metrics_port(), o.router_address);
-  const int sig = WaitForTerminationSignal();
-  spdlog::info("signal {}: shutting down", sig);
-  (*server)->Shutdown();
-  return 0;
+  return main.RunUntilSignal([&] { (*server)->Shutdown(); });
 }

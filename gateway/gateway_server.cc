@@ -168,7 +168,7 @@ void GatewayServer::Drain(std::chrono::milliseconds grace) {
   });
   if (http_) http_->Drain(grace);
   grpc_stop.join();
-  admission_->Close();
+  if (admission_) admission_->Close();  // null when Create failed before making it
 }
 
 GatewayServer::~GatewayServer() { Drain(std::chrono::milliseconds(0)); }

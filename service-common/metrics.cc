@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/check.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh {
@@ -97,10 +98,8 @@ void Gauge::Inc(double v) { AtomicAdd(value_, v); }
 
 Histogram::Histogram(std::vector<double> upper_bounds)
     : upper_bounds_(std::move(upper_bounds)), counts_(upper_bounds_.size() + 1, 0) {
-  if (!std::is_sorted(upper_bounds_.begin(), upper_bounds_.end())) {
-    spdlog::critical("Histogram buckets must be ascending");
-    std::abort();
-  }
+  EM_CHECK(std::is_sorted(upper_bounds_.begin(), upper_bounds_.end()),
+           "histogram buckets must be ascending");
 }
 
 void Histogram::Observe(double v) {
@@ -159,16 +158,13 @@ std::vector<double> LatencyBucketsSeconds() { return ExponentialBuckets(50e-6, 2
 
 MetricsRegistry::Family& MetricsRegistry::GetFamily(std::string_view name, std::string_view help,
                                                     Kind kind) {
-  if (!ValidName(name)) {
-    spdlog::critical("invalid metric name '{}'", name);
-    std::abort();
-  }
+  EM_CHECK(ValidName(name), absl::StrCat("invalid metric name '", std::string(name), "'"));
   auto it = families_.find(name);
   if (it == families_.end()) {
     it = families_.emplace(std::string(name), Family{kind, std::string(help), {}, {}, {}}).first;
-  } else if (it->second.kind != kind) {
-    spdlog::critical("metric '{}' registered twice with different kinds", name);
-    std::abort();
+  } else {
+    EM_CHECK(it->second.kind == kind, absl::StrCat("metric '", std::string(name),
+                                                   "' registered twice with different kinds"));
   }
   return it->second;
 }

@@ -1,0 +1,78 @@
+#include "service-common/bootstrap.h"
+
+#include "core/base/status.h"
+#include "service-common/process.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh {
+
+std::string HostOf(const std::string& address) {
+  if (address.starts_with("[")) {
+    const size_t close = address.find(']');
+    return close == std::string::npos ? address : address.substr(1, close - 1);
+  }
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || address.find(':') != colon) return address;  // bare v6
+  return address.substr(0, colon);
+}
+
+ServiceMain::ServiceMain(std::string service, std::string description, CommonFlags defaults)
+    : service_(std::move(service)), app_(std::move(description)), flags_(std::move(defaults)) {
+  app_.add_option("--listen", flags_.listen, "gRPC address host:port (port 0 = any)")
+      ->capture_default_str();
+  if (flags_.metrics_flags) {
+    app_.add_option("--metrics-host", flags_.metrics_host,
+                    "Address /metrics binds (default: the host of --listen)");
+    app_.add_option("--metrics-port", flags_.metrics_port, "Port of /metrics (0 = any, -1 = off)")
+        ->check(CLI::Range(-1, 65535))
+        ->capture_default_str();
+  }
+  app_.add_option("--log-level", flags_.log_level, "Log level")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
+      ->capture_default_str();
+}
+
+std::optional<int> ServiceMain::Parse(int argc, char** argv) {
+  try {
+    app_.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app_.exit(e) == 0 ? kExitOk : kExitUsage;  // exit() prints help or the error
+  }
+  if (absl::Status s = BlockTerminationSignals(); !s.ok()) {
+    spdlog::critical("{}: {}", service_, s);
+    return kExitStartFailed;
+  }
+  if (absl::Status s = SetupLogging(service_, flags_.log_level); !s.ok()) {
+    spdlog::critical("{}: {}", service_, s);  // (the flag check makes this unreachable)
+    return kExitUsage;
+  }
+  return std::nullopt;
+}
+
+std::string ServiceMain::MetricsHost() const {
+  return flags_.metrics_host.empty() ? HostOf(flags_.listen) : flags_.metrics_host;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> ServiceMain::StartMetrics(
+    const MetricsRegistry* registry) const {
+  if (flags_.metrics_port < 0) return nullptr;
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<MetricsHttpServer> server,
+                      MetricsHttpServer::Start(registry, MetricsHost(), flags_.metrics_port));
+  spdlog::info("/metrics on {}:{}", MetricsHost(), server->port());
+  return server;
+}
+
+int ServiceMain::StartFailed(const absl::Status& status) const {
+  spdlog::error("{} cannot start: {}", service_, status);
+  return kExitStartFailed;
+}
+
+int ServiceMain::RunUntilSignal(const std::function<void()>& stop) const {
+  const int sig = WaitForTerminationSignal();
+  spdlog::info("signal {} ({}): shutting down", sig, strsignal(sig));
+  if (stop) stop();
+  spdlog::info("{} stopped", service_);
+  return kExitOk;
+}
+
+}  // namespace expertmesh
