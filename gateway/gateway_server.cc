@@ -1,11 +1,11 @@
 #include "gateway/gateway_server.h"
 
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <boost/json.hpp>
 
+#include "core/base/file.h"
 #include "core/format/config.h"
 #include "gateway/strings.h"
 #include "service-common/handshake.h"
@@ -25,8 +25,12 @@ absl::StatusOr<std::vector<std::string>> LoadApiKeys(const std::string& file,
     if (!key.empty() && key[0] != '#') keys.push_back(key);
   };
   if (!file.empty()) {
-    std::ifstream in(file);
-    if (!in) return absl::NotFoundError(Cat("cannot read the API key file ", file));
+    absl::StatusOr<std::string> text = base::ReadFile(file);
+    if (!text.ok()) {
+      return absl::Status(text.status().code(),
+                          Cat("cannot read the API key file ", text.status().message()));
+    }
+    std::istringstream in(*text);
     for (std::string line; std::getline(in, line);) add(line);
     if (keys.empty()) return absl::InvalidArgumentError(Cat("no API key in ", file));
   }
@@ -168,7 +172,7 @@ void GatewayServer::Drain(std::chrono::milliseconds grace) {
   });
   if (http_) http_->Drain(grace);
   grpc_stop.join();
-  if (admission_) admission_->Close();  // null when Create failed before making it
+  admission_->Close();
 }
 
 GatewayServer::~GatewayServer() { Drain(std::chrono::milliseconds(0)); }

@@ -1,11 +1,11 @@
 #include "gateway/request.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <boost/json.hpp>
 
+#include "core/base/file.h"
+#include "core/base/status.h"
 #include "gateway/strings.h"
 
 namespace expertmesh::gateway {
@@ -14,11 +14,9 @@ namespace json = boost::json;
 absl::StatusOr<GenerationDefaults> LoadGenerationDefaults(const std::string& path) {
   GenerationDefaults d;
   if (!std::filesystem::exists(path)) return d;
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
+  EM_ASSIGN_OR_RETURN(const std::string text, base::ReadFile(path));
   boost::system::error_code ec;
-  json::value v = json::parse(ss.str(), ec);
+  json::value v = json::parse(text, ec);
   if (ec || !v.is_object()) {
     return absl::InvalidArgumentError(Cat(path, ": not a JSON object"));
   }

@@ -1,8 +1,6 @@
 #include "placement/placement.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include <boost/json.hpp>
 
@@ -11,6 +9,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/base/file.h"
 
 namespace expertmesh {
 namespace {
@@ -115,11 +114,12 @@ absl::StatusOr<Placement> PlacementFromJson(std::string_view json, const ModelCo
 }
 
 absl::StatusOr<Placement> LoadPlacementFile(const std::string& path, const ModelConfig& config) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read placement file ", path));
-  std::ostringstream text;
-  text << in.rdbuf();
-  absl::StatusOr<Placement> p = PlacementFromJson(text.str(), config);
+  absl::StatusOr<std::string> text = base::ReadFile(path);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(),
+                        absl::StrCat("cannot read placement file ", text.status().message()));
+  }
+  absl::StatusOr<Placement> p = PlacementFromJson(*text, config);
   if (!p.ok())
     return absl::Status(p.status().code(), absl::StrCat(path, ": ", p.status().message()));
   return p;

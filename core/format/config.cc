@@ -12,13 +12,13 @@
 #include "core/format/config.h"
 
 #include <charconv>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "boost/json.hpp"
+#include "core/base/file.h"
+#include "core/base/status.h"
 
 namespace expertmesh {
 namespace {
@@ -406,11 +406,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot be opened"));
-  std::stringstream text;
-  text << in.rdbuf();
-  absl::StatusOr<ModelConfig> config = ParseModelConfig(text.str());
+  EM_ASSIGN_OR_RETURN(const std::string text, base::ReadFile(path));
+  absl::StatusOr<ModelConfig> config = ParseModelConfig(text);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", config.status().message()));

@@ -2,11 +2,11 @@
 
 #include <bit>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/base/file.h"
+#include "core/base/status.h"
 #include "core/numerics/numerics.h"
 
 namespace expertmesh {
@@ -24,12 +24,8 @@ std::string ModelFingerprint(std::string_view config_json_text) {
 }
 
 absl::StatusOr<std::string> ModelFingerprintOfDir(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::ostringstream text;
-  text << in.rdbuf();
-  return ModelFingerprint(text.str());
+  EM_ASSIGN_OR_RETURN(const std::string text, base::ReadFile(model_dir + "/config.json"));
+  return ModelFingerprint(text);
 }
 
 void PackActivationRows(const QuantizedActivations& x, std::span<const int32_t> rows,

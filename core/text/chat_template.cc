@@ -2,11 +2,10 @@
 // with the message clean-up transformers' apply_chat_template does first.
 #include "core/text/chat_template.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/base/file.h"
+#include "core/base/status.h"
 #include "core/text/jinja.h"
 
 namespace expertmesh {
@@ -25,12 +24,9 @@ absl::StatusOr<ChatTemplate> ChatTemplate::Create(std::string_view source, std::
 }
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream ss;
-  ss << f.rdbuf();
+  EM_ASSIGN_OR_RETURN(const std::string text, base::ReadFile(path));
   boost::system::error_code ec;
-  boost::json::value config = boost::json::parse(ss.str(), ec);
+  boost::json::value config = boost::json::parse(text, ec);
   if (ec || !config.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
   }

@@ -16,15 +16,15 @@
 #include <boost/json.hpp>
 #include <cctype>
 #include <filesystem>
-#include <fstream>
 #include <mutex>
 #include <queue>
-#include <sstream>
 #include <unordered_map>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/base/file.h"
+#include "core/base/status.h"
 
 namespace expertmesh {
 namespace {
@@ -212,14 +212,6 @@ absl::StatusOr<json::value> ParseJson(std::string_view text, std::string_view wh
   json::value v = json::parse(json::string_view(text.data(), text.size()), ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": ", ec.message()));
   return v;
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,18 +663,15 @@ Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
-  absl::StatusOr<std::string> text = ReadFile(path);
-  if (!text.ok()) return text.status();
+  EM_ASSIGN_OR_RETURN(const std::string text, base::ReadFile(path));
   std::string config;
   std::filesystem::path config_path =
       std::filesystem::path(path).parent_path() / "tokenizer_config.json";
   std::error_code ec;
   if (std::filesystem::exists(config_path, ec)) {
-    absl::StatusOr<std::string> c = ReadFile(config_path.string());
-    if (!c.ok()) return c.status();
-    config = *std::move(c);
+    EM_ASSIGN_OR_RETURN(config, base::ReadFile(config_path.string()));
   }
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = FromJson(*text, config);
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = FromJson(text, config);
   if (!tok.ok()) {
     return absl::Status(tok.status().code(), absl::StrCat(path, ": ", tok.status().message()));
   }

@@ -15,15 +15,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <span>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/statusor.h"
+#include "core/base/file.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
 #include "core/format/config.h"
@@ -81,14 +80,6 @@ class CountingExperts : public RoutedExperts {
   RoutedExperts* inner_;
   std::vector<std::vector<int64_t>> counts_;
 };
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return absl::NotFoundError("cannot read " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // [bos] doc [eos] for every document (separated by an empty line) of the text.
 absl::StatusOr<std::vector<int32_t>> TokenizeDocuments(const Tokenizer& tok,
@@ -249,7 +240,7 @@ int RunEval(const EvalArgs& args) {
     spdlog::error("{}", tok.status().ToString());
     return 1;
   }
-  auto text = ReadFile(args.text_path);
+  auto text = base::ReadFile(args.text_path);
   if (!text.ok()) {
     spdlog::error("{}", text.status().ToString());
     return 1;

@@ -1,10 +1,10 @@
 // expertmesh-make-checkpoint --config config.json --out DIR --seed N
 // Writes a random checkpoint of the config in DeepSeek-V3's Hugging Face layout.
-#include <fstream>
-#include <sstream>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "core/base/file.h"
+#include "core/base/status.h"
 #include "core/format/config.h"
 #include "spdlog/spdlog.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
@@ -24,16 +24,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1000));
   CLI11_PARSE(app, argc, argv);
 
-  std::ifstream f(config_path, std::ios::binary);
-  std::stringstream text;
-  text << f.rdbuf();
-  auto config = expertmesh::ParseModelConfig(text.str());
+  absl::StatusOr<std::string> text = expertmesh::base::ReadFile(config_path);
+  if (!text.ok()) {
+    spdlog::error("{}", text.status());
+    return 1;
+  }
+  auto config = expertmesh::ParseModelConfig(*text);
   if (!config.ok()) {
     spdlog::error("{}: {}", config_path, config.status().ToString());
     return 1;
   }
-  if (absl::Status s =
-          expertmesh::WriteRandomCheckpoint(*config, text.str(), out_dir, seed, shards);
+  if (absl::Status s = expertmesh::WriteRandomCheckpoint(*config, *text, out_dir, seed, shards);
       !s.ok()) {
     spdlog::error("{}", s.ToString());
     return 1;

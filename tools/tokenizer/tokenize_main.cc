@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/base/file.h"
 #include "core/text/chat_template.h"
 #include "core/text/tokenizer.h"
 
@@ -71,8 +72,17 @@ int Chat(const std::string& model, const std::string& messages_path, bool genera
     std::cerr << tmpl.status() << "\n";
     return 1;
   }
-  std::ifstream f(messages_path);
-  std::string text = messages_path == "-" ? ReadAll(std::cin) : ReadAll(f);
+  std::string text;
+  if (messages_path == "-") {
+    text = ReadAll(std::cin);
+  } else {
+    absl::StatusOr<std::string> file = expertmesh::base::ReadFile(messages_path);
+    if (!file.ok()) {
+      std::cerr << file.status() << "\n";
+      return 1;
+    }
+    text = *std::move(file);
+  }
   boost::system::error_code ec;
   boost::json::value messages = boost::json::parse(text, ec);
   if (ec || !messages.is_array()) {
