@@ -246,12 +246,9 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   std::unique_ptr<ExpertServer> es(new ExpertServer());
   es->options_ = std::move(options);
   const ExpertServerOptions& o = es->options_;
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(o.model_dir + "/config.json");
-  if (!config.ok()) return config.status();
-  es->config_ = *std::move(config);
-  absl::StatusOr<v1::PeerIdentity> identity =
-      MakeLocalIdentity(o.model_dir, "expert-service", o.instance_id);
-  if (!identity.ok()) return identity.status();
+  EM_ASSIGN_OR_RETURN(es->config_, LoadModelConfig(o.model_dir + "/config.json"));
+  EM_ASSIGN_OR_RETURN(v1::PeerIdentity identity,
+                      MakeLocalIdentity(o.model_dir, "expert-service", o.instance_id));
   if (o.experts.empty()) return absl::InvalidArgumentError("expert-service: no experts to hold");
 
   // The transport accepts somewhat more than the per-message limit so that an oversized
@@ -260,17 +257,14 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   server.max_message_bytes = static_cast<int>(
       std::min<uint64_t>(o.limits.max_request_bytes * 2 + (1 << 20), (1u << 31) - 1));
   server.health_service_names.push_back(v1::ExpertService::service_full_name());
-  es->service_ = std::make_unique<ExpertServiceImpl>(es->config_, *identity, o.limits, o.metrics);
-  absl::StatusOr<RunningServer> running = StartGrpcServer(server, {es->service_.get()});
-  if (!running.ok()) return running.status();
-  es->server_ = std::move(running->server);
-  es->port_ = running->port;
+  es->service_ = std::make_unique<ExpertServiceImpl>(es->config_, identity, o.limits, o.metrics);
+  EM_ASSIGN_OR_RETURN(RunningServer running, StartGrpcServer(server, {es->service_.get()}));
+  es->server_ = std::move(running.server);
+  es->port_ = running.port;
   spdlog::info("expert-service listening on port {} (NOT_SERVING while loading)", es->port_);
 
   // Load only this shard's experts.
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(o.model_dir);
-  if (!ckpt.ok()) return ckpt.status();
-  es->checkpoint_ = *std::move(ckpt);
+  EM_ASSIGN_OR_RETURN(es->checkpoint_, Checkpoint::Open(o.model_dir));
   const uint64_t share = ExpertBytesInCheckpoint(*es->checkpoint_, o.experts);
   spdlog::info("loading {} experts of shard {} ({:.1f} MiB of {:.1f} MiB in the checkpoint)",
                o.experts.size(), o.shard_id, share / 1048576.0,
@@ -303,7 +297,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
 
   if (!o.router_address.empty()) {
     v1::RegisterRequest reg;
-    *reg.mutable_identity() = *identity;
+    *reg.mutable_identity() = identity;
     reg.set_address(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
     reg.set_shard_id(o.shard_id);
     reg.set_capacity(o.capacity);
@@ -313,10 +307,10 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
       p->set_expert(le.expert);
     }
     ExpertServiceImpl* svc = es->service_.get();
-    absl::StatusOr<std::unique_ptr<RouterRegistration>> registration = RouterRegistration::Start(
-        o.router_address, std::move(reg), [svc] { return svc->outstanding_rows(); }, o.rpc_timeout);
-    if (!registration.ok()) return registration.status();
-    es->registration_ = *std::move(registration);
+    EM_ASSIGN_OR_RETURN(es->registration_,
+                        RouterRegistration::Start(
+                            o.router_address, std::move(reg),
+                            [svc] { return svc->outstanding_rows(); }, o.rpc_timeout));
   }
   return es;
 }

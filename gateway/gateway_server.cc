@@ -6,6 +6,7 @@
 #include <boost/json.hpp>
 
 #include "core/base/file.h"
+#include "core/base/status.h"
 #include "core/format/config.h"
 #include "gateway/strings.h"
 #include "service-common/handshake.h"
@@ -44,10 +45,7 @@ absl::StatusOr<std::vector<std::string>> LoadApiKeys(const std::string& file,
 absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const GatewayOptions& o) {
   std::unique_ptr<GatewayServer> g(new GatewayServer());
   const fs::path dir(o.model_dir);
-  absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer =
-      Tokenizer::Load((dir / "tokenizer.json").string());
-  if (!tokenizer.ok()) return tokenizer.status();
-  g->tokenizer_ = std::move(*tokenizer);
+  EM_ASSIGN_OR_RETURN(g->tokenizer_, Tokenizer::Load((dir / "tokenizer.json").string()));
 
   const fs::path tokenizer_config = dir / "tokenizer_config.json";
   if (fs::exists(tokenizer_config)) {
@@ -64,28 +62,23 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   card.id = o.served_model_name.empty() ? fs::absolute(dir).lexically_normal().filename().string()
                                         : o.served_model_name;
   if (card.id.empty()) card.id = fs::absolute(dir).lexically_normal().parent_path().filename();
-  absl::StatusOr<GenerationDefaults> defaults =
-      LoadGenerationDefaults((dir / "generation_config.json").string());
-  if (!defaults.ok()) return defaults.status();
-  card.defaults = *defaults;
+  EM_ASSIGN_OR_RETURN(GenerationDefaults defaults,
+                      LoadGenerationDefaults((dir / "generation_config.json").string()));
+  card.defaults = defaults;
   card.max_context = o.max_context;
   if (card.max_context == 0) {
-    absl::StatusOr<ModelConfig> config = LoadModelConfig((dir / "config.json").string());
-    if (!config.ok()) return config.status();
-    card.max_context = static_cast<uint32_t>(config->max_position_embeddings);
+    EM_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig((dir / "config.json").string()));
+    card.max_context = static_cast<uint32_t>(config.max_position_embeddings);
   }
   if (card.max_context < 2) return absl::InvalidArgumentError("the model's context is too short");
 
   AttentionPool::Options pool_options;
   pool_options.addresses = o.attention;
   if (o.handshake) {
-    absl::StatusOr<v1::PeerIdentity> id = MakeLocalIdentity(o.model_dir, "gateway", card.id);
-    if (!id.ok()) return id.status();
-    pool_options.identity = *id;
+    EM_ASSIGN_OR_RETURN(v1::PeerIdentity id, MakeLocalIdentity(o.model_dir, "gateway", card.id));
+    pool_options.identity = id;
   }
-  absl::StatusOr<std::unique_ptr<AttentionPool>> pool = AttentionPool::Create(pool_options);
-  if (!pool.ok()) return pool.status();
-  g->pool_ = std::move(*pool);
+  EM_ASSIGN_OR_RETURN(g->pool_, AttentionPool::Create(pool_options));
 
   g->metrics_ = std::make_unique<GatewayMetrics>(g->registry_);
   g->admission_ = std::make_unique<Admission>(
@@ -115,9 +108,7 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   ServerOptions server_options;
   server_options.listen = o.grpc_listen;
   server_options.max_sync_threads = o.grpc_threads;
-  absl::StatusOr<RunningServer> grpc = StartGrpcServer(server_options, {g->grpc_service_.get()});
-  if (!grpc.ok()) return grpc.status();
-  g->grpc_ = std::move(*grpc);
+  EM_ASSIGN_OR_RETURN(g->grpc_, StartGrpcServer(server_options, {g->grpc_service_.get()}));
 
   HttpServer::Options http_options;
   http_options.host = o.http_host;
@@ -172,7 +163,7 @@ void GatewayServer::Drain(std::chrono::milliseconds grace) {
   });
   if (http_) http_->Drain(grace);
   grpc_stop.join();
-  admission_->Close();
+  if (admission_) admission_->Close();  // null when Create failed before making it
 }
 
 GatewayServer::~GatewayServer() { Drain(std::chrono::milliseconds(0)); }

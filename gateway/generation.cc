@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 
+#include "core/base/status.h"
 #include "gateway/api_error.h"
 #include "gateway/stop_matcher.h"
 #include "gateway/strings.h"
@@ -144,9 +145,8 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   const auto steady_deadline = start + timeout;
   const auto wall_deadline = std::chrono::system_clock::now() + timeout;
 
-  absl::StatusOr<Admission::Ticket> ticket =
-      admission_->Enter(steady_deadline, [&sink] { return sink.ClientGone(); });
-  if (!ticket.ok()) return ticket.status();
+  EM_ASSIGN_OR_RETURN(Admission::Ticket ticket,
+                      admission_->Enter(steady_deadline, [&sink] { return sink.ClientGone(); }));
 
   v1::SubmitRequest submit;
   submit.set_request_id(p.request_id);
@@ -170,8 +170,7 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
       std::chrono::duration_cast<std::chrono::milliseconds>(steady_deadline - SteadyClock::now());
   submit.set_deadline_ms(std::max<int64_t>(1, remaining.count()));
 
-  absl::StatusOr<std::unique_ptr<SubmitCall>> call = pool_->Submit(submit, wall_deadline);
-  if (!call.ok()) return call.status();
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<SubmitCall> call, pool_->Submit(submit, wall_deadline));
 
   Tokenizer::StreamDecoder decoder = tokenizer_->NewStreamDecoder(r.skip_special_tokens);
   StopMatcher stops(r.stop);
@@ -195,7 +194,7 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   v1::TokenEvent event;
   v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
   bool client_gone = false;
-  while ((*call)->Read(&event)) {
+  while (call->Read(&event)) {
     const auto now = SteadyClock::now();
     if (received == 0) {
       metrics_->time_to_first_token.Observe(Seconds(now - start));
@@ -225,7 +224,7 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
     if (stops.stopped()) {
       outcome.stop_string = stops.matched();
       finish = v1::FINISH_REASON_STOP;
-      (*call)->Cancel();  // the rest of the sequence is not needed
+      call->Cancel();  // the rest of the sequence is not needed
       metrics_->cancelled.Inc();
       deliver(delta);
       break;
@@ -245,28 +244,28 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   metrics_->prompt_tokens.Inc(static_cast<double>(p.prompt_ids.size()));
   metrics_->request_latency.Observe(Seconds(SteadyClock::now() - start));
   if (client_gone) {
-    (*call)->Cancel();
+    call->Cancel();
     metrics_->cancelled.Inc();
     return absl::CancelledError("The client disconnected.");
   }
   if (finish == v1::FINISH_REASON_UNSPECIFIED) {
     // The stream ended without a final event: its status says why.
-    absl::Status status = (*call)->Finish();
+    absl::Status status = call->Finish();
     if (status.ok()) status = absl::InternalError("The attention service ended the stream early.");
     spdlog::warn("request {} failed after {} tokens: {}", p.request_id, received,
                  std::string(status.message()));
     return status;
   }
   if (finish == v1::FINISH_REASON_ERROR || finish == v1::FINISH_REASON_CANCELLED) {
-    (*call)->Cancel();
+    call->Cancel();
     return absl::InternalError(
         Cat("The attention service ended the sequence (", v1::FinishReason_Name(finish), ")."));
   }
   if (!outcome.stop_string.has_value()) {
     // A normal end: the replica closes the stream after its final event.
-    while ((*call)->Read(&event)) {
+    while (call->Read(&event)) {
     }
-    absl::Status status = (*call)->Finish();
+    absl::Status status = call->Finish();
     if (!status.ok()) spdlog::debug("request {}: {}", p.request_id, std::string(status.message()));
   }
   outcome.finish_reason = finish == v1::FINISH_REASON_LENGTH ? "length" : "stop";

@@ -419,9 +419,8 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& r, const ModelCa
 absl::StatusOr<GenerationRequest> ParseCompletionRequest(std::string_view body,
                                                          const ModelCard& card,
                                                          const RequestLimits& limits) {
-  absl::StatusOr<json::object> object = ParseBody(body);
-  if (!object.ok()) return object.status();
-  Fields f(*object);
+  EM_ASSIGN_OR_RETURN(json::object object, ParseBody(body));
+  Fields f(object);
   EM_RETURN_IF_ERROR(f.RejectUnknown({"model",
                                       "prompt",
                                       "max_tokens",
@@ -475,9 +474,8 @@ absl::StatusOr<GenerationRequest> ParseCompletionRequest(std::string_view body,
 absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view body,
                                                              const ModelCard& card,
                                                              const RequestLimits& limits) {
-  absl::StatusOr<json::object> object = ParseBody(body);
-  if (!object.ok()) return object.status();
-  Fields f(*object);
+  EM_ASSIGN_OR_RETURN(json::object object, ParseBody(body));
+  Fields f(object);
   EM_RETURN_IF_ERROR(f.RejectUnknown({"model",
                                       "messages",
                                       "max_tokens",
@@ -519,9 +517,8 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
   }
   json::array normalized;
   for (size_t i = 0; i < messages->get_array().size(); ++i) {
-    absl::StatusOr<json::object> m = NormalizeMessage(messages->get_array()[i], i);
-    if (!m.ok()) return m.status();
-    normalized.push_back(std::move(*m));
+    EM_ASSIGN_OR_RETURN(json::object m, NormalizeMessage(messages->get_array()[i], i));
+    normalized.push_back(std::move(m));
   }
   r.messages = std::move(normalized);
 

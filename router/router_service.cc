@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/status.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 
@@ -151,10 +152,9 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(Placement plac
   server.health_service_names.push_back(v1::RouterService::service_full_name());
   // Each watch stream holds a sync-server thread: room for all of them plus unary calls.
   server.max_sync_threads = std::max(server.max_sync_threads, options.max_watchers + 32);
-  absl::StatusOr<RunningServer> running = StartGrpcServer(server, {rs->service_.get()});
-  if (!running.ok()) return running.status();
-  rs->server_ = std::move(running->server);
-  rs->port_ = running->port;
+  EM_ASSIGN_OR_RETURN(RunningServer running, StartGrpcServer(server, {rs->service_.get()}));
+  rs->server_ = std::move(running.server);
+  rs->port_ = running.port;
   rs->sweeper_ = std::thread([r = rs.get(), sweep] {
     std::unique_lock<std::mutex> lock(r->stop_mu_);
     while (

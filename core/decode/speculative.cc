@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_format.h"
+#include "core/base/status.h"
 
 namespace expertmesh {
 
@@ -92,9 +93,8 @@ void AppendMtpRows(MtpSequence& seq, std::span<const int32_t> next_tokens,
 
 absl::StatusOr<MtpDrafter> MtpDrafter::Create(Engine* engine, int draft_k) {
   auto adapter = std::make_shared<ReferenceForwardEngine>(engine);
-  absl::StatusOr<MtpDrafter> d = Create(adapter.get(), draft_k);
-  if (!d.ok()) return d.status();
-  d->owned_ = std::move(adapter);
+  EM_ASSIGN_OR_RETURN(MtpDrafter d, Create(adapter.get(), draft_k));
+  d.owned_ = std::move(adapter);
   return d;
 }
 

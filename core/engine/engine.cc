@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_format.h"
+#include "core/base/status.h"
 
 namespace expertmesh {
 
@@ -97,21 +98,20 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::Forward(std::span<const Sequ
     tokens.insert(tokens.end(), in.tokens.begin(), in.tokens.end());
     all_logits.push_back(in.all_logits);
   }
-  auto slices = Place(caches, lengths);
-  if (!slices.ok()) return slices.status();
+  EM_ASSIGN_OR_RETURN(auto slices, Place(caches, lengths));
   const int64_t T = std::ssize(tokens);
   std::vector<float> h(T * D);  // the residual stream: [T, hidden_size]
   EmbedTokens(model_.embed_tokens(), tokens, h.data());
   const LayerOptions opt{options_.quantize_activations, options_.attention, options_.kernel};
   for (const DecoderLayerWeights& layer : model_.layers()) {
     absl::Status st = DecoderLayerForward(c, model_.gate_params(), layer, rope_, layer.layer,
-                                          *slices, experts_, h.data(), T, opt);
+                                          slices, experts_, h.data(), T, opt);
     if (!st.ok()) {
-      for (const SequenceSlice& sl : *slices) sl.cache->Truncate(sl.start);
+      for (const SequenceSlice& sl : slices) sl.cache->Truncate(sl.start);
       return st;
     }
   }
-  return Outputs(h.data(), *slices, all_logits, model_.norm(), model_.lm_head());
+  return Outputs(h.data(), slices, all_logits, model_.norm(), model_.lm_head());
 }
 
 absl::StatusOr<std::vector<SequenceOutput>> Engine::ForwardMtp(std::span<const MtpInput> batch,
@@ -149,8 +149,7 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::ForwardMtp(std::span<const M
     hidden.insert(hidden.end(), in.hidden.begin(), in.hidden.end());
     all_logits.push_back(in.all_logits);
   }
-  auto slices = Place(caches, lengths);
-  if (!slices.ok()) return slices.status();
+  EM_ASSIGN_OR_RETURN(auto slices, Place(caches, lengths));
   const int64_t T = std::ssize(tokens);
   // x = eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i]))): [T, 2D] -> [T, D].
   std::vector<float> e(T * D), cat(T * 2 * D), h(T * D);
@@ -166,13 +165,13 @@ absl::StatusOr<std::vector<SequenceOutput>> Engine::ForwardMtp(std::span<const M
   // Drafting needs the last position's output only: the other rows just fill the cache.
   const bool last_only =
       std::none_of(all_logits.begin(), all_logits.end(), [](uint8_t a) { return a != 0; });
-  absl::Status st = DecoderLayerForward(c, model_.gate_params(), mtp.block, rope_, 0, *slices,
+  absl::Status st = DecoderLayerForward(c, model_.gate_params(), mtp.block, rope_, 0, slices,
                                         experts_, h.data(), T, opt, last_only);
   if (!st.ok()) {
-    for (const SequenceSlice& sl : *slices) sl.cache->Truncate(sl.start);
+    for (const SequenceSlice& sl : slices) sl.cache->Truncate(sl.start);
     return st;
   }
-  return Outputs(h.data(), *slices, all_logits, mtp.shared_head_norm, mtp.shared_head_head,
+  return Outputs(h.data(), slices, all_logits, mtp.shared_head_norm, mtp.shared_head_head,
                  last_only);
 }
 

@@ -401,7 +401,7 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
   if (c.torch_dtype.empty()) r.String("dtype", c.torch_dtype, false);
   ReadQuantization(r, c);
   if (!r.status().ok()) return r.status();
-  if (absl::Status s = Validate(c); !s.ok()) return s;
+  EM_RETURN_IF_ERROR(Validate(c));
   return c;
 }
 

@@ -23,6 +23,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "boost/json.hpp"
+#include "core/base/status.h"
 
 namespace expertmesh {
 namespace {
@@ -234,12 +235,11 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(std::string_view 
   for (const auto& [key, value] : *obj) {
     const std::string_view name(key.data(), key.size());
     if (name == "__metadata__") {
-      if (absl::Status s = ValidateMetadata(value, file); !s.ok()) return s;
+      EM_RETURN_IF_ERROR(ValidateMetadata(value, file));
       continue;
     }
-    absl::StatusOr<TensorInfo> info = ParseTensorEntry(name, value, data_size, file);
-    if (!info.ok()) return info.status();
-    tensors.push_back(*std::move(info));
+    EM_ASSIGN_OR_RETURN(TensorInfo info, ParseTensorEntry(name, value, data_size, file));
+    tensors.push_back(std::move(info));
   }
   // Overlap check on the byte ranges, in offset order (empty tensors overlap nothing).
   std::vector<const TensorInfo*> by_offset;
@@ -290,7 +290,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
         path, ": truncated: ", file->file_size_, " bytes, shorter than the 8-byte header length"));
   }
   uint8_t len_bytes[8];
-  if (absl::Status s = ReadAt(file->fd_, len_bytes, 8, 0, path); !s.ok()) return s;
+  EM_RETURN_IF_ERROR(ReadAt(file->fd_, len_bytes, 8, 0, path));
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];  // little-endian
   if (header_len > kMaxHeaderBytes) {
@@ -303,12 +303,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
                                                    file->file_size_, " bytes)"));
   }
   std::string header(header_len, '\0');
-  if (absl::Status s = ReadAt(file->fd_, header.data(), header_len, 8, path); !s.ok()) return s;
+  EM_RETURN_IF_ERROR(ReadAt(file->fd_, header.data(), header_len, 8, path));
   file->data_start_ = 8 + header_len;
-  absl::StatusOr<std::vector<TensorInfo>> tensors =
-      ParseSafetensorsHeader(header, file->file_size_ - file->data_start_, path);
-  if (!tensors.ok()) return tensors.status();
-  file->tensors_ = *std::move(tensors);
+  EM_ASSIGN_OR_RETURN(file->tensors_,
+                      ParseSafetensorsHeader(header, file->file_size_ - file->data_start_, path));
   for (size_t i = 0; i < file->tensors_.size(); ++i) file->by_name_[file->tensors_[i].name] = i;
   return file;
 }
@@ -392,10 +390,9 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     return ckpt;
   }
 
-  absl::StatusOr<std::string> text = ReadSmallFile(index_path);
-  if (!text.ok()) return text.status();
+  EM_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(index_path));
   std::error_code ec;
-  json::value root = json::parse(json::string_view(text->data(), text->size()), ec);
+  json::value root = json::parse(json::string_view(text.data(), text.size()), ec);
   if (ec) {
     return absl::InvalidArgumentError(absl::StrCat(index_path, ": not valid JSON: ", ec.message()));
   }
@@ -576,7 +573,7 @@ std::vector<const TensorToWrite*> Pointers(const std::vector<TensorToWrite>& ten
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                               const std::map<std::string, std::string>& metadata) {
   const std::vector<const TensorToWrite*> all = Pointers(tensors);
-  if (absl::Status s = ValidateToWrite(path, all); !s.ok()) return s;
+  EM_RETURN_IF_ERROR(ValidateToWrite(path, all));
   return WriteTensorFile(path, all, metadata);
 }
 
@@ -588,7 +585,7 @@ absl::Status WriteShardedCheckpoint(const std::string& dir,
                                                    " tensors into ", n_shards, " shards"));
   }
   const std::vector<const TensorToWrite*> all = Pointers(tensors);
-  if (absl::Status s = ValidateToWrite(dir, all); !s.ok()) return s;
+  EM_RETURN_IF_ERROR(ValidateToWrite(dir, all));
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": ", ec.message()));

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "core/base/status.h"
 #include "core/numerics/numerics.h"
 
 namespace expertmesh {
@@ -169,9 +170,7 @@ absl::StatusOr<Linear> LoadLinear(const Checkpoint& ckpt, const std::string& nam
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: unsupported dtype %s", name, DTypeName(info->dtype)));
   }
-  auto weight = ckpt.Get(name);
-  if (!weight.ok()) return weight.status();
-  linear.weight = *std::move(weight);
+  EM_ASSIGN_OR_RETURN(linear.weight, ckpt.Get(name));
   if (has_scale) {
     const TensorInfo* s = ckpt.Info(scale_name);
     const int64_t rows = NumBlocks(expected_out, block.rows);
@@ -182,9 +181,7 @@ absl::StatusOr<Linear> LoadLinear(const Checkpoint& ckpt, const std::string& nam
                                                         scale_name, DTypeName(s->dtype),
                                                         absl::StrJoin(s->shape, ", "), rows, cols));
     }
-    auto scale = ckpt.Get(scale_name);
-    if (!scale.ok()) return scale.status();
-    linear.scale_inv = *std::move(scale);
+    EM_ASSIGN_OR_RETURN(linear.scale_inv, ckpt.Get(scale_name));
   }
   return linear;
 }
@@ -197,18 +194,17 @@ absl::StatusOr<std::vector<float>> LoadFloatTensor(const Checkpoint& ckpt, const
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: %d elements, expected %d", name, info->numel(), expected_numel));
   }
-  auto view = ckpt.Get(name);
-  if (!view.ok()) return view.status();
+  EM_ASSIGN_OR_RETURN(auto view, ckpt.Get(name));
   std::vector<float> out(expected_numel);
   switch (info->dtype) {
     case DType::kF32:
-      std::memcpy(out.data(), view->data, expected_numel * sizeof(float));
+      std::memcpy(out.data(), view.data, expected_numel * sizeof(float));
       break;
     case DType::kBF16:
-      for (int64_t i = 0; i < expected_numel; ++i) out[i] = Bf16ToFloat(view->as<uint16_t>()[i]);
+      for (int64_t i = 0; i < expected_numel; ++i) out[i] = Bf16ToFloat(view.as<uint16_t>()[i]);
       break;
     case DType::kF16:
-      for (int64_t i = 0; i < expected_numel; ++i) out[i] = Fp16ToFloat(view->as<uint16_t>()[i]);
+      for (int64_t i = 0; i < expected_numel; ++i) out[i] = Fp16ToFloat(view.as<uint16_t>()[i]);
       break;
     default:
       return absl::InvalidArgumentError(
@@ -236,7 +232,7 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
                           {"qk_nope_head_dim", c.qk_nope_head_dim},
                           {"qk_rope_head_dim", c.qk_rope_head_dim},
                           {"v_head_dim", c.v_head_dim}}) {
-    if (absl::Status s = positive(field, v); !s.ok()) return s;
+    EM_RETURN_IF_ERROR(positive(field, v));
   }
   if (c.qk_rope_head_dim % 2 != 0) {
     return absl::InvalidArgumentError("config: qk_rope_head_dim must be even (RoPE pairs)");
@@ -268,9 +264,7 @@ class Loader {
     return absl::OkStatus();
   }
   absl::Status Vec(const std::string& name, int64_t numel, std::vector<float>* dst) {
-    auto v = LoadFloatTensor(ckpt_, name, numel);
-    if (!v.ok()) return v.status();
-    *dst = *std::move(v);
+    EM_ASSIGN_OR_RETURN(*dst, LoadFloatTensor(ckpt_, name, numel));
     Tick(1);
     return absl::OkStatus();
   }
@@ -347,8 +341,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
                                                      const ModelConfig& config,
                                                      const ModelLoadOptions& options) {
   EM_RETURN_IF_ERROR(ValidateModelConfig(config));
-  auto gate_params = GateParams::FromConfig(config);
-  if (!gate_params.ok()) return gate_params.status();
+  EM_ASSIGN_OR_RETURN(auto gate_params, GateParams::FromConfig(config));
   const int64_t n_layers = config.num_hidden_layers;
   const int64_t n_mtp = options.load_mtp ? config.num_nextn_predict_layers : 0;
   // Progress total: every tensor of the loaded layers except routed experts.
@@ -363,7 +356,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
   Loader ld(ckpt, WeightBlockShape(config), total, options.progress);
   std::unique_ptr<Model> m(new Model());
   m->config_ = config;
-  m->gate_params_ = *gate_params;
+  m->gate_params_ = gate_params;
   const int64_t h = config.hidden_size;
   EM_RETURN_IF_ERROR(ld.Lin("model.embed_tokens.weight", config.vocab_size, h, &m->embed_tokens_));
   m->layers_.resize(n_layers);

@@ -18,9 +18,8 @@ ChatTemplate::ChatTemplate(std::shared_ptr<const jinja::Template> tmpl, std::str
 
 absl::StatusOr<ChatTemplate> ChatTemplate::Create(std::string_view source, std::string bos_token,
                                                   std::string eos_token) {
-  absl::StatusOr<std::shared_ptr<const jinja::Template>> t = jinja::Parse(source);
-  if (!t.ok()) return t.status();
-  return ChatTemplate(*std::move(t), std::move(bos_token), std::move(eos_token));
+  EM_ASSIGN_OR_RETURN(std::shared_ptr<const jinja::Template> t, jinja::Parse(source));
+  return ChatTemplate(std::move(t), std::move(bos_token), std::move(eos_token));
 }
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& path) {

@@ -234,7 +234,7 @@ absl::Status ParseNormalizer(const json::value* v, std::vector<NormalizerStep>* 
       return absl::InvalidArgumentError("normalizer Sequence without normalizers");
     }
     for (const json::value& n : list->get_array()) {
-      if (absl::Status s = ParseNormalizer(&n, steps); !s.ok()) return s;
+      EM_RETURN_IF_ERROR(ParseNormalizer(&n, steps));
     }
     return absl::OkStatus();
   }
@@ -265,10 +265,7 @@ absl::Status ParseNormalizer(const json::value* v, std::vector<NormalizerStep>* 
       return absl::InvalidArgumentError("Replace normalizer needs pattern and content");
     }
     step.text = *content;
-    absl::StatusOr<std::unique_ptr<Regex>> re =
-        Regex::Create(regex ? *regex : QuoteRegex(*literal));
-    if (!re.ok()) return re.status();
-    step.pattern = std::move(*re);
+    EM_ASSIGN_OR_RETURN(step.pattern, Regex::Create(regex ? *regex : QuoteRegex(*literal)));
   } else {
     return absl::UnimplementedError(absl::StrCat("unsupported normalizer type '", type, "'"));
   }
@@ -297,9 +294,8 @@ absl::StatusOr<std::string> Normalize(const std::vector<NormalizerStep>& steps, 
       case NormalizerStep::kReplace: {
         std::string out;
         size_t last = 0;
-        absl::StatusOr<std::vector<std::pair<size_t, size_t>>> matches = step.pattern->FindAll(s);
-        if (!matches.ok()) return matches.status();
-        for (auto [b, e] : *matches) {
+        EM_ASSIGN_OR_RETURN(auto matches, step.pattern->FindAll(s));
+        for (auto [b, e] : matches) {
           out.append(s, last, b - last).append(step.text);
           last = e;
         }
@@ -330,9 +326,8 @@ absl::Status SplitPiece(const PreTokenizerStep& step, const std::string& s,
   // Spans covering s: (begin, end, is_match).
   std::vector<std::tuple<size_t, size_t, bool>> spans;
   size_t last = 0;
-  absl::StatusOr<std::vector<std::pair<size_t, size_t>>> matches = step.pattern->FindAll(s);
-  if (!matches.ok()) return matches.status();
-  for (auto [b, e] : *matches) {
+  EM_ASSIGN_OR_RETURN(auto matches, step.pattern->FindAll(s));
+  for (auto [b, e] : matches) {
     if (b > last) spans.emplace_back(last, b, false);
     spans.emplace_back(b, e, true);
     last = e;
@@ -407,7 +402,7 @@ absl::Status ParsePreTokenizer(const json::value* v, std::vector<PreTokenizerSte
       return absl::InvalidArgumentError("pre_tokenizer Sequence without pretokenizers");
     }
     for (const json::value& p : list->get_array()) {
-      if (absl::Status s = ParsePreTokenizer(&p, steps); !s.ok()) return s;
+      EM_RETURN_IF_ERROR(ParsePreTokenizer(&p, steps));
     }
     return absl::OkStatus();
   }
@@ -418,10 +413,7 @@ absl::Status ParsePreTokenizer(const json::value* v, std::vector<PreTokenizerSte
     std::optional<std::string> literal = Str(pat, "String");
     std::optional<std::string> regex = Str(pat, "Regex");
     if (!literal && !regex) return absl::InvalidArgumentError("Split without a pattern");
-    absl::StatusOr<std::unique_ptr<Regex>> re =
-        Regex::Create(regex ? *regex : QuoteRegex(*literal));
-    if (!re.ok()) return re.status();
-    step.pattern = std::move(*re);
+    EM_ASSIGN_OR_RETURN(step.pattern, Regex::Create(regex ? *regex : QuoteRegex(*literal)));
     static const std::pair<std::string_view, SplitBehavior> kBehaviors[] = {
         {"Removed", SplitBehavior::kRemoved},
         {"Isolated", SplitBehavior::kIsolated},
@@ -440,9 +432,7 @@ absl::Status ParsePreTokenizer(const json::value* v, std::vector<PreTokenizerSte
     step.kind = PreTokenizerStep::kByteLevel;
     step.add_prefix_space = Bool(o, "add_prefix_space", true);
     if (Bool(o, "use_regex", true)) {
-      absl::StatusOr<std::unique_ptr<Regex>> re = Regex::Create(kGpt2Pattern);
-      if (!re.ok()) return re.status();
-      step.pattern = std::move(*re);
+      EM_ASSIGN_OR_RETURN(step.pattern, Regex::Create(kGpt2Pattern));
     }
   } else {
     return absl::UnimplementedError(absl::StrCat("unsupported pre_tokenizer type '", type, "'"));
@@ -680,9 +670,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view tokenizer_json,
                                                                std::string_view config_json) {
-  absl::StatusOr<json::value> doc = ParseJson(tokenizer_json, "tokenizer.json");
-  if (!doc.ok()) return doc.status();
-  const json::object* root = doc->if_object();
+  EM_ASSIGN_OR_RETURN(json::value doc, ParseJson(tokenizer_json, "tokenizer.json"));
+  const json::object* root = doc.if_object();
   if (root == nullptr) return absl::InvalidArgumentError("tokenizer.json is not an object");
   auto impl = std::make_unique<Impl>();
 
@@ -759,9 +748,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     // Normalized tokens are matched in normalized text, so their content is normalized too;
     // like `tokenizers`, the token's text (id_to_token, Decode) is then the normalized form.
     if (a.normalized) {
-      absl::StatusOr<std::string> normalized = Normalize(impl->normalizer, a.content);
-      if (!normalized.ok()) return normalized.status();
-      a.content = *std::move(normalized);
+      EM_ASSIGN_OR_RETURN(a.content, Normalize(impl->normalizer, a.content));
     }
     impl->id_to_token[a.id] = a.content;
   }
@@ -816,10 +803,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     return std::nullopt;
   };
   if (!config_json.empty()) {
-    absl::StatusOr<json::value> config = ParseJson(config_json, "tokenizer_config.json");
-    if (!config.ok()) return config.status();
-    impl->bos = id_of(token_name(Field(config->if_object(), "bos_token")));
-    impl->eos = id_of(token_name(Field(config->if_object(), "eos_token")));
+    EM_ASSIGN_OR_RETURN(json::value config, ParseJson(config_json, "tokenizer_config.json"));
+    impl->bos = id_of(token_name(Field(config.if_object(), "bos_token")));
+    impl->eos = id_of(token_name(Field(config.if_object(), "eos_token")));
   }
   if (!impl->bos) {
     const json::object* post = Obj(Field(root, "post_processor"));
@@ -852,9 +838,8 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
     if (seg.id >= 0) {
       segments.push_back(std::move(seg));
     } else {
-      absl::StatusOr<std::string> normalized = Normalize(impl_->normalizer, seg.text);
-      if (!normalized.ok()) return normalized.status();
-      SplitAddedTokens(impl_->normalized_added, *normalized, &segments);
+      EM_ASSIGN_OR_RETURN(std::string normalized, Normalize(impl_->normalizer, seg.text));
+      SplitAddedTokens(impl_->normalized_added, normalized, &segments);
     }
   }
   for (const Segment& seg : segments) {
@@ -873,7 +858,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
             continue;
           }
         }
-        if (absl::Status s = SplitPiece(step, p, &next); !s.ok()) return s;
+        EM_RETURN_IF_ERROR(SplitPiece(step, p, &next));
       }
       pieces = std::move(next);
     }

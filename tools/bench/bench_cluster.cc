@@ -28,6 +28,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "core/base/status.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
 #include "core/format/config.h"
@@ -57,17 +58,16 @@ std::vector<std::vector<int32_t>> Prompts(int n, int len, int64_t vocab) {
 // decode tokens/s of the in-process engine at batch b.
 absl::StatusOr<double> InProcessDecode(const Model& model, RoutedExperts* experts, int b,
                                        int prompt_len, int decode_tokens) {
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(model, experts);
-  if (!engine.ok()) return engine.status();
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(model, experts));
   std::vector<std::vector<int32_t>> prompts = Prompts(b, prompt_len, model.config().vocab_size);
   std::vector<std::unique_ptr<ContiguousKvCache>> caches;
   std::vector<SequenceInput> batch(b);
   for (int i = 0; i < b; ++i) {
-    caches.push_back((*engine)->NewCache());
+    caches.push_back(engine->NewCache());
     batch[i] = SequenceInput{prompts[i], caches.back().get(), false};
   }
   std::vector<std::vector<int32_t>> next(b);
-  absl::StatusOr<std::vector<SequenceOutput>> out = (*engine)->Forward(batch);  // prefill
+  absl::StatusOr<std::vector<SequenceOutput>> out = engine->Forward(batch);  // prefill
   if (!out.ok()) return out.status();
   const auto start = Clock::now();
   for (int step = 0; step < decode_tokens; ++step) {
@@ -75,7 +75,7 @@ absl::StatusOr<double> InProcessDecode(const Model& model, RoutedExperts* expert
       next[i] = {Argmax((*out)[i].logits)};
       batch[i].tokens = next[i];
     }
-    out = (*engine)->Forward(batch);
+    out = engine->Forward(batch);
     if (!out.ok()) return out.status();
   }
   const double s = std::chrono::duration<double>(Clock::now() - start).count();
@@ -86,11 +86,10 @@ absl::StatusOr<double> InProcessDecode(const Model& model, RoutedExperts* expert
 using Buckets = std::map<int, std::map<double, double>>;
 
 absl::StatusOr<Buckets> ScrapeDispatch(int metrics_port) {
-  absl::StatusOr<std::string> text = HttpGet("127.0.0.1", metrics_port, "/metrics");
-  if (!text.ok()) return text.status();
+  EM_ASSIGN_OR_RETURN(std::string text, HttpGet("127.0.0.1", metrics_port, "/metrics"));
   Buckets out;
   const std::string prefix = "expertmesh_dispatch_latency_seconds_bucket{";
-  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
     if (!absl::StartsWith(line, prefix)) continue;
     // ..._bucket{layer="3",le="0.001"} 17
     const size_t close = line.find('}');

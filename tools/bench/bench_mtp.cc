@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "core/base/status.h"
 #include "core/decode/generate.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
@@ -109,22 +110,20 @@ absl::StatusOr<Figures> InProcess(Engine& engine, const std::vector<std::vector<
     o.draft_k = draft_k;
     o.policy.adaptive = !always;
     o.policy.margin = margin;
-    absl::StatusOr<std::unique_ptr<BatchGenerator>> g = BatchGenerator::Create(&engine, o);
-    if (!g.ok()) return g.status();
+    EM_ASSIGN_OR_RETURN(std::unique_ptr<BatchGenerator> g, BatchGenerator::Create(&engine, o));
     BatchStats stats;
-    absl::StatusOr<std::vector<BatchResult>> r = (*g)->Generate(requests, &stats);
-    if (!r.ok()) return r.status();
+    EM_ASSIGN_OR_RETURN(std::vector<BatchResult> r, g->Generate(requests, &stats));
     const double rate = stats.decode_tokens / stats.decode_seconds;
     rates[mode].push_back(rate);
     if (mode == 1) {
       f.drafted = stats.drafted;
       f.accepted = stats.accepted;
       f.draft_step_share = static_cast<double>(stats.draft_steps) / stats.decode_steps;
-      if ((*g)->policy() != nullptr) {
-        f.predicted = (*g)->policy()->PredictedSpeedup(std::ssize(prompts), 1);
+      if (g->policy() != nullptr) {
+        f.predicted = g->policy()->PredictedSpeedup(std::ssize(prompts), 1);
       }
     }
-    for (const BatchResult& res : *r) {
+    for (const BatchResult& res : r) {
       tokens[mode].emplace_back();
       for (const SampledToken& t : res.tokens) tokens[mode].back().push_back(t.token);
     }

@@ -23,6 +23,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/statusor.h"
 #include "core/base/file.h"
+#include "core/base/status.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
 #include "core/format/config.h"
@@ -95,11 +96,10 @@ absl::StatusOr<std::vector<int32_t>> TokenizeDocuments(const Tokenizer& tok,
     if (std::all_of(doc.begin(), doc.end(), [](char c) { return std::isspace(uint8_t(c)); })) {
       continue;  // (Python's str.strip() also strips Unicode spaces; the corpus has none alone)
     }
-    absl::StatusOr<std::vector<int32_t>> ids = tok.Encode(doc, /*add_bos=*/false);
-    if (!ids.ok()) return ids.status();
+    EM_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok.Encode(doc, /*add_bos=*/false));
     doc_starts->push_back(std::ssize(stream));
     stream.push_back(bos);
-    stream.insert(stream.end(), ids->begin(), ids->end());
+    stream.insert(stream.end(), ids.begin(), ids.end());
     stream.push_back(eos);
     if (max_tokens > 0 && std::ssize(stream) >= max_tokens) break;
   }
@@ -124,10 +124,9 @@ absl::StatusOr<TextScores> ScoreText(Engine& engine, std::span<const int32_t> st
     std::span<const int32_t> w = stream.subspan(start, n);  // w: [n]
     auto cache = engine.NewCache();
     SequenceInput in{w, cache.get(), /*all_logits=*/true};
-    absl::StatusOr<std::vector<SequenceOutput>> out =
-        engine.Forward(std::span<const SequenceInput>(&in, 1));
-    if (!out.ok()) return out.status();
-    const SequenceOutput& o = (*out)[0];  // logits: [n, V]; hidden: [n, hidden_size]
+    EM_ASSIGN_OR_RETURN(std::vector<SequenceOutput> out,
+                        engine.Forward(std::span<const SequenceInput>(&in, 1)));
+    const SequenceOutput& o = out[0];  // logits: [n, V]; hidden: [n, hidden_size]
     for (int64_t i = 0; i + 1 < n; ++i) {
       std::vector<float> lp = LogSoftmax(std::span<const float>(o.logits).subspan(i * V, V));
       s.nll_sum -= lp[w[i + 1]];
@@ -139,11 +138,10 @@ absl::StatusOr<TextScores> ScoreText(Engine& engine, std::span<const int32_t> st
       const int64_t D = engine.model().config().hidden_size;
       MtpInput mi{w.subspan(1, n - 1), std::span<const float>(o.hidden).first((n - 1) * D),
                   mtp_cache.get(), /*all_logits=*/true};
-      absl::StatusOr<std::vector<SequenceOutput>> mo =
-          engine.ForwardMtp(std::span<const MtpInput>(&mi, 1));
-      if (!mo.ok()) return mo.status();
+      EM_ASSIGN_OR_RETURN(std::vector<SequenceOutput> mo,
+                          engine.ForwardMtp(std::span<const MtpInput>(&mi, 1)));
       for (int64_t i = 0; i + 2 < n; ++i) {
-        const int32_t draft = Argmax(std::span<const float>((*mo)[0].logits).subspan(i * V, V));
+        const int32_t draft = Argmax(std::span<const float>(mo[0].logits).subspan(i * V, V));
         s.mtp_correct += draft == w[i + 2];
         ++s.mtp_predicted;
       }
@@ -180,10 +178,9 @@ absl::Status GreedyAcceptance(Engine& engine, std::span<const int32_t> prompt, i
   std::vector<float> hidden = std::move((*out)[0].hidden);
   for (int step = 0; step < gen_tokens && next != eos; ++step) {
     MtpInput mi{mtp_tokens, hidden, mtp_cache.get(), false};
-    absl::StatusOr<std::vector<SequenceOutput>> mo =
-        engine.ForwardMtp(std::span<const MtpInput>(&mi, 1));
-    if (!mo.ok()) return mo.status();
-    const int32_t draft = Argmax((*mo)[0].logits);
+    EM_ASSIGN_OR_RETURN(std::vector<SequenceOutput> mo,
+                        engine.ForwardMtp(std::span<const MtpInput>(&mi, 1)));
+    const int32_t draft = Argmax(mo[0].logits);
     const int32_t token = next;
     SequenceInput step_in{std::span<const int32_t>(&token, 1), cache.get(), false};
     out = engine.Forward(std::span<const SequenceInput>(&step_in, 1));

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/status.h"
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "spdlog/spdlog.h"
@@ -97,9 +98,7 @@ absl::StatusOr<Cluster::Member> Cluster::StartService(const std::string& name,
     if (c == '[' || c == ']' || c == ' ') c = '_';
   }
   ProcessSpec spec{name, binary, std::move(args), (fs::path(log_dir_) / (log_name + ".log"))};
-  absl::StatusOr<std::unique_ptr<ChildProcess>> p = ChildProcess::Start(spec);
-  if (!p.ok()) return p.status();
-  m.process = std::move(*p);
+  EM_ASSIGN_OR_RETURN(m.process, ChildProcess::Start(spec));
   return m;
 }
 
@@ -117,17 +116,15 @@ std::vector<std::string> Cluster::ExpertArgs(int shard, int replica, int port,
 }
 
 absl::Status Cluster::StartExpert(int shard, int replica) {
-  absl::StatusOr<std::string> bin = FindServiceBinary(bin_dir_, "expert-service", "expert-service");
-  if (!bin.ok()) return bin.status();
-  absl::StatusOr<int> port = PickFreePort();
-  if (!port.ok()) return port.status();
-  absl::StatusOr<int> mport = PickFreePort();
-  if (!mport.ok()) return mport.status();
-  absl::StatusOr<Member> m =
-      StartService(absl::StrCat("expert-service[shard ", shard, " replica ", replica, "]"), *bin,
-                   ExpertArgs(shard, replica, *port, *mport), *port, *mport);
-  if (!m.ok()) return m.status();
-  experts_[{shard, replica}] = std::move(*m);
+  EM_ASSIGN_OR_RETURN(std::string bin,
+                      FindServiceBinary(bin_dir_, "expert-service", "expert-service"));
+  EM_ASSIGN_OR_RETURN(int port, PickFreePort());
+  EM_ASSIGN_OR_RETURN(int mport, PickFreePort());
+  EM_ASSIGN_OR_RETURN(
+      Member m,
+      StartService(absl::StrCat("expert-service[shard ", shard, " replica ", replica, "]"), bin,
+                   ExpertArgs(shard, replica, port, mport), port, mport));
+  experts_[{shard, replica}] = std::move(m);
   return absl::OkStatus();
 }
 
@@ -147,8 +144,7 @@ absl::Status Cluster::StartAll() {
 
   // 1. Router.
   {
-    absl::StatusOr<std::string> bin = FindServiceBinary(bin_dir_, "router-service", "router");
-    if (!bin.ok()) return bin.status();
+    EM_ASSIGN_OR_RETURN(std::string bin, FindServiceBinary(bin_dir_, "router-service", "router"));
     absl::StatusOr<int> port = PickFreePort();
     absl::StatusOr<int> mport = PickFreePort();
     if (!port.ok() || !mport.ok()) return absl::UnavailableError("no free port");
@@ -156,26 +152,22 @@ absl::Status Cluster::StartAll() {
                                      "--num-shards",   std::to_string(options_.shards),
                                      "--listen",       absl::StrCat(options_.host, ":", *port),
                                      "--metrics-port", std::to_string(*mport)};
-    absl::StatusOr<Member> m = StartService("router-service", *bin, args, *port, *mport);
-    if (!m.ok()) return m.status();
-    router_ = m->endpoint;
-    router_process_ = std::move(m->process);
-    absl::Status s =
-        WaitServing(router_.grpc_address, options_.ready_timeout, router_process_.get());
-    if (!s.ok()) return s;
+    EM_ASSIGN_OR_RETURN(Member m, StartService("router-service", bin, args, *port, *mport));
+    router_ = m.endpoint;
+    router_process_ = std::move(m.process);
+    EM_RETURN_IF_ERROR(
+        WaitServing(router_.grpc_address, options_.ready_timeout, router_process_.get()));
   }
   // 2. Expert shards (all started, then awaited, so they load in parallel).
   for (int shard = 0; shard < options_.shards; ++shard) {
     for (int replica = 0; replica < options_.replicas; ++replica) {
-      absl::Status s = StartExpert(shard, replica);
-      if (!s.ok()) return s;
+      EM_RETURN_IF_ERROR(StartExpert(shard, replica));
     }
   }
   // 3. Attention service (loads its part of the model while the shards load theirs).
   {
-    absl::StatusOr<std::string> bin =
-        FindServiceBinary(bin_dir_, "attention-service", "attention-service");
-    if (!bin.ok()) return bin.status();
+    EM_ASSIGN_OR_RETURN(std::string bin,
+                        FindServiceBinary(bin_dir_, "attention-service", "attention-service"));
     absl::StatusOr<int> port = PickFreePort();
     absl::StatusOr<int> mport = PickFreePort();
     if (!port.ok() || !mport.ok()) return absl::UnavailableError("no free port");
@@ -201,25 +193,19 @@ absl::Status Cluster::StartAll() {
                                      std::to_string(options_.step_deadline_ms)};
     args.insert(args.end(), options_.extra_attention_args.begin(),
                 options_.extra_attention_args.end());
-    absl::StatusOr<Member> m = StartService("attention-service", *bin, args, *port, *mport);
-    if (!m.ok()) return m.status();
-    attention_ = m->endpoint;
-    attention_process_ = std::move(m->process);
+    EM_ASSIGN_OR_RETURN(Member m, StartService("attention-service", bin, args, *port, *mport));
+    attention_ = m.endpoint;
+    attention_process_ = std::move(m.process);
   }
   for (auto& [key, member] : experts_) {
-    absl::Status s =
-        WaitServing(member.endpoint.grpc_address, options_.ready_timeout, member.process.get());
-    if (!s.ok()) return s;
+    EM_RETURN_IF_ERROR(
+        WaitServing(member.endpoint.grpc_address, options_.ready_timeout, member.process.get()));
   }
-  {
-    absl::Status s =
-        WaitServing(attention_.grpc_address, options_.ready_timeout, attention_process_.get());
-    if (!s.ok()) return s;
-  }
+  EM_RETURN_IF_ERROR(
+      WaitServing(attention_.grpc_address, options_.ready_timeout, attention_process_.get()));
   // 4. Gateway.
   if (options_.gateway) {
-    absl::StatusOr<std::string> bin = FindServiceBinary(bin_dir_, "gateway", "gateway");
-    if (!bin.ok()) return bin.status();
+    EM_ASSIGN_OR_RETURN(std::string bin, FindServiceBinary(bin_dir_, "gateway", "gateway"));
     absl::StatusOr<int> port = PickFreePort();
     absl::StatusOr<int> hport =
         options_.gateway_http_port != 0 ? options_.gateway_http_port : PickFreePort();
@@ -228,13 +214,11 @@ absl::Status Cluster::StartAll() {
                                      "--attention", attention_.grpc_address,
                                      "--listen",    absl::StrCat(options_.host, ":", *port),
                                      "--http-port", std::to_string(*hport)};
-    absl::StatusOr<Member> m = StartService("gateway", *bin, args, *port, *hport);
-    if (!m.ok()) return m.status();
-    gateway_ = m->endpoint;
-    gateway_process_ = std::move(m->process);
-    absl::Status s =
-        WaitServing(gateway_->grpc_address, options_.ready_timeout, gateway_process_.get());
-    if (!s.ok()) return s;
+    EM_ASSIGN_OR_RETURN(Member m, StartService("gateway", bin, args, *port, *hport));
+    gateway_ = m.endpoint;
+    gateway_process_ = std::move(m.process);
+    EM_RETURN_IF_ERROR(
+        WaitServing(gateway_->grpc_address, options_.ready_timeout, gateway_process_.get()));
   }
   return absl::OkStatus();
 }
@@ -271,8 +255,7 @@ absl::Status Cluster::RestartExpert(int shard, int replica) {
   if (expert_process(shard, replica) != nullptr) {
     return absl::FailedPreconditionError("replica is running");
   }
-  absl::Status s = StartExpert(shard, replica);
-  if (!s.ok()) return s;
+  EM_RETURN_IF_ERROR(StartExpert(shard, replica));
   Member& m = experts_[{shard, replica}];
   return WaitServing(m.endpoint.grpc_address, options_.ready_timeout, m.process.get());
 }
