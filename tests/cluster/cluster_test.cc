@@ -27,6 +27,7 @@
 #include "service-common/handshake.h"
 #include "service-common/metrics_http.h"
 #include "tests/cluster/cluster_test_util.h"
+#include "tests/common/poll.h"
 #include "tools/launcher/cluster.h"
 
 namespace expertmesh {
@@ -236,10 +237,9 @@ TEST_F(ServingClusterTest, CancelFreesTheBlocks) {
       EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
     }
     // The blocks return at the next step boundary: poll /metrics (a few ms on loopback).
-    const absl::Time end = absl::Now() + absl::Seconds(10);
-    while (Metric(*cluster_, "expertmesh_attention_kv_blocks_used") != 0.0 && absl::Now() < end) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    testing::PollUntil(
+        [&] { return Metric(*cluster_, "expertmesh_attention_kv_blocks_used") == 0.0; },
+        absl::Seconds(10));
     EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_kv_blocks_used"), 0.0);
     EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_mtp_kv_blocks_used"), 0.0);
     EXPECT_EQ(Metric(*cluster_, "expertmesh_attention_requests_running"), 0.0);
@@ -408,11 +408,8 @@ TEST_F(ReplicatedClusterTest, ServesAgainOnceAReplicaRegisters) {
   ASSERT_NO_FATAL_FAILURE(KillShard0());
   // The router expires the killed replicas (its expiry), then the attention service stops
   // serving.
-  const absl::Time end = absl::Now() + absl::Seconds(30);
-  while (Healthy(*cluster_) && absl::Now() < end) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  ASSERT_FALSE(Healthy(*cluster_));
+  ASSERT_TRUE(testing::PollUntil([&] { return !Healthy(*cluster_); }, absl::Seconds(30),
+                                 absl::Milliseconds(20)));
   ASSERT_TRUE(cluster_->RestartExpert(0, 0).ok());
   ASSERT_TRUE(launcher::WaitServing(cluster_->attention().grpc_address, absl::Seconds(30)).ok());
   ExpectReferenceOutputs(*cluster_, 8);

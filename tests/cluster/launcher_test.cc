@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "tests/common/poll.h"
 #include "tools/launcher/cluster.h"
 #include "tools/launcher/process.h"
 
@@ -36,9 +37,13 @@ TEST_F(LauncherTest, LogsOutputAndStopsOnSigterm) {
                                 "while true; do sleep 0.01; done"));
   ASSERT_TRUE(p.ok()) << p.status();
   // Wait until the trap is installed (the script printed after it) before signalling.
-  while (TailOfFile(dir_ + "/polite.log").find("hello") == std::string::npos) {
-    ASSERT_TRUE((*p)->Running());
-  }
+  ASSERT_TRUE(expertmesh::testing::PollUntil(
+      [&] {
+        return TailOfFile(dir_ + "/polite.log").find("hello") != std::string::npos ||
+               !(*p)->Running();
+      },
+      absl::Seconds(30)));
+  ASSERT_TRUE((*p)->Running());
   EXPECT_TRUE((*p)->Stop(absl::Seconds(10)).ok());
   EXPECT_FALSE((*p)->Running());
   EXPECT_EQ((*p)->ExitDescription(), "exited with 0");
@@ -52,9 +57,13 @@ TEST_F(LauncherTest, EscalatesToSigkillAfterTheGrace) {
       Shell("stubborn", "trap '' TERM; echo ready; while true; do sleep 0.01; done"));
   ASSERT_TRUE(p.ok());
   // Wait until the trap is installed (the script printed after it) before signalling.
-  while (TailOfFile(dir_ + "/stubborn.log").find("ready") == std::string::npos) {
-    ASSERT_TRUE((*p)->Running());
-  }
+  ASSERT_TRUE(expertmesh::testing::PollUntil(
+      [&] {
+        return TailOfFile(dir_ + "/stubborn.log").find("ready") != std::string::npos ||
+               !(*p)->Running();
+      },
+      absl::Seconds(30)));
+  ASSERT_TRUE((*p)->Running());
   const absl::Status s = (*p)->Stop(absl::Milliseconds(200));
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_FALSE((*p)->Running());

@@ -16,6 +16,7 @@
 #include "service-common/metrics_http.h"
 #include "service-common/process.h"
 #include "tests/cluster/shards_test_util.h"
+#include "tests/common/poll.h"
 #include "tools/launcher/process.h"
 
 namespace expertmesh {
@@ -37,19 +38,21 @@ absl::StatusOr<v1::StatusResponse> RouterStatus(v1::RouterService::Stub& stub) {
 absl::StatusOr<v1::StatusResponse> WaitForReplicas(v1::RouterService::Stub& stub,
                                                    const std::vector<int>& want,
                                                    absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (absl::Now() < deadline) {
-    absl::StatusOr<v1::StatusResponse> st = RouterStatus(stub);
-    if (st.ok() && st->placement().shards_size() == static_cast<int>(want.size())) {
-      bool all = true;
-      for (size_t s = 0; s < want.size(); ++s) {
-        all &= st->placement().shards(static_cast<int>(s)).replicas_size() == want[s];
-      }
-      if (all) return st;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return absl::DeadlineExceededError("replicas did not register");
+  absl::StatusOr<v1::StatusResponse> st;
+  const bool registered = testing::PollUntil(
+      [&] {
+        st = RouterStatus(stub);
+        if (!st.ok() || st->placement().shards_size() != static_cast<int>(want.size())) {
+          return false;
+        }
+        for (size_t s = 0; s < want.size(); ++s) {
+          if (st->placement().shards(static_cast<int>(s)).replicas_size() != want[s]) return false;
+        }
+        return true;
+      },
+      timeout, absl::Milliseconds(50));
+  if (!registered) return absl::DeadlineExceededError("replicas did not register");
+  return st;
 }
 
 class ShardProcessTest : public ::testing::Test {
@@ -206,10 +209,9 @@ TEST_F(ShardProcessTest, RegisterServeFailOverAndDeregisterOnSigterm) {
   }
   // The dispatcher learns the map without shard 1; the step then fails naming the shard.
   ASSERT_TRUE(st.ok());
-  const absl::Time until = absl::Now() + absl::Seconds(10);
-  while ((*dispatcher)->placement_version() < st->placement().version() && absl::Now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  testing::PollUntil(
+      [&] { return (*dispatcher)->placement_version() >= st->placement().version(); },
+      absl::Seconds(10));
   EXPECT_FALSE((*dispatcher)->Covered());
   const absl::Status gone = RunAndCheck(**dispatcher, 2, 3, 11);
   EXPECT_EQ(gone.code(), absl::StatusCode::kUnavailable) << gone;

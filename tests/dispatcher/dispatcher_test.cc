@@ -19,6 +19,7 @@
 #include "router/router_service.h"
 #include "service-common/handshake.h"
 #include "tests/cluster/shards_test_util.h"
+#include "tests/common/poll.h"
 
 namespace expertmesh {
 namespace {
@@ -217,10 +218,7 @@ TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
   EXPECT_NE(s.message().find("shard 1"), std::string::npos) << s;
   EXPECT_LT(took, kStepDeadline);
   // Still failing once the router has expired them (no replica registered at all).
-  const absl::Time expired_by = absl::Now() + absl::Seconds(10);
-  while (dispatcher_->Covered() && absl::Now() < expired_by) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the router's expiry
-  }
+  testing::PollUntil([&] { return !dispatcher_->Covered(); }, absl::Seconds(10));  // expiry
   EXPECT_FALSE(dispatcher_->Covered());
   const absl::Status s2 = dispatcher_->Run(2, b.x, b.routes, out);
   EXPECT_EQ(s2.code(), absl::StatusCode::kUnavailable) << s2;
@@ -229,10 +227,7 @@ TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
 
 TEST_F(DispatcherTest, ServesAgainOnceAReplicaRegisters) {
   KillShard1();
-  const absl::Time expired_by = absl::Now() + absl::Seconds(10);
-  while (dispatcher_->Covered() && absl::Now() < expired_by) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the router's expiry
-  }
+  testing::PollUntil([&] { return !dispatcher_->Covered(); }, absl::Seconds(10));  // expiry
   ASSERT_FALSE(dispatcher_->Covered());
   // A new replica registers: the next map covers shard 1 again and steps succeed.
   ASSERT_NE(AddReplica(1), nullptr);
@@ -286,16 +281,12 @@ TEST_F(DispatcherTest, FollowsARestartedRouterWhoseVersionsStartAgain) {
   router_ = *std::move(router);
   // The 4 live replicas learn from their heartbeats that the router forgot them and register
   // again: versions 2..5 on the new router, below the old router's.
-  const absl::Time until = absl::Now() + absl::Seconds(20);
-  while (router_->service().version() < 5 && absl::Now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  testing::PollUntil([&] { return router_->service().version() >= 5; }, absl::Seconds(20));
   const uint64_t new_version = router_->service().version();
   ASSERT_EQ(new_version, 5u);
   ASSERT_LT(new_version, old_version);
-  while (dispatcher_->placement_version() != new_version && absl::Now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  testing::PollUntil([&] { return dispatcher_->placement_version() == new_version; },
+                     absl::Seconds(20));
   EXPECT_EQ(dispatcher_->placement_version(), new_version);
   RunAndCheck(2, 5, 32);
 }

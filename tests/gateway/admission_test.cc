@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "gtest/gtest.h"
+#include "tests/common/poll.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -25,7 +26,8 @@ TEST(Admission, QueueThenRefuse) {
     ASSERT_TRUE(t3.ok()) << t3.status();
     third_in = true;
   });
-  while (a.waiting() != 1) std::this_thread::yield();
+  ASSERT_TRUE(expertmesh::testing::PollUntil([&] { return a.waiting() == 1; }, absl::Seconds(30),
+                                             absl::Milliseconds(1)));
 
   auto refused = a.Enter(kFar);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
@@ -51,7 +53,8 @@ TEST(Admission, DeadlineCancelAndClose) {
     auto t = a.Enter(kFar);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kUnavailable);
   });
-  while (a.waiting() != 1) std::this_thread::yield();
+  ASSERT_TRUE(expertmesh::testing::PollUntil([&] { return a.waiting() == 1; }, absl::Seconds(30),
+                                             absl::Milliseconds(1)));
   a.Close();
   waiter.join();
   EXPECT_EQ(a.Enter(kFar).status().code(), absl::StatusCode::kUnavailable);
