@@ -22,6 +22,7 @@
 #include "service-common/metrics_http.h"
 #include "service-common/process.h"
 #include "tests/cluster/cluster_test_util.h"
+#include "tests/common/poll.h"
 #include "tests/gateway/gateway_test_util.h"
 #include "tools/launcher/cluster.h"
 #include "tools/launcher/process.h"
@@ -49,33 +50,60 @@ double MetricValue(const std::string& text, const std::string& series) {
   return -1;
 }
 
+constexpr int kShards = 1;
+
+// A cluster of kShards expert shard(s) and an in-process gateway in front of it, ready.
+struct ClusterAndGateway {
+  std::unique_ptr<launcher::Cluster> cluster;
+  std::unique_ptr<GatewayServer> gateway;  // destroyed first
+};
+absl::StatusOr<ClusterAndGateway> StartClusterAndGateway(const std::string& model_dir) {
+  ClusterAndGateway r;
+  launcher::ClusterOptions co;
+  co.model_dir = model_dir;
+  co.bin_dir = EXPERTMESH_BINARY_DIR;
+  co.shards = kShards;
+  co.max_batch = 16;
+  co.max_waiting = 256;
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
+  if (!cluster.ok()) return cluster.status();
+  r.cluster = *std::move(cluster);
+
+  GatewayOptions go;
+  go.model_dir = model_dir;
+  go.attention = {r.cluster->attention().grpc_address};
+  go.http_host = "127.0.0.1";
+  go.max_running = 8;  // small, so that 200 concurrent requests use the queue of 64
+  go.max_waiting = 64;
+  go.request_timeout = std::chrono::seconds(120);
+  absl::StatusOr<std::unique_ptr<GatewayServer>> gateway = GatewayServer::Create(go);
+  if (!gateway.ok()) return gateway.status();
+  r.gateway = *std::move(gateway);
+  if (!r.gateway->pool().WaitReady(std::chrono::seconds(60))) {
+    return absl::DeadlineExceededError("the gateway's attention pool did not become ready");
+  }
+  return r;
+}
+
+// A greedy completion request for prompt i.
+json::object CompletionBody(const GatewayServer& gateway, size_t i, int max_tokens) {
+  return json::object{{"model", gateway.card().id},
+                      {"prompt", kPrompts[i]},
+                      {"max_tokens", max_tokens},
+                      {"temperature", 0},
+                      {"ignore_eos", true}};
+}
+
 class GatewayClusterTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();
     ASSERT_TRUE(dir.ok()) << dir.status();
     model_dir_ = new std::string(*dir);
-    launcher::ClusterOptions co;
-    co.model_dir = *dir;
-    co.bin_dir = EXPERTMESH_BINARY_DIR;
-    co.shards = kShards;
-    co.max_batch = 16;
-    co.max_waiting = 256;
-    absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
-    ASSERT_TRUE(cluster.ok()) << cluster.status();
-    cluster_ = cluster->release();
-
-    GatewayOptions go;
-    go.model_dir = *dir;
-    go.attention = {cluster_->attention().grpc_address};
-    go.http_host = "127.0.0.1";
-    go.max_running = 8;  // small, so that 200 concurrent requests use the queue of 64
-    go.max_waiting = 64;
-    go.request_timeout = std::chrono::seconds(120);
-    absl::StatusOr<std::unique_ptr<GatewayServer>> gateway = GatewayServer::Create(go);
-    ASSERT_TRUE(gateway.ok()) << gateway.status();
-    gateway_ = gateway->release();
-    ASSERT_TRUE(gateway_->pool().WaitReady(std::chrono::seconds(60)));
+    absl::StatusOr<ClusterAndGateway> running = StartClusterAndGateway(*dir);
+    ASSERT_TRUE(running.ok()) << running.status();
+    cluster_ = running->cluster.release();
+    gateway_ = running->gateway.release();
 
     auto tokenizer = Tokenizer::Load(*dir + "/tokenizer.json");
     ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
@@ -119,11 +147,7 @@ class GatewayClusterTest : public ::testing::Test {
     return HttpRequest(port(), "POST", path, json::serialize(body));
   }
   static json::object Completion(size_t i, int max_tokens) {
-    return json::object{{"model", gateway_->card().id},
-                        {"prompt", kPrompts[i]},
-                        {"max_tokens", max_tokens},
-                        {"temperature", 0},
-                        {"ignore_eos", true}};
+    return CompletionBody(*gateway_, i, max_tokens);
   }
   // The attention service's load, as the gateway's pool sees it.
   static v1::LoadResponse AttentionLoad() {
@@ -137,15 +161,14 @@ class GatewayClusterTest : public ::testing::Test {
   }
   // Waits (the network is the subject here) until the attention service holds no sequence.
   static bool AttentionIdle() {
-    for (int i = 0; i < 200; ++i) {
-      v1::LoadResponse load = AttentionLoad();
-      if (load.running() == 0 && load.waiting() == 0) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
+    return expertmesh::testing::PollUntil(
+        [] {
+          v1::LoadResponse load = AttentionLoad();
+          return load.running() == 0 && load.waiting() == 0;
+        },
+        absl::Seconds(10), absl::Milliseconds(50));
   }
 
-  static constexpr int kShards = 1;
   static inline std::string* model_dir_ = nullptr;
   static inline launcher::Cluster* cluster_ = nullptr;
   static inline GatewayServer* gateway_ = nullptr;
@@ -657,11 +680,12 @@ TEST_F(GatewayClusterTest, GatewayProcessDrainsOnSigterm) {
     body["stream_options"] = json::object{{"include_usage", true}};
     result = HttpRequest(*http, "POST", "/v1/completions", json::serialize(body));
   });
-  bool running = false;
-  for (int i = 0; i < 2000 && !running; ++i) {
-    auto m = HttpRequest(*http, "GET", "/metrics");
-    running = m.ok() && MetricValue(m->body, "expertmesh_gateway_requests_running") == 1;
-  }
+  const bool running = expertmesh::testing::PollUntil(
+      [&] {
+        auto m = HttpRequest(*http, "GET", "/metrics");
+        return m.ok() && MetricValue(m->body, "expertmesh_gateway_requests_running") == 1;
+      },
+      absl::Seconds(30), absl::Milliseconds(1));
   EXPECT_TRUE(running) << "the request was never seen running";
   (*process)->Signal(SIGTERM);
   client.join();
@@ -734,12 +758,34 @@ TEST_F(GatewayClusterTest, SpreadsSequencesOverAttentionReplicasByLoad) {
   EXPECT_TRUE((*second)->Stop(absl::Seconds(10)).ok());
 }
 
-// Runs last: it kills the cluster's only expert shard mid-stream (and restarts it).
-TEST_F(GatewayClusterTest, ZzFailureMidStreamIsAnErrorEvent) {
+// Kills the cluster's only expert shard mid-stream (and restarts it): a cluster and gateway
+// of its own, so that the shared one above stays whole whatever the test order.
+class GatewayFailureTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    model_dir_ = *dir;
+    absl::StatusOr<ClusterAndGateway> running = StartClusterAndGateway(model_dir_);
+    ASSERT_TRUE(running.ok()) << running.status();
+    running_ = *std::move(running);
+  }
+  void TearDown() override {
+    running_.gateway.reset();  // before the cluster it talks to
+    running_.cluster.reset();
+    if (!model_dir_.empty()) std::filesystem::remove_all(model_dir_);
+  }
+  int port() const { return running_.gateway->http_port(); }
+
+  std::string model_dir_;
+  ClusterAndGateway running_;
+};
+
+TEST_F(GatewayFailureTest, FailureMidStreamIsAnErrorEvent) {
   boost::asio::io_context io;
   boost::asio::ip::tcp::socket socket(io);
   socket.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port())});
-  json::object body = Completion(0, 64);
+  json::object body = CompletionBody(*running_.gateway, 0, 64);
   body["stream"] = true;
   const std::string payload = json::serialize(body);
   boost::asio::write(socket, boost::asio::buffer(
@@ -752,14 +798,14 @@ TEST_F(GatewayClusterTest, ZzFailureMidStreamIsAnErrorEvent) {
     got.append(buf, socket.read_some(boost::asio::buffer(buf), ec));
   }
   ASSERT_FALSE(ec) << ec.message();
-  ASSERT_TRUE(cluster_->KillExpert(0, 0, SIGKILL).ok());
+  ASSERT_TRUE(running_.cluster->KillExpert(0, 0, SIGKILL).ok());
   while (!ec) got.append(buf, socket.read_some(boost::asio::buffer(buf), ec));
   EXPECT_EQ(got.substr(0, 15), "HTTP/1.1 200 OK");
   const size_t error_at = got.find("data: {\"error\":");
   ASSERT_NE(error_at, std::string::npos) << got;
   EXPECT_NE(got.find("data: [DONE]", error_at), std::string::npos);
   EXPECT_EQ(got.find("\"finish_reason\":\"length\""), std::string::npos);
-  ASSERT_TRUE(cluster_->RestartExpert(0, 0).ok());
+  ASSERT_TRUE(running_.cluster->RestartExpert(0, 0).ok());
   auto health = HttpRequest(port(), "GET", "/health");
   ASSERT_TRUE(health.ok());
   EXPECT_EQ(health->status, 200);
