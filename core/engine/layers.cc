@@ -1,11 +1,10 @@
 #include "core/engine/layers.h"
 
-#include "core/kernels/cpu/cpu_kernels.h"
-
 #include <algorithm>
 #include <cmath>
 #include <numbers>
 
+#include "core/engine/mla_attention.h"
 #include "core/kernels/cpu/cpu_kernels.h"
 #include "core/numerics/quant.h"
 
@@ -22,7 +21,13 @@ float DotSeq(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-// p: [len] scores -> softmax in place.
+// YaRN's m(s) = 0.1 * mscale * ln(s) + 1 for s > 1.
+double YarnMscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+}  // namespace
+
 void Softmax(float* p, int64_t len) {
   float max = p[0];
   for (int64_t j = 1; j < len; ++j) max = std::max(max, p[j]);
@@ -33,13 +38,6 @@ void Softmax(float* p, int64_t len) {
   }
   for (int64_t j = 0; j < len; ++j) p[j] /= sum;
 }
-
-// YaRN's m(s) = 0.1 * mscale * ln(s) + 1 for s > 1.
-double YarnMscale(double scale, double mscale) {
-  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
-}
-
-}  // namespace
 
 void RmsNorm(const float* x, const float* weight, int64_t n, int64_t dim, double eps, float* y) {
   for (int64_t t = 0; t < n; ++t) {
@@ -113,71 +111,7 @@ void Rope::Apply(float* x, int64_t pos) const {
   }
 }
 
-namespace {
-
-// The absorbed attention core with the SIMD kernels, one sequence at a time: every query of
-// the sequence (its new rows x heads, each [W_uk^T q_nope | q_pe], one cache row long) is
-// scored against each cached row in one pass over that row (simd::DotRows), and the context
-// sums read each cached row once for all queries. wkv_b: kv_b_proj dequantized
-// [H * (nope + v_dim), rank]; slice k's query rows first_i[k] .. n - 1 are rows q_first[k] ..
-// of q: [Tq, H * qk_head_dim] (RoPE applied) and of attn: [Tq, H * v_dim].
-void AbsorbedAttentionSimd(const ModelConfig& c, const float* wkv_b, const float* q, float scale,
-                           int cache_layer, std::span<const SequenceSlice> seqs,
-                           std::span<const int64_t> q_first, std::span<const int64_t> first_i,
-                           float* attn) {
-  const int64_t H = c.num_attention_heads, nope = c.qk_nope_head_dim;
-  const int64_t rope_dim = c.qk_rope_head_dim, v_dim = c.v_head_dim;
-  const int64_t rank = c.kv_lora_rank, R = rank + rope_dim, qk_head_dim = c.qk_head_dim();
-  std::vector<float> queries, scores, ctx;
-  for (size_t k = 0; k < seqs.size(); ++k) {
-    const SequenceSlice& s = seqs[k];
-    const MlaKvCache& cache = *s.cache;
-    const int64_t i0 = first_i[k], n = s.n - i0;  // query rows i0 .. s.n - 1
-    const int64_t Q = n * H, L = s.start + s.n;
-    queries.assign(Q * R, 0.0f);  // query (i, h) at row (i - i0) * H + h
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q + ((q_first[k] + i) * H + h) * qk_head_dim;
-        const float* w_uk = wkv_b + h * (nope + v_dim) * rank;
-        float* ql = queries.data() + (i * H + h) * R;
-        for (int64_t d = 0; d < nope; ++d) {
-          for (int64_t r = 0; r < rank; ++r) ql[r] += qh[d] * w_uk[d * rank + r];
-        }
-        std::copy(qh + nope, qh + nope + rope_dim, ql + rank);
-      }
-    }
-    // scores: [Q, L]; row i sees positions < start + i0 + i + 1 (the rest: computed, unused).
-    scores.resize(Q * L);
-    for (int64_t j = 0; j < L; ++j) {
-      simd::DotRows(cache.Slot(cache_layer, j), queries.data(), Q, R, R, scores.data() + j, L);
-    }
-    for (int64_t qi = 0; qi < Q; ++qi) {
-      float* row = scores.data() + qi * L;
-      const int64_t visible = s.start + i0 + qi / H + 1;
-      for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
-      Softmax(row, visible);
-    }
-    ctx.assign(Q * rank, 0.0f);
-    for (int64_t j = 0; j < L; ++j) {
-      const float* slot = cache.Slot(cache_layer, j);
-      for (int64_t qi = 0; qi < Q; ++qi) {
-        if (j >= s.start + i0 + qi / H + 1) continue;  // masked
-        const float p = scores[qi * L + j];
-        float* cq = ctx.data() + qi * rank;
-        for (int64_t r = 0; r < rank; ++r) cq[r] += p * slot[r];
-      }
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* w_uv = wkv_b + (h * (nope + v_dim) + nope) * rank;
-        float* o = attn + ((q_first[k] + i) * H + h) * v_dim;
-        simd::DotRows(ctx.data() + (i * H + h) * rank, w_uv, v_dim, rank, rank, o, 1);
-      }
-    }
-  }
-}
-
-}  // namespace
+namespace {}  // namespace
 
 void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
                 MlaKvCache& cache, int64_t start, const float* x, int64_t n, float* out,
@@ -186,41 +120,32 @@ void MlaForward(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int
   MlaForwardBatch(c, w, rope, cache_layer, {&seq, 1}, x, n, out, opt, false);
 }
 
-void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
-                     std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
-                     const LayerOptions& opt, bool last_rows_only) {
-  const bool quant = opt.quantize_activations;
-  const int64_t D = c.hidden_size;
-  const int64_t H = c.num_attention_heads;
-  const int64_t nope = c.qk_nope_head_dim;
-  const int64_t rope_dim = c.qk_rope_head_dim;
-  const int64_t qk_head_dim = c.qk_head_dim();
-  const int64_t v_dim = c.v_head_dim;
-  const int64_t rank = c.kv_lora_rank;
-  const float scale = rope.softmax_scale();
+namespace {
 
-  // Query rows: every row, or with last_rows_only the last of each slice (slice k's queries
-  // start at q row q_first[k] and cover its rows [first_i[k], n)).
-  const int64_t n_slices = std::ssize(seqs);
-  std::vector<int64_t> q_first(n_slices), first_i(n_slices);
+// Which rows of a batch are queried: every row, or with last_rows_only the last of each
+// slice. Slice k's queries are query rows q_first[k] .. and cover its rows [first_i[k], n).
+struct QueryRows {
+  std::vector<int64_t> q_first, first_i;
   int64_t Tq = 0;
-  for (int64_t k = 0; k < n_slices; ++k) {
-    first_i[k] = last_rows_only ? seqs[k].n - 1 : 0;
-    q_first[k] = Tq;
-    Tq += seqs[k].n - first_i[k];
+};
+
+QueryRows PlanQueryRows(std::span<const SequenceSlice> seqs, bool last_rows_only) {
+  QueryRows r;
+  r.q_first.resize(seqs.size());
+  r.first_i.resize(seqs.size());
+  for (size_t k = 0; k < seqs.size(); ++k) {
+    r.first_i[k] = last_rows_only ? seqs[k].n - 1 : 0;
+    r.q_first[k] = r.Tq;
+    r.Tq += seqs[k].n - r.first_i[k];
   }
-  std::vector<float> xq_rows;
-  const float* xq = x;
-  if (last_rows_only) {
-    xq_rows.resize(Tq * D);
-    for (int64_t k = 0; k < n_slices; ++k) {
-      std::copy_n(x + (seqs[k].row_begin + seqs[k].n - 1) * D, D, xq_rows.data() + q_first[k] * D);
-    }
-    xq = xq_rows.data();
-  }
-  // The projections run over all rows at once (each weight row is read once per step).
-  // q: [Tq, H * qk_head_dim], per head [q_nope | q_pe].
-  std::vector<float> q(Tq * H * qk_head_dim);
+  return r;
+}
+
+// q: [Tq, H * qk_head_dim], per head [q_nope | q_pe] (RoPE not yet applied).
+std::vector<float> ProjectQueries(const ModelConfig& c, const MlaWeights& w, const float* xq,
+                                  int64_t Tq, const LayerOptions& opt) {
+  const bool quant = opt.quantize_activations;
+  std::vector<float> q(Tq * c.num_attention_heads * c.qk_head_dim());
   if (w.q_proj) {
     w.q_proj->Forward(xq, Tq, q.data(), quant, opt.kernel);
   } else {
@@ -229,120 +154,178 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
     RmsNorm(q_a.data(), w.q_a_layernorm.data(), Tq, c.q_lora_rank, c.rms_norm_eps, q_a.data());
     w.q_b_proj->Forward(q_a.data(), Tq, q.data(), quant, opt.kernel);
   }
-  // kv: [T, kv_lora_rank + qk_rope_head_dim] -> cache rows [c_kv | k_pe], for every row.
+  return q;
+}
+
+// Every row's cache entry [c_kv (normed) | k_pe (rotated)] at its position, and RoPE on the
+// queried rows' q_pe. x: [T, D].
+void WriteLatentCache(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
+                      std::span<const SequenceSlice> seqs, const float* x, int64_t T,
+                      const QueryRows& rows, std::span<float> q, const LayerOptions& opt) {
+  const int64_t rank = c.kv_lora_rank, rope_dim = c.qk_rope_head_dim;
+  const int64_t H = c.num_attention_heads, qk_head_dim = c.qk_head_dim();
   std::vector<float> kv(T * (rank + rope_dim));
-  w.kv_a_proj_with_mqa.Forward(x, T, kv.data(), quant, opt.kernel);
-  for (int64_t k = 0; k < n_slices; ++k) {
+  w.kv_a_proj_with_mqa.Forward(x, T, kv.data(), opt.quantize_activations, opt.kernel);
+  for (size_t k = 0; k < seqs.size(); ++k) {
     const SequenceSlice& s = seqs[k];
     for (int64_t i = 0; i < s.n; ++i) {
-      const int64_t pos = s.start + i, row_i = s.row_begin + i;
-      const float* row = kv.data() + row_i * (rank + rope_dim);
+      const int64_t pos = s.start + i;
+      const float* row = kv.data() + (s.row_begin + i) * (rank + rope_dim);
       float* slot = s.cache->Slot(cache_layer, pos);
       RmsNorm(row, w.kv_a_layernorm.data(), 1, rank, c.rms_norm_eps, slot);
       std::copy(row + rank, row + rank + rope_dim, slot + rank);
       rope.Apply(slot + rank, pos);
-      if (i < first_i[k]) continue;
-      const int64_t qr = q_first[k] + i - first_i[k];
-      for (int64_t h = 0; h < H; ++h) rope.Apply(q.data() + (qr * H + h) * qk_head_dim + nope, pos);
+      if (i < rows.first_i[k]) continue;
+      const int64_t qr = rows.q_first[k] + i - rows.first_i[k];
+      for (int64_t h = 0; h < H; ++h) {
+        rope.Apply(q.data() + (qr * H + h) * qk_head_dim + c.qk_nope_head_dim, pos);
+      }
     }
   }
+}
 
-  std::vector<float> attn(Tq * H * v_dim);  // [Tq, H * v_head_dim]
+// The naive form: kv_b_proj expands every cached c_kv into per-head keys and values.
+void NaiveAttention(const ModelConfig& c, const MlaWeights& w, int cache_layer,
+                    std::span<const SequenceSlice> seqs, const QueryRows& rows, const float* q,
+                    float scale, const LayerOptions& opt, float* attn) {
+  const int64_t H = c.num_attention_heads, nope = c.qk_nope_head_dim;
+  const int64_t rope_dim = c.qk_rope_head_dim, v_dim = c.v_head_dim, rank = c.kv_lora_rank;
+  const int64_t qk_head_dim = c.qk_head_dim(), kvb_dim = H * (nope + v_dim);
   std::vector<float> scores;
-  if (opt.attention == AttentionForm::kNaive) {
-    for (int64_t k = 0; k < n_slices; ++k) {
-      const SequenceSlice& s = seqs[k];
-      MlaKvCache& cache = *s.cache;
-      const int64_t L = s.start + s.n;  // cached length visible to the last new token
-      scores.resize(L);
-      // kv_b_proj(c_kv) for every cached token: [L, H * (nope + v_dim)].
-      std::vector<float> c_kv(L * rank);
-      for (int64_t j = 0; j < L; ++j) {
-        const float* slot = cache.Slot(cache_layer, j);
-        std::copy(slot, slot + rank, c_kv.data() + j * rank);
-      }
-      const int64_t kvb_dim = H * (nope + v_dim);
-      std::vector<float> kvb(L * kvb_dim);
-      w.kv_b_proj.Forward(c_kv.data(), L, kvb.data(), quant, opt.kernel);
-      for (int64_t i = first_i[k]; i < s.n; ++i) {
-        const int64_t visible = s.start + i + 1, row_i = q_first[k] + i - first_i[k];
-        for (int64_t h = 0; h < H; ++h) {
-          const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
-          for (int64_t j = 0; j < visible; ++j) {
-            const float* k_nope = kvb.data() + j * kvb_dim + h * (nope + v_dim);
-            const float* k_pe = cache.Slot(cache_layer, j) + rank;
-            scores[j] = (DotSeq(qh, k_nope, nope) + DotSeq(qh + nope, k_pe, rope_dim)) * scale;
-          }
-          Softmax(scores.data(), visible);
-          float* o = attn.data() + (row_i * H + h) * v_dim;
-          std::fill(o, o + v_dim, 0.0f);
-          for (int64_t j = 0; j < visible; ++j) {
-            const float* v = kvb.data() + j * kvb_dim + h * (nope + v_dim) + nope;
-            for (int64_t d = 0; d < v_dim; ++d) o[d] += scores[j] * v[d];
-          }
+  for (size_t k = 0; k < seqs.size(); ++k) {
+    const SequenceSlice& s = seqs[k];
+    MlaKvCache& cache = *s.cache;
+    const int64_t L = s.start + s.n;  // cached length visible to the last new token
+    scores.resize(L);
+    // kv_b_proj(c_kv) for every cached token: [L, H * (nope + v_dim)].
+    std::vector<float> c_kv(L * rank);
+    for (int64_t j = 0; j < L; ++j) {
+      const float* slot = cache.Slot(cache_layer, j);
+      std::copy(slot, slot + rank, c_kv.data() + j * rank);
+    }
+    std::vector<float> kvb(L * kvb_dim);
+    w.kv_b_proj.Forward(c_kv.data(), L, kvb.data(), opt.quantize_activations, opt.kernel);
+    for (int64_t i = rows.first_i[k]; i < s.n; ++i) {
+      const int64_t visible = s.start + i + 1, row_i = rows.q_first[k] + i - rows.first_i[k];
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q + (row_i * H + h) * qk_head_dim;
+        for (int64_t j = 0; j < visible; ++j) {
+          const float* k_nope = kvb.data() + j * kvb_dim + h * (nope + v_dim);
+          const float* k_pe = cache.Slot(cache_layer, j) + rank;
+          scores[j] = (DotSeq(qh, k_nope, nope) + DotSeq(qh + nope, k_pe, rope_dim)) * scale;
+        }
+        Softmax(scores.data(), visible);
+        float* o = attn + (row_i * H + h) * v_dim;
+        std::fill(o, o + v_dim, 0.0f);
+        for (int64_t j = 0; j < visible; ++j) {
+          const float* v = kvb.data() + j * kvb_dim + h * (nope + v_dim) + nope;
+          for (int64_t d = 0; d < v_dim; ++d) o[d] += scores[j] * v[d];
         }
       }
     }
+  }
+}
+
+// kv_b_proj as float [H * (nope + v_dim), kv_lora_rank] (both dequantizations are bitwise
+// equal).
+std::vector<float> DequantizeKvB(const ModelConfig& c, const MlaWeights& w, LinearKernel kernel) {
+  const int64_t rank = c.kv_lora_rank;
+  const int64_t kvb_rows = c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim);
+  std::vector<float> wkv_b(kvb_rows * rank);
+  for (int64_t r = 0; r < kvb_rows; ++r) {
+    if (kernel == LinearKernel::kSimd) {
+      w.kv_b_proj.DequantizeRowSimd(r, wkv_b.data() + r * rank);
+    } else {
+      w.kv_b_proj.DequantizeRow(r, wkv_b.data() + r * rank);
+    }
+  }
+  return wkv_b;
+}
+
+}  // namespace
+
+void AbsorbedAttentionReference(const AbsorbedAttentionArgs& a, float* attn) {
+  const ModelConfig& c = a.config;
+  const int64_t H = c.num_attention_heads, nope = c.qk_nope_head_dim;
+  const int64_t rope_dim = c.qk_rope_head_dim, v_dim = c.v_head_dim, rank = c.kv_lora_rank;
+  const int64_t qk_head_dim = c.qk_head_dim();
+  std::vector<float> q_lat(rank), ctx(rank), scores;
+  for (size_t k = 0; k < a.seqs.size(); ++k) {
+    const SequenceSlice& s = a.seqs[k];
+    const MlaKvCache& cache = *s.cache;
+    scores.resize(s.start + s.n);
+    for (int64_t i = a.first_i[k]; i < s.n; ++i) {
+      const int64_t visible = s.start + i + 1, row_i = a.q_first[k] + i - a.first_i[k];
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = a.q + (row_i * H + h) * qk_head_dim;
+        const float* w_uk = a.wkv_b + h * (nope + v_dim) * rank;
+        const float* w_uv = w_uk + nope * rank;
+        std::fill(q_lat.begin(), q_lat.end(), 0.0f);
+        for (int64_t d = 0; d < nope; ++d) {
+          for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
+        }
+        for (int64_t j = 0; j < visible; ++j) {
+          const float* slot = cache.Slot(a.cache_layer, j);
+          scores[j] =
+              (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) *
+              a.scale;
+        }
+        Softmax(scores.data(), visible);
+        std::fill(ctx.begin(), ctx.end(), 0.0f);
+        for (int64_t j = 0; j < visible; ++j) {
+          const float* slot = cache.Slot(a.cache_layer, j);
+          for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
+        }
+        float* o = attn + (row_i * H + h) * v_dim;
+        for (int64_t d = 0; d < v_dim; ++d) o[d] = DotSeq(w_uv + d * rank, ctx.data(), rank);
+      }
+    }
+  }
+}
+
+void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope, int cache_layer,
+                     std::span<const SequenceSlice> seqs, const float* x, int64_t T, float* out,
+                     const LayerOptions& opt, bool last_rows_only) {
+  const int64_t D = c.hidden_size;
+  const QueryRows rows = PlanQueryRows(seqs, last_rows_only);
+  const int64_t Tq = rows.Tq;
+  std::vector<float> xq_rows;  // with last_rows_only: the queried rows of x
+  if (last_rows_only) {
+    xq_rows.resize(Tq * D);
+    for (size_t k = 0; k < seqs.size(); ++k) {
+      std::copy_n(x + (seqs[k].row_begin + seqs[k].n - 1) * D, D,
+                  xq_rows.data() + rows.q_first[k] * D);
+    }
+  }
+  // 1. Projections over all rows at once (each weight row is read once per step).
+  std::vector<float> q = ProjectQueries(c, w, last_rows_only ? xq_rows.data() : x, Tq, opt);
+  // 2. The new rows' latent cache entries; RoPE on the queries.
+  WriteLatentCache(c, w, rope, cache_layer, seqs, x, T, rows, q, opt);
+  // 3. Attention: [Tq, H * v_head_dim].
+  std::vector<float> attn(Tq * c.num_attention_heads * c.v_head_dim);
+  if (opt.attention == AttentionForm::kNaive) {
+    NaiveAttention(c, w, cache_layer, seqs, rows, q.data(), rope.softmax_scale(), opt, attn.data());
   } else {
     // Absorbed: per head, W_uk: rows [h*(nope+v), +nope) and W_uv: the next v_dim rows of
-    // kv_b_proj, each [.., kv_lora_rank]. score_j = (W_uk^T q_nope) . c_j + q_pe . k_pe_j;
-    // o = W_uv (sum_j p_j c_j). Dequantized here, once per call.
-    const int64_t kvb_rows = H * (nope + v_dim);
-    std::vector<float> wkv_b(kvb_rows * rank);
-    for (int64_t r = 0; r < kvb_rows; ++r) {
-      if (opt.kernel == LinearKernel::kSimd) {
-        w.kv_b_proj.DequantizeRowSimd(r, wkv_b.data() + r * rank);
-      } else {
-        w.kv_b_proj.DequantizeRow(r, wkv_b.data() + r * rank);
-      }
-    }
-    if (opt.kernel == LinearKernel::kSimd) {
-      AbsorbedAttentionSimd(c, wkv_b.data(), q.data(), scale, cache_layer, seqs, q_first, first_i,
-                            attn.data());
-    } else {
-      std::vector<float> q_lat(rank), ctx(rank);
-      for (int64_t k = 0; k < n_slices; ++k) {
-        const SequenceSlice& s = seqs[k];
-        const MlaKvCache& cache = *s.cache;
-        scores.resize(s.start + s.n);
-        for (int64_t i = first_i[k]; i < s.n; ++i) {
-          const int64_t visible = s.start + i + 1, row_i = q_first[k] + i - first_i[k];
-          for (int64_t h = 0; h < H; ++h) {
-            const float* qh = q.data() + (row_i * H + h) * qk_head_dim;
-            const float* w_uk = wkv_b.data() + h * (nope + v_dim) * rank;
-            const float* w_uv = w_uk + nope * rank;
-            std::fill(q_lat.begin(), q_lat.end(), 0.0f);
-            for (int64_t d = 0; d < nope; ++d) {
-              for (int64_t r = 0; r < rank; ++r) q_lat[r] += qh[d] * w_uk[d * rank + r];
-            }
-            for (int64_t j = 0; j < visible; ++j) {
-              const float* slot = cache.Slot(cache_layer, j);
-              scores[j] =
-                  (DotSeq(q_lat.data(), slot, rank) + DotSeq(qh + nope, slot + rank, rope_dim)) *
-                  scale;
-            }
-            Softmax(scores.data(), visible);
-            std::fill(ctx.begin(), ctx.end(), 0.0f);
-            for (int64_t j = 0; j < visible; ++j) {
-              const float* slot = cache.Slot(cache_layer, j);
-              for (int64_t r = 0; r < rank; ++r) ctx[r] += scores[j] * slot[r];
-            }
-            float* o = attn.data() + (row_i * H + h) * v_dim;
-            for (int64_t d = 0; d < v_dim; ++d) o[d] = DotSeq(w_uv + d * rank, ctx.data(), rank);
-          }
-        }
-      }
-    }
+    // kv_b_proj. score_j = (W_uk^T q_nope) . c_j + q_pe . k_pe_j; o = W_uv (sum_j p_j c_j).
+    const std::vector<float> wkv_b = DequantizeKvB(c, w, opt.kernel);
+    const AbsorbedAttentionArgs args{c,           wkv_b.data(), q.data(),     rope.softmax_scale(),
+                                     cache_layer, seqs,         rows.q_first, rows.first_i};
+    // The one signature, two implementations: the loops above, or the SIMD kernel.
+    (opt.kernel == LinearKernel::kSimd ? AbsorbedAttentionSimd : AbsorbedAttentionReference)(
+        args, attn.data());
   }
+  // 4. The output projection (with last_rows_only: scattered back to the slices' last rows).
   if (!last_rows_only) {
-    w.o_proj.Forward(attn.data(), T, out, quant, opt.kernel);
+    w.o_proj.Forward(attn.data(), T, out, opt.quantize_activations, opt.kernel);
     return;
   }
   std::vector<float> out_q(Tq * D);
-  w.o_proj.Forward(attn.data(), Tq, out_q.data(), quant, opt.kernel);
+  w.o_proj.Forward(attn.data(), Tq, out_q.data(), opt.quantize_activations, opt.kernel);
   std::fill(out, out + T * D, 0.0f);
-  for (int64_t k = 0; k < n_slices; ++k) {
-    std::copy_n(out_q.data() + q_first[k] * D, D, out + (seqs[k].row_begin + seqs[k].n - 1) * D);
+  for (size_t k = 0; k < seqs.size(); ++k) {
+    std::copy_n(out_q.data() + rows.q_first[k] * D, D,
+                out + (seqs[k].row_begin + seqs[k].n - 1) * D);
   }
 }
 
