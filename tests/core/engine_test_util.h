@@ -4,13 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "boost/json.hpp"
+#include "core/base/file.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
 #include "core/format/config.h"
@@ -83,11 +82,10 @@ inline std::vector<int32_t> Greedy(Engine& engine, const std::vector<int32_t>& p
 }
 
 inline boost::json::value ReadJson(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  EXPECT_FALSE(ss.str().empty()) << "cannot read " << path;
-  return boost::json::parse(ss.str());
+  absl::StatusOr<std::string> text = base::ReadFile(path);
+  EXPECT_TRUE(text.ok()) << text.status();
+  if (!text.ok()) return nullptr;
+  return boost::json::parse(*text);
 }
 
 template <typename T>

@@ -4,10 +4,9 @@
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 
+#include "core/base/file.h"
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
 #include "gtest/gtest.h"
@@ -16,11 +15,11 @@
 namespace expertmesh::testing {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+// The file's bytes; a failed read fails the test (and compares as "").
+std::string ReadOk(const std::string& path) {
+  absl::StatusOr<std::string> bytes = base::ReadFile(path);
+  EXPECT_TRUE(bytes.ok()) << bytes.status();
+  return bytes.ok() ? *std::move(bytes) : std::string();
 }
 
 bool EndsWith(const std::string& s, const std::string& tail) {
@@ -33,7 +32,10 @@ class RandomCheckpointTest : public ::testing::Test {
     dir_ =
         std::filesystem::path(::testing::TempDir()) / ("random_ckpt_" + std::to_string(::getpid()));
     std::filesystem::remove_all(dir_);
-    config_text_ = ReadFile(EngineDataDir("engine-mtp") + "/config.json");
+    absl::StatusOr<std::string> config_text =
+        base::ReadFile(EngineDataDir("engine-mtp") + "/config.json");
+    ASSERT_TRUE(config_text.ok()) << config_text.status();
+    config_text_ = *std::move(config_text);
     auto config = ParseModelConfig(config_text_);
     ASSERT_TRUE(config.ok()) << config.status();
     config_ = *config;
@@ -46,7 +48,7 @@ class RandomCheckpointTest : public ::testing::Test {
 
 TEST_F(RandomCheckpointTest, HasDeepSeekV3Layout) {
   ASSERT_TRUE(WriteRandomCheckpoint(config_, config_text_, dir_ / "a", 5).ok());
-  EXPECT_EQ(ReadFile((dir_ / "a/config.json").string()), config_text_);
+  EXPECT_EQ(ReadOk((dir_ / "a/config.json").string()), config_text_);
   EXPECT_TRUE(std::filesystem::exists(dir_ / "a/model-00001-of-00002.safetensors"));
   auto ckpt = Checkpoint::Open((dir_ / "a").string());
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
@@ -90,8 +92,10 @@ TEST_F(RandomCheckpointTest, IsDeterministicPerSeed) {
   ASSERT_TRUE(WriteRandomCheckpoint(config_, config_text_, dir_ / "b", 9).ok());
   ASSERT_TRUE(WriteRandomCheckpoint(config_, config_text_, dir_ / "c", 10).ok());
   const std::string shard = "model-00001-of-00002.safetensors";
-  EXPECT_EQ(ReadFile((dir_ / "a" / shard).string()), ReadFile((dir_ / "b" / shard).string()));
-  EXPECT_NE(ReadFile((dir_ / "a" / shard).string()), ReadFile((dir_ / "c" / shard).string()));
+  const std::string a = ReadOk((dir_ / "a" / shard).string());
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(a, ReadOk((dir_ / "b" / shard).string()));
+  EXPECT_NE(a, ReadOk((dir_ / "c" / shard).string()));
 }
 
 }  // namespace

@@ -158,9 +158,11 @@ TEST(WriteSafetensors, RoundTripsWithMetadata) {
     EXPECT_EQ(std::memcmp(view->data, t.data.data(), t.data.size()), 0) << t.name;
   }
   // The data section starts 8-byte aligned, as the format recommends.
-  std::ifstream in(path, std::ios::binary);
+  absl::StatusOr<std::string> bytes = base::ReadFile(path);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  ASSERT_GE(bytes->size(), 8u);
   uint64_t header_len = 0;
-  in.read(reinterpret_cast<char*>(&header_len), 8);
+  std::memcpy(&header_len, bytes->data(), 8);
   EXPECT_EQ(header_len % 8, 0u);
 }
 
@@ -306,8 +308,10 @@ TEST(SafetensorsFile, TruncatedAndOversizedLengthsAreErrors) {
     // A valid file cut short inside its data section.
     const std::string full = kGoldenDir + "/tiny.safetensors";
     const std::string path = dir + "/cut.safetensors";
-    const std::string bytes = testing::ReadTextFile(full);
-    std::ofstream(path, std::ios::binary) << bytes.substr(0, bytes.size() - 10);
+    absl::StatusOr<std::string> bytes = base::ReadFile(full);
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    ASSERT_GT(bytes->size(), 10u);
+    std::ofstream(path, std::ios::binary) << bytes->substr(0, bytes->size() - 10);
     auto file = SafetensorsFile::Open(path);
     ASSERT_FALSE(file.ok());
     EXPECT_THAT(std::string(file.status().message()), HasSubstr(path));

@@ -6,9 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <boost/json.hpp>
-#include <fstream>
 #include <random>
-#include <sstream>
+
+#include "core/base/file.h"
 
 namespace expertmesh {
 namespace {
@@ -16,11 +16,12 @@ namespace {
 const std::string kSource = EXPERTMESH_SOURCE_DIR;
 
 boost::json::object ReadGolden() {
-  std::ifstream f(kSource + "/tests/data/tokenizers/chat_template_golden.json");
-  std::stringstream ss;
-  ss << f.rdbuf();
+  absl::StatusOr<std::string> text =
+      base::ReadFile(kSource + "/tests/data/tokenizers/chat_template_golden.json");
+  EXPECT_TRUE(text.ok()) << text.status();
+  if (!text.ok()) return boost::json::object();
   boost::system::error_code ec;
-  boost::json::value v = boost::json::parse(ss.str(), ec);
+  boost::json::value v = boost::json::parse(*text, ec);
   EXPECT_FALSE(ec) << ec.message();
   return v.is_object() ? v.get_object() : boost::json::object();
 }

@@ -5,14 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <boost/json.hpp>
-#include <fstream>
 #include <random>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_split.h"
+#include "core/base/file.h"
 
 namespace expertmesh {
 namespace {
@@ -20,13 +19,14 @@ namespace {
 const std::string kSource = EXPERTMESH_SOURCE_DIR;
 const std::string kGoldenDir = kSource + "/tests/data/tokenizers";
 
+// The file's lines (without their '\n'); a failed read fails the test.
 std::vector<std::string> ReadLines(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  EXPECT_TRUE(f.good()) << "cannot open " << path;
-  std::vector<std::string> lines;
-  std::string line;
-  while (std::getline(f, line)) lines.push_back(line);
-  return lines;
+  absl::StatusOr<std::string> text = base::ReadFile(path);
+  EXPECT_TRUE(text.ok()) << text.status();
+  if (!text.ok() || text->empty()) return {};
+  absl::string_view body = *text;
+  if (body.back() == '\n') body.remove_suffix(1);
+  return absl::StrSplit(body, '\n');
 }
 
 std::string JsonString(const std::string& line) {
@@ -298,18 +298,13 @@ TEST(Tokenizer, TinyModelSpecialTokens) {
   EXPECT_EQ(t.Decode(*ids, true), "Hi");
 }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 // The layout of DeepSeek-V3's own tokenizer.json: an empty normalizer Sequence, added tokens
 // with normalized=true, merges as "a b" strings, BOS known only from the post-processor.
 TEST(Tokenizer, AcceptsDeepSeekV3FileLayout) {
-  std::string text = ReadFile(kSource + "/models/expertmesh-tiny/tokenizer.json");
-  boost::json::value doc = boost::json::parse(text);
+  absl::StatusOr<std::string> text =
+      base::ReadFile(kSource + "/models/expertmesh-tiny/tokenizer.json");
+  ASSERT_TRUE(text.ok()) << text.status();
+  boost::json::value doc = boost::json::parse(*text);
   boost::json::object& root = doc.as_object();
   root["normalizer"] = boost::json::parse(R"({"type": "Sequence", "normalizers": []})");
   for (boost::json::value& t : root["added_tokens"].as_array()) t.as_object()["normalized"] = true;
