@@ -556,6 +556,15 @@ struct Tokenizer::Impl {
 
   void Bpe(const std::string& word, std::vector<int32_t>* ids) const;
   void EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const;
+
+  // FromJson's phases, in order.
+  absl::Status LoadPipeline(const json::object* root);  // normalizer, pre-tokenizer, decoder
+  absl::StatusOr<int32_t> LoadVocab(const json::object* model);  // returns the largest id
+  absl::Status LoadAddedTokens(const json::object* root, int32_t* max_id);
+  absl::Status BuildIdTables(int32_t max_id);  // id -> token text, specials, matchers
+  absl::Status LoadMerges(const json::object* model);
+  absl::Status ResolveBosEos(const json::object* root, std::string_view config_json);
+  std::optional<int32_t> IdOf(const std::optional<std::string>& name) const;
 };
 
 // Merges the symbols of `word` (a byte-level string) lowest rank first, leftmost on ties.
@@ -668,31 +677,20 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
   return tok;
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view tokenizer_json,
-                                                               std::string_view config_json) {
-  EM_ASSIGN_OR_RETURN(json::value doc, ParseJson(tokenizer_json, "tokenizer.json"));
-  const json::object* root = doc.if_object();
-  if (root == nullptr) return absl::InvalidArgumentError("tokenizer.json is not an object");
-  auto impl = std::make_unique<Impl>();
-
-  if (absl::Status s = ParseNormalizer(Field(root, "normalizer"), &impl->normalizer); !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = ParsePreTokenizer(Field(root, "pre_tokenizer"), &impl->pre_tokenizer);
-      !s.ok()) {
-    return s;
-  }
-  bool byte_level = !impl->pre_tokenizer.empty() &&
-                    impl->pre_tokenizer.back().kind == PreTokenizerStep::kByteLevel;
-  const json::value* decoder = Field(root, "decoder");
-  std::string decoder_type = Str(Obj(decoder), "type").value_or("");
+absl::Status Tokenizer::Impl::LoadPipeline(const json::object* root) {
+  EM_RETURN_IF_ERROR(ParseNormalizer(Field(root, "normalizer"), &normalizer));
+  EM_RETURN_IF_ERROR(ParsePreTokenizer(Field(root, "pre_tokenizer"), &pre_tokenizer));
+  const bool byte_level =
+      !pre_tokenizer.empty() && pre_tokenizer.back().kind == PreTokenizerStep::kByteLevel;
+  const std::string decoder_type = Str(Obj(Field(root, "decoder")), "type").value_or("");
   if (decoder_type != "ByteLevel" || !byte_level) {
     return absl::UnimplementedError(
         "only byte-level BPE is supported (ByteLevel pre_tokenizer and decoder)");
   }
+  return absl::OkStatus();
+}
 
-  // Model.
-  const json::object* model = Obj(Field(root, "model"));
+absl::StatusOr<int32_t> Tokenizer::Impl::LoadVocab(const json::object* model) {
   if (Str(model, "type").value_or("BPE") != "BPE" || Field(model, "vocab") == nullptr ||
       !Field(model, "vocab")->is_object()) {
     return absl::UnimplementedError("model must be BPE with a vocab");
@@ -706,116 +704,142 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
       Field(model, "dropout")->get_double() > 0) {
     return absl::UnimplementedError("BPE dropout");
   }
-  impl->ignore_merges = Bool(model, "ignore_merges", false);
+  ignore_merges = Bool(model, "ignore_merges", false);
   int32_t max_id = -1;
   for (const auto& [token, id_value] : Field(model, "vocab")->get_object()) {
     if (!id_value.is_int64() || id_value.get_int64() < 0 || id_value.get_int64() > (1 << 30)) {
       return absl::InvalidArgumentError(
           absl::StrCat("bad id for token '", std::string(token), "'"));
     }
-    int32_t id = static_cast<int32_t>(id_value.get_int64());
-    impl->vocab.emplace(std::string(token), id);
+    const int32_t id = static_cast<int32_t>(id_value.get_int64());
+    vocab.emplace(std::string(token), id);
     max_id = std::max(max_id, id);
   }
-
-  // Added tokens.
-  if (const json::value* list = Field(root, "added_tokens"); list && list->is_array()) {
-    for (const json::value& v : list->get_array()) {
-      const json::object* t = v.if_object();
-      std::optional<std::string> content = Str(t, "content");
-      const json::value* id_value = Field(t, "id");
-      if (!content || id_value == nullptr || !id_value->is_int64() || id_value->get_int64() < 0 ||
-          id_value->get_int64() > (1 << 30)) {
-        return absl::InvalidArgumentError("added token without content or id");
-      }
-      AddedToken a{static_cast<int32_t>(id_value->get_int64()),
-                   *content,
-                   Bool(t, "special", false),
-                   Bool(t, "lstrip", false),
-                   Bool(t, "rstrip", false),
-                   Bool(t, "single_word", false),
-                   Bool(t, "normalized", false)};
-      max_id = std::max(max_id, a.id);
-      impl->added.push_back(std::move(a));
-    }
+  if (std::optional<std::string> unk = Str(model, "unk_token")) {
+    if (auto it = vocab.find(*unk); it != vocab.end()) unk_id = it->second;
   }
-  impl->id_to_token.assign(max_id + 1, "");
-  impl->id_is_special.assign(max_id + 1, 0);
-  for (const auto& [token, id] : impl->vocab) impl->id_to_token[id] = token;
-  for (AddedToken& a : impl->added) {
-    impl->id_is_special[a.id] = a.special;
-    impl->added_by_content[a.content] = a.id;
+  return max_id;
+}
+
+absl::Status Tokenizer::Impl::LoadAddedTokens(const json::object* root, int32_t* max_id) {
+  const json::value* list = Field(root, "added_tokens");
+  if (list == nullptr || !list->is_array()) return absl::OkStatus();
+  for (const json::value& v : list->get_array()) {
+    const json::object* t = v.if_object();
+    std::optional<std::string> content = Str(t, "content");
+    const json::value* id_value = Field(t, "id");
+    if (!content || id_value == nullptr || !id_value->is_int64() || id_value->get_int64() < 0 ||
+        id_value->get_int64() > (1 << 30)) {
+      return absl::InvalidArgumentError("added token without content or id");
+    }
+    AddedToken a{static_cast<int32_t>(id_value->get_int64()),
+                 *content,
+                 Bool(t, "special", false),
+                 Bool(t, "lstrip", false),
+                 Bool(t, "rstrip", false),
+                 Bool(t, "single_word", false),
+                 Bool(t, "normalized", false)};
+    *max_id = std::max(*max_id, a.id);
+    added.push_back(std::move(a));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Tokenizer::Impl::BuildIdTables(int32_t max_id) {
+  id_to_token.assign(max_id + 1, "");
+  id_is_special.assign(max_id + 1, 0);
+  for (const auto& [token, id] : vocab) id_to_token[id] = token;
+  for (AddedToken& a : added) {
+    id_is_special[a.id] = a.special;
+    added_by_content[a.content] = a.id;
     // Normalized tokens are matched in normalized text, so their content is normalized too;
     // like `tokenizers`, the token's text (id_to_token, Decode) is then the normalized form.
     if (a.normalized) {
-      EM_ASSIGN_OR_RETURN(a.content, Normalize(impl->normalizer, a.content));
+      EM_ASSIGN_OR_RETURN(a.content, Normalize(normalizer, a.content));
     }
-    impl->id_to_token[a.id] = a.content;
+    id_to_token[a.id] = a.content;
   }
-  for (const AddedToken& a : impl->added) {
-    (a.normalized ? impl->normalized_added : impl->raw_added).Add(&a);
-  }
+  for (const AddedToken& a : added) (a.normalized ? normalized_added : raw_added).Add(&a);
+  return absl::OkStatus();
+}
 
-  // Merges: "a b" strings or [a, b] pairs; rank = position.
-  if (const json::value* list = Field(model, "merges"); list && list->is_array()) {
-    int32_t rank = 0;
-    for (const json::value& m : list->get_array()) {
-      std::string a, b;
-      if (m.is_string()) {
-        std::string_view s = m.get_string();
-        size_t space = s.find(' ', 1);
-        if (space == std::string_view::npos) {
-          return absl::InvalidArgumentError(absl::StrCat("bad merge '", std::string(s), "'"));
-        }
-        a = s.substr(0, space);
-        b = s.substr(space + 1);
-      } else if (m.is_array() && m.get_array().size() == 2 && m.get_array()[0].is_string() &&
-                 m.get_array()[1].is_string()) {
-        a = m.get_array()[0].get_string();
-        b = m.get_array()[1].get_string();
-      } else {
-        return absl::InvalidArgumentError("merge is neither \"a b\" nor [a, b]");
+absl::Status Tokenizer::Impl::LoadMerges(const json::object* model) {
+  // "a b" strings or [a, b] pairs; rank = position.
+  const json::value* list = Field(model, "merges");
+  if (list == nullptr || !list->is_array()) return absl::OkStatus();
+  int32_t rank = 0;
+  for (const json::value& m : list->get_array()) {
+    std::string a, b;
+    if (m.is_string()) {
+      std::string_view s = m.get_string();
+      size_t space = s.find(' ', 1);
+      if (space == std::string_view::npos) {
+        return absl::InvalidArgumentError(absl::StrCat("bad merge '", std::string(s), "'"));
       }
-      auto ia = impl->vocab.find(a), ib = impl->vocab.find(b), iab = impl->vocab.find(a + b);
-      if (ia == impl->vocab.end() || ib == impl->vocab.end() || iab == impl->vocab.end()) {
-        return absl::InvalidArgumentError(absl::StrCat("merge '", a, " ", b, "' outside vocab"));
-      }
-      uint64_t key = static_cast<uint64_t>(static_cast<uint32_t>(ia->second)) << 32 |
-                     static_cast<uint32_t>(ib->second);
-      impl->merges.try_emplace(key, rank++, iab->second);
+      a = s.substr(0, space);
+      b = s.substr(space + 1);
+    } else if (m.is_array() && m.get_array().size() == 2 && m.get_array()[0].is_string() &&
+               m.get_array()[1].is_string()) {
+      a = m.get_array()[0].get_string();
+      b = m.get_array()[1].get_string();
+    } else {
+      return absl::InvalidArgumentError("merge is neither \"a b\" nor [a, b]");
     }
+    auto ia = vocab.find(a), ib = vocab.find(b), iab = vocab.find(a + b);
+    if (ia == vocab.end() || ib == vocab.end() || iab == vocab.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("merge '", a, " ", b, "' outside vocab"));
+    }
+    uint64_t key = static_cast<uint64_t>(static_cast<uint32_t>(ia->second)) << 32 |
+                   static_cast<uint32_t>(ib->second);
+    merges.try_emplace(key, rank++, iab->second);
   }
-  if (std::optional<std::string> unk = Str(model, "unk_token")) {
-    if (auto it = impl->vocab.find(*unk); it != impl->vocab.end()) impl->unk_id = it->second;
-  }
+  return absl::OkStatus();
+}
 
-  // BOS / EOS: tokenizer_config.json, else the post-processor's first special token.
+std::optional<int32_t> Tokenizer::Impl::IdOf(const std::optional<std::string>& name) const {
+  if (!name) return std::nullopt;
+  if (auto it = added_by_content.find(*name); it != added_by_content.end()) return it->second;
+  if (auto it = vocab.find(*name); it != vocab.end()) return it->second;
+  return std::nullopt;
+}
+
+absl::Status Tokenizer::Impl::ResolveBosEos(const json::object* root,
+                                            std::string_view config_json) {
+  // tokenizer_config.json, else the post-processor's first special token.
   auto token_name = [](const json::value* v) -> std::optional<std::string> {
     if (v && v->is_string()) return std::string(v->get_string());
     return Str(Obj(v), "content");
   };
-  auto id_of = [&](const std::optional<std::string>& name) -> std::optional<int32_t> {
-    if (!name) return std::nullopt;
-    if (auto it = impl->added_by_content.find(*name); it != impl->added_by_content.end()) {
-      return it->second;
-    }
-    if (auto it = impl->vocab.find(*name); it != impl->vocab.end()) return it->second;
-    return std::nullopt;
-  };
   if (!config_json.empty()) {
     EM_ASSIGN_OR_RETURN(json::value config, ParseJson(config_json, "tokenizer_config.json"));
-    impl->bos = id_of(token_name(Field(config.if_object(), "bos_token")));
-    impl->eos = id_of(token_name(Field(config.if_object(), "eos_token")));
+    bos = IdOf(token_name(Field(config.if_object(), "bos_token")));
+    eos = IdOf(token_name(Field(config.if_object(), "eos_token")));
   }
-  if (!impl->bos) {
+  if (!bos) {
     const json::object* post = Obj(Field(root, "post_processor"));
     const json::value* single = Field(post, "single");
     if (Str(post, "type").value_or("") == "TemplateProcessing" && single && single->is_array() &&
         !single->get_array().empty()) {
       const json::object* first = Obj(Field(Obj(&single->get_array()[0]), "SpecialToken"));
-      impl->bos = id_of(Str(first, "id"));
+      bos = IdOf(Str(first, "id"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view tokenizer_json,
+                                                               std::string_view config_json) {
+  EM_ASSIGN_OR_RETURN(json::value doc, ParseJson(tokenizer_json, "tokenizer.json"));
+  const json::object* root = doc.if_object();
+  if (root == nullptr) return absl::InvalidArgumentError("tokenizer.json is not an object");
+  auto impl = std::make_unique<Impl>();
+  EM_RETURN_IF_ERROR(impl->LoadPipeline(root));
+  const json::object* model = Obj(Field(root, "model"));
+  EM_ASSIGN_OR_RETURN(int32_t max_id, impl->LoadVocab(model));
+  EM_RETURN_IF_ERROR(impl->LoadAddedTokens(root, &max_id));
+  EM_RETURN_IF_ERROR(impl->BuildIdTables(max_id));
+  EM_RETURN_IF_ERROR(impl->LoadMerges(model));
+  EM_RETURN_IF_ERROR(impl->ResolveBosEos(root, config_json));
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
