@@ -138,16 +138,9 @@ TokenLogprob RequestRunner::MakeLogprob(int32_t id, float logprob,
   return lp;
 }
 
-absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationSink& sink) const {
+v1::SubmitRequest RequestRunner::BuildSubmit(const PreparedRequest& p,
+                                             SteadyClock::time_point deadline) {
   const GenerationRequest& r = p.request;
-  const auto start = SteadyClock::now();
-  const auto timeout = options_.default_timeout;
-  const auto steady_deadline = start + timeout;
-  const auto wall_deadline = std::chrono::system_clock::now() + timeout;
-
-  EM_ASSIGN_OR_RETURN(Admission::Ticket ticket,
-                      admission_->Enter(steady_deadline, [&sink] { return sink.ClientGone(); }));
-
   v1::SubmitRequest submit;
   submit.set_request_id(p.request_id);
   submit.mutable_prompt_token_ids()->Add(p.prompt_ids.begin(), p.prompt_ids.end());
@@ -167,30 +160,88 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   submit.mutable_stop_token_ids()->Add(r.stop_token_ids.begin(), r.stop_token_ids.end());
   submit.set_ignore_eos(r.ignore_eos);
   const auto remaining =
-      std::chrono::duration_cast<std::chrono::milliseconds>(steady_deadline - SteadyClock::now());
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now());
   submit.set_deadline_ms(std::max<int64_t>(1, remaining.count()));
+  return submit;
+}
 
-  EM_ASSIGN_OR_RETURN(std::unique_ptr<SubmitCall> call, pool_->Submit(submit, wall_deadline));
+// Token events -> text deltas: incremental detokenization, stop strings, and the token that
+// ended the sequence (EOS or a stop token) left out of the text.
+class RequestRunner::EventDecoder {
+ public:
+  EventDecoder(const RequestRunner& runner, const GenerationRequest& r)
+      : runner_(runner),
+        r_(r),
+        decoder_(runner.tokenizer_->NewStreamDecoder(r.skip_special_tokens)),
+        stops_(r.stop),
+        stop_ids_(r.stop_token_ids) {
+    if (!r.ignore_eos) {
+      for (int32_t e : runner.card_.defaults.eos_token_ids) stop_ids_.push_back(e);
+      if (runner.tokenizer_->eos_id().has_value())
+        stop_ids_.push_back(*runner.tokenizer_->eos_id());
+    }
+  }
 
-  Tokenizer::StreamDecoder decoder = tokenizer_->NewStreamDecoder(r.skip_special_tokens);
-  StopMatcher stops(r.stop);
+  // Appends the event's tokens to `delta`; returns how many tokens it consumed.
+  uint32_t Decode(const v1::TokenEvent& event, v1::FinishReason finish, Delta& delta) {
+    uint32_t consumed = 0;
+    const int n = event.token_ids_size();
+    for (int i = 0; i < n && !stops_.stopped(); ++i) {
+      const int32_t id = event.token_ids(i);
+      ++consumed;
+      if (finish == v1::FINISH_REASON_STOP && i == n - 1 && IsStopToken(id)) break;
+      delta.text += stops_.Push(decoder_.Push(id));
+      delta.token_ids.push_back(id);
+      if (r_.sampling.logprobs && i < event.logprobs_size()) {
+        delta.logprobs.push_back(
+            runner_.MakeLogprob(id, event.logprobs(i),
+                                i < event.top_logprobs_size() ? &event.top_logprobs(i) : nullptr));
+      }
+    }
+    return consumed;
+  }
+  // The sequence ended: the held-back bytes and stop-string tail.
+  void Finish(Delta& delta) {
+    delta.text += stops_.Push(decoder_.Flush());
+    delta.text += stops_.Finish();
+  }
+  bool stopped() const { return stops_.stopped(); }
+  std::optional<std::string> matched() const {
+    return stops_.stopped() ? std::optional<std::string>(stops_.matched()) : std::nullopt;
+  }
+
+ private:
+  bool IsStopToken(int32_t id) const {
+    return std::find(stop_ids_.begin(), stop_ids_.end(), id) != stop_ids_.end();
+  }
+  const RequestRunner& runner_;
+  const GenerationRequest& r_;
+  Tokenizer::StreamDecoder decoder_;
+  StopMatcher stops_;
+  std::vector<int32_t> stop_ids_;
+};
+
+absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationSink& sink) const {
+  const auto start = SteadyClock::now();
+  const auto steady_deadline = start + options_.default_timeout;
+  const auto wall_deadline = std::chrono::system_clock::now() + options_.default_timeout;
+
+  // 1. Admission, then the Submit stream to an attention replica.
+  EM_ASSIGN_OR_RETURN(Admission::Ticket ticket,
+                      admission_->Enter(steady_deadline, [&sink] { return sink.ClientGone(); }));
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<SubmitCall> call,
+                      pool_->Submit(BuildSubmit(p, steady_deadline), wall_deadline));
+
+  // 2. Events -> deltas until the sequence ends, a stop string matches or the client leaves.
+  EventDecoder decoder(*this, p.request);
   Outcome outcome;
   outcome.usage.prompt_tokens = static_cast<uint32_t>(p.prompt_ids.size());
   uint32_t received = 0;
   auto last_event = start;
-  std::vector<int32_t> stop_ids = r.stop_token_ids;
-  if (!r.ignore_eos) {
-    for (int32_t e : card_.defaults.eos_token_ids) stop_ids.push_back(e);
-    if (tokenizer_->eos_id().has_value()) stop_ids.push_back(*tokenizer_->eos_id());
-  }
-  auto is_stop_token = [&](int32_t id) {
-    return std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end();
-  };
-  auto deliver = [&](Delta& delta) {
+  const auto deliver = [&](const Delta& delta) {
     if (delta.text.empty() && delta.token_ids.empty()) return true;
     return sink.OnDelta(delta);
   };
-
   v1::TokenEvent event;
   v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
   bool client_gone = false;
@@ -204,25 +255,12 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
     last_event = now;
     finish = event.finish_reason();
     Delta delta;
-    const int n = event.token_ids_size();
-    for (int i = 0; i < n && !stops.stopped(); ++i) {
-      const int32_t id = event.token_ids(i);
-      ++received;
-      // The token that ended the sequence (EOS or a stop token) is not part of the text.
-      if (finish == v1::FINISH_REASON_STOP && i == n - 1 && is_stop_token(id)) break;
-      delta.text += stops.Push(decoder.Push(id));
-      delta.token_ids.push_back(id);
-      if (r.sampling.logprobs && i < event.logprobs_size()) {
-        delta.logprobs.push_back(
-            MakeLogprob(id, event.logprobs(i),
-                        i < event.top_logprobs_size() ? &event.top_logprobs(i) : nullptr));
-      }
-    }
+    received += decoder.Decode(event, finish, delta);
     if (event.accepted_draft_tokens() > 0) {
       outcome.usage.accepted_draft_tokens = event.accepted_draft_tokens();
     }
-    if (stops.stopped()) {
-      outcome.stop_string = stops.matched();
+    if (decoder.stopped()) {
+      outcome.stop_string = decoder.matched();
       finish = v1::FINISH_REASON_STOP;
       call->Cancel();  // the rest of the sequence is not needed
       metrics_->cancelled.Inc();
@@ -230,9 +268,8 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
       break;
     }
     if (finish != v1::FINISH_REASON_UNSPECIFIED) {
-      delta.text += stops.Push(decoder.Flush());
-      delta.text += stops.Finish();
-      if (stops.stopped()) outcome.stop_string = stops.matched();
+      decoder.Finish(delta);
+      outcome.stop_string = decoder.matched();
     }
     if (!deliver(delta) || sink.ClientGone()) {
       client_gone = true;
@@ -243,30 +280,37 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   metrics_->generation_tokens.Inc(received);
   metrics_->prompt_tokens.Inc(static_cast<double>(p.prompt_ids.size()));
   metrics_->request_latency.Observe(Seconds(SteadyClock::now() - start));
+  // 3. How it ended.
+  return Conclude(p, *call, finish, client_gone, received, std::move(outcome));
+}
+
+absl::StatusOr<Outcome> RequestRunner::Conclude(const PreparedRequest& p, SubmitCall& call,
+                                                v1::FinishReason finish, bool client_gone,
+                                                uint32_t received, Outcome outcome) const {
   if (client_gone) {
-    call->Cancel();
+    call.Cancel();
     metrics_->cancelled.Inc();
     return absl::CancelledError("The client disconnected.");
   }
   if (finish == v1::FINISH_REASON_UNSPECIFIED) {
     // The stream ended without a final event: its status says why.
-    absl::Status status = call->Finish();
+    absl::Status status = call.Finish();
     if (status.ok()) status = absl::InternalError("The attention service ended the stream early.");
-    spdlog::warn("request {} failed after {} tokens: {}", p.request_id, received,
-                 std::string(status.message()));
+    spdlog::warn("request {} failed after {} tokens: {}", p.request_id, received, status);
     return status;
   }
   if (finish == v1::FINISH_REASON_ERROR || finish == v1::FINISH_REASON_CANCELLED) {
-    call->Cancel();
+    call.Cancel();
     return absl::InternalError(
         Cat("The attention service ended the sequence (", v1::FinishReason_Name(finish), ")."));
   }
   if (!outcome.stop_string.has_value()) {
     // A normal end: the replica closes the stream after its final event.
-    while (call->Read(&event)) {
+    v1::TokenEvent event;
+    while (call.Read(&event)) {
     }
-    absl::Status status = call->Finish();
-    if (!status.ok()) spdlog::debug("request {}: {}", p.request_id, std::string(status.message()));
+    absl::Status status = call.Finish();
+    if (!status.ok()) spdlog::debug("request {}: {}", p.request_id, status);
   }
   outcome.finish_reason = finish == v1::FINISH_REASON_LENGTH ? "length" : "stop";
   outcome.usage.completion_tokens = received;

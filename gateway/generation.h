@@ -108,7 +108,15 @@ class RequestRunner {
   uint32_t max_context() const;
 
  private:
+  class EventDecoder;  // the replica's token events -> text deltas (generation.cc)
   TokenLogprob MakeLogprob(int32_t id, float logprob, const v1::TopLogprobs* top) const;
+  // The SubmitRequest for a prepared request, with the time left to `deadline`.
+  static v1::SubmitRequest BuildSubmit(const PreparedRequest& p,
+                                       std::chrono::steady_clock::time_point deadline);
+  // After the event loop: the outcome, or why the sequence failed, from how it ended.
+  absl::StatusOr<Outcome> Conclude(const PreparedRequest& p, SubmitCall& call,
+                                   v1::FinishReason finish, bool client_gone, uint32_t received,
+                                   Outcome outcome) const;
 
   const Tokenizer* tokenizer_;
   const ChatTemplate* chat_template_;
