@@ -6,6 +6,7 @@
 
 #include <boost/json.hpp>
 
+#include "core/base/json.h"
 #include "core/base/status.h"
 #include "gateway/api_error.h"
 #include "gateway/strings.h"
@@ -32,56 +33,29 @@ class Fields {
     return absl::OkStatus();
   }
 
-  const json::value* Get(std::string_view key) const {
-    const json::value* v = object_.if_contains(key);
-    return (v == nullptr || v->is_null()) ? nullptr : v;
-  }
+  const json::value* Get(std::string_view key) const { return json_field::Find(object_, key); }
 
   absl::Status String(std::string_view key, std::optional<std::string>* out) const {
-    const json::value* v = Get(key);
-    if (v == nullptr) return absl::OkStatus();
-    if (!v->is_string()) return TypeError(key, "a string");
-    *out = std::string(v->get_string());
-    return absl::OkStatus();
+    return Read(key, out, json_field::AsString, "a string");
   }
 
   absl::Status Bool(std::string_view key, bool* out) const {
-    const json::value* v = Get(key);
-    if (v == nullptr) return absl::OkStatus();
-    if (!v->is_bool()) return TypeError(key, "a boolean");
-    *out = v->get_bool();
+    std::optional<bool> b;
+    EM_RETURN_IF_ERROR(Read(key, &b, json_field::AsBool, "a boolean"));
+    if (b) *out = *b;
     return absl::OkStatus();
   }
 
   absl::Status Number(std::string_view key, std::optional<double>* out) const {
-    const json::value* v = Get(key);
-    if (v == nullptr) return absl::OkStatus();
-    if (v->is_double()) {
-      *out = v->get_double();
-    } else if (v->is_int64()) {
-      *out = static_cast<double>(v->get_int64());
-    } else if (v->is_uint64()) {
-      *out = static_cast<double>(v->get_uint64());
-    } else {
-      return TypeError(key, "a number");
-    }
-    return absl::OkStatus();
+    return Read(key, out, json_field::AsNumber, "a number");
   }
 
   absl::Status Integer(std::string_view key, std::optional<int64_t>* out) const {
     const json::value* v = Get(key);
-    if (v == nullptr) return absl::OkStatus();
-    if (v->is_int64()) {
-      *out = v->get_int64();
-    } else if (v->is_uint64()) {
-      if (v->get_uint64() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        return InvalidParam(key, Cat(key, " is too large"));
-      }
-      *out = static_cast<int64_t>(v->get_uint64());
-    } else {
-      return TypeError(key, "an integer");
+    if (v != nullptr && v->is_uint64() && !json_field::AsInt64(*v)) {
+      return InvalidParam(key, Cat(key, " is too large"));
     }
-    return absl::OkStatus();
+    return Read(key, out, json_field::AsInt64, "an integer");
   }
 
   static absl::Status TypeError(std::string_view key, std::string_view expected) {
@@ -89,6 +63,17 @@ class Fields {
   }
 
  private:
+  template <typename T, typename Convert>
+  absl::Status Read(std::string_view key, std::optional<T>* out, Convert convert,
+                    std::string_view expected) const {
+    const json::value* v = Get(key);
+    if (v == nullptr) return absl::OkStatus();
+    std::optional<T> value = convert(*v);
+    if (!value) return TypeError(key, expected);
+    *out = *std::move(value);
+    return absl::OkStatus();
+  }
+
   const json::object& object_;
 };
 

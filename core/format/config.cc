@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "boost/json.hpp"
 #include "core/base/file.h"
+#include "core/base/json.h"
 #include "core/base/status.h"
 
 namespace expertmesh {
@@ -41,51 +42,22 @@ class FieldReader {
 
   // The value of `key`, or nullptr when absent or null (an error when required).
   const json::value* Get(std::string_view key, bool required) {
-    const json::value* v = obj_.if_contains(key);
-    if (v != nullptr && !v->is_null()) return v;
-    if (required) Fail(absl::StrCat("missing required field '", Path(key), "'"));
-    return nullptr;
+    const json::value* v = json_field::Find(obj_, key);
+    if (v == nullptr && required) Fail(absl::StrCat("missing required field '", Path(key), "'"));
+    return v;
   }
 
   void Int(std::string_view key, int64_t& out, bool required) {
-    const json::value* v = Get(key, required);
-    if (v == nullptr) return;
-    if (const int64_t* i = v->if_int64()) {
-      out = *i;
-    } else {
-      TypeError(key, "an integer");
-    }
+    Read(key, out, required, json_field::AsInt64, "an integer");
   }
   void Double(std::string_view key, double& out, bool required) {
-    const json::value* v = Get(key, required);
-    if (v == nullptr) return;
-    if (v->is_double()) {
-      out = v->get_double();
-    } else if (v->is_int64()) {
-      out = static_cast<double>(v->get_int64());
-    } else if (v->is_uint64()) {
-      out = static_cast<double>(v->get_uint64());
-    } else {
-      TypeError(key, "a number");
-    }
+    Read(key, out, required, json_field::AsNumber, "a number");
   }
   void Bool(std::string_view key, bool& out, bool required) {
-    const json::value* v = Get(key, required);
-    if (v == nullptr) return;
-    if (v->is_bool()) {
-      out = v->get_bool();
-    } else {
-      TypeError(key, "true or false");
-    }
+    Read(key, out, required, json_field::AsBool, "true or false");
   }
   void String(std::string_view key, std::string& out, bool required) {
-    const json::value* v = Get(key, required);
-    if (v == nullptr) return;
-    if (v->is_string()) {
-      out = std::string(View(v->get_string()));
-    } else {
-      TypeError(key, "a string");
-    }
+    Read(key, out, required, json_field::AsString, "a string");
   }
   const json::object* Object(std::string_view key) {
     const json::value* v = Get(key, false);
@@ -102,6 +74,18 @@ class FieldReader {
   }
 
  private:
+  template <typename T, typename Convert>
+  void Read(std::string_view key, T& out, bool required, Convert convert,
+            std::string_view expected) {
+    const json::value* v = Get(key, required);
+    if (v == nullptr) return;
+    if (auto value = convert(*v)) {
+      out = *std::move(value);
+    } else {
+      TypeError(key, expected);
+    }
+  }
+
   const json::object& obj_;
   std::string prefix_;
   absl::Status status_;

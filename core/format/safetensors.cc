@@ -6,6 +6,8 @@
 // one, the tensor.
 #include "core/format/safetensors.h"
 
+#include "core/base/json.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -44,15 +46,7 @@ absl::Status TensorError(std::string_view file, std::string_view tensor, std::st
       absl::StrCat(A(file), ": tensor ", Quoted(tensor), ": ", A(what)));
 }
 
-// A non-negative JSON integer, or nullopt (negative, fractional, or not a number).
-std::optional<uint64_t> AsUnsigned(const json::value& v) {
-  if (const int64_t* i = v.if_int64()) {
-    if (*i < 0) return std::nullopt;
-    return static_cast<uint64_t>(*i);
-  }
-  if (const uint64_t* u = v.if_uint64()) return *u;
-  return std::nullopt;
-}
+using json_field::AsUnsigned;  // a non-negative JSON integer, or nullopt
 
 // a * b, or nullopt on overflow.
 std::optional<uint64_t> CheckedMul(uint64_t a, uint64_t b) {

@@ -5,6 +5,8 @@
 // acceptable result is the same ids. Pieces are plain UTF-8 strings: no offsets are tracked.
 #include "core/text/tokenizer.h"
 
+#include "core/base/json.h"
+
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <unicode/normalizer2.h>
@@ -194,16 +196,15 @@ std::string QuoteRegex(std::string_view literal) {
 
 const json::object* Obj(const json::value* v) { return v ? v->if_object() : nullptr; }
 const json::value* Field(const json::object* o, std::string_view key) {
-  return o ? o->if_contains(key) : nullptr;
+  return o ? o->if_contains(key) : nullptr;  // JSON null kept: IsNull() tells it apart
 }
 std::optional<std::string> Str(const json::object* o, std::string_view key) {
   const json::value* v = Field(o, key);
-  if (v == nullptr || !v->is_string()) return std::nullopt;
-  return std::string(v->get_string());
+  return v ? json_field::AsString(*v) : std::nullopt;
 }
 bool Bool(const json::object* o, std::string_view key, bool fallback) {
   const json::value* v = Field(o, key);
-  return v && v->is_bool() ? v->get_bool() : fallback;
+  return v ? json_field::AsBool(*v).value_or(fallback) : fallback;
 }
 bool IsNull(const json::value* v) { return v == nullptr || v->is_null(); }
 
