@@ -279,6 +279,7 @@ absl::Status CudaEngine::AllReduce(const std::vector<float*>& buffers, int64_t c
 }
 
 absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_depth) {
+  const DeviceGuard guard;  // the caller's current device is back when this returns
   const ModelConfig& c = model_.config();
   const int64_t T = b.T, D = c.hidden_size, Dkv = c.kv_lora_rank + c.qk_rope_head_dim;
   const int64_t H = c.num_attention_heads, Hl = H / plan_.tp_size;
@@ -292,7 +293,7 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   // Reserve every buffer first: nothing is reallocated while work is queued.
   for (auto& rp : ranks_) {
     Rank& r = *rp;
-    EM_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(r.device), "cudaSetDevice"));
+    EM_RETURN_IF_ERROR(SetDevice(r.device));
     for (auto* buf : {&r.h, &r.xn, &r.delta, &r.routed}) EM_RETURN_IF_ERROR(Reserve(*buf, T * D));
     EM_RETURN_IF_ERROR(Reserve(r.qa, T * std::max<int64_t>(c.q_lora_rank, 1)));
     EM_RETURN_IF_ERROR(Reserve(r.q, T * Hl * c.qk_head_dim()));
@@ -330,7 +331,7 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   // Embeddings (and for MTP: eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i])))) on every rank.
   for (auto& rp : ranks_) {
     Rank& r = *rp;
-    cudaSetDevice(r.device);
+    EM_RETURN_IF_ERROR(SetDevice(r.device));
     const DevEmbedding& table =
         mtp_depth >= 0 && r.mtp[mtp_depth].embed.present() ? r.mtp[mtp_depth].embed : r.embed;
     EM_RETURN_IF_ERROR(r.Embed(table, r.ints.get(), T, D, mtp_depth >= 0 ? r.xn.get() : r.h.get()));
@@ -352,7 +353,7 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
 
   // Outputs on rank 0: hidden rows, then final norm + head on the wanted rows.
   Rank& r = *ranks_[0];
-  cudaSetDevice(r.device);
+  EM_RETURN_IF_ERROR(SetDevice(r.device));
   const DeviceBuffer<float>& norm = mtp_depth >= 0 ? r.mtp[mtp_depth].head_norm : r.norm;
   const DevLinear& head = mtp_depth >= 0 ? r.mtp[mtp_depth].head : r.lm_head;
   const int32_t* out_rows = r.ints.get() + 3 * T;
@@ -366,7 +367,7 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   EM_RETURN_IF_ERROR(r.h.CopyToHost(std::span<float>(hidden), r.stream));
   EM_RETURN_IF_ERROR(r.logits.CopyToHost(std::span<float>(logits), r.stream));
   for (auto& rp : ranks_) {  // the other ranks' last all-reduce / residual
-    cudaSetDevice(rp->device);
+    EM_RETURN_IF_ERROR(SetDevice(rp->device));
     EM_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(rp->stream), "forward"));
   }
   std::vector<SequenceOutput> outs(b.seqs.size());
@@ -383,104 +384,112 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   return outs;
 }
 
-absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
+const CudaEngine::Block& CudaEngine::BlockOf(const Rank& r, const LayerRef& l) const {
+  return l.mtp_depth >= 0 ? r.mtp_blocks[l.mtp_depth] : r.layers[l.index];
+}
+
+// Attention on one rank up to its head outputs attn: [T, Hl * v]: projections, RoPE, the
+// latent cache write, the absorbed query, MLA decode over the pages, W_UV.
+absl::Status CudaEngine::AttentionHeads(Batch& b, Rank& r, const LayerRef& l) {
   const ModelConfig& c = model_.config();
   const int64_t T = b.T, D = c.hidden_size, R = c.kv_lora_rank, Dkv = R + c.qk_rope_head_dim;
   const int64_t nope = c.qk_nope_head_dim, rope_dim = c.qk_rope_head_dim, qk = c.qk_head_dim();
-  const int64_t v = c.v_head_dim, H = c.num_attention_heads, tp = plan_.tp_size, Hl = H / tp;
-  const int cache_layer = mtp_depth >= 0 ? 0 : static_cast<int>(layer_index);
+  const int64_t v = c.v_head_dim, Hl = c.num_attention_heads / plan_.tp_size;
   const float one = 1.0f, zero = 0.0f;
-
-  // ---- Attention up to the per-rank head outputs attn: [T, Hl * v].
-  for (auto& rp : ranks_) {
-    Rank& r = *rp;
-    cudaSetDevice(r.device);
-    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
-    const int32_t* positions = r.ints.get() + T;
-    const int32_t* seq_lens = r.ints.get() + 2 * T;
-    const int32_t* table = r.ints.get() + 3 * T + b.out_rows.size();
-    uint16_t* cache = (mtp_depth >= 0 ? r.mtp_kv.get() : r.kv.get()) +
-                      cache_layer * b.kv_pages * options_.page_size * Dkv;
-    EM_RETURN_IF_ERROR(r.Norm(r.h.get(), w.input_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
-    if (w.q.present()) {
-      EM_RETURN_IF_ERROR(r.Linear(w.q, r.xn.get(), T, r.q.get()));
-    } else {
-      EM_RETURN_IF_ERROR(r.Linear(w.q_a, r.xn.get(), T, r.qa.get()));
-      EM_RETURN_IF_ERROR(
-          r.Norm(r.qa.get(), w.q_a_layernorm, T, c.q_lora_rank, c.rms_norm_eps, r.qa.get()));
-      EM_RETURN_IF_ERROR(r.Linear(w.q_b, r.qa.get(), T, r.q.get()));
-    }
-    // kv: [T, R | rope] -> RoPE on k_pe -> kv_a_layernorm on c_kv and BF16 into the cache.
-    EM_RETURN_IF_ERROR(r.Linear(w.kv_a, r.xn.get(), T, r.kvr.get()));
-    RopeParams rp_kv;
-    rp_kv.n_tokens = static_cast<int32_t>(T);
-    rp_kv.n_heads = 1;
-    rp_kv.head_stride = static_cast<int32_t>(Dkv);
-    rp_kv.token_stride = static_cast<int32_t>(Dkv);
-    rp_kv.rope_offset = static_cast<int32_t>(R);
-    rp_kv.rope_dim = static_cast<int32_t>(rope_dim);
-    rp_kv.attention_scaling = attention_factor_;
-    rp_kv.inv_freq = r.inv_freq.get();
-    rp_kv.positions = positions;
-    rp_kv.x = r.kvr.get();
-    EM_RETURN_IF_ERROR(Rope(rp_kv, r.stream));
-    KvCacheWriteParams kw;
-    kw.n_tokens = static_cast<int32_t>(T);
-    kw.kv_lora_rank = static_cast<int32_t>(R);
-    kw.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
-    kw.eps = static_cast<float>(c.rms_norm_eps);
-    kw.kv = r.kvr.get();
-    kw.norm_weight = w.kv_a_layernorm.get();
-    kw.slot = r.slots.get();
-    kw.cache = cache;
-    EM_RETURN_IF_ERROR(CudaStatus(LaunchKvCacheWrite(kw, r.stream), "KV cache write"));
-    // q: [T, Hl, nope | rope] -> RoPE on q_pe.
-    RopeParams rp_q = rp_kv;
-    rp_q.n_heads = static_cast<int32_t>(Hl);
-    rp_q.head_stride = static_cast<int32_t>(qk);
-    rp_q.token_stride = static_cast<int32_t>(Hl * qk);
-    rp_q.rope_offset = static_cast<int32_t>(nope);
-    rp_q.x = r.q.get();
-    EM_RETURN_IF_ERROR(Rope(rp_q, r.stream));
-    // Absorbed query qm: [T, Hl, R | rope]: per head q_nope . W_UK (column-major: qm_h^T [R, T] =
-    // W_UK_h^T [R, nope] . q_nope_h^T [nope, T]), then q_pe copied beside it.
+  const Block& w = BlockOf(r, l);
+  const int cache_layer = l.mtp_depth >= 0 ? 0 : static_cast<int>(l.index);
+  uint16_t* cache = (l.mtp_depth >= 0 ? r.mtp_kv.get() : r.kv.get()) +
+                    cache_layer * b.kv_pages * options_.page_size * Dkv;
+  const int32_t* positions = r.ints.get() + T;
+  const int32_t* seq_lens = r.ints.get() + 2 * T;
+  const int32_t* table = r.ints.get() + 3 * T + b.out_rows.size();
+  EM_RETURN_IF_ERROR(r.Norm(r.h.get(), w.input_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
+  if (w.q.present()) {
+    EM_RETURN_IF_ERROR(r.Linear(w.q, r.xn.get(), T, r.q.get()));
+  } else {
+    EM_RETURN_IF_ERROR(r.Linear(w.q_a, r.xn.get(), T, r.qa.get()));
     EM_RETURN_IF_ERROR(
-        BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(R),
-                                             static_cast<int>(T), static_cast<int>(nope), &one,
-                                             w.w_uk.get(), static_cast<int>(R), nope * R, r.q.get(),
-                                             static_cast<int>(Hl * qk), qk, &zero, r.qm.get(),
-                                             static_cast<int>(Hl * Dkv), Dkv, static_cast<int>(Hl)),
-                   "q_nope . W_UK"));
-    EM_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpy2DAsync(r.qm.get() + R, Dkv * sizeof(float), r.q.get() + nope, qk * sizeof(float),
-                          rope_dim * sizeof(float), T * Hl, cudaMemcpyDeviceToDevice, r.stream),
-        "q_pe copy"));
-    // Prefill = the decode kernel once per new position: each token row is its own query
-    // "sequence" with causal length start + i + 1 over its sequence's page table.
-    MlaDecodeParams md;
-    md.n_seqs = static_cast<int32_t>(T);
-    md.num_heads = static_cast<int32_t>(Hl);
-    md.kv_lora_rank = static_cast<int32_t>(R);
-    md.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
-    md.page_size = static_cast<int32_t>(options_.page_size);
-    md.max_pages_per_seq = static_cast<int32_t>(b.max_pages);
-    md.softmax_scale = softmax_scale_;
-    md.q = r.qm.get();
-    md.kv_cache = cache;
-    md.block_table = table;
-    md.seq_lens = seq_lens;
-    md.out = r.ctx.get();
-    EM_RETURN_IF_ERROR(MlaDecode(r.arch, md, r.stream));
-    // attn_h [T, v] = ctx_h [T, R] . W_UV_h^T (column-major: attn_h^T = W_UV_h . ctx_h^T).
-    EM_RETURN_IF_ERROR(
-        BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(v),
-                                             static_cast<int>(T), static_cast<int>(R), &one,
-                                             w.w_uv.get(), static_cast<int>(R), v * R, r.ctx.get(),
-                                             static_cast<int>(Hl * R), R, &zero, r.attn.get(),
-                                             static_cast<int>(Hl * v), v, static_cast<int>(Hl)),
-                   "ctx . W_UV"));
+        r.Norm(r.qa.get(), w.q_a_layernorm, T, c.q_lora_rank, c.rms_norm_eps, r.qa.get()));
+    EM_RETURN_IF_ERROR(r.Linear(w.q_b, r.qa.get(), T, r.q.get()));
   }
-  // ---- o_proj: column-parallel partial sums, or all heads gathered and o_proj whole.
+  // kv: [T, R | rope] -> RoPE on k_pe -> kv_a_layernorm on c_kv and BF16 into the cache.
+  EM_RETURN_IF_ERROR(r.Linear(w.kv_a, r.xn.get(), T, r.kvr.get()));
+  RopeParams rp_kv;
+  rp_kv.n_tokens = static_cast<int32_t>(T);
+  rp_kv.n_heads = 1;
+  rp_kv.head_stride = static_cast<int32_t>(Dkv);
+  rp_kv.token_stride = static_cast<int32_t>(Dkv);
+  rp_kv.rope_offset = static_cast<int32_t>(R);
+  rp_kv.rope_dim = static_cast<int32_t>(rope_dim);
+  rp_kv.attention_scaling = attention_factor_;
+  rp_kv.inv_freq = r.inv_freq.get();
+  rp_kv.positions = positions;
+  rp_kv.x = r.kvr.get();
+  EM_RETURN_IF_ERROR(Rope(rp_kv, r.stream));
+  KvCacheWriteParams kw;
+  kw.n_tokens = static_cast<int32_t>(T);
+  kw.kv_lora_rank = static_cast<int32_t>(R);
+  kw.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
+  kw.eps = static_cast<float>(c.rms_norm_eps);
+  kw.kv = r.kvr.get();
+  kw.norm_weight = w.kv_a_layernorm.get();
+  kw.slot = r.slots.get();
+  kw.cache = cache;
+  EM_RETURN_IF_ERROR(CudaStatus(LaunchKvCacheWrite(kw, r.stream), "KV cache write"));
+  // q: [T, Hl, nope | rope] -> RoPE on q_pe.
+  RopeParams rp_q = rp_kv;
+  rp_q.n_heads = static_cast<int32_t>(Hl);
+  rp_q.head_stride = static_cast<int32_t>(qk);
+  rp_q.token_stride = static_cast<int32_t>(Hl * qk);
+  rp_q.rope_offset = static_cast<int32_t>(nope);
+  rp_q.x = r.q.get();
+  EM_RETURN_IF_ERROR(Rope(rp_q, r.stream));
+  // Absorbed query qm: [T, Hl, R | rope]: per head q_nope . W_UK (column-major: qm_h^T [R, T] =
+  // W_UK_h^T [R, nope] . q_nope_h^T [nope, T]), then q_pe copied beside it.
+  EM_RETURN_IF_ERROR(
+      BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(R),
+                                           static_cast<int>(T), static_cast<int>(nope), &one,
+                                           w.w_uk.get(), static_cast<int>(R), nope * R, r.q.get(),
+                                           static_cast<int>(Hl * qk), qk, &zero, r.qm.get(),
+                                           static_cast<int>(Hl * Dkv), Dkv, static_cast<int>(Hl)),
+                 "q_nope . W_UK"));
+  EM_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpy2DAsync(r.qm.get() + R, Dkv * sizeof(float), r.q.get() + nope, qk * sizeof(float),
+                        rope_dim * sizeof(float), T * Hl, cudaMemcpyDeviceToDevice, r.stream),
+      "q_pe copy"));
+  // Prefill = the decode kernel once per new position: each token row is its own query
+  // "sequence" with causal length start + i + 1 over its sequence's page table.
+  MlaDecodeParams md;
+  md.n_seqs = static_cast<int32_t>(T);
+  md.num_heads = static_cast<int32_t>(Hl);
+  md.kv_lora_rank = static_cast<int32_t>(R);
+  md.qk_rope_head_dim = static_cast<int32_t>(rope_dim);
+  md.page_size = static_cast<int32_t>(options_.page_size);
+  md.max_pages_per_seq = static_cast<int32_t>(b.max_pages);
+  md.softmax_scale = softmax_scale_;
+  md.q = r.qm.get();
+  md.kv_cache = cache;
+  md.block_table = table;
+  md.seq_lens = seq_lens;
+  md.out = r.ctx.get();
+  EM_RETURN_IF_ERROR(MlaDecode(r.arch, md, r.stream));
+  // attn_h [T, v] = ctx_h [T, R] . W_UV_h^T (column-major: attn_h^T = W_UV_h . ctx_h^T).
+  EM_RETURN_IF_ERROR(
+      BlasStatus(cublasSgemmStridedBatched(r.blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(v),
+                                           static_cast<int>(T), static_cast<int>(R), &one,
+                                           w.w_uv.get(), static_cast<int>(R), v * R, r.ctx.get(),
+                                           static_cast<int>(Hl * R), R, &zero, r.attn.get(),
+                                           static_cast<int>(Hl * v), v, static_cast<int>(Hl)),
+                 "ctx . W_UV"));
+  return absl::OkStatus();
+}
+
+// o_proj: column-parallel partial sums all-reduced, or all heads gathered and o_proj whole;
+// then the residual and post_attention_layernorm on every rank.
+absl::Status CudaEngine::OutputProjection(Batch& b, const LayerRef& l) {
+  const ModelConfig& c = model_.config();
+  const int64_t T = b.T, D = c.hidden_size, v = c.v_head_dim, H = c.num_attention_heads;
+  const int64_t tp = plan_.tp_size, Hl = H / tp;
   std::vector<float*> deltas;
   for (auto& rp : ranks_) deltas.push_back(rp->delta.get());
   if (plan_.o_proj == OProjMode::kGatherReplicated && tp > 1) {
@@ -495,7 +504,7 @@ absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
 #endif
     for (auto& rp : ranks_) {
       Rank& r = *rp;
-      cudaSetDevice(r.device);
+      EM_RETURN_IF_ERROR(SetDevice(r.device));
       // gathered: [tp, T, Hl * v] -> attn_all: [T, H * v] (rank k's heads at columns k Hl v).
       for (int64_t k = 0; k < tp; ++k) {
         EM_RETURN_IF_ERROR(CudaStatus(
@@ -504,53 +513,65 @@ absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
                               Hl * v * sizeof(float), T, cudaMemcpyDeviceToDevice, r.stream),
             "gathered heads"));
       }
-      const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
-      EM_RETURN_IF_ERROR(r.Linear(w.o, r.attn_all.get(), T, r.delta.get()));
+      EM_RETURN_IF_ERROR(r.Linear(BlockOf(r, l).o, r.attn_all.get(), T, r.delta.get()));
     }
   } else {
     for (auto& rp : ranks_) {
       Rank& r = *rp;
-      cudaSetDevice(r.device);
-      const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
-      EM_RETURN_IF_ERROR(r.Linear(w.o, r.attn.get(), T, r.delta.get()));
+      EM_RETURN_IF_ERROR(SetDevice(r.device));
+      EM_RETURN_IF_ERROR(r.Linear(BlockOf(r, l).o, r.attn.get(), T, r.delta.get()));
     }
     EM_RETURN_IF_ERROR(AllReduce(deltas, T * D));
   }
   for (auto& rp : ranks_) {
     Rank& r = *rp;
-    cudaSetDevice(r.device);
-    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
+    EM_RETURN_IF_ERROR(SetDevice(r.device));
     EM_RETURN_IF_ERROR(r.Add(r.delta.get(), r.h.get(), T * D));
-    EM_RETURN_IF_ERROR(
-        r.Norm(r.h.get(), w.post_attention_layernorm, T, D, c.rms_norm_eps, r.xn.get()));
+    EM_RETURN_IF_ERROR(r.Norm(r.h.get(), BlockOf(r, l).post_attention_layernorm, T, D,
+                              c.rms_norm_eps, r.xn.get()));
   }
+  return absl::OkStatus();
+}
 
-  // ---- FFN: dense MLP part, or MoE (gate on rank 0, routed experts through the host while
-  // the shared expert part runs on every GPU).
+// The dense MLP part, or MoE (gate on rank 0, routed experts through the host while the
+// shared expert part runs on every GPU); then the residual.
+absl::Status CudaEngine::FeedForward(Batch& b, const LayerRef& l) {
+  const int64_t T = b.T, D = model_.config().hidden_size;
+  std::vector<float*> deltas;
+  for (auto& rp : ranks_) deltas.push_back(rp->delta.get());
   Rank& r0 = *ranks_[0];
-  const Block& w0 = mtp_depth >= 0 ? r0.mtp_blocks[mtp_depth] : r0.layers[layer_index];
+  const Block& w0 = BlockOf(r0, l);
   if (w0.is_moe) EM_RETURN_IF_ERROR(EnqueueGate(r0, w0, T));
   for (auto& rp : ranks_) {
     Rank& r = *rp;
-    cudaSetDevice(r.device);
-    const Block& w = mtp_depth >= 0 ? r.mtp_blocks[mtp_depth] : r.layers[layer_index];
-    EM_RETURN_IF_ERROR(r.Mlp(w, r.xn.get(), T, D, r.delta.get()));
+    EM_RETURN_IF_ERROR(SetDevice(r.device));
+    EM_RETURN_IF_ERROR(r.Mlp(BlockOf(r, l), r.xn.get(), T, D, r.delta.get()));
   }
   if (w0.is_moe) EM_RETURN_IF_ERROR(CallRoutedExperts(r0, w0, T));
   EM_RETURN_IF_ERROR(AllReduce(deltas, T * D));
   for (auto& rp : ranks_) {
     Rank& r = *rp;
-    cudaSetDevice(r.device);
+    EM_RETURN_IF_ERROR(SetDevice(r.device));
     EM_RETURN_IF_ERROR(r.Add(r.delta.get(), r.h.get(), T * D));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Layer(Batch& b, int mtp_depth, size_t layer_index) {
+  const LayerRef l{mtp_depth, layer_index};
+  for (auto& rp : ranks_) {
+    EM_RETURN_IF_ERROR(SetDevice(rp->device));
+    EM_RETURN_IF_ERROR(AttentionHeads(b, *rp, l));
+  }
+  EM_RETURN_IF_ERROR(OutputProjection(b, l));
+  return FeedForward(b, l);
 }
 
 absl::Status CudaEngine::EnqueueGate(Rank& r, const Block& w, int64_t T) {
   const ModelConfig& c = model_.config();
   const GateParams& gp = model_.gate_params();
   const int64_t D = c.hidden_size, E = gp.n_routed_experts, k = gp.num_experts_per_tok;
-  cudaSetDevice(r.device);
+  EM_RETURN_IF_ERROR(SetDevice(r.device));
   // s = sigmoid(xn . gate.weight^T): [T, E] in float32, then group-limited top-k.
   EM_RETURN_IF_ERROR(r.Linear(w.router, r.xn.get(), T, r.scores.get()));
   EM_RETURN_IF_ERROR(CudaStatus(LaunchSigmoid(r.scores.get(), T * E, r.stream), "sigmoid"));
@@ -594,7 +615,7 @@ absl::Status CudaEngine::EnqueueGate(Rank& r, const Block& w, int64_t T) {
 absl::Status CudaEngine::CallRoutedExperts(Rank& r, const Block& w, int64_t T) {
   const int64_t D = model_.config().hidden_size;
   const int64_t k = model_.gate_params().num_experts_per_tok;
-  cudaSetDevice(r.device);
+  EM_RETURN_IF_ERROR(SetDevice(r.device));
   EM_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(r.xn_ready), "MoE rows to host"));
   ExpertRoutes routes;  // each row's experts in ascending id order, as GateTopk writes them
   for (int64_t t = 0; t < T; ++t) {

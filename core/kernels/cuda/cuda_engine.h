@@ -88,7 +88,17 @@ class CudaEngine : public ForwardEngine {
   // Extends the caches, checks their pages, fills the per-token arrays; restores on failure.
   absl::Status Prepare(Batch& b);
   absl::StatusOr<std::vector<SequenceOutput>> Run(Batch& b, int mtp_depth);
+  // One decoder layer (mtp_depth < 0: main layer layer_index; else the MTP module's block),
+  // in phases: AttentionHeads on every rank, OutputProjection, FeedForward.
+  struct LayerRef {
+    int mtp_depth = -1;
+    size_t index = 0;
+  };
   absl::Status Layer(Batch& b, int mtp_depth, size_t layer_index);
+  const Block& BlockOf(const Rank& r, const LayerRef& l) const;
+  absl::Status AttentionHeads(Batch& b, Rank& r, const LayerRef& l);
+  absl::Status OutputProjection(Batch& b, const LayerRef& l);
+  absl::Status FeedForward(Batch& b, const LayerRef& l);
   absl::Status AllReduce(const std::vector<float*>& buffers, int64_t count);
   // MoE, on rank 0: the gate (scores GEMM, sigmoid, noaux_tc top-k) and the rows for the
   // shards (FP8 + scales, or float) are computed on the GPU and copied to pinned host memory;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/base/status.h"
 #include "core/kernels/cuda/device_buffer.h"
 #include "core/kernels/cuda/dispatch.h"
 #include "core/kernels/plan/expert_layout.h"
@@ -48,6 +49,7 @@ CudaExperts::~CudaExperts() = default;
 absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(
     const Checkpoint& ckpt, const ModelConfig& config, std::span<const LayerExpert> experts,
     Options options) {
+  const DeviceGuard guard;  // the caller's current device is back on return
   const BlockShape block = WeightBlockShape(config);
   if (block.rows != 128 || block.cols != 128) {
     return absl::UnimplementedError(absl::StrFormat(
@@ -102,7 +104,7 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(
   const int64_t per_expert = 3 * (align(H * I) + align(sb * 4));
   for (int dev = 0; dev < n_dev; ++dev) {
     DeviceState& st = *ce->devices_[dev];
-    cudaSetDevice(st.device);
+    EM_RETURN_IF_ERROR(SetDevice(st.device));
     absl::StatusOr<DeviceBuffer<uint8_t>> buf =
         DeviceBuffer<uint8_t>::Create(per_device[dev].size() * per_expert);
     if (!buf.ok()) return buf.status();
@@ -168,6 +170,7 @@ uint64_t CudaExperts::device_bytes() const {
 
 absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                               std::span<float> out) {
+  const DeviceGuard guard;  // the caller's current device (its cuBLAS handle's) is back on return
   const int64_t H = hidden_size_, I = moe_intermediate_size_;
   const int64_t R = routes.n_rows();
   if (x.dim != H || x.n_rows != R || static_cast<int64_t>(out.size()) != R * H ||
@@ -276,7 +279,7 @@ absl::Status CudaExperts::Run(int layer, const QuantizedActivations& x, const Ex
   }
   for (int d : active) {
     DeviceState& st = *devices_[d];
-    cudaSetDevice(st.device);
+    EM_RETURN_IF_ERROR(SetDevice(st.device));
     absl::Status s = CudaStatus(cudaStreamSynchronize(st.stream), "grouped experts");
     if (!s.ok()) return s;
   }

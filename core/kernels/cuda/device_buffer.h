@@ -24,6 +24,27 @@ inline absl::Status CudaStatus(cudaError_t err, std::string_view what) {
       absl::StrFormat("CUDA %s: %s (%s)", what, cudaGetErrorString(err), cudaGetErrorName(err)));
 }
 
+// cudaSetDevice, checked.
+inline absl::Status SetDevice(int device) {
+  return CudaStatus(cudaSetDevice(device), absl::StrFormat("cudaSetDevice(%d)", device));
+}
+
+// Keeps the calling thread's current device across multi-GPU work: saved at construction,
+// restored at destruction (so a caller's cuBLAS handle or stream stays on its device).
+class DeviceGuard {
+ public:
+  DeviceGuard() { saved_ok_ = cudaGetDevice(&saved_) == cudaSuccess; }
+  ~DeviceGuard() {
+    if (saved_ok_) cudaSetDevice(saved_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int saved_ = 0;
+  bool saved_ok_ = false;
+};
+
 template <typename T>
 class DeviceBuffer {
  public:
