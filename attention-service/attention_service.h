@@ -1,5 +1,5 @@
-// The attention service: the sequence owner of ARCHITECTURE.md. AttentionServer loads the
-// model without its routed experts, connects a Dispatcher (router library) that follows the
+// The attention service: the sequence owner (docs/ARCHITECTURE.md). AttentionServer loads the
+// model without its routed experts, connects a Dispatcher (dispatcher/) that follows the
 // router's placement maps and reaches the expert shards, runs the continuous-batching
 // Scheduler, and serves expertmesh.v1.AttentionService (Submit, Cancel, GetLoad, Handshake)
 // plus grpc health, reflection and /metrics.

@@ -1,5 +1,5 @@
 // The MoE gate of DeepSeek-V3 (topk_method noaux_tc, scoring_func sigmoid), shared by the
-// reference engine and the router library.
+// reference engine (core/engine/layers.cc) and the GPU engine (core/kernels/cuda/gating.h).
 //   s = sigmoid(x . gate.weight^T)                      [n_tokens, n_routed_experts], float32
 //   biased = s + e_score_correction_bias                 (selection only)
 //   group score = sum of the 2 largest biased scores of each of the n_group groups;
