@@ -175,6 +175,15 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   std::unique_ptr<AttentionServer> s(new AttentionServer());
   s->options_ = std::move(options);
   const AttentionServerOptions& o = s->options_;
+  // The main layers' routed experts are always remote (the Dispatcher), and the wire carries
+  // FP8 activations only (ExpertRequest): unquantized activations would start, report
+  // SERVING and then fail every step. Refuse the combination before anything starts.
+  if (!o.scheduler.engine.quantize_activations) {
+    return absl::FailedPreconditionError(
+        "unquantized activations (--no-act-quant) cannot be served: the routed experts run on "
+        "the expert shards, which take FP8 activations only; drop --no-act-quant (the "
+        "in-process `expertmesh run --no-act-quant` supports it)");
+  }
 
   absl::StatusOr<v1::PeerIdentity> identity =
       MakeLocalIdentity(o.model_dir, "attention-service", o.instance_id);

@@ -10,6 +10,7 @@ namespace {
 
 constexpr std::string_view kParamPayload = "type.expertmesh/gateway.param";
 constexpr std::string_view kCodePayload = "type.expertmesh/gateway.code";
+constexpr std::string_view kAllowPayload = "type.expertmesh/gateway.allow";
 
 std::optional<std::string> Payload(const absl::Status& status, std::string_view key) {
   auto cord = status.GetPayload(absl::string_view(key.data(), key.size()));
@@ -43,6 +44,13 @@ absl::Status UnknownModel(std::string_view model) {
       "model_not_found");
 }
 
+absl::Status MethodNotAllowed(std::string_view allowed, std::string_view message) {
+  absl::Status status = absl::UnimplementedError(std::string(message));
+  status.SetPayload(absl::string_view(kAllowPayload.data(), kAllowPayload.size()),
+                    absl::Cord(std::string(allowed)));
+  return status;
+}
+
 ApiError ToApiError(const absl::Status& status) {
   ApiError e;
   e.message = std::string(status.message());
@@ -69,8 +77,14 @@ ApiError ToApiError(const absl::Status& status) {
       e.type = "invalid_request_error";
       break;
     case absl::StatusCode::kUnimplemented:
-      e.http_status = 405;
-      e.type = "invalid_request_error";
+      e.allow = Payload(status, kAllowPayload);
+      if (e.allow) {  // MethodNotAllowed: the client's mistake
+        e.http_status = 405;
+        e.type = "invalid_request_error";
+      } else {  // a feature missing on the server side (e.g. upstream): not the client's fault
+        e.http_status = 500;
+        e.type = "server_error";
+      }
       break;
     case absl::StatusCode::kResourceExhausted:
       e.http_status = 429;

@@ -20,6 +20,10 @@ absl::Status WithCode(absl::Status status, std::string_view code);
 // Shorthands for the common request errors.
 absl::Status InvalidParam(std::string_view param, std::string_view message);
 absl::Status UnknownModel(std::string_view model);
+// A request with an HTTP method the path does not take: 405 with `Allow: <allowed>`. The only
+// way to get a 405: an UNIMPLEMENTED from anywhere else (an upstream service that lacks a
+// feature) is a server error.
+absl::Status MethodNotAllowed(std::string_view allowed, std::string_view message);
 
 struct ApiError {
   int http_status = 500;
@@ -28,6 +32,7 @@ struct ApiError {
   std::optional<std::string> param;  // JSON null when absent
   std::optional<std::string> code;   // JSON null when absent
   int retry_after_s = 0;             // > 0: a Retry-After header goes with it (429, 503)
+  std::optional<std::string> allow;  // 405: the Allow header
 };
 
 // The single place where an absl::Status becomes an HTTP error.

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <boost/asio.hpp>
@@ -214,11 +215,12 @@ class HttpServer::Impl {
   }
 
   bool WriteJson(Connection& c, int status, std::string body, bool keep_alive,
-                 int retry_after_s = 0) {
+                 int retry_after_s = 0, const std::optional<std::string>& allow = std::nullopt) {
     http::response<http::string_body> r{static_cast<http::status>(status), 11};
     r.set(http::field::server, "expertmesh-gateway");
     r.set(http::field::content_type, "application/json");
     if (retry_after_s > 0) r.set(http::field::retry_after, std::to_string(retry_after_s));
+    if (allow) r.set(http::field::allow, *allow);
     r.keep_alive(keep_alive);
     r.body() = std::move(body);
     return Write(c, r) && keep_alive;
@@ -228,7 +230,7 @@ class HttpServer::Impl {
                   int http_status_override = 0) {
     ApiError e = ToApiError(status);
     if (http_status_override != 0) e.http_status = http_status_override;
-    return WriteJson(c, e.http_status, ApiErrorJson(e), keep_alive, e.retry_after_s);
+    return WriteJson(c, e.http_status, ApiErrorJson(e), keep_alive, e.retry_after_s, e.allow);
   }
 
   bool Authorized(const http::request<http::string_body>& request) const {
@@ -251,7 +253,7 @@ class HttpServer::Impl {
     const bool post = request.method() == http::verb::post;
 
     if (path == "/health") {
-      if (!get) return WriteError(c, absl::UnimplementedError("Use GET /health."), keep);
+      if (!get) return WriteError(c, MethodNotAllowed("GET", "Use GET /health."), keep);
       absl::Status ready =
           draining_ ? absl::UnavailableError("The gateway is shutting down.") : readiness_();
       if (!ready.ok()) {
@@ -280,7 +282,7 @@ class HttpServer::Impl {
                         keep);
     }
     if (path == "/v1/models" || path.rfind("/v1/models/", 0) == 0) {
-      if (!get) return WriteError(c, absl::UnimplementedError("Use GET on /v1/models."), keep);
+      if (!get) return WriteError(c, MethodNotAllowed("GET", "Use GET on /v1/models."), keep);
       json::object model{{"id", runner_->card().id},
                          {"object", "model"},
                          {"created", 0},
@@ -300,7 +302,7 @@ class HttpServer::Impl {
     if (!completions && !chat) {
       return WriteError(c, absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
     }
-    if (!post) return WriteError(c, absl::UnimplementedError(Cat("Use POST ", path, ".")), keep);
+    if (!post) return WriteError(c, MethodNotAllowed("POST", Cat("Use POST ", path, ".")), keep);
     return Generate(c, request.body(), chat, keep);
   }
 

@@ -120,5 +120,19 @@ TEST(ServiceMainTest, ModelDirectoryWithoutFilesFailsToStartWithExitOneNotACrash
   }
 }
 
+// The routed experts of the main layers are always on the shards, which take FP8 activations
+// only: --no-act-quant used to start and report SERVING, then fail every request. It must
+// refuse to start instead, naming the flag. `timeout` bounds the run should it start anyway.
+TEST(ServiceMainTest, AttentionServiceRefusesNoActQuant) {
+  const Outcome o =
+      RunCommand("timeout 60 " + Binary("attention-service", "attention-service") + " --model " +
+                 kModel + " --router 127.0.0.1:1 --listen 127.0.0.1:0 --no-act-quant");
+  EXPECT_EQ(o.signal, 0) << o.output;
+  EXPECT_EQ(o.exit_code, kExitStartFailed) << o.output;
+  EXPECT_NE(o.output.find("cannot start"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("--no-act-quant"), std::string::npos) << o.output;
+  EXPECT_NE(o.output.find("FP8"), std::string::npos) << o.output;
+}
+
 }  // namespace
 }  // namespace expertmesh
