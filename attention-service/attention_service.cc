@@ -205,6 +205,9 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   server_options.max_sync_threads =
       std::max<int>(server_options.max_sync_threads,
                     static_cast<int>(o.scheduler.max_batch + o.scheduler.max_waiting + 16));
+  // grpc.health.v1 answers for the service name too (following SERVING like ""), as the router
+  // and the shards do for theirs.
+  server_options.health_service_names.push_back(v1::AttentionService::service_full_name());
   absl::StatusOr<RunningServer> server = StartGrpcServer(server_options, {s->service_.get()});
   if (!server.ok()) return server.status();
   s->server_ = std::move(server->server);

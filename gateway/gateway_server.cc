@@ -108,6 +108,8 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   ServerOptions server_options;
   server_options.listen = o.grpc_listen;
   server_options.max_sync_threads = o.grpc_threads;
+  // grpc.health.v1 answers for expertmesh.v1.Gateway too, following "" (the health watcher).
+  server_options.health_service_names.push_back(v1::Gateway::service_full_name());
   EM_ASSIGN_OR_RETURN(g->grpc_, StartGrpcServer(server_options, {g->grpc_service_.get()}));
 
   HttpServer::Options http_options;
