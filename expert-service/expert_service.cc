@@ -116,7 +116,24 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
 
 ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
                                      ExpertRequestLimits limits, MetricsRegistry* metrics)
-    : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {}
+    : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {
+  // Compute is the generated service's method 1 (expert.proto: Handshake, Compute). Its sync
+  // handler is replaced by one that reads grpc::ByteBuffer: a raw read fails only at the end
+  // of the stream (or when the call is broken), never because of the contents, and
+  // ComputeStream parses each message itself and can tell the client it sent garbage.
+  // MarkMethodStreamed is the public hook the generated code itself uses to swap a sync
+  // handler; the method stays BIDI_STREAMING.
+  constexpr int kComputeMethodIndex = 1;
+  MarkMethodStreamed(
+      kComputeMethodIndex,
+      new grpc::internal::BidiStreamingHandler<ExpertServiceImpl, grpc::ByteBuffer,
+                                               v1::ExpertResponse>(
+          [](ExpertServiceImpl* service, grpc::ServerContext* ctx,
+             grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream) {
+            return service->ComputeStream(ctx, stream);
+          },
+          this));
+}
 
 void ExpertServiceImpl::SetExperts(std::unique_ptr<RoutedExperts> experts,
                                    std::span<const LayerExpert> held, bool serialize) {
@@ -140,13 +157,31 @@ grpc::Status ExpertServiceImpl::Handshake(grpc::ServerContext*, const v1::Handsh
   return grpc::Status::OK;
 }
 
-grpc::Status ExpertServiceImpl::Compute(
-    grpc::ServerContext*, grpc::ServerReaderWriter<v1::ExpertResponse, v1::ExpertRequest>* stream) {
+grpc::Status ExpertServiceImpl::ComputeStream(
+    grpc::ServerContext*, grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream) {
+  grpc::ByteBuffer bytes;
   v1::ExpertRequest request;
-  while (stream->Read(&request)) {
+  uint64_t received = 0;
+  while (stream->Read(&bytes)) {  // false: the client half-closed, or the call is gone
+    ++received;
+    request.Clear();
+    // The transport already bounds the message size (ServerOptions::max_message_bytes).
+    if (!grpc::SerializationTraits<v1::ExpertRequest>::Deserialize(&bytes, &request).ok()) {
+      // No request_id to answer in-band: the stream ends with the error.
+      if (metrics_) {
+        metrics_
+            ->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
+                         {{"code", absl::StatusCodeToString(absl::StatusCode::kInvalidArgument)}})
+            .Inc();
+      }
+      spdlog::warn("Compute: message {} of a stream is not an ExpertRequest; ending the stream",
+                   received);
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("Compute: message ", received,
+                                       " of this stream does not parse as an ExpertRequest"));
+    }
     const v1::ExpertResponse response = Handle(request);
     if (!stream->Write(response)) break;
-    request.Clear();
   }
   return grpc::Status::OK;
 }

@@ -55,9 +55,14 @@ class ExpertServiceImpl final : public v1::ExpertService::Service {
 
   grpc::Status Handshake(grpc::ServerContext* ctx, const v1::HandshakeRequest* req,
                          v1::HandshakeResponse* resp) override;
-  grpc::Status Compute(
+  // ExpertService.Compute, registered in the constructor in place of the generated typed
+  // handler: the stream is read as raw bytes and each message parsed here, so that bytes that
+  // are not an ExpertRequest end the stream with INVALID_ARGUMENT. (With the typed sync
+  // reader, Read() returns false both at the end of the stream and when a message fails to
+  // parse, and the stream used to end OK.)
+  grpc::Status ComputeStream(
       grpc::ServerContext* ctx,
-      grpc::ServerReaderWriter<v1::ExpertResponse, v1::ExpertRequest>* stream) override;
+      grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream);
 
   // One message, validated and computed (what Compute does for each).
   v1::ExpertResponse Handle(const v1::ExpertRequest& request);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 
+#include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
 #include "core/format/wire.h"
@@ -146,6 +147,88 @@ TEST_F(ExpertServiceTest, AnswersEqualLocalExpertsBitwise) {
     }
     EXPECT_GT(nonzero, static_cast<int>(want.size() / 2));
   }
+}
+
+// A generic (byte) Compute stream carrying `messages` as they are, then half-closed: how it
+// ended and the raw responses. Every completion-queue wait is bounded.
+struct RawStreamOutcome {
+  grpc::Status status;
+  std::vector<std::string> responses;
+};
+RawStreamOutcome RawCompute(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::vector<std::string>& messages) {
+  RawStreamOutcome out;
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::CompletionQueue cq;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      generic.PrepareCall(&ctx, "/expertmesh.v1.ExpertService/Compute", &cq);
+  int next_tag = 0;
+  // Starts one operation with a fresh tag and waits for it; returns its `ok`.
+  auto step = [&](auto start) {
+    void* const tag = reinterpret_cast<void*>(static_cast<intptr_t>(++next_tag));
+    start(tag);
+    void* got = nullptr;
+    bool ok = false;
+    const auto r =
+        cq.AsyncNext(&got, &ok, std::chrono::system_clock::now() + std::chrono::seconds(30));
+    EXPECT_EQ(r, grpc::CompletionQueue::NextStatus::GOT_EVENT);
+    EXPECT_EQ(got, tag);
+    return r == grpc::CompletionQueue::NextStatus::GOT_EVENT && ok;
+  };
+  EXPECT_TRUE(step([&](void* tag) { call->StartCall(tag); }));
+  for (const std::string& m : messages) {
+    grpc::Slice slice(m);
+    grpc::ByteBuffer bytes(&slice, 1);
+    if (!step([&](void* tag) { call->Write(bytes, tag); })) break;
+    grpc::ByteBuffer reply;
+    if (!step([&](void* tag) { call->Read(&reply, tag); })) break;
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(reply.Dump(&slices).ok());
+    std::string text;
+    for (const grpc::Slice& sl : slices) {
+      text.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    }
+    out.responses.push_back(std::move(text));
+  }
+  step([&](void* tag) { call->WritesDone(tag); });  // fails when the server ended it already
+  EXPECT_TRUE(step([&](void* tag) { call->Finish(&out.status, tag); }));
+  cq.Shutdown();
+  void* ignored_tag;
+  bool ignored_ok;
+  while (cq.Next(&ignored_tag, &ignored_ok)) {
+  }
+  return out;
+}
+
+TEST_F(ExpertServiceTest, BytesThatAreNotAnExpertRequestEndTheStreamWithInvalidArgument) {
+  v1::ExpertRequest valid = ValidRequest(3, 21);
+  valid.set_request_id(7);
+  const std::string good = valid.SerializeAsString();
+  const std::vector<std::string> garbage = {
+      std::string("\x00\x01\x02 not a protobuf", 18),  // field number 0
+      std::string("\x0a\x7f") + "truncated",           // a length past the end
+      std::string(16, '\xff'),                         // a varint that never ends
+  };
+  for (const std::string& bad : garbage) {
+    // The first message on the raw stream is answered; the garbage ends the stream.
+    const RawStreamOutcome o = RawCompute(channel_, {good, bad, good});
+    EXPECT_EQ(o.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << o.status.error_message();
+    EXPECT_NE(o.status.error_message().find("does not parse"), std::string::npos)
+        << o.status.error_message();
+    ASSERT_EQ(o.responses.size(), 1u);
+    v1::ExpertResponse resp;
+    ASSERT_TRUE(resp.ParseFromString(o.responses[0]));
+    EXPECT_EQ(resp.request_id(), 7u);
+    EXPECT_EQ(resp.error_code(), 0) << resp.error_message();
+  }
+  // Only valid bytes: the stream ends OK, and the service (this test's own stream) stays up.
+  const RawStreamOutcome fine = RawCompute(channel_, {good, good});
+  EXPECT_TRUE(fine.status.ok()) << fine.status.error_message();
+  EXPECT_EQ(fine.responses.size(), 2u);
+  EXPECT_EQ(Call(ValidRequest(2, 22)).error_code(), 0);
 }
 
 TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
