@@ -84,9 +84,9 @@ TEST_P(CudaEngineTest, MatchesReferenceEngine) {
   EM_REQUIRE_GPU();
   const auto& [name, tp] = GetParam();
   const Tolerance tol = ToleranceFor(name);
-  if (DeviceCount() < tp) {
+  if (VisibleDevices() < tp) {
     GTEST_SKIP() << "tensor parallelism over " << tp << " GPUs needs " << tp << " CUDA devices; "
-                 << DeviceCount() << " present";
+                 << VisibleDevices() << " present";
   }
   const std::string dir = ModelDir(name);
   auto ckpt = Checkpoint::Open(dir);
@@ -234,7 +234,7 @@ TEST(CudaEngineErrors, ReportsBadSetups) {
   auto experts = LocalExperts::Create(**ckpt, *config, AllExperts(*config), eo);
   ASSERT_TRUE(experts.ok());
   CudaEngineOptions o;
-  o.devices = {DeviceCount()};  // one past the last device
+  o.devices = {VisibleDevices()};  // one past the last device
   auto absent = CudaEngine::Create(**model, experts->get(), o);
   ASSERT_FALSE(absent.ok());
   EXPECT_NE(absent.status().message().find("visible"), std::string::npos) << absent.status();

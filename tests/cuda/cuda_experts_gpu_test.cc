@@ -41,7 +41,7 @@ TensorToWrite Tensor(std::string name, DType dtype, std::vector<int64_t> shape, 
 class CudaExpertsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device present: CudaExperts needs one";
+    EM_REQUIRE_GPU();
     config_ = TinyConfig();
     const int64_t H = config_.hidden_size, I = config_.moe_intermediate_size;
     std::mt19937 rng(77);

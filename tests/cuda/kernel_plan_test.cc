@@ -4,6 +4,8 @@
 #include "core/kernels/plan/kernel_plan.h"
 
 #include <cmath>
+#include <string>
+#include <utility>
 
 #include "core/kernels/cuda/fp8_f16.h"
 #include "core/numerics/numerics.h"
@@ -58,6 +60,52 @@ TEST(KernelPlanTest, RefusesWhatDoesNotFit) {
   EXPECT_EQ(plan.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_FALSE(PlanGroupedGemm(Arch(8, 0), 1).ok());
   EXPECT_FALSE(PlanGroupedGemm(Arch(9, 0), -1).ok());
+}
+
+// cudaGetDeviceCount's answer -> device count or error (DeviceCount in dispatch.cc).
+DeviceCountQuery Query(int error, std::string_view name, int count, int driver, int runtime) {
+  DeviceCountQuery q;
+  q.error = error;
+  q.error_name = name;
+  q.count = count;
+  q.driver_version = driver;
+  q.runtime_version = runtime;
+  return q;
+}
+
+TEST(DeviceCountTest, ZeroOnlyWhenNoDeviceOrNoDriver) {
+  EXPECT_EQ(*DeviceCountFromQuery(Query(kCudaSuccess, "", 2, 0, 0)), 2);
+  EXPECT_EQ(*DeviceCountFromQuery(Query(kCudaErrorNoDevice, "cudaErrorNoDevice", 0, 13000, 13000)),
+            0);
+  // No NVIDIA driver installed at all (cudaDriverGetVersion reports 0): no GPU stack.
+  EXPECT_EQ(*DeviceCountFromQuery(
+                Query(kCudaErrorInsufficientDriver, "cudaErrorInsufficientDriver", 0, 0, 13000)),
+            0);
+}
+
+TEST(DeviceCountTest, DriverOlderThanRuntimeIsAnError) {
+  absl::StatusOr<int> old = DeviceCountFromQuery(
+      Query(kCudaErrorInsufficientDriver, "cudaErrorInsufficientDriver", 0, 12080, 13000));
+  ASSERT_FALSE(old.ok());
+  EXPECT_EQ(old.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string msg(old.status().message());
+  EXPECT_NE(msg.find("cudaErrorInsufficientDriver"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("CUDA 12.8"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("CUDA 13.0"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("r580"), std::string::npos) << msg;
+}
+
+TEST(DeviceCountTest, OtherErrorsAreReportedByName) {
+  // cudaErrorInitializationError (3), cudaErrorSystemDriverMismatch (803), cudaErrorUnknown
+  // (999): a driver is there but the devices cannot be used.
+  for (auto [code, name] : {std::pair<int, std::string>{3, "cudaErrorInitializationError"},
+                            {803, "cudaErrorSystemDriverMismatch"},
+                            {999, "cudaErrorUnknown"}}) {
+    absl::StatusOr<int> n = DeviceCountFromQuery(Query(code, name, 0, 13000, 13000));
+    ASSERT_FALSE(n.ok()) << name;
+    EXPECT_EQ(n.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(std::string(n.status().message()).find(name), std::string::npos) << n.status();
+  }
 }
 
 TEST(KernelPlanTest, GemmShapes) {

@@ -10,7 +10,7 @@ namespace {
 
 TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
   EM_REQUIRE_GPU();
-  const int n = DeviceCount();
+  const int n = VisibleDevices();
   std::vector<int> devices(n);
   for (int d = 0; d < n; ++d) devices[d] = d;
   auto group = NcclGroup::Create(devices);
@@ -53,7 +53,7 @@ TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
 TEST(NcclGroupTest, RejectsDuplicateAndMissingDevices) {
   EM_REQUIRE_GPU();
   EXPECT_EQ(NcclGroup::Create({0, 0}).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(NcclGroup::Create({DeviceCount()}).status().code(),
+  EXPECT_EQ(NcclGroup::Create({VisibleDevices()}).status().code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_FALSE(NcclGroup::Create({}).ok());
 }

@@ -107,7 +107,9 @@ absl::StatusOr<std::unique_ptr<CudaEngine>> CudaEngine::Create(const Model& mode
     return absl::UnimplementedError(absl::StrFormat(
         "CUDA engine: kv_lora_rank %d (even, at most %d)", c.kv_lora_rank, kMlaMaxLoraRank));
   }
-  const int n_visible = DeviceCount();
+  const absl::StatusOr<int> visible = DeviceCount();
+  if (!visible.ok()) return visible.status();
+  const int n_visible = *visible;
   if (n_visible == 0) {
     return absl::FailedPreconditionError("CUDA engine: no CUDA device present");
   }

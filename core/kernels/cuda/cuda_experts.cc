@@ -59,7 +59,9 @@ absl::StatusOr<std::unique_ptr<CudaExperts>> CudaExperts::Create(
   absl::Status shape = ValidateGroupedGemmShape(H, I);
   if (!shape.ok()) return shape;
   if (options.devices.empty()) return absl::InvalidArgumentError("CUDA experts: no devices");
-  const int n_visible = DeviceCount();
+  const absl::StatusOr<int> visible = DeviceCount();
+  if (!visible.ok()) return visible.status();
+  const int n_visible = *visible;
   std::unique_ptr<CudaExperts> ce(new CudaExperts(H, I));
   for (int d : options.devices) {
     if (d >= n_visible) {

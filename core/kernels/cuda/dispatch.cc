@@ -5,13 +5,21 @@
 
 namespace expertmesh::cuda {
 
-int DeviceCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no driver" error
-    return 0;
+static_assert(kCudaSuccess == cudaSuccess);
+static_assert(kCudaErrorInsufficientDriver == cudaErrorInsufficientDriver);
+static_assert(kCudaErrorNoDevice == cudaErrorNoDevice);
+
+absl::StatusOr<int> DeviceCount() {
+  DeviceCountQuery q;
+  const cudaError_t err = cudaGetDeviceCount(&q.count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that later calls do not report it
+    q.error = static_cast<int>(err);
+    q.error_name = cudaGetErrorName(err);
+    if (cudaDriverGetVersion(&q.driver_version) != cudaSuccess) q.driver_version = 0;
+    if (cudaRuntimeGetVersion(&q.runtime_version) != cudaSuccess) q.runtime_version = 0;
   }
-  return n;
+  return DeviceCountFromQuery(q);
 }
 
 absl::StatusOr<DeviceArch> QueryDeviceArch(int device) {

@@ -17,8 +17,10 @@
 
 namespace expertmesh::cuda {
 
-// Number of usable CUDA devices; 0 when there is no driver or no device (never an error).
-int DeviceCount();
+// Number of usable CUDA devices: 0 when there is no device or no NVIDIA driver at all; an error
+// naming the cause for anything else (e.g. cudaErrorInsufficientDriver from a driver older than
+// the CUDA 13 runtime). The mapping is DeviceCountFromQuery (kernel_plan.h, tested on the CPU).
+absl::StatusOr<int> DeviceCount();
 absl::StatusOr<DeviceArch> QueryDeviceArch(int device);
 
 // Grouped expert FFN. `plan` comes from PlanGroupedGemm(arch, layout.max_rows_per_expert());

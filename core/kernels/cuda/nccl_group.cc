@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_format.h"
 #include "core/kernels/cuda/device_buffer.h"
+#include "core/kernels/cuda/dispatch.h"
 
 namespace expertmesh::cuda {
 namespace {
@@ -23,8 +24,9 @@ absl::StatusOr<std::unique_ptr<NcclGroup>> NcclGroup::Create(const std::vector<i
   if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
     return absl::InvalidArgumentError("NCCL group: a device is listed twice");
   }
-  int visible = 0;
-  if (cudaGetDeviceCount(&visible) != cudaSuccess) visible = 0;
+  const absl::StatusOr<int> n_visible = DeviceCount();
+  if (!n_visible.ok()) return n_visible.status();
+  const int visible = *n_visible;
   if (sorted.front() < 0 || sorted.back() >= visible) {
     return absl::FailedPreconditionError(
         absl::StrFormat("NCCL group: device %d requested, %d visible", sorted.back(), visible));

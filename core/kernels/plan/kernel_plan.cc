@@ -27,6 +27,21 @@ absl::StatusOr<MmaPath> SelectMmaPath(const DeviceArch& arch) {
       arch.major, arch.minor));
 }
 
+absl::StatusOr<int> DeviceCountFromQuery(const DeviceCountQuery& q) {
+  if (q.error == kCudaSuccess) return q.count;
+  if (q.error == kCudaErrorNoDevice) return 0;
+  if (q.error == kCudaErrorInsufficientDriver && q.driver_version == 0) return 0;  // no driver
+  if (q.error == kCudaErrorInsufficientDriver) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "cudaGetDeviceCount: %s: the NVIDIA driver supports CUDA %d.%d, this build's runtime "
+        "is CUDA %d.%d; install a newer driver (CUDA 13 needs r580 or newer)",
+        q.error_name, q.driver_version / 1000, q.driver_version % 1000 / 10,
+        q.runtime_version / 1000, q.runtime_version % 1000 / 10));
+  }
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "cudaGetDeviceCount: %s (error %d): the CUDA devices cannot be used", q.error_name, q.error));
+}
+
 int64_t GroupedGemmSmemBytes(int block_m) {
   return static_cast<int64_t>(kGemmStages) * (block_m + kGemmBlockN) * kGemmSmemPitch;
 }

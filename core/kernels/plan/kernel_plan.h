@@ -24,6 +24,28 @@
 
 namespace expertmesh {
 
+// What cudaGetDeviceCount answered, with the versions that tell "no driver" from "driver too
+// old" (both report cudaErrorInsufficientDriver). Plain ints: this file builds without CUDA.
+struct DeviceCountQuery {
+  int error = 0;                // cudaError_t of cudaGetDeviceCount
+  std::string_view error_name;  // cudaGetErrorName(error)
+  int count = 0;                // the device count it returned (meaningful on success)
+  int driver_version = 0;       // cudaDriverGetVersion: 0 when no NVIDIA driver is installed
+  int runtime_version = 0;      // cudaRuntimeGetVersion, e.g. 13000
+};
+// The stable cudaError_t values the mapping tells apart (dispatch.cc static_asserts them
+// against cuda_runtime.h).
+inline constexpr int kCudaSuccess = 0;
+inline constexpr int kCudaErrorInsufficientDriver = 35;
+inline constexpr int kCudaErrorNoDevice = 100;
+
+// The number of usable devices, or why the devices cannot be counted. 0 only where the hardware
+// (or any NVIDIA driver) is absent: cudaErrorNoDevice, or cudaErrorInsufficientDriver with no
+// driver installed. Every other error -- a driver older than the runtime, a driver that fails
+// to initialize, ... -- is a FailedPrecondition naming the error, so that a machine whose GPUs
+// cannot be used never looks like a machine without GPUs (and GPU tests fail instead of skip).
+absl::StatusOr<int> DeviceCountFromQuery(const DeviceCountQuery& query);
+
 struct DeviceArch {
   int major = 0;
   int minor = 0;

@@ -297,7 +297,12 @@ int Main(int argc, char** argv) {
   app.add_flag("--quick", quick, "fewer batch sizes (for a smoke run)");
   CLI11_PARSE(app, argc, argv);
 
-  if (DeviceCount() == 0) {
+  const absl::StatusOr<int> n_devices = DeviceCount();
+  if (!n_devices.ok()) {
+    spdlog::error("{}", n_devices.status().ToString());
+    return 1;
+  }
+  if (*n_devices == 0) {
     spdlog::error("no CUDA device present");
     return 2;
   }
