@@ -34,6 +34,7 @@
 #include "core/model/local_experts.h"
 #include "core/model/model.h"
 #include "tests/cuda/gpu_test_util.h"
+#include "tests/cuda/models_dir.h"
 
 namespace expertmesh::cuda::testing {
 namespace {
@@ -64,14 +65,7 @@ Errors Compare(const std::vector<float>& got, const std::vector<float>& want) {
   return {std::sqrt(diff / std::max(ref, 1e-30)), max_err / std::max(peak, 1e-30)};
 }
 
-// The bundled models: $EXPERTMESH_MODELS_DIR (tools/gpu-check.sh sets it, since a bundled
-// binary runs in another checkout), else this source tree's models/.
-std::string ModelDir(const std::string& name) {
-  const char* env = std::getenv("EXPERTMESH_MODELS_DIR");
-  const std::string root =
-      env != nullptr && *env != '\0' ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/models";
-  return root + "/" + name;
-}
+using ::expertmesh::testing::ModelDir;
 
 int32_t Argmax(const std::vector<float>& v, size_t begin, size_t n) {
   return static_cast<int32_t>(std::max_element(v.begin() + begin, v.begin() + begin + n) -

@@ -7,6 +7,7 @@
 // across FP8 quantization steps), hidden 1.2e-2; expertmesh-tiny-bf16 logits 1.2e-3, hidden
 // 2.2e-3.
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
@@ -19,6 +20,7 @@
 #include "core/model/model.h"
 #include "core/numerics/numerics.h"
 #include "gtest/gtest.h"
+#include "tests/cuda/models_dir.h"
 
 namespace expertmesh {
 namespace {
@@ -42,7 +44,7 @@ class Bf16CacheBudgetTest : public ::testing::TestWithParam<Budget> {};
 
 TEST_P(Bf16CacheBudgetTest, StaysWithinBudget) {
   const Budget& budget = GetParam();
-  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/models/" + budget.model;
+  const std::string dir = testing::ModelDir(budget.model);  // honours EXPERTMESH_MODELS_DIR
   auto ckpt = Checkpoint::Open(dir);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   auto config = LoadModelConfig(dir + "/config.json");
@@ -88,6 +90,25 @@ TEST_P(Bf16CacheBudgetTest, StaysWithinBudget) {
   EXPECT_LE(worst_logits, budget.logits);
   EXPECT_LE(worst_hidden, budget.hidden);
   EXPECT_GT(worst_logits, 0.0);  // the rounding is seen at all
+}
+
+// The bundled-model path follows $EXPERTMESH_MODELS_DIR (a prebuilt bundle runs in another
+// checkout than the one it was built in) and falls back to this source tree.
+TEST(ModelsDirTest, EnvironmentOverridesTheSourceTree) {
+  const char* before = std::getenv("EXPERTMESH_MODELS_DIR");
+  const std::string saved = before != nullptr ? before : "";
+  ASSERT_EQ(setenv("EXPERTMESH_MODELS_DIR", "/elsewhere/models", 1), 0);
+  EXPECT_EQ(testing::ModelDir("expertmesh-tiny"), "/elsewhere/models/expertmesh-tiny");
+  ASSERT_EQ(unsetenv("EXPERTMESH_MODELS_DIR"), 0);
+  EXPECT_EQ(testing::ModelDir("expertmesh-tiny"),
+            std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny");
+  ASSERT_EQ(setenv("EXPERTMESH_MODELS_DIR", "", 1), 0);  // empty: as if unset
+  EXPECT_EQ(testing::ModelDir("m"), std::string(EXPERTMESH_SOURCE_DIR) + "/models/m");
+  if (before != nullptr) {
+    setenv("EXPERTMESH_MODELS_DIR", saved.c_str(), 1);
+  } else {
+    unsetenv("EXPERTMESH_MODELS_DIR");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Bundled, Bf16CacheBudgetTest,
