@@ -74,6 +74,90 @@ std::vector<float> ReferenceExperts(std::span<const HostExpert> experts, int64_t
   return out;
 }
 
+namespace {
+
+// One 128-deep block's partial sum of products a[k] * b[k] (k in [0, n)), accumulated as `acc`
+// models.
+float BlockPartial(const float* fp8, const uint8_t* a, const uint8_t* b, int64_t n,
+                   const MmaAccumulation& acc) {
+  if (acc.kept_bits == 0) {
+    float part = 0.0f;
+    for (int64_t k = 0; k < n; ++k) part += fp8[a[k]] * fp8[b[k]];
+    return part;
+  }
+  float part = 0.0f;
+  double terms[65];
+  for (int64_t k0 = 0; k0 < n; k0 += acc.k_per_mma) {
+    const int64_t m = std::min<int64_t>(acc.k_per_mma, n - k0);
+    terms[0] = part;
+    double peak = std::fabs(terms[0]);
+    for (int64_t k = 0; k < m; ++k) {
+      terms[k + 1] = static_cast<double>(fp8[a[k0 + k]]) * fp8[b[k0 + k]];  // exact
+      peak = std::max(peak, std::fabs(terms[k + 1]));
+    }
+    if (peak == 0.0) continue;
+    int e = 0;
+    std::frexp(peak, &e);  // peak in [2^(e-1), 2^e)
+    const double ulp = std::ldexp(1.0, e - acc.kept_bits);
+    double sum = 0.0;  // exact: at most 65 multiples of ulp below 2^(e + 7)
+    for (int64_t k = 0; k <= m; ++k) sum += std::trunc(terms[k] / ulp) * ulp;
+    part = static_cast<float>(sum);
+  }
+  return part;
+}
+
+}  // namespace
+
+std::vector<float> PromotedExperts(std::span<const HostExpert> experts, int64_t H, int64_t I,
+                                   const QuantizedActivations& x, const ExpertRoutes& routes,
+                                   const MmaAccumulation& acc, int64_t* flips, int64_t* codes) {
+  const float* fp8 = Fp8E4M3Table();
+  const int64_t nb_h = NumBlocks(H, 128), nb_i = NumBlocks(I, 128);
+  std::vector<float> out(x.n_rows * H, 0.0f), h(I), h_full(I);
+  const bool count = flips != nullptr && acc.kept_bits != 0;
+  if (flips != nullptr) *flips = 0;
+  if (codes != nullptr) *codes = 0;
+  for (int64_t r = 0; r < routes.n_rows(); ++r) {
+    for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
+      const HostExpert& e = experts[routes.experts[p]];
+      for (int64_t i = 0; i < I; ++i) {
+        float g = 0.0f, u = 0.0f, gf = 0.0f, uf = 0.0f;
+        for (int64_t kb = 0; kb < nb_h; ++kb) {
+          const int64_t k0 = kb * 128, n = std::min<int64_t>(128, H - k0);
+          const uint8_t* xa = x.fp8.data() + r * H + k0;
+          const float sa = x.scales[r * nb_h + kb];
+          const float sg = sa * e.gate_scale[(i / 128) * nb_h + kb];
+          const float su = sa * e.up_scale[(i / 128) * nb_h + kb];
+          g += BlockPartial(fp8, xa, e.gate.data() + i * H + k0, n, acc) * sg;
+          u += BlockPartial(fp8, xa, e.up.data() + i * H + k0, n, acc) * su;
+          if (count) {
+            gf += BlockPartial(fp8, xa, e.gate.data() + i * H + k0, n, kFullFp32Accumulation) * sg;
+            uf += BlockPartial(fp8, xa, e.up.data() + i * H + k0, n, kFullFp32Accumulation) * su;
+          }
+        }
+        h[i] = g / (1.0f + std::exp(-g)) * u;
+        if (count) h_full[i] = gf / (1.0f + std::exp(-gf)) * uf;
+      }
+      const QuantizedActivations hq = QuantizeActivations(h, 1, I);
+      if (codes != nullptr) *codes += I;
+      if (count) {
+        const QuantizedActivations hf = QuantizeActivations(h_full, 1, I);
+        for (int64_t i = 0; i < I; ++i) *flips += hq.fp8[i] != hf.fp8[i] ? 1 : 0;
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        float sum = 0.0f;
+        for (int64_t kb = 0; kb < nb_i; ++kb) {
+          const int64_t k0 = kb * 128, n = std::min<int64_t>(128, I - k0);
+          sum += BlockPartial(fp8, hq.fp8.data() + k0, e.down.data() + c * I + k0, n, acc) *
+                 (hq.scales[kb] * e.down_scale[(c / 128) * nb_i + kb]);
+        }
+        out[r * H + c] += sum * routes.weights[p];
+      }
+    }
+  }
+  return out;
+}
+
 double CosineDiff(std::span<const float> a, std::span<const float> b) {
   double ab = 0.0, aa = 0.0, bb = 0.0;
   for (size_t i = 0; i < a.size(); ++i) {
