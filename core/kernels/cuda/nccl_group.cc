@@ -31,6 +31,7 @@ absl::StatusOr<std::unique_ptr<NcclGroup>> NcclGroup::Create(const std::vector<i
     return absl::FailedPreconditionError(
         absl::StrFormat("NCCL group: device %d requested, %d visible", sorted.back(), visible));
   }
+  DeviceGuard keep;  // ncclCommInitAll and the stream set-up below change the current device
   std::unique_ptr<NcclGroup> g(new NcclGroup());
   g->devices_ = devices;
   g->comms_.resize(devices.size(), nullptr);
@@ -43,7 +44,7 @@ absl::StatusOr<std::unique_ptr<NcclGroup>> NcclGroup::Create(const std::vector<i
   }
   for (int d : devices) {
     cudaStream_t st = nullptr;
-    s = CudaStatus(cudaSetDevice(d), "cudaSetDevice");
+    s = SetDevice(d);
     if (s.ok()) s = CudaStatus(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
     if (!s.ok()) return s;
     g->streams_.push_back(st);
@@ -91,6 +92,7 @@ absl::Status NcclGroup::AllGather(std::span<const float* const> send, std::span<
 }
 
 absl::Status NcclGroup::Synchronize() {
+  DeviceGuard keep;
   for (int r = 0; r < size(); ++r) {
     absl::Status s = CudaStatus(cudaSetDevice(devices_[r]), "cudaSetDevice");
     if (s.ok()) s = CudaStatus(cudaStreamSynchronize(streams_[r]), "NCCL stream");
