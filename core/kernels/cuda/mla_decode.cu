@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
       float m_chunk = -INFINITY;
       for (int tt = lane; tt < TC; tt += 32) m_chunk = fmaxf(m_chunk, s_p[h * TC + tt]);
       m_chunk = WarpMax(m_chunk);
-      const float m_old = s_m[h];
+      const float m_old = s_m[h];  // every lane keeps the old max in a register
       const float m_new = fmaxf(m_old, m_chunk);
       float sum = 0.0f;
       for (int tt = lane; tt < TC; tt += 32) {
@@ -88,6 +88,9 @@ __global__ void __launch_bounds__(kThreads)
         sum += e;
       }
       sum = WarpSum(sum);
+      // Every lane has read s_m[h] (above) before lane 0 overwrites it: an explicit barrier, not
+      // the shuffles' implicit one, so compute-sanitizer's racecheck sees the ordering.
+      __syncwarp();
       if (lane == 0) {
         const float alpha = expf(m_old - m_new);  // m_old = -inf on the first chunk -> 0
         s_alpha[h] = alpha;
