@@ -20,7 +20,7 @@ TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
   std::vector<float*> sum_ptrs, gather_ptrs;
   std::vector<const float*> send_ptrs;
   for (int r = 0; r < n; ++r) {
-    cudaSetDevice(devices[r]);
+    ASSERT_TRUE(SetDevice(devices[r]).ok());
     std::vector<float> v(count);
     for (size_t i = 0; i < count; ++i) v[i] = static_cast<float>((r + 1) * static_cast<int>(i));
     sums.push_back(*DeviceBuffer<float>::FromHost(v));
@@ -29,7 +29,12 @@ TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
     gather_ptrs.push_back(gathered.back().get());
   }
   for (int r = 0; r < n; ++r) send_ptrs.push_back(sums[r].get());
-  cudaDeviceSynchronize();
+  // The uploads are asynchronous (legacy default stream of each device, pageable source):
+  // every device must finish its own before NCCL reads the buffers on its streams.
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(SetDevice(devices[r]).ok());
+    ASSERT_TRUE(CudaStatus(cudaDeviceSynchronize(), "upload").ok()) << "device " << devices[r];
+  }
   // Gather first (the inputs), then reduce in place.
   ASSERT_TRUE((*group)->AllGather(send_ptrs, gather_ptrs, count).ok());
   ASSERT_TRUE((*group)->Synchronize().ok());
@@ -37,7 +42,7 @@ TEST(NcclGroupTest, AllReduceAndAllGatherOverVisibleGpus) {
   ASSERT_TRUE((*group)->Synchronize().ok());
   const int rank_sum = n * (n + 1) / 2;
   for (int r = 0; r < n; ++r) {
-    cudaSetDevice(devices[r]);
+    ASSERT_TRUE(SetDevice(devices[r]).ok());
     std::vector<float> s(count), g(n * count);
     ASSERT_TRUE(sums[r].CopyToHost(s).ok());
     ASSERT_TRUE(gathered[r].CopyToHost(g).ok());
