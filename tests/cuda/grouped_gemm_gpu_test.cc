@@ -164,7 +164,7 @@ void CheckCase(const Case& c) {
   if (*SelectMmaPath(*arch) == MmaPath::kFp8E4M3) paths.push_back(MmaPath::kFp8E4M3);
   for (MmaPath path : paths) {
     for (int block_m : {16, 64}) {
-      if (GroupedGemmSmemBytes(block_m) > arch->max_smem_per_block) continue;
+      if (GroupedGemmTotalSmemBytes(*arch, block_m) > arch->max_smem_per_block) continue;
       const std::vector<float> got = RunOnGpu(dev, c.n_experts, c.H, c.I, x, routes, path, block_m);
       const double cos_diff = CosineDiff(got, ref);
       const double rel = MaxRelToPeak(got, ref);

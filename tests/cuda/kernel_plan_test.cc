@@ -62,6 +62,50 @@ TEST(KernelPlanTest, RefusesWhatDoesNotFit) {
   EXPECT_FALSE(PlanGroupedGemm(Arch(9, 0), -1).ok());
 }
 
+// Static shared memory counts against the same opt-in limit as the dynamic bytes.
+TEST(KernelPlanTest, StaticSharedMemoryCountsAgainstTheLimit) {
+  const int64_t dynamic = GroupedGemmSmemBytes(64);  // 92160
+  DeviceArch arch = Arch(8, 9, dynamic + 2304);
+  arch.static_smem.grouped_gemm_m64 = 2304;  // s_arow[64] + s_amax[8][64]
+  absl::StatusOr<GroupedGemmPlan> fits = PlanGroupedGemm(arch, 64);
+  ASSERT_TRUE(fits.ok()) << fits.status();
+  EXPECT_EQ(fits->smem_bytes, dynamic);
+  EXPECT_EQ(fits->static_smem_bytes, 2304);
+  EXPECT_EQ(fits->total_smem_bytes(), dynamic + 2304);
+  EXPECT_EQ(GroupedGemmTotalSmemBytes(arch, 64), dynamic + 2304);
+  arch.static_smem.grouped_gemm_m64 = 2305;  // one byte over: only the static part differs
+  absl::StatusOr<GroupedGemmPlan> over = PlanGroupedGemm(arch, 64);
+  ASSERT_FALSE(over.ok());
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(over.status().message().find("2305 (static)"), std::string::npos) << over.status();
+  // The decode tile has its own static bytes.
+  arch.static_smem.grouped_gemm_m16 = 576;
+  absl::StatusOr<GroupedGemmPlan> decode = PlanGroupedGemm(arch, 3);
+  ASSERT_TRUE(decode.ok());
+  EXPECT_EQ(decode->static_smem_bytes, 576);
+
+  // MLA decode, DeepSeek-V3 shapes: 16 heads x 32 tokens need 75776 dynamic bytes; with 192
+  // static bytes (s_m, s_l, s_alpha of 16 heads) a limit one byte short of the sum takes the
+  // 16-token chunk instead.
+  const int64_t mla_dynamic = 16 * 576 * 4 + 32 * 576 * 2 + 16 * 32 * 4;
+  DeviceArch mla = Arch(9, 0, mla_dynamic + 192);
+  mla.static_smem.mla_decode = 192;
+  absl::StatusOr<MlaDecodePlan> exact = PlanMlaDecode(mla, 128, 512, 64);
+  ASSERT_TRUE(exact.ok());
+  EXPECT_EQ(exact->tokens_per_chunk, 32);
+  EXPECT_EQ(exact->total_smem_bytes(), mla_dynamic + 192);
+  mla.max_smem_per_block = mla_dynamic + 191;
+  absl::StatusOr<MlaDecodePlan> smaller = PlanMlaDecode(mla, 128, 512, 64);
+  ASSERT_TRUE(smaller.ok());
+  EXPECT_EQ(smaller->heads_per_cta, 16);
+  EXPECT_EQ(smaller->tokens_per_chunk, 16);
+  EXPECT_LE(smaller->total_smem_bytes(), mla.max_smem_per_block);
+  mla.static_smem.mla_decode = 0;  // without static bytes the 32-token chunk would be chosen
+  EXPECT_EQ(PlanMlaDecode(mla, 128, 512, 64)->tokens_per_chunk, 32);
+  mla.static_smem.mla_decode = mla.max_smem_per_block;  // nothing left for dynamic bytes
+  EXPECT_EQ(PlanMlaDecode(mla, 128, 512, 64).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
 // cudaGetDeviceCount's answer -> device count or error (DeviceCount in dispatch.cc).
 DeviceCountQuery Query(int error, std::string_view name, int count, int driver, int runtime) {
   DeviceCountQuery q;

@@ -1,5 +1,7 @@
 #include "core/kernels/cuda/dispatch.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_format.h"
 #include "core/kernels/cuda/device_buffer.h"
 
@@ -22,6 +24,27 @@ absl::StatusOr<int> DeviceCount() {
   return DeviceCountFromQuery(q);
 }
 
+namespace {
+
+// The kernels' static shared memory on `device` (cudaFuncGetAttributes answers for the current
+// device). Only asked where the library holds code for the device (SelectMmaPath succeeds).
+absl::Status QueryStaticSmem(int device, KernelStaticSmem& out) {
+  DeviceGuard keep;
+  absl::Status s = SetDevice(device);
+  for (int block_m : {16, 64}) {
+    int64_t fp8 = 0, f16 = 0;
+    if (s.ok())
+      s = CudaStatus(GroupedGemmStaticSmemBytesFp8(block_m, &fp8), "grouped GEMM attributes");
+    if (s.ok())
+      s = CudaStatus(GroupedGemmStaticSmemBytesF16(block_m, &f16), "grouped GEMM attributes");
+    (block_m == 16 ? out.grouped_gemm_m16 : out.grouped_gemm_m64) = std::max(fp8, f16);
+  }
+  if (s.ok()) s = CudaStatus(MlaDecodeStaticSmemBytes(&out.mla_decode), "MLA decode attributes");
+  return s;
+}
+
+}  // namespace
+
 absl::StatusOr<DeviceArch> QueryDeviceArch(int device) {
   DeviceArch arch;
   int smem = 0;
@@ -42,6 +65,10 @@ absl::StatusOr<DeviceArch> QueryDeviceArch(int device) {
   }
   if (!s.ok()) return s;
   arch.max_smem_per_block = smem;
+  if (SelectMmaPath(arch).ok()) {
+    s = QueryStaticSmem(device, arch.static_smem);
+    if (!s.ok()) return s;
+  }
   return arch;
 }
 
@@ -54,10 +81,11 @@ absl::Status GroupedExperts(const DeviceArch& arch, const GroupedGemmPlan& plan,
         absl::StrFormat("grouped GEMM %s needs FP8 tensor cores (sm_89+); device is sm_%d%d",
                         plan.name(), arch.major, arch.minor));
   }
-  if (plan.smem_bytes > arch.max_smem_per_block) {
+  if (GroupedGemmTotalSmemBytes(arch, plan.block_m) > arch.max_smem_per_block) {
     return absl::ResourceExhaustedError(
-        absl::StrFormat("grouped GEMM %s: %d bytes of shared memory, device allows %d", plan.name(),
-                        plan.smem_bytes, arch.max_smem_per_block));
+        absl::StrFormat("grouped GEMM %s: %d bytes of shared memory (%d static), device allows %d",
+                        plan.name(), GroupedGemmTotalSmemBytes(arch, plan.block_m),
+                        arch.static_smem.grouped_gemm(plan.block_m), arch.max_smem_per_block));
   }
   absl::Status shape = ValidateGroupedGemmShape(p.hidden_size, p.moe_intermediate_size);
   if (!shape.ok()) return shape;

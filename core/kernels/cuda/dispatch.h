@@ -21,6 +21,8 @@ namespace expertmesh::cuda {
 // naming the cause for anything else (e.g. cudaErrorInsufficientDriver from a driver older than
 // the CUDA 13 runtime). The mapping is DeviceCountFromQuery (kernel_plan.h, tested on the CPU).
 absl::StatusOr<int> DeviceCount();
+// Compute capability, shared-memory limit, SM count and the kernels' static shared memory of
+// `device` (the caller's current device is kept).
 absl::StatusOr<DeviceArch> QueryDeviceArch(int device);
 
 // Grouped expert FFN. `plan` comes from PlanGroupedGemm(arch, layout.max_rows_per_expert());

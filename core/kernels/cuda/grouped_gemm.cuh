@@ -380,6 +380,33 @@ cudaError_t LaunchLinearForTile(const Fp8LinearParams& lp, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+// Static shared memory of the tile height's kernels (the larger of gate/up and down) on the
+// current device.
+template <Mma M, int MT>
+cudaError_t StaticSmemForTile(int64_t* bytes) {
+  cudaFuncAttributes gate_up{}, down{};
+  cudaError_t err = cudaFuncGetAttributes(&gate_up, GroupedGemmKernel<M, Phase::kGateUp, MT>);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncGetAttributes(&down, GroupedGemmKernel<M, Phase::kDown, MT>);
+  if (err != cudaSuccess) return err;
+  *bytes =
+      static_cast<int64_t>(gate_up.sharedSizeBytes > down.sharedSizeBytes ? gate_up.sharedSizeBytes
+                                                                          : down.sharedSizeBytes);
+  return cudaSuccess;
+}
+
+template <Mma M>
+cudaError_t StaticSmem(int block_m, int64_t* bytes) {
+  switch (block_m) {
+    case 16:
+      return StaticSmemForTile<M, 1>(bytes);
+    case 64:
+      return StaticSmemForTile<M, 4>(bytes);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 template <Mma M>
 cudaError_t LaunchLinear(const Fp8LinearParams& p, int block_m, cudaStream_t stream) {
   switch (block_m) {

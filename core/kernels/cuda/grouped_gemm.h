@@ -83,5 +83,9 @@ cudaError_t LaunchGroupedExpertsF16(const GroupedExpertsParams& p, int block_m,
                                     cudaStream_t stream);
 cudaError_t LaunchFp8LinearFp8(const Fp8LinearParams& p, int block_m, cudaStream_t stream);
 cudaError_t LaunchFp8LinearF16(const Fp8LinearParams& p, int block_m, cudaStream_t stream);
+// Static (__shared__ array) bytes of a path's kernels at tile height block_m on the current
+// device (cudaFuncGetAttributes), which the dynamic bytes of the plan must leave room for.
+cudaError_t GroupedGemmStaticSmemBytesFp8(int block_m, int64_t* bytes);
+cudaError_t GroupedGemmStaticSmemBytesF16(int block_m, int64_t* bytes);
 
 }  // namespace expertmesh::cuda

@@ -13,4 +13,8 @@ cudaError_t LaunchFp8LinearF16(const Fp8LinearParams& p, int block_m, cudaStream
   return grouped_gemm::LaunchLinear<grouped_gemm::Mma::kF16FromFp8>(p, block_m, stream);
 }
 
+cudaError_t GroupedGemmStaticSmemBytesF16(int block_m, int64_t* bytes) {
+  return grouped_gemm::StaticSmem<grouped_gemm::Mma::kF16FromFp8>(block_m, bytes);
+}
+
 }  // namespace expertmesh::cuda

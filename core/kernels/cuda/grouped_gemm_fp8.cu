@@ -12,4 +12,8 @@ cudaError_t LaunchFp8LinearFp8(const Fp8LinearParams& p, int block_m, cudaStream
   return grouped_gemm::LaunchLinear<grouped_gemm::Mma::kFp8>(p, block_m, stream);
 }
 
+cudaError_t GroupedGemmStaticSmemBytesFp8(int block_m, int64_t* bytes) {
+  return grouped_gemm::StaticSmem<grouped_gemm::Mma::kFp8>(block_m, bytes);
+}
+
 }  // namespace expertmesh::cuda

@@ -154,4 +154,11 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, int heads_per_cta, int tok
   return cudaGetLastError();
 }
 
+cudaError_t MlaDecodeStaticSmemBytes(int64_t* bytes) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, MlaDecodeKernel);
+  if (err == cudaSuccess) *bytes = static_cast<int64_t>(attr.sharedSizeBytes);
+  return err;
+}
+
 }  // namespace expertmesh::cuda

@@ -37,4 +37,8 @@ struct MlaDecodeParams {
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, int heads_per_cta, int tokens_per_chunk,
                             int smem_bytes, cudaStream_t stream);
 
+// Static (__shared__ array) bytes of the decode kernel on the current device, as
+// cudaFuncGetAttributes reports them; the plan adds them to its dynamic bytes.
+cudaError_t MlaDecodeStaticSmemBytes(int64_t* bytes);
+
 }  // namespace expertmesh::cuda

@@ -46,6 +46,10 @@ int64_t GroupedGemmSmemBytes(int block_m) {
   return static_cast<int64_t>(kGemmStages) * (block_m + kGemmBlockN) * kGemmSmemPitch;
 }
 
+int64_t GroupedGemmTotalSmemBytes(const DeviceArch& arch, int block_m) {
+  return GroupedGemmSmemBytes(block_m) + arch.static_smem.grouped_gemm(block_m);
+}
+
 std::string GroupedGemmPlan::name() const {
   return absl::StrFormat("%s/m%d", MmaPathName(path), block_m);
 }
@@ -61,10 +65,12 @@ absl::StatusOr<GroupedGemmPlan> PlanGroupedGemm(const DeviceArch& arch,
   plan.path = *path;
   plan.block_m = max_rows_per_expert <= 16 ? 16 : 64;
   plan.smem_bytes = GroupedGemmSmemBytes(plan.block_m);
-  if (plan.smem_bytes > arch.max_smem_per_block) {
+  plan.static_smem_bytes = arch.static_smem.grouped_gemm(plan.block_m);
+  if (plan.total_smem_bytes() > arch.max_smem_per_block) {
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "grouped GEMM %s needs %d bytes of shared memory per block, the device allows %d",
-        plan.name(), plan.smem_bytes, arch.max_smem_per_block));
+        "grouped GEMM %s needs %d + %d (static) bytes of shared memory per block, the device "
+        "allows %d",
+        plan.name(), plan.smem_bytes, plan.static_smem_bytes, arch.max_smem_per_block));
   }
   return plan;
 }
@@ -99,13 +105,14 @@ absl::StatusOr<MlaDecodePlan> PlanMlaDecode(const DeviceArch& arch, int num_head
       plan.tokens_per_chunk = tokens;
       plan.smem_bytes =
           int64_t{heads} * dim * 4 + int64_t{tokens} * dim * 2 + int64_t{heads} * tokens * 4;
-      if (plan.smem_bytes <= arch.max_smem_per_block) return plan;
+      plan.static_smem_bytes = arch.static_smem.mla_decode;
+      if (plan.total_smem_bytes() <= arch.max_smem_per_block) return plan;
     }
   }
   return absl::ResourceExhaustedError(absl::StrFormat(
       "MLA decode: kv_lora_rank %d + qk_rope_head_dim %d does not fit in %d bytes of shared "
-      "memory",
-      kv_lora_rank, qk_rope_head_dim, arch.max_smem_per_block));
+      "memory (%d of them static)",
+      kv_lora_rank, qk_rope_head_dim, arch.max_smem_per_block, arch.static_smem.mla_decode));
 }
 
 }  // namespace expertmesh

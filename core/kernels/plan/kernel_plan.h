@@ -46,11 +46,24 @@ inline constexpr int kCudaErrorNoDevice = 100;
 // cannot be used never looks like a machine without GPUs (and GPU tests fail instead of skip).
 absl::StatusOr<int> DeviceCountFromQuery(const DeviceCountQuery& query);
 
+// Static shared memory (__shared__ arrays) of the kernels, as cudaFuncGetAttributes reports it
+// for the device at run time (QueryDeviceArch fills it in). It counts against the same
+// per-block opt-in limit as the dynamic bytes that the plans choose.
+struct KernelStaticSmem {
+  int64_t grouped_gemm_m16 = 0;  // larger of the gate/up and down kernels, both MMA paths
+  int64_t grouped_gemm_m64 = 0;
+  int64_t mla_decode = 0;
+  int64_t grouped_gemm(int block_m) const {
+    return block_m <= 16 ? grouped_gemm_m16 : grouped_gemm_m64;
+  }
+};
+
 struct DeviceArch {
   int major = 0;
   int minor = 0;
   int64_t max_smem_per_block = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int sm_count = 1;
+  KernelStaticSmem static_smem;
   int compute_capability() const { return major * 10 + minor; }
 };
 
@@ -70,13 +83,17 @@ inline constexpr int kGemmThreads = 256;  // 8 warps
 inline constexpr int kGemmStages = 2;
 inline constexpr int kGemmSmemPitch = kGemmBlockK + 16;  // bytes per smem row: no bank conflicts
 
-// Shared memory of one CTA: stages x (block_m + block_n) rows x pitch.
+// Dynamic shared memory of one CTA: stages x (block_m + block_n) rows x pitch.
 int64_t GroupedGemmSmemBytes(int block_m);
+// Dynamic plus the kernels' static shared memory on `arch`: what must fit max_smem_per_block.
+int64_t GroupedGemmTotalSmemBytes(const DeviceArch& arch, int block_m);
 
 struct GroupedGemmPlan {
   MmaPath path = MmaPath::kFp8E4M3;
-  int block_m = 16;  // 16 (decode: few rows per expert) or 64 (prefill)
-  int64_t smem_bytes = 0;
+  int block_m = 16;               // 16 (decode: few rows per expert) or 64 (prefill)
+  int64_t smem_bytes = 0;         // dynamic (the launch's argument)
+  int64_t static_smem_bytes = 0;  // the kernels' own __shared__ arrays
+  int64_t total_smem_bytes() const { return smem_bytes + static_smem_bytes; }
   std::string name() const;  // e.g. "fp8_e4m3/m64"
 };
 
@@ -94,7 +111,9 @@ absl::Status ValidateGroupedGemmShape(int64_t hidden_size, int64_t moe_intermedi
 struct MlaDecodePlan {
   int heads_per_cta = 1;
   int tokens_per_chunk = 32;
-  int64_t smem_bytes = 0;
+  int64_t smem_bytes = 0;         // dynamic (the launch's argument)
+  int64_t static_smem_bytes = 0;  // the kernel's own __shared__ arrays
+  int64_t total_smem_bytes() const { return smem_bytes + static_smem_bytes; }
 };
 absl::StatusOr<MlaDecodePlan> PlanMlaDecode(const DeviceArch& arch, int num_heads, int kv_lora_rank,
                                             int qk_rope_head_dim);
