@@ -117,6 +117,9 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.port = o.http_port;
   http_options.api_keys = o.api_keys;
   http_options.max_connections = o.max_connections;
+  http_options.header_timeout = o.http_header_timeout;
+  http_options.body_timeout = o.http_body_timeout;
+  http_options.idle_timeout = o.http_idle_timeout;
   AttentionPool* p = g->pool_.get();
   absl::StatusOr<std::unique_ptr<HttpServer>> http =
       HttpServer::Start(http_options, g->runner_.get(), g->metrics_.get(), [p]() -> absl::Status {

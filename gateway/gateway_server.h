@@ -37,6 +37,11 @@ struct GatewayOptions {
   std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
   std::vector<std::string> api_keys;
   int max_connections = 1024;
+  // HTTP read deadlines (HttpServer::Options): a connection that does not send its header,
+  // its body or (keep-alive) its next request in time is closed.
+  std::chrono::milliseconds http_header_timeout{std::chrono::seconds(10)};
+  std::chrono::milliseconds http_body_timeout{std::chrono::seconds(30)};
+  std::chrono::milliseconds http_idle_timeout{std::chrono::seconds(60)};
   int grpc_threads = 512;
   bool handshake = true;  // require replicas to serve the same model
 };

@@ -2,9 +2,11 @@
 
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <ctime>
 #include <list>
@@ -49,6 +51,63 @@ bool PeerHungUp(int fd) {
 }
 
 int64_t UnixNow() { return static_cast<int64_t>(std::time(nullptr)); }
+
+using Clock = std::chrono::steady_clock;
+
+// A connection's socket as Beast's synchronous read stream, with a deadline: every read_some
+// first waits (poll) for data until the deadline, then reads what has come; past the deadline
+// it fails with beast::error::timeout. (SO_RCVTIMEO cannot do this: when recv() times out
+// with EAGAIN, Asio's synchronous read takes it for a non-blocking socket and polls without
+// a timeout.) Writes go to the socket unchanged.
+class DeadlineStream {
+ public:
+  using executor_type = tcp::socket::executor_type;
+  explicit DeadlineStream(tcp::socket& socket) : socket_(socket) {}
+  executor_type get_executor() { return socket_.get_executor(); }
+  void expires_after(std::chrono::milliseconds d) { deadline_ = Clock::now() + d; }
+
+  // Waits until the socket is readable (data, end of stream or error) or the deadline passes.
+  bool WaitReadable(boost::system::error_code& ec) {
+    while (true) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline_ - Clock::now());
+      if (left.count() <= 0) break;
+      pollfd p{socket_.native_handle(), POLLIN | POLLRDHUP, 0};
+      const int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
+      if (r > 0) return true;
+      if (r < 0 && errno != EINTR) {
+        ec.assign(errno, boost::system::system_category());
+        return false;
+      }
+    }
+    ec = beast::error::timeout;
+    return false;
+  }
+
+  template <class MutableBuffers>
+  size_t read_some(const MutableBuffers& buffers, boost::system::error_code& ec) {
+    if (!WaitReadable(ec)) return 0;
+    return socket_.read_some(buffers, ec);
+  }
+  template <class MutableBuffers>
+  size_t read_some(const MutableBuffers& buffers) {
+    boost::system::error_code ec;
+    const size_t n = read_some(buffers, ec);
+    if (ec) throw boost::system::system_error(ec);
+    return n;
+  }
+  template <class ConstBuffers>
+  size_t write_some(const ConstBuffers& buffers, boost::system::error_code& ec) {
+    return socket_.write_some(buffers, ec);
+  }
+  template <class ConstBuffers>
+  size_t write_some(const ConstBuffers& buffers) {
+    return socket_.write_some(buffers);
+  }
+
+ private:
+  tcp::socket& socket_;
+  Clock::time_point deadline_ = Clock::now();
+};
 
 }  // namespace
 
@@ -171,22 +230,48 @@ class HttpServer::Impl {
   }
 
   void Serve(Connection& c) {
-    timeval tv{static_cast<time_t>(options_.idle_timeout.count()), 0};
-    ::setsockopt(c.socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    ::setsockopt(c.socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    DeadlineStream stream(c.socket);
     beast::flat_buffer buffer;
+    bool first = true;
     while (!draining_) {
       http::request_parser<http::string_body> parser;
       parser.body_limit(options_.max_body_bytes);
       parser.header_limit(64 * 1024);
       boost::system::error_code ec;
-      http::read_header(c.socket, buffer, parser, ec);
+      if (!first && buffer.size() == 0) {
+        // Keep-alive: the next request must begin within the idle timeout; else close quietly.
+        stream.expires_after(options_.idle_timeout);
+        if (!stream.WaitReadable(ec)) break;
+      }
+      first = false;
+      // The first request's header counts from the connection's start, a later one's from its
+      // first byte.
+      stream.expires_after(options_.header_timeout);
+      http::read_header(stream, buffer, parser, ec);
       if (!ec && parser.get()[http::field::expect] == "100-continue") {
         // curl asks before sending a body over 1 KiB.
         http::response<http::empty_body> go_on{http::status::continue_, 11};
         http::write(c.socket, go_on, ec);
       }
-      if (!ec) http::read(c.socket, buffer, parser, ec);
+      if (!ec) {
+        stream.expires_after(options_.body_timeout);
+        http::read(stream, buffer, parser, ec);
+      }
+      if (ec == beast::error::timeout) {
+        if (parser.got_some()) {  // a request begun and not finished in time: say so
+          c.busy = true;
+          WriteError(c,
+                     WithCode(absl::InvalidArgumentError(
+                                  parser.is_header_done()
+                                      ? Cat("The request body did not arrive within ",
+                                            options_.body_timeout.count(), " ms.")
+                                      : Cat("The request header did not arrive within ",
+                                            options_.header_timeout.count(), " ms.")),
+                              "request_timeout"),
+                     false, 408);
+        }
+        break;
+      }
       if (ec == http::error::body_limit) {
         c.busy = true;
         WriteError(c,

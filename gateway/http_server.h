@@ -4,8 +4,10 @@
 // GET /metrics (Prometheus text). Optional API keys (Authorization: Bearer) guard /v1/*.
 //
 // An Asio acceptor hands each connection to its own thread, which reads requests with a size
-// limit and an idle timeout (keep-alive) and runs generations synchronously; the number of
-// connections is bounded, admission (admission.h) bounds the generations. Between token
+// limit and deadlines (the whole header within header_timeout, the body within body_timeout,
+// the next request on a keep-alive connection within idle_timeout; past one the connection is
+// closed) and runs generations synchronously; the number of connections is bounded, admission
+// (admission.h) bounds the generations. Between token
 // events a connection checks whether its client hung up, and cancels the sequence if so.
 // Drain(): stop accepting, close idle connections, let open requests finish within a grace
 // period, then cancel what is left.
@@ -33,7 +35,12 @@ class HttpServer {
     std::vector<std::string> api_keys;  // empty = no authentication
     uint32_t max_body_bytes = 8u << 20;
     int max_connections = 1024;
-    std::chrono::seconds idle_timeout{60};
+    // From the connection's start (or the first byte of a later request) to the header's end.
+    std::chrono::milliseconds header_timeout{std::chrono::seconds(10)};
+    // From the header's end to the body's end.
+    std::chrono::milliseconds body_timeout{std::chrono::seconds(30)};
+    // Keep-alive: from the end of a response to the first byte of the next request.
+    std::chrono::milliseconds idle_timeout{std::chrono::seconds(60)};
   };
   // Readiness for /health: OK, or the reason the gateway cannot serve yet.
   using ReadinessFn = std::function<absl::Status()>;

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   GatewayOptions o;
   std::string api_key_file;
   int drain_grace_s = 30, request_timeout_s = 600;
+  int header_timeout_s = 10, body_timeout_s = 30, idle_timeout_s = 60;
   // /metrics is served on the HTTP port, beside the API (as vLLM does).
   ServiceMain main("gateway",
                    "ExpertMesh gateway: OpenAI-compatible HTTP/SSE and gRPC in front of the "
@@ -57,11 +58,26 @@ int main(int argc, char** argv) {
   app.add_option("--max-connections", o.max_connections, "Open HTTP connections at most")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
+  app.add_option("--header-timeout-s", header_timeout_s,
+                 "An HTTP request's header must arrive within this (else the connection closes)")
+      ->check(CLI::Range(1, 3600))
+      ->capture_default_str();
+  app.add_option("--body-timeout-s", body_timeout_s,
+                 "An HTTP request's body must arrive within this after its header")
+      ->check(CLI::Range(1, 3600))
+      ->capture_default_str();
+  app.add_option("--idle-timeout-s", idle_timeout_s,
+                 "An idle keep-alive HTTP connection closes after this")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
   app.add_flag("!--no-handshake", o.handshake,
                "Do not require replicas to serve the same model (fingerprint of config.json)");
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
   o.grpc_listen = main.flags().listen;
   o.request_timeout = std::chrono::seconds(request_timeout_s);
+  o.http_header_timeout = std::chrono::seconds(header_timeout_s);
+  o.http_body_timeout = std::chrono::seconds(body_timeout_s);
+  o.http_idle_timeout = std::chrono::seconds(idle_timeout_s);
   absl::StatusOr<std::vector<std::string>> keys =
       gateway::LoadApiKeys(api_key_file, std::getenv("EXPERTMESH_API_KEYS"));
   if (!keys.ok()) return main.StartFailed(keys.status());

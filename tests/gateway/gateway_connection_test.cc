@@ -1,13 +1,25 @@
 // The gateway's and the attention service's edges against a real cluster on loopback (router,
 // one expert shard and the attention service as processes, started by the launcher; the
-// gateway in process with short, test-set timeouts): grpc.health.v1 answers for each
-// service's own name and follows SERVING.
+// gateway in process with short, test-set timeouts): half-sent requests and idle keep-alive
+// connections are closed within their deadlines, and /health answers while more half-open
+// connections are held than the gateway takes; grpc.health.v1 answers for each service's own
+// name and follows SERVING.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
 
 #include "gateway/gateway_server.h"
 #include "gtest/gtest.h"
@@ -20,6 +32,92 @@ namespace expertmesh::gateway {
 namespace {
 
 using expertmesh::testing::PollUntil;
+using testing::HttpRequest;
+
+constexpr auto kHeaderTimeout = std::chrono::milliseconds(1000);
+constexpr auto kBodyTimeout = std::chrono::milliseconds(1500);
+constexpr auto kIdleTimeout = std::chrono::milliseconds(1200);
+constexpr int kMaxConnections = 64;
+// How much later than its deadline the server may close (scheduling on a loaded machine).
+constexpr auto kSlack = std::chrono::seconds(4);
+
+using Clock = std::chrono::steady_clock;
+
+// A plain TCP client on 127.0.0.1, for requests no HTTP library would send.
+class RawClient {
+ public:
+  explicit RawClient(int port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd_ >= 0 && ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+  ~RawClient() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  RawClient(const RawClient&) = delete;
+  RawClient& operator=(const RawClient&) = delete;
+  bool connected() const { return fd_ >= 0; }
+
+  // Sends all of `data` within 10 s.
+  bool Send(std::string_view data) {
+    const auto deadline = Clock::now() + std::chrono::seconds(10);
+    while (!data.empty() && Clock::now() < deadline) {
+      pollfd p{fd_, POLLOUT, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      const ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      data.remove_prefix(static_cast<size_t>(n));
+    }
+    return data.empty();
+  }
+
+  // Reads until `done(received)` holds, the server closes (end of stream or reset) or
+  // `timeout` passes; returns whether the connection was closed.
+  template <typename Done>
+  bool Read(std::chrono::milliseconds timeout, Done done) {
+    const auto deadline = Clock::now() + timeout;
+    char buf[16384];
+    while (!done(received_)) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) return false;
+      pollfd p{fd_, POLLIN, 0};
+      const int r = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) continue;
+      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return true;  // end of stream, or reset
+      received_.append(buf, static_cast<size_t>(n));
+    }
+    return false;
+  }
+  bool ReadUntilClosed(std::chrono::milliseconds timeout) {
+    return Read(timeout, [](const std::string&) { return false; });
+  }
+  // Whether the server has closed the connection by now (without waiting).
+  bool ClosedByServer() { return ReadUntilClosed(std::chrono::milliseconds(1)); }
+  const std::string& received() const { return received_; }
+
+ private:
+  int fd_ = -1;
+  std::string received_;
+};
+
+// The time from now until the server closes `client` (nullopt: not within `limit`).
+std::optional<std::chrono::milliseconds> TimeUntilClosed(RawClient& client,
+                                                         std::chrono::milliseconds limit) {
+  const auto start = Clock::now();
+  if (!client.ReadUntilClosed(limit)) return std::nullopt;
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+}
 
 class GatewayConnectionTest : public ::testing::Test {
  protected:
@@ -41,6 +139,10 @@ class GatewayConnectionTest : public ::testing::Test {
     go.model_dir = *dir;
     go.attention = {cluster_->attention().grpc_address};
     go.http_host = "127.0.0.1";
+    go.http_header_timeout = kHeaderTimeout;
+    go.http_body_timeout = kBodyTimeout;
+    go.http_idle_timeout = kIdleTimeout;
+    go.max_connections = kMaxConnections;
     absl::StatusOr<std::unique_ptr<GatewayServer>> gateway = GatewayServer::Create(go);
     ASSERT_TRUE(gateway.ok()) << gateway.status();
     gateway_ = gateway->release();
@@ -60,6 +162,8 @@ class GatewayConnectionTest : public ::testing::Test {
     ASSERT_NE(gateway_, nullptr);
   }
 
+  int port() const { return gateway_->http_port(); }
+
   static std::string* model_dir_;
   static launcher::Cluster* cluster_;
   static GatewayServer* gateway_;
@@ -67,6 +171,111 @@ class GatewayConnectionTest : public ::testing::Test {
 std::string* GatewayConnectionTest::model_dir_ = nullptr;
 launcher::Cluster* GatewayConnectionTest::cluster_ = nullptr;
 GatewayServer* GatewayConnectionTest::gateway_ = nullptr;
+
+TEST_F(GatewayConnectionTest, HalfSentRequestLineIsClosedWithinTheHeaderTimeout) {
+  RawClient client(port());
+  ASSERT_TRUE(client.connected());
+  ASSERT_TRUE(client.Send("GET /hea"));
+  const auto closed = TimeUntilClosed(client, kHeaderTimeout + kSlack);
+  ASSERT_TRUE(closed.has_value()) << "a half-sent request line kept the connection open";
+  EXPECT_GE(*closed, kHeaderTimeout / 2);
+  // Either closed outright or told why first.
+  if (!client.received().empty()) {
+    EXPECT_EQ(client.received().substr(0, 12), "HTTP/1.1 408") << client.received();
+  }
+}
+
+TEST_F(GatewayConnectionTest, HalfSentHeaderIsClosedWithinTheHeaderTimeout) {
+  RawClient client(port());
+  ASSERT_TRUE(client.connected());
+  const auto start = Clock::now();
+  ASSERT_TRUE(client.Send("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty"));
+  // Trickling more header bytes does not extend the deadline.
+  for (int i = 0; i < 3 && !client.ClosedByServer(); ++i) {
+    std::this_thread::sleep_for(kHeaderTimeout / 4);
+    client.Send("p");
+  }
+  ASSERT_TRUE(client.ReadUntilClosed(kHeaderTimeout + kSlack));
+  EXPECT_LE(Clock::now() - start, kHeaderTimeout + kSlack);
+  EXPECT_EQ(client.received().substr(0, 12), "HTTP/1.1 408") << client.received();
+  EXPECT_NE(client.received().find("\"error\""), std::string::npos) << client.received();
+}
+
+TEST_F(GatewayConnectionTest, HalfSentBodyIsClosedWithinTheBodyTimeout) {
+  RawClient client(port());
+  ASSERT_TRUE(client.connected());
+  ASSERT_TRUE(
+      client.Send("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 100\r\n\r\n{\"prompt\":"));
+  const auto closed = TimeUntilClosed(client, kBodyTimeout + kSlack);
+  ASSERT_TRUE(closed.has_value()) << "a half-sent body kept the connection open";
+  EXPECT_GE(*closed, kBodyTimeout / 2);
+  EXPECT_EQ(client.received().substr(0, 12), "HTTP/1.1 408") << client.received();
+}
+
+TEST_F(GatewayConnectionTest, IdleKeepAliveConnectionIsClosedWithinTheIdleTimeout) {
+  RawClient client(port());
+  ASSERT_TRUE(client.connected());
+  ASSERT_TRUE(client.Send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  ASSERT_FALSE(client.Read(
+      std::chrono::seconds(10),
+      [](const std::string& r) { return r.find("{\"status\":\"ok\"}") != std::string::npos; }))
+      << "closed before answering: " << client.received();
+  ASSERT_EQ(client.received().substr(0, 15), "HTTP/1.1 200 OK") << client.received();
+  // A second request on the same connection works (keep-alive) ...
+  ASSERT_TRUE(client.Send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+  ASSERT_FALSE(client.Read(std::chrono::seconds(10), [](const std::string& r) {
+    return r.find("HTTP/1.1 200 OK", 1) != std::string::npos && r.rfind("{\"status\":\"ok\"}") > 20;
+  })) << client.received();
+  // ... and then nothing: the server closes it, quietly.
+  const size_t answered = client.received().size();
+  const auto closed = TimeUntilClosed(client, kIdleTimeout + kSlack);
+  ASSERT_TRUE(closed.has_value()) << "an idle keep-alive connection stayed open";
+  EXPECT_GE(*closed, kIdleTimeout / 2);
+  EXPECT_EQ(client.received().size(), answered);
+}
+
+// More half-open connections than the gateway takes (kMaxConnections): they used to hold
+// every slot forever, so that new clients were reset and /health was unreachable.
+TEST_F(GatewayConnectionTest, HealthAnswersWhileManyHalfOpenConnectionsAreHeld) {
+  constexpr int kHeld = 3 * kMaxConnections;  // 192
+  std::vector<std::unique_ptr<RawClient>> held;
+  for (int i = 0; i < kHeld; ++i) {
+    held.push_back(std::make_unique<RawClient>(port()));
+    ASSERT_TRUE(held.back()->connected()) << i;
+    ASSERT_TRUE(
+        held.back()->Send(i % 2 == 0 ? "GET /health HT" : "POST /v1/completions HTTP/1.1\r\n"))
+        << i;
+  }
+  // While every one of them is still open on this side, /health answers within the header
+  // deadline (plus slack).
+  absl::StatusOr<testing::HttpResult> health;
+  const bool answered = PollUntil(
+      [&] {
+        health = HttpRequest(port(), "GET", "/health");
+        return health.ok() && health->status == 200;
+      },
+      absl::FromChrono(kHeaderTimeout + kSlack), absl::Milliseconds(100));
+  EXPECT_TRUE(answered) << (health.ok() ? health->body : health.status().ToString());
+  // The server closed (or refused) every held connection by itself.
+  int closed = 0;
+  const auto deadline = Clock::now() + kHeaderTimeout + kSlack;
+  for (auto& c : held) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    closed += c->ReadUntilClosed(std::max(left, std::chrono::milliseconds(1))) ? 1 : 0;
+  }
+  EXPECT_EQ(closed, kHeld);
+  held.clear();
+  // None left open on the server: only the /metrics request itself.
+  EXPECT_TRUE(PollUntil(
+      [&] {
+        absl::StatusOr<testing::HttpResult> m = HttpRequest(port(), "GET", "/metrics");
+        return m.ok() &&
+               m->body.find("\nexpertmesh_gateway_http_connections 1\n") != std::string::npos;
+      },
+      absl::Seconds(10), absl::Milliseconds(100)));
+}
 
 // Last in this file: it stops and restarts the cluster's only shard.
 TEST_F(GatewayConnectionTest, HealthAnswersForEachServiceNameAndFollowsServing) {
