@@ -12,6 +12,7 @@
 #include <list>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <thread>
 
 #include <boost/asio.hpp>
@@ -236,7 +237,7 @@ class HttpServer::Impl {
     while (!draining_) {
       http::request_parser<http::string_body> parser;
       parser.body_limit(options_.max_body_bytes);
-      parser.header_limit(64 * 1024);
+      parser.header_limit(options_.max_header_bytes);
       boost::system::error_code ec;
       if (!first && buffer.size() == 0) {
         // Keep-alive: the next request must begin within the idle timeout; else close quietly.
@@ -278,11 +279,39 @@ class HttpServer::Impl {
                    absl::InvalidArgumentError(
                        Cat("The request body exceeds ", options_.max_body_bytes, " bytes.")),
                    false, 413);
+        LingeringClose(c);
+        break;
+      }
+      if (ec == http::error::header_limit) {
+        c.busy = true;
+        // The parser consumes the request line (and each whole field) as it goes, and keeps
+        // the target once the request line is complete: without one, the request line alone
+        // exceeded the limit, and it is the URL that is too long.
+        const size_t target = parser.get().target().size();
+        if (target == 0 || target > options_.max_url_bytes) {
+          WriteError(c, UrlTooLong(), false, 414);
+        } else {
+          WriteError(c,
+                     absl::InvalidArgumentError(
+                         Cat("The request header exceeds ", options_.max_header_bytes, " bytes.")),
+                     false, 431);
+        }
+        LingeringClose(c);
         break;
       }
       if (ec) break;  // closed, timed out, or not HTTP
       c.busy = true;
       http::request<http::string_body> request = parser.release();
+      if (request.target().size() > options_.max_url_bytes) {
+        WriteError(c, UrlTooLong(), false, 414);
+        break;
+      }
+      if (request.version() >= 11 && request.find(http::field::host) == request.end()) {
+        // RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+        WriteError(c, absl::InvalidArgumentError("HTTP/1.1 requests must carry a Host header."),
+                   false, 400);
+        break;
+      }
       const bool keep_alive = Handle(c, request) && request.keep_alive();
       c.busy = false;
       if (!keep_alive) break;
@@ -290,6 +319,35 @@ class HttpServer::Impl {
     boost::system::error_code ignored;
     c.socket.shutdown(tcp::socket::shutdown_both, ignored);
     c.socket.close(ignored);
+  }
+
+  absl::Status UrlTooLong() const {
+    return absl::InvalidArgumentError(
+        Cat("The request URL exceeds ", options_.max_url_bytes, " bytes."));
+  }
+
+  // After answering a request whose bytes were not all read (413, 414, 431): stop sending,
+  // then read and drop what the client still sends (at most 1 MiB, for at most 1 s) before
+  // the socket closes, so that closing with unread data does not reset the connection
+  // before the client has read the answer.
+  static void LingeringClose(Connection& c) {
+    const int fd = c.socket.native_handle();
+    ::shutdown(fd, SHUT_WR);
+    const auto deadline = Clock::now() + std::chrono::seconds(1);
+    size_t dropped = 0;
+    char buf[16384];
+    while (dropped < (1u << 20)) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) break;
+      pollfd p{fd, POLLIN, 0};
+      const int r = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+      if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+      if (n <= 0) break;  // the client closed too, or an error
+      dropped += static_cast<size_t>(n);
+    }
   }
 
   bool Write(Connection& c, http::response<http::string_body>& response) {

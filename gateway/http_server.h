@@ -34,6 +34,8 @@ class HttpServer {
     int port = 0;                       // 0 = any free port
     std::vector<std::string> api_keys;  // empty = no authentication
     uint32_t max_body_bytes = 8u << 20;
+    uint32_t max_header_bytes = 64u << 10;  // request line + fields; beyond: 431 (or 414)
+    uint32_t max_url_bytes = 16u << 10;     // the request target; beyond: 414
     int max_connections = 1024;
     // From the connection's start (or the first byte of a later request) to the header's end.
     std::chrono::milliseconds header_timeout{std::chrono::seconds(10)};

@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include <boost/json.hpp>
+
 #include "gateway/gateway_server.h"
 #include "gtest/gtest.h"
 #include "service-common/grpc_util.h"
@@ -275,6 +277,92 @@ TEST_F(GatewayConnectionTest, HealthAnswersWhileManyHalfOpenConnectionsAreHeld) 
                m->body.find("\nexpertmesh_gateway_http_connections 1\n") != std::string::npos;
       },
       absl::Seconds(10), absl::Milliseconds(100)));
+}
+
+// The status code of the one response in `raw` (0 if none) and its body's error object.
+struct RawResponse {
+  int status = 0;
+  boost::json::object error;
+};
+RawResponse ParseErrorResponse(const std::string& raw) {
+  RawResponse r;
+  if (raw.size() < 12 || raw.compare(0, 9, "HTTP/1.1 ") != 0) return r;
+  r.status = std::stoi(raw.substr(9, 3));
+  const size_t body = raw.find("\r\n\r\n");
+  if (body == std::string::npos) return r;
+  boost::system::error_code ec;
+  boost::json::value v = boost::json::parse(raw.substr(body + 4), ec);
+  if (!ec && v.is_object() && v.as_object().contains("error") &&
+      v.as_object().at("error").is_object()) {
+    r.error = v.as_object().at("error").as_object();
+  }
+  return r;
+}
+
+// Sends `request` on a fresh connection and reads until the server closes it (bounded).
+RawResponse SendAndReadUntilClosed(int port, const std::string& request, bool* closed) {
+  RawClient client(port);
+  EXPECT_TRUE(client.connected());
+  EXPECT_TRUE(client.Send(request));
+  *closed = client.ReadUntilClosed(std::chrono::seconds(10));
+  return ParseErrorResponse(client.received());
+}
+
+void ExpectOpenAiError(const RawResponse& r, int status, const std::string& needle) {
+  EXPECT_EQ(r.status, status);
+  ASSERT_TRUE(r.error.contains("message")) << boost::json::serialize(r.error);
+  EXPECT_NE(std::string(r.error.at("message").as_string()).find(needle), std::string::npos)
+      << boost::json::serialize(r.error);
+  EXPECT_EQ(r.error.at("type").as_string(), "invalid_request_error");
+  EXPECT_TRUE(r.error.contains("param"));
+  EXPECT_TRUE(r.error.contains("code"));
+}
+
+TEST_F(GatewayConnectionTest, OversizedHeaderGets431) {
+  bool closed = false;
+  const RawResponse r = SendAndReadUntilClosed(
+      port(),
+      "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(64 << 10, 'a') + "\r\n\r\n",
+      &closed);
+  ExpectOpenAiError(r, 431, "header");
+  EXPECT_TRUE(closed);
+}
+
+TEST_F(GatewayConnectionTest, OversizedUrlGets414) {
+  for (const size_t url_bytes : {size_t{100} << 10, size_t{20} << 10}) {
+    // 100 KB: past the header limit too; 20 KB: within it, past the URL limit.
+    bool closed = false;
+    const RawResponse r = SendAndReadUntilClosed(
+        port(), "GET /v1/models?q=" + std::string(url_bytes, 'u') + " HTTP/1.1\r\nHost: x\r\n\r\n",
+        &closed);
+    ExpectOpenAiError(r, 414, "URL");
+    EXPECT_TRUE(closed) << url_bytes;
+  }
+}
+
+TEST_F(GatewayConnectionTest, Http11WithoutHostGets400) {
+  bool closed = false;
+  const RawResponse r =
+      SendAndReadUntilClosed(port(), "GET /health HTTP/1.1\r\nAccept: */*\r\n\r\n", &closed);
+  ExpectOpenAiError(r, 400, "Host");
+  EXPECT_TRUE(closed);
+  // HTTP/1.0 has no such rule.
+  RawClient old(port());
+  ASSERT_TRUE(old.connected());
+  ASSERT_TRUE(old.Send("GET /health HTTP/1.0\r\n\r\n"));
+  EXPECT_TRUE(old.ReadUntilClosed(std::chrono::seconds(10)));
+  EXPECT_EQ(old.received().substr(0, 12), "HTTP/1.1 200") << old.received();
+  // And the gateway serves on.
+  auto health = HttpRequest(port(), "GET", "/health");
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(health->status, 200);
+}
+
+TEST_F(GatewayConnectionTest, WrongMethodGets405WithAllow) {
+  auto r = HttpRequest(port(), "GET", "/v1/completions");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->status, 405);
+  EXPECT_EQ(r->headers["allow"], "POST");
 }
 
 // Last in this file: it stops and restarts the cluster's only shard.
