@@ -58,6 +58,7 @@ absl::StatusOr<SequenceRequest> ToGenerationRequest(const v1::SubmitRequest& req
   r.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   r.ignore_eos = req.ignore_eos();
   r.disable_mtp = req.disable_mtp();
+  r.priority = req.priority();
 
   const v1::SamplingParams& s = req.sampling();
   if (!std::isfinite(s.temperature()) || s.temperature() < 0.0f) {

@@ -31,6 +31,7 @@ struct SequenceRequest {
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   bool disable_mtp = false;  // no speculative drafting for this sequence
+  int32_t priority = 0;      // as vLLM's: lower values are served earlier (SubmitRequest.priority)
   absl::Time deadline = absl::InfiniteFuture();
 };
 

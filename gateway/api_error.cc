@@ -1,5 +1,7 @@
 #include "gateway/api_error.h"
 
+#include <algorithm>
+
 #include <boost/json.hpp>
 
 #include "absl/strings/cord.h"
@@ -11,6 +13,7 @@ namespace {
 constexpr std::string_view kParamPayload = "type.expertmesh/gateway.param";
 constexpr std::string_view kCodePayload = "type.expertmesh/gateway.code";
 constexpr std::string_view kAllowPayload = "type.expertmesh/gateway.allow";
+constexpr std::string_view kRetryAfterPayload = "type.expertmesh/gateway.retry_after";
 
 std::optional<std::string> Payload(const absl::Status& status, std::string_view key) {
   auto cord = status.GetPayload(absl::string_view(key.data(), key.size()));
@@ -32,6 +35,24 @@ absl::Status WithCode(absl::Status status, std::string_view code) {
     status.SetPayload(absl::string_view(kCodePayload.data(), kCodePayload.size()),
                       absl::Cord(std::string(code)));
   return status;
+}
+
+absl::Status WithRetryAfter(absl::Status status, int seconds) {
+  if (!status.ok() && seconds > 0)
+    status.SetPayload(absl::string_view(kRetryAfterPayload.data(), kRetryAfterPayload.size()),
+                      absl::Cord(std::to_string(seconds)));
+  return status;
+}
+
+int RetryAfterOf(const absl::Status& status) {
+  std::optional<std::string> s = Payload(status, kRetryAfterPayload);
+  if (!s.has_value()) return 0;
+  int seconds = 0;
+  for (char c : *s) {
+    if (c < '0' || c > '9' || seconds > 1'000'000) return 0;
+    seconds = seconds * 10 + (c - '0');
+  }
+  return seconds;
 }
 
 absl::Status InvalidParam(std::string_view param, std::string_view message) {
@@ -90,7 +111,7 @@ ApiError ToApiError(const absl::Status& status) {
       e.http_status = 429;
       e.type = "rate_limit_error";
       if (!e.code) e.code = "rate_limit_exceeded";
-      e.retry_after_s = 1;
+      e.retry_after_s = std::max(1, RetryAfterOf(status));
       break;
     case absl::StatusCode::kCancelled:
       e.http_status = 499;
@@ -100,7 +121,7 @@ ApiError ToApiError(const absl::Status& status) {
       e.http_status = 503;
       e.type = "server_error";
       if (!e.code) e.code = "service_unavailable";
-      e.retry_after_s = 1;
+      e.retry_after_s = std::max(1, RetryAfterOf(status));
       break;
     case absl::StatusCode::kDeadlineExceeded:
       e.http_status = 504;

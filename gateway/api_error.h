@@ -17,6 +17,12 @@ absl::Status WithParam(absl::Status status, std::string_view param);
 // Attaches an OpenAI error code ("model_not_found", "context_length_exceeded").
 absl::Status WithCode(absl::Status status, std::string_view code);
 
+// Attaches the seconds a client should wait before retrying (429, 503): the Retry-After
+// header; without it those statuses say 1.
+absl::Status WithRetryAfter(absl::Status status, int seconds);
+// The seconds attached by WithRetryAfter, 0 when none.
+int RetryAfterOf(const absl::Status& status);
+
 // Shorthands for the common request errors.
 absl::Status InvalidParam(std::string_view param, std::string_view message);
 absl::Status UnknownModel(std::string_view model);

@@ -81,20 +81,32 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   EM_ASSIGN_OR_RETURN(g->pool_, AttentionPool::Create(pool_options));
 
   g->metrics_ = std::make_unique<GatewayMetrics>(g->registry_);
-  g->admission_ = std::make_unique<Admission>(
-      Admission::Options{.max_running = o.max_running, .max_waiting = o.max_waiting});
+  g->admission_ =
+      std::make_unique<Admission>(Admission::Options{.max_running = o.max_running,
+                                                     .max_waiting = o.max_waiting,
+                                                     .max_waiting_tokens = o.max_waiting_tokens,
+                                                     .now = nullptr});
   {
     Gauge& running = g->registry_.GetGauge("expertmesh_gateway_requests_running",
                                            "Requests admitted and generating");
     Gauge& waiting = g->registry_.GetGauge("expertmesh_gateway_requests_waiting",
                                            "Requests in the admission queue");
+    // The names a KEDA prometheus trigger scales on (queue depth in requests and in tokens).
+    Gauge& queue_requests = g->registry_.GetGauge("expertmesh_gateway_queue_requests",
+                                                  "Requests in the admission queue");
+    Gauge& queue_tokens =
+        g->registry_.GetGauge("expertmesh_gateway_queue_tokens",
+                              "Prompt + max_tokens of the requests in the admission queue");
     Gauge& open =
         g->registry_.GetGauge("expertmesh_gateway_http_connections", "Open HTTP connections");
     Admission* a = g->admission_.get();
     GatewayServer* self = g.get();
-    g->registry_.AddCollector([a, self, &running, &waiting, &open] {
+    g->registry_.AddCollector([a, self, &running, &waiting, &queue_requests, &queue_tokens, &open] {
       running.Set(a->running());
-      waiting.Set(a->waiting());
+      const uint32_t queued = a->waiting();
+      waiting.Set(queued);
+      queue_requests.Set(queued);
+      queue_tokens.Set(static_cast<double>(a->waiting_tokens()));
       if (self->http_ != nullptr) open.Set(self->http_->open_connections());
     });
   }

@@ -33,7 +33,10 @@ struct GatewayOptions {
   int http_port = 0;
   uint32_t max_context = 0;   // 0: config.json's max_position_embeddings
   uint32_t max_running = 64;  // sequences generating at once through this gateway
-  uint32_t max_waiting = 64;  // the admission queue; beyond it: 429
+  // The admission queue (admission.h): at most this many requests and this many tokens
+  // (prompt + max_tokens of each); beyond it: 429 / RESOURCE_EXHAUSTED.
+  uint32_t max_waiting = Admission::Options{}.max_waiting;
+  uint64_t max_waiting_tokens = Admission::Options{}.max_waiting_tokens;
   std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
   std::vector<std::string> api_keys;
   int max_connections = 1024;
@@ -61,6 +64,7 @@ class GatewayServer {
   const ModelCard& card() const { return runner_->card(); }
   MetricsRegistry& metrics() { return registry_; }
   AttentionPool& pool() { return *pool_; }
+  Admission& admission() { return *admission_; }
 
   // SIGTERM: health goes NOT_SERVING and /health 503, no new connections; open requests get
   // `grace` to finish, then are cancelled; servers stop.

@@ -39,6 +39,12 @@ GatewayMetrics::GatewayMetrics(MetricsRegistry& r)
                                          LatencyBucketsSeconds())),
       request_latency(r.GetHistogram("expertmesh_gateway_request_duration_seconds",
                                      "Whole request, admission included", LatencyBucketsSeconds())),
+      queue_rejected(r.GetCounter("expertmesh_gateway_queue_rejected_total",
+                                  "Requests refused (429 / RESOURCE_EXHAUSTED): admission queue "
+                                  "full")),
+      queue_time(r.GetHistogram("expertmesh_gateway_queue_time_seconds",
+                                "Time a request waited in the admission queue",
+                                ExponentialBuckets(0.001, 2.0, 21))),
       registry(r) {}
 
 Counter& GatewayMetrics::Requests(const std::string& api, int status) {
@@ -159,6 +165,7 @@ v1::SubmitRequest RequestRunner::BuildSubmit(const PreparedRequest& p,
   submit.set_max_tokens(p.max_tokens);
   submit.mutable_stop_token_ids()->Add(r.stop_token_ids.begin(), r.stop_token_ids.end());
   submit.set_ignore_eos(r.ignore_eos);
+  submit.set_priority(r.priority);
   const auto remaining =
       std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now());
   submit.set_deadline_ms(std::max<int64_t>(1, remaining.count()));
@@ -226,9 +233,20 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   const auto steady_deadline = start + options_.default_timeout;
   const auto wall_deadline = std::chrono::system_clock::now() + options_.default_timeout;
 
-  // 1. Admission, then the Submit stream to an attention replica.
-  EM_ASSIGN_OR_RETURN(Admission::Ticket ticket,
-                      admission_->Enter(steady_deadline, [&sink] { return sink.ClientGone(); }));
+  // 1. Admission (priority, fair share by client, cost prompt + max_tokens), then the Submit
+  // stream to an attention replica.
+  const Admission::Entry entry{.priority = p.request.priority,
+                               .tokens = p.prompt_ids.size() + uint64_t{p.max_tokens},
+                               .client = p.request.client};
+  absl::StatusOr<Admission::Ticket> ticket =
+      admission_->Enter(entry, steady_deadline, [&sink] { return sink.ClientGone(); });
+  if (!ticket.ok()) {
+    if (ticket.status().code() == absl::StatusCode::kResourceExhausted) {
+      metrics_->queue_rejected.Inc();
+    }
+    return ticket.status();
+  }
+  metrics_->queue_time.Observe(Seconds(SteadyClock::now() - start));
   EM_ASSIGN_OR_RETURN(std::unique_ptr<SubmitCall> call,
                       pool_->Submit(BuildSubmit(p, steady_deadline), wall_deadline));
 

@@ -80,6 +80,8 @@ struct GatewayMetrics {
   Histogram& time_to_first_token;
   Histogram& inter_token_latency;
   Histogram& request_latency;
+  Counter& queue_rejected;  // 429 / RESOURCE_EXHAUSTED: the admission queue was full
+  Histogram& queue_time;    // time from arrival to a running slot (0 when not queued)
   MetricsRegistry& registry;
   Counter& Requests(const std::string& api, int status);
 };

@@ -2,6 +2,7 @@
 
 #include "gateway/api_error.h"
 #include "gateway/openai_parse.h"
+#include "gateway/strings.h"
 #include "service-common/grpc_util.h"
 
 namespace expertmesh::gateway {
@@ -46,6 +47,17 @@ class WriterSink : public GenerationSink {
 
 }  // namespace
 
+std::string PeerKey(std::string_view peer) {
+  // "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path": the address without the port.
+  const size_t colon = peer.rfind(':');
+  const size_t scheme = peer.find(':');
+  if (colon != std::string_view::npos && colon != scheme &&
+      (peer.substr(0, 5) == "ipv4:" || peer.substr(0, 5) == "ipv6:")) {
+    peer = peer.substr(0, colon);
+  }
+  return Cat("peer:", peer.substr(scheme == std::string_view::npos ? 0 : scheme + 1));
+}
+
 absl::StatusOr<GenerationRequest> FromProto(const v1::GenerateRequest& proto, const ModelCard& card,
                                             const RequestLimits& limits) {
   GenerationRequest r;
@@ -89,6 +101,7 @@ absl::StatusOr<GenerationRequest> FromProto(const v1::GenerateRequest& proto, co
   }
   r.ignore_eos = proto.ignore_eos();
   r.return_token_ids = proto.return_token_ids();
+  r.priority = proto.priority();
   r.stream = true;
   absl::Status valid = ValidateGenerationRequest(r, card, limits);
   if (!valid.ok()) return valid;
@@ -99,6 +112,7 @@ grpc::Status GatewayGrpcService::Generate(grpc::ServerContext* context,
                                           const v1::GenerateRequest* request,
                                           grpc::ServerWriter<v1::GenerateResponse>* writer) {
   absl::StatusOr<GenerationRequest> r = FromProto(*request, runner_->card(), RequestLimits{});
+  if (r.ok()) r->client = PeerKey(context->peer());
   absl::StatusOr<PreparedRequest> prepared =
       r.ok() ? runner_->Prepare(std::move(*r)) : absl::StatusOr<PreparedRequest>(r.status());
   if (!prepared.ok()) {
@@ -109,7 +123,12 @@ grpc::Status GatewayGrpcService::Generate(grpc::ServerContext* context,
                   prepared->request.sampling.logprobs);
   absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
   if (!outcome.ok()) {
-    metrics_->Requests("grpc", ToApiError(outcome.status()).http_status).Inc();
+    const ApiError e = ToApiError(outcome.status());
+    metrics_->Requests("grpc", e.http_status).Inc();
+    if (e.http_status == 429 || e.http_status == 503) {
+      // The HTTP API's Retry-After, as trailing metadata.
+      context->AddTrailingMetadata("retry-after", std::to_string(e.retry_after_s));
+    }
     return ToGrpcStatus(outcome.status());
   }
   metrics_->Requests("grpc", 200).Inc();

@@ -446,7 +446,22 @@ class HttpServer::Impl {
       return WriteError(c, absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
     }
     if (!post) return WriteError(c, MethodNotAllowed("POST", Cat("Use POST ", path, ".")), keep);
-    return Generate(c, request.body(), chat, keep);
+    return Generate(c, request.body(), chat, keep, ClientKey(c, request));
+  }
+
+  // The admission queue's fair-share key: the API key when keys are configured (only a
+  // digest of it is kept), else the peer's address (without the port).
+  std::string ClientKey(Connection& c, const http::request<http::string_body>& request) const {
+    if (!api_keys_.empty()) {
+      auto it = request.find(http::field::authorization);
+      if (it != request.end()) {
+        const std::string_view value(it->value().data(), it->value().size());
+        return Cat("key:", std::hash<std::string_view>{}(value));
+      }
+    }
+    boost::system::error_code ec;
+    const tcp::endpoint peer = c.socket.remote_endpoint(ec);
+    return ec ? std::string("peer:?") : Cat("peer:", peer.address().to_string());
   }
 
   // A sink that writes SSE chunks; the headers go out with the first chunk, so that errors
@@ -513,12 +528,13 @@ class HttpServer::Impl {
     OpenAiResponder& responder_;
   };
 
-  bool Generate(Connection& c, const std::string& body, bool chat, bool keep) {
+  bool Generate(Connection& c, const std::string& body, bool chat, bool keep, std::string client) {
     const std::string api = chat ? "chat" : "completions";
     const RequestLimits limits;
     absl::StatusOr<GenerationRequest> request =
         chat ? ParseChatCompletionRequest(body, runner_->card(), limits)
              : ParseCompletionRequest(body, runner_->card(), limits);
+    if (request.ok()) request->client = std::move(client);
     absl::StatusOr<PreparedRequest> prepared =
         request.ok() ? runner_->Prepare(std::move(*request))
                      : absl::StatusOr<PreparedRequest>(request.status());

@@ -41,8 +41,14 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 65536))
       ->capture_default_str();
   app.add_option("--max-waiting", o.max_waiting,
-                 "Admission queue length; beyond it requests get 429 / RESOURCE_EXHAUSTED")
+                 "Admission queue: requests waiting at most (a memory bound)")
       ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--max-waiting-tokens", o.max_waiting_tokens,
+                 "Admission queue: prompt + max_tokens of the waiting requests at most; beyond "
+                 "it (or --max-waiting) requests get 429 with Retry-After / RESOURCE_EXHAUSTED. "
+                 "The default is what ~1,750 tokens/s drain within the default request timeout")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 40))
       ->capture_default_str();
   app.add_option("--request-timeout-s", request_timeout_s,
                  "Deadline of every request, queueing included")

@@ -192,6 +192,18 @@ absl::Status ParseCommon(const Fields& f, const ModelCard& card, GenerationReque
   }
   EM_RETURN_IF_ERROR(f.Bool("ignore_eos", &r->ignore_eos));
   EM_RETURN_IF_ERROR(f.Bool("skip_special_tokens", &r->skip_special_tokens));
+  std::optional<int64_t> priority;
+  EM_RETURN_IF_ERROR(f.Integer("priority", &priority));
+  if (priority.has_value()) {
+    // Out of int32 here; the range itself is checked in ValidateGenerationRequest.
+    if (*priority < std::numeric_limits<int32_t>::min() ||
+        *priority > std::numeric_limits<int32_t>::max()) {
+      const int32_t max = RequestLimits{}.max_abs_priority;
+      return InvalidParam("priority", Cat("priority must be an integer in [", -max, ", ", max,
+                                          "] (lower is served earlier), got ", *priority, "."));
+    }
+    r->priority = static_cast<int32_t>(*priority);
+  }
 
   EM_RETURN_IF_ERROR(f.Bool("stream", &r->stream));
   if (const json::value* so = f.Get("stream_options"); so != nullptr) {
@@ -337,6 +349,11 @@ absl::StatusOr<json::object> NormalizeMessage(const json::value& value, size_t i
 
 absl::Status ValidateGenerationRequest(const GenerationRequest& r, const ModelCard& card,
                                        const RequestLimits& limits) {
+  if (r.priority < -limits.max_abs_priority || r.priority > limits.max_abs_priority) {
+    return InvalidParam("priority", Cat("priority must be an integer in [",
+                                        -limits.max_abs_priority, ", ", limits.max_abs_priority,
+                                        "] (lower is served earlier), got ", r.priority, "."));
+  }
   const SamplingOptions& s = r.sampling;
   if (!std::isfinite(s.temperature) || s.temperature < 0.0f || s.temperature > 2.0f) {
     return InvalidParam("temperature",
@@ -427,7 +444,8 @@ absl::StatusOr<GenerationRequest> ParseCompletionRequest(std::string_view body,
                                       "suffix",
                                       "stop_token_ids",
                                       "ignore_eos",
-                                      "skip_special_tokens"}));
+                                      "skip_special_tokens",
+                                      "priority"}));
   GenerationRequest r;
   r.endpoint = Endpoint::kCompletions;
   EM_RETURN_IF_ERROR(ParseCommon(f, card, &r));
@@ -487,7 +505,8 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
                                       "ignore_eos",
                                       "skip_special_tokens",
                                       "store",
-                                      "metadata"}));
+                                      "metadata",
+                                      "priority"}));
   GenerationRequest r;
   r.endpoint = Endpoint::kChatCompletions;
   EM_RETURN_IF_ERROR(ParseCommon(f, card, &r));

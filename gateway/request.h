@@ -42,6 +42,7 @@ struct RequestLimits {
   uint32_t max_stop_token_ids = 64;
   uint32_t max_top_logprobs = 20;
   uint32_t max_prompt_bytes = 4 << 20;
+  int32_t max_abs_priority = 1'000'000;  // priority in [-max, max]
 };
 
 struct SamplingOptions {     // resolved values, as the attention service takes them
@@ -73,6 +74,12 @@ struct GenerationRequest {
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage
   bool return_token_ids = false;  // gRPC: send token ids with each delta
+  // Scheduling priority as vLLM's: lower values are served earlier (admission queue and the
+  // attention service's scheduler), 0 by default.
+  int32_t priority = 0;
+  // Who sent it, for the admission queue's fair share: "key:<API key>" when API keys are
+  // configured, else "peer:<address>". Set by the API front end, never from the body.
+  std::string client;
 };
 
 }  // namespace expertmesh::gateway

@@ -2,13 +2,15 @@
 // as separate processes, started by the launcher; the gateway in-process, as main.cc runs it):
 // greedy text equals the in-process engine's, streamed deltas equal the non-streamed text,
 // stop strings, every error case with its status and body, 200 concurrent streams against a
-// queue of 64, client disconnects, API keys, readiness, the gRPC API.
+// queue of 64, the token-sized admission queue (burst, 429 + Retry-After, priority, fair
+// share between API keys, its metrics), client disconnects, API keys, readiness, the gRPC API.
 #include <signal.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include <boost/asio.hpp>
@@ -484,6 +486,179 @@ TEST_F(GatewayClusterTest, TwoHundredConcurrentStreamsAgainstAQueueOf64) {
   EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_requests_running"), 0);
   EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_requests_waiting"), 0);
   EXPECT_TRUE(AttentionIdle());
+}
+
+// A gateway in front of this cluster with one running slot, which a test holds itself
+// (Admission::Enter) to fill the queue deterministically.
+std::unique_ptr<GatewayServer> SmallGateway(const std::string& model_dir,
+                                            const std::string& attention,
+                                            uint64_t max_waiting_tokens,
+                                            std::vector<std::string> api_keys = {}) {
+  GatewayOptions go;
+  go.model_dir = model_dir;
+  go.attention = {attention};
+  go.http_host = "127.0.0.1";
+  go.max_running = 1;
+  go.max_waiting = 1000;
+  go.max_waiting_tokens = max_waiting_tokens;
+  go.request_timeout = std::chrono::seconds(120);
+  go.api_keys = std::move(api_keys);
+  auto g = GatewayServer::Create(go);
+  EXPECT_TRUE(g.ok()) << g.status();
+  if (!g.ok()) return nullptr;
+  EXPECT_TRUE((*g)->pool().WaitReady(std::chrono::seconds(60)));
+  return *std::move(g);
+}
+
+bool QueueHolds(Admission& a, uint32_t n) {
+  return expertmesh::testing::PollUntil([&] { return a.waiting() == n; }, absl::Seconds(60),
+                                        absl::Milliseconds(2));
+}
+
+TEST_F(GatewayClusterTest, TheTokenSizedQueueTakesABurstThatFitsAndRefusesBeyondIt) {
+  constexpr int kBurst = 40;
+  constexpr int kTokens = 4;
+  const std::vector<int32_t>& prompt = (*prompt_ids_)[0];
+  const uint64_t cost = prompt.size() + kTokens;  // what each request weighs in the queue
+  auto gw = SmallGateway(*model_dir_, cluster_->attention().grpc_address, kBurst * cost);
+  ASSERT_NE(gw, nullptr);
+  const int p = gw->http_port();
+  json::object body{{"model", gw->card().id},
+                    {"prompt", json::array(prompt.begin(), prompt.end())},
+                    {"max_tokens", kTokens},
+                    {"temperature", 0},
+                    {"ignore_eos", true}};
+  const std::string payload = json::serialize(body);
+  auto held = gw->admission().Enter(Admission::Clock::now() + std::chrono::minutes(2));
+  ASSERT_TRUE(held.ok());
+
+  // The burst waits (the old fixed queue of 64 requests had nothing to do with its size).
+  std::atomic<int> ok{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kBurst; ++i) {
+    threads.emplace_back([&] {
+      auto r = HttpRequest(p, "POST", "/v1/completions", payload);
+      (r.ok() && r->status == 200 ? ok : other)++;
+    });
+  }
+  ASSERT_TRUE(QueueHolds(gw->admission(), kBurst));
+  auto metrics = HttpRequest(p, "GET", "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_requests"), kBurst);
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_tokens"),
+            static_cast<double>(kBurst * cost));
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_rejected_total"), 0);
+
+  // One more does not fit: 429, Retry-After, an OpenAI body; gRPC: RESOURCE_EXHAUSTED.
+  auto refused = HttpRequest(p, "POST", "/v1/completions", payload);
+  ASSERT_TRUE(refused.ok());
+  EXPECT_EQ(refused->status, 429) << refused->body;
+  ASSERT_FALSE(refused->headers["retry-after"].empty());
+  EXPECT_GE(std::stoi(refused->headers["retry-after"]), 1);
+  json::value e = json::parse(refused->body);
+  EXPECT_EQ(e.at("error").at("type").as_string(), "rate_limit_error");
+  EXPECT_EQ(e.at("error").at("code").as_string(), "rate_limit_exceeded");
+  const std::string message(e.at("error").at("message").as_string());
+  EXPECT_NE(message.find("at capacity"), std::string::npos) << message;
+  {
+    auto stub = v1::Gateway::NewStub(MakeChannel(LoopbackAddress(gw->grpc_port())));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::GenerateRequest req;
+    req.mutable_prompt_token_ids()->mutable_ids()->Add(prompt.begin(), prompt.end());
+    req.set_max_tokens(kTokens);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+    }
+    grpc::Status status = reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_NE(status.error_message().find("at capacity"), std::string::npos);
+    auto retry = ctx.GetServerTrailingMetadata().find("retry-after");
+    ASSERT_NE(retry, ctx.GetServerTrailingMetadata().end());
+    EXPECT_GE(std::stoi(std::string(retry->second.data(), retry->second.size())), 1);
+  }
+
+  *held = Admission::Ticket();  // the slot frees: the whole burst is served
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(ok.load(), kBurst);
+  EXPECT_EQ(other.load(), 0);
+  metrics = HttpRequest(p, "GET", "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_requests"), 0);
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_tokens"), 0);
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_rejected_total"), 2);
+  EXPECT_EQ(MetricValue(metrics->body, "expertmesh_gateway_queue_time_seconds_count"), kBurst);
+  EXPECT_EQ(MetricValue(metrics->body,
+                        "expertmesh_gateway_requests_total{api=\"completions\","
+                        "status=\"429\"}"),
+            1);
+}
+
+TEST_F(GatewayClusterTest, TheQueueServesByPriorityThenFairlyBetweenApiKeys) {
+  auto gw =
+      SmallGateway(*model_dir_, cluster_->attention().grpc_address, 1 << 20, {"key-a", "key-b"});
+  ASSERT_NE(gw, nullptr);
+  const int p = gw->http_port();
+  auto held = gw->admission().Enter(Admission::Clock::now() + std::chrono::minutes(2));
+  ASSERT_TRUE(held.ok());
+  std::mutex mu;
+  std::vector<std::string> order;  // as the answers come (one slot: one after another)
+  std::vector<std::thread> threads;
+  auto send = [&](const std::string& name, const std::string& key, int priority) {
+    const uint32_t before = gw->admission().waiting();
+    json::object body = CompletionBody(*gw, 0, 6);
+    body["priority"] = priority;
+    threads.emplace_back([&, name, key, payload = json::serialize(body)] {
+      auto r =
+          HttpRequest(p, "POST", "/v1/completions", payload, {{"Authorization", "Bearer " + key}});
+      EXPECT_TRUE(r.ok() && r->status == 200) << name;
+      std::lock_guard lock(mu);
+      order.push_back(name);
+    });
+    ASSERT_TRUE(QueueHolds(gw->admission(), before + 1)) << name;  // queued in this order
+  };
+  send("a-low", "key-a", 5);
+  for (int i = 0; i < 4; ++i) send("a" + std::to_string(i), "key-a", 0);
+  send("b0", "key-b", 0);
+  send("a-urgent", "key-a", -1);
+  *held = Admission::Ticket();
+  for (std::thread& t : threads) t.join();
+  // Priority first; at priority 0 key-b's one request does not wait for key-a's backlog.
+  EXPECT_EQ(order, (std::vector<std::string>{"a-urgent", "a0", "b0", "a1", "a2", "a3", "a-low"}));
+}
+
+TEST_F(GatewayClusterTest, PriorityOutOfRangeIs400AndInvalidArgument) {
+  json::object body = Completion(0, 2);
+  body["priority"] = 1000001;
+  auto r = Post("/v1/completions", body);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 400);
+  EXPECT_EQ(json::parse(r->body).at("error").at("param").as_string(), "priority");
+  body["priority"] = "high";
+  r = Post("/v1/completions", body);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 400);
+  body["priority"] = -3;  // in range: served
+  r = Post("/v1/completions", body);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->status, 200) << r->body;
+
+  auto stub = v1::Gateway::NewStub(MakeChannel(LoopbackAddress(gateway_->grpc_port())));
+  for (int priority : {-2000000, 2000000}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::GenerateRequest req;
+    req.set_prompt("a");
+    req.set_priority(priority);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+    }
+    grpc::Status status = reader->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << priority;
+    EXPECT_NE(status.error_message().find("priority"), std::string::npos);
+  }
 }
 
 TEST_F(GatewayClusterTest, ClientDisconnectCancelsTheSequence) {

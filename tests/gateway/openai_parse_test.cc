@@ -276,6 +276,38 @@ TEST(OpenAiParse, ChatErrors) {
   }
 }
 
+TEST(OpenAiParse, PriorityIsAnIntegerInRange) {
+  auto none = Completion(R"({"model": "expertmesh-tiny", "prompt": "Hi"})");
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->priority, 0);
+  auto low = Completion(R"({"model": "expertmesh-tiny", "prompt": "Hi", "priority": -7})");
+  ASSERT_TRUE(low.ok()) << low.status();
+  EXPECT_EQ(low->priority, -7);
+  auto chat = Chat(R"({"model": "expertmesh-tiny", "priority": 1000000,
+    "messages": [{"role": "user", "content": "Hi"}]})");
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  EXPECT_EQ(chat->priority, 1000000);
+  auto null = Completion(R"({"model": "expertmesh-tiny", "prompt": "Hi", "priority": null})");
+  ASSERT_TRUE(null.ok());
+  EXPECT_EQ(null->priority, 0);
+  for (const char* bad : {"1000001", "-1000001", "4294967296", "18446744073709551615", "1.5",
+                          "\"high\"", "true", "[1]"}) {
+    ApiError e = ErrorOf(Completion(
+        std::string(R"({"model": "expertmesh-tiny", "prompt": "Hi", "priority": )") + bad + "}"));
+    EXPECT_EQ(e.http_status, 400) << bad;
+    EXPECT_EQ(e.type, "invalid_request_error") << bad;
+    EXPECT_EQ(e.param, "priority") << bad;
+    ApiError c = ErrorOf(Chat(std::string(R"({"model": "expertmesh-tiny", "messages":
+      [{"role": "user", "content": "Hi"}], "priority": )") +
+                              bad + "}"));
+    EXPECT_EQ(c.http_status, 400) << bad;
+    EXPECT_EQ(c.param, "priority") << bad;
+  }
+  ApiError e =
+      ErrorOf(Completion(R"({"model": "expertmesh-tiny", "prompt": "Hi", "priority": 2000000})"));
+  EXPECT_NE(e.message.find("[-1000000, 1000000]"), std::string::npos) << e.message;
+}
+
 TEST(ApiErrorJson, OpenAiShape) {
   ApiError e = ToApiError(UnknownModel("nope"));
   boost::json::value v = boost::json::parse(ApiErrorJson(e));
