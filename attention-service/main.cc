@@ -53,6 +53,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-act-quant", no_act_quant, "FP8 weights see float inputs (as transformers)");
   app.add_flag("--no-mtp", no_mtp, "No speculative decoding with the model's MTP module");
+  app.add_flag("!--no-prefix-caching", o.scheduler.prefix_caching,
+               "Do not share the KV blocks of common prompt prefixes between sequences");
   app.add_option("--draft-k", draft_k, "MTP drafts per step (adaptive: 0..k)")
       ->check(CLI::Range(1, 4))
       ->capture_default_str();

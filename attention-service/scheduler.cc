@@ -23,12 +23,14 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   EM_ASSIGN_OR_RETURN(const DeviceSpec device, ParseDeviceSpec(options.device));
   // On a GPU the pools only hand out block ids: the slots live in the engine's device cache.
   const bool host_kv = !device.cuda;
+  const bool drafting = options.mtp && !model->mtp().empty();
+  // One pool for the main and the MTP caches: a sequence's MTP rows live in the same block
+  // ids as its main rows, so prefix sharing and preemption move both together.
   EM_ASSIGN_OR_RETURN(
       std::unique_ptr<KvBlockPool> pool,
       KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
-                          c.kv_lora_rank + c.qk_rope_head_dim, host_kv));
+                          c.kv_lora_rank + c.qk_rope_head_dim, host_kv, drafting ? 1 : 0));
   std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, std::move(pool)));
-  const bool drafting = options.mtp && !model->mtp().empty();
   ForwardBackendOptions fo;
   fo.engine = options.engine;
   fo.kv_pages = options.kv_blocks;
@@ -44,13 +46,6 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   so.policy = options.policy;
   so.prefill_chunk = options.prefill_chunk;
   EM_ASSIGN_OR_RETURN(s->stepper_, DecodeStepper::Create(s->forward_.get(), so));
-  if (s->stepper_->mtp()) {
-    // The MTP caches: one layer each, as many token slots as the main pool, so a sequence
-    // that got its main blocks always gets its MTP blocks.
-    EM_ASSIGN_OR_RETURN(s->mtp_pool_,
-                        KvBlockPool::Create(options.kv_blocks, options.kv_block_size, 1,
-                                            c.kv_lora_rank + c.qk_rope_head_dim, host_kv));
-  }
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
 }
@@ -83,6 +78,28 @@ Scheduler::Scheduler(const Model* model, RoutedExperts* experts, const Scheduler
     batch_tokens_ =
         &metrics->GetHistogram("expertmesh_attention_step_tokens", "Tokens in one step's batch",
                                ExponentialBuckets(1, 2, 14));
+    preemptions_ = &metrics->GetCounter(
+        "expertmesh_attention_preemptions_total",
+        "Running sequences preempted when the KV pool ran dry (blocks freed, prefix recomputed)");
+    prefix_query_tokens_ =
+        &metrics->GetCounter("expertmesh_attention_prefix_cache_queries_tokens_total",
+                             "Prompt tokens looked up in the prefix cache at admission");
+    prefix_hit_tokens_ =
+        &metrics->GetCounter("expertmesh_attention_prefix_cache_hits_tokens_total",
+                             "Prompt tokens found in the prefix cache (not computed)");
+    Gauge& waiting_tokens =
+        metrics->GetGauge("expertmesh_attention_waiting_tokens",
+                          "Queue depth in tokens: prompt + max_tokens of the waiting sequences");
+    Gauge& cached = metrics->GetGauge("expertmesh_attention_kv_blocks_cached",
+                                      "KV blocks registered in the prefix cache");
+    Gauge& shared = metrics->GetGauge("expertmesh_attention_kv_blocks_shared",
+                                      "KV blocks held by two sequences or more");
+    metrics->AddCollector([this, &waiting_tokens, &cached, &shared] {
+      const SchedulerLoad load = Load();
+      waiting_tokens.Set(static_cast<double>(load.waiting_tokens));
+      cached.Set(static_cast<double>(load.kv_blocks_cached));
+      shared.Set(static_cast<double>(load.kv_blocks_shared));
+    });
   }
 }
 
@@ -149,6 +166,7 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(SequenceReques
   step.sampler = seq->sampler.get();
   step.prompt_len = static_cast<int64_t>(request.prompt.size());
   step.tokens = request.prompt;
+  seq->wants_mtp = stepper_->mtp() && !request.disable_mtp;
   seq->request = std::move(request);
   std::shared_ptr<SequenceStream> stream = seq->stream;
   {
@@ -164,7 +182,8 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(SequenceReques
           absl::StrCat("request_id ", seq->request.request_id, " is already live"));
     }
     live_[seq->request.request_id] = stream;
-    waiting_.push_back(std::move(seq));
+    seq->arrival = next_arrival_++;
+    EnqueueLocked(std::move(seq));
   }
   cv_.notify_all();
   return stream;
@@ -185,10 +204,16 @@ SchedulerLoad Scheduler::Load() const {
     std::lock_guard<std::mutex> lock(mu_);
     load.running = running_count_;
     load.waiting = static_cast<int64_t>(waiting_.size());
+    for (const auto& seq : waiting_) {
+      load.waiting_tokens += static_cast<int64_t>(seq->request.prompt.size()) +
+                             seq->request.max_tokens - seq->step.generated;
+    }
   }
   load.kv_blocks_used = pool_->used_blocks();
   load.kv_blocks_total = pool_->total_blocks();
-  load.mtp_kv_blocks_used = mtp_pool_ ? mtp_pool_->used_blocks() : 0;
+  load.mtp_kv_blocks_used = pool_->has_mtp() ? load.kv_blocks_used : 0;
+  load.kv_blocks_cached = pool_->cached_blocks();
+  load.kv_blocks_shared = pool_->shared_blocks();
   load.max_context = max_context_;
   return load;
 }
@@ -216,8 +241,14 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
 }
 
 SequenceEvent Scheduler::FinishEvent(Sequence& seq, FinishReason reason, absl::Status error) {
-  if (seq.cache) seq.cache->Release();  // the KV blocks go back now, not when seq is freed
-  if (seq.mtp_cache) seq.mtp_cache->Release();
+  // The KV blocks go back now, not when seq is freed (its full blocks stay in the prefix cache).
+  if (seq.blocks) {
+    // After a failed step the caches may hold half-written rows: nothing of them is shared.
+    if (reason != FinishReason::kError) RegisterBlocks(seq);
+    seq.cache.reset();
+    seq.mtp_cache.reset();
+    seq.blocks.reset();
+  }
   SequenceEvent e;
   e.drafted_tokens = seq.step.drafted;
   e.accepted_tokens = seq.step.accepted;
@@ -253,25 +284,148 @@ void Scheduler::ReapLocked(std::vector<std::unique_ptr<Sequence>>& finished) {
   running_count_ = static_cast<int64_t>(running_.size());
 }
 
+void Scheduler::EnqueueLocked(std::unique_ptr<Sequence> seq) {
+  auto at = std::upper_bound(waiting_.begin(), waiting_.end(), seq,
+                             [](const auto& a, const auto& b) { return Before(*a, *b); });
+  waiting_.insert(at, std::move(seq));
+}
+
+bool Scheduler::TryStart(Sequence& seq) {
+  const int64_t bs = pool_->block_size();
+  StepSequence& st = seq.step;
+  auto table = std::make_unique<BlockTable>(pool_.get());
+  // Prefix-cache hits: the leading full blocks whose chained hash is cached, at most up to
+  // the last token to prefill (its logits, or its cache entry after a preemption, must be
+  // computed). The sequence drafts only when every shared block also carries final MTP rows
+  // computed with the same next token (a long shared prefix is worth more than drafting).
+  std::vector<uint64_t> hashes;
+  bool mtp_rows = true;
+  if (options_.prefix_caching) {
+    std::vector<int32_t> hit;
+    const int64_t lookup_blocks = (st.prompt_len - 1) / bs;
+    uint64_t h = 0;
+    for (int64_t b = 0; b < lookup_blocks; ++b) {
+      h = KvBlockPool::ChainHash(h, std::span<const int32_t>(st.tokens).subspan(
+                                        static_cast<size_t>(b * bs), static_cast<size_t>(bs)));
+      std::optional<int32_t> block = pool_->Acquire(h);
+      if (!block.has_value()) break;
+      mtp_rows =
+          mtp_rows && pool_->MtpRowsValid(*block, st.tokens[static_cast<size_t>((b + 1) * bs)]);
+      hit.push_back(*block);
+      hashes.push_back(h);
+    }
+    table->AdoptShared(std::move(hit));
+  }
+  const bool drafting = seq.wants_mtp && mtp_rows;
+  const int64_t shared = static_cast<int64_t>(hashes.size());
+  const int64_t matched = shared * bs;
+  // A new sequence needs its first chunk's blocks; a preempted one comes back only when all
+  // it had fits again (else it would preempt others at once and thrash). A watermark of
+  // free blocks stays while others run.
+  const int64_t first = seq.preemptions > 0
+                            ? st.prompt_len
+                            : matched + std::min(options_.prefill_chunk, st.prompt_len - matched);
+  const int64_t watermark =
+      running_.empty() ? 0 : std::max<int64_t>(1, pool_->total_blocks() / 100);
+  if (pool_->free_blocks() < pool_->BlocksFor(first) - shared + watermark ||
+      !table->Reserve(first).ok()) {
+    return false;  // the table's destructor gives the acquired blocks back
+  }
+  seq.blocks = std::move(table);
+  seq.cache = std::make_unique<PagedKvCache>(seq.blocks.get(), PagedKvCache::View::kMain, matched);
+  st.cache = seq.cache.get();
+  st.prefilled = matched;
+  st.mtp = MtpSequence{};
+  if (drafting) {
+    seq.mtp_cache =
+        std::make_unique<PagedKvCache>(seq.blocks.get(), PagedKvCache::View::kMtp, matched);
+    st.mtp.cache = seq.mtp_cache.get();
+  }
+  seq.hashes = std::move(hashes);
+  seq.mtp_registered = drafting ? seq.hashes.size() : 0;
+  if (prefix_query_tokens_ != nullptr && options_.prefix_caching) {
+    prefix_query_tokens_->Inc(static_cast<double>(st.prompt_len));
+    prefix_hit_tokens_->Inc(static_cast<double>(matched));
+  }
+  return true;
+}
+
 void Scheduler::AdmitLocked() {
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_batch) {
-    Sequence& seq = *waiting_.front();
-    absl::StatusOr<std::unique_ptr<PagedKvCache>> cache =
-        PagedKvCache::Create(pool_.get(), KvBudget(seq.request));
-    if (!cache.ok()) break;  // arrival order: the head waits until blocks are freed
-    if (stepper_->mtp() && !seq.request.disable_mtp) {
-      absl::StatusOr<std::unique_ptr<PagedKvCache>> mtp_cache =
-          PagedKvCache::Create(mtp_pool_.get(), KvBudget(seq.request));
-      if (!mtp_cache.ok()) break;  // (cannot happen: the pools are allocated alike)
-      seq.mtp_cache = *std::move(mtp_cache);
-      seq.step.mtp.cache = seq.mtp_cache.get();
-    }
-    seq.cache = *std::move(cache);
-    seq.step.cache = seq.cache.get();
+    // Scheduling order: the head waits until blocks are freed.
+    if (!TryStart(*waiting_.front())) break;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
   }
   running_count_ = static_cast<int64_t>(running_.size());
+}
+
+void Scheduler::RegisterBlocks(Sequence& seq) {
+  if (!options_.prefix_caching || !seq.cache) return;
+  const int64_t bs = pool_->block_size();
+  const StepSequence& st = seq.step;
+  const std::vector<int32_t>& blocks = seq.blocks->blocks();
+  // The main cache holds every emitted token but the newest: its full blocks are final.
+  const size_t full = static_cast<size_t>(seq.cache->length() / bs);
+  while (seq.hashes.size() < full) {
+    const size_t b = seq.hashes.size();
+    const uint64_t previous = b == 0 ? 0 : seq.hashes.back();
+    seq.hashes.push_back(KvBlockPool::ChainHash(
+        previous, std::span<const int32_t>(st.tokens).subspan(b * static_cast<size_t>(bs),
+                                                              static_cast<size_t>(bs))));
+    pool_->Register(blocks[b], seq.hashes.back(), std::nullopt);
+  }
+  if (!seq.mtp_cache || st.mtp.retired) return;
+  // MTP rows of a block are final once the module has been fed past the block's end.
+  const size_t mtp_full = std::min(full, static_cast<size_t>(seq.mtp_cache->length() / bs));
+  for (; seq.mtp_registered < mtp_full; ++seq.mtp_registered) {
+    const size_t b = seq.mtp_registered;
+    const size_t next = (b + 1) * static_cast<size_t>(bs);
+    if (next >= st.tokens.size()) break;
+    pool_->Register(blocks[b], seq.hashes[b], st.tokens[next]);
+  }
+}
+
+void Scheduler::Preempt(Sequence& seq) {
+  RegisterBlocks(seq);  // what it computed may be found again when it resumes
+  seq.cache.reset();
+  seq.mtp_cache.reset();
+  seq.blocks.reset();
+  StepSequence& st = seq.step;
+  st.cache = nullptr;
+  st.mtp = MtpSequence{};
+  st.prefilled = 0;
+  // Recompute: prefill everything but the newest token, which the next decode feeds.
+  if (st.generated > 0) st.prompt_len = static_cast<int64_t>(st.tokens.size()) - 1;
+  seq.hashes.clear();
+  seq.mtp_registered = 0;
+  ++seq.preemptions;
+  if (preemptions_ != nullptr) preemptions_->Inc();
+}
+
+std::vector<std::unique_ptr<Scheduler::Sequence>> Scheduler::ReserveForStep() {
+  std::stable_sort(running_.begin(), running_.end(),
+                   [](const auto& a, const auto& b) { return Before(*a, *b); });
+  std::vector<std::unique_ptr<Sequence>> preempted;
+  const int extra = stepper_->mtp() ? options_.draft_k : 0;
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Sequence& seq = *running_[i];
+    const StepSequence& st = seq.step;
+    const int64_t feed = st.prefilling()
+                             ? std::min(options_.prefill_chunk, st.prompt_len - st.prefilled)
+                             : 1 + (st.drafting() ? extra : 0);
+    // (The MTP cache stays below main length + drafts: covered by the same blocks.)
+    while (!seq.blocks->Reserve(seq.cache->length() + feed).ok()) {
+      // The last in scheduling order goes, possibly this sequence itself.
+      std::unique_ptr<Sequence> victim = std::move(running_.back());
+      running_.pop_back();
+      Preempt(*victim);
+      const bool self = victim.get() == &seq;
+      preempted.push_back(std::move(victim));
+      if (self) break;
+    }
+  }
+  return preempted;
 }
 
 void Scheduler::Loop() {
@@ -304,7 +458,13 @@ void Scheduler::PushTokens(Sequence& seq) {
 }
 
 void Scheduler::Step() {
+  if (std::vector<std::unique_ptr<Sequence>> preempted = ReserveForStep(); !preempted.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& seq : preempted) EnqueueLocked(std::move(seq));
+    running_count_ = static_cast<int64_t>(running_.size());
+  }
   const size_t n_seq = running_.size();
+  if (n_seq == 0) return;
   std::vector<StepSequence*> batch(n_seq);
   for (size_t i = 0; i < n_seq; ++i) batch[i] = &running_[i]->step;
   std::vector<bool> done(n_seq, false);
@@ -336,6 +496,7 @@ void Scheduler::Step() {
     // that saw its finish also sees the load without it.
     for (size_t i = 0; i < n_seq; ++i) {
       Sequence& seq = *running_[i];
+      RegisterBlocks(seq);
       if (!seq.step.emitted.empty()) PushTokens(seq);
       if (seq.step.stop == StopReason::kStop) finish(i, FinishReason::kStop, absl::OkStatus());
       if (seq.step.stop == StopReason::kLength) finish(i, FinishReason::kLength, absl::OkStatus());

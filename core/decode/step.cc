@@ -114,11 +114,12 @@ void DecodeStepper::FinishPrefillChunk(StepSequence& seq, int64_t start, int64_t
   seq.prefilled += n;
   // The MTP module's rows for these positions: (t[p+1], h[p]).
   std::vector<int32_t> next(seq.tokens.begin() + start + 1, seq.tokens.begin() + start + n);
-  if (seq.prefilled == seq.prompt_len) {
+  if (seq.prefilled == seq.prompt_len &&
+      seq.prompt_len == static_cast<int64_t>(seq.tokens.size())) {
     const SampledToken t = seq.sampler->Sample(out.logits);
     Emit(seq, std::span<const SampledToken>(&t, 1));
     next.push_back(t.token);
-  } else {
+  } else {  // more prompt to come, or a recomputed prefix whose next token is known
     next.push_back(seq.tokens[static_cast<size_t>(start + n)]);
   }
   if (seq.drafting() && seq.stop == StopReason::kNone) AppendMtpRows(seq.mtp, next, out.hidden);

@@ -45,6 +45,9 @@ struct StepSequence {
   Sampler* sampler = nullptr;
   MlaKvCache* cache = nullptr;  // the main model's: every prompt and emitted token but the last
   MtpSequence mtp;              // drafts when mtp.cache is set (the MTP module's cache)
+  // Tokens to put in the cache before decoding: the prompt; after a preemption (recompute),
+  // every token but the newest, which the first decode step then feeds (no token is sampled
+  // at the end of such a prefill).
   int64_t prompt_len = 0;
   std::vector<int32_t> tokens;  // the prompt, then every emitted token
 

@@ -79,6 +79,41 @@ class SchedulerTest : public ::testing::Test {
 };
 std::string* SchedulerTest::model_dir_ = nullptr;
 
+// The value of an unlabelled counter or gauge in a registry's exposition (0 when absent).
+double MetricValue(const MetricsRegistry& metrics, const std::string& name) {
+  const std::string text = metrics.RenderText();
+  const std::string key = "\n" + name + " ";
+  const size_t at = text.find(key);
+  return at == std::string::npos ? 0.0 : std::stod(text.substr(at + key.size()));
+}
+
+// Submits every request, drains every stream; the tokens of each, in order.
+std::vector<std::vector<int32_t>> RunAll(Scheduler& s, const std::vector<SequenceRequest>& reqs) {
+  std::vector<std::shared_ptr<SequenceStream>> streams;
+  for (const SequenceRequest& r : reqs) {
+    absl::StatusOr<std::shared_ptr<SequenceStream>> st = s.Submit(r);
+    EXPECT_TRUE(st.ok()) << st.status();
+    if (!st.ok()) return {};
+    streams.push_back(*st);
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& st : streams) {
+    std::vector<int32_t> tokens;
+    while (true) {
+      std::optional<SequenceEvent> e = st->Next(absl::Seconds(120));
+      EXPECT_TRUE(e.has_value());
+      if (!e.has_value()) break;
+      for (const GeneratedToken& t : e->tokens) tokens.push_back(t.token);
+      if (e->finish != FinishReason::kNone) {
+        EXPECT_EQ(e->finish, FinishReason::kLength) << e->error;
+        break;
+      }
+    }
+    out.push_back(std::move(tokens));
+  }
+  return out;
+}
+
 TEST(KvBlockPoolTest, AllocatesAllOrNothingLowestFirstAndFrees) {
   absl::StatusOr<std::unique_ptr<KvBlockPool>> pool = KvBlockPool::Create(8, 4, 2, 3);
   ASSERT_TRUE(pool.ok());
@@ -99,6 +134,121 @@ TEST(KvBlockPoolTest, AllocatesAllOrNothingLowestFirstAndFrees) {
   EXPECT_NE(p.Slot(0, 0, 0), p.Slot(0, 1, 0));
   EXPECT_EQ(p.Slot(1, 0, 0) - p.Slot(0, 0, 0), 2 * 4 * 3);
   EXPECT_FALSE(KvBlockPool::Create(0, 4, 2, 3).ok());
+}
+
+TEST(KvBlockPoolTest, PrefixCacheSharesRefcountsAndEvictsOnlyUnheldBlocksLru) {
+  absl::StatusOr<std::unique_ptr<KvBlockPool>> pool = KvBlockPool::Create(4, 2, 1, 3, true, 1);
+  ASSERT_TRUE(pool.ok());
+  KvBlockPool& p = **pool;
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6};
+  const uint64_t h0 = KvBlockPool::ChainHash(0, std::span<const int32_t>(tokens).subspan(0, 2));
+  const uint64_t h1 = KvBlockPool::ChainHash(h0, std::span<const int32_t>(tokens).subspan(2, 2));
+  EXPECT_NE(h0, KvBlockPool::ChainHash(0, std::span<const int32_t>(tokens).subspan(2, 2)));
+  std::vector<int32_t> a = *p.Allocate(2);  // blocks 0, 1
+  p.Register(a[0], h0, std::nullopt);
+  p.Register(a[1], h1, /*mtp_next=*/5);
+  EXPECT_EQ(p.cached_blocks(), 2);
+  // A second holder of the prefix: shared, one more reference.
+  std::optional<int32_t> b0 = p.Acquire(h0);
+  ASSERT_TRUE(b0.has_value());
+  EXPECT_EQ(*b0, a[0]);
+  EXPECT_EQ(p.shared_blocks(), 1);
+  // MTP rows count only when registered as final, with the same next token.
+  EXPECT_FALSE(p.MtpRowsValid(a[0], 3));
+  EXPECT_FALSE(p.MtpRowsValid(a[1], 9));
+  EXPECT_TRUE(p.MtpRowsValid(a[1], 5));
+  std::optional<int32_t> b1 = p.Acquire(h1);
+  ASSERT_TRUE(b1.has_value());
+  EXPECT_EQ(p.used_blocks(), 2);
+  p.Free(a);  // the first holder leaves: the blocks stay held by the second
+  EXPECT_EQ(p.used_blocks(), 2);
+  EXPECT_EQ(p.shared_blocks(), 0);
+  // Pressure: 2 free blocks; a request for 3 cannot evict held blocks.
+  EXPECT_EQ(p.free_blocks(), 2);
+  EXPECT_FALSE(p.Allocate(3).has_value());
+  // Released, the cached blocks become evictable, least recently released first.
+  p.Free(std::vector<int32_t>{*b1});
+  p.Free(std::vector<int32_t>{*b0});
+  EXPECT_EQ(p.used_blocks(), 0);
+  EXPECT_EQ(p.free_blocks(), 4);
+  std::vector<int32_t> c = *p.Allocate(3);  // blocks 2, 3, then evicts block 1 (h1)
+  EXPECT_EQ(c, (std::vector<int32_t>{2, 3, a[1]}));
+  EXPECT_FALSE(p.Acquire(h1).has_value());
+  EXPECT_TRUE(p.Acquire(h0).has_value());  // still cached
+  EXPECT_EQ(p.cached_blocks(), 1);
+}
+
+TEST_F(SchedulerTest, PreemptionUnderKvPressureKeepsTheGreedyTokens) {
+  // 8 sequences of up to 40 + 16 tokens in a pool of 32 blocks of 4 tokens: every sequence
+  // fits alone, but they cannot all grow at once: some are preempted and recomputed.
+  constexpr int kMaxTokens = 16;
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(8, 40, static_cast<int>(config_.vocab_size), 11);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  SchedulerOptions o;
+  o.kv_blocks = 32;
+  o.kv_block_size = 4;
+  o.max_batch = 8;
+  o.prefill_chunk = 16;
+  o.prefix_caching = false;  // every recomputation computes
+  MetricsRegistry metrics;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<SequenceRequest> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    reqs.push_back(Greedy("p" + std::to_string(i), prompts[i], kMaxTokens));
+  }
+  EXPECT_EQ(RunAll(**s, reqs), *want);
+  EXPECT_GT(MetricValue(metrics, "expertmesh_attention_preemptions_total"), 0);
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
+TEST_F(SchedulerTest, PrefixCacheComputesASharedPromptOnceAndKeepsTheTokens) {
+  constexpr int kMaxTokens = 6;
+  constexpr int kRequests = 64;
+  const int32_t V = static_cast<int32_t>(config_.vocab_size);
+  std::vector<int32_t> system;  // 48 tokens: 6 full blocks of 8
+  for (int32_t j = 0; j < 48; ++j) system.push_back(2 + (j * 37 + 11) % (V - 2));
+  std::vector<std::vector<int32_t>> prompts;
+  int64_t user_tokens = 0;
+  for (int32_t i = 0; i < kRequests; ++i) {
+    std::vector<int32_t> p = system;
+    p.push_back(2 + i);  // a distinct user part: its first token differs
+    for (int32_t j = 1; j < 6; ++j) p.push_back(2 + (i * 13 + j * 29) % (V - 2));
+    user_tokens += 6;
+    prompts.push_back(std::move(p));
+  }
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  SchedulerOptions o;
+  o.kv_blocks = 256;
+  o.kv_block_size = 8;
+  o.max_batch = 64;
+  MetricsRegistry metrics;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<SequenceRequest> reqs;
+  for (int i = 0; i < kRequests; ++i) {
+    reqs.push_back(Greedy("c" + std::to_string(i), prompts[i], kMaxTokens));
+  }
+  // The first request computes the system prompt; the other 63 find it cached.
+  std::vector<std::vector<int32_t>> got = RunAll(**s, {reqs[0]});
+  std::vector<std::vector<int32_t>> rest =
+      RunAll(**s, std::vector<SequenceRequest>(reqs.begin() + 1, reqs.end()));
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, *want);  // identical to the engine without any cache
+  const double computed = MetricValue(metrics, "expertmesh_attention_prompt_tokens_total");
+  const double hits = MetricValue(metrics, "expertmesh_attention_prefix_cache_hits_tokens_total");
+  // The 48-token system prompt is 6 full blocks: computed once, then found 63 times.
+  EXPECT_EQ(hits, 63.0 * 48);
+  EXPECT_EQ(computed, 48.0 + static_cast<double>(user_tokens));
+  EXPECT_GT(MetricValue(metrics, "expertmesh_attention_kv_blocks_cached"), 0);
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 
 TEST_F(SchedulerTest, PagedCacheGivesBitwiseTheContiguousLogits) {
@@ -185,10 +335,12 @@ TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
   ASSERT_TRUE(s.ok());
   absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(Greedy("long", {5, 6, 7}, 200));
   ASSERT_TRUE(st.ok());
-  // First token: the sequence is running and holds its blocks (3 + 200 tokens -> 51 blocks).
+  // First token: the sequence is running and holds the blocks it has used so far (KV on
+  // demand: not the 51 blocks of 3 + 200 tokens).
   std::optional<SequenceEvent> first = (*st)->Next(absl::Seconds(60));
   ASSERT_TRUE(first.has_value());
-  EXPECT_EQ((*s)->Load().kv_blocks_used, 51);
+  EXPECT_GE((*s)->Load().kv_blocks_used, 1);
+  EXPECT_LT((*s)->Load().kv_blocks_used, 51);
   EXPECT_TRUE((*s)->Cancel("long"));
   std::vector<int32_t> rest;
   SequenceEvent last = Drain(**st, &rest);
@@ -334,6 +486,61 @@ TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   EXPECT_LE(accepted, drafted);
   std::printf("[ info ] MTP drafts: %lld verified, %lld accepted\n",
               static_cast<long long>(drafted), static_cast<long long>(accepted));
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
+TEST(SchedulerMtpTest, PreemptionAndSharedPrefixesKeepTheGreedyTokensWhileDrafting) {
+  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/tests/data/engine-mtp";
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config);  // with MTP
+  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
+  ASSERT_TRUE(experts.ok());
+  constexpr int kMaxTokens = 12;
+  const int32_t V = static_cast<int32_t>(config->vocab_size);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int32_t i = 0; i < 8; ++i) {
+    std::vector<int32_t> p;
+    for (int32_t j = 0; j < 16; ++j) p.push_back(2 + (j * 23 + 7) % (V - 2));  // shared
+    for (int32_t j = 0; j < 4 + i % 3; ++j) p.push_back(2 + (i * 31 + j * 11 + 1) % (V - 2));
+    prompts.push_back(std::move(p));
+  }
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(dir, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  SchedulerOptions o;
+  o.kv_blocks = 24;  // 4-token blocks: a sequence needs up to 9; 8 of them cannot all grow
+  o.kv_block_size = 4;
+  o.max_batch = 8;
+  o.prefill_chunk = 8;
+  o.draft_k = 2;
+  o.policy.adaptive = false;  // always draft 2
+  MetricsRegistry metrics;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model->get(), experts->get(), o, &metrics);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->mtp());
+  std::vector<SequenceRequest> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SequenceRequest r;
+    r.request_id = "m" + std::to_string(i);
+    r.prompt = prompts[i];
+    r.max_tokens = kMaxTokens;
+    r.ignore_eos = true;
+    reqs.push_back(std::move(r));
+  }
+  std::vector<std::vector<int32_t>> got = RunAll(**s, {reqs[0]});
+  std::vector<std::vector<int32_t>> rest =
+      RunAll(**s, std::vector<SequenceRequest>(reqs.begin() + 1, reqs.end()));
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, *want);
+  EXPECT_GT(MetricValue(metrics, "expertmesh_attention_preemptions_total"), 0);
+  EXPECT_GT(MetricValue(metrics, "expertmesh_attention_prefix_cache_hits_tokens_total"), 0);
+  EXPECT_GT(MetricValue(metrics, "expertmesh_attention_drafted_tokens_total"), 0);
   EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 
