@@ -251,6 +251,35 @@ TEST_F(SchedulerTest, PrefixCacheComputesASharedPromptOnceAndKeepsTheTokens) {
   EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 
+TEST_F(SchedulerTest, WaitingSequencesStartInPriorityOrder) {
+  SchedulerOptions o;
+  o.kv_blocks = 64;
+  o.kv_block_size = 4;
+  o.max_batch = 1;  // one at a time: the order of admission is the order of first tokens
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_TRUE(s.ok());
+  absl::StatusOr<std::shared_ptr<SequenceStream>> a = (*s)->Submit(Greedy("a", {5, 6, 7}, 24));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE((*a)->Next(absl::Seconds(60)).has_value());  // A runs; B and C wait
+  SequenceRequest late = Greedy("b", {5, 6}, 4);
+  late.priority = 5;
+  SequenceRequest urgent = Greedy("c", {7, 8}, 4);
+  urgent.priority = -1;
+  absl::StatusOr<std::shared_ptr<SequenceStream>> b = (*s)->Submit(late);
+  absl::StatusOr<std::shared_ptr<SequenceStream>> c = (*s)->Submit(urgent);
+  ASSERT_TRUE(b.ok() && c.ok());
+  std::vector<int32_t> ta, tb, tc;
+  EXPECT_EQ(Drain(**a, &ta).finish, FinishReason::kLength);
+  // C, submitted after B with a lower priority value, runs (and ends) first: when C has
+  // finished, B has not (max_batch 1: B starts only after C).
+  EXPECT_EQ(Drain(**c, &tc).finish, FinishReason::kLength);
+  EXPECT_EQ((*s)->Load().waiting + (*s)->Load().running, 1);
+  EXPECT_EQ(Drain(**b, &tb).finish, FinishReason::kLength);
+  EXPECT_EQ(tb.size(), 4u);
+  EXPECT_EQ(tc.size(), 4u);
+}
+
 TEST_F(SchedulerTest, PagedCacheGivesBitwiseTheContiguousLogits) {
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(*model_, experts_.get());
   ASSERT_TRUE(engine.ok());
