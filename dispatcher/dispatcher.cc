@@ -250,11 +250,35 @@ class ReplicaStream {
 
 // ---- Dispatcher ----------------------------------------------------------------------------
 
+namespace {
+
+constexpr char kBadAnswers[] = "expertmesh_dispatch_bad_answers_total";
+constexpr char kBadAnswersHelp[] =
+    "Replica answers rejected (wrong sizes, non-finite outputs) and failed over";
+
+// Whether every BF16 value of `bf16` (little-endian pairs) is finite: an exponent of all ones
+// is Inf or NaN. A branch-free pass over the bytes (vectorized by the compiler), cheap beside
+// the unpacking that follows.
+bool AllFiniteBf16(std::string_view bf16) {
+  const auto* p = reinterpret_cast<const unsigned char*>(bf16.data());
+  const size_t n = bf16.size() / 2;
+  unsigned bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned v = static_cast<unsigned>(p[2 * i]) | (static_cast<unsigned>(p[2 * i + 1]) << 8);
+    bad |= static_cast<unsigned>((v & 0x7F80u) == 0x7F80u);
+  }
+  return bad == 0;
+}
+
+}  // namespace
+
 // The metric handles of one shard group, looked up in the registry once per placement map.
 struct Dispatcher::ShardMetrics {
   Counter* bytes_sent = nullptr;
   Counter* bytes_received = nullptr;
   Counter* failovers = nullptr;
+  Counter* bad_size = nullptr;        // answers of the wrong row count or byte size
+  Counter* bad_non_finite = nullptr;  // answers holding NaN or Inf
 };
 
 struct Dispatcher::Table {
@@ -327,6 +351,23 @@ Dispatcher::~Dispatcher() {
   for (auto& [key, s] : streams) s->Close();
 }
 
+std::vector<Dispatcher::ReplicaState> Dispatcher::Replicas() const {
+  std::shared_ptr<const Table> table;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    table = table_;
+  }
+  std::vector<ReplicaState> out;
+  if (!table) return out;
+  for (size_t s = 0; s < table->replicas.size(); ++s) {
+    for (const auto& r : table->replicas[s]) {
+      out.push_back(ReplicaState{static_cast<int32_t>(s), r->replica_id(), r->address(),
+                                 r->healthy(), r->outstanding_rows()});
+    }
+  }
+  return out;
+}
+
 uint64_t Dispatcher::placement_version() const {
   std::lock_guard<std::mutex> lock(mu_);
   return table_ ? table_->version : 0;
@@ -381,7 +422,11 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_ve
             &m->GetCounter("expertmesh_dispatch_bytes_received_total",
                            "Response bytes received per shard", labels),
             &m->GetCounter("expertmesh_dispatch_replica_failovers_total",
-                           "Requests resent to another replica of the same shard", labels)});
+                           "Requests resent to another replica of the same shard", labels),
+            &m->GetCounter(kBadAnswers, kBadAnswersHelp,
+                           {{"shard", std::to_string(shard)}, {"reason", "size"}}),
+            &m->GetCounter(kBadAnswers, kBadAnswersHelp,
+                           {{"shard", std::to_string(shard)}, {"reason", "non_finite"}})});
       }
     }
     table->placement = *std::move(placement);
@@ -466,6 +511,11 @@ void Dispatcher::ReportLoop() {
 void Dispatcher::WatchLoop(std::string router_address) {
   auto channel = MakeChannel(router_address, options_.max_message_bytes);
   auto stub = v1::RouterService::NewStub(channel);
+  // Reconnection backoff while the router is unreachable (not started yet, restarting):
+  // 200 ms doubling up to 2 s, back to 200 ms once a map arrives.
+  constexpr absl::Duration kMinBackoff = absl::Milliseconds(200);
+  constexpr absl::Duration kMaxBackoff = absl::Seconds(2);
+  absl::Duration backoff = kMinBackoff;
   while (true) {
     grpc::ClientContext ctx;  // long-lived watch: no deadline; cancelled on stop
     {
@@ -480,6 +530,7 @@ void Dispatcher::WatchLoop(std::string router_address) {
     v1::PlacementMap map;
     bool first = true;
     while (reader->Read(&map)) {
+      backoff = kMinBackoff;
       if (absl::Status s = ApplyPlacement(map, /*any_version=*/std::exchange(first, false));
           !s.ok()) {
         spdlog::error("dispatcher: placement v{} refused: {}", map.version(),
@@ -490,9 +541,10 @@ void Dispatcher::WatchLoop(std::string router_address) {
     std::unique_lock<std::mutex> lock(watch_mu_);
     watch_ctx_ = nullptr;
     if (stopping_) return;
-    spdlog::warn("dispatcher: placement watch on {} ended ({}); reconnecting", router_address,
-                 status.error_message());
-    watch_cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stopping_; });
+    spdlog::warn("dispatcher: placement watch on {} ended ({}); reconnecting in {}", router_address,
+                 status.error_message(), absl::FormatDuration(backoff));
+    watch_cv_.wait_for(lock, absl::ToChronoMilliseconds(backoff), [this] { return stopping_; });
+    backoff = std::min(2 * backoff, kMaxBackoff);
   }
 }
 
@@ -693,20 +745,32 @@ absl::Status Dispatcher::StepRun::Accept(size_t i, StepWaiter::Slot& slot) {
   Group& g = groups_[i];
   absl::Status s = slot.status;
   if (s.ok()) s = StatusFromCode(slot.response.error_code(), slot.response.error_message());
-  if (s.ok() && (slot.response.n_rows() != g.rows.size() ||
-                 slot.response.outputs().size() != OutputBytes(g.rows.size(), H_))) {
+  if (!s.ok()) return s;
+  // A replica that answers garbage must not reach the residual stream: the answer is refused,
+  // counted, the replica's stream is cut (it goes last among the candidates until it is
+  // reopened) and the group fails over.
+  Counter* bad = nullptr;
+  const ShardMetrics* m = table_->metrics(g.shard);
+  if (slot.response.n_rows() != g.rows.size() ||
+      slot.response.outputs().size() != OutputBytes(g.rows.size(), H_)) {
     s = absl::InternalError(absl::StrCat("answer of ", slot.response.n_rows(), " rows / ",
                                          slot.response.outputs().size(), " bytes for ",
                                          g.rows.size(), " rows"));
+    if (m) bad = m->bad_size;
+  } else if (!AllFiniteBf16(slot.response.outputs())) {
+    s = absl::InternalError("answer with non-finite (NaN or Inf) outputs");
+    if (m) bad = m->bad_non_finite;
   }
-  if (!s.ok()) return s;
+  if (!s.ok()) {
+    if (bad) bad->Inc();
+    if (g.replica) g.replica->Break(absl::StrCat("bad answer: ", s.message()));
+    return s;
+  }
   g.done = true;
   g.answer = std::move(*slot.response.mutable_outputs());
   g.request.Clear();
   --remaining_;
-  if (const ShardMetrics* m = table_->metrics(g.shard)) {
-    m->bytes_received->Inc(static_cast<double>(g.answer.size()));
-  }
+  if (m) m->bytes_received->Inc(static_cast<double>(g.answer.size()));
   return absl::OkStatus();
 }
 

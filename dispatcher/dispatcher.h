@@ -6,10 +6,13 @@
 // does not depend on timing.
 //
 // Replicas: among a shard's replicas the one with the least outstanding rows gets the work
-// (ties: the first in the map). A replica that fails (stream broken, retryable error) or does
-// not answer within attempt_timeout is abandoned for this request and the request goes to
-// another replica of the same shard; with none left the step fails with UNAVAILABLE naming
-// the shard. The whole step is bounded by step_deadline.
+// (open streams first; ties: the first in the map). A replica that fails (stream broken,
+// retryable error), does not answer within attempt_timeout (a stalled process) or answers
+// garbage (wrong sizes, NaN/Inf outputs: refused, counted in
+// expertmesh_dispatch_bad_answers_total{shard,reason}, never summed) is abandoned for this
+// request, its stream is cut, and the request goes to another replica of the same shard; with
+// none left the step fails with UNAVAILABLE naming the shard. A cut replica comes back when it
+// is next chosen and its handshake succeeds. The whole step is bounded by step_deadline.
 //
 // Placement and replicas come from the router's versioned maps (WatchRouter: a
 // WatchPlacement stream, reconnected when it breaks); replicas that register later are used
@@ -82,6 +85,19 @@ class Dispatcher final : public RoutedExperts {
   absl::Status WaitCovered(absl::Duration timeout, uint64_t min_version = 0);
 
   uint64_t failovers() const { return failovers_.load(); }
+
+  // The replicas of the current map with the state of their streams. `open`: a stream is up
+  // and not failed; false before its first use and from a failure (broken stream, no answer
+  // within the attempt timeout, a bad answer) until the stream is opened again, which happens
+  // when the replica is next chosen (failed replicas are chosen after every open one).
+  struct ReplicaState {
+    int32_t shard = 0;
+    std::string replica_id;
+    std::string address;
+    bool open = false;
+    int64_t outstanding_rows = 0;
+  };
+  std::vector<ReplicaState> Replicas() const;
 
  private:
   struct Table;  // a placement map with its replica streams, immutable once published

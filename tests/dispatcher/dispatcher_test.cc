@@ -14,7 +14,11 @@
 
 #include <gtest/gtest.h>
 
+#include <grpcpp/grpcpp.h>
+
+#include "core/format/wire.h"
 #include "expert-service/expert_service.h"
+#include "expertmesh/v1/expert.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "router/router_service.h"
 #include "service-common/handshake.h"
@@ -325,6 +329,172 @@ TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
   std::vector<float> short_out(config_.hidden_size);
   EXPECT_EQ(dispatcher_->Run(1, b.x, b.routes, short_out).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A shard replica that misbehaves: it speaks the real protocol (handshake with the model's
+// identity, the Compute stream, registration with the router for shard 1) but answers every
+// request with NaN outputs (kNaN), Inf outputs (kInf) or one row too few (kShortAnswer).
+class FakeShard final : public v1::ExpertService::Service {
+ public:
+  enum class Mode { kNaN, kInf, kShortAnswer };
+  FakeShard(Mode mode, v1::PeerIdentity identity, int64_t hidden)
+      : mode_(mode), identity_(std::move(identity)), hidden_(hidden) {}
+
+  // Starts the server on a free loopback port and registers it with the router as shard s.
+  absl::Status Start(const std::string& router, int shard, const Placement& placement) {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    b.RegisterService(this);
+    server_ = b.BuildAndStart();
+    if (!server_ || port_ == 0) return absl::InternalError("fake shard did not start");
+    v1::RegisterRequest reg;
+    *reg.mutable_identity() = identity_;
+    reg.set_address(LoopbackAddress(port_));
+    reg.set_shard_id(shard);
+    for (const LayerExpert& le : placement.ExpertsOf(shard)) {
+      v1::LayerExpert* p = reg.add_experts();
+      p->set_layer(le.layer);
+      p->set_expert(le.expert);
+    }
+    auto stub = v1::RouterService::NewStub(MakeChannel(router));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::RegisterResponse resp;
+    return FromGrpcStatus(stub->Register(&ctx, reg, &resp));
+  }
+  ~FakeShard() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now());
+  }
+  int answered() const { return answered_.load(); }
+
+  grpc::Status Handshake(grpc::ServerContext*, const v1::HandshakeRequest*,
+                         v1::HandshakeResponse* resp) override {
+    *resp->mutable_server() = identity_;
+    return grpc::Status::OK;
+  }
+  grpc::Status Compute(
+      grpc::ServerContext*,
+      grpc::ServerReaderWriter<v1::ExpertResponse, v1::ExpertRequest>* stream) override {
+    v1::ExpertRequest req;
+    while (stream->Read(&req)) {
+      v1::ExpertResponse resp;
+      resp.set_request_id(req.request_id());
+      resp.set_batch_id(req.batch_id());
+      resp.set_layer(req.layer());
+      const uint32_t rows = mode_ == Mode::kShortAnswer ? req.n_rows() - 1 : req.n_rows();
+      resp.set_n_rows(rows);
+      // BF16 0.5 everywhere (0x3F00), with one NaN (0x7FC0) or -Inf (0xFF80) in the middle of
+      // the last row: one bad value must be enough.
+      std::string out(OutputBytes(rows, hidden_), '\0');
+      for (size_t i = 0; i + 1 < out.size(); i += 2) out[i + 1] = '\x3F';
+      if (mode_ != Mode::kShortAnswer && out.size() >= 4) {
+        const size_t at = out.size() - 2 * (hidden_ / 2);
+        out[at] = mode_ == Mode::kNaN ? '\xC0' : '\x80';
+        out[at + 1] = mode_ == Mode::kNaN ? '\x7F' : '\xFF';
+      }
+      resp.set_outputs(std::move(out));
+      ++answered_;
+      if (!stream->Write(resp)) break;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  const Mode mode_;
+  const v1::PeerIdentity identity_;
+  const int64_t hidden_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+  std::atomic<int> answered_{0};
+};
+
+// Shard 1's replicas, in the router's map order: a NaN answerer, a short answerer, an Inf
+// answerer and a real replica. The dispatcher tries them in that order (none is open yet):
+// each bad answer is refused, counted and failed over, and the step's output is the real
+// replica's, bitwise. The bad replicas' streams are cut, so the next steps go straight to the
+// real one.
+TEST(DispatcherBadAnswerTest, NonFiniteAndMisSizedAnswersFailOverAndAreCounted) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  const Placement placement = *EvenPlacement(config, 2);
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "bad-answers");
+  RouterServerOptions ro;
+  ro.identity = identity;
+  ro.membership.expiry = absl::Seconds(60);  // the fakes do not heartbeat
+  absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(placement, ro);
+  ASSERT_TRUE(router.ok()) << router.status();
+  const std::string router_addr = (*router)->address();
+
+  std::vector<std::unique_ptr<ExpertServer>> real;
+  auto add_real = [&](int shard) {
+    ExpertServerOptions o;
+    o.model_dir = *dir;
+    o.experts = placement.ExpertsOf(shard);
+    o.shard_id = shard;
+    o.router_address = router_addr;
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    real.push_back(*std::move(e));
+  };
+  add_real(0);  // shard0-r0
+  std::vector<std::unique_ptr<FakeShard>> fakes;
+  for (FakeShard::Mode mode :
+       {FakeShard::Mode::kNaN, FakeShard::Mode::kShortAnswer, FakeShard::Mode::kInf}) {
+    fakes.push_back(std::make_unique<FakeShard>(mode, identity, config.hidden_size));
+    ASSERT_TRUE(fakes.back()->Start(router_addr, 1, placement).ok());  // shard1-r1..r3
+  }
+  add_real(1);  // shard1-r4: last in the map
+
+  MetricsRegistry metrics;
+  DispatcherOptions d;
+  d.identity = identity;
+  d.step_deadline = absl::Seconds(10);
+  d.metrics = &metrics;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+  ASSERT_TRUE(dispatcher.ok());
+  (*dispatcher)->WatchRouter(router_addr);
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), 5).ok());
+  const std::vector<Dispatcher::ReplicaState> replicas = (*dispatcher)->Replicas();
+  ASSERT_EQ(replicas.size(), 5u);
+  ASSERT_EQ(replicas.back().address, real[1]->address());  // the real one is tried last
+
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  auto run_and_check = [&](int layer, int64_t n, uint64_t seed) {
+    const Batch b = RandomBatch(config, n, seed);
+    std::vector<float> got(n * config.hidden_size);
+    const absl::Status s = (*dispatcher)->Run(layer, b.x, b.routes, got);
+    ASSERT_TRUE(s.ok()) << s;
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(*all, placement, layer, b, config.hidden_size);
+    ASSERT_TRUE(want.ok());
+    for (float v : got) ASSERT_TRUE(std::isfinite(v));
+    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+  };
+  run_and_check(1, 8, 61);
+  for (const auto& f : fakes) EXPECT_EQ(f->answered(), 1);  // every fake was asked and refused
+  EXPECT_EQ((*dispatcher)->failovers(), 3u);
+  const std::string text = metrics.RenderText();
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"non_finite\"} 2"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"size\"} 1"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"0\",reason=\"size\"} 0"),
+            std::string::npos)
+      << text;
+  // The refused replicas' streams are cut: they are not open, the real ones are.
+  for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) {
+    const bool is_real = r.address == real[0]->address() || r.address == real[1]->address();
+    EXPECT_EQ(r.open, is_real) << r.replica_id;
+  }
+  // Later steps go to the open (real) replica first: no more failovers, same exactness.
+  for (int i = 0; i < 3; ++i) run_and_check(1 + i % 3, 5, 70 + i);
+  EXPECT_EQ((*dispatcher)->failovers(), 3u);
+  for (const auto& f : fakes) EXPECT_EQ(f->answered(), 1);
+  dispatcher->reset();
 }
 
 // A placement from a JSON plan that stripes experts over the shards (and differs per
