@@ -1,10 +1,14 @@
 // router-service and expert-service as real processes on loopback (shard 0: one replica,
 // shard 1: two): start-up (NOT_SERVING until loaded, then registered), /metrics over HTTP, a
 // dispatcher step through them, a bad message answered with its own error by the process, a
-// replica frozen with SIGSTOP (the step fails over after the attempt timeout, same output),
+// replica frozen with SIGSTOP (the step fails over after the attempt timeout, same output; the
+// frozen replica is cut and, after SIGCONT, taken back when the other one freezes),
 // and SIGTERM: a replica deregisters before it exits (the router's map drops it at once, not
 // at expiry) and exits with 0; with none left the step is UNAVAILABLE naming the shard.
 #include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -32,6 +36,24 @@ absl::StatusOr<v1::StatusResponse> RouterStatus(v1::RouterService::Stub& stub) {
   const grpc::Status s = stub.GetStatus(&ctx, v1::StatusRequest{}, &resp);
   if (!s.ok()) return FromGrpcStatus(s);
   return resp;
+}
+
+// Whether every thread of process `pid` is stopped (state T in /proc/<pid>/task/*/stat): a
+// SIGSTOP has taken effect, not merely been sent.
+bool AllThreadsStopped(pid_t pid) {
+  std::error_code ec;
+  int threads = 0;
+  for (const auto& task :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), ec)) {
+    std::ifstream in(task.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t paren = stat.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= stat.size()) return false;
+    const char state = stat[paren + 2];
+    if (state != 'T' && state != 't') return false;
+    ++threads;
+  }
+  return !ec && threads > 0;
 }
 
 // Polls the router until shard group s has want[s] replicas (bounded by the network).
@@ -139,11 +161,7 @@ TEST_F(ShardProcessTest, RegisterServeFailOverAndDeregisterOnSigterm) {
   }
   absl::StatusOr<v1::StatusResponse> st = WaitForReplicas(*router_stub, {1, 2}, absl::Seconds(60));
   ASSERT_TRUE(st.ok()) << Log("expert1");
-  // The dispatcher's first choice for shard 1 is the first replica of the map.
   const std::string first_addr = st->placement().shards(1).replicas(0).address();
-  const int first = first_addr == addresses[1] ? 1 : 2;
-  ASSERT_EQ(addresses[first], first_addr);
-  const int second = 3 - first;
   auto expert_channel = MakeChannel(first_addr);
   ASSERT_TRUE(WaitForServing(*expert_channel, absl::Seconds(10)).ok());
   ASSERT_TRUE(
@@ -184,17 +202,60 @@ TEST_F(ShardProcessTest, RegisterServeFailOverAndDeregisterOnSigterm) {
     EXPECT_TRUE(stream->Finish().ok());
   }
 
-  // Freeze the first choice of shard 1: its request times out after attempt_timeout and goes
-  // to the other replica; the output is the same.
-  experts[first]->Signal(SIGSTOP);
-  const absl::Time start = absl::Now();
+  // A stalled replica (SIGSTOP), not a dead one. Which replica of shard 1 the dispatcher uses
+  // is read from the dispatcher itself (the one whose stream the first step opened: open
+  // streams are chosen first), and the signal is awaited until every thread of the process is
+  // stopped, so the frozen replica is the one the next step goes to and it cannot answer.
+  const auto open_replica_of_shard1 = [&]() -> int {
+    int found = -1;
+    for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) {
+      if (r.shard != 1 || !r.open) continue;
+      if (found != -1) return -2;  // more than one
+      found = r.address == addresses[1] ? 1 : r.address == addresses[2] ? 2 : -3;
+    }
+    return found;
+  };
+  const int used = open_replica_of_shard1();
+  ASSERT_TRUE(used == 1 || used == 2) << used;
+  const int other = 3 - used;
+  const auto freeze = [&](int i) {
+    experts[i]->Signal(SIGSTOP);
+    ASSERT_TRUE(testing::PollUntil([&] { return AllThreadsStopped(experts[i]->pid()); },
+                                   absl::Seconds(10)));
+  };
+  // The step times out on the frozen replica after attempt_timeout (1 s) and fails over to the
+  // other; same output; the frozen one is marked failed (its stream cut).
+  freeze(used);
+  ASSERT_FALSE(HasFatalFailure());
+  uint64_t failovers = (*dispatcher)->failovers();
+  absl::Time start = absl::Now();
   const absl::Status frozen = RunAndCheck(**dispatcher, 1, 5, 10);
-  const absl::Duration took = absl::Now() - start;
-  experts[first]->Signal(SIGCONT);
+  absl::Duration took = absl::Now() - start;
+  experts[used]->Signal(SIGCONT);
   ASSERT_TRUE(frozen.ok()) << frozen;
   EXPECT_GE(took, absl::Seconds(1));
   EXPECT_LT(took, absl::Seconds(10));
-  EXPECT_GE((*dispatcher)->failovers(), 1u);
+  EXPECT_EQ((*dispatcher)->failovers(), failovers + 1);
+  EXPECT_EQ(open_replica_of_shard1(), other);
+  // Taken back once it recovers: with the other replica frozen now, the step times out there
+  // and goes to the recovered one (its stream opened again with a handshake); same output.
+  freeze(other);
+  ASSERT_FALSE(HasFatalFailure());
+  failovers = (*dispatcher)->failovers();
+  start = absl::Now();
+  const absl::Status recovered = RunAndCheck(**dispatcher, 2, 7, 12);
+  took = absl::Now() - start;
+  experts[other]->Signal(SIGCONT);
+  ASSERT_TRUE(recovered.ok()) << recovered;
+  EXPECT_GE(took, absl::Seconds(1));
+  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_EQ((*dispatcher)->failovers(), failovers + 1);
+  EXPECT_EQ(open_replica_of_shard1(), used);
+  // Both answer again; a step with no frozen replica takes no failover.
+  failovers = (*dispatcher)->failovers();
+  ASSERT_TRUE(RunAndCheck(**dispatcher, 3, 4, 13).ok());
+  EXPECT_EQ((*dispatcher)->failovers(), failovers);
+  const int first = used, second = other;
 
   // SIGTERM: each replica of shard 1 deregisters, then exits 0; the router drops it at once
   // (expiry is 30 s here, so only the deregistration can explain it).
