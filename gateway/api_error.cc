@@ -5,6 +5,7 @@
 #include <boost/json.hpp>
 
 #include "absl/strings/cord.h"
+#include "core/base/utf8.h"
 #include "gateway/strings.h"
 
 namespace expertmesh::gateway {
@@ -138,11 +139,15 @@ ApiError ToApiError(const absl::Status& status) {
 }
 
 std::string ApiErrorJson(const ApiError& error) {
+  // Messages and params may echo request bytes (a URL path, a field name) that are not UTF-8;
+  // Boost.JSON would copy them as they are, and the body would not be JSON.
   boost::json::object inner;
-  inner["message"] = error.message;
+  inner["message"] = Utf8Lossy(error.message);
   inner["type"] = error.type;
-  inner["param"] = error.param ? boost::json::value(*error.param) : boost::json::value(nullptr);
-  inner["code"] = error.code ? boost::json::value(*error.code) : boost::json::value(nullptr);
+  inner["param"] =
+      error.param ? boost::json::value(Utf8Lossy(*error.param)) : boost::json::value(nullptr);
+  inner["code"] =
+      error.code ? boost::json::value(Utf8Lossy(*error.code)) : boost::json::value(nullptr);
   boost::json::object outer;
   outer["error"] = std::move(inner);
   return boost::json::serialize(outer);

@@ -71,5 +71,19 @@ TEST(ToApiErrorTest, JsonBodyHasTheOpenAiShape) {
   EXPECT_TRUE(err.at("code").is_null());
 }
 
+// Found by tests/fuzz/http_request_fuzz: a request for "/v1/c\xC6ompletions" got a 404 whose
+// body echoed the raw path, so it was not UTF-8 and not JSON a client could parse.
+TEST(ToApiErrorTest, JsonBodyIsValidUtf8WhenTheMessageEchoesRawBytes) {
+  const ApiError e = ToApiError(
+      WithParam(absl::NotFoundError("Unknown path /v1/c\xC6ompletions."), std::string("p\xFF")));
+  const std::string json = ApiErrorJson(e);
+  boost::system::error_code ec;
+  const boost::json::value v = boost::json::parse(json, ec);
+  ASSERT_FALSE(ec) << json;
+  const boost::json::object& err = v.at("error").as_object();
+  EXPECT_EQ(err.at("message").as_string(), "Unknown path /v1/c\xEF\xBF\xBDompletions.");
+  EXPECT_EQ(err.at("param").as_string(), "p\xEF\xBF\xBD");
+}
+
 }  // namespace
 }  // namespace expertmesh::gateway
