@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (preset `fuzz`, clang + ASan/UBSan) and runs them for
-# FUZZ_SECONDS in all (default 60, split evenly between the targets), each on a scratch copy
-# of its seed corpus in tests/fuzz/corpus/<target without _fuzz>/.
+# FUZZ_SECONDS in all (default 60, split evenly between the targets; with no target named,
+# every one in tests/fuzz), each on a scratch copy of its seed corpus in
+# tests/fuzz/corpus/<target without _fuzz>/.
 # Exits non-zero when a target crashes, leaks, or breaks an invariant; the failing input is
 # kept under <build dir>/fuzz-artifacts/ (rerun it with: <target binary> <that file>).
 #   FUZZ_SECONDS=60  FUZZ_BUILD_DIR=build/fuzz  FUZZ_JOBS=2  tools/fuzz.sh [target ...]
@@ -13,7 +14,8 @@ build="${FUZZ_BUILD_DIR:-build/fuzz}"
 jobs="${FUZZ_JOBS:-2}"
 targets=("$@")
 if ((${#targets[@]} == 0)); then
-  targets=(safetensors_header_fuzz safetensors_file_fuzz)
+  targets=(safetensors_header_fuzz safetensors_file_fuzz tokenizer_fuzz chat_template_fuzz
+    openai_parse_fuzz http_request_fuzz expert_request_fuzz)
 fi
 per_target=$((seconds / ${#targets[@]}))
 ((per_target > 0)) || per_target=1
