@@ -1,5 +1,7 @@
 #include "expert-service/registration.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "service-common/grpc_util.h"
 #include "spdlog/spdlog.h"
@@ -50,12 +52,21 @@ absl::Status RouterRegistration::RegisterOnce() {
 
 void RouterRegistration::Loop() {
   std::unique_lock<std::mutex> lock(mu_);
-  while (!cv_.wait_for(lock, absl::ToChronoMilliseconds(interval_), [this] { return stop_; })) {
+  // While unregistered (the router not reachable yet, or it refused a registration again) the
+  // attempts back off: the heartbeat interval doubling up to 2 s (or the interval if longer).
+  absl::Duration retry = interval_;
+  while (!cv_.wait_for(lock, absl::ToChronoMilliseconds(replica_id_.empty() ? retry : interval_),
+                       [this] { return stop_; })) {
     const std::string id = replica_id_;
     lock.unlock();
     if (id.empty()) {
-      if (absl::Status s = RegisterOnce(); !s.ok())
-        spdlog::warn("register: {}", std::string(s.message()));
+      if (absl::Status s = RegisterOnce(); !s.ok()) {
+        retry = std::min(2 * retry, std::max(interval(), absl::Seconds(2)));
+        spdlog::warn("register: {} (next attempt in {})", std::string(s.message()),
+                     absl::FormatDuration(retry));
+      } else {
+        retry = interval();
+      }
     } else {
       grpc::ClientContext ctx;
       ctx.set_deadline(DeadlineIn(rpc_timeout_));
@@ -104,6 +115,11 @@ void RouterRegistration::Deregister() {
   }
   std::lock_guard<std::mutex> lock(mu_);
   replica_id_.clear();
+}
+
+absl::Duration RouterRegistration::interval() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return interval_;
 }
 
 std::string RouterRegistration::replica_id() const {

@@ -1,7 +1,9 @@
 // A shard replica's membership with the router: registers (the first attempt is synchronous
 // so a refusal -- another model, a placement mismatch -- fails start-up loudly), then
 // heartbeats on a background thread at the interval the router asked for, registering
-// again when the router no longer knows it (router restart, expiry). Deregister() on drain.
+// again when the router no longer knows it (router restart, expiry). A router that cannot be
+// reached at start-up is retried in the background with bounded backoff (up to 2 s between
+// attempts). Deregister() on drain.
 #pragma once
 
 #include <condition_variable>
@@ -32,6 +34,7 @@ class RouterRegistration {
  private:
   RouterRegistration() = default;
   absl::Status RegisterOnce();  // under no lock
+  absl::Duration interval() const;
   void Loop();
   void Stop();
 

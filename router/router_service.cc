@@ -10,7 +10,9 @@
 namespace expertmesh {
 
 RouterServiceImpl::RouterServiceImpl(Placement placement, RouterServerOptions options)
-    : options_(std::move(options)), membership_(std::move(placement), options_.membership) {}
+    : options_(std::move(options)),
+      membership_(std::move(placement), options_.membership),
+      settle_until_(absl::Now() + 2 * options_.membership.heartbeat_interval) {}
 
 RouterServiceImpl::~RouterServiceImpl() { Stop(); }
 
@@ -110,6 +112,12 @@ grpc::Status RouterServiceImpl::WatchPlacement(grpc::ServerContext* ctx,
   uint64_t known = req->known_version();
   grpc::Status result = grpc::Status::OK;
   while (!stopping_ && !ctx->IsCancelled()) {
+    if (const absl::Time now = absl::Now(); now < settle_until_) {
+      changed_.wait_for(lock, std::min(std::chrono::milliseconds(200),
+                                       absl::ToChronoMilliseconds(settle_until_ - now) +
+                                           std::chrono::milliseconds(1)));
+      continue;
+    }
     if (membership_.version() > known) {
       const v1::PlacementMap map = membership_.Map(absl::Now());
       known = map.version();

@@ -61,6 +61,11 @@ class RouterServiceImpl final : public v1::RouterService::Service {
   Membership membership_;
   bool stopping_ = false;
   int watchers_ = 0;
+  // Watchers get no map before this: a freshly (re)started router knows none of the live
+  // replicas until their next heartbeat tells them to register again, and its first maps
+  // would take every replica away from the dispatchers for that long. Two heartbeat
+  // intervals after the start.
+  absl::Time settle_until_;
 };
 
 class RouterServer {

@@ -22,6 +22,7 @@
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "router/router_service.h"
 #include "service-common/handshake.h"
+#include "service-common/process.h"
 #include "tests/cluster/shards_test_util.h"
 #include "tests/common/poll.h"
 
@@ -495,6 +496,101 @@ TEST(DispatcherBadAnswerTest, NonFiniteAndMisSizedAnswersFailOverAndAreCounted) 
   EXPECT_EQ((*dispatcher)->failovers(), 3u);
   for (const auto& f : fakes) EXPECT_EQ(f->answered(), 1);
   dispatcher->reset();
+}
+
+// The control plane absent at start-up and restarted while steps run: the shard replicas and
+// the dispatcher start with no router listening (they retry with bounded backoff), serve once
+// it comes up, keep serving on their open streams while it is down, and follow the restarted
+// router (its versions counting from 1 again).
+TEST(DispatcherRouterOutageTest, RouterStartedLateAndRestartedMidRun) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  const Placement placement = *EvenPlacement(config, 2);
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "router-outage");
+  absl::StatusOr<int> port = PickFreePort();
+  ASSERT_TRUE(port.ok());
+  const std::string router_addr = LoopbackAddress(*port);
+  const auto start_router = [&]() -> std::unique_ptr<RouterServer> {
+    RouterServerOptions ro;
+    ro.server.listen = router_addr;
+    ro.identity = identity;
+    ro.membership.heartbeat_interval = absl::Milliseconds(100);
+    ro.membership.expiry = absl::Milliseconds(600);
+    absl::StatusOr<std::unique_ptr<RouterServer>> r = RouterServer::Start(placement, ro);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *std::move(r) : nullptr;
+  };
+
+  // No router yet: everything starts anyway.
+  std::vector<std::unique_ptr<ExpertServer>> shards;
+  for (int s = 0; s < 2; ++s) {
+    ExpertServerOptions o;
+    o.model_dir = *dir;
+    o.experts = placement.ExpertsOf(s);
+    o.shard_id = s;
+    o.router_address = router_addr;
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    shards.push_back(*std::move(e));
+  }
+  DispatcherOptions d;
+  d.identity = identity;
+  d.step_deadline = absl::Seconds(5);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+  ASSERT_TRUE(dispatcher.ok());
+  (*dispatcher)->WatchRouter(router_addr);
+
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  uint64_t seed = 300;
+  const auto step = [&]() -> absl::Status {
+    const int layer = 1 + static_cast<int>(seed % 3);
+    const Batch b = RandomBatch(config, 6, ++seed);
+    std::vector<float> got(6 * config.hidden_size);
+    EM_RETURN_IF_ERROR((*dispatcher)->Run(layer, b.x, b.routes, got));
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(*all, placement, layer, b, config.hidden_size);
+    if (!want.ok()) return want.status();
+    if (got != *want) return absl::InternalError(absl::StrCat("wrong output, seed ", seed));
+    return absl::OkStatus();
+  };
+  EXPECT_EQ(step().code(), absl::StatusCode::kUnavailable);  // no placement map yet
+  absl::SleepFor(absl::Milliseconds(1500));  // a few failed attempts: the backoffs grow
+  EXPECT_FALSE((*dispatcher)->Covered());
+
+  std::unique_ptr<RouterServer> router = start_router();
+  ASSERT_NE(router, nullptr);
+  // Both replicas register and the dispatcher's watch connects, within the backoff bound
+  // (2 s) plus the network's events.
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(10)).ok())
+      << "router v" << router->service().version();
+  ASSERT_TRUE(step().ok());
+
+  // The router goes away mid-run: steps keep being served on the open streams.
+  router.reset();
+  const absl::Time down = absl::Now();
+  while (absl::Now() - down < absl::Milliseconds(1500)) {
+    const absl::Status s = step();
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  // It comes back (versions from 1 again): the replicas register again (it forgot them) and
+  // the dispatcher follows its map; steps go on succeeding all along.
+  router = start_router();
+  ASSERT_NE(router, nullptr);
+  const bool followed = testing::PollUntil(
+      [&] {
+        EXPECT_TRUE(step().ok());
+        return router->service().version() >= 2 &&
+               (*dispatcher)->placement_version() == router->service().version() &&
+               (*dispatcher)->Covered();
+      },
+      absl::Seconds(10), absl::Milliseconds(20));
+  ASSERT_TRUE(followed) << "router v" << router->service().version() << ", dispatcher v"
+                        << (*dispatcher)->placement_version();
+  ASSERT_TRUE(step().ok());
+  dispatcher->reset();
+  shards.clear();
 }
 
 // A placement from a JSON plan that stripes experts over the shards (and differs per
