@@ -230,8 +230,13 @@ class RequestRunner::EventDecoder {
 
 absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationSink& sink) const {
   const auto start = SteadyClock::now();
-  const auto steady_deadline = start + options_.default_timeout;
-  const auto wall_deadline = std::chrono::system_clock::now() + options_.default_timeout;
+  auto timeout = std::chrono::duration_cast<SteadyClock::duration>(options_.default_timeout);
+  if (const auto client = sink.ClientDeadline()) {
+    timeout = std::min(timeout, std::chrono::duration_cast<SteadyClock::duration>(
+                                    *client - std::chrono::system_clock::now()));
+  }
+  const auto steady_deadline = start + timeout;
+  const auto wall_deadline = std::chrono::system_clock::now() + timeout;
 
   // 1. Admission (priority, fair share by client, cost prompt + max_tokens), then the Submit
   // stream to an attention replica.

@@ -62,6 +62,12 @@ class GenerationSink {
   virtual bool OnDelta(const Delta& delta) = 0;
   // Polled while queued and between events: true when the client went away.
   virtual bool ClientGone() { return false; }
+  // The client's own deadline, if it set one (a gRPC call's): the request, queued or
+  // generating, ends there rather than at the gateway's default timeout, and so does its
+  // sequence at the attention service (the Submit carries the earlier of the two).
+  virtual std::optional<std::chrono::system_clock::time_point> ClientDeadline() const {
+    return std::nullopt;
+  }
 };
 
 struct PreparedRequest {

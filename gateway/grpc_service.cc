@@ -37,6 +37,12 @@ class WriterSink : public GenerationSink {
     return writer_->Write(response);
   }
   bool ClientGone() override { return context_->IsCancelled(); }
+  std::optional<std::chrono::system_clock::time_point> ClientDeadline() const override {
+    const auto d = context_->deadline();
+    // No deadline set: gRPC reports the far future.
+    if (d >= std::chrono::system_clock::now() + std::chrono::hours(24 * 365)) return std::nullopt;
+    return d;
+  }
 
  private:
   grpc::ServerContext* context_;

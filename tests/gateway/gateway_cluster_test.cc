@@ -694,6 +694,52 @@ TEST_F(GatewayClusterTest, ClientDisconnectCancelsTheSequence) {
   EXPECT_EQ(MetricValue(attention_metrics(), cancelled), before + 1);
 }
 
+// A gRPC client's deadline reaches the attention service: the call ends with
+// DEADLINE_EXCEEDED before the sequence could finish, the sequence finishes there as
+// cancelled and its KV blocks go back (expertmesh_attention_kv_blocks_used back to 0).
+TEST_F(GatewayClusterTest, GrpcDeadlineCancelsTheSequenceAndFreesItsKv) {
+  auto attention_metrics = [&] {
+    auto text = HttpGet("127.0.0.1", cluster_->attention().metrics_port, "/metrics");
+    EXPECT_TRUE(text.ok()) << text.status();
+    return text.ok() ? *text : std::string();
+  };
+  // Ended by the gateway's cancellation or by the Submit's deadline (the client's), whichever
+  // the attention service sees first: cancelled or error, once.
+  const auto ended = [&] {
+    const std::string text = attention_metrics();
+    double n = 0;
+    for (const char* reason : {"cancelled", "error"}) {
+      n += std::max(
+          0.0, MetricValue(text, Cat(R"(expertmesh_attention_requests_finished_total{reason=")",
+                                     reason, "\"}")));
+    }
+    return n;
+  };
+  ASSERT_TRUE(AttentionIdle());
+  const double before = ended();
+  auto stub = v1::Gateway::NewStub(MakeChannel(LoopbackAddress(gateway_->grpc_port())));
+  grpc::ClientContext ctx;
+  // 240 tokens take ~250 ms here unloaded (the context is 256): the deadline comes first.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+  v1::GenerateRequest req;
+  req.set_prompt(kPrompts[1]);
+  req.set_max_tokens(240);
+  req.set_ignore_eos(true);
+  req.mutable_sampling()->set_temperature(0);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  while (reader->Read(&resp)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(AttentionIdle());
+  EXPECT_TRUE(expertmesh::testing::PollUntil(
+      [&] {
+        return MetricValue(attention_metrics(), "expertmesh_attention_kv_blocks_used") == 0.0;
+      },
+      absl::Seconds(10), absl::Milliseconds(50)));
+  EXPECT_EQ(ended(), before + 1);
+}
+
 TEST_F(GatewayClusterTest, GrpcGenerateAndListModels) {
   auto channel = MakeChannel(LoopbackAddress(gateway_->grpc_port()));
   auto stub = v1::Gateway::NewStub(channel);
