@@ -2,12 +2,18 @@
 
 #include <algorithm>
 
+#include <random>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace expertmesh {
 
 Membership::Membership(Placement placement, MembershipOptions options)
-    : placement_(std::move(placement)), options_(options) {}
+    : placement_(std::move(placement)), options_(options) {
+  std::random_device rd;
+  epoch_ = absl::StrFormat("%08x", rd());
+}
 
 absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequest& request,
                                                           absl::Time now) {
@@ -35,7 +41,7 @@ absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequ
     it = it->second.address == request.address() ? replicas_.erase(it) : std::next(it);
   }
   Replica r;
-  r.id = absl::StrCat("shard", shard, "-r", next_replica_++);
+  r.id = absl::StrCat("shard", shard, "-r", next_replica_++, ".", epoch_);
   r.address = request.address();
   r.shard_id = shard;
   r.capacity = request.capacity();

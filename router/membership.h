@@ -58,6 +58,10 @@ class Membership {
   MembershipOptions options_;
   uint64_t version_ = 1;
   uint64_t next_replica_ = 0;
+  // Replica ids carry this router instance's random epoch, so an id handed out by a router
+  // that restarted is never taken for another replica's: a heartbeat with an old id is
+  // unknown here and its replica registers again.
+  std::string epoch_;
   std::map<std::string, Replica> replicas_;  // by id
   std::map<std::pair<int32_t, int32_t>, uint64_t> load_;
 };

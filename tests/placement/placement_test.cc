@@ -165,6 +165,24 @@ TEST(MembershipTest, RegisterHeartbeatExpireDeregisterBumpVersions) {
   EXPECT_EQ(m.replica_count(), 0u);
 }
 
+TEST(MembershipTest, IdsOfARestartedRouterAreNotTakenForAnotherReplicas) {
+  // Router A registers replicas X and Y; it restarts as router B, where Y registers again
+  // first. X's heartbeat with A's id must be unknown to B (so X registers again), never taken
+  // for Y's registration at B (the ids of both counters start at 0).
+  const ModelConfig c = TestConfig();
+  Placement p = *EvenPlacement(c, 2);
+  const absl::Time t0 = absl::FromUnixSeconds(1000);
+  Membership a(p, MembershipOptions{});
+  const std::string x_at_a = a.Register(RegisterFor(p, 1, "h:x"), t0)->replica_id();
+  ASSERT_TRUE(a.Register(RegisterFor(p, 1, "h:y"), t0).ok());
+  Membership b(p, MembershipOptions{});
+  const std::string y_at_b = b.Register(RegisterFor(p, 1, "h:y"), t0)->replica_id();
+  EXPECT_NE(x_at_a, y_at_b);
+  v1::HeartbeatRequest hb;
+  hb.set_replica_id(x_at_a);
+  EXPECT_FALSE(b.Heartbeat(hb, t0));
+}
+
 TEST(MembershipTest, RegistrationMustMatchThePlacement) {
   const ModelConfig c = TestConfig();
   Placement p = *EvenPlacement(c, 2);
