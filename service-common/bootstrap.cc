@@ -1,7 +1,10 @@
 #include "service-common/bootstrap.h"
 
+#include <cstdio>
+
 #include "core/base/status.h"
 #include "service-common/process.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh {
@@ -30,6 +33,12 @@ ServiceMain::ServiceMain(std::string service, std::string description, CommonFla
   app_.add_option("--log-level", flags_.log_level, "Log level")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
       ->capture_default_str();
+  app_.add_option("--tls-cert", flags_.tls_cert,
+                  "PEM certificate chain of this service: enables mTLS on the gRPC server and "
+                  "every gRPC client (with --tls-key and --tls-ca; reloaded when it changes)");
+  app_.add_option("--tls-key", flags_.tls_key, "PEM private key of --tls-cert");
+  app_.add_option("--tls-ca", flags_.tls_ca,
+                  "PEM CA bundle that peers' certificates (clients' and servers') must chain to");
 }
 
 std::optional<int> ServiceMain::Parse(int argc, char** argv) {
@@ -38,6 +47,12 @@ std::optional<int> ServiceMain::Parse(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app_.exit(e) == 0 ? kExitOk : kExitUsage;  // exit() prints help or the error
   }
+  const TlsFiles tls{.cert = flags_.tls_cert, .key = flags_.tls_key, .ca = flags_.tls_ca};
+  if (absl::Status s = ValidateTlsFiles(tls); !s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", service_.c_str(), std::string(s.message()).c_str());
+    return absl::IsInvalidArgument(s) ? kExitUsage : kExitStartFailed;
+  }
+  SetProcessTls(tls);
   if (absl::Status s = BlockTerminationSignals(); !s.ok()) {
     spdlog::critical("{}: {}", service_, s);
     return kExitStartFailed;
@@ -45,6 +60,10 @@ std::optional<int> ServiceMain::Parse(int argc, char** argv) {
   if (absl::Status s = SetupLogging(service_, flags_.log_level); !s.ok()) {
     spdlog::critical("{}: {}", service_, s);  // (the flag check makes this unreachable)
     return kExitUsage;
+  }
+  if (tls.enabled()) {
+    spdlog::info("mTLS on: cert {}, key {}, CA {} (reloaded when they change)", tls.cert, tls.key,
+                 tls.ca);
   }
   return std::nullopt;
 }

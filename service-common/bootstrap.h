@@ -36,6 +36,8 @@ struct CommonFlags {
   std::string metrics_host;            // empty: the host of --listen
   int metrics_port = -1;               // 0 = any free port, -1 = off
   std::string log_level = "info";
+  // mTLS (all three or none; none = insecure). Used by the gRPC server and every channel.
+  std::string tls_cert, tls_key, tls_ca;
 };
 
 class ServiceMain {

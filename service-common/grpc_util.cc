@@ -41,7 +41,9 @@ absl::StatusOr<RunningServer> StartGrpcServer(const ServerOptions& options,
 
   RunningServer running;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &running.port);
+  builder.AddListeningPort(options.listen,
+                           options.credentials ? options.credentials : ProcessServerCredentials(),
+                           &running.port);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 2);
@@ -69,14 +71,16 @@ void SetServing(grpc::Server& server, bool serving) {
   }
 }
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, int max_message_bytes) {
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, int max_message_bytes,
+                                           std::shared_ptr<grpc::ChannelCredentials> credentials) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
   // Reconnect quickly after a peer restarts (loopback clusters, rolling updates).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (!credentials) credentials = ProcessChannelCredentials();
+  return grpc::CreateCustomChannel(target, credentials, args);
 }
 
 namespace {

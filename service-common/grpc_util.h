@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "service-common/tls.h"
 
 namespace expertmesh {
 
@@ -34,6 +35,9 @@ struct ServerOptions {
   // Service names grpc.health.v1 also answers for (besides "" = the whole server), e.g.
   // v1::ExpertService::service_full_name(); each follows SetServing().
   std::vector<std::string> health_service_names;
+  // Credentials of the listening port; null: MakeServerCredentials(ProcessTls()) (mTLS when
+  // the service was started with --tls-cert/--tls-key/--tls-ca, insecure otherwise).
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 struct RunningServer {
@@ -42,17 +46,20 @@ struct RunningServer {
 };
 
 // Starts a server with `services` registered, the default grpc.health.v1 service (status
-// NOT_SERVING until SetServing(true)) and server reflection. Insecure credentials: the
-// cluster runs inside a private network. An error when the address cannot be bound.
+// NOT_SERVING until SetServing(true)) and server reflection. Credentials: options.credentials,
+// else the process-wide TLS setting (service-common/tls.h; insecure by default). An error when the
+// address cannot be bound.
 absl::StatusOr<RunningServer> StartGrpcServer(const ServerOptions& options,
                                               const std::vector<grpc::Service*>& services);
 
 // Sets grpc.health.v1 status for the whole server ("") and each registered service.
 void SetServing(grpc::Server& server, bool serving);
 
-// An insecure channel to target with the message limits set explicitly.
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
-                                           int max_message_bytes = kDefaultMaxMessageBytes);
+// A channel to target with the message limits set explicitly; credentials null: those of
+// the process-wide TLS setting (mTLS under --tls-*, insecure otherwise).
+std::shared_ptr<grpc::Channel> MakeChannel(
+    const std::string& target, int max_message_bytes = kDefaultMaxMessageBytes,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
 // grpc.health.v1.Health/Check for `service` ("" = the server). OK(true) = SERVING,
 // OK(false) = NOT_SERVING or UNKNOWN; an error when the call itself failed.
