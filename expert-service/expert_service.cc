@@ -71,6 +71,10 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
     if (end < begin) {
       return absl::InvalidArgumentError(absl::StrCat("row_offsets decrease at row ", r));
     }
+    if (end > static_cast<uint32_t>(request.experts_size())) {  // (found by expert_request_fuzz)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "row_offsets[", r + 1, "] = ", end, " is past the ", request.experts_size(), " experts"));
+    }
     if (end - begin > static_cast<uint64_t>(config.num_experts_per_tok)) {
       return absl::InvalidArgumentError(absl::StrCat("row ", r, " has ", end - begin,
                                                      " experts; num_experts_per_tok is ",

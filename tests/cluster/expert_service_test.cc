@@ -272,6 +272,13 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
     dec.set_row_offsets(i + 1, dec.row_offsets(i) - 1);
     ExpectError(dec, C::kInvalidArgument, "decrease");
   }
+  {
+    // A middle offset past the experts (found by expert_request_fuzz: the pairs of row 0 were
+    // read beyond the end of experts before row 1's decrease was seen).
+    v1::ExpertRequest past = ok;
+    past.set_row_offsets(1, static_cast<uint32_t>(past.experts_size()) + 1);
+    ExpectError(past, C::kInvalidArgument, "is past the");
+  }
   ExpectError(with([](auto& r) { r.mutable_weights()->RemoveLast(); }), C::kInvalidArgument,
               "weights has");
   ExpectError(with([&](auto& r) { r.set_weights(0, nan); }), C::kInvalidArgument, "weight");
