@@ -6,6 +6,7 @@
 #include <array>
 #include <cctype>
 #include <charconv>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -275,12 +276,17 @@ class ExprParser {
       case Tok::Kind::kInt: {
         ++pos_;
         int64_t x = 0;
-        std::from_chars(t.text.data(), t.text.data() + t.text.size(), x);
+        const auto [end, ec] = std::from_chars(t.text.data(), t.text.data() + t.text.size(), x);
+        if (ec != std::errc() || end != t.text.data() + t.text.size()) {
+          return Error(absl::StrCat("integer literal ", t.text, " is out of range"));
+        }
         return Literal(Value::Int(x));
       }
       case Tok::Kind::kFloat:
         ++pos_;
-        return Literal(Value::Float(std::stod(t.text)));
+        // strtod, not stod: a literal beyond double's range is inf (as in Python), not an
+        // exception (found by chat_template_fuzz).
+        return Literal(Value::Float(std::strtod(t.text.c_str(), nullptr)));
       case Tok::Kind::kName: {
         ++pos_;
         if (t.text == "true" || t.text == "True") return Literal(Value::Bool(true));

@@ -144,6 +144,12 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
   EXPECT_EQ(raised.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(raised.status().message().find("Only user and assistant"), std::string::npos);
 
+  // Number literals beyond range (found by chat_template_fuzz: std::stod threw).
+  auto huge = ChatTemplate::Create("{{ 1e400 > 1 }}", "", "");
+  ASSERT_TRUE(huge.ok()) << huge.status();
+  EXPECT_EQ(*huge->Apply({}, false), "True");  // inf, as Python's float literal
+  EXPECT_EQ(ChatTemplate::Create("{{ 99999999999999999999 }}", "", "").status().code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_FALSE(ChatTemplate::Create("{% if x %}unclosed", "", "").ok());
   EXPECT_FALSE(ChatTemplate::Create("{{ 1 + }}", "", "").ok());
   EXPECT_EQ(ChatTemplate::Create("{% macro m() %}{% endmacro %}", "", "").status().code(),
