@@ -168,7 +168,19 @@ class ExprParser {
   }
 
  private:
+  // Nesting of sub-expressions ((), [], unary operators) bounds the parser's recursion
+  // (found by chat_template_fuzz: a thousand '[' overflowed the stack).
+  static constexpr int kMaxExpressionDepth = 200;
+  struct DepthGuard {
+    explicit DepthGuard(int& depth) : depth(depth) { ++depth; }
+    ~DepthGuard() { --depth; }
+    int& depth;
+  };
+  int depth_ = 0;
+
   absl::StatusOr<ExprPtr> ParseConditional() {
+    const DepthGuard guard(depth_);
+    if (depth_ > kMaxExpressionDepth) return Error("expression nested too deeply");
     EM_ASSIGN_OR_RETURN(auto value, ParseOr());
     if (!AcceptName("if")) return value;
     EM_ASSIGN_OR_RETURN(auto cond, ParseOr());
@@ -198,6 +210,8 @@ class ExprParser {
     return left;
   }
   absl::StatusOr<ExprPtr> ParseNot() {
+    const DepthGuard guard(depth_);
+    if (depth_ > kMaxExpressionDepth) return Error("expression nested too deeply");
     if (AcceptName("not")) {
       EM_ASSIGN_OR_RETURN(auto operand, ParseNot());
       ExprPtr e = MakeExpr(Expr::Kind::kNot);
@@ -253,6 +267,8 @@ class ExprParser {
     return left;
   }
   absl::StatusOr<ExprPtr> ParseUnary() {
+    const DepthGuard guard(depth_);
+    if (depth_ > kMaxExpressionDepth) return Error("expression nested too deeply");
     if (Accept("-")) {
       EM_ASSIGN_OR_RETURN(auto operand, ParseUnary());
       ExprPtr e = MakeExpr(Expr::Kind::kNeg);

@@ -161,6 +161,10 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
   // Limits: recursion, memory and time stay bounded whatever the template says.
   std::string deep_parens = std::string(5000, '(') + "1" + std::string(5000, ')');
   EXPECT_FALSE(ChatTemplate::Create("{{ " + deep_parens + " }}", "", "").ok());
+  // 1000 nested '[' (found by chat_template_fuzz: the parser's recursion overflowed the stack).
+  EXPECT_FALSE(ChatTemplate::Create("{{ " + std::string(1000, '[') + " }}", "", "").ok());
+  EXPECT_FALSE(ChatTemplate::Create("{{ " + std::string(600, '-') + "1 }}", "", "").ok());
+  EXPECT_TRUE(ChatTemplate::Create("{{ [[[[1]]]] }}", "", "").ok());
   std::string deep_ifs;
   for (int k = 0; k < 1000; ++k) deep_ifs += "{% if true %}";
   for (int k = 0; k < 1000; ++k) deep_ifs += "{% endif %}";
