@@ -407,13 +407,9 @@ std::vector<std::unique_ptr<Scheduler::Sequence>> Scheduler::ReserveForStep() {
   std::stable_sort(running_.begin(), running_.end(),
                    [](const auto& a, const auto& b) { return Before(*a, *b); });
   std::vector<std::unique_ptr<Sequence>> preempted;
-  const int extra = stepper_->mtp() ? options_.draft_k : 0;
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& seq = *running_[i];
-    const StepSequence& st = seq.step;
-    const int64_t feed = st.prefilling()
-                             ? std::min(options_.prefill_chunk, st.prompt_len - st.prefilled)
-                             : 1 + (st.drafting() ? extra : 0);
+    const int64_t feed = stepper_->MaxFeed(seq.step);
     // (The MTP cache stays below main length + drafts: covered by the same blocks.)
     while (!seq.blocks->Reserve(seq.cache->length() + feed).ok()) {
       // The last in scheduling order goes, possibly this sequence itself.

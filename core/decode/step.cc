@@ -144,6 +144,11 @@ void DecodeStepper::FinishDecode(StepSequence& seq, int64_t start, const Sequenc
   }
 }
 
+int64_t DecodeStepper::MaxFeed(const StepSequence& seq) const {
+  if (seq.prefilling()) return std::min(options_.prefill_chunk, seq.prompt_len - seq.prefilled);
+  return 1 + (drafter_ && seq.drafting() ? options_.draft_k : 0);
+}
+
 absl::StatusOr<StepStats> DecodeStepper::Step(std::span<StepSequence* const> batch) {
   StepStats stats;
   for (StepSequence* seq : batch) {
@@ -163,7 +168,7 @@ absl::StatusOr<StepStats> DecodeStepper::Step(std::span<StepSequence* const> bat
     std::vector<int32_t>& in = inputs_[i];
     starts[i] = seq.cache->length();
     if (seq.prefilling()) {
-      const int64_t chunk = std::min(options_.prefill_chunk, seq.prompt_len - seq.prefilled);
+      const int64_t chunk = MaxFeed(seq);
       in.assign(seq.tokens.begin() + seq.prefilled, seq.tokens.begin() + seq.prefilled + chunk);
       stats.prompt_rows += chunk;
     } else {

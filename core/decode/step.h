@@ -94,6 +94,11 @@ class DecodeStepper {
   DraftPolicy* policy() { return policy_.get(); }
   int64_t max_context() const { return max_context_; }
 
+  // At most how many tokens `seq` feeds the main forward in its next step (its next prompt
+  // chunk, or its last token and the most drafts it may verify): what its cache must have room
+  // for beyond its length.
+  int64_t MaxFeed(const StepSequence& seq) const;
+
   // Runs one step over `batch`: sequences not yet stopped, each with a cache slot for every
   // token it feeds. Clears and sets every sequence's `emitted` and `stop`. An error (a
   // forward or a draft failed) leaves the sequences unusable: the caller ends them.
