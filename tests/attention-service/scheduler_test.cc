@@ -19,6 +19,7 @@
 #include "core/model/model.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/cluster_test_util.h"
+#include "tests/common/metrics_text.h"
 
 namespace expertmesh::attention {
 namespace {
@@ -79,12 +80,9 @@ class SchedulerTest : public ::testing::Test {
 };
 std::string* SchedulerTest::model_dir_ = nullptr;
 
-// The value of an unlabelled counter or gauge in a registry's exposition (0 when absent).
+// The value of a series in a registry's exposition (-1 when absent).
 double MetricValue(const MetricsRegistry& metrics, const std::string& name) {
-  const std::string text = metrics.RenderText();
-  const std::string key = "\n" + name + " ";
-  const size_t at = text.find(key);
-  return at == std::string::npos ? 0.0 : std::stod(text.substr(at + key.size()));
+  return expertmesh::testing::MetricValue(metrics.RenderText(), name);
 }
 
 // Submits every request, drains every stream; the tokens of each, in order.

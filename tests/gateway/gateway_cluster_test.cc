@@ -24,6 +24,7 @@
 #include "service-common/metrics_http.h"
 #include "service-common/process.h"
 #include "tests/cluster/cluster_test_util.h"
+#include "tests/common/metrics_text.h"
 #include "tests/common/poll.h"
 #include "tests/gateway/gateway_test_util.h"
 #include "tools/launcher/cluster.h"
@@ -40,17 +41,7 @@ constexpr int kMaxTokens = 10;
 const std::vector<std::string> kPrompts = {"In the beginning God created", "The quick brown fox",
                                            "Hello, world! \xc3\xa9t\xc3\xa9", "A"};
 
-// A value of the Prometheus text exposition ("name" or "name{labels}"); -1 when absent.
-double MetricValue(const std::string& text, const std::string& series) {
-  size_t pos = 0;
-  while ((pos = text.find(series + " ", pos)) != std::string::npos) {
-    if (pos == 0 || text[pos - 1] == '\n') {
-      return std::stod(text.substr(pos + series.size() + 1));
-    }
-    pos += series.size();
-  }
-  return -1;
-}
+using expertmesh::testing::MetricValue;
 
 constexpr int kShards = 1;
 

@@ -4,40 +4,20 @@
 // The real binaries run as child processes.
 #include "service-common/bootstrap.h"
 
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 
 #include "gtest/gtest.h"
+#include "tests/common/run_command.h"
 
 namespace expertmesh {
 namespace {
 
-struct Outcome {
-  int exit_code = -1;  // -1: killed by a signal
-  int signal = 0;
-  std::string output;  // stdout and stderr
-};
-
-Outcome RunCommand(const std::string& command) {
-  Outcome o;
-  FILE* p = popen((command + " 2>&1").c_str(), "r");
-  if (p == nullptr) return o;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) o.output.append(buf, n);
-  const int status = pclose(p);
-  if (WIFEXITED(status)) o.exit_code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) o.signal = WTERMSIG(status);
-  return o;
-}
-
-std::string Binary(const std::string& dir, const std::string& name) {
-  return std::string(EXPERTMESH_BINARY_DIR) + "/" + dir + "/" + name;
-}
+using testing::Binary;
+using testing::Outcome;
+using testing::RunCommand;
 
 const std::string kModel = std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny";
 

@@ -23,6 +23,7 @@
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "service-common/tls.h"
+#include "tests/common/run_command.h"
 #include "tools/launcher/process.h"
 
 namespace expertmesh {
@@ -212,26 +213,9 @@ TEST_F(TlsTest, RotatedServerCertificateIsServedWithoutARestartAndNoCallFails) {
 
 // --- the service binaries ---
 
-struct Outcome {
-  int exit_code = -1;
-  std::string output;
-};
-
-Outcome RunCommand(const std::string& command) {
-  Outcome o;
-  FILE* p = popen((command + " 2>&1").c_str(), "r");
-  if (p == nullptr) return o;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) o.output.append(buf, n);
-  const int status = pclose(p);
-  if (WIFEXITED(status)) o.exit_code = WEXITSTATUS(status);
-  return o;
-}
-
-std::string Binary(const std::string& dir, const std::string& name) {
-  return std::string(EXPERTMESH_BINARY_DIR) + "/" + dir + "/" + name;
-}
+using testing::Binary;
+using testing::Outcome;
+using testing::RunCommand;
 
 const std::string kModel = std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny";
 
