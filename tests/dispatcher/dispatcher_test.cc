@@ -38,6 +38,20 @@ constexpr int kShards = 2;
 constexpr int kReplicas = 2;
 const absl::Duration kStepDeadline = absl::Seconds(5);
 
+// A real replica of `shard` of the placement, registering with the router at `router`.
+absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(const std::string& dir,
+                                                           const Placement& placement, int shard,
+                                                           const std::string& router,
+                                                           std::string instance_id = "") {
+  ExpertServerOptions o;
+  o.model_dir = dir;
+  o.experts = placement.ExpertsOf(shard);
+  o.shard_id = shard;
+  o.router_address = router;
+  if (!instance_id.empty()) o.instance_id = std::move(instance_id);
+  return ExpertServer::Start(o);
+}
+
 class DispatcherTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -90,13 +104,9 @@ class DispatcherTest : public ::testing::Test {
   }
 
   ExpertServer* AddReplica(int shard) {
-    ExpertServerOptions o;
-    o.model_dir = dir_;
-    o.experts = placement_.ExpertsOf(shard);
-    o.shard_id = shard;
-    o.router_address = router_->address();
-    o.instance_id = absl::StrCat("shard", shard, "-", replicas_.size());
-    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s =
+        StartReplica(dir_, placement_, shard, router_->address(),
+                     absl::StrCat("shard", shard, "-", replicas_.size()));
     EXPECT_TRUE(s.ok()) << s.status();
     if (!s.ok()) return nullptr;
     replicas_.push_back(*std::move(s));
@@ -429,12 +439,8 @@ TEST(DispatcherBadAnswerTest, NonFiniteAndMisSizedAnswersFailOverAndAreCounted) 
 
   std::vector<std::unique_ptr<ExpertServer>> real;
   auto add_real = [&](int shard) {
-    ExpertServerOptions o;
-    o.model_dir = *dir;
-    o.experts = placement.ExpertsOf(shard);
-    o.shard_id = shard;
-    o.router_address = router_addr;
-    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e =
+        StartReplica(*dir, placement, shard, router_addr);
     ASSERT_TRUE(e.ok()) << e.status();
     real.push_back(*std::move(e));
   };
@@ -525,12 +531,7 @@ TEST(DispatcherRouterOutageTest, RouterStartedLateAndRestartedMidRun) {
   // No router yet: everything starts anyway.
   std::vector<std::unique_ptr<ExpertServer>> shards;
   for (int s = 0; s < 2; ++s) {
-    ExpertServerOptions o;
-    o.model_dir = *dir;
-    o.experts = placement.ExpertsOf(s);
-    o.shard_id = s;
-    o.router_address = router_addr;
-    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = StartReplica(*dir, placement, s, router_addr);
     ASSERT_TRUE(e.ok()) << e.status();
     shards.push_back(*std::move(e));
   }
@@ -612,12 +613,8 @@ TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
   ASSERT_TRUE(router.ok()) << router.status();
   std::vector<std::unique_ptr<ExpertServer>> shards;
   for (int s = 0; s < 3; ++s) {
-    ExpertServerOptions o;
-    o.model_dir = *dir;
-    o.experts = placement->ExpertsOf(s);
-    o.shard_id = s;
-    o.router_address = (*router)->address();
-    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e =
+        StartReplica(*dir, *placement, s, (*router)->address());
     ASSERT_TRUE(e.ok()) << e.status();
     shards.push_back(*std::move(e));
   }
