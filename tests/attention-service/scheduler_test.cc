@@ -24,6 +24,18 @@
 namespace expertmesh::attention {
 namespace {
 
+// Reads a stream to its end: the final event; its tokens appended to `tokens`. An error event
+// when nothing arrives for `timeout`.
+SequenceEvent DrainStream(SequenceStream& s, std::vector<int32_t>* tokens, absl::Duration timeout) {
+  while (true) {
+    std::optional<SequenceEvent> e = s.Next(timeout);
+    if (!e.has_value())
+      return SequenceEvent{{}, FinishReason::kError, absl::DeadlineExceededError("no event")};
+    for (const GeneratedToken& t : e->tokens) tokens->push_back(t.token);
+    if (e->finish != FinishReason::kNone) return *e;
+  }
+}
+
 class SchedulerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -54,13 +66,7 @@ class SchedulerTest : public ::testing::Test {
   }
   // Reads a stream to its end.
   static SequenceEvent Drain(SequenceStream& s, std::vector<int32_t>* tokens) {
-    while (true) {
-      std::optional<SequenceEvent> e = s.Next(absl::Seconds(60));
-      if (!e.has_value())
-        return SequenceEvent{{}, FinishReason::kError, absl::DeadlineExceededError("no event")};
-      for (const GeneratedToken& t : e->tokens) tokens->push_back(t.token);
-      if (e->finish != FinishReason::kNone) return *e;
-    }
+    return DrainStream(s, tokens, absl::Seconds(60));
   }
   SequenceRequest Greedy(const std::string& id, const std::vector<int32_t>& prompt,
                          int max_tokens) {
@@ -97,16 +103,8 @@ std::vector<std::vector<int32_t>> RunAll(Scheduler& s, const std::vector<Sequenc
   std::vector<std::vector<int32_t>> out;
   for (auto& st : streams) {
     std::vector<int32_t> tokens;
-    while (true) {
-      std::optional<SequenceEvent> e = st->Next(absl::Seconds(120));
-      EXPECT_TRUE(e.has_value());
-      if (!e.has_value()) break;
-      for (const GeneratedToken& t : e->tokens) tokens.push_back(t.token);
-      if (e->finish != FinishReason::kNone) {
-        EXPECT_EQ(e->finish, FinishReason::kLength) << e->error;
-        break;
-      }
-    }
+    const SequenceEvent last = DrainStream(*st, &tokens, absl::Seconds(120));
+    EXPECT_EQ(last.finish, FinishReason::kLength) << last.error;
     out.push_back(std::move(tokens));
   }
   return out;
@@ -443,25 +441,38 @@ TEST_F(SchedulerTest, ValidatesAgainstTheModel) {
   EXPECT_EQ(code(r), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
-  // The committed MTP test checkpoint (num_nextn_predict_layers = 1).
-  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/tests/data/engine-mtp";
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir + "/config.json");
-  ASSERT_TRUE(config.ok()) << config.status();
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok());
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config);  // with MTP
-  ASSERT_TRUE(model.ok()) << model.status();
-  ASSERT_FALSE((*model)->mtp().empty());
-  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
-      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
-  ASSERT_TRUE(experts.ok());
+// The committed MTP test checkpoint (num_nextn_predict_layers = 1), loaded with its module.
+class SchedulerMtpTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<ModelConfig> config = LoadModelConfig(dir_ + "/config.json");
+    ASSERT_TRUE(config.ok()) << config.status();
+    config_ = *config;
+    absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir_);
+    ASSERT_TRUE(ckpt.ok());
+    ckpt_ = *std::move(ckpt);
+    absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(*ckpt_, config_);  // with MTP
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+    ASSERT_FALSE(model_->mtp().empty());
+    absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
+        LocalExperts::Create(*ckpt_, config_, AllExperts(config_));
+    ASSERT_TRUE(experts.ok());
+    experts_ = *std::move(experts);
+  }
+  const std::string dir_ = std::string(EXPERTMESH_SOURCE_DIR) + "/tests/data/engine-mtp";
+  ModelConfig config_;
+  std::unique_ptr<Checkpoint> ckpt_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<LocalExperts> experts_;
+};
 
+TEST_F(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   constexpr int kMaxTokens = 14;
   const std::vector<std::vector<int32_t>> prompts =
-      expertmesh::testing::MakePrompts(6, 20, static_cast<int>(config->vocab_size), 5);
+      expertmesh::testing::MakePrompts(6, 20, static_cast<int>(config_.vocab_size), 5);
   absl::StatusOr<std::vector<std::vector<int32_t>>> want =
-      expertmesh::testing::ReferenceGreedy(dir, prompts, kMaxTokens);
+      expertmesh::testing::ReferenceGreedy(dir_, prompts, kMaxTokens);
   ASSERT_TRUE(want.ok()) << want.status();
 
   SchedulerOptions o;
@@ -472,7 +483,7 @@ TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   o.policy.adaptive = false;  // always draft 2
   MetricsRegistry metrics;
   absl::StatusOr<std::unique_ptr<Scheduler>> s =
-      Scheduler::Create(model->get(), experts->get(), o, &metrics);
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->mtp());
   std::vector<std::shared_ptr<SequenceStream>> streams;
@@ -516,19 +527,9 @@ TEST(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 
-TEST(SchedulerMtpTest, PreemptionAndSharedPrefixesKeepTheGreedyTokensWhileDrafting) {
-  const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/tests/data/engine-mtp";
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(dir + "/config.json");
-  ASSERT_TRUE(config.ok()) << config.status();
-  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(dir);
-  ASSERT_TRUE(ckpt.ok());
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config);  // with MTP
-  ASSERT_TRUE(model.ok()) << model.status();
-  absl::StatusOr<std::unique_ptr<LocalExperts>> experts =
-      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
-  ASSERT_TRUE(experts.ok());
+TEST_F(SchedulerMtpTest, PreemptionAndSharedPrefixesKeepTheGreedyTokensWhileDrafting) {
   constexpr int kMaxTokens = 12;
-  const int32_t V = static_cast<int32_t>(config->vocab_size);
+  const int32_t V = static_cast<int32_t>(config_.vocab_size);
   std::vector<std::vector<int32_t>> prompts;
   for (int32_t i = 0; i < 8; ++i) {
     std::vector<int32_t> p;
@@ -537,7 +538,7 @@ TEST(SchedulerMtpTest, PreemptionAndSharedPrefixesKeepTheGreedyTokensWhileDrafti
     prompts.push_back(std::move(p));
   }
   absl::StatusOr<std::vector<std::vector<int32_t>>> want =
-      expertmesh::testing::ReferenceGreedy(dir, prompts, kMaxTokens);
+      expertmesh::testing::ReferenceGreedy(dir_, prompts, kMaxTokens);
   ASSERT_TRUE(want.ok()) << want.status();
   SchedulerOptions o;
   o.kv_blocks = 24;  // 4-token blocks: a sequence needs up to 9; 8 of them cannot all grow
@@ -548,7 +549,7 @@ TEST(SchedulerMtpTest, PreemptionAndSharedPrefixesKeepTheGreedyTokensWhileDrafti
   o.policy.adaptive = false;  // always draft 2
   MetricsRegistry metrics;
   absl::StatusOr<std::unique_ptr<Scheduler>> s =
-      Scheduler::Create(model->get(), experts->get(), o, &metrics);
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->mtp());
   std::vector<SequenceRequest> reqs;
