@@ -313,10 +313,13 @@ Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
       expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
       unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {
   if (options_.metrics != nullptr) {
+    // One latency series per MoE layer (dense layers are never dispatched), looked up once.
+    layer_latency_.resize(static_cast<size_t>(n_layers_), nullptr);
     for (int32_t l = 0; l < n_layers_; ++l) {
-      layer_latency_.push_back(&options_.metrics->GetHistogram(
+      if (!config.IsMoeLayer(l)) continue;
+      layer_latency_[static_cast<size_t>(l)] = &options_.metrics->GetHistogram(
           "expertmesh_dispatch_latency_seconds", "Time of one MoE layer's dispatch and combine",
-          LatencyBucketsSeconds(), {{"layer", std::to_string(l)}}));
+          LatencyBucketsSeconds(), {{"layer", std::to_string(l)}});
     }
   }
 }
@@ -873,7 +876,7 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
   EM_RETURN_IF_ERROR(run.Launch());
   EM_RETURN_IF_ERROR(run.Await());
   EM_RETURN_IF_ERROR(run.Combine(out));
-  if (!layer_latency_.empty()) {
+  if (!layer_latency_.empty() && layer_latency_[static_cast<size_t>(layer)] != nullptr) {
     layer_latency_[static_cast<size_t>(layer)]->Observe(absl::ToDoubleSeconds(absl::Now() - start));
   }
   return absl::OkStatus();

@@ -130,7 +130,7 @@ class Dispatcher final : public RoutedExperts {
   std::string router_address_;
 
   std::vector<std::atomic<Counter*>> expert_tokens_;    // [n_layers, n_routed_experts], lazy
-  std::vector<Histogram*> layer_latency_;               // [n_layers] with a registry
+  std::vector<Histogram*> layer_latency_;               // [n_layers], MoE layers only
   std::vector<std::atomic<uint64_t>> unreported_load_;  // [n_layers, n_routed_experts]
 };
 
