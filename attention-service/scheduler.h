@@ -75,7 +75,7 @@ struct SchedulerLoad {
   int64_t waiting = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_total = 0;
-  int64_t mtp_kv_blocks_used = 0;  // blocks of drafting sequences (their MTP rows share them)
+  int64_t mtp_kv_blocks_used = 0;  // = kv_blocks_used when drafting: MTP rows share the blocks
   int64_t max_context = 0;
   int64_t waiting_tokens = 0;    // prompt + max_tokens of the waiting sequences
   int64_t kv_blocks_cached = 0;  // registered in the prefix cache

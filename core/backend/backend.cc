@@ -49,8 +49,6 @@ absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view spec) {
   return out;
 }
 
-bool CudaBuilt() { return EXPERTMESH_HAVE_CUDA != 0; }
-
 absl::StatusOr<ForwardBackend> CreateForwardBackend(const Model& model, RoutedExperts* experts,
                                                     const DeviceSpec& device,
                                                     const ForwardBackendOptions& options) {

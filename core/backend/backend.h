@@ -33,9 +33,6 @@ struct DeviceSpec {
 };
 absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view spec);
 
-// True when this build carries the CUDA backend.
-bool CudaBuilt();
-
 // ---- Attention side --------------------------------------------------------------------------
 
 struct ForwardBackendOptions {
