@@ -1,0 +1,433 @@
+// expertmesh-bench-dispatch: what one MoE layer's expert round trip costs against what the
+// same bytes cost on a raw TCP socket, in one run.
+//
+//  (a) raw TCP ping-pong on loopback: one connection per shard group to an echo thread that
+//      reads exactly the bytes of that shard's serialized ExpertRequest and answers with the
+//      bytes of its serialized ExpertResponse (sizes from the wire format: the requests are
+//      built the way the dispatcher builds them, for the placement the router hands out);
+//      every shard's request is written, then every answer read, as the dispatcher does.
+//  (b) the real dispatch: router + `--shards` expert-service processes (tools/launcher, the
+//      code `expertmesh up` and the cluster tests run) on loopback, a Dispatcher in this
+//      process watching the router, Run() for one MoE layer, repeatedly.
+//  (c) compute alone: LocalExperts::Run in this process on the same batch (what a shard does
+//      inside the round trip; the raw ping-pong does none of it).
+// (a) and (b) alternate in blocks so drift on a shared machine hits both. Printed per batch:
+// p50 / p99 of each, dispatch p50 / ping-pong p50, and (dispatch - compute) p50 / ping-pong p50.
+// Cluster decode against in-process decode is expertmesh-bench-cluster.
+//
+//   expertmesh-bench-dispatch --model models/expertmesh-tiny --shards 2 --batches 1 32
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "core/base/status.h"
+#include "core/decode/sampling.h"
+#include "core/format/config.h"
+#include "core/format/safetensors.h"
+#include "core/format/wire.h"
+#include "core/model/local_experts.h"
+#include "core/numerics/quant.h"
+#include "dispatcher/dispatcher.h"
+#include "expertmesh/v1/expert.pb.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "placement/placement.h"
+#include "service-common/grpc_util.h"
+#include "service-common/handshake.h"
+#include "spdlog/spdlog.h"
+#include "tools/launcher/cluster.h"
+
+namespace expertmesh {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kSocketTimeoutMs = 5000;  // every raw read and write is bounded
+
+double Micros(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
+
+double Percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())));
+  return v[i];
+}
+
+// ---- (a) raw TCP -----------------------------------------------------------------------------
+
+// Waits until fd is readable (or writable) within the socket timeout.
+absl::Status WaitFd(int fd, short events) {
+  pollfd p{fd, events, 0};
+  const int n = ::poll(&p, 1, kSocketTimeoutMs);
+  if (n == 1) return absl::OkStatus();
+  if (n == 0) return absl::DeadlineExceededError("raw socket: no progress within 5 s");
+  return absl::InternalError(absl::StrCat("poll: ", std::strerror(errno)));
+}
+
+absl::Status ReadExactly(int fd, char* buf, size_t n) {
+  while (n > 0) {
+    const ssize_t r = ::recv(fd, buf, n, 0);
+    if (r > 0) {
+      buf += r;
+      n -= static_cast<size_t>(r);
+    } else if (r == 0) {
+      return absl::UnavailableError("raw socket: peer closed");
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      EM_RETURN_IF_ERROR(WaitFd(fd, POLLIN));
+    } else if (errno != EINTR) {
+      return absl::InternalError(absl::StrCat("recv: ", std::strerror(errno)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteAll(int fd, const char* buf, size_t n) {
+  while (n > 0) {
+    const ssize_t w = ::send(fd, buf, n, MSG_NOSIGNAL);
+    if (w > 0) {
+      buf += w;
+      n -= static_cast<size_t>(w);
+    } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      EM_RETURN_IF_ERROR(WaitFd(fd, POLLOUT));
+    } else if (w < 0 && errno != EINTR) {
+      return absl::InternalError(absl::StrCat("send: ", std::strerror(errno)));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void SetSocketOptions(int fd) {
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as gRPC does
+  timeval tv{kSocketTimeoutMs / 1000, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+// One echo peer per shard: a loopback listener and a thread that, per round, reads
+// request_bytes and writes response_bytes.
+class RawPeer {
+ public:
+  static absl::StatusOr<std::unique_ptr<RawPeer>> Start() {
+    std::unique_ptr<RawPeer> p(new RawPeer());
+    p->listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (p->listen_fd_ < 0) return absl::InternalError("socket failed");
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (::bind(p->listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::listen(p->listen_fd_, 1) != 0 ||
+        ::getsockname(p->listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return absl::InternalError(absl::StrCat("raw listener: ", std::strerror(errno)));
+    }
+    p->client_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (::connect(p->client_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      return absl::InternalError(absl::StrCat("raw connect: ", std::strerror(errno)));
+    }
+    EM_RETURN_IF_ERROR(WaitFd(p->listen_fd_, POLLIN));
+    p->server_fd_ = ::accept(p->listen_fd_, nullptr, nullptr);
+    if (p->server_fd_ < 0) return absl::InternalError("accept failed");
+    SetSocketOptions(p->client_fd_);
+    SetSocketOptions(p->server_fd_);
+    return p;
+  }
+  ~RawPeer() {
+    Stop();
+    for (int fd : {client_fd_, server_fd_, listen_fd_}) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+
+  void SetSizes(size_t request_bytes, size_t response_bytes) {
+    request_bytes_ = request_bytes;
+    response_bytes_ = response_bytes;
+  }
+  // The echo thread serves `rounds` exchanges of the current sizes.
+  void Serve(int rounds) {
+    Stop();
+    thread_ = std::thread([this, rounds] {
+      std::vector<char> in(request_bytes_), out(response_bytes_, 'r');
+      for (int i = 0; i < rounds; ++i) {
+        if (!ReadExactly(server_fd_, in.data(), in.size()).ok() ||
+            !WriteAll(server_fd_, out.data(), out.size()).ok()) {
+          failed_ = true;
+          return;
+        }
+      }
+    });
+  }
+  void Stop() {
+    if (thread_.joinable()) thread_.join();
+  }
+  int client_fd() const { return client_fd_; }
+  size_t request_bytes() const { return request_bytes_; }
+  size_t response_bytes() const { return response_bytes_; }
+  bool failed() const { return failed_; }
+
+ private:
+  RawPeer() = default;
+  int listen_fd_ = -1, client_fd_ = -1, server_fd_ = -1;
+  size_t request_bytes_ = 0, response_bytes_ = 0;
+  std::thread thread_;
+  std::atomic<bool> failed_{false};
+};
+
+// `rounds` exchanges over every peer (all requests written, then all answers read); one sample
+// (µs) per round appended to `samples`.
+absl::Status RawRounds(std::span<const std::unique_ptr<RawPeer>> peers, int rounds,
+                       std::vector<double>* samples) {
+  for (auto& p : peers) p->Serve(rounds);
+  size_t max_bytes = 0;
+  for (auto& p : peers) max_bytes = std::max({max_bytes, p->request_bytes(), p->response_bytes()});
+  std::vector<char> buf(max_bytes, 'q');
+  for (int i = 0; i < rounds; ++i) {
+    const auto t0 = Clock::now();
+    for (auto& p : peers)
+      EM_RETURN_IF_ERROR(WriteAll(p->client_fd(), buf.data(), p->request_bytes()));
+    for (auto& p : peers)
+      EM_RETURN_IF_ERROR(ReadExactly(p->client_fd(), buf.data(), p->response_bytes()));
+    if (samples) samples->push_back(Micros(Clock::now() - t0));
+  }
+  for (auto& p : peers) {
+    p->Stop();
+    if (p->failed()) return absl::InternalError("raw echo thread failed");
+  }
+  return absl::OkStatus();
+}
+
+// ---- the batch and its bytes ---------------------------------------------------------------
+
+struct Batch {
+  QuantizedActivations x;
+  ExpertRoutes routes;
+};
+
+// B rows of random activations, each routed to top-k distinct random experts (ascending) with
+// weights summing to 1.
+Batch MakeBatch(const ModelConfig& config, int b, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t H = config.hidden_size;
+  std::vector<float> x(static_cast<size_t>(b * H));
+  for (float& v : x) v = static_cast<float>(rng.Uniform() * 2.0 - 1.0);
+  Batch batch{QuantizeActivations(x, b, H), {}};
+  const int k = static_cast<int>(config.num_experts_per_tok);
+  for (int r = 0; r < b; ++r) {
+    std::vector<int32_t> experts;
+    while (static_cast<int>(experts.size()) < k) {
+      const int32_t e = static_cast<int32_t>(rng.Next() % config.n_routed_experts);
+      if (std::find(experts.begin(), experts.end(), e) == experts.end()) experts.push_back(e);
+    }
+    std::sort(experts.begin(), experts.end());
+    std::vector<float> weights(k, 1.0f / static_cast<float>(k));
+    batch.routes.AddRow(experts, weights);
+  }
+  return batch;
+}
+
+// The serialized sizes of each shard's ExpertRequest and ExpertResponse for this batch, built
+// field by field as the dispatcher builds them (ids of realistic width).
+std::vector<std::pair<size_t, size_t>> WireSizes(const Batch& batch, const Placement& placement,
+                                                 int layer, int64_t H) {
+  std::vector<std::pair<size_t, size_t>> out;
+  for (int32_t s = 0; s < placement.num_shards; ++s) {
+    v1::ExpertRequest req;
+    std::vector<int32_t> rows;
+    req.add_row_offsets(0);
+    for (int32_t r = 0; r < batch.x.n_rows; ++r) {
+      for (int32_t p = batch.routes.offsets[r]; p < batch.routes.offsets[r + 1]; ++p) {
+        if (placement.ShardOf(layer, batch.routes.experts[p]) != s) continue;
+        if (rows.empty() || rows.back() != r) {
+          rows.push_back(r);
+          req.add_row_offsets(req.row_offsets(req.row_offsets_size() - 1));
+        }
+        req.add_experts(batch.routes.experts[p]);
+        req.add_weights(batch.routes.weights[p]);
+        req.set_row_offsets(req.row_offsets_size() - 1,
+                            req.row_offsets(req.row_offsets_size() - 1) + 1);
+      }
+    }
+    if (rows.empty()) continue;
+    req.set_batch_id(100000);
+    req.set_layer(layer);
+    req.set_n_rows(static_cast<uint32_t>(rows.size()));
+    req.set_hidden_size(static_cast<uint32_t>(H));
+    req.set_request_id(100000);
+    PackActivationRows(batch.x, rows, req.mutable_activations(), req.mutable_scales());
+    v1::ExpertResponse resp;
+    resp.set_batch_id(100000);
+    resp.set_layer(layer);
+    resp.set_request_id(100000);
+    resp.set_n_rows(static_cast<uint32_t>(rows.size()));
+    resp.mutable_outputs()->assign(OutputBytes(rows.size(), H), '\0');
+    out.emplace_back(req.ByteSizeLong(), resp.ByteSizeLong());
+  }
+  return out;
+}
+
+// The router's current placement map (the first message of a watch).
+absl::StatusOr<Placement> RouterPlacement(const std::string& router, const v1::PeerIdentity& id) {
+  auto stub = v1::RouterService::NewStub(MakeChannel(router));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::WatchPlacementRequest req;
+  *req.mutable_identity() = id;
+  auto reader = stub->WatchPlacement(&ctx, req);
+  v1::PlacementMap map;
+  if (!reader->Read(&map)) return FromGrpcStatus(reader->Finish());
+  ctx.TryCancel();
+  (void)reader->Finish();
+  return PlacementFromMap(map);
+}
+
+int Run(const std::string& model_dir, int shards, const std::vector<int>& batches, int iterations,
+        int blocks) {
+  const auto fail = [](const absl::Status& s) {
+    spdlog::error("{}", s.ToString());
+    return 1;
+  };
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
+  if (!config.ok()) return fail(config.status());
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
+  if (!ckpt.ok()) return fail(ckpt.status());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> local =
+      LocalExperts::Create(**ckpt, *config, AllExperts(*config));
+  if (!local.ok()) return fail(local.status());
+  int layer = -1;
+  for (int l = 0; l < config->num_hidden_layers; ++l) {
+    if (config->IsMoeLayer(l)) {
+      layer = l;
+      break;
+    }
+  }
+  if (layer < 0) return fail(absl::InvalidArgumentError("the model has no MoE layer"));
+  absl::StatusOr<v1::PeerIdentity> identity =
+      MakeLocalIdentity(model_dir, "attention-service", "bench-dispatch");
+  if (!identity.ok()) return fail(identity.status());
+
+  launcher::ClusterOptions o;
+  o.model_dir = model_dir;
+  o.shards = shards;
+  o.replicas = 1;
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
+  if (!cluster.ok()) return fail(cluster.status());
+  absl::StatusOr<Placement> placement =
+      RouterPlacement((*cluster)->router().grpc_address, *identity);
+  if (!placement.ok()) return fail(placement.status());
+
+  DispatcherOptions d;
+  d.identity = *identity;
+  d.load_report_interval = absl::ZeroDuration();
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
+  if (!dispatcher.ok()) return fail(dispatcher.status());
+  (*dispatcher)->WatchRouter((*cluster)->router().grpc_address);
+  if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(30)); !s.ok()) return fail(s);
+
+  std::vector<std::unique_ptr<RawPeer>> peers;
+  std::printf("model %s: hidden %lld, MoE layer %d, top-%lld of %lld experts, %d shard groups\n",
+              model_dir.c_str(), static_cast<long long>(config->hidden_size), layer,
+              static_cast<long long>(config->num_experts_per_tok),
+              static_cast<long long>(config->n_routed_experts), shards);
+  std::printf("%d iterations per batch in %d alternating blocks; times in microseconds\n",
+              iterations, blocks);
+  std::printf("%-6s %-22s %-14s %-14s %-14s %-10s %s\n", "batch", "bytes req/resp per shard",
+              "raw p50/p99", "dispatch p50/p99", "compute p50", "disp/raw", "(disp-compute)/raw");
+  for (int b : batches) {
+    const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
+    const std::vector<std::pair<size_t, size_t>> sizes =
+        WireSizes(batch, *placement, layer, config->hidden_size);
+    while (peers.size() < sizes.size()) {
+      absl::StatusOr<std::unique_ptr<RawPeer>> p = RawPeer::Start();
+      if (!p.ok()) return fail(p.status());
+      peers.push_back(*std::move(p));
+    }
+    std::string bytes;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      peers[i]->SetSizes(sizes[i].first, sizes[i].second);
+      absl::StrAppend(&bytes, i ? " " : "", sizes[i].first, "/", sizes[i].second);
+    }
+    const std::span<const std::unique_ptr<RawPeer>> subset(peers.data(), sizes.size());
+
+    std::vector<float> out(static_cast<size_t>(b * config->hidden_size));
+    std::vector<double> raw, disp, compute;
+    const int per_block = std::max(1, iterations / blocks);
+    const auto dispatch_rounds = [&](int n, std::vector<double>* samples) -> absl::Status {
+      for (int i = 0; i < n; ++i) {
+        const auto t0 = Clock::now();
+        EM_RETURN_IF_ERROR((*dispatcher)->Run(layer, batch.x, batch.routes, out));
+        if (samples) samples->push_back(Micros(Clock::now() - t0));
+      }
+      return absl::OkStatus();
+    };
+    absl::Status s = RawRounds(subset, per_block / 4 + 1, nullptr);  // warm-up
+    if (s.ok()) s = dispatch_rounds(per_block / 4 + 1, nullptr);
+    for (int k = 0; s.ok() && k < blocks; ++k) {
+      s = RawRounds(subset, per_block, &raw);
+      if (s.ok()) s = dispatch_rounds(per_block, &disp);
+    }
+    for (int i = 0; s.ok() && i < per_block; ++i) {
+      const auto t0 = Clock::now();
+      s = (*local)->Run(layer, batch.x, batch.routes, out);
+      compute.push_back(Micros(Clock::now() - t0));
+    }
+    if (!s.ok()) return fail(s);
+    const double raw50 = Percentile(raw, 0.5), disp50 = Percentile(disp, 0.5);
+    const double comp50 = Percentile(compute, 0.5);
+    char c1[32], c2[32], c3[32];
+    std::snprintf(c1, sizeof c1, "%.0f/%.0f", raw50, Percentile(raw, 0.99));
+    std::snprintf(c2, sizeof c2, "%.0f/%.0f", disp50, Percentile(disp, 0.99));
+    std::snprintf(c3, sizeof c3, "%.0f", comp50);
+    std::printf("%-6d %-22s %-14s %-14s %-14s %-10.2f %.2f\n", b, bytes.c_str(), c1, c2, c3,
+                disp50 / raw50, (disp50 - comp50) / raw50);
+    std::fflush(stdout);
+  }
+  dispatcher->reset();
+  return (*cluster)->Stop().ok() ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace expertmesh
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "One MoE layer's dispatch through real expert shards against a raw TCP ping-pong of the "
+      "same bytes, in one run"};
+  std::string model;
+  int shards = 2, iterations = 2000, blocks = 4;
+  std::vector<int> batches = {1, 32};
+  app.add_option("--model", model, "Checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--shards", shards, "Shard groups")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  app.add_option("--batches", batches, "Batch sizes (rows)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--iterations", iterations, "Measured round trips per batch and kind")
+      ->capture_default_str()
+      ->check(CLI::Range(10, 1000000));
+  app.add_option("--blocks", blocks, "Alternating raw/dispatch blocks")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100));
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::warn);
+  return expertmesh::Run(model, shards, batches, iterations, blocks);
+}
