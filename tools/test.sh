@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds (CUDA compiled when nvcc is on
-# the PATH), runs every test that needs no GPU, the format check and a 140 s fuzz run
-# (FUZZ_SECONDS is the total tools/fuzz.sh splits between its seven targets: 20 s each).
+# the PATH), runs every test that needs no GPU, the format check, a 140 s fuzz run
+# (FUZZ_SECONDS is the total tools/fuzz.sh splits between its seven targets: 20 s each) and
+# the container image test (tools/docker-setup.sh: Debian's docker.io, dockerd on vfs, base
+# images from debootstrap where no registry answers; then the image is built and the cpu-tiny
+# topology run from it). EXPERTMESH_SKIP_DOCKER=1 leaves the image test out.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,8 +27,16 @@ if [ -f tools/requirements-test.txt ]; then
   export EXPERTMESH_TEST_PYTHON="$root/.venv-test/bin/python"
 fi
 
-echo "== tests (ctest -LE gpu)"
-ctest --preset ci -j "$jobs"
+echo "== tests (ctest -LE 'gpu|docker')"
+ctest --preset ci -j "$jobs" -LE 'gpu|docker'
+
+if [ "${EXPERTMESH_SKIP_DOCKER:-0}" != 1 ]; then
+  echo "== container image: build it, run the cpu-tiny manifests' containers (ctest -L docker)"
+  tools/docker-setup.sh
+  docker_start=$SECONDS
+  ctest --preset ci -L docker
+  echo "== container image test: $((SECONDS - docker_start)) s (image build included)"
+fi
 
 echo "== fuzz: the seven libFuzzer targets in tests/fuzz, 140 s in all (20 s each)"
 FUZZ_SECONDS=140 tools/fuzz.sh
