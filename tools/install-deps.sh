@@ -7,7 +7,10 @@
 #   --docker      everything, plus what tools/docker-setup.sh needs to build and run the container
 #                 image: Debian's docker.io (dockerd, containerd, runc) and debootstrap (base
 #                 images made from Debian's archive where no container registry answers).
+# EXPERTMESH_BOOST (default 1.81, Debian 12's) names another Boost where the distribution has
+# no 1.81 (Dockerfile.cuda's Ubuntu 24.04 base: 1.83).
 set -euo pipefail
+boost=${EXPERTMESH_BOOST:-1.81}
 # Build toolchain: compilers, CMake presets (Ninja), ccache, pkg-config (PCRE2 and ICU are found
 # with it).
 BUILD=(build-essential cmake ninja-build ccache pkg-config)
@@ -20,7 +23,7 @@ TOOLS=(git curl python3 python3-venv clang libclang-rt-14-dev clang-format)
 # EXPERTMESH_BENCHMARKS), PCRE2 + ICU (tokenizer), spdlog, CLI11, Highway (SIMD kernels),
 # OpenSSL libcrypto (constant-time API-key checks in the gateway).
 LIBS=(libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-      libboost1.81-dev libboost-json1.81-dev libabsl-dev
+      libboost${boost}-dev libboost-json${boost}-dev libabsl-dev
       libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libspdlog-dev
       libcli11-dev libhwy-dev libssl-dev)
 # Model tools: the English text tools/corpus/build_corpus.py extracts (KJV, fortunes, GCIDE).
