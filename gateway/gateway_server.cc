@@ -71,6 +71,15 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
     card.max_context = static_cast<uint32_t>(config.max_position_embeddings);
   }
   if (card.max_context < 2) return absl::InvalidArgumentError("the model's context is too short");
+  if (o.reasoning_parser == "deepseek_r1") {
+    card.reasoning_parser = true;
+  } else if (o.reasoning_parser == "auto") {
+    card.reasoning_parser =
+        g->chat_template_ && g->chat_template_->source().find("</think>") != std::string::npos;
+  } else if (o.reasoning_parser != "none") {
+    return absl::InvalidArgumentError(
+        Cat("unknown reasoning parser '", o.reasoning_parser, "' (deepseek_r1, none, auto)"));
+  }
 
   AttentionPool::Options pool_options;
   pool_options.addresses = o.attention;

@@ -47,6 +47,9 @@ struct GatewayOptions {
   std::chrono::milliseconds http_idle_timeout{std::chrono::seconds(60)};
   int grpc_threads = 512;
   bool handshake = true;  // require replicas to serve the same model
+  // Chat: "deepseek_r1" returns <think>...</think> as reasoning_content, "none" leaves it in
+  // the content, "auto" is deepseek_r1 when the chat template mentions </think> (R1's does).
+  std::string reasoning_parser = "auto";
 };
 
 // API keys from a file (one per line; blank lines and # comments skipped) and/or an

@@ -76,7 +76,10 @@ absl::StatusOr<PreparedRequest> RequestRunner::Prepare(GenerationRequest request
     if (chat_template_ == nullptr) {
       return InvalidParam("messages", "This model has no chat template; use /v1/completions.");
     }
-    absl::StatusOr<std::string> text = chat_template_->Apply(*request.messages, true);
+    boost::json::object extra;  // the template's `tools`; null values kept (chat_template.h)
+    if (request.chat.tools.has_value()) extra["tools"] = *request.chat.tools;
+    absl::StatusOr<std::string> text = chat_template_->Apply(*request.messages, true, extra, false);
+    if (text.ok()) *text += request.chat.forced_prefix;  // a forced tool call (tool_calls.h)
     if (!text.ok()) {
       return InvalidParam("messages", Cat("The chat template rejected the messages: ",
                                           std::string(text.status().message())));

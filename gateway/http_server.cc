@@ -543,9 +543,8 @@ class HttpServer::Impl {
       return WriteError(c, prepared.status(), keep);
     }
     const GenerationRequest& r = prepared->request;
-    OpenAiResponder responder(chat ? Endpoint::kChatCompletions : Endpoint::kCompletions,
-                              Cat(chat ? "chatcmpl-" : "cmpl-", prepared->request_id), r.model,
-                              UnixNow(), r.sampling.logprobs);
+    OpenAiResponder responder(r, Cat(chat ? "chatcmpl-" : "cmpl-", prepared->request_id),
+                              UnixNow());
     if (!r.stream) {
       CollectSink sink(c, responder);
       absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);

@@ -78,6 +78,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("!--no-handshake", o.handshake,
                "Do not require replicas to serve the same model (fingerprint of config.json)");
+  app.add_option("--reasoning-parser", o.reasoning_parser,
+                 "Chat: deepseek_r1 returns <think>...</think> as reasoning_content, none keeps "
+                 "it in the content, auto = deepseek_r1 when the chat template mentions </think>")
+      ->check(CLI::IsMember({"auto", "deepseek_r1", "none"}))
+      ->capture_default_str();
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
   o.grpc_listen = main.flags().listen;
   o.request_timeout = std::chrono::seconds(request_timeout_s);

@@ -10,6 +10,7 @@
 #include "core/base/status.h"
 #include "gateway/api_error.h"
 #include "gateway/strings.h"
+#include "gateway/tool_calls.h"
 
 namespace expertmesh::gateway {
 namespace json = boost::json;
@@ -330,7 +331,16 @@ absl::StatusOr<json::object> NormalizeMessage(const json::value& value, size_t i
   } else {
     return Fields::TypeError(Cat(at, ".content"), "a string or an array of parts");
   }
-  out["content"] = text;
+  // An assistant's tool call has null content, which DeepSeek's templates test for (`content is
+  // none`) to render the call; empty content with tool calls is the same message.
+  const json::value* calls = f.Get("tool_calls");
+  const bool has_calls =
+      *role == "assistant" && calls != nullptr && calls->is_array() && !calls->get_array().empty();
+  if (has_calls && text.empty()) {
+    out["content"] = nullptr;
+  } else {
+    out["content"] = text;
+  }
   for (std::string_view key : {"name", "tool_call_id", "reasoning_content"}) {
     std::optional<std::string> s;
     if (absl::Status st = f.String(key, &s); !st.ok()) {
@@ -338,9 +348,13 @@ absl::StatusOr<json::object> NormalizeMessage(const json::value& value, size_t i
     }
     if (s.has_value()) out[key] = *s;
   }
-  if (const json::value* calls = f.Get("tool_calls"); calls != nullptr) {
-    if (!calls->is_array()) return Fields::TypeError(Cat(at, ".tool_calls"), "an array");
-    out["tool_calls"] = *calls;
+  if (calls != nullptr) {
+    if (*role != "assistant") {
+      return InvalidParam(Cat(at, ".tool_calls"),
+                          Cat(at, ": only assistant messages have tool_calls."));
+    }
+    EM_ASSIGN_OR_RETURN(json::array normalized, NormalizeToolCalls(*calls, at));
+    if (!normalized.empty()) out["tool_calls"] = std::move(normalized);
   }
   return out;
 }
@@ -506,7 +520,8 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
                                       "skip_special_tokens",
                                       "store",
                                       "metadata",
-                                      "priority"}));
+                                      "priority",
+                                      "include_reasoning"}));
   GenerationRequest r;
   r.endpoint = Endpoint::kChatCompletions;
   EM_RETURN_IF_ERROR(ParseCommon(f, card, &r));
@@ -544,17 +559,9 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
     }
     r.sampling.top_logprobs = static_cast<uint32_t>(*top_logprobs);
   }
-  if (const json::value* tools = f.Get("tools"); tools != nullptr) {
-    if (!tools->is_array()) return Fields::TypeError("tools", "an array");
-    if (!tools->get_array().empty()) {
-      return InvalidParam("tools", "Tool calling is not supported by this server.");
-    }
-  }
-  if (const json::value* choice = f.Get("tool_choice"); choice != nullptr) {
-    if (!choice->is_string() || choice->get_string() != "none") {
-      return InvalidParam("tool_choice", "Only tool_choice \"none\" is supported.");
-    }
-  }
+  EM_RETURN_IF_ERROR(ParseToolRequest(f.Get("tools"), f.Get("tool_choice"), &r));
+  r.chat.reasoning = card.reasoning_parser;
+  EM_RETURN_IF_ERROR(f.Bool("include_reasoning", &r.chat.include_reasoning));
   bool parallel = false, store = false;
   EM_RETURN_IF_ERROR(f.Bool("parallel_tool_calls", &parallel));
   EM_RETURN_IF_ERROR(f.Bool("store", &store));

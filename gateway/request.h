@@ -31,6 +31,9 @@ struct ModelCard {
   std::string id;            // the name clients pass as "model"
   uint32_t max_context = 0;  // max_position_embeddings (prompt + completion tokens)
   GenerationDefaults defaults;
+  // Chat output: split DeepSeek-R1's <think>...</think> into reasoning_content (the gateway's
+  // --reasoning-parser deepseek_r1, or auto when the chat template mentions </think>).
+  bool reasoning_parser = false;
 };
 
 enum class Endpoint { kCompletions, kChatCompletions, kGrpc };
@@ -56,6 +59,20 @@ struct SamplingOptions {     // resolved values, as the attention service takes 
   uint32_t top_logprobs = 0;  // and this many alternatives per position
 };
 
+// Chat: how the generated text becomes a message (gateway/reasoning_parser.h, tool_calls.h).
+struct ChatOutputOptions {
+  bool reasoning = false;         // <think>...</think> -> reasoning_content (card.reasoning_parser)
+  bool include_reasoning = true;  // false: the reasoning is dropped (vLLM's include_reasoning)
+  bool tool_calls = false;        // DeepSeek-V3 tool-call markers -> tool_calls
+  // The request's tools (validated), given to the chat template as `tools`.
+  std::optional<boost::json::array> tools;
+  // Appended to the rendered prompt, and the output continues it: tool_choice "required" or a
+  // named function opens the tool call in the prompt (tool_calls.h, ForcedToolCallPrefix).
+  std::string forced_prefix;
+  bool forced_call = false;  // forced_prefix opened a call
+  std::string forced_name;   // ... and named its function (empty: "required")
+};
+
 struct GenerationRequest {
   Endpoint endpoint = Endpoint::kCompletions;
   std::string model;
@@ -64,6 +81,7 @@ struct GenerationRequest {
   std::optional<std::string> prompt_text;
   std::optional<std::vector<int32_t>> prompt_token_ids;
   std::optional<boost::json::array> messages;
+  ChatOutputOptions chat;  // chat completions only
 
   std::optional<uint32_t> max_tokens;  // absent: up to the end of the context
   SamplingOptions sampling;

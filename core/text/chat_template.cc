@@ -12,14 +12,18 @@ namespace expertmesh {
 
 // ---------------------------------------------------------------------------------------------
 
-ChatTemplate::ChatTemplate(std::shared_ptr<const jinja::Template> tmpl, std::string bos,
-                           std::string eos)
-    : template_(std::move(tmpl)), bos_token_(std::move(bos)), eos_token_(std::move(eos)) {}
+ChatTemplate::ChatTemplate(std::shared_ptr<const jinja::Template> tmpl, std::string source,
+                           std::string bos, std::string eos)
+    : template_(std::move(tmpl)),
+      source_(std::move(source)),
+      bos_token_(std::move(bos)),
+      eos_token_(std::move(eos)) {}
 
 absl::StatusOr<ChatTemplate> ChatTemplate::Create(std::string_view source, std::string bos_token,
                                                   std::string eos_token) {
   EM_ASSIGN_OR_RETURN(std::shared_ptr<const jinja::Template> t, jinja::Parse(source));
-  return ChatTemplate(std::move(t), std::move(bos_token), std::move(eos_token));
+  return ChatTemplate(std::move(t), std::string(source), std::move(bos_token),
+                      std::move(eos_token));
 }
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& path) {
@@ -68,7 +72,8 @@ absl::StatusOr<std::string> ChatTemplate::Apply(const boost::json::array& messag
 
 absl::StatusOr<std::string> ChatTemplate::Apply(const boost::json::array& messages,
                                                 bool add_generation_prompt,
-                                                const boost::json::object& extra_context) const {
+                                                const boost::json::object& extra_context,
+                                                bool drop_null_keys) const {
   // As transformers' apply_chat_template: keys whose value is null are dropped from each
   // message, and reasoning under its older names is also offered as reasoning_content.
   boost::json::array cleaned;
@@ -76,7 +81,7 @@ absl::StatusOr<std::string> ChatTemplate::Apply(const boost::json::array& messag
     if (!m.is_object()) return absl::InvalidArgumentError("chat messages must be objects");
     boost::json::object o;
     for (const auto& [k, v] : m.get_object()) {
-      if (!v.is_null()) o[k] = v;
+      if (!v.is_null() || !drop_null_keys) o[k] = v;
     }
     for (std::string_view key : {"reasoning_content", "thinking", "reasoning"}) {
       if (const boost::json::value* r = o.if_contains(key)) {

@@ -42,16 +42,23 @@ class ChatTemplate {
   absl::StatusOr<std::string> Apply(const boost::json::array& messages,
                                     bool add_generation_prompt) const;
   // The same with extra template variables (e.g. "tools"), as apply_chat_template's kwargs.
+  // drop_null_keys: as transformers, message keys whose value is null are removed first; the
+  // gateway keeps them (false), because DeepSeek's templates render an assistant tool-call
+  // message only when its `content is none`, as in Jinja2 without transformers' clean-up.
   absl::StatusOr<std::string> Apply(const boost::json::array& messages, bool add_generation_prompt,
-                                    const boost::json::object& extra_context) const;
+                                    const boost::json::object& extra_context,
+                                    bool drop_null_keys = true) const;
 
   const std::string& bos_token() const { return bos_token_; }
   const std::string& eos_token() const { return eos_token_; }
+  const std::string& source() const { return source_; }  // the template text
 
  private:
-  ChatTemplate(std::shared_ptr<const jinja::Template> tmpl, std::string bos, std::string eos);
+  ChatTemplate(std::shared_ptr<const jinja::Template> tmpl, std::string source, std::string bos,
+               std::string eos);
 
   std::shared_ptr<const jinja::Template> template_;
+  std::string source_;
   std::string bos_token_;
   std::string eos_token_;
 };

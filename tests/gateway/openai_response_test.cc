@@ -30,8 +30,16 @@ Delta MakeDelta(std::string text, std::vector<int32_t> ids, bool with_logprobs) 
   return d;
 }
 
+GenerationRequest Req(Endpoint endpoint, bool logprobs) {
+  GenerationRequest r;
+  r.endpoint = endpoint;
+  r.model = "tiny";
+  r.sampling.logprobs = logprobs;
+  return r;
+}
+
 TEST(OpenAiResponse, CompletionWholeAndChunks) {
-  OpenAiResponder r(Endpoint::kCompletions, "cmpl-1", "tiny", 1700000000, true);
+  OpenAiResponder r(Req(Endpoint::kCompletions, true), "cmpl-1", 1700000000);
   r.Collect(MakeDelta("Hel", {5}, true));
   r.Collect(MakeDelta("lo", {6, 7}, true));
   Outcome out{"stop", "!", {3, 3, 0}};
@@ -50,7 +58,7 @@ TEST(OpenAiResponse, CompletionWholeAndChunks) {
   EXPECT_EQ(lp.at("top_logprobs").at(0).at("alt").as_double(), -1.5);
   EXPECT_EQ(v.at("usage").at("total_tokens").as_int64(), 6);
 
-  OpenAiResponder s(Endpoint::kCompletions, "cmpl-2", "tiny", 1, false);
+  OpenAiResponder s(Req(Endpoint::kCompletions, false), "cmpl-2", 1);
   json::value chunk = json::parse(s.Chunk(MakeDelta("a", {1}, false), true));
   EXPECT_EQ(chunk.at("choices").at(0).at("text").as_string(), "a");
   EXPECT_TRUE(chunk.at("choices").at(0).at("finish_reason").is_null());
@@ -65,7 +73,7 @@ TEST(OpenAiResponse, CompletionWholeAndChunks) {
 }
 
 TEST(OpenAiResponse, ChatWholeAndChunks) {
-  OpenAiResponder r(Endpoint::kChatCompletions, "chatcmpl-1", "tiny", 2, true);
+  OpenAiResponder r(Req(Endpoint::kChatCompletions, true), "chatcmpl-1", 2);
   r.Collect(MakeDelta("\xc3\xa9t\xc3\xa9", {5}, true));
   json::value v = json::parse(r.Full({"length", std::nullopt, {1, 1, 0}}));
   EXPECT_EQ(v.at("object").as_string(), "chat.completion");
@@ -78,7 +86,7 @@ TEST(OpenAiResponse, ChatWholeAndChunks) {
   EXPECT_EQ(entry.at("bytes").as_array().size(), 2u);
   EXPECT_EQ(entry.at("top_logprobs").as_array().size(), 2u);
 
-  OpenAiResponder s(Endpoint::kChatCompletions, "chatcmpl-2", "tiny", 2, false);
+  OpenAiResponder s(Req(Endpoint::kChatCompletions, false), "chatcmpl-2", 2);
   json::value first = json::parse(s.Chunk(MakeDelta("Hi", {1}, false), false));
   EXPECT_EQ(first.at("object").as_string(), "chat.completion.chunk");
   EXPECT_EQ(first.at("choices").at(0).at("delta").at("role").as_string(), "assistant");
