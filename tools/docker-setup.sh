@@ -49,7 +49,10 @@ if ((${#need[@]})); then
   rm -f "$rootfs.log"
   # What the official images drop too: package lists and caches.
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-  image=$(tar -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - "${need[0]}")
+  # The environment the official images set (docker import sets none, not even PATH).
+  image=$(tar -C "$rootfs" -c . | docker import \
+    -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    -c 'CMD ["bash"]' - "${need[0]}")
   for tag in "${need[@]:1}"; do docker tag "$image" "$tag"; done
   log "imported ${need[*]} from debootstrap"
 fi

@@ -215,7 +215,7 @@ def main():
     busy = [p for p in ports_of(docs) if not port_free(p)]
     if busy:
         raise RuntimeError(f"host ports {busy} (from the cpu-tiny manifests) are in use")
-    gateway_port = next(int(a.split(":")[-1]) for _, argv, _ in specs for a in argv
+    gateway_port = next(int(a.split("=", 1)[1]) for _, argv, _ in specs for a in argv
                         if a.startswith("--http-port="))
     model_dir = next(a.split("=", 1)[1] for _, argv, _ in specs for a in argv
                      if a.startswith("--model="))
