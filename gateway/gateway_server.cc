@@ -138,6 +138,11 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.port = o.http_port;
   http_options.api_keys = o.api_keys;
   http_options.max_connections = o.max_connections;
+  http_options.io_threads = o.http_threads;
+  // A generation worker either generates or waits in the admission queue: beyond both, the
+  // admission would refuse the request anyway.
+  http_options.max_generations =
+      static_cast<int>(std::min<uint64_t>(uint64_t{o.max_running} + o.max_waiting, 1u << 16));
   http_options.header_timeout = o.http_header_timeout;
   http_options.body_timeout = o.http_body_timeout;
   http_options.idle_timeout = o.http_idle_timeout;

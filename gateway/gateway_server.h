@@ -39,7 +39,8 @@ struct GatewayOptions {
   uint64_t max_waiting_tokens = Admission::Options{}.max_waiting_tokens;
   std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
   std::vector<std::string> api_keys;
-  int max_connections = 1024;
+  int max_connections = 32768;  // HTTP connections (lowered to what RLIMIT_NOFILE allows)
+  int http_threads = 2;         // Asio threads running every HTTP connection
   // HTTP read deadlines (HttpServer::Options): a connection that does not send its header,
   // its body or (keep-alive) its next request in time is closed.
   std::chrono::milliseconds http_header_timeout{std::chrono::seconds(10)};

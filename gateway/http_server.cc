@@ -1,19 +1,24 @@
 #include "gateway/http_server.h"
 
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <ctime>
-#include <list>
+#include <deque>
+#include <future>
+#include <map>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -33,17 +38,13 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace json = boost::json;
 using tcp = net::ip::tcp;
+using error_code = boost::system::error_code;
 
 namespace {
 
-struct Connection {
-  tcp::socket socket;
-  std::atomic<bool> busy{false};    // a request is being answered
-  std::atomic<bool> cancel{false};  // drain ran out of grace: give up the request
-  std::thread thread;
-  std::atomic<bool> done{false};
-  explicit Connection(tcp::socket s) : socket(std::move(s)) {}
-};
+using Clock = std::chrono::steady_clock;
+
+int64_t UnixNow() { return static_cast<int64_t>(std::time(nullptr)); }
 
 bool PeerHungUp(int fd) {
   pollfd p{fd, POLLIN | POLLRDHUP, 0};
@@ -51,64 +52,139 @@ bool PeerHungUp(int fd) {
   return (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
-int64_t UnixNow() { return static_cast<int64_t>(std::time(nullptr)); }
-
-using Clock = std::chrono::steady_clock;
-
-// A connection's socket as Beast's synchronous read stream, with a deadline: every read_some
-// first waits (poll) for data until the deadline, then reads what has come; past the deadline
-// it fails with beast::error::timeout. (SO_RCVTIMEO cannot do this: when recv() times out
-// with EAGAIN, Asio's synchronous read takes it for a non-blocking socket and polls without
-// a timeout.) Writes go to the socket unchanged.
-class DeadlineStream {
+// The generation workers: threads made on demand up to `max_threads` tasks queued or running
+// at once, each leaving after `idle_exit` without work.
+class WorkerPool {
  public:
-  using executor_type = tcp::socket::executor_type;
-  explicit DeadlineStream(tcp::socket& socket) : socket_(socket) {}
-  executor_type get_executor() { return socket_.get_executor(); }
-  void expires_after(std::chrono::milliseconds d) { deadline_ = Clock::now() + d; }
+  WorkerPool(int max_threads, std::chrono::milliseconds idle_exit)
+      : max_threads_(std::max(1, max_threads)), idle_exit_(idle_exit) {}
+  ~WorkerPool() { Stop(); }
 
-  // Waits until the socket is readable (data, end of stream or error) or the deadline passes.
-  bool WaitReadable(boost::system::error_code& ec) {
-    while (true) {
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline_ - Clock::now());
-      if (left.count() <= 0) break;
-      pollfd p{socket_.native_handle(), POLLIN | POLLRDHUP, 0};
-      const int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
-      if (r > 0) return true;
-      if (r < 0 && errno != EINTR) {
-        ec.assign(errno, boost::system::system_category());
-        return false;
-      }
+  // False (nothing runs) when `max_threads` tasks are already queued or running, or stopped.
+  bool TrySubmit(std::function<void()> task) {
+    std::lock_guard lock(mu_);
+    ReapLocked();
+    if (stopped_ || pending_ >= max_threads_) return false;
+    ++pending_;
+    tasks_.push_back(std::move(task));
+    if (threads_.size() - busy_ < tasks_.size()) {
+      const uint64_t id = next_id_++;
+      threads_.emplace(id, std::thread([this, id] { Loop(id); }));
+    } else {
+      cv_.notify_one();
     }
-    ec = beast::error::timeout;
-    return false;
+    return true;
   }
 
-  template <class MutableBuffers>
-  size_t read_some(const MutableBuffers& buffers, boost::system::error_code& ec) {
-    if (!WaitReadable(ec)) return 0;
-    return socket_.read_some(buffers, ec);
+  // Runs what is queued, then joins every thread; later TrySubmit calls fail.
+  void Stop() {
+    std::unique_lock lock(mu_);
+    stopped_ = true;
+    cv_.notify_all();
+    exited_.wait(lock, [this] { return threads_.empty(); });
+    ReapLocked();
   }
-  template <class MutableBuffers>
-  size_t read_some(const MutableBuffers& buffers) {
-    boost::system::error_code ec;
-    const size_t n = read_some(buffers, ec);
-    if (ec) throw boost::system::system_error(ec);
-    return n;
-  }
-  template <class ConstBuffers>
-  size_t write_some(const ConstBuffers& buffers, boost::system::error_code& ec) {
-    return socket_.write_some(buffers, ec);
-  }
-  template <class ConstBuffers>
-  size_t write_some(const ConstBuffers& buffers) {
-    return socket_.write_some(buffers);
+
+  int threads() const {
+    std::lock_guard lock(mu_);
+    return static_cast<int>(threads_.size());
   }
 
  private:
-  tcp::socket& socket_;
-  Clock::time_point deadline_ = Clock::now();
+  void Loop(uint64_t id) {
+    std::unique_lock lock(mu_);
+    while (true) {
+      if (tasks_.empty()) {
+        if (stopped_) break;
+        if (!cv_.wait_for(lock, idle_exit_, [this] { return stopped_ || !tasks_.empty(); })) break;
+        continue;
+      }
+      std::function<void()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      ++busy_;
+      lock.unlock();
+      task();
+      task = nullptr;
+      lock.lock();
+      --busy_;
+      --pending_;
+    }
+    auto it = threads_.find(id);
+    finished_.push_back(std::move(it->second));
+    threads_.erase(it);
+    exited_.notify_all();
+  }
+  // Joins threads that left their loop (they hold no lock any more once listed).
+  void ReapLocked() {
+    for (std::thread& t : finished_) t.join();
+    finished_.clear();
+  }
+
+  const int max_threads_;
+  const std::chrono::milliseconds idle_exit_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_, exited_;
+  std::deque<std::function<void()>> tasks_;
+  std::map<uint64_t, std::thread> threads_;
+  std::vector<std::thread> finished_;
+  uint64_t next_id_ = 0;
+  size_t busy_ = 0;
+  int pending_ = 0;  // queued + running
+  bool stopped_ = false;
 };
+
+// One connection. Its socket's executor is the connection's strand: the session coroutine,
+// its deadline timer and the writes a generation worker posts all run there, one at a time.
+struct Conn {
+  explicit Conn(tcp::socket s)
+      : socket(std::move(s)), timer(socket.get_executor()), fd(socket.native_handle()) {}
+  tcp::socket socket;
+  net::steady_timer timer;
+  uint64_t timer_generation = 0;    // strand only: tells a stale expiry from the armed one
+  bool timed_out = false;           // strand only: the armed deadline passed
+  const int fd;                     // for the hang-up poll of a generation worker
+  std::atomic<bool> busy{false};    // a request is being answered
+  std::atomic<bool> cancel{false};  // drain ran out of grace: give up the request
+};
+
+// The deadline of the connection's current operation: past it, the socket's operations are
+// cancelled and `timed_out` is set. Strand only.
+void Arm(const std::shared_ptr<Conn>& c, std::chrono::milliseconds d) {
+  const uint64_t generation = ++c->timer_generation;
+  c->timed_out = false;
+  c->timer.expires_after(d);
+  c->timer.async_wait([w = std::weak_ptr<Conn>(c), generation](error_code ec) {
+    if (ec) return;
+    std::shared_ptr<Conn> c = w.lock();
+    if (c == nullptr || c->timer_generation != generation) return;
+    c->timed_out = true;
+    error_code ignored;
+    c->socket.cancel(ignored);
+  });
+}
+
+void Disarm(const std::shared_ptr<Conn>& c) {
+  ++c->timer_generation;
+  c->timer.cancel();
+}
+
+constexpr auto kAwait = net::use_awaitable;
+
+template <class Body>
+std::string Serialize(http::response<Body>& r) {
+  std::ostringstream os;
+  os << r;
+  return std::move(os).str();
+}
+
+std::string Chunk(std::string_view data) {
+  char size[20];
+  const int n = std::snprintf(size, sizeof(size), "%zx\r\n", data.size());
+  std::string out;
+  out.reserve(static_cast<size_t>(n) + data.size() + 2);
+  out.append(size, static_cast<size_t>(n)).append(data).append("\r\n");
+  return out;
+}
 
 }  // namespace
 
@@ -120,10 +196,15 @@ class HttpServer::Impl {
         runner_(runner),
         metrics_(metrics),
         readiness_(std::move(readiness)),
-        acceptor_(io_) {}
+        work_(io_.get_executor()),
+        acceptor_(net::make_strand(io_)),
+        accept_retry_(acceptor_.get_executor()),
+        workers_(options_.max_generations, std::chrono::seconds(30)),
+        max_connections_(options_.max_connections) {}
 
   absl::Status Listen() {
-    boost::system::error_code ec;
+    LimitConnectionsToFileLimit();
+    error_code ec;
     tcp::endpoint endpoint(net::ip::make_address(options_.host, ec),
                            static_cast<uint16_t>(options_.port));
     if (ec) return absl::InvalidArgumentError(Cat("bad --http-host ", options_.host));
@@ -137,188 +218,280 @@ class HttpServer::Impl {
     }
     port_ = acceptor_.local_endpoint().port();
     Accept();
-    io_thread_ = std::thread([this] { io_.run(); });
+    for (int i = 0; i < std::max(1, options_.io_threads); ++i) {
+      io_threads_.emplace_back([this] {
+        while (true) {
+          try {
+            io_.run();
+            return;
+          } catch (const std::exception& e) {
+            spdlog::error("http: {}", e.what());
+          }
+        }
+      });
+    }
     return absl::OkStatus();
   }
 
   int port() const { return port_; }
-
-  int open_connections() const {
-    std::lock_guard lock(mu_);
-    return static_cast<int>(connections_.size());
-  }
+  int open_connections() const { return open_.load(); }
+  int generation_threads() const { return workers_.threads(); }
 
   void Drain(std::chrono::milliseconds grace) {
     if (drained_.exchange(true)) return;
     draining_ = true;
-    net::post(io_, [this] {
-      boost::system::error_code ec;
+    net::post(acceptor_.get_executor(), [this] {
+      error_code ec;
       acceptor_.close(ec);
+      accept_retry_.cancel();
     });
-    auto close_idle = [this] {
-      std::lock_guard lock(mu_);
-      for (auto& c : connections_) {
-        if (!c->busy) ::shutdown(c->socket.native_handle(), SHUT_RD);
-      }
-    };
-    close_idle();
+    CloseIdle();
     std::unique_lock lock(mu_);
-    const auto deadline = std::chrono::steady_clock::now() + grace;
-    while (!connections_.empty() && std::chrono::steady_clock::now() < deadline) {
+    const auto deadline = Clock::now() + grace;
+    while (!conns_.empty() && Clock::now() < deadline) {
       lock.unlock();
-      close_idle();  // a connection that finished its request and went idle
+      CloseIdle();  // a connection that finished its request and went idle
       lock.lock();
-      cv_.wait_until(lock, std::min(deadline, std::chrono::steady_clock::now() +
-                                                  std::chrono::milliseconds(100)));
-      Reap(lock);
+      cv_.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
     }
-    if (!connections_.empty()) {
-      spdlog::warn("drain: grace over, cancelling {} open request(s)", connections_.size());
-      for (auto& c : connections_) {
+    if (!conns_.empty()) {
+      spdlog::warn("drain: grace over, cancelling {} open request(s)", conns_.size());
+      for (auto& [raw, c] : conns_) {
         c->cancel = true;
-        ::shutdown(c->socket.native_handle(), SHUT_RDWR);
+        net::post(c->socket.get_executor(), [c = c] {
+          error_code ignored;
+          c->socket.shutdown(tcp::socket::shutdown_both, ignored);
+          c->socket.cancel(ignored);
+        });
       }
     }
-    while (!connections_.empty()) {
-      cv_.wait_for(lock, std::chrono::milliseconds(100));
-      Reap(lock);
-    }
+    cv_.wait(lock, [this] { return conns_.empty(); });
     lock.unlock();
+    workers_.Stop();
+    work_.reset();
     io_.stop();
-    if (io_thread_.joinable()) io_thread_.join();
+    for (std::thread& t : io_threads_) t.join();
   }
 
  private:
+  // Each connection holds a descriptor: the cap is lowered to what RLIMIT_NOFILE allows
+  // (raised to its hard limit first), keeping room for the rest of the process.
+  void LimitConnectionsToFileLimit() {
+    rlimit limit{};
+    if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+    if (limit.rlim_cur < limit.rlim_max) {
+      rlimit raised = limit;
+      raised.rlim_cur = limit.rlim_max;
+      if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+    }
+    constexpr rlim_t kReserve = 512;  // gRPC channels, model files, logs
+    if (limit.rlim_cur == RLIM_INFINITY) return;
+    const rlim_t room =
+        limit.rlim_cur > 2 * kReserve ? limit.rlim_cur - kReserve : limit.rlim_cur / 2;
+    if (static_cast<rlim_t>(max_connections_) > room) {
+      spdlog::warn(
+          "--max-connections {} exceeds what the open-file limit ({}) allows: at most {} "
+          "HTTP connections (raise `ulimit -n`)",
+          max_connections_, limit.rlim_cur, room);
+      max_connections_ = static_cast<int>(room);
+    }
+  }
+
+  void CloseIdle() {
+    std::lock_guard lock(mu_);
+    for (auto& [raw, c] : conns_) {
+      net::post(c->socket.get_executor(), [c = c] {
+        if (c->busy) return;
+        error_code ignored;
+        c->socket.cancel(ignored);
+      });
+    }
+  }
+
   void Accept() {
-    acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
+    acceptor_.async_accept(net::make_strand(io_), [this](error_code ec, tcp::socket socket) {
       if (ec) {
-        if (ec != net::error::operation_aborted && !draining_) {
-          spdlog::warn("accept: {}", ec.message());
-          Accept();
+        if (draining_ || ec == net::error::operation_aborted) return;
+        // Out of descriptors (EMFILE) or similar: retry shortly rather than spin.
+        const auto now = Clock::now();
+        if (now - last_accept_warning_ > std::chrono::seconds(10)) {
+          last_accept_warning_ = now;
+          spdlog::warn("http accept: {}", ec.message());
         }
+        accept_retry_.expires_after(std::chrono::milliseconds(50));
+        accept_retry_.async_wait([this](error_code e) {
+          if (!e && !draining_) Accept();
+        });
         return;
       }
-      std::unique_lock lock(mu_);
-      Reap(lock);
-      if (static_cast<int>(connections_.size()) >= options_.max_connections || draining_) {
-        boost::system::error_code ignored;
-        socket.close(ignored);
-      } else {
-        auto conn = std::make_unique<Connection>(std::move(socket));
-        Connection* raw = conn.get();
-        connections_.push_back(std::move(conn));
-        raw->thread = std::thread([this, raw] {
-          Serve(*raw);
-          raw->done = true;
-          cv_.notify_all();
-        });
-      }
-      lock.unlock();
+      if (draining_) return;
+      Admit(std::move(socket));
       Accept();
     });
   }
 
-  // Joins and forgets finished connections (called with mu_ held).
-  void Reap(std::unique_lock<std::mutex>&) {
-    for (auto it = connections_.begin(); it != connections_.end();) {
-      if ((*it)->done) {
-        (*it)->thread.join();
-        it = connections_.erase(it);
-      } else {
-        ++it;
-      }
+  void Admit(tcp::socket socket) {
+    error_code ignored;
+    if (open_.load() >= max_connections_) {
+      // Refused cleanly: a 503 (it fits the socket's buffer), then close.
+      static const std::string kBusy = [] {
+        http::response<http::string_body> r{http::status::service_unavailable, 11};
+        r.set(http::field::server, "expertmesh-gateway");
+        r.set(http::field::content_type, "application/json");
+        r.set(http::field::retry_after, "1");
+        r.keep_alive(false);
+        r.body() = ApiErrorJson(ToApiError(
+            absl::UnavailableError("The gateway has too many open connections; retry later.")));
+        r.prepare_payload();
+        return Serialize(r);
+      }();
+      socket.non_blocking(true, ignored);
+      socket.send(net::buffer(kBusy), 0, ignored);
+      socket.shutdown(tcp::socket::shutdown_send, ignored);
+      socket.close(ignored);
+      return;
     }
+    socket.set_option(tcp::no_delay(true), ignored);
+    auto c = std::make_shared<Conn>(std::move(socket));
+    {
+      std::lock_guard lock(mu_);
+      conns_.emplace(c.get(), c);
+      ++open_;
+    }
+    net::co_spawn(c->socket.get_executor(), Session(c), [this, c](std::exception_ptr e) {
+      if (e) {
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+          spdlog::error("http connection: {}", ex.what());
+        }
+      }
+      Disarm(c);
+      error_code ignored;
+      c->socket.close(ignored);
+      std::lock_guard lock(mu_);
+      conns_.erase(c.get());
+      --open_;
+      cv_.notify_all();
+    });
   }
 
-  void Serve(Connection& c) {
-    DeadlineStream stream(c.socket);
+  // (GCC 12 mis-destroys temporaries of class type in a full-expression that holds a
+  // co_await: every co_await below takes named objects only.)
+  net::awaitable<void> Session(std::shared_ptr<Conn> c) {
     beast::flat_buffer buffer;
     bool first = true;
     while (!draining_) {
+      error_code ec;
+      if (!first && buffer.size() == 0) {
+        // Keep-alive: the next request must begin within the idle timeout; else close
+        // quietly. Waiting for readability holds no buffer.
+        buffer.shrink_to_fit();
+        Arm(c, options_.idle_timeout);
+        co_await c->socket.async_wait(tcp::socket::wait_read, net::redirect_error(kAwait, ec));
+        if (ec || draining_) break;
+      }
+      first = false;
+      // The first request's header counts from the connection's start, a later one's from
+      // its first byte (or, pipelined, from the end of the previous response).
+      Arm(c, options_.header_timeout);
       http::request_parser<http::string_body> parser;
       parser.body_limit(options_.max_body_bytes);
       parser.header_limit(options_.max_header_bytes);
-      boost::system::error_code ec;
-      if (!first && buffer.size() == 0) {
-        // Keep-alive: the next request must begin within the idle timeout; else close quietly.
-        stream.expires_after(options_.idle_timeout);
-        if (!stream.WaitReadable(ec)) break;
-      }
-      first = false;
-      // The first request's header counts from the connection's start, a later one's from its
-      // first byte.
-      stream.expires_after(options_.header_timeout);
-      http::read_header(stream, buffer, parser, ec);
-      if (!ec && parser.get()[http::field::expect] == "100-continue") {
-        // curl asks before sending a body over 1 KiB.
-        http::response<http::empty_body> go_on{http::status::continue_, 11};
-        http::write(c.socket, go_on, ec);
-      }
+      co_await http::async_read_header(c->socket, buffer, parser, net::redirect_error(kAwait, ec));
       if (!ec) {
-        stream.expires_after(options_.body_timeout);
-        http::read(stream, buffer, parser, ec);
-      }
-      if (ec == beast::error::timeout) {
-        if (parser.got_some()) {  // a request begun and not finished in time: say so
-          c.busy = true;
-          WriteError(c,
-                     WithCode(absl::InvalidArgumentError(
-                                  parser.is_header_done()
-                                      ? Cat("The request body did not arrive within ",
-                                            options_.body_timeout.count(), " ms.")
-                                      : Cat("The request header did not arrive within ",
-                                            options_.header_timeout.count(), " ms.")),
-                              "request_timeout"),
-                     false, 408);
+        Arm(c, options_.body_timeout);
+        if (parser.get()[http::field::expect] == "100-continue") {
+          // curl asks before sending a body over 1 KiB.
+          static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+          co_await net::async_write(c->socket, net::buffer(kContinue),
+                                    net::redirect_error(kAwait, ec));
         }
-        break;
-      }
-      if (ec == http::error::body_limit) {
-        c.busy = true;
-        WriteError(c,
-                   absl::InvalidArgumentError(
-                       Cat("The request body exceeds ", options_.max_body_bytes, " bytes.")),
-                   false, 413);
-        LingeringClose(c);
-        break;
-      }
-      if (ec == http::error::header_limit) {
-        c.busy = true;
-        // The parser consumes the request line (and each whole field) as it goes, and keeps
-        // the target once the request line is complete: without one, the request line alone
-        // exceeded the limit, and it is the URL that is too long.
-        const size_t target = parser.get().target().size();
-        if (target == 0 || target > options_.max_url_bytes) {
-          WriteError(c, UrlTooLong(), false, 414);
-        } else {
-          WriteError(c,
-                     absl::InvalidArgumentError(
-                         Cat("The request header exceeds ", options_.max_header_bytes, " bytes.")),
-                     false, 431);
+        if (!ec) {
+          co_await http::async_read(c->socket, buffer, parser, net::redirect_error(kAwait, ec));
         }
-        LingeringClose(c);
+      }
+      const bool timed_out = ec && c->timed_out;
+      Disarm(c);
+      bool close_quietly = false, linger = false;
+      const std::string refusal = Refusal(parser, ec, timed_out, &close_quietly, &linger);
+      if (close_quietly) break;  // closed, cancelled by a drain, not HTTP, or nothing begun
+      c->busy = true;
+      if (!refusal.empty()) {
+        co_await Send(c, refusal);
+        if (linger) co_await LingeringClose(c);
         break;
       }
-      if (ec) break;  // closed, timed out, or not HTTP
-      c.busy = true;
       http::request<http::string_body> request = parser.release();
-      if (request.target().size() > options_.max_url_bytes) {
-        WriteError(c, UrlTooLong(), false, 414);
-        break;
+      const bool keep = request.keep_alive();
+      bool chat = false;
+      const std::optional<std::string> answer = Answer(request, keep, &chat);
+      bool keep_alive = false;
+      if (answer.has_value()) {
+        const bool sent = co_await Send(c, *answer);
+        keep_alive = sent && keep;
+      } else {
+        keep_alive = co_await Generation(c, request, chat, keep);
       }
-      if (request.version() >= 11 && request.find(http::field::host) == request.end()) {
-        // RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
-        WriteError(c, absl::InvalidArgumentError("HTTP/1.1 requests must carry a Host header."),
-                   false, 400);
-        break;
-      }
-      const bool keep_alive = Handle(c, request) && request.keep_alive();
-      c.busy = false;
+      c->busy = false;
       if (!keep_alive) break;
     }
-    boost::system::error_code ignored;
-    c.socket.shutdown(tcp::socket::shutdown_both, ignored);
-    c.socket.close(ignored);
+    error_code ignored;
+    c->socket.shutdown(tcp::socket::shutdown_both, ignored);
+  }
+
+  // What ends a request read that cannot be served: the answer (then the connection closes,
+  // after lingering when the request's bytes were not all read), or *close_quietly. Empty
+  // when the request is to be served.
+  std::string Refusal(const http::request_parser<http::string_body>& parser, error_code ec,
+                      bool timed_out, bool* close_quietly, bool* linger) const {
+    if (timed_out) {
+      if (!parser.got_some()) {
+        *close_quietly = true;
+        return {};
+      }
+      // A request begun and not finished in time: say so.
+      std::string message = parser.is_header_done()
+                                ? Cat("The request body did not arrive within ",
+                                      options_.body_timeout.count(), " ms.")
+                                : Cat("The request header did not arrive within ",
+                                      options_.header_timeout.count(), " ms.");
+      return ErrorBytes(WithCode(absl::InvalidArgumentError(message), "request_timeout"), false,
+                        408);
+    }
+    if (ec == http::error::body_limit) {
+      *linger = true;
+      return ErrorBytes(absl::InvalidArgumentError(
+                            Cat("The request body exceeds ", options_.max_body_bytes, " bytes.")),
+                        false, 413);
+    }
+    if (ec == http::error::header_limit) {
+      *linger = true;
+      // The parser consumes the request line (and each whole field) as it goes, and keeps
+      // the target once the request line is complete: without one, the request line alone
+      // exceeded the limit, and it is the URL that is too long.
+      const size_t target = parser.get().target().size();
+      if (target == 0 || target > options_.max_url_bytes) {
+        return ErrorBytes(UrlTooLong(), false, 414);
+      }
+      return ErrorBytes(absl::InvalidArgumentError(Cat("The request header exceeds ",
+                                                       options_.max_header_bytes, " bytes.")),
+                        false, 431);
+    }
+    if (ec) {
+      *close_quietly = true;
+      return {};
+    }
+    if (parser.get().target().size() > options_.max_url_bytes) {
+      return ErrorBytes(UrlTooLong(), false, 414);
+    }
+    if (parser.get().version() >= 11 &&
+        parser.get().find(http::field::host) == parser.get().end()) {
+      // RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+      return ErrorBytes(absl::InvalidArgumentError("HTTP/1.1 requests must carry a Host header."),
+                        false, 400);
+    }
+    return {};
   }
 
   absl::Status UrlTooLong() const {
@@ -330,35 +503,65 @@ class HttpServer::Impl {
   // then read and drop what the client still sends (at most 1 MiB, for at most 1 s) before
   // the socket closes, so that closing with unread data does not reset the connection
   // before the client has read the answer.
-  static void LingeringClose(Connection& c) {
-    const int fd = c.socket.native_handle();
-    ::shutdown(fd, SHUT_WR);
-    const auto deadline = Clock::now() + std::chrono::seconds(1);
+  net::awaitable<void> LingeringClose(const std::shared_ptr<Conn>& c) {
+    error_code ec;
+    c->socket.shutdown(tcp::socket::shutdown_send, ec);
+    Arm(c, std::chrono::seconds(1));
+    std::vector<char> drop(16384);
     size_t dropped = 0;
-    char buf[16384];
     while (dropped < (1u << 20)) {
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) break;
-      pollfd p{fd, POLLIN, 0};
-      const int r = ::poll(&p, 1, static_cast<int>(left.count()));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) break;
-      const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-      if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-      if (n <= 0) break;  // the client closed too, or an error
-      dropped += static_cast<size_t>(n);
+      const size_t n =
+          co_await c->socket.async_read_some(net::buffer(drop), net::redirect_error(kAwait, ec));
+      if (ec) break;  // the client closed too, the second passed, or an error
+      dropped += n;
     }
+    Disarm(c);
   }
 
-  bool Write(Connection& c, http::response<http::string_body>& response) {
-    boost::system::error_code ec;
-    response.prepare_payload();
-    http::write(c.socket, response, ec);
-    return !ec;
+  // Writes `bytes` within the send timeout; false when the connection broke or timed out.
+  net::awaitable<bool> Send(const std::shared_ptr<Conn>& c, const std::string& bytes) {
+    Arm(c, options_.send_timeout);
+    error_code ec;
+    co_await net::async_write(c->socket, net::buffer(bytes), net::redirect_error(kAwait, ec));
+    Disarm(c);
+    co_return !ec;
+  }
+  net::awaitable<bool> SendOwned(std::shared_ptr<Conn> c, std::string bytes) {
+    const bool sent = co_await Send(c, bytes);
+    co_return sent;
   }
 
-  bool WriteJson(Connection& c, int status, std::string body, bool keep_alive,
-                 int retry_after_s = 0, const std::optional<std::string>& allow = std::nullopt) {
+  // Send, from a generation worker: runs on the connection's strand, waits for the result.
+  bool SendFromWorker(const std::shared_ptr<Conn>& c, std::string bytes) {
+    auto done = std::make_shared<std::promise<bool>>();
+    std::future<bool> result = done->get_future();
+    net::co_spawn(c->socket.get_executor(), SendOwned(c, std::move(bytes)),
+                  [done](std::exception_ptr e, bool ok) { done->set_value(!e && ok); });
+    return result.get();
+  }
+
+  // Runs `fn` on a generation worker; the coroutine resumes on its strand when it is done.
+  // False (fn not run) when every worker is taken.
+  net::awaitable<bool> RunOnWorker(const std::function<void()>& fn) {
+    return net::async_initiate<decltype(kAwait), void(bool)>(
+        [this](auto handler, std::function<void()> fn) {
+          auto h = std::make_shared<decltype(handler)>(std::move(handler));
+          auto ex = net::get_associated_executor(*h);
+          const bool submitted = workers_.TrySubmit([h, ex, fn = std::move(fn)] {
+            try {
+              fn();
+            } catch (const std::exception& e) {
+              spdlog::error("http generation: {}", e.what());
+            }
+            net::post(ex, [h] { std::move (*h)(true); });
+          });
+          if (!submitted) net::post(ex, [h] { std::move (*h)(false); });
+        },
+        kAwait, fn);
+  }
+
+  static std::string JsonBytes(int status, std::string body, bool keep_alive, int retry_after_s = 0,
+                               const std::optional<std::string>& allow = std::nullopt) {
     http::response<http::string_body> r{static_cast<http::status>(status), 11};
     r.set(http::field::server, "expertmesh-gateway");
     r.set(http::field::content_type, "application/json");
@@ -366,14 +569,15 @@ class HttpServer::Impl {
     if (allow) r.set(http::field::allow, *allow);
     r.keep_alive(keep_alive);
     r.body() = std::move(body);
-    return Write(c, r) && keep_alive;
+    r.prepare_payload();
+    return Serialize(r);
   }
 
-  bool WriteError(Connection& c, const absl::Status& status, bool keep_alive,
-                  int http_status_override = 0) {
+  static std::string ErrorBytes(const absl::Status& status, bool keep_alive,
+                                int http_status_override = 0) {
     ApiError e = ToApiError(status);
     if (http_status_override != 0) e.http_status = http_status_override;
-    return WriteJson(c, e.http_status, ApiErrorJson(e), keep_alive, e.retry_after_s, e.allow);
+    return JsonBytes(e.http_status, ApiErrorJson(e), keep_alive, e.retry_after_s, e.allow);
   }
 
   bool Authorized(const http::request<http::string_body>& request) const {
@@ -387,45 +591,45 @@ class HttpServer::Impl {
     return api_keys_.Accepts(value);
   }
 
-  // Returns whether the connection may be kept open.
-  bool Handle(Connection& c, http::request<http::string_body>& request) {
+  // The response to a request that needs no generation; nullopt for a completion request
+  // (then *chat says which API).
+  std::optional<std::string> Answer(const http::request<http::string_body>& request, bool keep,
+                                    bool* chat) {
     const std::string target(request.target());
     const std::string path = target.substr(0, target.find('?'));
-    const bool keep = request.keep_alive();
     const bool get = request.method() == http::verb::get;
     const bool post = request.method() == http::verb::post;
 
     if (path == "/health") {
-      if (!get) return WriteError(c, MethodNotAllowed("GET", "Use GET /health."), keep);
+      if (!get) return ErrorBytes(MethodNotAllowed("GET", "Use GET /health."), keep);
       absl::Status ready =
           draining_ ? absl::UnavailableError("The gateway is shutting down.") : readiness_();
       if (!ready.ok()) {
-        return WriteError(
-            c,
+        return ErrorBytes(
             absl::UnavailableError(Cat("The cluster is not ready: ", std::string(ready.message()))),
             keep);
       }
-      return WriteJson(c, 200, R"({"status":"ok"})", keep);
+      return JsonBytes(200, R"({"status":"ok"})", keep);
     }
     if (path == "/metrics") {
       http::response<http::string_body> r{http::status::ok, 11};
       r.set(http::field::content_type, "text/plain; version=0.0.4");
       r.keep_alive(keep);
       r.body() = metrics_->registry.RenderText();
-      return Write(c, r) && keep;
+      r.prepare_payload();
+      return Serialize(r);
     }
     if (path.rfind("/v1/", 0) != 0) {
-      return WriteError(c, absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
+      return ErrorBytes(absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
     }
     if (!Authorized(request)) {
       metrics_->Requests("http", 401).Inc();
-      return WriteError(c,
-                        absl::UnauthenticatedError("Incorrect API key provided. Pass it as "
+      return ErrorBytes(absl::UnauthenticatedError("Incorrect API key provided. Pass it as "
                                                    "'Authorization: Bearer <key>'."),
                         keep);
     }
     if (path == "/v1/models" || path.rfind("/v1/models/", 0) == 0) {
-      if (!get) return WriteError(c, MethodNotAllowed("GET", "Use GET on /v1/models."), keep);
+      if (!get) return ErrorBytes(MethodNotAllowed("GET", "Use GET on /v1/models."), keep);
       json::object model{{"id", runner_->card().id},
                          {"object", "model"},
                          {"created", 0},
@@ -433,25 +637,49 @@ class HttpServer::Impl {
                          {"max_model_len", runner_->max_context()}};
       if (path == "/v1/models") {
         json::object list{{"object", "list"}, {"data", json::array{model}}};
-        return WriteJson(c, 200, json::serialize(list), keep);
+        return JsonBytes(200, json::serialize(list), keep);
       }
       if (path.substr(std::string_view("/v1/models/").size()) != runner_->card().id) {
-        return WriteError(c, UnknownModel(path.substr(11)), keep);
+        return ErrorBytes(UnknownModel(path.substr(11)), keep);
       }
-      return WriteJson(c, 200, json::serialize(model), keep);
+      return JsonBytes(200, json::serialize(model), keep);
     }
     const bool completions = path == "/v1/completions";
-    const bool chat = path == "/v1/chat/completions";
-    if (!completions && !chat) {
-      return WriteError(c, absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
+    *chat = path == "/v1/chat/completions";
+    if (!completions && !*chat) {
+      return ErrorBytes(absl::NotFoundError(Cat("Unknown path ", path, ".")), keep);
     }
-    if (!post) return WriteError(c, MethodNotAllowed("POST", Cat("Use POST ", path, ".")), keep);
-    return Generate(c, request.body(), chat, keep, ClientKey(c, request));
+    if (!post) return ErrorBytes(MethodNotAllowed("POST", Cat("Use POST ", path, ".")), keep);
+    return std::nullopt;
+  }
+
+  // A completion request: parsing, tokenizing and generating run on a worker; this coroutine
+  // waits without a thread. Returns whether the connection may be kept open.
+  net::awaitable<bool> Generation(const std::shared_ptr<Conn>& c,
+                                  const http::request<http::string_body>& request, bool chat,
+                                  bool keep) {
+    const std::string client = ClientKey(*c, request);
+    bool keep_after = false;
+    const std::function<void()> work = [&] {
+      keep_after = Generate(c, request.body(), chat, keep, client);
+    };
+    const bool ran = co_await RunOnWorker(work);
+    if (ran) co_return keep_after;
+    metrics_->Requests(chat ? "chat" : "completions", 429).Inc();
+    metrics_->queue_rejected.Inc();
+    const std::string refusal = ErrorBytes(
+        WithRetryAfter(
+            absl::ResourceExhaustedError("Too many requests in flight at this gateway; retry "
+                                         "later."),
+            1),
+        keep, 429);
+    const bool sent = co_await Send(c, refusal);
+    co_return sent&& keep;
   }
 
   // The admission queue's fair-share key: the API key when keys are configured (only a
   // digest of it is kept), else the peer's address (without the port).
-  std::string ClientKey(Connection& c, const http::request<http::string_body>& request) const {
+  std::string ClientKey(Conn& c, const http::request<http::string_body>& request) const {
     if (!api_keys_.empty()) {
       auto it = request.find(http::field::authorization);
       if (it != request.end()) {
@@ -459,23 +687,23 @@ class HttpServer::Impl {
         return Cat("key:", std::hash<std::string_view>{}(value));
       }
     }
-    boost::system::error_code ec;
+    error_code ec;
     const tcp::endpoint peer = c.socket.remote_endpoint(ec);
     return ec ? std::string("peer:?") : Cat("peer:", peer.address().to_string());
   }
 
-  // A sink that writes SSE chunks; the headers go out with the first chunk, so that errors
-  // found before any token (429, 503 ...) still get their HTTP status.
+  // A sink that writes SSE chunks from the generation worker; the headers go out with the
+  // first chunk, so that errors found before any token (429, 503 ...) still get their HTTP
+  // status.
   class SseSink : public GenerationSink {
    public:
-    SseSink(Connection& c, OpenAiResponder& responder, bool include_usage)
-        : c_(c), responder_(responder), include_usage_(include_usage) {}
+    SseSink(Impl& server, std::shared_ptr<Conn> c, OpenAiResponder& responder, bool include_usage)
+        : server_(server), c_(std::move(c)), responder_(responder), include_usage_(include_usage) {}
     bool OnDelta(const Delta& delta) override {
       return SendHeaders() && Send(SseEvent(responder_.Chunk(delta, include_usage_)));
     }
-    bool ClientGone() override {
-      return broken_ || c_.cancel.load() || PeerHungUp(c_.socket.native_handle());
-    }
+    bool ClientGone() override { return broken_ || c_->cancel.load() || PeerHungUp(c_->fd); }
+    // The header is sent with the next chunk.
     bool SendHeaders() {
       if (headers_sent_) return !broken_;
       headers_sent_ = true;
@@ -484,51 +712,49 @@ class HttpServer::Impl {
       r.set(http::field::content_type, "text/event-stream");
       r.set(http::field::cache_control, "no-cache");
       r.chunked(true);
-      http::response_serializer<http::empty_body> sr{r};
-      boost::system::error_code ec;
-      http::write_header(c_.socket, sr, ec);
-      broken_ = broken_ || ec;
+      std::ostringstream os;
+      os << r.base();
+      header_ = std::move(os).str();
       return !broken_;
     }
-    bool Send(const std::string& data) {
-      if (broken_) return false;
-      boost::system::error_code ec;
-      net::write(c_.socket, http::make_chunk(net::buffer(data)), ec);
-      broken_ = broken_ || ec;
-      return !broken_;
-    }
-    bool End() {
-      if (broken_) return false;
-      boost::system::error_code ec;
-      net::write(c_.socket, http::make_chunk_last(), ec);
-      broken_ = broken_ || ec;
-      return !broken_;
-    }
+    bool Send(const std::string& data) { return Write(Chunk(data)); }
+    bool End() { return Write("0\r\n\r\n"); }
     bool headers_sent() const { return headers_sent_; }
 
    private:
-    Connection& c_;
+    bool Write(std::string bytes) {
+      if (broken_) return false;
+      if (!header_.empty()) bytes = std::exchange(header_, std::string()) + bytes;
+      broken_ = !server_.SendFromWorker(c_, std::move(bytes));
+      return !broken_;
+    }
+    Impl& server_;
+    std::shared_ptr<Conn> c_;
     OpenAiResponder& responder_;
     const bool include_usage_;
+    std::string header_;
     bool headers_sent_ = false;
     bool broken_ = false;
   };
 
   class CollectSink : public GenerationSink {
    public:
-    CollectSink(Connection& c, OpenAiResponder& responder) : c_(c), responder_(responder) {}
+    CollectSink(Conn& c, OpenAiResponder& responder) : c_(c), responder_(responder) {}
     bool OnDelta(const Delta& delta) override {
       responder_.Collect(delta);
       return true;
     }
-    bool ClientGone() override { return c_.cancel.load() || PeerHungUp(c_.socket.native_handle()); }
+    bool ClientGone() override { return c_.cancel.load() || PeerHungUp(c_.fd); }
 
    private:
-    Connection& c_;
+    Conn& c_;
     OpenAiResponder& responder_;
   };
 
-  bool Generate(Connection& c, const std::string& body, bool chat, bool keep, std::string client) {
+  // On a generation worker: one completion request, answered in full. Returns whether the
+  // connection may be kept open.
+  bool Generate(const std::shared_ptr<Conn>& c, const std::string& body, bool chat, bool keep,
+                std::string client) {
     const std::string api = chat ? "chat" : "completions";
     const RequestLimits limits;
     absl::StatusOr<GenerationRequest> request =
@@ -540,28 +766,29 @@ class HttpServer::Impl {
                      : absl::StatusOr<PreparedRequest>(request.status());
     if (!prepared.ok()) {
       metrics_->Requests(api, ToApiError(prepared.status()).http_status).Inc();
-      return WriteError(c, prepared.status(), keep);
+      return SendFromWorker(c, ErrorBytes(prepared.status(), keep)) && keep;
     }
     const GenerationRequest& r = prepared->request;
     OpenAiResponder responder(r, Cat(chat ? "chatcmpl-" : "cmpl-", prepared->request_id),
                               UnixNow());
     if (!r.stream) {
-      CollectSink sink(c, responder);
+      CollectSink sink(*c, responder);
       absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
       if (!outcome.ok()) {
         metrics_->Requests(api, ToApiError(outcome.status()).http_status).Inc();
         if (outcome.status().code() == absl::StatusCode::kCancelled) return false;
-        return WriteError(c, outcome.status(), keep);
+        return SendFromWorker(c, ErrorBytes(outcome.status(), keep)) && keep;
       }
       metrics_->Requests(api, 200).Inc();
-      return WriteJson(c, 200, responder.Full(*outcome), keep);
+      return SendFromWorker(c, JsonBytes(200, responder.Full(*outcome), keep)) && keep;
     }
-    SseSink sink(c, responder, r.include_usage);
+    SseSink sink(*this, c, responder, r.include_usage);
     absl::StatusOr<Outcome> outcome = runner_->Run(*prepared, sink);
     if (!outcome.ok()) {
       metrics_->Requests(api, ToApiError(outcome.status()).http_status).Inc();
       if (outcome.status().code() == absl::StatusCode::kCancelled) return false;
-      if (!sink.headers_sent()) return WriteError(c, outcome.status(), keep);
+      if (!sink.headers_sent())
+        return SendFromWorker(c, ErrorBytes(outcome.status(), keep)) && keep;
       // Mid-stream failure: an error event, then the end of the stream.
       sink.Send(SseEvent(ApiErrorJson(ToApiError(outcome.status()))));
       sink.Send(std::string(kSseDone));
@@ -581,14 +808,20 @@ class HttpServer::Impl {
   GatewayMetrics* metrics_;
   ReadinessFn readiness_;
   net::io_context io_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
   tcp::acceptor acceptor_;
-  std::thread io_thread_;
+  net::steady_timer accept_retry_;           // acceptor strand
+  Clock::time_point last_accept_warning_{};  // acceptor strand
+  WorkerPool workers_;
+  std::vector<std::thread> io_threads_;
+  int max_connections_;
   int port_ = 0;
+  std::atomic<int> open_{0};
   std::atomic<bool> draining_{false};
   std::atomic<bool> drained_{false};
-  mutable std::mutex mu_;
+  std::mutex mu_;
   std::condition_variable cv_;
-  std::list<std::unique_ptr<Connection>> connections_;
+  std::unordered_map<Conn*, std::shared_ptr<Conn>> conns_;
 };
 
 HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -607,5 +840,6 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(Options options,
 int HttpServer::port() const { return impl_->port(); }
 void HttpServer::Drain(std::chrono::milliseconds grace) { impl_->Drain(grace); }
 int HttpServer::open_connections() const { return impl_->open_connections(); }
+int HttpServer::generation_threads() const { return impl_->generation_threads(); }
 
 }  // namespace expertmesh::gateway

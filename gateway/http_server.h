@@ -3,12 +3,24 @@
 // (503 with an OpenAI-style error until an attention replica is ready, and while draining),
 // GET /metrics (Prometheus text). Optional API keys (Authorization: Bearer) guard /v1/*.
 //
-// An Asio acceptor hands each connection to its own thread, which reads requests with a size
-// limit and deadlines (the whole header within header_timeout, the body within body_timeout,
-// the next request on a keep-alive connection within idle_timeout; past one the connection is
-// closed) and runs generations synchronously; the number of connections is bounded, admission
-// (admission.h) bounds the generations. Between token
-// events a connection checks whether its client hung up, and cancels the sequence if so.
+// Asynchronous: every connection is an Asio C++20 coroutine on its own strand, run by a small
+// fixed pool of I/O threads (`io_threads`), so an idle or slow connection costs memory (a few
+// KiB) and no thread. Each connection reads its requests one after another (pipelined requests
+// are answered in order) with a size limit and deadlines (the whole header within
+// header_timeout, the body within body_timeout, the next request on a keep-alive connection
+// within idle_timeout, every response write within send_timeout; past one the connection is
+// closed, after a 408 when a request had begun). The number of connections is bounded (beyond:
+// 503 and close).
+//
+// Generations (RequestRunner::Run) are synchronous: a completion request runs on a generation
+// worker (a pool that grows on demand to `max_generations` threads and shrinks when idle), and
+// its connection's coroutine waits without a thread. The worker writes the response (SSE
+// chunks one by one) through the connection's strand and waits for each write, so a slow
+// reader slows its own generation only. Admission (admission.h) bounds what the workers do:
+// a worker either generates (at most --max-running) or waits in the admission queue; the
+// gateway sizes max_generations as max_running + max_waiting, and a request beyond it gets
+// 429. Between token events a generation checks whether its client hung up, and cancels the
+// sequence if so.
 // Drain(): stop accepting, close idle connections, let open requests finish within a grace
 // period, then cancel what is left.
 #pragma once
@@ -36,13 +48,19 @@ class HttpServer {
     uint32_t max_body_bytes = 8u << 20;
     uint32_t max_header_bytes = 64u << 10;  // request line + fields; beyond: 431 (or 414)
     uint32_t max_url_bytes = 16u << 10;     // the request target; beyond: 414
-    int max_connections = 1024;
+    // Open connections at most (also lowered to what RLIMIT_NOFILE allows, with a warning).
+    int max_connections = 32768;
+    int io_threads = 2;         // the Asio threads running every connection
+    int max_generations = 256;  // generation worker threads at most (see above)
     // From the connection's start (or the first byte of a later request) to the header's end.
     std::chrono::milliseconds header_timeout{std::chrono::seconds(10)};
     // From the header's end to the body's end.
     std::chrono::milliseconds body_timeout{std::chrono::seconds(30)};
     // Keep-alive: from the end of a response to the first byte of the next request.
     std::chrono::milliseconds idle_timeout{std::chrono::seconds(60)};
+    // Each response write (a whole response, or one SSE chunk) must be taken by the client
+    // within this; else the connection closes (and its generation is cancelled).
+    std::chrono::milliseconds send_timeout{std::chrono::seconds(30)};
   };
   // Readiness for /health: OK, or the reason the gateway cannot serve yet.
   using ReadinessFn = std::function<absl::Status()>;
@@ -57,6 +75,8 @@ class HttpServer {
   // Stops accepting, lets open requests finish for up to `grace`, cancels the rest, joins.
   void Drain(std::chrono::milliseconds grace);
   int open_connections() const;
+  // Generation worker threads now alive (busy or idle).
+  int generation_threads() const;
 
   class Impl;
 

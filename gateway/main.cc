@@ -64,6 +64,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-connections", o.max_connections, "Open HTTP connections at most")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
+  app.add_option("--http-threads", o.http_threads,
+                 "Threads running the HTTP connections (asynchronous; generations run on "
+                 "their own workers, at most --max-running + --max-waiting)")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
   app.add_option("--header-timeout-s", header_timeout_s,
                  "An HTTP request's header must arrive within this (else the connection closes)")
       ->check(CLI::Range(1, 3600))
