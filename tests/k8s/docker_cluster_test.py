@@ -48,19 +48,20 @@ def run(cmd, timeout=60, check=True, **kw):
 def docker_clients():
     """The client that answers, and how it builds with BuildKit (cache mounts): buildx where
     installed, else a pre-23 client's built-in BuildKit (DOCKER_BUILDKIT=1)."""
+    answering = None
     for client in dict.fromkeys([shutil.which("docker"), "/usr/bin/docker"]):
         if not client or not os.access(client, os.X_OK):
             continue
         if run([client, "info"], timeout=30, check=False).returncode != 0:
             continue
+        answering = answering or client
         if run([client, "buildx", "version"], timeout=30, check=False).returncode == 0:
             return client, [client, "buildx", "build", "--load"]
         version = run([client, "version", "--format", "{{.Client.Version}}"], check=False)
         major = re.match(r"(\d+)", version.stdout.strip())
         if major and int(major.group(1)) < 23:
             return client, [client, "build"]
-        return client, None
-    return None, None
+    return answering, None
 
 
 def expand(text, env):
