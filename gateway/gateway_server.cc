@@ -5,6 +5,7 @@
 
 #include <boost/json.hpp>
 
+#include "absl/strings/str_join.h"
 #include "core/base/file.h"
 #include "core/base/status.h"
 #include "core/format/config.h"
@@ -83,6 +84,7 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
 
   AttentionPool::Options pool_options;
   pool_options.addresses = o.attention;
+  pool_options.resolve_interval = o.attention_resolve_interval;
   if (o.handshake) {
     EM_ASSIGN_OR_RETURN(v1::PeerIdentity id, MakeLocalIdentity(o.model_dir, "gateway", card.id));
     pool_options.identity = id;
@@ -176,9 +178,10 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
     }
   });
   spdlog::info(
-      "gateway: model '{}' (context {}), HTTP on {}:{}, gRPC on port {}, {} attention "
-      "replica(s)",
-      card.id, card.max_context, o.http_host, g->http_->port(), g->grpc_.port, o.attention.size());
+      "gateway: model '{}' (context {}), HTTP on {}:{}, gRPC on port {}, attention replicas "
+      "from {} ({} now)",
+      card.id, card.max_context, o.http_host, g->http_->port(), g->grpc_.port,
+      absl::StrJoin(o.attention, ","), g->pool_->Snapshot().size());
   return g;
 }
 

@@ -25,9 +25,12 @@
 namespace expertmesh::gateway {
 
 struct GatewayOptions {
-  std::string model_dir;               // tokenizer.json, tokenizer_config.json, config.json, ...
-  std::string served_model_name;       // default: the model directory's name
-  std::vector<std::string> attention;  // attention-service addresses
+  std::string model_dir;          // tokenizer.json, tokenizer_config.json, config.json, ...
+  std::string served_model_name;  // default: the model directory's name
+  // attention-service targets: host:port, or dns:///name:port re-resolved every
+  // attention_resolve_interval (AttentionPool)
+  std::vector<std::string> attention;
+  std::chrono::milliseconds attention_resolve_interval{1000};
   std::string grpc_listen = "127.0.0.1:0";
   std::string http_host = "0.0.0.0";
   int http_port = 0;

@@ -26,10 +26,22 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingDirectory);
   app.add_option("--served-model-name", o.served_model_name,
                  "Model name clients pass (default: the model directory's name)");
+  int resolve_ms = static_cast<int>(o.attention_resolve_interval.count());
   app.add_option("--attention", o.attention,
-                 "Attention-service address host:port (repeat or comma-separate for replicas)")
+                 "Attention-service replicas (repeat or comma-separate): host:port, or "
+                 "dns:///name:port (e.g. a headless Service: every address the name resolves "
+                 "to is a replica, resolved again every --attention-resolve-ms) or "
+                 "dns://dns-server-ip[:port]/name:port")
       ->required()
-      ->delimiter(',');
+      ->delimiter(',')
+      ->check([](const std::string& target) {
+        absl::StatusOr<gateway::AttentionTarget> t = gateway::ParseAttentionTarget(target);
+        return t.ok() ? std::string() : std::string(t.status().message());
+      });
+  app.add_option("--attention-resolve-ms", resolve_ms,
+                 "How often dns: attention targets are resolved again")
+      ->check(CLI::Range(50, 600000))
+      ->capture_default_str();
   app.add_option("--http-host", o.http_host, "HTTP listen host")->capture_default_str();
   app.add_option("--http-port", o.http_port, "HTTP port (0 = any)")
       ->check(CLI::Range(0, 65535))
@@ -90,6 +102,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
   o.grpc_listen = main.flags().listen;
+  o.attention_resolve_interval = std::chrono::milliseconds(resolve_ms);
   o.request_timeout = std::chrono::seconds(request_timeout_s);
   o.http_header_timeout = std::chrono::seconds(header_timeout_s);
   o.http_body_timeout = std::chrono::seconds(body_timeout_s);

@@ -1,0 +1,147 @@
+// AttentionPool targets and membership: parsing of host:port / dns:///name:port /
+// dns://server/name:port, resolution through a DNS server on loopback (tests/cluster/
+// elasticity_dns.h) and through the system resolver, and members joining and leaving as the
+// DNS answers change. Serving through dynamic members is in tests/cluster/elasticity_test.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "gateway/attention_pool.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "service-common/process.h"
+#include "tests/cluster/elasticity_dns.h"
+
+namespace expertmesh::gateway {
+namespace {
+
+using ::testing::ElementsAre;
+
+std::vector<std::string> Addresses(const AttentionPool& pool) {
+  std::vector<std::string> out;
+  for (const AttentionPool::ReplicaState& r : pool.Snapshot()) out.push_back(r.address);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST(AttentionTargetTest, Parses) {
+  absl::StatusOr<AttentionTarget> t = ParseAttentionTarget("attention-0:7100");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_FALSE(t->dns);
+  EXPECT_EQ(t->host, "attention-0:7100");
+
+  t = ParseAttentionTarget("dns:///attention.default.svc.cluster.local:7100");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE(t->dns);
+  EXPECT_EQ(t->authority, "");
+  EXPECT_EQ(t->host, "attention.default.svc.cluster.local");
+  EXPECT_EQ(t->port, 7100);
+
+  t = ParseAttentionTarget("dns://10.0.0.10:53/attention:7100");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->authority, "10.0.0.10:53");
+  EXPECT_EQ(t->host, "attention");
+
+  for (const char* bad : {"attention", "attention:0", "attention:70000", "dns://attention:7100",
+                          "dns:///attention", "http://attention:7100", ":7100"}) {
+    EXPECT_EQ(ParseAttentionTarget(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
+TEST(AttentionTargetTest, ResolvesThroughADnsServer) {
+  absl::StatusOr<std::unique_ptr<testing::LoopbackDns>> dns = testing::LoopbackDns::Start();
+  ASSERT_TRUE(dns.ok()) << dns.status();
+  (*dns)->Set("attention.test", {"127.0.0.3", "127.0.0.2"});
+  const std::string server = "127.0.0.1:" + std::to_string((*dns)->port());
+  absl::StatusOr<AttentionTarget> t =
+      ParseAttentionTarget("dns://" + server + "/attention.test:7100");
+  ASSERT_TRUE(t.ok());
+  absl::StatusOr<std::vector<std::string>> got =
+      ResolveAttentionTarget(*t, std::chrono::milliseconds(2000));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(*got, ElementsAre("127.0.0.2:7100", "127.0.0.3:7100"));
+
+  // A name that does not exist, and one without records: NotFound (no replicas).
+  t = ParseAttentionTarget("dns://" + server + "/missing.test:7100");
+  EXPECT_EQ(ResolveAttentionTarget(*t, std::chrono::milliseconds(2000)).status().code(),
+            absl::StatusCode::kNotFound);
+  (*dns)->Set("empty.test", {});
+  t = ParseAttentionTarget("dns://" + server + "/empty.test:7100");
+  EXPECT_EQ(ResolveAttentionTarget(*t, std::chrono::milliseconds(2000)).status().code(),
+            absl::StatusCode::kNotFound);
+
+  // A DNS server that does not answer: Unavailable (the pool keeps its last members).
+  const int silent = socket(AF_INET, SOCK_DGRAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(silent, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  socklen_t len = sizeof addr;
+  getsockname(silent, reinterpret_cast<sockaddr*>(&addr), &len);
+  t = ParseAttentionTarget("dns://127.0.0.1:" + std::to_string(ntohs(addr.sin_port)) +
+                           "/attention.test:7100");
+  EXPECT_EQ(ResolveAttentionTarget(*t, std::chrono::milliseconds(1000)).status().code(),
+            absl::StatusCode::kUnavailable);
+  close(silent);
+}
+
+TEST(AttentionTargetTest, ResolvesThroughTheSystemResolver) {
+  absl::StatusOr<AttentionTarget> t = ParseAttentionTarget("dns:///localhost:7100");
+  ASSERT_TRUE(t.ok());
+  absl::StatusOr<std::vector<std::string>> got =
+      ResolveAttentionTarget(*t, std::chrono::milliseconds(2000));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_NE(std::find(got->begin(), got->end(), "127.0.0.1:7100"), got->end());
+}
+
+TEST(AttentionPoolTest, MembersFollowTheDnsAnswers) {
+  absl::StatusOr<std::unique_ptr<testing::LoopbackDns>> dns = testing::LoopbackDns::Start();
+  ASSERT_TRUE(dns.ok()) << dns.status();
+  absl::StatusOr<int> port = PickFreePort();  // nothing listens there: members stay unready
+  ASSERT_TRUE(port.ok());
+  const std::string p = std::to_string(*port);
+  (*dns)->Set("attention.test", {"127.0.0.2"});
+  AttentionPool::Options o;
+  o.addresses = {"127.0.0.1:" + p,
+                 "dns://127.0.0.1:" + std::to_string((*dns)->port()) + "/attention.test:" + p};
+  o.resolve_interval = std::chrono::hours(1);  // resolved by hand below
+  o.rpc_timeout = std::chrono::milliseconds(500);
+  absl::StatusOr<std::unique_ptr<AttentionPool>> pool = AttentionPool::Create(o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  // The static member and the name's one address (resolved at creation).
+  EXPECT_THAT(Addresses(**pool), ElementsAre("127.0.0.1:" + p, "127.0.0.2:" + p));
+
+  (*dns)->Set("attention.test", {"127.0.0.2", "127.0.0.3"});
+  (*pool)->ResolveOnce();
+  EXPECT_THAT(Addresses(**pool), ElementsAre("127.0.0.1:" + p, "127.0.0.2:" + p, "127.0.0.3:" + p));
+
+  (*dns)->Set("attention.test", {"127.0.0.3"});
+  (*pool)->ResolveOnce();
+  EXPECT_THAT(Addresses(**pool), ElementsAre("127.0.0.1:" + p, "127.0.0.3:" + p));
+
+  // No records: the name's members go; the static one stays.
+  (*dns)->Set("attention.test", {});
+  (*pool)->ResolveOnce();
+  EXPECT_THAT(Addresses(**pool), ElementsAre("127.0.0.1:" + p));
+  EXPECT_FALSE((*pool)->AnyReady());
+  EXPECT_EQ(
+      (*pool)
+          ->Submit(v1::SubmitRequest(), std::chrono::system_clock::now() + std::chrono::seconds(1))
+          .status()
+          .code(),
+      absl::StatusCode::kUnavailable);
+}
+
+TEST(AttentionPoolTest, RefusesBadTargets) {
+  AttentionPool::Options o;
+  o.addresses = {"dns:///attention"};
+  EXPECT_EQ(AttentionPool::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.addresses = {};
+  EXPECT_EQ(AttentionPool::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace expertmesh::gateway
