@@ -105,6 +105,14 @@ grpc::Status AttentionServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Su
   if (scheduler == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading");
   }
+  open_streams_.fetch_add(1);
+  struct Closed {
+    std::atomic<int>& n;
+    ~Closed() { n.fetch_sub(1); }
+  } closed{open_streams_};
+  if (draining_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the attention replica is draining");
+  }
   absl::StatusOr<SequenceRequest> request = ToGenerationRequest(
       *req, scheduler->max_context(), absl::Now(), FromChrono(ctx->deadline()), default_deadline_);
   if (!request.ok()) return ToGrpcStatus(request.status());
@@ -300,8 +308,8 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
 void AttentionServer::MonitorCoverage() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
-    const bool covered = dispatcher_->Covered();
-    if (covered != serving_) {
+    const bool covered = dispatcher_->Covered() && !draining_;
+    if (covered != serving_ && !draining_) {
       serving_ = covered;
       SetServing(*server_, covered);
       if (covered) {
@@ -324,6 +332,34 @@ absl::Status AttentionServer::WaitServing(absl::Duration timeout) {
     return absl::DeadlineExceededError("the attention service is not SERVING");
   }
   return absl::OkStatus();
+}
+
+int AttentionServer::Drain(absl::Duration grace) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_ || draining_) return 0;
+    draining_ = true;
+    serving_ = false;
+  }
+  cv_.notify_all();
+  if (server_) SetServing(*server_, false);
+  service_->StartDraining();
+  const absl::Time start = absl::Now();
+  const int open = service_->open_streams();
+  spdlog::info("draining: NOT_SERVING, {} sequence(s) to finish (grace {})", open,
+               absl::FormatDuration(grace));
+  while (service_->open_streams() > 0 && absl::Now() - start < grace) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const int cut = service_->open_streams();
+  if (cut > 0) {
+    spdlog::warn("drain grace over after {}: {} sequence(s) end with UNAVAILABLE",
+                 absl::FormatDuration(absl::Now() - start), cut);
+  } else {
+    spdlog::info("drained in {:.3f} s", absl::ToDoubleSeconds(absl::Now() - start));
+  }
+  Shutdown();
+  return cut;
 }
 
 void AttentionServer::Shutdown() {

@@ -72,11 +72,18 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
   grpc::Status GetLoad(grpc::ServerContext* ctx, const v1::LoadRequest* req,
                        v1::LoadResponse* resp) override;
 
+  // Drain: new Submits get UNAVAILABLE from now on (the gateway opens them elsewhere).
+  void StartDraining() { draining_ = true; }
+  // Submit streams open now (each until its sequence's last event is written).
+  int open_streams() const { return open_streams_.load(); }
+
  private:
   const v1::PeerIdentity identity_;
   const absl::Duration default_deadline_;
   std::atomic<Scheduler*> scheduler_{nullptr};
   std::atomic<uint64_t> next_id_{1};
+  std::atomic<bool> draining_{false};
+  std::atomic<int> open_streams_{0};
 };
 
 class AttentionServer {
@@ -92,6 +99,10 @@ class AttentionServer {
   MetricsRegistry& metrics() { return metrics_; }
   // Waits until SERVING (model loaded and every shard covered).
   absl::Status WaitServing(absl::Duration timeout);
+  // SIGTERM: health NOT_SERVING at once (Kubernetes readiness and the gateways' pollers stop
+  // choosing this replica), new Submits get UNAVAILABLE, the sequences already accepted run
+  // to their end for up to `grace`; then Shutdown(). Returns the sequences the grace cut.
+  int Drain(absl::Duration grace);
   // Stops taking requests, ends every live sequence with UNAVAILABLE, stops the server.
   void Shutdown();
 
@@ -117,6 +128,7 @@ class AttentionServer {
   std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;
+  bool draining_ = false;  // health stays NOT_SERVING
   bool serving_ = false;
   std::thread monitor_;
 };

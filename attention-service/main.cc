@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
           prefill_chunk = 64;
   bool no_act_quant = false, no_mtp = false, mtp_always = false;
   int draft_k = 1;
+  int drain_grace_s = 30;
   std::string device = "cpu";
   app.add_option("--model", o.model_dir, "Checkpoint directory")
       ->required()
@@ -63,6 +64,11 @@ int main(int argc, char** argv) {
                "costs no network round trip)");
   app.add_flag("--mtp-always", mtp_always,
                "Draft every step (default: adaptive, drafting only when it pays)");
+  app.add_option("--drain-grace-s", drain_grace_s,
+                 "On SIGTERM: NOT_SERVING and no new sequences at once; the running ones get "
+                 "this long to finish (keep it below terminationGracePeriodSeconds)")
+      ->check(CLI::Range(0, 3600))
+      ->capture_default_str();
   app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")
       ->capture_default_str();
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
@@ -89,5 +95,5 @@ int main(int argc, char** argv) {
   if (!server.ok()) return main.StartFailed(server.status());
   spdlog::info("attention service on port {} (metrics port {}), router {}", (*server)->port(),
                (*server)->metrics_port(), o.router_address);
-  return main.RunUntilSignal([&] { (*server)->Shutdown(); });
+  return main.RunUntilSignal([&] { (*server)->Drain(absl::Seconds(drain_grace_s)); });
 }

@@ -17,6 +17,7 @@ absl::StatusOr<std::unique_ptr<RouterRegistration>> RouterRegistration::Start(
     const std::string& router_address, v1::RegisterRequest request,
     std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout) {
   std::unique_ptr<RouterRegistration> r(new RouterRegistration());
+  r->router_address_ = router_address;
   r->stub_ = v1::RouterService::NewStub(MakeChannel(router_address));
   r->request_ = std::move(request);
   r->outstanding_rows_ = std::move(outstanding_rows);
@@ -61,6 +62,10 @@ void RouterRegistration::Loop() {
     lock.unlock();
     if (id.empty()) {
       if (absl::Status s = RegisterOnce(); !s.ok()) {
+        if (s.code() == absl::StatusCode::kUnavailable ||
+            s.code() == absl::StatusCode::kDeadlineExceeded) {
+          Reconnect();
+        }
         retry = std::min(2 * retry, std::max(interval(), absl::Seconds(2)));
         spdlog::warn("register: {} (next attempt in {})", std::string(s.message()),
                      absl::FormatDuration(retry));
@@ -84,10 +89,18 @@ void RouterRegistration::Loop() {
         }
       } else if (!s.ok()) {
         spdlog::warn("heartbeat: {}", s.error_message());
+        if (s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+            s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+          Reconnect();
+        }
       }
     }
     lock.lock();
   }
+}
+
+void RouterRegistration::Reconnect() {
+  stub_ = v1::RouterService::NewStub(MakeChannel(router_address_));
 }
 
 void RouterRegistration::Stop() {

@@ -3,7 +3,11 @@
 // heartbeats on a background thread at the interval the router asked for, registering
 // again when the router no longer knows it (router restart, expiry). A router that cannot be
 // reached at start-up is retried in the background with bounded backoff (up to 2 s between
-// attempts). Deregister() on drain.
+// attempts). After a call that could not reach the router the channel is made anew: the
+// router's name (a Kubernetes Service) is resolved again and the next attempt connects at
+// once instead of waiting out gRPC's reconnect backoff (1 s growing to 120 s), so a
+// restarted router sees the replica again within about one heartbeat interval.
+// Deregister() on drain.
 #pragma once
 
 #include <condition_variable>
@@ -37,7 +41,9 @@ class RouterRegistration {
   absl::Duration interval() const;
   void Loop();
   void Stop();
+  void Reconnect();  // a fresh channel; only the loop thread (or before/after it) calls it
 
+  std::string router_address_;
   std::unique_ptr<v1::RouterService::Stub> stub_;
   v1::RegisterRequest request_;
   std::function<uint32_t()> outstanding_rows_;

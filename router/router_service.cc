@@ -12,7 +12,22 @@ namespace expertmesh {
 RouterServiceImpl::RouterServiceImpl(Placement placement, RouterServerOptions options)
     : options_(std::move(options)),
       membership_(std::move(placement), options_.membership),
-      settle_until_(absl::Now() + 2 * options_.membership.heartbeat_interval) {}
+      settle_until_(absl::Now() + 2 * options_.membership.heartbeat_interval),
+      settle_cap_(settle_until_ + options_.membership.expiry) {}
+
+bool RouterServiceImpl::Settling(absl::Time now) {
+  if (settled_) return false;
+  if (now < settle_until_) return true;
+  if (now < settle_cap_) {
+    const v1::PlacementMap map = membership_.Map(now);
+    for (const v1::ShardGroup& g : map.shards()) {
+      if (g.replicas_size() == 0) return true;
+    }
+  }
+  settled_ = true;
+  spdlog::info("publishing placement maps ({} replica(s) registered)", membership_.replica_count());
+  return false;
+}
 
 RouterServiceImpl::~RouterServiceImpl() { Stop(); }
 
@@ -112,10 +127,9 @@ grpc::Status RouterServiceImpl::WatchPlacement(grpc::ServerContext* ctx,
   uint64_t known = req->known_version();
   grpc::Status result = grpc::Status::OK;
   while (!stopping_ && !ctx->IsCancelled()) {
-    if (const absl::Time now = absl::Now(); now < settle_until_) {
-      changed_.wait_for(lock, std::min(std::chrono::milliseconds(200),
-                                       absl::ToChronoMilliseconds(settle_until_ - now) +
-                                           std::chrono::milliseconds(1)));
+    if (const absl::Time now = absl::Now(); Settling(now)) {
+      // Wakes on registrations (changed_), at the latest every 50 ms.
+      changed_.wait_for(lock, std::chrono::milliseconds(50));
       continue;
     }
     if (membership_.version() > known) {

@@ -61,11 +61,16 @@ class RouterServiceImpl final : public v1::RouterService::Service {
   Membership membership_;
   bool stopping_ = false;
   int watchers_ = 0;
-  // Watchers get no map before this: a freshly (re)started router knows none of the live
-  // replicas until their next heartbeat tells them to register again, and its first maps
+  // Watchers get no map before settle_until_: a freshly (re)started router knows none of the
+  // live replicas until their next heartbeat tells them to register again, and its first maps
   // would take every replica away from the dispatchers for that long. Two heartbeat
-  // intervals after the start.
+  // intervals after the start; then, until every shard group has a replica again, at most
+  // until settle_cap_ (one expiry later: a replica silent that long would be expired anyway).
+  // Meanwhile the dispatchers keep the previous router's map. Once a map went out, never again.
   absl::Time settle_until_;
+  absl::Time settle_cap_;
+  bool settled_ = false;
+  bool Settling(absl::Time now);  // under mu_
 };
 
 class RouterServer {
