@@ -55,6 +55,10 @@ struct Pending {
 
 // ---- One long-lived Compute stream to one shard replica ------------------------------------
 
+// The stream runs on the gRPC callback API: Send() starts the write from the caller's thread
+// when no other write is outstanding (else the request waits in the queue and OnWriteDone
+// starts it), and the answer is delivered to the step's waiter from the gRPC thread whose
+// read completed. No thread of our own sits between Run() and the socket.
 class ReplicaStream {
  public:
   ReplicaStream(std::string replica_id, std::string address, int32_t shard,
@@ -96,32 +100,63 @@ class ReplicaStream {
     stub_ = std::move(stub);
     // The stream lives as long as the replica is in the map: no call deadline here; every
     // request on it is bounded by the dispatcher's attempt and step deadlines instead.
-    ctx_ = std::make_unique<grpc::ClientContext>();
-    stream_ = stub_->Compute(ctx_.get());
-    broken_ = false;
-    writer_stop_ = false;
-    open_ = true;
-    writer_ = std::thread([this] { WriterLoop(); });
-    reader_ = std::thread([this] { ReaderLoop(); });
+    auto call = std::make_unique<Call>(this);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call_ = call.get();
+      broken_ = false;
+      writing_ = false;
+      starting_ = 0;
+      release_hold_ = false;
+      holding_ = true;
+      open_ = true;
+    }
+    stub_->async()->Compute(&call->ctx, call.get());
+    // The stream's hold keeps the call (and OnDone) from completing while a Send() outside
+    // any reaction may still start a write on it; released once the call ended (ReleaseHold).
+    call->AddHold();
+    call->StartRead(&call->response);
+    call->StartCall();
+    owned_call_ = std::move(call);
     spdlog::info("dispatcher: stream to {} ({}) open", replica_id_, address_);
     return absl::OkStatus();
   }
 
-  // Queues a request (its request_id is assigned here). The answer, or the failure of the
-  // stream, lands in pending.waiter.
-  absl::StatusOr<uint64_t> Send(v1::ExpertRequest request, Pending pending) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!open_ || broken_) return absl::UnavailableError(absl::StrCat(address_, ": not open"));
-    if (static_cast<int>(pending_.size()) >= options_.max_in_flight_per_replica) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat(address_, ": ", pending_.size(), " requests in flight"));
+  // Queues a request (its request_id is assigned here) and starts its write unless another is
+  // outstanding. The answer, or the failure of the stream, lands in pending.waiter.
+  absl::StatusOr<uint64_t> Send(const v1::ExpertRequest& request, Pending pending) {
+    const v1::ExpertRequest* start = nullptr;
+    Call* call = nullptr;
+    uint64_t id = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!open_ || broken_ || !holding_) {
+        return absl::UnavailableError(absl::StrCat(address_, ": not open"));
+      }
+      if (static_cast<int>(pending_.size()) >= options_.max_in_flight_per_replica) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat(address_, ": ", pending_.size(), " requests in flight"));
+      }
+      id = next_request_id_++;
+      outstanding_rows_ += pending.rows;
+      pending_.emplace(id, std::move(pending));
+      queue_.push_back(request);
+      queue_.back().set_request_id(id);
+      if (!writing_) {
+        writing_ = true;
+        start = &queue_.front();
+        call = call_;
+        ++starting_;  // the stream's hold stays until this write is started
+      }
     }
-    const uint64_t id = next_request_id_++;
-    request.set_request_id(id);
-    outstanding_rows_ += pending.rows;
-    pending_.emplace(id, std::move(pending));
-    queue_.push_back(std::move(request));
-    send_cv_.notify_one();
+    // Outside mu_ (no lock is held across a gRPC call). The queue's front stays put (a deque
+    // keeps its elements in place on push_back) until its OnWriteDone pops it.
+    if (start) {
+      call->StartWrite(start);
+      std::unique_lock<std::mutex> lock(mu_);
+      --starting_;
+      MaybeReleaseHold(lock);
+    }
     return id;
   }
 
@@ -140,7 +175,7 @@ class ReplicaStream {
     if (!open_ || broken_) return;
     spdlog::warn("dispatcher: breaking stream to {} ({}): {}", replica_id_, address_, why);
     broken_ = true;
-    if (ctx_) ctx_->TryCancel();
+    if (call_) call_->ctx.TryCancel();
   }
 
   void Close() {
@@ -150,66 +185,85 @@ class ReplicaStream {
   }
 
  private:
-  // Under open_mu_: cancels the stream and joins its threads.
-  void TearDown() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (ctx_) ctx_->TryCancel();
-      broken_ = true;
-    }
-    if (reader_.joinable()) reader_.join();  // the reader joins the writer
-    std::lock_guard<std::mutex> lock(mu_);
-    stream_.reset();
-    ctx_.reset();
-    open_ = false;
-  }
-
-  void WriterLoop() {
-    while (true) {
-      v1::ExpertRequest request;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        send_cv_.wait(lock, [this] { return writer_stop_ || !queue_.empty(); });
-        if (writer_stop_) return;
-        request = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      if (!stream_->Write(request)) {
-        Break("write failed");
+  // The reactor of one Compute call. A read is always outstanding (the next answer); at most
+  // one write is. gRPC calls OnDone once both have completed after the call ended.
+  struct Call final : public grpc::ClientBidiReactor<v1::ExpertRequest, v1::ExpertResponse> {
+    explicit Call(ReplicaStream* s) : stream(s) {}
+    void OnReadDone(bool ok) override {
+      if (!ok) {  // the call ended (or was cancelled); OnDone follows once the hold is gone
+        stream->OnEnded();
         return;
       }
+      stream->OnAnswer(response);
+      response.Clear();
+      StartRead(&response);
     }
+    void OnWriteDone(bool ok) override {
+      if (const v1::ExpertRequest* next = stream->OnWritten(ok)) StartWrite(next);
+    }
+    void OnDone(const grpc::Status& status) override { stream->OnCallDone(status); }
+
+    ReplicaStream* const stream;
+    grpc::ClientContext ctx;
+    v1::ExpertResponse response;
+    bool done = false;  // under stream->mu_
+  };
+
+  // The call's last read failed: no write may start any more, and the stream's hold goes as
+  // soon as no Send() is between its check and its StartWrite.
+  void OnEnded() {
+    std::unique_lock<std::mutex> lock(mu_);
+    broken_ = true;
+    release_hold_ = true;
+    MaybeReleaseHold(lock);
   }
 
-  void ReaderLoop() {
-    v1::ExpertResponse response;
-    while (stream_->Read(&response)) {
-      std::optional<Pending> p;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        auto it = pending_.find(response.request_id());
-        if (it != pending_.end()) {
-          outstanding_rows_ -= it->second.rows;
-          p = std::move(it->second);
-          pending_.erase(it);
-        }
+  // Under mu_ (`lock`, released on return): drops the stream's hold once it is due.
+  void MaybeReleaseHold(std::unique_lock<std::mutex>& lock) {
+    if (!release_hold_ || !holding_ || starting_ > 0) return;
+    holding_ = false;
+    Call* call = call_;
+    lock.unlock();
+    call->RemoveHold();
+  }
+
+  void OnAnswer(v1::ExpertResponse& response) {
+    std::optional<Pending> p;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(response.request_id());
+      if (it != pending_.end()) {
+        outstanding_rows_ -= it->second.rows;
+        p = std::move(it->second);
+        pending_.erase(it);
       }
-      if (p) p->waiter->Deliver(p->group, p->token, absl::OkStatus(), std::move(response));
-      response.Clear();
     }
-    // The stream ended: stop the writer, collect the status, fail what was pending.
+    if (p) p->waiter->Deliver(p->group, p->token, absl::OkStatus(), std::move(response));
+  }
+
+  // The front of the queue was written (or failed); the next one to write, if any.
+  const v1::ExpertRequest* OnWritten(bool ok) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!queue_.empty()) queue_.pop_front();
+    if (!ok) {  // the call is broken: no more writes; OnDone fails what is pending
+      broken_ = true;
+      writing_ = false;
+      queue_.clear();
+      return nullptr;
+    }
+    if (queue_.empty() || broken_) {
+      writing_ = false;
+      return nullptr;
+    }
+    return &queue_.front();
+  }
+
+  void OnCallDone(const grpc::Status& finish) {
     std::map<uint64_t, Pending> failed;
     {
       std::lock_guard<std::mutex> lock(mu_);
       broken_ = true;
-      writer_stop_ = true;
-      if (ctx_) ctx_->TryCancel();
-      send_cv_.notify_all();
-    }
-    if (writer_.joinable()) writer_.join();
-    const grpc::Status finish = stream_->Finish();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
       failed.swap(pending_);
       queue_.clear();
       outstanding_rows_ = 0;
@@ -221,6 +275,26 @@ class ReplicaStream {
       spdlog::warn("dispatcher: {}; {} requests fail over", std::string(why.message()),
                    failed.size());
     for (auto& [id, p] : failed) p.waiter->Deliver(p.group, p.token, why, {});
+    // Last: once `done` is set TearDown may free the call (this reaction's object) and the
+    // stream itself; nothing of either is touched after the lock is released.
+    std::lock_guard<std::mutex> lock(mu_);
+    call_->done = true;
+    call_ = nullptr;
+    done_cv_.notify_all();
+  }
+
+  // Under open_mu_: cancels the call and waits until gRPC is done with it.
+  void TearDown() {
+    std::unique_lock<std::mutex> lock(mu_);
+    broken_ = true;
+    if (owned_call_) {
+      owned_call_->ctx.TryCancel();
+      done_cv_.wait(lock, [this] { return owned_call_->done; });
+    }
+    lock.unlock();
+    owned_call_.reset();
+    std::lock_guard<std::mutex> relock(mu_);
+    open_ = false;
   }
 
   const std::string replica_id_;
@@ -232,18 +306,19 @@ class ReplicaStream {
   bool closed_ = false;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertService::Stub> stub_;
-  std::unique_ptr<grpc::ClientContext> ctx_;
-  std::unique_ptr<grpc::ClientReaderWriter<v1::ExpertRequest, v1::ExpertResponse>> stream_;
-  std::thread reader_;
-  std::thread writer_;
+  std::unique_ptr<Call> owned_call_;  // the open (or last) call; freed by TearDown
 
-  std::mutex mu_;  // the fields below
-  std::condition_variable send_cv_;
+  std::mutex mu_;                    // the fields below
+  std::condition_variable done_cv_;  // a call's OnDone ran
+  Call* call_ = nullptr;             // the call reactions may use, until its OnDone
   std::atomic<bool> open_{false};
   std::atomic<bool> broken_{false};
-  bool writer_stop_ = false;
+  bool writing_ = false;       // a write is outstanding on call_
+  int starting_ = 0;           // Send()s about to start a write outside a reaction
+  bool holding_ = false;       // call_ has the stream's hold
+  bool release_hold_ = false;  // call_ ended: drop the hold once starting_ is 0
   uint64_t next_request_id_ = 1;
-  std::deque<v1::ExpertRequest> queue_;
+  std::deque<v1::ExpertRequest> queue_;  // front: being written; the rest wait
   std::map<uint64_t, Pending> pending_;
   std::atomic<int64_t> outstanding_rows_{0};
 };

@@ -121,22 +121,109 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
 ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
                                      ExpertRequestLimits limits, MetricsRegistry* metrics)
     : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {
-  // Compute is the generated service's method 1 (expert.proto: Handshake, Compute). Its sync
-  // handler is replaced by one that reads grpc::ByteBuffer: a raw read fails only at the end
-  // of the stream (or when the call is broken), never because of the contents, and
-  // ComputeStream parses each message itself and can tell the client it sent garbage.
-  // MarkMethodStreamed is the public hook the generated code itself uses to swap a sync
-  // handler; the method stays BIDI_STREAMING.
-  constexpr int kComputeMethodIndex = 1;
-  MarkMethodStreamed(
-      kComputeMethodIndex,
-      new grpc::internal::BidiStreamingHandler<ExpertServiceImpl, grpc::ByteBuffer,
-                                               v1::ExpertResponse>(
-          [](ExpertServiceImpl* service, grpc::ServerContext* ctx,
-             grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream) {
-            return service->ComputeStream(ctx, stream);
-          },
-          this));
+  if (metrics_) {
+    requests_ok_ =
+        &metrics_->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
+                              {{"code", absl::StatusCodeToString(absl::StatusCode::kOk)}});
+    rows_total_ = &metrics_->GetCounter("expertmesh_expert_rows_total", "Rows computed");
+    compute_seconds_ = &metrics_->GetHistogram("expertmesh_expert_compute_seconds",
+                                               "Validate + compute time", LatencyBucketsSeconds());
+  }
+}
+
+void ExpertServiceImpl::CountRequest(absl::StatusCode code) {
+  if (!metrics_) return;
+  if (code == absl::StatusCode::kOk) {
+    requests_ok_->Inc();
+    return;
+  }
+  metrics_
+      ->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
+                   {{"code", absl::StatusCodeToString(code)}})
+      .Inc();
+}
+
+// One Compute stream. At most one operation is outstanding at any time (a read, or the write
+// of the answer to the message just read), so the reactor needs no lock: each reaction starts
+// the next operation or finishes the call, and OnDone, which gRPC calls once after Finish,
+// frees it. The request, the response and both byte buffers are reused from message to message.
+class ExpertServiceImpl::ComputeReactor final
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  explicit ComputeReactor(ExpertServiceImpl* service) : service_(service) { StartRead(&in_); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed, or the call is gone (cancelled, server shutdown)
+      Finish(grpc::Status::OK);
+      return;
+    }
+    ++received_;
+    request_.Clear();
+    // The transport already bounds the message size (ServerOptions::max_message_bytes).
+    const bool parsed =
+        grpc::SerializationTraits<v1::ExpertRequest>::Deserialize(&in_, &request_).ok();
+    in_.Clear();
+    if (!parsed) {
+      // No request_id to answer in-band: the stream ends with the error.
+      service_->CountRequest(absl::StatusCode::kInvalidArgument);
+      spdlog::warn("Compute: message {} of a stream is not an ExpertRequest; ending the stream",
+                   received_);
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("Compute: message ", received_,
+                                       " of this stream does not parse as an ExpertRequest")));
+      return;
+    }
+    service_->Handle(request_, &response_);
+    bool own = false;
+    if (!grpc::SerializationTraits<v1::ExpertResponse>::Serialize(response_, &out_, &own).ok()) {
+      Finish(grpc::Status(grpc::StatusCode::INTERNAL, "Compute: response not serializable"));
+      return;
+    }
+    StartWrite(&out_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    out_.Clear();
+    if (!ok) {  // the call is broken
+      Finish(grpc::Status::OK);
+      return;
+    }
+    StartRead(&in_);
+  }
+
+  void OnDone() override {
+    service_->open_streams_.fetch_sub(1);
+    delete this;
+  }
+
+ private:
+  ExpertServiceImpl* const service_;
+  grpc::ByteBuffer in_;
+  grpc::ByteBuffer out_;
+  v1::ExpertRequest request_;
+  v1::ExpertResponse response_;
+  uint64_t received_ = 0;
+};
+
+// A stream over the limit: ended at once with the error.
+class ExpertServiceImpl::RefusedReactor final
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  explicit RefusedReactor(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ExpertServiceImpl::Compute(
+    grpc::CallbackServerContext*) {
+  if (open_streams_.fetch_add(1) >= limits_.max_streams) {
+    open_streams_.fetch_sub(1);
+    spdlog::warn("Compute: {} streams open; refusing another", limits_.max_streams);
+    return new RefusedReactor(
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                     absl::StrCat("Compute: this shard replica already serves ",
+                                  limits_.max_streams, " streams")));
+  }
+  return new ComputeReactor(this);
 }
 
 void ExpertServiceImpl::SetExperts(std::unique_ptr<RoutedExperts> experts,
@@ -161,65 +248,47 @@ grpc::Status ExpertServiceImpl::Handshake(grpc::ServerContext*, const v1::Handsh
   return grpc::Status::OK;
 }
 
-grpc::Status ExpertServiceImpl::ComputeStream(
-    grpc::ServerContext*, grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream) {
-  grpc::ByteBuffer bytes;
-  v1::ExpertRequest request;
-  uint64_t received = 0;
-  while (stream->Read(&bytes)) {  // false: the client half-closed, or the call is gone
-    ++received;
-    request.Clear();
-    // The transport already bounds the message size (ServerOptions::max_message_bytes).
-    if (!grpc::SerializationTraits<v1::ExpertRequest>::Deserialize(&bytes, &request).ok()) {
-      // No request_id to answer in-band: the stream ends with the error.
-      if (metrics_) {
-        metrics_
-            ->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
-                         {{"code", absl::StatusCodeToString(absl::StatusCode::kInvalidArgument)}})
-            .Inc();
-      }
-      spdlog::warn("Compute: message {} of a stream is not an ExpertRequest; ending the stream",
-                   received);
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          absl::StrCat("Compute: message ", received,
-                                       " of this stream does not parse as an ExpertRequest"));
-    }
-    const v1::ExpertResponse response = Handle(request);
-    if (!stream->Write(response)) break;
-  }
-  return grpc::Status::OK;
+v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
+  v1::ExpertResponse response;
+  Handle(request, &response);
+  return response;
 }
 
-v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
+namespace {
+
+// Per-thread scratch of Handle: the routes and the float outputs of one message, kept so
+// that a stream's messages do not allocate them afresh each time.
+struct HandleScratch {
+  ExpertRoutes routes;
+  std::vector<float> out;
+};
+
+}  // namespace
+
+void ExpertServiceImpl::Handle(const v1::ExpertRequest& request, v1::ExpertResponse* response) {
   const absl::Time start = absl::Now();
-  v1::ExpertResponse response;
-  response.set_batch_id(request.batch_id());
-  response.set_layer(request.layer());
-  response.set_micro_batch(request.micro_batch());
-  response.set_request_id(request.request_id());
+  response->clear_outputs();
+  response->clear_error_message();
+  response->set_error_code(0);
+  response->set_n_rows(0);
+  response->set_batch_id(request.batch_id());
+  response->set_layer(request.layer());
+  response->set_micro_batch(request.micro_batch());
+  response->set_request_id(request.request_id());
   const auto finish = [&](const absl::Status& s) {
     if (!s.ok()) {
-      response.set_error_code(static_cast<int>(s.code()));
-      response.set_error_message(std::string(s.message()));
-      response.clear_outputs();
-      response.set_n_rows(0);
+      response->set_error_code(static_cast<int>(s.code()));
+      response->set_error_message(std::string(s.message()));
+      response->clear_outputs();
+      response->set_n_rows(0);
       spdlog::debug("expert request {} refused: {}", request.request_id(),
                     std::string(s.message()));
     }
-    if (metrics_) {
-      metrics_
-          ->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
-                       {{"code", absl::StatusCodeToString(s.code())}})
-          .Inc();
-      if (s.ok()) {
-        metrics_->GetCounter("expertmesh_expert_rows_total", "Rows computed").Inc(request.n_rows());
-        metrics_
-            ->GetHistogram("expertmesh_expert_compute_seconds", "Validate + compute time",
-                           LatencyBucketsSeconds())
-            .Observe(absl::ToDoubleSeconds(absl::Now() - start));
-      }
+    CountRequest(s.code());
+    if (metrics_ && s.ok()) {
+      rows_total_->Inc(request.n_rows());
+      compute_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
     }
-    return response;
   };
 
   {
@@ -251,22 +320,24 @@ v1::ExpertResponse ExpertServiceImpl::Handle(const v1::ExpertRequest& request) {
       UnpackActivations(request.activations(), request.scales(), n_rows, H);
   absl::Status status = x.status();
   if (status.ok()) {
-    ExpertRoutes routes;
+    thread_local HandleScratch scratch;
+    ExpertRoutes& routes = scratch.routes;
     routes.offsets.assign(request.row_offsets().begin(), request.row_offsets().end());
     routes.experts.assign(request.experts().begin(), request.experts().end());
     routes.weights.assign(request.weights().begin(), request.weights().end());
-    std::vector<float> out(static_cast<size_t>(n_rows * H));
+    scratch.out.resize(static_cast<size_t>(n_rows * H));
+    const std::span<float> out(scratch.out);
     std::unique_lock<std::mutex> run_lock(run_mu_, std::defer_lock);
     if (serialize_) run_lock.lock();
     status = experts->Run(request.layer(), *x, routes, out);
     if (run_lock.owns_lock()) run_lock.unlock();
     if (status.ok()) {
-      PackOutputRows(out, response.mutable_outputs());
-      response.set_n_rows(static_cast<uint32_t>(n_rows));
+      PackOutputRows(out, response->mutable_outputs());
+      response->set_n_rows(static_cast<uint32_t>(n_rows));
     }
   }
   outstanding_rows_ -= static_cast<uint32_t>(n_rows);
-  return finish(status);
+  finish(status);
 }
 
 std::string AdvertisedAddress(const std::string& advertise, const std::string& listen,

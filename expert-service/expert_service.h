@@ -34,6 +34,9 @@ struct ExpertRequestLimits {
   uint64_t max_request_bytes = 48ull << 20;  // one message, serialized
   uint32_t max_rows = 1 << 16;               // rows in one message
   float max_weight = 0.0f;  // largest accepted route weight; 0 = from the config (see .cc)
+  // Compute streams open at once; one more is refused with RESOURCE_EXHAUSTED. (Callback
+  // streams hold no thread each, so this is their bound.)
+  uint32_t max_streams = 64;
 };
 
 // Checks everything about a request before it is used; InvalidArgument for malformed
@@ -48,24 +51,29 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
 std::string AdvertisedAddress(const std::string& advertise, const std::string& listen,
                               int bound_port);
 
-class ExpertServiceImpl final : public v1::ExpertService::Service {
+// Compute runs on the gRPC callback API: a ServerBidiReactor per stream reads raw bytes,
+// parses, validates and computes each message on the gRPC thread whose read completed, and
+// writes the answer from there (no hand-off to a sync-server thread and back). Handshake stays
+// a sync method.
+class ExpertServiceImpl final
+    : public v1::ExpertService::WithRawCallbackMethod_Compute<v1::ExpertService::Service> {
  public:
   ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
                     ExpertRequestLimits limits, MetricsRegistry* metrics);
 
   grpc::Status Handshake(grpc::ServerContext* ctx, const v1::HandshakeRequest* req,
                          v1::HandshakeResponse* resp) override;
-  // ExpertService.Compute, registered in the constructor in place of the generated typed
-  // handler: the stream is read as raw bytes and each message parsed here, so that bytes that
-  // are not an ExpertRequest end the stream with INVALID_ARGUMENT. (With the typed sync
-  // reader, Read() returns false both at the end of the stream and when a message fails to
-  // parse, and the stream used to end OK.)
-  grpc::Status ComputeStream(
-      grpc::ServerContext* ctx,
-      grpc::ServerReaderWriter<v1::ExpertResponse, grpc::ByteBuffer>* stream);
+  // ExpertService.Compute. Messages are read as raw bytes and parsed here, so that bytes that
+  // are not an ExpertRequest end the stream with INVALID_ARGUMENT (a typed reader cannot tell
+  // a message that fails to parse from the end of the stream). One message at a time per
+  // stream: read, compute, write, then the next read.
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Compute(
+      grpc::CallbackServerContext* ctx) override;
 
   // One message, validated and computed (what Compute does for each).
   v1::ExpertResponse Handle(const v1::ExpertRequest& request);
+  // The same into `response` (cleared first), reusing its buffers.
+  void Handle(const v1::ExpertRequest& request, v1::ExpertResponse* response);
 
   // Once loaded: the backend (CPU LocalExperts or CUDA) and the (layer, expert) pairs it holds.
   // `serialize`: the backend takes one caller at a time (the CUDA backend).
@@ -77,10 +85,18 @@ class ExpertServiceImpl final : public v1::ExpertService::Service {
   uint32_t outstanding_rows() const { return outstanding_rows_.load(); }
 
  private:
+  class ComputeReactor;  // expert_service.cc
+  class RefusedReactor;
+  void CountRequest(absl::StatusCode code);
+
   const ModelConfig& config_;
   v1::PeerIdentity identity_;
   ExpertRequestLimits limits_;
   MetricsRegistry* metrics_;
+  // With metrics_: the per-message series, looked up once (other codes are looked up when met).
+  Counter* requests_ok_ = nullptr;
+  Counter* rows_total_ = nullptr;
+  Histogram* compute_seconds_ = nullptr;
   std::atomic<RoutedExperts*> experts_{nullptr};
   std::unique_ptr<RoutedExperts> owned_experts_;
   std::set<std::pair<int, int>> held_;  // written once before experts_ is published
@@ -88,6 +104,7 @@ class ExpertServiceImpl final : public v1::ExpertService::Service {
   std::mutex run_mu_;  // taken around Run() when serialize_
   std::atomic<bool> draining_{false};
   std::atomic<uint32_t> outstanding_rows_{0};
+  std::atomic<uint32_t> open_streams_{0};  // ComputeReactors alive
   std::mutex idle_mu_;
   std::condition_variable idle_cv_;
   int in_flight_ = 0;

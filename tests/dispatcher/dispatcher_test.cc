@@ -649,5 +649,62 @@ TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
   }
 }
 
+// Callback Compute streams hold no thread, so the shard bounds how many are open at once
+// (ExpertRequestLimits::max_streams): one more is ended with RESOURCE_EXHAUSTED, and a slot
+// freed by a closed stream is usable again.
+TEST(ExpertStreamLimitTest, StreamsOverTheLimitAreRefusedAndFreedSlotsReused) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = EvenPlacement(*config, 1)->ExpertsOf(0);
+  o.limits.max_streams = 1;
+  absl::StatusOr<std::unique_ptr<ExpertServer>> server = ExpertServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::ExpertService::NewStub(MakeChannel((*server)->address()));
+  const auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(10); };
+
+  // An empty request is answered in-band with an error: a round trip that proves the stream
+  // is open on the server.
+  const auto round_trip = [](grpc::ClientReaderWriter<v1::ExpertRequest, v1::ExpertResponse>& s) {
+    v1::ExpertRequest req;
+    req.set_request_id(7);
+    v1::ExpertResponse resp;
+    return s.Write(req) && s.Read(&resp) && resp.request_id() == 7 &&
+           resp.error_code() == static_cast<int>(absl::StatusCode::kInvalidArgument);
+  };
+  grpc::ClientContext first_ctx;
+  first_ctx.set_deadline(deadline());
+  auto first = stub->Compute(&first_ctx);
+  ASSERT_TRUE(round_trip(*first));
+
+  grpc::ClientContext second_ctx;
+  second_ctx.set_deadline(deadline());
+  auto second = stub->Compute(&second_ctx);
+  v1::ExpertResponse resp;
+  EXPECT_FALSE(second->Read(&resp));
+  const grpc::Status refused = second->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+
+  ASSERT_TRUE(round_trip(*first));  // the open stream is unaffected
+  ASSERT_TRUE(first->WritesDone());
+  EXPECT_TRUE(first->Finish().ok());
+
+  // The slot comes back once the server has seen the first stream end.
+  bool reopened = false;
+  for (int attempt = 0; attempt < 100 && !reopened; ++attempt) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(deadline());
+    auto again = stub->Compute(&ctx);
+    reopened = round_trip(*again);
+    again->WritesDone();
+    (void)again->Finish();
+    if (!reopened) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(reopened);
+}
+
 }  // namespace
 }  // namespace expertmesh
