@@ -112,5 +112,98 @@ TEST(ApiKeys, FileAndEnvironment) {
   EXPECT_FALSE(LoadApiKeys(path, nullptr).ok());
 }
 
+// R1 reasoning and V3 tool calls in one chat output: the whole message and the streamed deltas
+// (cut every 3 bytes, so markers are split) carry the same reasoning, content and calls.
+TEST(OpenAiResponse, ChatReasoningAndToolCallsWholeEqualsStreamed) {
+  GenerationRequest req = Req(Endpoint::kChatCompletions, false);
+  req.chat.reasoning = true;
+  req.chat.tool_calls = true;
+  const std::string text =
+      "<think>\nThe user wants weather.\n</think>\n\nLet me check."
+      "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+      "```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function"
+      "<｜tool▁sep｜>get_time\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+  Outcome outcome;
+  outcome.finish_reason = "stop";
+  OpenAiResponder whole(req, "chatcmpl-gw-1-5", 3);
+  OpenAiResponder streamed(req, "chatcmpl-gw-1-5", 3);
+  std::string reasoning, content;
+  json::array calls;
+  bool has_role = false;
+  auto take = [&](const std::string& chunk) {
+    json::object c = json::parse(chunk).as_object();
+    const json::object& d = c.at("choices").at(0).at("delta").as_object();
+    has_role = has_role || d.contains("role");
+    if (d.contains("reasoning_content")) reasoning += d.at("reasoning_content").as_string();
+    if (d.contains("content")) content += d.at("content").as_string();
+    if (!d.contains("tool_calls")) return c;
+    for (const json::value& tc : d.at("tool_calls").as_array()) {
+      const size_t index = tc.at("index").as_int64();
+      if (index == calls.size()) {
+        EXPECT_TRUE(tc.as_object().contains("id")) << chunk;
+        EXPECT_EQ(tc.at("type"), "function");
+        calls.push_back(json::object{
+            {"id", tc.at("id")},
+            {"type", "function"},
+            {"function", json::object{{"name", tc.at("function").at("name")}, {"arguments", ""}}}});
+      } else {
+        EXPECT_FALSE(tc.as_object().contains("id")) << chunk;
+      }
+      calls.at(index)
+          .at("function")
+          .as_object()["arguments"]
+          .as_string()
+          .append(tc.at("function").at("arguments").as_string());
+    }
+    return c;
+  };
+  for (size_t i = 0; i < text.size(); i += 3) {
+    Delta d = MakeDelta(text.substr(i, 3), {7}, false);
+    whole.Collect(d);
+    json::object c = take(streamed.Chunk(d, false));
+    EXPECT_TRUE(c.at("choices").at(0).at("finish_reason").is_null());
+  }
+  json::object fin = take(streamed.FinishChunk(outcome, false));
+  EXPECT_EQ(fin.at("choices").at(0).at("finish_reason"), "tool_calls");
+  EXPECT_TRUE(has_role);
+
+  json::object full = json::parse(whole.Full(outcome)).as_object();
+  const json::object& choice = full.at("choices").at(0).as_object();
+  EXPECT_EQ(choice.at("finish_reason"), "tool_calls");
+  const json::object& m = choice.at("message").as_object();
+  EXPECT_EQ(m.at("reasoning_content"), "\nThe user wants weather.\n");
+  EXPECT_EQ(m.at("content"), "\n\nLet me check.");
+  ASSERT_EQ(m.at("tool_calls").as_array().size(), 2u);
+  EXPECT_EQ(m.at("tool_calls").at(0).at("function").at("name"), "get_weather");
+  EXPECT_EQ(m.at("tool_calls").at(0).at("function").at("arguments"), "{\"city\": \"Paris\"}");
+  EXPECT_EQ(m.at("tool_calls").at(1).at("function").at("name"), "get_time");
+  EXPECT_EQ(m.at("tool_calls").at(1).at("function").at("arguments"), "{}");
+  EXPECT_NE(m.at("tool_calls").at(0).at("id"), m.at("tool_calls").at(1).at("id"));
+  // The stream says the same.
+  EXPECT_EQ(reasoning, m.at("reasoning_content").as_string());
+  EXPECT_EQ(content, m.at("content").as_string());
+  EXPECT_EQ(json::value(calls), m.at("tool_calls"));
+
+  // Without parsers (a model without them, tool_choice none) the markers stay in the content.
+  OpenAiResponder plain(Req(Endpoint::kChatCompletions, false), "chatcmpl-gw-1-6", 3);
+  plain.Collect(MakeDelta(text, {7}, false));
+  json::object p = json::parse(plain.Full(outcome)).as_object();
+  EXPECT_EQ(p.at("choices").at(0).at("message").at("content").as_string(), text);
+  EXPECT_FALSE(p.at("choices").at(0).at("message").as_object().contains("reasoning_content"));
+  EXPECT_EQ(p.at("choices").at(0).at("finish_reason"), "stop");
+
+  // include_reasoning false: the reasoning is dropped; a call cut by max_tokens keeps "length".
+  GenerationRequest hide = req;
+  hide.chat.include_reasoning = false;
+  OpenAiResponder hidden(hide, "chatcmpl-gw-1-7", 3);
+  hidden.Collect(MakeDelta(text.substr(0, 120), {7}, false));
+  Outcome length;
+  length.finish_reason = "length";
+  json::object h = json::parse(hidden.Full(length)).as_object();
+  EXPECT_FALSE(h.at("choices").at(0).at("message").as_object().contains("reasoning_content"));
+  EXPECT_EQ(h.at("choices").at(0).at("message").at("content"), "\n\nLet me check.");
+  EXPECT_EQ(h.at("choices").at(0).at("finish_reason"), "length");
+}
+
 }  // namespace
 }  // namespace expertmesh::gateway
