@@ -39,6 +39,10 @@ def main():
     ap.add_argument("--max-replicas", type=int, default=4, help="HPA/KEDA bound per group")
     ap.add_argument("--target-rows", type=int, default=64,
                     help="rows in flight per replica the autoscalers aim at")
+    ap.add_argument("--target-rows-per-second", type=int, default=2000,
+                    help="rows computed per second per replica the autoscalers aim at (default:"
+                         " ~60%% of the plateau k8s/monitoring/measure_signal.py measured for the"
+                         " bundled model on 2 CPU cores, 3,300-3,600 rows/s)")
     ap.add_argument("--namespace", default="expertmesh", help="namespace of the KEDA queries")
     ap.add_argument("--prometheus", default="http://prometheus-operated.monitoring.svc:9090",
                     help="Prometheus address of the KEDA triggers")
@@ -47,8 +51,8 @@ def main():
     a = ap.parse_args()
     if not 1 <= a.num_shards <= 100:
         ap.error("--num-shards must be in [1, 100] (ports 7100+k and 9100+k)")
-    if a.max_replicas < 1 or a.target_rows < 1:
-        ap.error("--max-replicas and --target-rows must be positive")
+    if a.max_replicas < 1 or a.target_rows < 1 or a.target_rows_per_second < 1:
+        ap.error("--max-replicas, --target-rows and --target-rows-per-second must be positive")
     pool_of = {}
     for name, first, last in a.pool:
         if not 0 <= first <= last < a.num_shards:
@@ -69,6 +73,8 @@ def main():
                    [f"--pool {n}={f}-{l}" for n, f, l in a.pool] +
                    ([f"--max-replicas {a.max_replicas}"] if a.max_replicas != 4 else []) +
                    ([f"--target-rows {a.target_rows}"] if a.target_rows != 64 else []) +
+                   ([f"--target-rows-per-second {a.target_rows_per_second}"]
+                    if a.target_rows_per_second != 2000 else []) +
                    ([f"--namespace {a.namespace}"] if a.namespace != "expertmesh" else []) +
                    ([f"--prometheus {a.prometheus}"] if a.prometheus !=
                     "http://prometheus-operated.monitoring.svc:9090" else []) +
@@ -81,7 +87,9 @@ def main():
     for k in range(a.num_shards):
         fields = dict(shard=k, num_shards=a.num_shards, grpc_port=7100 + k,
                       metrics_port=9100 + k, max_replicas=a.max_replicas,
-                      target_rows=a.target_rows, namespace=a.namespace, prometheus=a.prometheus,
+                      target_rows=a.target_rows,
+                      target_rows_per_second=a.target_rows_per_second,
+                      namespace=a.namespace, prometheus=a.prometheus,
                       pool_label=(f"\n    expertmesh.io/pool: {pool_of[k]}" if k in pool_of
                                   else ""))
         text = group.substitute(fields)
