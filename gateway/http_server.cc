@@ -255,7 +255,9 @@ class HttpServer::Impl {
       cv_.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
     }
     if (!conns_.empty()) {
-      spdlog::warn("drain: grace over, cancelling {} open request(s)", conns_.size());
+      size_t busy = 0;
+      for (auto& [raw, c] : conns_) busy += c->busy ? 1 : 0;
+      if (busy > 0) spdlog::warn("drain: grace over, cancelling {} open request(s)", busy);
       for (auto& [raw, c] : conns_) {
         c->cancel = true;
         net::post(c->socket.get_executor(), [c = c] {
