@@ -6,7 +6,8 @@
 //     form parses back;
 //   - an accepted request passes ValidateGenerationRequest, carries exactly the prompt form of
 //     its endpoint, the card's model name, and (chat) messages that each have a string "role"
-//     and a string "content".
+//     and a string "content" (null only beside an assistant's normalized tool_calls), and a
+//     forced tool_choice names one of its tools.
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -60,7 +61,27 @@ void CheckAccepted(const gw::GenerationRequest& r, bool chat) {
       Check(m.is_object());
       const boost::json::object& o = m.get_object();
       Check(o.contains("role") && o.at("role").is_string());
-      Check(o.contains("content") && o.at("content").is_string());
+      Check(o.contains("content"));
+      // Null content only for an assistant's tool calls, each with a name and string arguments.
+      const boost::json::value* calls = o.if_contains("tool_calls");
+      Check(o.at("content").is_string() ||
+            (o.at("content").is_null() && o.at("role") == "assistant" && calls != nullptr));
+      if (calls != nullptr) {
+        Check(calls->is_array() && !calls->get_array().empty());
+        for (const boost::json::value& c : calls->get_array()) {
+          const boost::json::value& fn = c.at("function");
+          Check(fn.at("name").is_string() && fn.at("arguments").is_string());
+        }
+      }
+    }
+    // Tools: every parsed call is either off or of a known shape; a forced call names a tool.
+    Check(!r.chat.forced_call || r.chat.tool_calls);
+    if (!r.chat.forced_name.empty()) {
+      bool known = false;
+      for (const boost::json::value& t : *r.chat.tools) {
+        known = known || t.at("function").at("name").as_string() == r.chat.forced_name;
+      }
+      Check(known);
     }
   } else {
     Check(!r.messages.has_value() && (r.prompt_text.has_value() != r.prompt_token_ids.has_value()));
