@@ -6,8 +6,8 @@ $(VAR) references expanded the way the kubelet does: ConfigMap values, POD_IP = 
 POD_NAME = the Deployment's name), the pod's security settings (user 10001, read-only root,
 no capabilities) and the Service names resolving to 127.0.0.1. Then greedy completions
 through the gateway must equal, token for token, those of the same topology started natively
-from the build tree (`expertmesh up --shards N --gateway`), and a shard container stopped
-with SIGTERM must drain and exit 0 within its grace period.
+from the build tree (`expertmesh up --shards N --gateway`), and every container stopped
+with SIGTERM must drain and exit 0 within its pod's grace period.
 
 usage: docker_cluster_test.py REPO_ROOT BUILD_DIR
 Exit 77 (skipped) when no Docker engine answers or no client can build with BuildKit; run
@@ -252,17 +252,21 @@ def main():
             if g[1] <= 0 or not g[0]:
                 raise RuntimeError(f"{p!r}: empty completion")
 
-        # SIGTERM drain of one shard: deregister, finish, exit 0 within the pod's grace.
-        shard = PREFIX + "expert-shard-0"
-        grace = next(d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for d in docs
-                     if d["kind"] == "Deployment" and d["metadata"]["name"] == "expert-shard-0")
-        t0 = time.time()
-        run([client, "stop", "-t", str(grace), shard], timeout=grace + 30)
-        took = time.time() - t0
-        code = run([client, "inspect", "-f", "{{.State.ExitCode}}", shard]).stdout.strip()
-        log(f"{shard}: SIGTERM -> exit {code} in {took:.1f} s (grace {grace} s)")
-        if code != "0":
-            raise RuntimeError(f"{shard} exited {code} after SIGTERM")
+        # SIGTERM, as the kubelet sends it (after preStop): every service drains and exits 0
+        # within its pod's grace period. A shard first (the others keep running), then the
+        # rest front to back.
+        grace = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                 for d in docs if d["kind"] == "Deployment"}
+        for name in ["expert-shard-0", "gateway", "attention"] + [
+                n for n, _, _ in reversed(specs) if n not in ("expert-shard-0", "gateway",
+                                                              "attention")]:
+            t0 = time.time()
+            run([client, "stop", "-t", str(grace[name]), PREFIX + name], timeout=grace[name] + 30)
+            took = time.time() - t0
+            code = run([client, "inspect", "-f", "{{.State.ExitCode}}", PREFIX + name]).stdout.strip()
+            log(f"{name}: SIGTERM -> exit {code} in {took:.1f} s (grace {grace[name]} s)")
+            if code != "0":
+                raise RuntimeError(f"{name} exited {code} after SIGTERM")
         log("PASS")
         return 0
     except Exception:
