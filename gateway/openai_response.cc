@@ -23,7 +23,9 @@ OpenAiResponder::OpenAiResponder(const GenerationRequest& request, std::string i
       created_(created),
       logprobs_(request.sampling.logprobs),
       chat_(request.endpoint == Endpoint::kChatCompletions ? request.chat : ChatOutputOptions{}) {
-  if (chat_.reasoning) reasoning_.emplace();
+  // A call opened in the prompt (forced tool_choice) starts the output inside the call, past
+  // any reasoning.
+  if (chat_.reasoning && !chat_.forced_call) reasoning_.emplace();
   if (chat_.tool_calls) tools_.emplace(chat_.forced_call, chat_.forced_name);
   completion_logprobs_["tokens"] = json::array();
   completion_logprobs_["token_logprobs"] = json::array();

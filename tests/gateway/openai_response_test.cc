@@ -192,6 +192,22 @@ TEST(OpenAiResponse, ChatReasoningAndToolCallsWholeEqualsStreamed) {
   EXPECT_FALSE(p.at("choices").at(0).at("message").as_object().contains("reasoning_content"));
   EXPECT_EQ(p.at("choices").at(0).at("finish_reason"), "stop");
 
+  // A forced call (R1 with tool_choice naming a function): the output is the call's arguments,
+  // not reasoning, though the model has a reasoning parser.
+  GenerationRequest forced = req;
+  forced.chat.forced_call = true;
+  forced.chat.forced_name = "get_weather";
+  OpenAiResponder args(forced, "chatcmpl-gw-1-8", 3);
+  args.Collect(
+      MakeDelta("{\"city\": \"Oslo\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>", {7}, false));
+  json::object a = json::parse(args.Full(outcome)).as_object();
+  const json::object& am = a.at("choices").at(0).at("message").as_object();
+  EXPECT_TRUE(am.at("reasoning_content").is_null());
+  EXPECT_TRUE(am.at("content").is_null());
+  EXPECT_EQ(am.at("tool_calls").at(0).at("function").at("name"), "get_weather");
+  EXPECT_EQ(am.at("tool_calls").at(0).at("function").at("arguments"), "{\"city\": \"Oslo\"}");
+  EXPECT_EQ(a.at("choices").at(0).at("finish_reason"), "stop");  // named: "stop", as OpenAI
+
   // include_reasoning false: the reasoning is dropped; a call cut by max_tokens keeps "length".
   GenerationRequest hide = req;
   hide.chat.include_reasoning = false;
