@@ -9,10 +9,12 @@
 //  (b) the real dispatch: router + `--shards` expert-service processes (tools/launcher, the
 //      code `expertmesh up` and the cluster tests run) on loopback, a Dispatcher in this
 //      process watching the router, Run() for one MoE layer, repeatedly.
-//  (c) compute alone: LocalExperts::Run in this process on the same batch (what a shard does
-//      inside the round trip; the raw ping-pong does none of it).
+//  (c) compute alone: LocalExperts::Run in this process on each shard group's part of the
+//      batch, the slowest shard per round (what the shards do, in parallel, inside the round
+//      trip; the raw ping-pong does none of it).
 // (a) and (b) alternate in blocks so drift on a shared machine hits both. Printed per batch:
-// p50 / p99 of each, dispatch p50 / ping-pong p50, and (dispatch - compute) p50 / ping-pong p50.
+// p50 / p99 of each, dispatch p50 / ping-pong p50, and (dispatch - shard compute) p50 /
+// ping-pong p50: what the data plane costs beyond the bytes and the arithmetic.
 // Cluster decode against in-process decode is expertmesh-bench-cluster.
 //
 //   expertmesh-bench-dispatch --model models/expertmesh-tiny --shards 2 --batches 1 32
@@ -282,6 +284,36 @@ std::vector<std::pair<size_t, size_t>> WireSizes(const Batch& batch, const Place
   return out;
 }
 
+// What each shard group computes of the batch: its rows with only its (expert, weight) pairs,
+// through the same FP8 packing as the wire.
+absl::StatusOr<std::vector<Batch>> ShardBatches(const Batch& batch, const Placement& placement,
+                                                int layer, int64_t H) {
+  std::vector<Batch> out;
+  for (int32_t s = 0; s < placement.num_shards; ++s) {
+    Batch part;
+    std::vector<int32_t> rows;
+    for (int32_t r = 0; r < batch.x.n_rows; ++r) {
+      std::vector<int32_t> experts;
+      std::vector<float> weights;
+      for (int32_t p = batch.routes.offsets[r]; p < batch.routes.offsets[r + 1]; ++p) {
+        if (placement.ShardOf(layer, batch.routes.experts[p]) != s) continue;
+        experts.push_back(batch.routes.experts[p]);
+        weights.push_back(batch.routes.weights[p]);
+      }
+      if (experts.empty()) continue;
+      rows.push_back(r);
+      part.routes.AddRow(experts, weights);
+    }
+    if (rows.empty()) continue;
+    std::string act, scales;
+    PackActivationRows(batch.x, rows, &act, &scales);
+    EM_ASSIGN_OR_RETURN(part.x,
+                        UnpackActivations(act, scales, static_cast<int64_t>(rows.size()), H));
+    out.push_back(std::move(part));
+  }
+  return out;
+}
+
 // The router's current placement map (the first message of a watch).
 absl::StatusOr<Placement> RouterPlacement(const std::string& router, const v1::PeerIdentity& id) {
   auto stub = v1::RouterService::NewStub(MakeChannel(router));
@@ -348,7 +380,7 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   std::printf("%d iterations per batch in %d alternating blocks; times in microseconds\n",
               iterations, blocks);
   std::printf("%-6s %-22s %-14s %-14s %-14s %-10s %s\n", "batch", "bytes req/resp per shard",
-              "raw p50/p99", "dispatch p50/p99", "compute p50", "disp/raw", "(disp-compute)/raw");
+              "raw p50/p99", "dispatch p50/p99", "shard compute", "disp/raw", "(disp-compute)/raw");
   for (int b : batches) {
     const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
     const std::vector<std::pair<size_t, size_t>> sizes =
@@ -382,10 +414,19 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       s = RawRounds(subset, per_block, &raw);
       if (s.ok()) s = dispatch_rounds(per_block, &disp);
     }
+    // The shards compute in parallel: per round the slowest shard's time.
+    absl::StatusOr<std::vector<Batch>> parts =
+        ShardBatches(batch, *placement, layer, config->hidden_size);
+    if (!parts.ok()) return fail(parts.status());
     for (int i = 0; s.ok() && i < per_block; ++i) {
-      const auto t0 = Clock::now();
-      s = (*local)->Run(layer, batch.x, batch.routes, out);
-      compute.push_back(Micros(Clock::now() - t0));
+      double slowest = 0;
+      for (const Batch& part : *parts) {
+        std::vector<float> part_out(static_cast<size_t>(part.x.n_rows * config->hidden_size));
+        const auto t0 = Clock::now();
+        s = (*local)->Run(layer, part.x, part.routes, part_out);
+        slowest = std::max(slowest, Micros(Clock::now() - t0));
+      }
+      compute.push_back(slowest);
     }
     if (!s.ok()) return fail(s);
     const double raw50 = Percentile(raw, 0.5), disp50 = Percentile(disp, 0.5);
