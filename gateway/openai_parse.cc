@@ -562,8 +562,8 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
   EM_RETURN_IF_ERROR(ParseToolRequest(f.Get("tools"), f.Get("tool_choice"), &r));
   r.chat.reasoning = card.reasoning_parser;
   EM_RETURN_IF_ERROR(f.Bool("include_reasoning", &r.chat.include_reasoning));
-  bool parallel = false, store = false;
-  EM_RETURN_IF_ERROR(f.Bool("parallel_tool_calls", &parallel));
+  bool store = false;
+  EM_RETURN_IF_ERROR(f.Bool("parallel_tool_calls", &r.chat.parallel_tool_calls));
   EM_RETURN_IF_ERROR(f.Bool("store", &store));
   if (store) return InvalidParam("store", "store is not supported.");
   if (const json::value* md = f.Get("metadata"); md != nullptr && !md->is_object()) {

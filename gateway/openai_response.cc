@@ -115,6 +115,7 @@ OpenAiResponder::Pieces OpenAiResponder::Split(std::string_view text, bool final
   }
   p.content = std::move(o.content);
   for (ToolCallEvent& e : o.calls) {
+    if (!chat_.parallel_tool_calls && e.index > 0) continue;  // one call at most
     if (!e.start && !p.calls.empty() && p.calls.back().index == e.index) {
       p.calls.back().arguments += e.arguments;
     } else {

@@ -64,6 +64,7 @@ struct ChatOutputOptions {
   bool reasoning = false;         // <think>...</think> -> reasoning_content (card.reasoning_parser)
   bool include_reasoning = true;  // false: the reasoning is dropped (vLLM's include_reasoning)
   bool tool_calls = false;        // DeepSeek-V3 tool-call markers -> tool_calls
+  bool parallel_tool_calls = true;  // false: the first call only (OpenAI's parallel_tool_calls)
   // The request's tools (validated), given to the chat template as `tools`.
   std::optional<boost::json::array> tools;
   // Appended to the rendered prompt, and the output continues it: tool_choice "required" or a

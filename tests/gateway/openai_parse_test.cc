@@ -276,6 +276,41 @@ TEST(OpenAiParse, ChatErrors) {
   }
 }
 
+TEST(OpenAiParse, ChatToolsAndReasoningFields) {
+  ModelCard r1 = Card();
+  r1.reasoning_parser = true;
+  auto r = ParseChatCompletionRequest(R"({"model": "expertmesh-tiny", "include_reasoning": false,
+    "parallel_tool_calls": false, "tool_choice": "auto",
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}],
+    "messages": [{"role": "user", "content": "Weather?"},
+      {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]})",
+                                      r1, RequestLimits{});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->chat.reasoning);
+  EXPECT_FALSE(r->chat.include_reasoning);
+  EXPECT_TRUE(r->chat.tool_calls);
+  EXPECT_FALSE(r->chat.parallel_tool_calls);
+  ASSERT_TRUE(r->chat.tools.has_value());
+  // Empty content beside tool calls is null, as DeepSeek's templates expect.
+  EXPECT_TRUE((*r->messages)[1].at("content").is_null());
+  EXPECT_EQ((*r->messages)[1].at("tool_calls").at(0).at("function").at("name"), "get_weather");
+  // Without the parser (V3's template) include_reasoning changes nothing.
+  auto v3 = Chat(R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}]})");
+  ASSERT_TRUE(v3.ok());
+  EXPECT_FALSE(v3->chat.reasoning);
+  EXPECT_FALSE(v3->chat.tool_calls);
+  // tool_calls on a user message, and malformed calls, are 400 naming the message.
+  ApiError e = ErrorOf(Chat(R"({"model": "expertmesh-tiny", "messages": [{"role": "user",
+    "content": "x", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]})"));
+  EXPECT_EQ(e.http_status, 400);
+  EXPECT_EQ(e.param, "messages[0].tool_calls");
+  e = ErrorOf(Chat(R"({"model": "expertmesh-tiny", "messages": [{"role": "assistant",
+    "content": null, "tool_calls": [{"function": {"arguments": "{}"}}]}]})"));
+  EXPECT_EQ(e.param, "messages[0].tool_calls[0]");
+}
+
 TEST(OpenAiParse, PriorityIsAnIntegerInRange) {
   auto none = Completion(R"({"model": "expertmesh-tiny", "prompt": "Hi"})");
   ASSERT_TRUE(none.ok());

@@ -208,6 +208,16 @@ TEST(OpenAiResponse, ChatReasoningAndToolCallsWholeEqualsStreamed) {
   EXPECT_EQ(am.at("tool_calls").at(0).at("function").at("arguments"), "{\"city\": \"Oslo\"}");
   EXPECT_EQ(a.at("choices").at(0).at("finish_reason"), "stop");  // named: "stop", as OpenAI
 
+  // parallel_tool_calls false: the first call only.
+  GenerationRequest single = req;
+  single.chat.parallel_tool_calls = false;
+  OpenAiResponder one(single, "chatcmpl-gw-1-9", 3);
+  one.Collect(MakeDelta(text, {7}, false));
+  json::object o1 = json::parse(one.Full(outcome)).as_object();
+  ASSERT_EQ(o1.at("choices").at(0).at("message").at("tool_calls").as_array().size(), 1u);
+  EXPECT_EQ(o1.at("choices").at(0).at("message").at("tool_calls").at(0).at("function").at("name"),
+            "get_weather");
+
   // include_reasoning false: the reasoning is dropped; a call cut by max_tokens keeps "length".
   GenerationRequest hide = req;
   hide.chat.include_reasoning = false;
