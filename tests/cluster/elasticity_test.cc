@@ -10,6 +10,7 @@
 //      answers; the scale-in removes the record and sends SIGTERM at once, as Kubernetes does,
 //  (d) kills the router (SIGKILL) and starts it again on its port; shards and attention
 //      replicas reach it as localhost:<port> (a name, as a Service name in Kubernetes).
+// At the end the gateway gets SIGTERM with requests in flight, which must complete too.
 // Every request must complete with exactly the in-process engine's tokens (with the data
 // plane's numerics for 2 shard groups) and every drained process must exit 0. Printed: requests
 // sent / completed / with wrong tokens / failed, the time a new shard replica takes to its first
@@ -221,6 +222,7 @@ class ElasticityTest : public ::testing::Test {
       request.set_return_token_ids(true);
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      const absl::Time start = absl::Now();
       ++sent_;
       std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
           stub.Generate(&ctx, request);
@@ -231,6 +233,7 @@ class ElasticityTest : public ::testing::Test {
       }
       const grpc::Status status = reader->Finish();
       std::lock_guard lock(mu_);
+      busy_ += absl::Now() - start;
       if (!status.ok()) {
         ++failed_;
         errors_.push_back(absl::StrCat("prompt ", i, ": ", status.error_message()));
@@ -254,6 +257,7 @@ class ElasticityTest : public ::testing::Test {
   std::atomic<int> sent_{0}, completed_{0}, wrong_{0}, failed_{0};
   std::mutex mu_;
   std::vector<std::string> errors_;
+  absl::Duration busy_;  // the requests' latencies summed (under mu_)
 };
 
 TEST_F(ElasticityTest, ScalingUnderLoadLosesNothing) {
@@ -387,10 +391,18 @@ TEST_F(ElasticityTest, ScalingUnderLoadLosesNothing) {
   figures["router: SIGKILL -> both shards registered again (s)"] = Seconds(absl::Now() - killed);
   AwaitCompletions(2 * kStreams);
 
+  // The gateway drains with requests in flight: the clients send no new ones (a client between
+  // its stop check and its call has 20 ms to make it), the open ones must complete.
   stop_ = true;
+  absl::SleepFor(absl::Milliseconds(20));
+  const int in_flight = sent_.load() - completed_.load() - failed_.load() - wrong_.load();
+  figures["gateway: requests in flight at its SIGTERM"] = in_flight;
+  std::thread gateway_drain(
+      [&] { figures["gateway: SIGTERM -> exit 0 (drain, s)"] = Seconds(Drain(gateway_)); });
   for (std::thread& t : clients) t.join();
-  figures["gateway: SIGTERM -> exit 0 (drain, s)"] = Seconds(Drain(gateway_));
+  gateway_drain.join();
 
+  figures["request latency, mean (s)"] = Seconds(busy_) / std::max(1, sent_.load());
   std::printf(
       "elasticity: %d streams, requests sent %d, completed %d, wrong tokens %d, "
       "failed %d\n",
