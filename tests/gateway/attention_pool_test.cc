@@ -1,17 +1,21 @@
 // AttentionPool targets and membership: parsing of host:port / dns:///name:port /
 // dns://server/name:port, resolution through a DNS server on loopback (tests/cluster/
-// elasticity_dns.h) and through the system resolver, and members joining and leaving as the
-// DNS answers change. Serving through dynamic members is in tests/cluster/elasticity_test.
+// elasticity_dns.h) and through the system resolver, members joining and leaving as the DNS
+// answers change, and a Submit refused before its first event opened again on another replica
+// (against small AttentionService servers speaking the real protocol, one of them draining).
+// Serving through dynamic members of real attention replicas is in tests/cluster/elasticity_test.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "gateway/attention_pool.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "tests/cluster/elasticity_dns.h"
 
@@ -133,6 +137,107 @@ TEST(AttentionPoolTest, MembersFollowTheDnsAnswers) {
           .status()
           .code(),
       absl::StatusCode::kUnavailable);
+}
+
+// An AttentionService that reports `load` and answers every Submit with one final event of
+// token 7, or, while `draining`, refuses it with UNAVAILABLE as a draining replica does; with
+// `fail_after_first`, it sends one event and then fails the stream with UNAVAILABLE.
+class StubReplica final : public v1::AttentionService::Service {
+ public:
+  explicit StubReplica(uint32_t load) : load_(load) {}
+  grpc::Status Submit(grpc::ServerContext*, const v1::SubmitRequest*,
+                      grpc::ServerWriter<v1::TokenEvent>* writer) override {
+    ++submits;
+    if (draining) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "draining");
+    v1::TokenEvent event;
+    event.add_token_ids(7);
+    if (fail_after_first) {
+      writer->Write(event);
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica went away");
+    }
+    event.set_finish_reason(v1::FINISH_REASON_LENGTH);
+    writer->Write(event);
+    return grpc::Status::OK;
+  }
+  grpc::Status GetLoad(grpc::ServerContext*, const v1::LoadRequest*,
+                       v1::LoadResponse* resp) override {
+    resp->set_running(load_);
+    resp->set_max_context(64);
+    return grpc::Status::OK;
+  }
+  std::atomic<bool> draining{false};
+  std::atomic<bool> fail_after_first{false};
+  std::atomic<int> submits{0};
+
+ private:
+  const uint32_t load_;
+};
+
+struct StubServer {
+  explicit StubServer(uint32_t load) : service(load) {
+    absl::StatusOr<RunningServer> r = StartGrpcServer(ServerOptions{}, {&service});
+    EXPECT_TRUE(r.ok()) << r.status();
+    running = *std::move(r);
+    SetServing(*running.server, true);
+  }
+  ~StubServer() { running.server->Shutdown(); }
+  std::string address() const { return LoopbackAddress(running.port); }
+  StubReplica service;
+  RunningServer running;
+};
+
+TEST(AttentionPoolTest, ARefusedSubmitIsOpenedOnAnotherReplica) {
+  // The idle replica is chosen first (least load) but drains, as one does between its SIGTERM
+  // and the gateway's next poll.
+  StubServer idle(0), busy(5);
+  AttentionPool::Options o;
+  o.addresses = {idle.address(), busy.address()};
+  o.poll_interval = std::chrono::hours(1);  // only the polls below
+  absl::StatusOr<std::unique_ptr<AttentionPool>> pool = AttentionPool::Create(o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  (*pool)->PollOnce();
+  ASSERT_TRUE((*pool)->WaitReady(std::chrono::seconds(5)));
+  idle.service.draining = true;
+  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(10);
+  v1::SubmitRequest request;
+  request.set_request_id("r1");
+  absl::StatusOr<std::unique_ptr<SubmitCall>> call = (*pool)->Submit(request, deadline);
+  ASSERT_TRUE(call.ok()) << call.status();
+  v1::TokenEvent event;
+  ASSERT_TRUE((*call)->Read(&event));
+  EXPECT_EQ(event.token_ids(0), 7);
+  EXPECT_EQ((*call)->attempts(), 2);
+  EXPECT_EQ((*call)->replica_address(), busy.address());
+  EXPECT_FALSE((*call)->Read(&event));
+  EXPECT_TRUE((*call)->Finish().ok());
+  EXPECT_EQ(idle.service.submits.load(), 1);
+  EXPECT_EQ(busy.service.submits.load(), 1);
+  call->reset();
+  for (const AttentionPool::ReplicaState& r : (*pool)->Snapshot()) EXPECT_EQ(r.outstanding, 0);
+
+  // A stream that failed after its first event is not opened again: the client has tokens.
+  busy.service.fail_after_first = true;
+  idle.service.draining = false;
+  (*pool)->PollOnce();  // the idle replica is ready again
+  idle.service.fail_after_first = true;
+  call = (*pool)->Submit(request, deadline);
+  ASSERT_TRUE(call.ok()) << call.status();
+  ASSERT_TRUE((*call)->Read(&event));
+  EXPECT_FALSE((*call)->Read(&event));
+  EXPECT_EQ((*call)->attempts(), 1);
+  EXPECT_EQ((*call)->Finish().code(), absl::StatusCode::kUnavailable);
+
+  // Every replica refusing: the call ends UNAVAILABLE after trying each ready one once.
+  idle.service.fail_after_first = false;
+  busy.service.fail_after_first = false;
+  idle.service.draining = true;
+  busy.service.draining = true;
+  (*pool)->PollOnce();
+  call = (*pool)->Submit(request, deadline);
+  ASSERT_TRUE(call.ok()) << call.status();
+  EXPECT_FALSE((*call)->Read(&event));
+  EXPECT_EQ((*call)->attempts(), 2);
+  EXPECT_EQ((*call)->Finish().code(), absl::StatusCode::kUnavailable);
 }
 
 TEST(AttentionPoolTest, RefusesBadTargets) {
