@@ -148,6 +148,7 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.header_timeout = o.http_header_timeout;
   http_options.body_timeout = o.http_body_timeout;
   http_options.idle_timeout = o.http_idle_timeout;
+  http_options.tls = o.http_tls;
   AttentionPool* p = g->pool_.get();
   absl::StatusOr<std::unique_ptr<HttpServer>> http =
       HttpServer::Start(http_options, g->runner_.get(), g->metrics_.get(), [p]() -> absl::Status {
@@ -189,6 +190,9 @@ void GatewayServer::Drain(std::chrono::milliseconds grace) {
   if (drained_) return;
   drained_ = true;
   stopping_ = true;
+  // NOT_SERVING at once (readiness takes the pod out of its Service), and again once the
+  // health watcher, which may be mid-iteration, has stopped.
+  if (grpc_.server) SetServing(*grpc_.server, false);
   if (health_watcher_.joinable()) health_watcher_.join();
   if (grpc_.server) SetServing(*grpc_.server, false);
   const auto deadline = std::chrono::system_clock::now() + grace;
