@@ -65,7 +65,11 @@ absl::StatusOr<int> DecodeStepper::Draft(std::span<StepSequence* const> batch) {
   std::vector<MtpSequence*> mtp_seqs;
   std::vector<int> ks;
   for (StepSequence* seq : batch) {
-    if (!seq->drafting() || seq->prefilling() || seq->mtp.retired) continue;
+    // A constrained sequence does not draft: its drafts would be verified against unmasked
+    // logits.
+    if (!seq->drafting() || seq->prefilling() || seq->mtp.retired || seq->constraint != nullptr) {
+      continue;
+    }
     // A step emits at most k + 1 tokens: no drafts beyond the tokens still wanted or beyond
     // the context (each draft needs a cache slot). No catch-up while drafting is off: a
     // sequence paused for kMaxPendingMtpRows rows retires (AppendMtpRows), so a paused
@@ -116,7 +120,7 @@ void DecodeStepper::FinishPrefillChunk(StepSequence& seq, int64_t start, int64_t
   std::vector<int32_t> next(seq.tokens.begin() + start + 1, seq.tokens.begin() + start + n);
   if (seq.prefilled == seq.prompt_len &&
       seq.prompt_len == static_cast<int64_t>(seq.tokens.size())) {
-    const SampledToken t = seq.sampler->Sample(out.logits);
+    const SampledToken t = SampleOne(seq, out.logits);
     Emit(seq, std::span<const SampledToken>(&t, 1));
     next.push_back(t.token);
   } else {  // more prompt to come, or a recomputed prefix whose next token is known
@@ -125,10 +129,24 @@ void DecodeStepper::FinishPrefillChunk(StepSequence& seq, int64_t start, int64_t
   if (seq.drafting() && seq.stop == StopReason::kNone) AppendMtpRows(seq.mtp, next, out.hidden);
 }
 
+SampledToken DecodeStepper::SampleOne(StepSequence& seq, std::span<const float> logits) {
+  if (seq.constraint == nullptr) return seq.sampler->Sample(logits);
+  masked_.assign(logits.begin(), logits.end());
+  seq.constraint->Mask(masked_);
+  SampledToken t = seq.sampler->Sample(masked_);
+  seq.constraint->Accept(t.token);
+  return t;
+}
+
 void DecodeStepper::FinishDecode(StepSequence& seq, int64_t start, const SequenceOutput& out,
                                  StepStats& stats) {
   const std::vector<int32_t>& drafts = seq.mtp.drafts;
-  const Verification v = VerifyDrafts(*seq.sampler, out.logits, drafts, vocab_size_);
+  Verification v;
+  if (seq.constraint != nullptr) {  // never drafts (Draft skips it): one masked sample
+    v.tokens.push_back(SampleOne(seq, std::span<const float>(out.logits).first(vocab_size_)));
+  } else {
+    v = VerifyDrafts(*seq.sampler, out.logits, drafts, vocab_size_);
+  }
   for (size_t j = 0; j < drafts.size(); ++j) {
     ++stats.drafted[j];
     if (static_cast<int>(j) < v.accepted) ++stats.accepted[j];

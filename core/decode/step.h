@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/decode/json_constraint.h"
 #include "core/decode/sampling.h"
 #include "core/decode/speculative.h"
 #include "core/engine/forward_engine.h"
@@ -43,6 +44,10 @@ struct StepSequence {
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;
   Sampler* sampler = nullptr;
+  // Constrained decoding (e.g. JSON mode): the logits are masked before every sample and each
+  // emitted token is fed to it. Such a sequence must not draft (mtp.cache unset): its drafts
+  // would be verified against unmasked logits.
+  TokenConstraint* constraint = nullptr;
   MlaKvCache* cache = nullptr;  // the main model's: every prompt and emitted token but the last
   MtpSequence mtp;              // drafts when mtp.cache is set (the MTP module's cache)
   // Tokens to put in the cache before decoding: the prompt; after a preemption (recompute),
@@ -112,6 +117,8 @@ class DecodeStepper {
   size_t Emit(StepSequence& seq, std::span<const SampledToken> tokens) const;
   void FinishPrefillChunk(StepSequence& seq, int64_t start, int64_t n, const SequenceOutput& out);
   void FinishDecode(StepSequence& seq, int64_t start, const SequenceOutput& out, StepStats& stats);
+  // One token from `logits`: masked first when the sequence is constrained.
+  SampledToken SampleOne(StepSequence& seq, std::span<const float> logits);
 
   ForwardEngine* engine_;
   StepperOptions options_;
@@ -123,6 +130,7 @@ class DecodeStepper {
   std::unique_ptr<DraftPolicy> policy_;
   int last_draft_k_ = -1;  // the policy's previous choice (logged when it changes)
   std::vector<std::vector<int32_t>> inputs_;  // per batch slot, reused across steps
+  std::vector<float> masked_;                 // a constrained sequence's masked logits
 };
 
 }  // namespace expertmesh

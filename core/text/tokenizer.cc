@@ -912,6 +912,14 @@ void Tokenizer::AppendTokenBytes(int32_t id, bool skip_special_tokens, std::stri
   out->append(bytes);
 }
 
+std::vector<std::string> Tokenizer::TokenByteTable() const {
+  std::vector<std::string> table(static_cast<size_t>(vocab_size()));
+  for (size_t id = 0; id < table.size(); ++id) {
+    AppendTokenBytes(static_cast<int32_t>(id), true, &table[id]);
+  }
+  return table;
+}
+
 std::string Tokenizer::Decode(std::span<const int32_t> ids, bool skip_special_tokens) const {
   std::string bytes;
   for (int32_t id : ids) AppendTokenBytes(id, skip_special_tokens, &bytes);

@@ -79,6 +79,10 @@ class Tokenizer {
   // Text of a token as written in tokenizer.json (byte-level alphabet for BPE tokens).
   std::optional<std::string_view> TokenText(int32_t id) const;
   bool IsSpecial(int32_t id) const;
+  // Per id: the bytes the token decodes to (what Decode appends for it, before UTF-8 repair);
+  // empty for special tokens and unused ids. For constrained decoding (core/decode/
+  // json_constraint.h), which checks each token's bytes against a grammar.
+  std::vector<std::string> TokenByteTable() const;
 
   // One more than the largest id (vocabulary and added tokens).
   int32_t vocab_size() const;
