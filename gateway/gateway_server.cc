@@ -149,6 +149,7 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.body_timeout = o.http_body_timeout;
   http_options.idle_timeout = o.http_idle_timeout;
   http_options.tls = o.http_tls;
+  http_options.tls = o.http_tls;
   AttentionPool* p = g->pool_.get();
   absl::StatusOr<std::unique_ptr<HttpServer>> http =
       HttpServer::Start(http_options, g->runner_.get(), g->metrics_.get(), [p]() -> absl::Status {

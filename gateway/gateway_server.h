@@ -49,6 +49,7 @@ struct GatewayOptions {
   std::chrono::milliseconds http_header_timeout{std::chrono::seconds(10)};
   std::chrono::milliseconds http_body_timeout{std::chrono::seconds(30)};
   std::chrono::milliseconds http_idle_timeout{std::chrono::seconds(60)};
+  HttpTls http_tls;  // TLS on the HTTP port (none: plain HTTP)
   int grpc_threads = 512;
   bool handshake = true;  // require replicas to serve the same model
   // Chat: "deepseek_r1" returns <think>...</think> as reasoning_content, "none" leaves it in

@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +22,7 @@
 #include <unordered_map>
 
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
@@ -33,14 +35,122 @@
 #include "spdlog/spdlog.h"
 
 namespace expertmesh::gateway {
+
+absl::Status ValidateHttpTls(const HttpTls& tls) {
+  if (!tls.enabled()) return absl::OkStatus();
+  if (tls.cert.empty() || tls.key.empty()) {
+    return absl::InvalidArgumentError(
+        tls.cert.empty() && tls.key.empty()
+            ? "--http-tls-ca needs --http-tls-cert and --http-tls-key (server TLS)"
+            : (tls.cert.empty() ? "--http-tls-key needs --http-tls-cert"
+                                : "--http-tls-cert needs --http-tls-key"));
+  }
+  return absl::OkStatus();
+}
+
 namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 namespace json = boost::json;
 using tcp = net::ip::tcp;
 using error_code = boost::system::error_code;
+namespace ssl = net::ssl;
 
 namespace {
+
+// The TLS context new connections get, loaded again when its files change.
+class TlsContexts {
+ public:
+  explicit TlsContexts(HttpTls tls) : tls_(std::move(tls)) {}
+
+  // Loads the files once (an error names the file that does not load).
+  absl::Status Init() {
+    stamp_ = Stamp();
+    absl::StatusOr<std::shared_ptr<ssl::context>> ctx = Load();
+    if (!ctx.ok()) return ctx.status();
+    current_ = *std::move(ctx);
+    last_check_ = Clock::now();
+    return absl::OkStatus();
+  }
+
+  // The context for a connection accepted now; reloads first when a file changed since the
+  // last load (looked at most every reload_check). Acceptor strand only.
+  std::shared_ptr<ssl::context> Current() {
+    const auto now = Clock::now();
+    if (now - last_check_ < tls_.reload_check) return current_;
+    last_check_ = now;
+    std::string stamp = Stamp();
+    if (stamp == stamp_) return current_;
+    stamp_ = std::move(stamp);
+    absl::StatusOr<std::shared_ptr<ssl::context>> ctx = Load();
+    if (ctx.ok()) {
+      current_ = *std::move(ctx);
+      spdlog::info("http TLS: certificate files changed, reloaded for new connections");
+    } else {
+      spdlog::warn(
+          "http TLS: certificate files changed but do not load ({}); keeping the "
+          "previous ones",
+          std::string(ctx.status().message()));
+    }
+    return current_;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  // What tells a changed file: device, inode, size and modification time of each (a
+  // Kubernetes Secret update swaps a symlink: stat follows it).
+  std::string Stamp() const {
+    std::string out;
+    for (const std::string* path : {&tls_.cert, &tls_.key, &tls_.client_ca}) {
+      struct stat st {};
+      if (path->empty() || ::stat(path->c_str(), &st) != 0) {
+        out += "-;";
+        continue;
+      }
+      out += Cat(st.st_dev, ":", st.st_ino, ":", st.st_size, ":", st.st_mtim.tv_sec, ".",
+                 st.st_mtim.tv_nsec, ";");
+    }
+    return out;
+  }
+
+  absl::StatusOr<std::shared_ptr<ssl::context>> Load() const {
+    auto ctx = std::make_shared<ssl::context>(ssl::context::tls_server);
+    error_code ec;
+    ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                         ssl::context::no_sslv3 | ssl::context::no_tlsv1 |
+                         ssl::context::no_tlsv1_1 | ssl::context::single_dh_use,
+                     ec);
+    ctx->use_certificate_chain_file(tls_.cert, ec);
+    if (ec)
+      return absl::FailedPreconditionError(Cat("--http-tls-cert ", tls_.cert, ": ", ec.message()));
+    ctx->use_private_key_file(tls_.key, ssl::context::pem, ec);
+    if (ec)
+      return absl::FailedPreconditionError(Cat("--http-tls-key ", tls_.key, ": ", ec.message()));
+    if (SSL_CTX_check_private_key(ctx->native_handle()) != 1) {
+      return absl::FailedPreconditionError(
+          Cat("--http-tls-key ", tls_.key, " does not match --http-tls-cert ", tls_.cert));
+    }
+    if (!tls_.client_ca.empty()) {
+      ctx->load_verify_file(tls_.client_ca, ec);
+      if (ec) {
+        return absl::FailedPreconditionError(
+            Cat("--http-tls-ca ", tls_.client_ca, ": ", ec.message()));
+      }
+      ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert, ec);
+      // Session resumption with client verification needs a session id context.
+      static constexpr unsigned char kSessionContext[] = "expertmesh-gateway";
+      SSL_CTX_set_session_id_context(ctx->native_handle(), kSessionContext,
+                                     sizeof(kSessionContext) - 1);
+    }
+    return ctx;
+  }
+
+  const HttpTls tls_;
+  std::string stamp_;
+  std::shared_ptr<ssl::context> current_;
+  Clock::time_point last_check_;
+};
 
 using Clock = std::chrono::steady_clock;
 
@@ -135,9 +245,16 @@ class WorkerPool {
 
 // One connection. Its socket's executor is the connection's strand: the session coroutine,
 // its deadline timer and the writes a generation worker posts all run there, one at a time.
+// With TLS, `tls` is the SSL stream over `socket` (which it refers to) and every read and
+// write goes through it; cancelling or shutting down `socket` ends its operations too.
 struct Conn {
-  explicit Conn(tcp::socket s)
-      : socket(std::move(s)), timer(socket.get_executor()), fd(socket.native_handle()) {}
+  explicit Conn(tcp::socket s, std::shared_ptr<ssl::context> ctx = nullptr)
+      : socket(std::move(s)),
+        timer(socket.get_executor()),
+        fd(socket.native_handle()),
+        tls_context(std::move(ctx)) {
+    if (tls_context) tls = std::make_unique<ssl::stream<tcp::socket&>>(socket, *tls_context);
+  }
   tcp::socket socket;
   net::steady_timer timer;
   uint64_t timer_generation = 0;    // strand only: tells a stale expiry from the armed one
@@ -145,6 +262,8 @@ struct Conn {
   const int fd;                     // for the hang-up poll of a generation worker
   std::atomic<bool> busy{false};    // a request is being answered
   std::atomic<bool> cancel{false};  // drain ran out of grace: give up the request
+  std::shared_ptr<ssl::context> tls_context;  // kept while the connection lives
+  std::unique_ptr<ssl::stream<tcp::socket&>> tls;
 };
 
 // The deadline of the connection's current operation: past it, the socket's operations are
@@ -169,6 +288,40 @@ void Disarm(const std::shared_ptr<Conn>& c) {
 }
 
 constexpr auto kAwait = net::use_awaitable;
+
+// The connection's reads and writes, on its SSL stream when it has one, else on the socket.
+net::awaitable<void> ReadHeader(Conn& c, beast::flat_buffer& buffer,
+                                http::request_parser<http::string_body>& parser, error_code& ec) {
+  if (c.tls) {
+    co_await http::async_read_header(*c.tls, buffer, parser, net::redirect_error(kAwait, ec));
+  } else {
+    co_await http::async_read_header(c.socket, buffer, parser, net::redirect_error(kAwait, ec));
+  }
+}
+net::awaitable<void> ReadBody(Conn& c, beast::flat_buffer& buffer,
+                              http::request_parser<http::string_body>& parser, error_code& ec) {
+  if (c.tls) {
+    co_await http::async_read(*c.tls, buffer, parser, net::redirect_error(kAwait, ec));
+  } else {
+    co_await http::async_read(c.socket, buffer, parser, net::redirect_error(kAwait, ec));
+  }
+}
+net::awaitable<void> Write(Conn& c, net::const_buffer bytes, error_code& ec) {
+  if (c.tls) {
+    co_await net::async_write(*c.tls, bytes, net::redirect_error(kAwait, ec));
+  } else {
+    co_await net::async_write(c.socket, bytes, net::redirect_error(kAwait, ec));
+  }
+}
+net::awaitable<size_t> ReadSome(Conn& c, net::mutable_buffer into, error_code& ec) {
+  size_t n = 0;
+  if (c.tls) {
+    n = co_await c.tls->async_read_some(into, net::redirect_error(kAwait, ec));
+  } else {
+    n = co_await c.socket.async_read_some(into, net::redirect_error(kAwait, ec));
+  }
+  co_return n;
+}
 
 template <class Body>
 std::string Serialize(http::response<Body>& r) {
@@ -203,6 +356,11 @@ class HttpServer::Impl {
         max_connections_(options_.max_connections) {}
 
   absl::Status Listen() {
+    if (options_.tls.enabled()) {
+      if (absl::Status s = ValidateHttpTls(options_.tls); !s.ok()) return s;
+      tls_ = std::make_unique<TlsContexts>(options_.tls);
+      if (absl::Status s = tls_->Init(); !s.ok()) return s;
+    }
     LimitConnectionsToFileLimit();
     error_code ec;
     tcp::endpoint endpoint(net::ip::make_address(options_.host, ec),
@@ -354,7 +512,7 @@ class HttpServer::Impl {
       return;
     }
     socket.set_option(tcp::no_delay(true), ignored);
-    auto c = std::make_shared<Conn>(std::move(socket));
+    auto c = std::make_shared<Conn>(std::move(socket), tls_ ? tls_->Current() : nullptr);
     {
       std::lock_guard lock(mu_);
       conns_.emplace(c.get(), c);
@@ -383,9 +541,31 @@ class HttpServer::Impl {
   net::awaitable<void> Session(std::shared_ptr<Conn> c) {
     beast::flat_buffer buffer;
     bool first = true;
+    if (c->tls) {
+      // The handshake counts against the first request's header deadline.
+      error_code ec;
+      Arm(c, options_.header_timeout);
+      co_await c->tls->async_handshake(ssl::stream_base::server, net::redirect_error(kAwait, ec));
+      Disarm(c);
+      if (ec) {
+        // Not TLS (plain HTTP to the TLS port), an unverified client, a timeout: close.
+        spdlog::debug("http TLS handshake: {}", ec.message());
+        error_code ignored;
+        c->socket.shutdown(tcp::socket::shutdown_both, ignored);
+        co_return;
+      }
+    }
     while (!draining_) {
       error_code ec;
-      if (!first && buffer.size() == 0) {
+      if (!first && buffer.size() == 0 && c->tls) {
+        // Keep-alive over TLS: the SSL stream may hold the next request's bytes already
+        // (pipelined), so wait by reading (into a small buffer) rather than for readability.
+        Arm(c, options_.idle_timeout);
+        net::mutable_buffer into = buffer.prepare(1024);
+        const size_t n = co_await ReadSome(*c, into, ec);
+        buffer.commit(n);
+        if (ec || draining_) break;
+      } else if (!first && buffer.size() == 0) {
         // Keep-alive: the next request must begin within the idle timeout; else close
         // quietly. Waiting for readability holds no buffer.
         buffer.shrink_to_fit();
@@ -400,18 +580,16 @@ class HttpServer::Impl {
       http::request_parser<http::string_body> parser;
       parser.body_limit(options_.max_body_bytes);
       parser.header_limit(options_.max_header_bytes);
-      co_await http::async_read_header(c->socket, buffer, parser, net::redirect_error(kAwait, ec));
+      co_await ReadHeader(*c, buffer, parser, ec);
       if (!ec) {
         Arm(c, options_.body_timeout);
         if (parser.get()[http::field::expect] == "100-continue") {
           // curl asks before sending a body over 1 KiB.
           static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
-          co_await net::async_write(c->socket, net::buffer(kContinue),
-                                    net::redirect_error(kAwait, ec));
+          const net::const_buffer bytes = net::buffer(kContinue);
+          co_await Write(*c, bytes, ec);
         }
-        if (!ec) {
-          co_await http::async_read(c->socket, buffer, parser, net::redirect_error(kAwait, ec));
-        }
+        if (!ec) co_await ReadBody(*c, buffer, parser, ec);
       }
       const bool timed_out = ec && c->timed_out;
       Disarm(c);
@@ -437,6 +615,13 @@ class HttpServer::Impl {
       }
       c->busy = false;
       if (!keep_alive) break;
+    }
+    if (c->tls && !c->cancel) {
+      // close_notify, waiting a moment for the client's (a client already gone ends it).
+      error_code ec;
+      Arm(c, std::chrono::seconds(1));
+      co_await c->tls->async_shutdown(net::redirect_error(kAwait, ec));
+      Disarm(c);
     }
     error_code ignored;
     c->socket.shutdown(tcp::socket::shutdown_both, ignored);
@@ -507,13 +692,14 @@ class HttpServer::Impl {
   // before the client has read the answer.
   net::awaitable<void> LingeringClose(const std::shared_ptr<Conn>& c) {
     error_code ec;
-    c->socket.shutdown(tcp::socket::shutdown_send, ec);
+    // (Over TLS the stream stays open for its close_notify; the client reads the answer.)
+    if (!c->tls) c->socket.shutdown(tcp::socket::shutdown_send, ec);
     Arm(c, std::chrono::seconds(1));
     std::vector<char> drop(16384);
     size_t dropped = 0;
     while (dropped < (1u << 20)) {
-      const size_t n =
-          co_await c->socket.async_read_some(net::buffer(drop), net::redirect_error(kAwait, ec));
+      const net::mutable_buffer into = net::buffer(drop);
+      const size_t n = co_await ReadSome(*c, into, ec);
       if (ec) break;  // the client closed too, the second passed, or an error
       dropped += n;
     }
@@ -524,7 +710,8 @@ class HttpServer::Impl {
   net::awaitable<bool> Send(const std::shared_ptr<Conn>& c, const std::string& bytes) {
     Arm(c, options_.send_timeout);
     error_code ec;
-    co_await net::async_write(c->socket, net::buffer(bytes), net::redirect_error(kAwait, ec));
+    const net::const_buffer view = net::buffer(bytes);
+    co_await Write(*c, view, ec);
     Disarm(c);
     co_return !ec;
   }
@@ -817,6 +1004,7 @@ class HttpServer::Impl {
   WorkerPool workers_;
   std::vector<std::thread> io_threads_;
   int max_connections_;
+  std::unique_ptr<TlsContexts> tls_;  // null: plain HTTP
   int port_ = 0;
   std::atomic<int> open_{0};
   std::atomic<bool> draining_{false};

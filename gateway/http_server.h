@@ -23,6 +23,14 @@
 // sequence if so.
 // Drain(): stop accepting, close idle connections, let open requests finish within a grace
 // period, then cancel what is left.
+//
+// Optional TLS (HttpTls; https): every connection is an Asio SSL stream over its socket. The
+// handshake must finish within header_timeout; a client that does not speak TLS (plain HTTP
+// to the TLS port) or fails verification is closed without an answer and costs nothing else.
+// The certificate, key and optional client CA are read again when one of the files changes
+// (checked at most every reload_check, when a connection is accepted): new connections get
+// the new files, open ones keep theirs; a file that does not load keeps the previous ones
+// (with a warning). The plain path is unchanged.
 #pragma once
 
 #include <chrono>
@@ -38,6 +46,18 @@
 #include "service-common/metrics.h"
 
 namespace expertmesh::gateway {
+
+// Server-side TLS for the HTTP port (gateway --http-tls-cert/--http-tls-key/--http-tls-ca).
+struct HttpTls {
+  std::string cert;       // PEM certificate chain served to clients
+  std::string key;        // PEM private key of cert
+  std::string client_ca;  // optional: clients must present a certificate chaining to it
+  std::chrono::milliseconds reload_check{std::chrono::seconds(1)};
+
+  bool enabled() const { return !cert.empty() || !key.empty() || !client_ca.empty(); }
+};
+// InvalidArgument when only one of cert/key is given, or a client CA without them.
+absl::Status ValidateHttpTls(const HttpTls& tls);
 
 class HttpServer {
  public:
@@ -61,6 +81,7 @@ class HttpServer {
     // Each response write (a whole response, or one SSE chunk) must be taken by the client
     // within this; else the connection closes (and its generation is cancelled).
     std::chrono::milliseconds send_timeout{std::chrono::seconds(30)};
+    HttpTls tls;  // none: plain HTTP
   };
   // Readiness for /health: OK, or the reason the gateway cannot serve yet.
   using ReadinessFn = std::function<absl::Status()>;

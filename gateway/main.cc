@@ -93,6 +93,15 @@ int main(int argc, char** argv) {
                  "An idle keep-alive HTTP connection closes after this")
       ->check(CLI::Range(1, 86400))
       ->capture_default_str();
+  app.add_option("--http-tls-cert", o.http_tls.cert,
+                 "PEM certificate chain: serve HTTPS on --http-port (with --http-tls-key; "
+                 "reloaded for new connections when the file changes)")
+      ->check(CLI::ExistingFile);
+  app.add_option("--http-tls-key", o.http_tls.key, "PEM private key of --http-tls-cert")
+      ->check(CLI::ExistingFile);
+  app.add_option("--http-tls-ca", o.http_tls.client_ca,
+                 "HTTPS: require client certificates chaining to this PEM CA bundle (optional)")
+      ->check(CLI::ExistingFile);
   app.add_flag("!--no-handshake", o.handshake,
                "Do not require replicas to serve the same model (fingerprint of config.json)");
   app.add_option("--reasoning-parser", o.reasoning_parser,
@@ -101,6 +110,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "deepseek_r1", "none"}))
       ->capture_default_str();
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
+  if (absl::Status s = gateway::ValidateHttpTls(o.http_tls); !s.ok()) {
+    spdlog::error("{}", std::string(s.message()));
+    return kExitUsage;
+  }
   o.grpc_listen = main.flags().listen;
   o.attention_resolve_interval = std::chrono::milliseconds(resolve_ms);
   o.request_timeout = std::chrono::seconds(request_timeout_s);

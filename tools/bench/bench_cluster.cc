@@ -217,6 +217,7 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
   }
 
   launcher::ClusterOptions o;
+  o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
   o.model_dir = model_dir;
   o.shards = shards;
   o.replicas = replicas;
@@ -273,6 +274,17 @@ int main(int argc, char** argv) {
   app.add_option("--batches", batches, "Batch sizes")->capture_default_str();
   app.add_option("--prompt-len", prompt_len, "Prompt tokens per sequence")->capture_default_str();
   app.add_option("--decode-tokens", decode_tokens, "Decode steps measured")->capture_default_str();
+  expertmesh::TlsFiles tls;
+  app.add_option("--tls-cert", tls.cert,
+                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
+                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
+  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
   CLI11_PARSE(app, argc, argv);
+  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  expertmesh::SetProcessTls(tls);
   return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens);
 }

@@ -355,6 +355,7 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   if (!identity.ok()) return fail(identity.status());
 
   launcher::ClusterOptions o;
+  o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
   o.model_dir = model_dir;
   o.shards = shards;
   o.replicas = 1;
@@ -468,7 +469,18 @@ int main(int argc, char** argv) {
   app.add_option("--blocks", blocks, "Alternating raw/dispatch blocks")
       ->capture_default_str()
       ->check(CLI::Range(1, 100));
+  expertmesh::TlsFiles tls;
+  app.add_option("--tls-cert", tls.cert,
+                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
+                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
+  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
   CLI11_PARSE(app, argc, argv);
+  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  expertmesh::SetProcessTls(tls);
   spdlog::set_level(spdlog::level::warn);
   return expertmesh::Run(model, shards, batches, iterations, blocks);
 }

@@ -313,6 +313,7 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
   if (skip_cluster) return 0;
 
   launcher::ClusterOptions o;
+  o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
   o.model_dir = model_dir;
   o.shards = shards;
   o.max_batch = *std::max_element(batches.begin(), batches.end());
@@ -391,7 +392,18 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 50))
       ->capture_default_str();
   app.add_flag("--breakdown", breakdown, "First time the main and MTP forwards by rows");
+  expertmesh::TlsFiles tls;
+  app.add_option("--tls-cert", tls.cert,
+                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
+                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
+  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
   CLI11_PARSE(app, argc, argv);
+  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  expertmesh::SetProcessTls(tls);
   return expertmesh::Run(model, shards, batches, decode_tokens, draft_k, always, skip_cluster,
                          breakdown, repeats, margin);
 }

@@ -15,6 +15,7 @@
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 #include "tools/cli/commands.h"
 #include "tools/launcher/cluster.h"
@@ -29,6 +30,20 @@ struct UpArgs {
 };
 
 int RunUp(const UpArgs& args) {
+  if (absl::Status s = ValidateTlsFiles(args.cluster.tls); !s.ok()) {
+    spdlog::error("{}", std::string(s.message()));
+    return 2;
+  }
+  const launcher::ClusterOptions& c = args.cluster;
+  if (c.gateway_http_tls_cert.empty() != c.gateway_http_tls_key.empty() ||
+      (!c.gateway_http_tls_ca.empty() && c.gateway_http_tls_cert.empty())) {
+    spdlog::error("--http-tls-cert and --http-tls-key go together (--http-tls-ca needs both)");
+    return 2;
+  }
+  if (!c.gateway && !c.gateway_http_tls_cert.empty()) {
+    spdlog::error("--http-tls-cert/--http-tls-key need --gateway");
+    return 2;
+  }
   // Termination signals are taken synchronously below; block them before any thread starts.
   if (absl::Status s = BlockTerminationSignals(); !s.ok()) {
     spdlog::error("{}", s.ToString());
@@ -49,8 +64,9 @@ int RunUp(const UpArgs& args) {
   for (const launcher::Endpoint& e : (*cluster)->AllEndpoints()) {
     std::printf("  %-40s grpc %s", e.name.c_str(), e.grpc_address.c_str());
     if (e.metrics_port != 0) {
-      std::printf("  %s http://%s:%d/metrics", e.name == "gateway" ? "http" : "metrics",
-                  options.host.c_str(), e.metrics_port);
+      const bool https = e.name == "gateway" && !options.gateway_http_tls_cert.empty();
+      std::printf("  %s %s://%s:%d/metrics", e.name == "gateway" ? "http" : "metrics",
+                  https ? "https" : "http", options.host.c_str(), e.metrics_port);
     }
     std::printf("\n");
   }
@@ -83,8 +99,24 @@ int RunUp(const UpArgs& args) {
   return 0;
 }
 
-int RunStatus(const std::string& router, int timeout_ms) {
-  auto channel = MakeChannel(router);
+// --tls-cert/--tls-key/--tls-ca on `cmd`, into `files`.
+void AddTlsOptions(CLI::App* cmd, TlsFiles& files, const std::string& whose) {
+  cmd->add_option(
+         "--tls-cert", files.cert,
+         "PEM certificate (chain) " + whose + ": enables mTLS (with --tls-key and --tls-ca)")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--tls-key", files.key, "PEM private key of --tls-cert")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--tls-ca", files.ca, "PEM CA bundle the services' certificates chain to")
+      ->check(CLI::ExistingFile);
+}
+
+int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
+  if (absl::Status s = ValidateTlsFiles(tls); !s.ok()) {
+    spdlog::error("{}", std::string(s.message()));
+    return 2;
+  }
+  auto channel = MakeChannel(router, kDefaultMaxMessageBytes, MakeChannelCredentials(tls));
   auto stub = v1::RouterService::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
@@ -93,6 +125,13 @@ int RunStatus(const std::string& router, int timeout_ms) {
   const grpc::Status s = stub->GetStatus(&ctx, req, &resp);
   if (!s.ok()) {
     spdlog::error("GetStatus on {}: {}", router, FromGrpcStatus(s).ToString());
+    if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+      spdlog::error(
+          tls.enabled()
+              ? "the router is unreachable, or refused this certificate or is not using TLS"
+              : "the router is unreachable, or it requires mTLS: pass --tls-cert, --tls-key and "
+                "--tls-ca");
+    }
     return 1;
   }
   const v1::PlacementMap& map = resp.placement();
@@ -150,6 +189,14 @@ void AddUpCommand(CLI::App& app) {
   up->add_option("--http-port", c.gateway_http_port,
                  "The gateway's OpenAI HTTP port (0: a free port)")
       ->capture_default_str();
+  up->add_option("--http-tls-cert", c.gateway_http_tls_cert,
+                 "Serve HTTPS on the gateway's HTTP port with this PEM certificate chain")
+      ->check(CLI::ExistingFile);
+  up->add_option("--http-tls-key", c.gateway_http_tls_key, "PEM private key of --http-tls-cert")
+      ->check(CLI::ExistingFile);
+  up->add_option("--http-tls-ca", c.gateway_http_tls_ca,
+                 "HTTPS clients must present a certificate chaining to this PEM CA (optional)")
+      ->check(CLI::ExistingFile);
   up->add_option("--bin-dir", c.bin_dir, "Where the service binaries are (default: build tree)");
   up->add_option("--log-dir", c.log_dir, "One log file per service (default: a new /tmp dir)");
   up->add_option("--kv-blocks", c.kv_blocks, "Attention service KV blocks")->capture_default_str();
@@ -160,6 +207,13 @@ void AddUpCommand(CLI::App& app) {
       ->capture_default_str();
   up->add_option("--step-deadline-ms", c.step_deadline_ms, "Deadline of one MoE dispatch")
       ->capture_default_str();
+  up->add_option("--gateway-arg", c.extra_gateway_args,
+                 "Extra gateway flag (repeatable; e.g. --gateway-arg=--max-running=512)");
+  up->add_option("--attention-arg", c.extra_attention_args,
+                 "Extra attention-service flag (repeatable)");
+  AddTlsOptions(up, c.tls,
+                "of every service (server and client side; must name the listen host, e.g. "
+                "IP:127.0.0.1)");
   up->add_option("--ready-timeout-s", args->ready_timeout_s, "Wait this long for SERVING")
       ->capture_default_str();
   up->add_option("--stop-grace-s", args->stop_grace_s, "SIGTERM grace before SIGKILL")
@@ -171,11 +225,13 @@ void AddUpCommand(CLI::App& app) {
 
   auto router = std::make_shared<std::string>();
   auto timeout_ms = std::make_shared<int>(5000);
+  auto tls = std::make_shared<TlsFiles>();
   CLI::App* status = app.add_subcommand("status", "Print the cluster as the router sees it");
   status->add_option("--router", *router, "Router address host:port")->required();
   status->add_option("--timeout-ms", *timeout_ms, "RPC deadline")->capture_default_str();
-  status->callback([router, timeout_ms] {
-    const int rc = RunStatus(*router, *timeout_ms);
+  AddTlsOptions(status, *tls, "presented to the router (a cluster started with mTLS)");
+  status->callback([router, timeout_ms, tls] {
+    const int rc = RunStatus(*router, *timeout_ms, *tls);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
 }

@@ -41,9 +41,9 @@ absl::StatusOr<std::string> FindServiceBinary(const std::string& bin_dir, const 
                                           flat.string(), " (set --bin-dir or EXPERTMESH_BIN_DIR)"));
 }
 
-absl::Status WaitServing(const std::string& address, absl::Duration timeout,
-                         ChildProcess* process) {
-  auto channel = MakeChannel(address);
+absl::Status WaitServing(const std::string& address, absl::Duration timeout, ChildProcess* process,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  auto channel = MakeChannel(address, kDefaultMaxMessageBytes, std::move(credentials));
   const absl::Time end = absl::Now() + timeout;
   absl::Status last = absl::UnavailableError("not asked yet");
   while (absl::Now() < end) {
@@ -70,7 +70,9 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(const ClusterOptions& op
   if (!fs::exists(fs::path(options.model_dir) / "config.json")) {
     return absl::NotFoundError(absl::StrCat("no config.json in ", options.model_dir));
   }
+  EM_RETURN_IF_ERROR(ValidateTlsFiles(options.tls));
   std::unique_ptr<Cluster> cluster(new Cluster(options));
+  cluster->credentials_ = MakeChannelCredentials(options.tls);
   absl::Status s = cluster->StartAll();
   if (!s.ok()) {
     const absl::Status stop = cluster->Stop();
@@ -112,7 +114,19 @@ std::vector<std::string> Cluster::ExpertArgs(int shard, int replica, int port,
                                    "--metrics-port", std::to_string(metrics_port),
                                    "--instance-id",  absl::StrCat("shard", shard, "-r", replica)};
   args.insert(args.end(), options_.extra_expert_args.begin(), options_.extra_expert_args.end());
+  const std::vector<std::string> tls = TlsArgs();
+  args.insert(args.end(), tls.begin(), tls.end());
   return args;
+}
+
+std::vector<std::string> Cluster::TlsArgs() const {
+  if (!options_.tls.enabled()) return {};
+  return {"--tls-cert",     options_.tls.cert, "--tls-key",
+          options_.tls.key, "--tls-ca",        options_.tls.ca};
+}
+
+absl::Status Cluster::WaitMember(const std::string& address, ChildProcess* process) const {
+  return WaitServing(address, options_.ready_timeout, process, credentials_);
 }
 
 absl::Status Cluster::StartExpert(int shard, int replica) {
@@ -152,11 +166,12 @@ absl::Status Cluster::StartAll() {
                                      "--num-shards",   std::to_string(options_.shards),
                                      "--listen",       absl::StrCat(options_.host, ":", *port),
                                      "--metrics-port", std::to_string(*mport)};
+    const std::vector<std::string> tls = TlsArgs();
+    args.insert(args.end(), tls.begin(), tls.end());
     EM_ASSIGN_OR_RETURN(Member m, StartService("router-service", bin, args, *port, *mport));
     router_ = m.endpoint;
     router_process_ = std::move(m.process);
-    EM_RETURN_IF_ERROR(
-        WaitServing(router_.grpc_address, options_.ready_timeout, router_process_.get()));
+    EM_RETURN_IF_ERROR(WaitMember(router_.grpc_address, router_process_.get()));
   }
   // 2. Expert shards (all started, then awaited, so they load in parallel).
   for (int shard = 0; shard < options_.shards; ++shard) {
@@ -193,16 +208,16 @@ absl::Status Cluster::StartAll() {
                                      std::to_string(options_.step_deadline_ms)};
     args.insert(args.end(), options_.extra_attention_args.begin(),
                 options_.extra_attention_args.end());
+    const std::vector<std::string> tls = TlsArgs();
+    args.insert(args.end(), tls.begin(), tls.end());
     EM_ASSIGN_OR_RETURN(Member m, StartService("attention-service", bin, args, *port, *mport));
     attention_ = m.endpoint;
     attention_process_ = std::move(m.process);
   }
   for (auto& [key, member] : experts_) {
-    EM_RETURN_IF_ERROR(
-        WaitServing(member.endpoint.grpc_address, options_.ready_timeout, member.process.get()));
+    EM_RETURN_IF_ERROR(WaitMember(member.endpoint.grpc_address, member.process.get()));
   }
-  EM_RETURN_IF_ERROR(
-      WaitServing(attention_.grpc_address, options_.ready_timeout, attention_process_.get()));
+  EM_RETURN_IF_ERROR(WaitMember(attention_.grpc_address, attention_process_.get()));
   // 4. Gateway.
   if (options_.gateway) {
     EM_ASSIGN_OR_RETURN(std::string bin, FindServiceBinary(bin_dir_, "gateway", "gateway"));
@@ -214,11 +229,19 @@ absl::Status Cluster::StartAll() {
                                      "--attention", attention_.grpc_address,
                                      "--listen",    absl::StrCat(options_.host, ":", *port),
                                      "--http-port", std::to_string(*hport)};
+    const std::vector<std::string> tls = TlsArgs();
+    args.insert(args.end(), tls.begin(), tls.end());
+    for (const auto& [flag, value] : {std::pair<const char*, const std::string&>{
+                                          "--http-tls-cert", options_.gateway_http_tls_cert},
+                                      {"--http-tls-key", options_.gateway_http_tls_key},
+                                      {"--http-tls-ca", options_.gateway_http_tls_ca}}) {
+      if (!value.empty()) args.insert(args.end(), {flag, value});
+    }
+    args.insert(args.end(), options_.extra_gateway_args.begin(), options_.extra_gateway_args.end());
     EM_ASSIGN_OR_RETURN(Member m, StartService("gateway", bin, args, *port, *hport));
     gateway_ = m.endpoint;
     gateway_process_ = std::move(m.process);
-    EM_RETURN_IF_ERROR(
-        WaitServing(gateway_->grpc_address, options_.ready_timeout, gateway_process_.get()));
+    EM_RETURN_IF_ERROR(WaitMember(gateway_->grpc_address, gateway_process_.get()));
   }
   return absl::OkStatus();
 }
@@ -257,7 +280,7 @@ absl::Status Cluster::RestartExpert(int shard, int replica) {
   }
   EM_RETURN_IF_ERROR(StartExpert(shard, replica));
   Member& m = experts_[{shard, replica}];
-  return WaitServing(m.endpoint.grpc_address, options_.ready_timeout, m.process.get());
+  return WaitMember(m.endpoint.grpc_address, m.process.get());
 }
 
 std::vector<std::string> Cluster::UnexpectedExits() {

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "service-common/tls.h"
 #include "tools/launcher/process.h"
 
 namespace expertmesh::launcher {
@@ -24,6 +25,9 @@ struct ClusterOptions {
   int replicas = 1;  // replicas per shard group
   bool gateway = false;
   int gateway_http_port = 0;  // the gateway's OpenAI HTTP port; 0 = a free port
+  // HTTPS on the gateway's HTTP port (its --http-tls-cert/--http-tls-key/--http-tls-ca); the
+  // client CA is optional.
+  std::string gateway_http_tls_cert, gateway_http_tls_key, gateway_http_tls_ca;
   // Where the service binaries are: <bin_dir>/<name> or <bin_dir>/<name-dir>/<name> (a
   // build tree). Empty: FindBinDir().
   std::string bin_dir;
@@ -38,6 +42,12 @@ struct ClusterOptions {
   int step_deadline_ms = 2000;
   std::vector<std::string> extra_attention_args;
   std::vector<std::string> extra_expert_args;
+  std::vector<std::string> extra_gateway_args;
+  // mTLS for the whole cluster (all three files or none): every service is started with
+  // --tls-cert/--tls-key/--tls-ca, and the launcher's own health checks present the same
+  // certificate. One certificate for all services, so it must name the host they listen on
+  // (e.g. IP:127.0.0.1) and allow both server and client use.
+  TlsFiles tls;
   absl::Duration ready_timeout = absl::Seconds(60);
   absl::Duration stop_grace = absl::Seconds(10);
 };
@@ -88,8 +98,12 @@ class Cluster {
                                       std::vector<std::string> args, int port, int metrics_port);
   absl::Status StartExpert(int shard, int replica);
   std::vector<std::string> ExpertArgs(int shard, int replica, int port, int metrics_port) const;
+  // --tls-cert/--tls-key/--tls-ca when options_.tls is enabled; nothing otherwise.
+  std::vector<std::string> TlsArgs() const;
+  absl::Status WaitMember(const std::string& address, ChildProcess* process) const;
 
   ClusterOptions options_;
+  std::shared_ptr<grpc::ChannelCredentials> credentials_;  // the launcher's health checks
   std::string bin_dir_;
   std::string log_dir_;
   Endpoint router_;
@@ -111,8 +125,9 @@ absl::StatusOr<std::string> FindServiceBinary(const std::string& bin_dir, const 
                                               const std::string& subdir);
 
 // Polls grpc.health.v1 Check("") on `address` until SERVING or `timeout`; also fails early
-// when `process` (if given) has exited.
+// when `process` (if given) has exited. `credentials` null: the process-wide TLS setting.
 absl::Status WaitServing(const std::string& address, absl::Duration timeout,
-                         ChildProcess* process = nullptr);
+                         ChildProcess* process = nullptr,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
 }  // namespace expertmesh::launcher
