@@ -4,9 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
+
+#include "core/kernels/cpu/thread_pool.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/kernels/cpu/cpu_kernels.cc"
+#include "hwy/aligned_allocator.h"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 
@@ -57,15 +61,23 @@ namespace expertmesh::simd {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// Exact widening, shared by the row dequantization and the tiles. v: codes in u32 lanes.
-// FP8 E4M3: the 7 low bits at float bits 20..26 (sign at 31), read as a float, are the code's
-// value times 2^-120, subnormal codes included (the exponent bias moves from 7 to 127); the
-// caller multiplies by 2^120 (exact). NaN codes are not special-cased here.
-template <class D, class VU>
-HWY_INLINE hn::Vec<D> Fp8Bits(D d, VU v) {
-  const hn::RebindToUnsigned<D> du;
-  return hn::BitCast(d, hn::Or(hn::ShiftLeft<24>(hn::And(v, hn::Set(du, 0x80u))),
-                               hn::ShiftLeft<20>(hn::And(v, hn::Set(du, 0x7Fu)))));
+// Exact widening, shared by the row dequantization and the tiles.
+// FP8 E4M3 as FP16 times 2^-8, exactly, subnormal codes included: the sign to bit 15 and the
+// 7 low bits to bits 7..13 (exponent bias 7 -> 15), then the FP16 -> float conversion
+// (F16C where the target has it). No float subnormal is ever formed, so no microcode assist:
+// reading the 7 bits as float bits times 2^120 (this file's earlier way) formed one for every
+// FP8 subnormal code (~1/16 of random codes), and a multiply by a subnormal costs ~100 cycles on
+// x86 (13x slower tiles). NaN codes are not special-cased here.
+template <class D>
+HWY_INLINE hn::Vec<D> Fp8AsHalf(D d, const uint8_t* p) {
+  const hn::Rebind<uint8_t, D> d8;
+  const hn::Rebind<uint16_t, D> d16;
+  const hn::Rebind<int16_t, D> di16;
+  const hn::Rebind<hwy::float16_t, D> dh;
+  // code << 8 as int16, shifted right arithmetically: the sign lands in bits 15 and 14.
+  const auto v =
+      hn::ShiftRight<1>(hn::BitCast(di16, hn::ShiftLeft<8>(hn::PromoteTo(d16, hn::LoadU(d8, p)))));
+  return hn::PromoteTo(d, hn::BitCast(dh, hn::And(hn::BitCast(d16, v), hn::Set(d16, 0xBF80u))));
 }
 // FP16 (Highway's emulated widening, on targets without F16C, loses inf and NaN): the 15 low
 // bits at float bits 13..27 times 2^112 (bias 15 -> 127), exact for normals and subnormals;
@@ -90,7 +102,7 @@ void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, i
   const hn::Rebind<uint8_t, decltype(df)> d8;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const auto low7 = hn::Set(du, 0x7Fu);
-  const auto two120 = hn::Set(df, 0x1p120f);
+  const auto two8 = hn::Set(df, 256.0f);
   const auto nan = hn::Set(df, std::nanf(""));
   for (int64_t c0 = 0, b = 0; c0 < n; c0 += block_cols, ++b) {
     const int64_t c1 = std::min(n, c0 + block_cols);
@@ -99,7 +111,7 @@ void DequantFp8RowImpl(const uint8_t* w, const float* block_scales, int64_t n, i
     int64_t c = c0;
     for (; c + N <= c1; c += N) {
       const auto v = hn::PromoteTo(du, hn::LoadU(d8, w + c));
-      const auto f = hn::Mul(hn::Mul(Fp8Bits(df, v), two120), scale);
+      const auto f = hn::Mul(hn::Mul(Fp8AsHalf(df, w + c), two8), scale);
       const auto is_nan = hn::RebindMask(df, hn::Eq(hn::And(v, low7), low7));
       hn::StoreU(hn::IfThenElse(is_nan, nan, f), df, out + c);
     }
@@ -232,9 +244,8 @@ HWY_INLINE void WidenTileColumn(D d, const uint8_t* col, hn::Vec<D> scale, hn::V
   const hn::RebindToUnsigned<D> du;
   for (size_t j = 0; j < kTileRows / N; ++j) {
     if constexpr (kType == TileType::kF8E4M3) {
-      // Pack() admits no NaN codes, and `scale` carries the 2^120 (exact: |s| < 2^7).
-      const hn::Rebind<uint8_t, D> d8;
-      w[j] = hn::Mul(Fp8Bits(d, hn::PromoteTo(du, hn::LoadU(d8, col + j * N))), scale);
+      // Pack() admits no NaN codes, and `scale` carries the 2^8 (exact: |s| < 2^7).
+      w[j] = hn::Mul(Fp8AsHalf(d, col + j * N), scale);
     } else {
       const hn::Rebind<uint16_t, D> d16;
       const auto v =
@@ -273,7 +284,7 @@ HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block
   };
   const int64_t bc = kType == TileType::kF8E4M3 ? block_cols : in;
   for (int64_t k0 = 0, b = 0; k0 < in; k0 += bc, ++b) {
-    const V scale = hn::Set(d, kType == TileType::kF8E4M3 ? scales[b] * 0x1p120f : 1.0f);
+    const V scale = hn::Set(d, kType == TileType::kF8E4M3 ? scales[b] * 256.0f : 1.0f);
     const int64_t k1 = std::min(in, k0 + bc);
     int64_t k = k0;
     for (; k + 4 <= k1; k += 4) {
@@ -311,17 +322,115 @@ HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block
   }
 }
 
+// Many rows: each K block of the tile (kKBlock columns) is widened once into a float buffer
+// (L1), then groups of kRows rows run over it with their 4 chains' accumulators in registers,
+// kept in `acc` ([n][4][16] floats) between blocks. The same FMAs in the same order as
+// TileRows: bit for bit the same results.
+inline constexpr int64_t kKBlock = 256;
+
+template <int kRows>
+HWY_INLINE void BlockRows(const float* wbuf, int64_t len, const float* x, int64_t in, float* acc) {
+  const hn::CappedTag<float, kTileRows> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nv = kTileRows / N;
+  V a[kRows][4][nv];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < 4; ++c) {
+      for (size_t j = 0; j < nv; ++j)
+        a[r][c][j] = hn::Load(d, acc + (r * 4 + c) * kTileRows + j * N);
+    }
+  }
+  auto step = [&](int64_t k, int c) HWY_ATTR {
+    for (size_t j = 0; j < nv; ++j) {
+      const V w = hn::Load(d, wbuf + k * kTileRows + j * N);
+      for (int r = 0; r < kRows; ++r)
+        a[r][c][j] = hn::MulAdd(hn::Set(d, x[r * in + k]), w, a[r][c][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 4 <= len; k += 4) {
+    step(k, 0);
+    step(k + 1, 1);
+    step(k + 2, 2);
+    step(k + 3, 3);
+  }
+  for (; k < len; ++k) step(k, static_cast<int>(k & 3));  // the block starts at k = 0 (mod 4)
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < 4; ++c) {
+      for (size_t j = 0; j < nv; ++j)
+        hn::Store(a[r][c][j], d, acc + (r * 4 + c) * kTileRows + j * N);
+    }
+  }
+}
+
+template <TileType kType>
+void TileBlocked(const uint8_t* tile, const float* scales, int64_t block_cols, int64_t in,
+                 const float* x, int64_t n, float* y_tile, int64_t y_stride, int64_t valid) {
+  const hn::CappedTag<float, kTileRows> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nv = kTileRows / N;
+  constexpr int kRows = nv >= 4 ? 1 : static_cast<int>(6 / nv);  // 24 accumulators
+  constexpr int64_t kBytes = kType == TileType::kF8E4M3 ? 1 : 2;
+  // Per-thread buffers, grown as needed and kept: the widened K block and the accumulators.
+  thread_local hwy::AlignedFreeUniquePtr<float[]> wbuf_store, acc_store;
+  thread_local int64_t acc_capacity = 0;
+  if (!wbuf_store) wbuf_store = hwy::AllocateAligned<float>(kKBlock * kTileRows);
+  if (acc_capacity < n) {
+    acc_store = hwy::AllocateAligned<float>(static_cast<size_t>(n) * 4 * kTileRows);
+    acc_capacity = n;
+  }
+  float* wbuf = wbuf_store.get();
+  float* acc = acc_store.get();
+  std::fill(acc, acc + n * 4 * kTileRows, 0.0f);
+  V w[nv];
+  for (int64_t k0 = 0; k0 < in; k0 += kKBlock) {
+    const int64_t len = std::min(kKBlock, in - k0);
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t kk = k0 + k;
+      const V scale =
+          hn::Set(d, kType == TileType::kF8E4M3 ? scales[kk / block_cols] * 256.0f : 1.0f);
+      WidenTileColumn<kType>(d, tile + kk * kTileRows * kBytes, scale, w);
+      for (size_t j = 0; j < nv; ++j) hn::Store(w[j], d, wbuf + k * kTileRows + j * N);
+    }
+    int64_t t = 0;
+    for (; t + kRows <= n; t += kRows) {
+      BlockRows<kRows>(wbuf, len, x + t * in + k0, in, acc + t * 4 * kTileRows);
+    }
+    for (; t < n; ++t) BlockRows<1>(wbuf, len, x + t * in + k0, in, acc + t * 4 * kTileRows);
+  }
+  HWY_ALIGN float tmp[kTileRows];
+  for (int64_t t = 0; t < n; ++t) {
+    const float* a = acc + t * 4 * kTileRows;
+    for (size_t j = 0; j < nv; ++j) {
+      const auto at = [&](int c) HWY_ATTR { return hn::Load(d, a + c * kTileRows + j * N); };
+      hn::Store(hn::Add(hn::Add(at(0), at(1)), hn::Add(at(2), at(3))), d, tmp + j * N);
+    }
+    std::memcpy(y_tile + t * y_stride, tmp, valid * sizeof(float));
+  }
+}
+
+// Rows of x at or above which TileBlocked runs (below, TileRows re-widens per pair of rows).
+inline constexpr int64_t kBlockedRows = 8;
+
+// Output tiles [tile_begin, tile_end).
 template <TileType kType>
 void TiledLinearT(const uint8_t* tiles, const float* scale_inv, int64_t block_rows,
-                  int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n,
-                  float* y) {
+                  int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n, float* y,
+                  int64_t tile_begin, int64_t tile_end) {
   constexpr int64_t kBytes = kType == TileType::kF8E4M3 ? 1 : 2;
   const int64_t scale_cols = kType == TileType::kF8E4M3 ? (in + block_cols - 1) / block_cols : 0;
-  for (int64_t o = 0; o < out; o += kTileRows) {
+  for (int64_t o = tile_begin * kTileRows; o < std::min(out, tile_end * kTileRows);
+       o += kTileRows) {
     const uint8_t* tile = tiles + (o / kTileRows) * in * kTileRows * kBytes;
     const float* scales =
         kType == TileType::kF8E4M3 ? scale_inv + (o / block_rows) * scale_cols : nullptr;
     const int64_t valid = std::min<int64_t>(kTileRows, out - o);
+    if (n >= kBlockedRows) {
+      TileBlocked<kType>(tile, scales, block_cols, in, x, n, y + o, out, valid);
+      continue;
+    }
     int64_t t = 0;
     for (; t + 2 <= n; t += 2) {
       TileRows<kType, 2>(tile, scales, block_cols, in, x + t * in, y + t * out + o, out, valid);
@@ -333,17 +442,17 @@ void TiledLinearT(const uint8_t* tiles, const float* scale_inv, int64_t block_ro
 
 void TiledLinearImpl(TileType type, const uint8_t* tiles, const float* scale_inv,
                      int64_t block_rows, int64_t block_cols, int64_t out, int64_t in,
-                     const float* x, int64_t n, float* y) {
+                     const float* x, int64_t n, float* y, int64_t tile_begin, int64_t tile_end) {
   switch (type) {
     case TileType::kF8E4M3:
       return TiledLinearT<TileType::kF8E4M3>(tiles, scale_inv, block_rows, block_cols, out, in, x,
-                                             n, y);
+                                             n, y, tile_begin, tile_end);
     case TileType::kBF16:
       return TiledLinearT<TileType::kBF16>(tiles, scale_inv, block_rows, block_cols, out, in, x, n,
-                                           y);
+                                           y, tile_begin, tile_end);
     case TileType::kF16:
       return TiledLinearT<TileType::kF16>(tiles, scale_inv, block_rows, block_cols, out, in, x, n,
-                                          y);
+                                          y, tile_begin, tile_end);
   }
 }
 
@@ -365,8 +474,14 @@ HWY_EXPORT(TiledLinearImpl);
 
 void TiledLinear(TileType type, const uint8_t* tiles, const float* scale_inv, int64_t block_rows,
                  int64_t block_cols, int64_t out, int64_t in, const float* x, int64_t n, float* y) {
-  HWY_DYNAMIC_DISPATCH(TiledLinearImpl)
-  (type, tiles, scale_inv, block_rows, block_cols, out, in, x, n, y);
+  const int64_t n_tiles = (out + kTileRows - 1) / kTileRows;
+  // Split by output tiles when each piece has at least ~256 K multiply-adds of work.
+  const int64_t per_tile = std::max<int64_t>(1, in * kTileRows * std::max<int64_t>(n, 1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_tile);
+  cpu::ParallelFor(n_tiles, grain, [&](int64_t begin, int64_t end) {
+    HWY_DYNAMIC_DISPATCH(TiledLinearImpl)
+    (type, tiles, scale_inv, block_rows, block_cols, out, in, x, n, y, begin, end);
+  });
 }
 
 void DequantFp8Row(const uint8_t* w, const float* block_scales, int64_t n, int64_t block_cols,
