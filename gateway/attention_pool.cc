@@ -16,6 +16,7 @@
 #include "gateway/strings.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh::gateway {
@@ -37,6 +38,21 @@ absl::Status SplitHostPort(const std::string& text, std::string* host, int* port
     return absl::InvalidArgumentError(Cat("'", text, "': the port must be in [1, 65535]"));
   }
   return absl::OkStatus();
+}
+
+// A member found under a DNS name is dialed by its address, and its certificate (under
+// --tls-*) names the Service, not the pod IP: the name is checked instead. Otherwise the
+// channel is MakeChannel's.
+std::shared_ptr<grpc::Channel> MemberChannel(const std::string& address,
+                                             const std::string& tls_name) {
+  if (tls_name.empty()) return MakeChannel(address);
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kDefaultMaxMessageBytes);
+  args.SetMaxSendMessageSize(kDefaultMaxMessageBytes);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetSslTargetNameOverride(tls_name);
+  return grpc::CreateCustomChannel(address, ProcessChannelCredentials(), args);
 }
 
 std::string JoinHostPort(const std::string& ip, int port) {
@@ -283,11 +299,12 @@ void SubmitCall::Cancel() {
 AttentionPool::AttentionPool(Options options) : options_(std::move(options)) {}
 
 std::shared_ptr<AttentionReplica> AttentionPool::MakeReplica(const std::string& address,
-                                                             const std::string& target) const {
+                                                             const std::string& target,
+                                                             const std::string& tls_name) const {
   auto replica = std::make_shared<AttentionReplica>();
   replica->address = address;
   replica->target = target;
-  replica->channel = MakeChannel(address);
+  replica->channel = MemberChannel(address, tls_name);
   replica->stub = v1::AttentionService::NewStub(replica->channel);
   return replica;
 }
@@ -311,7 +328,7 @@ absl::StatusOr<std::unique_ptr<AttentionPool>> AttentionPool::Create(Options opt
       continue;
     }
     pool->replicas_.push_back(
-        pool->MakeReplica(pool->options_.addresses[i], pool->options_.addresses[i]));
+        pool->MakeReplica(pool->options_.addresses[i], pool->options_.addresses[i], ""));
   }
   if (dynamic) {
     pool->ResolveOnce();
@@ -363,7 +380,7 @@ void AttentionPool::ResolveOnce() {
       });
       for (const std::string& address : now) {
         if (known.count(address) > 0) continue;
-        added.push_back(MakeReplica(address, name));
+        added.push_back(MakeReplica(address, name, t.host));
         replicas_.push_back(added.back());
         spdlog::info("attention replica {} joined {}", address, name);
       }

@@ -14,7 +14,9 @@
 //    replica. An address that appears becomes a member (ready after its first successful
 //    poll); one that disappears is taken out of the choice at once, while the streams already
 //    open on it run to their end. A failed lookup (timeout, server failure) keeps the last
-//    members; a name that does not exist (NXDOMAIN, no records) has none.
+//    members; a name that does not exist (NXDOMAIN, no records) has none. Under mTLS
+//    (--tls-*) such a member's certificate must name the DNS name (e.g. the headless
+//    Service's), not its address.
 // A Submit refused with UNAVAILABLE before its first event (a replica draining, gone, or not
 // yet seen down) is opened again on another ready replica, up to 3 attempts in all.
 #pragma once
@@ -146,8 +148,10 @@ class AttentionPool {
   void PollReplica(AttentionReplica& replica);
   void PollLoop();
   void ResolveLoop();
+  // tls_name: the name the member was found under (its certificate is checked against it).
   std::shared_ptr<AttentionReplica> MakeReplica(const std::string& address,
-                                                const std::string& target) const;
+                                                const std::string& target,
+                                                const std::string& tls_name) const;
   // The least loaded ready member other than `exclude`; null when none.
   std::shared_ptr<AttentionReplica> Pick(const AttentionReplica* exclude) const;
   std::vector<std::shared_ptr<AttentionReplica>> Members() const;

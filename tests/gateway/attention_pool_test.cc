@@ -11,12 +11,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "gateway/attention_pool.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
+#include "service-common/tls.h"
 #include "tests/cluster/elasticity_dns.h"
 
 namespace expertmesh::gateway {
@@ -238,6 +242,55 @@ TEST(AttentionPoolTest, ARefusedSubmitIsOpenedOnAnotherReplica) {
   EXPECT_FALSE((*call)->Read(&event));
   EXPECT_EQ((*call)->attempts(), 2);
   EXPECT_EQ((*call)->Finish().code(), absl::StatusCode::kUnavailable);
+}
+
+// Under mTLS a member found through DNS is dialed by address but its certificate is checked
+// against the name (a headless Service's certificate names the Service, not pod IPs). The
+// certificate here names only attention.test: the same server listed as 127.0.0.1:port fails
+// the check, found as attention.test it passes.
+TEST(AttentionPoolTest, DnsMembersAreCheckedUnderTheirNameWithMtls) {
+  char tmpl[] = "/tmp/expertmesh-pool-tls-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  auto sh = [](const std::string& command) {
+    return std::system((command + " > /dev/null 2>&1").c_str());
+  };
+  const std::string key_opts = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  ASSERT_EQ(sh("openssl req -x509" + key_opts + " -days 2 -subj /CN=ca" +
+               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign,cRLSign" +
+               " -keyout " + dir + "/ca.key -out " + dir + "/ca.crt"),
+            0);
+  {
+    std::ofstream(dir + "/ext.cnf") << "subjectAltName=DNS:attention.test\n"
+                                    << "extendedKeyUsage=serverAuth,clientAuth\n";
+  }
+  ASSERT_EQ(sh("openssl req -new" + key_opts + " -subj /CN=attention -keyout " + dir +
+               "/tls.key -out " + dir + "/tls.csr"),
+            0);
+  ASSERT_EQ(
+      sh("openssl x509 -req -days 2 -in " + dir + "/tls.csr -CA " + dir + "/ca.crt -CAkey " + dir +
+         "/ca.key -CAcreateserial -extfile " + dir + "/ext.cnf -out " + dir + "/tls.crt"),
+      0);
+  SetProcessTls(TlsFiles{.cert = dir + "/tls.crt", .key = dir + "/tls.key", .ca = dir + "/ca.crt"});
+  {
+    StubServer server(0);  // the process-wide mTLS credentials
+    absl::StatusOr<std::unique_ptr<testing::LoopbackDns>> dns = testing::LoopbackDns::Start();
+    ASSERT_TRUE(dns.ok()) << dns.status();
+    (*dns)->Set("attention.test", {"127.0.0.1"});
+    AttentionPool::Options o;
+    o.addresses = {server.address(), "dns://127.0.0.1:" + std::to_string((*dns)->port()) +
+                                         "/attention.test:" + std::to_string(server.running.port)};
+    o.poll_interval = std::chrono::hours(1);
+    o.rpc_timeout = std::chrono::milliseconds(2000);
+    absl::StatusOr<std::unique_ptr<AttentionPool>> pool = AttentionPool::Create(o);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    (*pool)->PollOnce();
+    const std::vector<AttentionPool::ReplicaState> members = (*pool)->Snapshot();
+    ASSERT_EQ(members.size(), 2u);
+    EXPECT_FALSE(members[0].ready) << "a certificate without the address passed for it";
+    EXPECT_TRUE(members[1].ready) << members[1].last_error;
+  }
+  SetProcessTls(TlsFiles{});
+  std::filesystem::remove_all(dir);
 }
 
 TEST(AttentionPoolTest, RefusesBadTargets) {
