@@ -1,5 +1,8 @@
 #include "core/model/model.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -107,6 +110,25 @@ void Linear::Pack() {
   }
   tiles = std::move(packed);
   tiles_of = weight.data;
+  ReleaseWeightPages();
+}
+
+void Linear::ReleaseWeightPages() const {
+  if (weight.data == nullptr || weight.size == 0) return;
+  // MADV_PAGEOUT reclaims clean file pages at once and leaves anonymous memory as it is (a
+  // view of a heap buffer keeps its bytes); a later read of the view faults the pages back in
+  // from the file. Kernels before 5.4 refuse it (EINVAL): the pages then stay mapped.
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(weight.data);
+  const uintptr_t first = begin & ~(page - 1);
+  // Inside the view's mapping, which covers exactly the pages holding the tensor.
+  const uintptr_t last = (begin + weight.size + page - 1) & ~(page - 1);
+#ifdef MADV_PAGEOUT
+  ::madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+#else
+  (void)first;
+  (void)last;
+#endif
 }
 
 void Linear::Forward(const float* x, int64_t n, float* y, bool quantize_activations,

@@ -43,8 +43,13 @@ struct Linear {
 
   bool is_fp8() const { return dtype == DType::kF8E4M3; }
   // Builds `tiles` (FP8 with block.rows % 16 == 0 and block.cols % 4 == 0, BF16, F16; F32
-  // weights are read in place). Memory: one more copy of the weight's bytes.
+  // weights are read in place), then releases the weight's mapped pages
+  // (ReleaseWeightPages): a packed weight is held once, in its tiles, and the file's pages come
+  // back only if the row-wise kernels read the view again.
   void Pack();
+  // Drops the resident pages of `weight` from this process (madvise MADV_PAGEOUT: clean file
+  // pages go, anonymous memory is left alone); the view stays valid.
+  void ReleaseWeightPages() const;
   // Row r of W as float: out [in_features].
   void DequantizeRow(int64_t r, float* out) const;
   // The same in SIMD: bitwise equal.

@@ -12,12 +12,14 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "core/engine/engine.h"
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
+#include "core/kernels/cpu/thread_pool.h"
 #include "core/model/local_experts.h"
 #include "core/model/model.h"
 #include "core/numerics/numerics.h"
@@ -240,8 +242,14 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   ForEachTarget([&] {
-    for (DType dtype : {DType::kF8E4M3, DType::kBF16, DType::kF16}) {
-      const int64_t out = 40, in = 258, n = 3;  // a ragged last tile, k % 4 == 2
+    for (auto [dtype, n] : {std::pair{DType::kF8E4M3, int64_t{3}},
+                            {DType::kBF16, int64_t{3}},
+                            {DType::kF16, int64_t{3}},
+                            // >= 8 rows: the K-blocked kernel (groups of rows and a remainder)
+                            {DType::kF8E4M3, int64_t{11}},
+                            {DType::kBF16, int64_t{11}},
+                            {DType::kF16, int64_t{11}}}) {
+      const int64_t out = 40, in = 258;  // a ragged last tile, k % 4 == 2
       OwnedLinear l = MakeLinear(dtype, out, in, rng);
       l.linear.Pack();
       ASSERT_NE(l.linear.tiles, nullptr);
@@ -262,6 +270,76 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
       }
     }
   });
+}
+
+// The kernels split a matmul by output tiles over the thread pool; every output is computed by
+// the same code whatever the split, so 2 and 3 threads give the 1-thread result bit for bit, at
+// M = 1 (the pair kernel) and M = 37 (the K-blocked kernel), FP8 with subnormal codes included.
+TEST(CpuKernelsTest, ThreadedTiledLinearMatchesOneThread) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (DType dtype : {DType::kF8E4M3, DType::kBF16}) {
+    // 63 tiles of 2048: large enough for the pool to split even at M = 1.
+    const int64_t out = 1000, in = 2048;
+    OwnedLinear l = MakeLinear(dtype, out, in, rng);
+    if (dtype == DType::kF8E4M3) {  // every code but NaN, subnormals (exponent 0) included
+      for (size_t i = 0; i < l.bytes.size(); ++i) {
+        l.bytes[i] = static_cast<uint8_t>(i * 37 % 256);
+        if ((l.bytes[i] & 0x7F) == 0x7F) l.bytes[i] = 0x01;
+      }
+    }
+    l.linear.Pack();
+    ASSERT_NE(l.linear.tiles, nullptr);
+    for (int64_t n : {int64_t{1}, int64_t{37}}) {
+      std::vector<float> x(n * in), y1(n * out), yt(n * out), row(out);
+      for (float& v : x) v = normal(rng);
+      cpu::SetKernelThreads(1);
+      l.linear.Forward(x.data(), n, y1.data(), false, LinearKernel::kSimd);
+      for (int threads : {2, 3}) {
+        cpu::SetKernelThreads(threads);
+        ASSERT_EQ(cpu::KernelThreads(), threads);
+        std::fill(yt.begin(), yt.end(), -1.0f);
+        l.linear.Forward(x.data(), n, yt.data(), false, LinearKernel::kSimd);
+        for (int64_t i = 0; i < n * out; ++i) {
+          ASSERT_EQ(Bits(yt[i]), Bits(y1[i])) << threads << " threads, M " << n << " at " << i;
+        }
+      }
+      // Row 0 alone gives the batch's row 0 (batch invariance across the two kernels).
+      l.linear.Forward(x.data(), 1, row.data(), false, LinearKernel::kSimd);
+      for (int64_t o = 0; o < out; ++o) ASSERT_EQ(Bits(row[o]), Bits(y1[o])) << "out " << o;
+      // And the reference agrees to rounding.
+      std::vector<float> ref(n * out);
+      l.linear.Forward(x.data(), n, ref.data(), false, LinearKernel::kReference);
+      for (int64_t i = 0; i < n * out; ++i) {
+        ASSERT_NEAR(y1[i], ref[i], 1e-4f * (1.0f + std::abs(ref[i]))) << "at " << i;
+      }
+    }
+  }
+  cpu::SetKernelThreads(0);
+  EXPECT_EQ(cpu::KernelThreads(), cpu::AvailableCpus());
+}
+
+// The pool runs every piece once, from several callers at once (a busy pool runs the caller's
+// work inline), and a thread count from the affinity mask and cgroup limit is at least 1.
+TEST(CpuKernelsTest, ThreadPoolCoversEveryItemOnceUnderConcurrentCallers) {
+  EXPECT_GE(cpu::AvailableCpus(), 1);
+  cpu::SetKernelThreads(3);
+  std::vector<std::thread> callers;
+  std::vector<std::vector<int>> hits(4, std::vector<int>(1000, 0));
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([&, c] {
+      for (int rep = 0; rep < 50; ++rep) {
+        cpu::ParallelFor(1000, 10, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) ++hits[c][i];
+        });
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+  for (int c = 0; c < 4; ++c) {
+    for (int i = 0; i < 1000; ++i) ASSERT_EQ(hits[c][i], 50) << "caller " << c << " item " << i;
+  }
+  cpu::SetKernelThreads(0);
 }
 
 // FP8 weights holding a NaN code keep the row-wise kernels (which give NaN, as the reference).
