@@ -5,6 +5,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "service-common/bootstrap.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 
@@ -301,6 +302,7 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
                s->scheduler_->mtp()
                    ? absl::StrCat("on, up to ", o.scheduler.draft_k, " draft(s) per step")
                    : std::string("off"));
+  SetLive(*s->server_);  // readiness (the name) follows the shard groups' coverage
   s->monitor_ = std::thread([p = s.get()] { p->MonitorCoverage(); });
   return s;
 }
@@ -311,7 +313,7 @@ void AttentionServer::MonitorCoverage() {
     const bool covered = dispatcher_->Covered() && !draining_;
     if (covered != serving_ && !draining_) {
       serving_ = covered;
-      SetServing(*server_, covered);
+      SetReady(*server_, v1::AttentionService::service_full_name(), covered);  // "" stays live
       if (covered) {
         spdlog::info("every shard group has a replica (placement map v{}): SERVING",
                      dispatcher_->placement_version());

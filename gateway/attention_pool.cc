@@ -14,6 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "gateway/strings.h"
+#include "service-common/bootstrap.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
 #include "service-common/tls.h"
@@ -406,7 +407,8 @@ void AttentionPool::PollReplica(AttentionReplica& r) {
     r.last_error = why;
   };
   const auto timeout = absl::Milliseconds(options_.rpc_timeout.count());
-  absl::StatusOr<bool> serving = CheckHealth(*r.channel, "", timeout);
+  absl::StatusOr<bool> serving =
+      CheckReady(*r.channel, v1::AttentionService::service_full_name(), timeout);
   if (!serving.ok()) return fail(std::string(serving.status().message()));
   if (!*serving) return fail("NOT_SERVING");
   if (options_.identity.has_value() && !r.ready.load()) {

@@ -10,6 +10,7 @@
 #include "core/base/status.h"
 #include "core/format/config.h"
 #include "gateway/strings.h"
+#include "service-common/bootstrap.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 
@@ -149,7 +150,6 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   http_options.body_timeout = o.http_body_timeout;
   http_options.idle_timeout = o.http_idle_timeout;
   http_options.tls = o.http_tls;
-  http_options.tls = o.http_tls;
   AttentionPool* p = g->pool_.get();
   absl::StatusOr<std::unique_ptr<HttpServer>> http =
       HttpServer::Start(http_options, g->runner_.get(), g->metrics_.get(), [p]() -> absl::Status {
@@ -163,13 +163,14 @@ absl::StatusOr<std::unique_ptr<GatewayServer>> GatewayServer::Create(const Gatew
   if (!http.ok()) return http.status();
   g->http_ = std::move(*http);
 
-  // grpc.health.v1 follows the replicas' readiness.
+  // grpc.health.v1: "" is liveness; the Gateway name follows the replicas' readiness.
+  SetLive(*g->grpc_.server);
   g->health_watcher_ = std::thread([self = g.get()] {
     bool serving = false;
     while (!self->stopping_) {
       bool ready = self->pool_->WaitReady(std::chrono::milliseconds(200));
       if (ready != serving && !self->stopping_) {
-        SetServing(*self->grpc_.server, ready);
+        SetReady(*self->grpc_.server, v1::Gateway::service_full_name(), ready);  // "" stays live
         serving = ready;
         spdlog::info("gateway {}", ready ? "SERVING" : "NOT_SERVING");
       }

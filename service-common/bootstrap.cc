@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "core/base/status.h"
+#include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "service-common/tls.h"
 #include "spdlog/spdlog.h"
@@ -17,6 +18,27 @@ std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos || address.find(':') != colon) return address;  // bare v6
   return address.substr(0, colon);
+}
+
+void SetLive(grpc::Server& server) {
+  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
+    health->SetServingStatus("", true);
+  }
+}
+
+void SetReady(grpc::Server& server, const std::string& service, bool ready) {
+  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
+    health->SetServingStatus(service, ready);
+  }
+}
+
+absl::StatusOr<bool> CheckReady(grpc::Channel& channel, const std::string& service,
+                                absl::Duration timeout) {
+  absl::StatusOr<bool> ready = CheckHealth(channel, service, timeout);
+  if (ready.status().code() == absl::StatusCode::kNotFound) {
+    return CheckHealth(channel, "", timeout);
+  }
+  return ready;
 }
 
 ServiceMain::ServiceMain(std::string service, std::string description, CommonFlags defaults)

@@ -154,7 +154,7 @@ class ClusterTest : public ::testing::Test {
   }
   static bool Healthy(const Cluster& c) {
     auto ch = MakeChannel(c.attention().grpc_address);
-    absl::StatusOr<bool> s = CheckHealth(*ch, "", absl::Seconds(2));
+    absl::StatusOr<bool> s = CheckHealth(*ch, "expertmesh.v1.AttentionService", absl::Seconds(2));
     return s.ok() && *s;
   }
 

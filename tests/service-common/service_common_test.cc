@@ -5,6 +5,7 @@
 
 #include "core/format/wire.h"
 #include "expertmesh/v1/router.grpc.pb.h"
+#include "service-common/bootstrap.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
 #include "service-common/metrics.h"
@@ -154,6 +155,44 @@ TEST(GrpcUtilTest, HealthIsNotServingUntilSetAndReflectsChanges) {
   server->server->Shutdown();
   // Nothing listens any more: the call itself fails.
   EXPECT_FALSE(CheckHealth(*channel, "", absl::Milliseconds(500)).ok());
+}
+
+// Liveness and readiness apart (bootstrap.h): "" says the process is up, the name follows the
+// service's dependencies; a drain (SetServing false) ends both; CheckReady asks the name and
+// falls back to "" for a server that does not register it.
+TEST(GrpcUtilTest, LivenessIsTheOverallStatusAndReadinessTheName) {
+  EmptyRouter service;
+  ServerOptions options;
+  const std::string name = v1::RouterService::service_full_name();
+  options.health_service_names = {name};
+  absl::StatusOr<RunningServer> server = StartGrpcServer(options, {&service});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = MakeChannel(LoopbackAddress(server->port));
+  auto health = [&](const std::string& service) {
+    absl::StatusOr<bool> s = CheckHealth(*channel, service, absl::Seconds(5));
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() && *s;
+  };
+  SetLive(*server->server);
+  EXPECT_TRUE(health(""));
+  EXPECT_FALSE(health(name));
+  absl::StatusOr<bool> ready = CheckReady(*channel, name, absl::Seconds(5));
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  EXPECT_FALSE(*ready);
+  // A name the server does not register: the overall status answers.
+  ready = CheckReady(*channel, "no.such.Service", absl::Seconds(5));
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  EXPECT_TRUE(*ready);
+  SetReady(*server->server, name, true);
+  EXPECT_TRUE(health(name));
+  EXPECT_TRUE(*CheckReady(*channel, name, absl::Seconds(5)));
+  SetReady(*server->server, name, false);  // a dependency lost: still live
+  EXPECT_FALSE(health(name));
+  EXPECT_TRUE(health(""));
+  SetServing(*server->server, false);  // a drain: neither
+  EXPECT_FALSE(health(name));
+  EXPECT_FALSE(health(""));
+  server->server->Shutdown();
 }
 
 // grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo with list_services, over a

@@ -41,6 +41,19 @@ absl::StatusOr<std::string> FindServiceBinary(const std::string& bin_dir, const 
                                           flat.string(), " (set --bin-dir or EXPERTMESH_BIN_DIR)"));
 }
 
+namespace {
+
+// The readiness of whatever service listens there (see WaitServing).
+absl::StatusOr<bool> Ready(grpc::Channel& channel) {
+  for (const char* name : {"expertmesh.v1.AttentionService", "expertmesh.v1.Gateway"}) {
+    absl::StatusOr<bool> ready = CheckHealth(channel, name, absl::Milliseconds(500));
+    if (ready.status().code() != absl::StatusCode::kNotFound) return ready;
+  }
+  return CheckHealth(channel, "", absl::Milliseconds(500));
+}
+
+}  // namespace
+
 absl::Status WaitServing(const std::string& address, absl::Duration timeout, ChildProcess* process,
                          std::shared_ptr<grpc::ChannelCredentials> credentials) {
   auto channel = MakeChannel(address, kDefaultMaxMessageBytes, std::move(credentials));
@@ -52,7 +65,7 @@ absl::Status WaitServing(const std::string& address, absl::Duration timeout, Chi
           process->spec().name, " ", process->ExitDescription(),
           " before serving; its log ends with:\n", TailOfFile(process->spec().log_path)));
     }
-    absl::StatusOr<bool> serving = CheckHealth(*channel, "", absl::Milliseconds(500));
+    absl::StatusOr<bool> serving = Ready(*channel);
     if (serving.ok() && *serving) return absl::OkStatus();
     last = serving.ok() ? absl::UnavailableError("NOT_SERVING") : serving.status();
     // Start-up is polled: services announce readiness only through grpc health.

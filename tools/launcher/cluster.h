@@ -124,8 +124,11 @@ std::string FindBinDir();
 absl::StatusOr<std::string> FindServiceBinary(const std::string& bin_dir, const std::string& name,
                                               const std::string& subdir);
 
-// Polls grpc.health.v1 Check("") on `address` until SERVING or `timeout`; also fails early
-// when `process` (if given) has exited. `credentials` null: the process-wide TLS setting.
+// Polls grpc.health.v1 on `address` until the service is ready or `timeout`; also fails early
+// when `process` (if given) has exited. Ready: the attention service's and the gateway's named
+// status (readiness: their "" is liveness, SERVING before their dependencies are), Check("")
+// for a server that registers neither name (router, shards: one status for both). `credentials`
+// null: the process-wide TLS setting.
 absl::Status WaitServing(const std::string& address, absl::Duration timeout,
                          ChildProcess* process = nullptr,
                          std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
