@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "core/kernels/cpu/thread_pool.h"
 #include "expert-service/expert_service.h"
 #include "placement/placement.h"
 #include "service-common/bootstrap.h"
@@ -39,6 +40,10 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu, or cuda:N[,M...]: the experts spread over these GPUs")
       ->capture_default_str();
   app.add_flag("--no-act-quant", no_act_quant, "Do not quantize the intermediate activations");
+  app.add_option_function<int>(
+         "--threads", [](int n) { expertmesh::cpu::SetKernelThreads(n); },
+         "CPU kernel threads, 0 = every CPU this process may use (affinity and cgroup cpu.max)")
+      ->check(CLI::Range(0, 1024));
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
 
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
