@@ -2,6 +2,7 @@
 #include <string>
 
 #include "attention-service/attention_service.h"
+#include "core/kernels/cpu/thread_pool.h"
 #include "service-common/bootstrap.h"
 #include "spdlog/spdlog.h"
 
@@ -71,6 +72,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--instance-id", o.instance_id, "Name in handshakes and logs")
       ->capture_default_str();
+  app.add_option_function<int>(
+         "--threads", [](int n) { expertmesh::cpu::SetKernelThreads(n); },
+         "CPU kernel threads, 0 = every CPU this process may use (affinity and cgroup cpu.max)")
+      ->check(CLI::Range(0, 1024));
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
   o.server.listen = main.flags().listen;
   o.metrics_host = main.MetricsHost();
