@@ -18,6 +18,7 @@
 #include "core/engine/engine.h"
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
+#include "core/kernels/cpu/thread_pool.h"
 #include "core/model/local_experts.h"
 #include "core/model/model.h"
 #include "core/text/tokenizer.h"
@@ -234,6 +235,10 @@ void AddRunCommand(CLI::App& app) {
       ->check(CLI::Range(1, kMaxDraftTokens));
   cmd->add_flag("--mtp-always", args->mtp_always,
                 "draft every step (default: adaptive, drafting only when it pays)");
+  cmd->add_option_function<int>(
+         "--threads", [](int n) { expertmesh::cpu::SetKernelThreads(n); },
+         "CPU kernel threads, 0 = every CPU this process may use (affinity and cgroup cpu.max)")
+      ->check(CLI::Range(0, 1024));
   cmd->callback([args]() {
     const int rc = Run(*args);
     if (rc != 0) throw CLI::RuntimeError(rc);
