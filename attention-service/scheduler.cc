@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "core/backend/backend.h"
 #include "core/base/status.h"
+#include "core/text/tokenizer.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh::attention {
@@ -30,7 +32,19 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
       std::unique_ptr<KvBlockPool> pool,
       KvBlockPool::Create(options.kv_blocks, options.kv_block_size, c.num_hidden_layers,
                           c.kv_lora_rank + c.qk_rope_head_dim, host_kv, drafting ? 1 : 0));
-  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, options, metrics, std::move(pool)));
+  SchedulerOptions with_table = options;
+  if (with_table.token_bytes == nullptr && !options.tokenizer_json.empty() &&
+      std::filesystem::exists(options.tokenizer_json)) {
+    absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::Load(options.tokenizer_json);
+    if (!tokenizer.ok()) {
+      return absl::Status(
+          tokenizer.status().code(),
+          absl::StrCat("scheduler: ", options.tokenizer_json,
+                       " (JSON mode's token bytes): ", tokenizer.status().message()));
+    }
+    with_table.token_bytes = std::make_shared<const TokenByteTable>((*tokenizer)->TokenByteTable());
+  }
+  std::unique_ptr<Scheduler> s(new Scheduler(model, experts, with_table, metrics, std::move(pool)));
   ForwardBackendOptions fo;
   fo.engine = options.engine;
   fo.kv_pages = options.kv_blocks;
@@ -143,6 +157,13 @@ absl::Status Scheduler::Validate(const SequenceRequest& r) const {
   }
   absl::StatusOr<Sampler> sampler = Sampler::Create(r.sampling);
   if (!sampler.ok()) return sampler.status();
+  if (r.json_object) {
+    if (options_.token_bytes == nullptr) {
+      return absl::InvalidArgumentError(
+          "response_format json_object needs the tokenizer, which this attention service did "
+          "not load");
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -166,7 +187,16 @@ absl::StatusOr<std::shared_ptr<SequenceStream>> Scheduler::Submit(SequenceReques
   step.sampler = seq->sampler.get();
   step.prompt_len = static_cast<int64_t>(request.prompt.size());
   step.tokens = request.prompt;
-  seq->wants_mtp = stepper_->mtp() && !request.disable_mtp;
+  seq->wants_mtp = stepper_->mtp() && !request.disable_mtp && !request.json_object;
+  if (request.json_object) {
+    // Ends: EOS (unless ignored) and the stop tokens, allowed once the object is complete.
+    std::vector<int32_t> ends = request.stop_token_ids;
+    const std::optional<int64_t> eos = model_->config().eos_token_id;
+    if (eos.has_value() && !request.ignore_eos) ends.push_back(static_cast<int32_t>(*eos));
+    seq->constraint = std::make_unique<JsonConstraint>(options_.token_bytes, std::move(ends),
+                                                       options_.json_limits);
+    step.constraint = seq->constraint.get();
+  }
   seq->request = std::move(request);
   std::shared_ptr<SequenceStream> stream = seq->stream;
   {

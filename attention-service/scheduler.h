@@ -44,6 +44,7 @@
 #include "attention-service/kv_block_pool.h"
 #include "attention-service/paged_kv_cache.h"
 #include "attention-service/sequence.h"
+#include "core/decode/json_constraint.h"
 #include "core/decode/step.h"
 #include "core/engine/engine.h"
 #include "core/engine/forward_engine.h"
@@ -68,6 +69,13 @@ struct SchedulerOptions {
   bool mtp = true;  // draft with the MTP module when the model has it loaded
   int draft_k = 1;  // drafts per step, [1, kMaxDraftTokens]
   DraftPolicyOptions policy;
+  // Per token id its bytes (Tokenizer::TokenByteTable): needed for JSON mode
+  // (SequenceRequest.json_object); without it such requests are refused (INVALID_ARGUMENT).
+  // Given, or read at Create from `tokenizer_json` (the model's tokenizer.json; skipped when
+  // the file does not exist, an error when it does not load).
+  std::shared_ptr<const TokenByteTable> token_bytes;
+  std::string tokenizer_json;
+  JsonAutomaton::Limits json_limits;  // nesting depth and whitespace runs in JSON mode
 };
 
 struct SchedulerLoad {
@@ -114,6 +122,7 @@ class Scheduler {
     std::unique_ptr<PagedKvCache> cache;      // the main model's view of `blocks`
     std::unique_ptr<PagedKvCache> mtp_cache;  // when drafting: the MTP module's view
     std::unique_ptr<Sampler> sampler;
+    std::unique_ptr<TokenConstraint> constraint;  // JSON mode
     StepSequence step;             // what the decode step advances (tokens, counts, drafts)
     std::vector<uint64_t> hashes;  // prefix-cache hashes of its full blocks so far
     size_t mtp_registered = 0;     // blocks whose MTP rows are registered as final

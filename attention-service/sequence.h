@@ -32,6 +32,10 @@ struct SequenceRequest {
   bool ignore_eos = false;
   bool disable_mtp = false;  // no speculative drafting for this sequence
   int32_t priority = 0;      // as vLLM's: lower values are served earlier (SubmitRequest.priority)
+  // JSON mode (SubmitRequest.response_format): every sample is masked so that the output is
+  // one JSON object when it ends by EOS or a stop token (core/decode/json_constraint.h). Such
+  // a sequence does not draft.
+  bool json_object = false;
   absl::Time deadline = absl::InfiniteFuture();
 };
 

@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 
 #include "core/base/status.h"
 #include "gateway/api_error.h"
@@ -148,27 +152,30 @@ TokenLogprob RequestRunner::MakeLogprob(int32_t id, float logprob,
 }
 
 v1::SubmitRequest RequestRunner::BuildSubmit(const PreparedRequest& p,
-                                             SteadyClock::time_point deadline) {
+                                             SteadyClock::time_point deadline,
+                                             std::optional<uint32_t> index) {
   const GenerationRequest& r = p.request;
   v1::SubmitRequest submit;
-  submit.set_request_id(p.request_id);
+  submit.set_request_id(index.has_value() ? Cat(p.request_id, "-", *index) : p.request_id);
   submit.mutable_prompt_token_ids()->Add(p.prompt_ids.begin(), p.prompt_ids.end());
   v1::SamplingParams* s = submit.mutable_sampling();
   s->set_temperature(r.sampling.temperature);
   s->set_top_p(r.sampling.top_p);
   s->set_top_k(r.sampling.top_k);
   if (r.sampling.seed.has_value()) {
-    s->set_seed(*r.sampling.seed);
+    s->set_seed(*r.sampling.seed + index.value_or(0));
     s->set_has_seed(true);
   }
   s->set_presence_penalty(r.sampling.presence_penalty);
   s->set_frequency_penalty(r.sampling.frequency_penalty);
-  s->set_logprobs(r.sampling.logprobs);
+  // best_of ranks the choices by their cumulative logprob.
+  s->set_logprobs(r.sampling.logprobs || r.best_of > r.n);
   s->set_top_logprobs(r.sampling.top_logprobs);
   submit.set_max_tokens(p.max_tokens);
   submit.mutable_stop_token_ids()->Add(r.stop_token_ids.begin(), r.stop_token_ids.end());
   submit.set_ignore_eos(r.ignore_eos);
   submit.set_priority(r.priority);
+  if (r.json_object) submit.set_response_format(v1::RESPONSE_FORMAT_JSON_OBJECT);
   const auto remaining =
       std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now());
   submit.set_deadline_ms(std::max<int64_t>(1, remaining.count()));
@@ -241,10 +248,11 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   const auto steady_deadline = start + timeout;
   const auto wall_deadline = std::chrono::system_clock::now() + timeout;
 
-  // 1. Admission (priority, fair share by client, cost prompt + max_tokens), then the Submit
-  // stream to an attention replica.
+  // 1. Admission (priority, fair share by client, cost (prompt + max_tokens) per sequence),
+  // then the Submit stream to an attention replica.
+  const uint32_t sequences = std::max(p.request.best_of, p.request.n);
   const Admission::Entry entry{.priority = p.request.priority,
-                               .tokens = p.prompt_ids.size() + uint64_t{p.max_tokens},
+                               .tokens = (p.prompt_ids.size() + uint64_t{p.max_tokens}) * sequences,
                                .client = p.request.client};
   absl::StatusOr<Admission::Ticket> ticket =
       admission_->Enter(entry, steady_deadline, [&sink] { return sink.ClientGone(); });
@@ -255,6 +263,7 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
     return ticket.status();
   }
   metrics_->queue_time.Observe(Seconds(SteadyClock::now() - start));
+  if (sequences > 1) return RunChoices(p, sink, start, steady_deadline, wall_deadline);
   EM_ASSIGN_OR_RETURN(std::unique_ptr<SubmitCall> call,
                       pool_->Submit(BuildSubmit(p, steady_deadline), wall_deadline));
 
@@ -308,6 +317,239 @@ absl::StatusOr<Outcome> RequestRunner::Run(const PreparedRequest& p, GenerationS
   metrics_->request_latency.Observe(Seconds(SteadyClock::now() - start));
   // 3. How it ended.
   return Conclude(p, *call, finish, client_gone, received, std::move(outcome));
+}
+
+// One choice of several: its stream, read on a thread of its own into the shared queue.
+namespace {
+
+struct ChoiceEvent {
+  uint32_t choice = 0;
+  std::optional<v1::TokenEvent> event;  // nullopt: the stream ended
+};
+
+// The events of every choice's stream, in arrival order. Bounded: a reader waits while it
+// is full, until the queue is closed (then events are dropped).
+class ChoiceQueue {
+ public:
+  explicit ChoiceQueue(size_t capacity) : capacity_(capacity) {}
+  void Push(ChoiceEvent e) {
+    std::unique_lock lock(mu_);
+    space_.wait(lock, [&] { return closed_ || events_.size() < capacity_; });
+    if (closed_) return;
+    events_.push_back(std::move(e));
+    ready_.notify_one();
+  }
+  // The next event, waiting up to `timeout`; nullopt on timeout.
+  std::optional<ChoiceEvent> Pop(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    if (!ready_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+    ChoiceEvent e = std::move(events_.front());
+    events_.pop_front();
+    space_.notify_one();
+    return e;
+  }
+  void Close() {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    events_.clear();
+    space_.notify_all();
+  }
+
+ private:
+  const size_t capacity_;
+  std::mutex mu_;
+  std::condition_variable ready_, space_;
+  std::deque<ChoiceEvent> events_;
+  bool closed_ = false;
+};
+
+}  // namespace
+
+absl::StatusOr<Outcome> RequestRunner::RunChoices(
+    const PreparedRequest& p, GenerationSink& sink, SteadyClock::time_point start,
+    SteadyClock::time_point steady_deadline,
+    std::chrono::system_clock::time_point wall_deadline) const {
+  const GenerationRequest& r = p.request;
+  const uint32_t total = std::max(r.best_of, r.n);
+  const bool ranked = total > r.n;  // best_of: deltas held until every choice has ended
+  struct Choice {
+    std::unique_ptr<SubmitCall> call;
+    std::unique_ptr<EventDecoder> decoder;
+    std::thread reader;
+    uint32_t received = 0;
+    uint32_t accepted_drafts = 0;
+    double cumulative_logprob = 0;
+    bool ended = false;
+    v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
+    std::optional<std::string> stop_string;
+    std::vector<Delta> held;  // ranked: the deltas, delivered once the best are known
+  };
+  std::vector<Choice> choices(total);
+  ChoiceQueue queue(64 * size_t{total});
+  // Every stream is cancelled and every reader joined on the way out, however it ends.
+  struct Cleanup {
+    std::vector<Choice>& choices;
+    ChoiceQueue& queue;
+    ~Cleanup() {
+      for (Choice& c : choices) {
+        if (c.call != nullptr && !c.ended) c.call->Cancel();
+      }
+      queue.Close();
+      for (Choice& c : choices) {
+        if (c.reader.joinable()) c.reader.join();
+      }
+    }
+  } cleanup{choices, queue};
+  const auto open = [&](uint32_t i) -> absl::Status {
+    EM_ASSIGN_OR_RETURN(choices[i].call,
+                        pool_->Submit(BuildSubmit(p, steady_deadline, i), wall_deadline));
+    choices[i].decoder = std::make_unique<EventDecoder>(*this, r);
+    SubmitCall* call = choices[i].call.get();
+    choices[i].reader = std::thread([call, i, &queue] {
+      v1::TokenEvent event;
+      while (call->Read(&event)) queue.Push({i, event});
+      queue.Push({i, std::nullopt});
+    });
+    return absl::OkStatus();
+  };
+  EM_RETURN_IF_ERROR(open(0));
+  bool opened_rest = false;
+
+  const auto deliver = [&](Choice& c, Delta delta) {
+    if (delta.text.empty() && delta.token_ids.empty() && !delta.finish_reason.has_value()) {
+      return true;
+    }
+    if (ranked) {
+      c.held.push_back(std::move(delta));
+      return true;
+    }
+    return sink.OnDelta(delta);
+  };
+  Outcome outcome;
+  outcome.usage.prompt_tokens = static_cast<uint32_t>(p.prompt_ids.size());
+  uint32_t ended = 0, received_all = 0;
+  bool first = true, client_gone = false;
+  absl::Status failure;
+  auto last_event = start;
+  while (ended < total) {
+    std::optional<ChoiceEvent> next = queue.Pop(std::chrono::milliseconds(100));
+    if (!next.has_value()) {
+      if (sink.ClientGone()) {
+        client_gone = true;
+        break;
+      }
+      continue;
+    }
+    const uint32_t i = next->choice;
+    Choice& c = choices[i];
+    if (c.ended) continue;  // the rest of a stream cut at a stop string
+    if (!next->event.has_value()) {
+      // The stream ended without a final event: its status says why.
+      absl::Status status = c.call->Finish();
+      failure = status.ok() ? absl::InternalError("The attention service ended the stream early.")
+                            : status;
+      spdlog::warn("request {} choice {} failed after {} tokens: {}", p.request_id, i, c.received,
+                   failure);
+      break;
+    }
+    const v1::TokenEvent& event = *next->event;
+    const auto now = SteadyClock::now();
+    if (first) {
+      metrics_->time_to_first_token.Observe(Seconds(now - start));
+      first = false;
+    } else {
+      metrics_->inter_token_latency.Observe(Seconds(now - last_event));
+    }
+    last_event = now;
+    if (i == 0 && !opened_rest) {
+      // The first choice's prompt is in the cache now: the others share its full blocks.
+      opened_rest = true;
+      for (uint32_t j = 1; j < total && failure.ok(); ++j) failure = open(j);
+      if (!failure.ok()) break;
+    }
+    v1::FinishReason finish = event.finish_reason();
+    if (finish == v1::FINISH_REASON_ERROR || finish == v1::FINISH_REASON_CANCELLED) {
+      failure = absl::InternalError(
+          Cat("The attention service ended the sequence (", v1::FinishReason_Name(finish), ")."));
+      break;
+    }
+    Delta delta;
+    delta.index = i;
+    const uint32_t consumed = c.decoder->Decode(event, finish, delta);
+    for (int k = 0; k < event.logprobs_size() && k < static_cast<int>(consumed); ++k) {
+      c.cumulative_logprob += event.logprobs(k);
+    }
+    c.received += consumed;
+    received_all += consumed;
+    if (event.accepted_draft_tokens() > 0) c.accepted_drafts = event.accepted_draft_tokens();
+    if (c.decoder->stopped()) {
+      finish = v1::FINISH_REASON_STOP;
+      c.call->Cancel();  // the rest of this choice is not needed
+      metrics_->cancelled.Inc();
+    } else if (finish != v1::FINISH_REASON_UNSPECIFIED) {
+      c.decoder->Finish(delta);
+    }
+    if (finish != v1::FINISH_REASON_UNSPECIFIED) {
+      c.ended = true;
+      c.finish = finish;
+      c.stop_string = c.decoder->matched();
+      ++ended;
+    }
+    bool ok = deliver(c, std::move(delta));
+    if (ok && c.ended && ended < total) {
+      Delta end;
+      end.index = i;
+      end.finish_reason = finish == v1::FINISH_REASON_LENGTH ? "length" : "stop";
+      ok = deliver(c, std::move(end));
+    }
+    if (c.ended && ended == total) outcome.index = i;
+    if (!ok || sink.ClientGone()) {
+      client_gone = true;
+      break;
+    }
+  }
+  metrics_->generation_tokens.Inc(received_all);
+  metrics_->prompt_tokens.Inc(static_cast<double>(p.prompt_ids.size()));
+  metrics_->request_latency.Observe(Seconds(SteadyClock::now() - start));
+  if (client_gone) {
+    metrics_->cancelled.Inc(total - ended);
+    return absl::CancelledError("The client disconnected.");
+  }
+  if (!failure.ok()) return failure;
+
+  // The choices returned: all of them, or (best_of) the n best by cumulative logprob, best
+  // first as vLLM orders them, renumbered 0..n-1.
+  std::vector<uint32_t> order(total);
+  for (uint32_t i = 0; i < total; ++i) order[i] = i;
+  if (ranked) {
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+      return choices[a].cumulative_logprob > choices[b].cumulative_logprob;
+    });
+    order.resize(r.n);
+    for (uint32_t j = 0; j < r.n; ++j) {
+      Choice& c = choices[order[j]];
+      for (Delta& d : c.held) {
+        d.index = j;
+        if (d.finish_reason.has_value()) continue;  // re-sent below, in the new order
+        if (!sink.OnDelta(d)) return absl::CancelledError("The client disconnected.");
+      }
+      if (j + 1 < r.n) {
+        Delta end;
+        end.index = j;
+        end.finish_reason = c.finish == v1::FINISH_REASON_LENGTH ? "length" : "stop";
+        if (!sink.OnDelta(end)) return absl::CancelledError("The client disconnected.");
+      }
+    }
+    outcome.index = r.n - 1;
+  }
+  const Choice& last = choices[order[outcome.index]];
+  outcome.finish_reason = last.finish == v1::FINISH_REASON_LENGTH ? "length" : "stop";
+  outcome.stop_string = last.stop_string;
+  for (uint32_t i : order) {
+    outcome.usage.completion_tokens += choices[i].received;
+    outcome.usage.accepted_draft_tokens += choices[i].accepted_drafts;
+  }
+  return outcome;
 }
 
 absl::StatusOr<Outcome> RequestRunner::Conclude(const PreparedRequest& p, SubmitCall& call,

@@ -41,6 +41,10 @@ struct Delta {
   std::string text;
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprob> logprobs;  // when requested
+  uint32_t index = 0;                  // the choice it belongs to (n > 1)
+  // n > 1: choice `index` ended (a delta without text). The choice that ends last is
+  // reported by the Outcome instead, so every choice's end is told exactly once.
+  std::optional<std::string> finish_reason;
 };
 
 struct Usage {
@@ -53,6 +57,7 @@ struct Outcome {
   std::string finish_reason;               // "stop" or "length"
   std::optional<std::string> stop_string;  // the stop string that ended it, if one did
   Usage usage;
+  uint32_t index = 0;  // the choice that ended last (n > 1)
 };
 
 class GenerationSink {
@@ -108,6 +113,8 @@ class RequestRunner {
 
   // Runs one sequence to its end, feeding `sink`. Errors before the first delta leave the
   // sink untouched (so the API can still answer with an HTTP/gRPC error status).
+  // n > 1 or best_of > 1: one sequence per choice (RunChoices); deltas carry their choice's
+  // index, usage counts the prompt once and the returned choices' tokens summed.
   absl::StatusOr<Outcome> Run(const PreparedRequest& prepared, GenerationSink& sink) const;
 
   const ModelCard& card() const { return card_; }
@@ -119,8 +126,16 @@ class RequestRunner {
   class EventDecoder;  // the replica's token events -> text deltas (generation.cc)
   TokenLogprob MakeLogprob(int32_t id, float logprob, const v1::TopLogprobs* top) const;
   // The SubmitRequest for a prepared request, with the time left to `deadline`.
+  // Choice `index` of several: its own request id and, with a seed, seed + index.
   static v1::SubmitRequest BuildSubmit(const PreparedRequest& p,
-                                       std::chrono::steady_clock::time_point deadline);
+                                       std::chrono::steady_clock::time_point deadline,
+                                       std::optional<uint32_t> index = std::nullopt);
+  // best_of sequences at once: the first is submitted alone and the others when it has
+  // produced its first token, so they find its full prompt blocks in the prefix cache.
+  absl::StatusOr<Outcome> RunChoices(const PreparedRequest& p, GenerationSink& sink,
+                                     std::chrono::steady_clock::time_point start,
+                                     std::chrono::steady_clock::time_point steady_deadline,
+                                     std::chrono::system_clock::time_point wall_deadline) const;
   // After the event loop: the outcome, or why the sequence failed, from how it ended.
   absl::StatusOr<Outcome> Conclude(const PreparedRequest& p, SubmitCall& call,
                                    v1::FinishReason finish, bool client_gone, uint32_t received,

@@ -136,7 +136,8 @@ absl::Status ParseStop(const Fields& f, std::vector<std::string>* out) {
 }
 
 // Fields both endpoints share: sampling, stop, n, streaming, extensions (vLLM's names).
-absl::Status ParseCommon(const Fields& f, const ModelCard& card, GenerationRequest* r) {
+absl::Status ParseCommon(const Fields& f, const ModelCard& card, const RequestLimits& limits,
+                         GenerationRequest* r) {
   std::optional<std::string> model;
   EM_RETURN_IF_ERROR(f.String("model", &model));
   if (!model.has_value()) return InvalidParam("model", "you must provide a model parameter");
@@ -145,13 +146,27 @@ absl::Status ParseCommon(const Fields& f, const ModelCard& card, GenerationReque
 
   std::optional<int64_t> n;
   EM_RETURN_IF_ERROR(f.Integer("n", &n));
-  if (n.has_value() && *n != 1) {
-    return InvalidParam("n", "Only n = 1 is supported: one completion per request.");
+  const uint32_t max_choices = limits.max_choices;
+  if (n.has_value()) {
+    if (*n < 1 || *n > max_choices) {
+      return InvalidParam("n",
+                          Cat("n must be an integer in [1, ", max_choices, "], got ", *n, "."));
+    }
+    r->n = static_cast<uint32_t>(*n);
   }
+  r->best_of = r->n;
   std::optional<int64_t> best_of;
   EM_RETURN_IF_ERROR(f.Integer("best_of", &best_of));
-  if (best_of.has_value() && *best_of != 1) {
-    return InvalidParam("best_of", "Only best_of = 1 is supported.");
+  if (best_of.has_value()) {
+    if (*best_of < 1 || *best_of > max_choices) {
+      return InvalidParam("best_of", Cat("best_of must be an integer in [1, ", max_choices,
+                                         "], got ", *best_of, "."));
+    }
+    if (*best_of < r->n) {
+      return InvalidParam("best_of", Cat("best_of must be greater than or equal to n, got n = ",
+                                         r->n, " and best_of = ", *best_of, "."));
+    }
+    r->best_of = static_cast<uint32_t>(*best_of);
   }
   if (const json::value* bias = f.Get("logit_bias"); bias != nullptr) {
     if (!bias->is_object()) return Fields::TypeError("logit_bias", "an object");
@@ -207,6 +222,11 @@ absl::Status ParseCommon(const Fields& f, const ModelCard& card, GenerationReque
   }
 
   EM_RETURN_IF_ERROR(f.Bool("stream", &r->stream));
+  if (r->stream && r->best_of > r->n) {
+    return InvalidParam("best_of",
+                        "best_of > n is not supported with stream (the best choices "
+                        "are known only when every one has ended).");
+  }
   if (const json::value* so = f.Get("stream_options"); so != nullptr) {
     if (!so->is_object()) return Fields::TypeError("stream_options", "an object");
     if (!r->stream) {
@@ -223,6 +243,35 @@ absl::Status ParseCommon(const Fields& f, const ModelCard& card, GenerationReque
     EM_RETURN_IF_ERROR(sf.Bool("include_usage", &r->include_usage));
   }
   return absl::OkStatus();
+}
+
+// response_format: {"type": "text"} or {"type": "json_object"} (JSON mode, enforced while
+// decoding); json_schema is refused.
+absl::Status ParseResponseFormat(const Fields& f, GenerationRequest* r) {
+  const json::value* rf = f.Get("response_format");
+  if (rf == nullptr || rf->is_null()) return absl::OkStatus();
+  if (!rf->is_object()) return Fields::TypeError("response_format", "an object");
+  Fields rff(rf->get_object());
+  absl::Status unknown = rff.RejectUnknown({"type", "json_schema"});
+  if (!unknown.ok()) {
+    return InvalidParam("response_format", Cat("Unrecognized response_format field: ",
+                                               std::string(unknown.message())));
+  }
+  std::optional<std::string> type;
+  EM_RETURN_IF_ERROR(rff.String("type", &type));
+  if (!type.has_value()) return InvalidParam("response_format", "response_format needs a type.");
+  if (*type == "text") return absl::OkStatus();
+  if (*type == "json_object") {
+    r->json_object = true;
+    return absl::OkStatus();
+  }
+  if (*type == "json_schema") {
+    return InvalidParam("response_format",
+                        "response_format json_schema is not supported; use json_object.");
+  }
+  return InvalidParam(
+      "response_format",
+      Cat("response_format type must be 'text' or 'json_object', got '", *type, "'."));
 }
 
 absl::Status ParseMaxTokens(const Fields& f, std::string_view key, GenerationRequest* r) {
@@ -459,15 +508,17 @@ absl::StatusOr<GenerationRequest> ParseCompletionRequest(std::string_view body,
                                       "stop_token_ids",
                                       "ignore_eos",
                                       "skip_special_tokens",
-                                      "priority"}));
+                                      "priority",
+                                      "response_format"}));
   GenerationRequest r;
   r.endpoint = Endpoint::kCompletions;
-  EM_RETURN_IF_ERROR(ParseCommon(f, card, &r));
+  EM_RETURN_IF_ERROR(ParseCommon(f, card, limits, &r));
   EM_RETURN_IF_ERROR(ParsePrompt(f, &r));
   EM_RETURN_IF_ERROR(ParseMaxTokens(f, "max_tokens", &r));
   bool echo = false;
   EM_RETURN_IF_ERROR(f.Bool("echo", &echo));
   if (echo) return InvalidParam("echo", "echo is not supported.");
+  EM_RETURN_IF_ERROR(ParseResponseFormat(f, &r));
   std::optional<std::string> suffix;
   EM_RETURN_IF_ERROR(f.String("suffix", &suffix));
   if (suffix.has_value() && !suffix->empty()) {
@@ -524,7 +575,7 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
                                       "include_reasoning"}));
   GenerationRequest r;
   r.endpoint = Endpoint::kChatCompletions;
-  EM_RETURN_IF_ERROR(ParseCommon(f, card, &r));
+  EM_RETURN_IF_ERROR(ParseCommon(f, card, limits, &r));
 
   const json::value* messages = f.Get("messages");
   if (messages == nullptr) {
@@ -569,15 +620,7 @@ absl::StatusOr<GenerationRequest> ParseChatCompletionRequest(std::string_view bo
   if (const json::value* md = f.Get("metadata"); md != nullptr && !md->is_object()) {
     return Fields::TypeError("metadata", "an object");
   }
-  if (const json::value* rf = f.Get("response_format"); rf != nullptr) {
-    const json::object* o = rf->if_object();
-    const json::value* type = o ? o->if_contains("type") : nullptr;
-    if (type == nullptr || !type->is_string() || type->get_string() != "text") {
-      return InvalidParam("response_format",
-                          "Only response_format {\"type\": \"text\"} is "
-                          "supported.");
-    }
-  }
+  EM_RETURN_IF_ERROR(ParseResponseFormat(f, &r));
   EM_RETURN_IF_ERROR(ValidateGenerationRequest(r, card, limits));
   return r;
 }

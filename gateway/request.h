@@ -46,6 +46,7 @@ struct RequestLimits {
   uint32_t max_top_logprobs = 20;
   uint32_t max_prompt_bytes = 4 << 20;
   int32_t max_abs_priority = 1'000'000;  // priority in [-max, max]
+  uint32_t max_choices = 16;             // n and best_of in [1, max]
 };
 
 struct SamplingOptions {     // resolved values, as the attention service takes them
@@ -93,6 +94,15 @@ struct GenerationRequest {
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage
   bool return_token_ids = false;  // gRPC: send token ids with each delta
+  // Choices: n returned, best_of generated (best_of >= n; completions only, as vLLM's). Each
+  // choice is its own sequence at the attention service, sharing the prompt's KV blocks; with
+  // a seed, choice i samples with seed + i. best_of > n returns the n with the highest
+  // cumulative logprob and is refused with stream (as OpenAI and vLLM do).
+  uint32_t n = 1;
+  uint32_t best_of = 1;
+  // response_format {"type": "json_object"}: decoding is constrained so that an output that
+  // ends by "stop" is one JSON object (the attention service masks the logits).
+  bool json_object = false;
   // Scheduling priority as vLLM's: lower values are served earlier (admission queue and the
   // attention service's scheduler), 0 by default.
   int32_t priority = 0;

@@ -652,3 +652,88 @@ TEST(PagedKvCacheTest, ReportsItsBlocksAsPages) {
 
 }  // namespace
 }  // namespace expertmesh::attention
+
+namespace expertmesh::attention {
+namespace {
+
+// JSON mode: the random test model, its ids given bytes that spell JSON pieces (and text),
+// sampled with several seeds and greedily. Every output is a live prefix of a JSON object at
+// every token, and every one that ends by EOS is a whole object. The sequences do not draft.
+TEST_F(SchedulerTest, JsonModeMasksEverySampleToAJsonObject) {
+  const std::vector<std::string> pieces = {
+      "{",       "}",        "[",   "]",        "\"",     ":",  ",",    " ",
+      "\n",      "a",        "key", "1",        "-2.5e3", "0",  "true", "null",
+      "false",   "{\"",      "\":", "\"}",      "\",",    "{}", "[]",   "\\n",
+      "\\u00e9", "\xc3\xa9", "x y", "\xe2\x82", "\xac",   "}]", "]}",   "\"a\": 1"};
+  auto table = std::make_shared<TokenByteTable>(static_cast<size_t>(config_.vocab_size));
+  for (size_t id = 2; id < table->size(); ++id) (*table)[id] = pieces[id % pieces.size()];
+  constexpr int32_t kEos = 1;  // the test model's (0 = bos)
+  ASSERT_EQ(config_.eos_token_id.value_or(-1), kEos);
+
+  SchedulerOptions o;
+  o.kv_blocks = 256;
+  o.kv_block_size = 4;
+  MetricsRegistry metrics;
+  // Without the table, JSON mode is refused.
+  {
+    absl::StatusOr<std::unique_ptr<Scheduler>> s =
+        Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
+    ASSERT_TRUE(s.ok()) << s.status();
+    SequenceRequest r = Greedy("json-no-table", {2, 3, 4}, 4);
+    r.json_object = true;
+    EXPECT_EQ((*s)->Submit(r).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  o.token_bytes = table;
+  MetricsRegistry metrics2;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, &metrics2);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(4, 12, static_cast<int>(config_.vocab_size), 3);
+  std::vector<std::shared_ptr<SequenceStream>> streams;
+  for (int i = 0; i < 12; ++i) {
+    SequenceRequest r;
+    r.request_id = "json" + std::to_string(i);
+    r.prompt = prompts[static_cast<size_t>(i) % prompts.size()];
+    r.max_tokens = 96;
+    r.json_object = true;
+    if (i > 0) {  // sequence 0 greedy, the others sampled
+      r.sampling.temperature = 1.0f;
+      r.sampling.seed = 100 + static_cast<uint64_t>(i);
+    }
+    absl::StatusOr<std::shared_ptr<SequenceStream>> st = (*s)->Submit(r);
+    ASSERT_TRUE(st.ok()) << st.status();
+    streams.push_back(*st);
+  }
+  int stopped = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    std::vector<int32_t> tokens;
+    const SequenceEvent last = Drain(*streams[i], &tokens);
+    ASSERT_TRUE(last.finish == FinishReason::kStop || last.finish == FinishReason::kLength)
+        << last.error;
+    EXPECT_EQ(last.drafted_tokens, 0);
+    JsonAutomaton a;
+    std::string text;
+    for (size_t k = 0; k < tokens.size(); ++k) {
+      const int32_t t = tokens[k];
+      if (t == kEos) {
+        EXPECT_EQ(k + 1, tokens.size()) << "EOS ends the sequence";
+        break;
+      }
+      ASSERT_GE(t, 2) << "sequence " << i;
+      text += (*table)[static_cast<size_t>(t)];
+      ASSERT_TRUE(a.Feed((*table)[static_cast<size_t>(t)])) << "sequence " << i << ": " << text;
+    }
+    if (last.finish == FinishReason::kStop) {
+      ++stopped;
+      EXPECT_EQ(tokens.back(), kEos);
+      EXPECT_TRUE(a.complete()) << "sequence " << i << " ended by EOS mid-object: " << text;
+    }
+    std::printf("[ info ] json %zu (%s): %s\n", i, FinishReasonName(last.finish), text.c_str());
+  }
+  EXPECT_GT(stopped, 0) << "no sequence completed its object within max_tokens";
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
+}  // namespace
+}  // namespace expertmesh::attention

@@ -166,8 +166,15 @@ TEST(OpenAiParse, OutOfRangeValues) {
       {R"("presence_penalty": 2.5)", "presence_penalty"},
       {R"("frequency_penalty": -3)", "frequency_penalty"},
       {R"("logprobs": 21)", "logprobs"},
-      {R"("n": 2)", "n"},
-      {R"("best_of": 3)", "best_of"},
+      {R"("n": 0)", "n"},
+      {R"("n": 17)", "n"},
+      {R"("best_of": 17)", "best_of"},
+      {R"("n": 3, "best_of": 2)", "best_of"},
+      {R"("best_of": 2, "stream": true)", "best_of"},
+      {R"("response_format": {"type": "json_schema", "json_schema": {}})", "response_format"},
+      {R"("response_format": {"type": "xml"})", "response_format"},
+      {R"("response_format": "json_object")", "response_format"},
+      {R"("response_format": {"type": "text", "strict": true})", "response_format"},
       {R"("echo": true)", "echo"},
       {R"("stop": [""])", "stop"},
       {R"("stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"])", "stop"},
@@ -260,8 +267,11 @@ TEST(OpenAiParse, ChatErrors) {
          "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "any"})",
        "tool_choice"},
       {R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}],
-         "response_format": {"type": "json_object"}})",
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})",
        "response_format"},
+      {R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}],
+         "best_of": 2})",
+       "best_of"},
       {R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}],
          "prompt": "x"})",
        "prompt"},
@@ -360,6 +370,51 @@ TEST(ApiErrorJson, OpenAiShape) {
   EXPECT_EQ(ToApiError(absl::UnavailableError("x")).http_status, 503);
   EXPECT_EQ(ToApiError(absl::UnauthenticatedError("x")).http_status, 401);
   EXPECT_EQ(ToApiError(absl::InternalError("x")).http_status, 500);
+}
+
+}  // namespace
+}  // namespace expertmesh::gateway
+
+namespace expertmesh::gateway {
+namespace {
+
+TEST(OpenAiParse, ChoicesAndResponseFormat) {
+  absl::StatusOr<GenerationRequest> r =
+      Completion(R"({"model": "expertmesh-tiny", "prompt": "a"})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->n, 1u);
+  EXPECT_EQ(r->best_of, 1u);
+  EXPECT_FALSE(r->json_object);
+  r = Completion(R"({"model": "expertmesh-tiny", "prompt": "a", "n": 16, "stream": true})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->n, 16u);
+  EXPECT_EQ(r->best_of, 16u);  // best_of defaults to n
+  r = Completion(R"({"model": "expertmesh-tiny", "prompt": "a", "n": 2, "best_of": 5,
+                     "response_format": {"type": "json_object"}})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->n, 2u);
+  EXPECT_EQ(r->best_of, 5u);
+  EXPECT_TRUE(r->json_object);
+  // best_of = n streams (nothing to rank).
+  EXPECT_TRUE(Completion(R"({"model": "expertmesh-tiny", "prompt": "a", "n": 3, "best_of": 3,
+                             "stream": true})")
+                  .ok());
+  r = Chat(R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}],
+               "n": 4, "response_format": {"type": "json_object"}})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->n, 4u);
+  EXPECT_TRUE(r->json_object);
+  r = Chat(R"({"model": "expertmesh-tiny", "messages": [{"role": "user", "content": "x"}],
+               "response_format": {"type": "text"}})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->json_object);
+  // The bound is the limits' (a deployment may lower it).
+  RequestLimits limits;
+  limits.max_choices = 2;
+  ApiError e = ErrorOf(ParseCompletionRequest(
+      R"({"model": "expertmesh-tiny", "prompt": "a", "n": 3})", Card(), limits));
+  EXPECT_EQ(e.http_status, 400);
+  EXPECT_EQ(e.param, "n");
 }
 
 }  // namespace

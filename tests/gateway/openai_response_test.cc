@@ -233,3 +233,94 @@ TEST(OpenAiResponse, ChatReasoningAndToolCallsWholeEqualsStreamed) {
 
 }  // namespace
 }  // namespace expertmesh::gateway
+
+namespace expertmesh::gateway {
+namespace {
+
+Delta ChoiceDelta(uint32_t index, std::string text) {
+  Delta d;
+  d.index = index;
+  d.text = std::move(text);
+  d.token_ids = {1};
+  return d;
+}
+Delta ChoiceEnd(uint32_t index, std::string reason) {
+  Delta d;
+  d.index = index;
+  d.finish_reason = std::move(reason);
+  return d;
+}
+
+TEST(OpenAiResponse, SeveralChoicesWholeAndStreamed) {
+  GenerationRequest req = Req(Endpoint::kChatCompletions, false);
+  req.n = 3;
+  // Deltas interleaved as the choices' sequences produce them; choice 1 ends first, choice 0
+  // last (reported by the outcome).
+  const std::vector<Delta> deltas = {
+      ChoiceDelta(0, "a"),  ChoiceDelta(1, "b"),  ChoiceDelta(2, "c"),   ChoiceEnd(1, "stop"),
+      ChoiceDelta(0, "a2"), ChoiceDelta(2, "c2"), ChoiceEnd(2, "length")};
+  Outcome out{"length", std::nullopt, {4, 5, 0}, 0};
+  OpenAiResponder whole(req, "chatcmpl-1", 1);
+  for (const Delta& d : deltas) whole.Collect(d);
+  json::value v = json::parse(whole.Full(out));
+  const json::array& choices = v.at("choices").as_array();
+  ASSERT_EQ(choices.size(), 3u);
+  const std::vector<std::pair<std::string, std::string>> want = {
+      {"aa2", "length"}, {"b", "stop"}, {"cc2", "length"}};
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(choices[i].at("index").as_int64(), static_cast<int64_t>(i));
+    EXPECT_EQ(choices[i].at("message").at("content").as_string(), want[i].first);
+    EXPECT_EQ(choices[i].at("finish_reason").as_string(), want[i].second);
+  }
+  EXPECT_EQ(v.at("usage").at("completion_tokens").as_int64(), 5);
+
+  OpenAiResponder streamed(req, "chatcmpl-1", 1);
+  std::vector<std::string> text(3);
+  std::vector<int> roles(3), finishes(3);
+  std::vector<std::string> reasons(3);
+  auto read = [&](const std::string& chunk) {
+    json::value c = json::parse(chunk);
+    ASSERT_EQ(c.at("choices").as_array().size(), 1u);
+    const json::value& ch = c.at("choices").at(0);
+    const auto i = static_cast<size_t>(ch.at("index").as_int64());
+    const json::object& d = ch.at("delta").as_object();
+    if (d.contains("role")) ++roles[i];
+    if (d.contains("content")) text[i] += d.at("content").as_string();
+    if (!ch.at("finish_reason").is_null()) {
+      ++finishes[i];
+      reasons[i] = ch.at("finish_reason").as_string();
+    }
+  };
+  for (const Delta& d : deltas) read(streamed.Chunk(d, false));
+  read(streamed.FinishChunk(out, false));
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(text[i], want[i].first) << i;
+    EXPECT_EQ(reasons[i], want[i].second) << i;
+    EXPECT_EQ(roles[i], 1) << i;
+    EXPECT_EQ(finishes[i], 1) << i;
+  }
+}
+
+TEST(OpenAiResponse, SeveralCompletionChoicesKeepTheirOwnLogprobOffsets) {
+  GenerationRequest req = Req(Endpoint::kCompletions, true);
+  req.n = 2;
+  OpenAiResponder r(req, "cmpl-2", 1);
+  Delta a = MakeDelta("x", {5}, true);
+  Delta b = MakeDelta("y", {6, 7}, true);
+  b.index = 1;
+  r.Collect(b);
+  r.Collect(a);
+  r.Collect(ChoiceEnd(0, "stop"));
+  json::value v = json::parse(r.Full(Outcome{"length", std::nullopt, {1, 3, 0}, 1}));
+  const json::value& c0 = v.at("choices").at(0);
+  const json::value& c1 = v.at("choices").at(1);
+  EXPECT_EQ(c0.at("text").as_string(), "x");
+  EXPECT_EQ(c0.at("finish_reason").as_string(), "stop");
+  EXPECT_EQ(c0.at("logprobs").at("text_offset").at(0).as_int64(), 0);
+  EXPECT_EQ(c1.at("text").as_string(), "y");
+  EXPECT_EQ(c1.at("finish_reason").as_string(), "length");
+  EXPECT_EQ(c1.at("logprobs").at("text_offset").at(1).as_int64(), 2);  // after "t6"
+}
+
+}  // namespace
+}  // namespace expertmesh::gateway
