@@ -72,7 +72,12 @@ class ReplicaStream {
   const std::string& replica_id() const { return replica_id_; }
   const std::string& address() const { return address_; }
   int64_t outstanding_rows() const { return outstanding_rows_.load(); }
+  // When this replica was last chosen (the dispatcher's pick clock; 0 = never).
+  uint64_t last_pick() const { return last_pick_.load(); }
+  void MarkPicked(uint64_t clock) { last_pick_.store(clock); }
   bool healthy() const { return open_.load() && !broken_.load(); }
+  // Its stream failed (and has not been opened again since); a never-opened stream has not.
+  bool failed() const { return broken_.load(); }
 
   // Opens the stream (handshake first, bounded by `deadline` and connect_timeout) unless it
   // is open and healthy. A broken stream is torn down and opened afresh. Serialized per
@@ -321,6 +326,7 @@ class ReplicaStream {
   std::deque<v1::ExpertRequest> queue_;  // front: being written; the rest wait
   std::map<uint64_t, Pending> pending_;
   std::atomic<int64_t> outstanding_rows_{0};
+  std::atomic<uint64_t> last_pick_{0};
 };
 
 // ---- Dispatcher ----------------------------------------------------------------------------
@@ -756,10 +762,17 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
   for (const auto& r : table_->replicas[g.shard]) {
     if (!g.tried.contains(r.get())) candidates.push_back(r);
   }
-  // Healthy streams first, then the least outstanding work; ties keep map order.
+  // Failed streams last, then the least outstanding work, then the one chosen longest ago:
+  // with one step in flight every replica has 0 rows outstanding when the next is chosen, and
+  // without the last tie-break the first replica of the map would get all the work. A stream
+  // never opened yet (a replica added by scaling out) ranks with the open ones, so it gets
+  // work on its first turn instead of only on failover.
   std::stable_sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
-    if (a->healthy() != b->healthy()) return a->healthy();
-    return a->outstanding_rows() < b->outstanding_rows();
+    if (a->failed() != b->failed()) return b->failed();
+    if (a->outstanding_rows() != b->outstanding_rows()) {
+      return a->outstanding_rows() < b->outstanding_rows();
+    }
+    return a->last_pick() < b->last_pick();
   });
   for (const auto& r : candidates) {
     g.tried.insert(r.get());
@@ -778,6 +791,7 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
       g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
       continue;
     }
+    r->MarkPicked(d_.pick_clock_.fetch_add(1) + 1);
     g.replica = r;
     g.request_id = *id;
     g.attempt_deadline = std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);

@@ -6,13 +6,14 @@
 // does not depend on timing.
 //
 // Replicas: among a shard's replicas the one with the least outstanding rows gets the work
-// (open streams first; ties: the first in the map). A replica that fails (stream broken,
-// retryable error), does not answer within attempt_timeout (a stalled process) or answers
-// garbage (wrong sizes, NaN/Inf outputs: refused, counted in
-// expertmesh_dispatch_bad_answers_total{shard,reason}, never summed) is abandoned for this
-// request, its stream is cut, and the request goes to another replica of the same shard; with
-// none left the step fails with UNAVAILABLE naming the shard. A cut replica comes back when it
-// is next chosen and its handshake succeeds. The whole step is bounded by step_deadline.
+// (failed streams last; ties: the one chosen longest ago, so replicas take turns and a replica
+// added by scaling out gets work at its first turn). A replica that fails (stream broken, retryable
+// error), does not answer within attempt_timeout (a stalled process) or answers garbage (wrong
+// sizes, NaN/Inf outputs: refused, counted in expertmesh_dispatch_bad_answers_total{shard,reason},
+// never summed) is abandoned for this request, its stream is cut, and the request goes to another
+// replica of the same shard; with none left the step fails with UNAVAILABLE naming the shard. A cut
+// replica comes back when it is next chosen and its handshake succeeds. The whole step is bounded
+// by step_deadline.
 //
 // Placement and replicas come from the router's versioned maps (WatchRouter: a
 // WatchPlacement stream, reconnected when it breaks); replicas that register later are used
@@ -115,6 +116,7 @@ class Dispatcher final : public RoutedExperts {
   DispatcherOptions options_;
   std::atomic<uint64_t> next_batch_id_{1};
   std::atomic<uint64_t> failovers_{0};
+  std::atomic<uint64_t> pick_clock_{0};  // orders replica choices (least recently chosen wins ties)
 
   mutable std::mutex mu_;
   std::condition_variable table_changed_;

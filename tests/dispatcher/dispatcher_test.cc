@@ -211,6 +211,27 @@ TEST_F(DispatcherTest, ConcurrentStepsStayExact) {
   EXPECT_EQ(failures.load(), 0);
 }
 
+// One step at a time (an attention replica's normal pace) leaves every replica with no rows
+// outstanding when the next is chosen; the replicas must still take turns, or a replica added
+// by scaling out would never get work while the first one lives.
+TEST_F(DispatcherTest, SequentialStepsTakeTurnsOverTheReplicas) {
+  for (int i = 0; i < 2 * kReplicas; ++i) {
+    const Batch b = RandomBatch(config_, 4, 500 + i);
+    std::vector<float> got(b.x.n_rows * config_.hidden_size);
+    ASSERT_TRUE(dispatcher_->Run(1, b.x, b.routes, got).ok());
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(*all_, placement_, 1, b, config_.hidden_size);
+    ASSERT_TRUE(want.ok());
+    EXPECT_EQ(got, *want);
+  }
+  int open = 0;
+  for (const Dispatcher::ReplicaState& r : dispatcher_->Replicas()) {
+    EXPECT_TRUE(r.open) << r.replica_id << " of shard " << r.shard << " was never chosen";
+    open += r.open ? 1 : 0;
+  }
+  EXPECT_EQ(open, kShards * kReplicas);
+}
+
 TEST_F(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
   std::atomic<int> steps{0};
   std::thread killer([&] {
