@@ -2,18 +2,12 @@
 
 #include <algorithm>
 
-#include <random>
-
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 
 namespace expertmesh {
 
 Membership::Membership(Placement placement, MembershipOptions options)
-    : placement_(std::move(placement)), options_(options) {
-  std::random_device rd;
-  epoch_ = absl::StrFormat("%08x", rd());
-}
+    : placement_(std::move(placement)), options_(options) {}
 
 absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequest& request,
                                                           absl::Time now) {
@@ -41,7 +35,8 @@ absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequ
     it = it->second.address == request.address() ? replicas_.erase(it) : std::next(it);
   }
   Replica r;
-  r.id = absl::StrCat("shard", shard, "-r", next_replica_++, ".", epoch_);
+  r.id = absl::StrCat("shard", shard, "@", request.address());
+  r.seq = next_replica_++;
   r.address = request.address();
   r.shard_id = shard;
   r.capacity = request.capacity();
@@ -107,7 +102,12 @@ v1::PlacementMap Membership::Map(absl::Time now) const {
   v1::PlacementMap map;
   map.set_version(version_);
   FillShardGroups(placement_, &map);
-  for (const auto& [id, r] : replicas_) {  // ordered by id: a deterministic map
+  std::vector<const Replica*> ordered;  // in registration order: a deterministic map
+  for (const auto& [id, r] : replicas_) ordered.push_back(&r);
+  std::sort(ordered.begin(), ordered.end(),
+            [](const Replica* a, const Replica* b) { return a->seq < b->seq; });
+  for (const Replica* rp : ordered) {
+    const Replica& r = *rp;
     v1::ShardReplica* p = map.mutable_shards(r.shard_id)->add_replicas();
     p->set_replica_id(r.id);
     p->set_address(r.address);

@@ -45,8 +45,14 @@ class Membership {
   size_t replica_count() const { return replicas_.size(); }
 
  private:
+  // A replica's id is "shard<S>@<address>": the same for the same replica under every router
+  // instance, so after a router restart a dispatcher's open stream to it stays (a new id would
+  // close the stream and fail the step in flight on it), and an id can never be taken for
+  // another replica's (a heartbeat with an id this router has not registered is unknown and
+  // its replica registers again).
   struct Replica {
     std::string id;
+    uint64_t seq = 0;  // registration order: the map lists replicas in it
     std::string address;
     int32_t shard_id = 0;
     uint32_t capacity = 0;
@@ -57,11 +63,7 @@ class Membership {
   Placement placement_;
   MembershipOptions options_;
   uint64_t version_ = 1;
-  uint64_t next_replica_ = 0;
-  // Replica ids carry this router instance's random epoch, so an id handed out by a router
-  // that restarted is never taken for another replica's: a heartbeat with an old id is
-  // unknown here and its replica registers again.
-  std::string epoch_;
+  uint64_t next_replica_ = 0;                // registration order (Replica::seq)
   std::map<std::string, Replica> replicas_;  // by id
   std::map<std::pair<int32_t, int32_t>, uint64_t> load_;
 };
