@@ -4,7 +4,11 @@
 # (FUZZ_SECONDS is the total tools/fuzz.sh splits between its seven targets: 20 s each) and
 # the container image test (tools/docker-setup.sh: Debian's docker.io, dockerd on vfs, base
 # images from debootstrap where no registry answers; then the image is built and the cpu-tiny
-# topology run from it). EXPERTMESH_SKIP_DOCKER=1 leaves the image test out.
+# topology run from it), then the sanitizers: every unit and integration test under ASan +
+# UBSan (preset asan) and the dispatcher, scheduler and gateway tests under TSan (preset tsan,
+# the tests labelled tsan; only their targets are built). Both sanitizer builds use -O1 -g1.
+# EXPERTMESH_SKIP_DOCKER=1 leaves the image test out, EXPERTMESH_SKIP_SANITIZERS=1 the
+# sanitizer runs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -40,4 +44,22 @@ fi
 
 echo "== fuzz: the seven libFuzzer targets in tests/fuzz, 140 s in all (20 s each)"
 FUZZ_SECONDS=140 tools/fuzz.sh
+
+if [ "${EXPERTMESH_SKIP_SANITIZERS:-0}" != 1 ]; then
+  echo "== ASan + UBSan: unit and integration tests (preset asan)"
+  san_start=$SECONDS
+  cmake --preset asan >/dev/null
+  cmake --build --preset asan -j "$jobs"
+  ctest --preset asan -j "$jobs"
+  echo "== ASan + UBSan: $((SECONDS - san_start)) s"
+
+  echo "== TSan: the tests labelled tsan (preset tsan)"
+  san_start=$SECONDS
+  cmake --preset tsan >/dev/null
+  mapfile -t tsan_targets < <(ctest --preset tsan -N | awk '/Test +#[0-9]+:/ {print $3}')
+  ((${#tsan_targets[@]} > 0)) || { echo "no test carries the tsan label" >&2; exit 1; }
+  cmake --build --preset tsan -j "$jobs" --target "${tsan_targets[@]}"
+  ctest --preset tsan -j "$jobs"
+  echo "== TSan: $((SECONDS - san_start)) s"
+fi
 echo "== all tests passed"
