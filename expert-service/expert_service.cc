@@ -9,6 +9,7 @@
 #include "core/base/status.h"
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
+#include "service-common/bootstrap.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 
@@ -403,7 +404,11 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     });
   }
   es->service_->SetExperts(std::move(backend.experts), o.experts, backend.serialize);
-  SetServing(*es->server_, true);
+  // Liveness ("") from here on; readiness (the service name) once the router has this replica
+  // (at once without a router), and again whenever it registers after the router forgot it.
+  SetLive(*es->server_);
+  const std::string ready_name = v1::ExpertService::service_full_name();
+  if (o.router_address.empty()) SetReady(*es->server_, ready_name, true);
 
   if (!o.router_address.empty()) {
     v1::RegisterRequest reg;
@@ -417,10 +422,13 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
       p->set_expert(le.expert);
     }
     ExpertServiceImpl* svc = es->service_.get();
-    EM_ASSIGN_OR_RETURN(es->registration_,
-                        RouterRegistration::Start(
-                            o.router_address, std::move(reg),
-                            [svc] { return svc->outstanding_rows(); }, o.rpc_timeout));
+    grpc::Server* server = es->server_.get();
+    EM_ASSIGN_OR_RETURN(
+        es->registration_,
+        RouterRegistration::Start(
+            o.router_address, std::move(reg), [svc] { return svc->outstanding_rows(); },
+            o.rpc_timeout,
+            [server, ready_name](bool registered) { SetReady(*server, ready_name, registered); }));
   }
   return es;
 }
@@ -433,9 +441,12 @@ void ExpertServer::Drain() {
   if (stopped_) return;
   stopped_ = true;
   SetServing(*server_, false);
-  if (registration_) registration_->Deregister();  // the router stops handing us out
-  service_->StartDraining();                       // stragglers get UNAVAILABLE: fail over
-  service_->WaitIdle();                            // in-flight messages finish
+  if (registration_) {
+    registration_->Deregister();  // the router stops handing us out; its thread has stopped
+    SetServing(*server_, false);  // again: a registration that raced the first made it ready
+  }
+  service_->StartDraining();  // stragglers get UNAVAILABLE: fail over
+  service_->WaitIdle();       // in-flight messages finish
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   spdlog::info("expert-service drained and stopped");
 }

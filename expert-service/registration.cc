@@ -15,8 +15,10 @@ std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
 
 absl::StatusOr<std::unique_ptr<RouterRegistration>> RouterRegistration::Start(
     const std::string& router_address, v1::RegisterRequest request,
-    std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout) {
+    std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout,
+    std::function<void(bool registered)> on_registered) {
   std::unique_ptr<RouterRegistration> r(new RouterRegistration());
+  r->on_registered_ = std::move(on_registered);
   r->router_address_ = router_address;
   r->stub_ = v1::RouterService::NewStub(MakeChannel(router_address));
   r->request_ = std::move(request);
@@ -41,13 +43,18 @@ absl::Status RouterRegistration::RegisterOnce() {
   ctx.set_deadline(DeadlineIn(rpc_timeout_));
   v1::RegisterResponse resp;
   if (grpc::Status s = stub_->Register(&ctx, request_, &resp); !s.ok()) return FromGrpcStatus(s);
-  std::lock_guard<std::mutex> lock(mu_);
-  replica_id_ = resp.replica_id();
-  if (resp.heartbeat_interval_ms() > 0) {
-    interval_ = absl::Milliseconds(resp.heartbeat_interval_ms());
+  absl::Duration every;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    replica_id_ = resp.replica_id();
+    if (resp.heartbeat_interval_ms() > 0) {
+      interval_ = absl::Milliseconds(resp.heartbeat_interval_ms());
+    }
+    every = interval_;
   }
-  spdlog::info("registered with the router as {} (shard {}, heartbeat every {})", replica_id_,
-               request_.shard_id(), absl::FormatDuration(interval_));
+  spdlog::info("registered with the router as {} (shard {}, heartbeat every {})", resp.replica_id(),
+               request_.shard_id(), absl::FormatDuration(every));
+  if (on_registered_) on_registered_(true);
   return absl::OkStatus();
 }
 
@@ -84,8 +91,11 @@ void RouterRegistration::Loop() {
         spdlog::warn("the router forgot {}; registering again", id);
         if (absl::Status r = RegisterOnce(); !r.ok()) {
           spdlog::warn("register: {}", std::string(r.message()));
-          std::lock_guard<std::mutex> l(mu_);
-          replica_id_.clear();
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            replica_id_.clear();
+          }
+          if (on_registered_) on_registered_(false);
         }
       } else if (!s.ok()) {
         spdlog::warn("heartbeat: {}", s.error_message());

@@ -25,10 +25,13 @@ namespace expertmesh {
 
 class RouterRegistration {
  public:
-  // outstanding_rows: sampled for every heartbeat.
+  // outstanding_rows: sampled for every heartbeat. on_registered (optional): called with true
+  // when a registration succeeds and with false when the router forgot this replica and
+  // registering again failed (the shard's readiness follows it); never under a lock of ours.
   static absl::StatusOr<std::unique_ptr<RouterRegistration>> Start(
       const std::string& router_address, v1::RegisterRequest request,
-      std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout);
+      std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout,
+      std::function<void(bool registered)> on_registered = nullptr);
   ~RouterRegistration();  // stops heartbeats (without deregistering)
 
   // Stops heartbeats and deregisters (one RPC, bounded by the rpc timeout).
@@ -47,6 +50,7 @@ class RouterRegistration {
   std::unique_ptr<v1::RouterService::Stub> stub_;
   v1::RegisterRequest request_;
   std::function<uint32_t()> outstanding_rows_;
+  std::function<void(bool)> on_registered_;
   absl::Duration rpc_timeout_;
 
   mutable std::mutex mu_;

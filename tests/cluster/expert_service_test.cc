@@ -14,8 +14,11 @@
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
 #include "placement/placement.h"
+#include "router/router_service.h"
 #include "service-common/handshake.h"
+#include "service-common/process.h"
 #include "tests/cluster/shards_test_util.h"
+#include "tests/common/poll.h"
 
 namespace expertmesh {
 namespace {
@@ -328,6 +331,56 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
   absl::StatusOr<bool> serving = CheckHealth(*channel_, "", absl::Seconds(5));
   ASSERT_TRUE(serving.ok()) << serving.status();
   EXPECT_TRUE(*serving);
+}
+
+// Liveness ("") comes with the mapped experts; readiness (the ExpertService name) only once
+// the router has the replica, so Kubernetes neither restarts a shard whose router is late nor
+// counts it ready before the dispatchers can find it.
+TEST(ExpertReadinessTest, ReadyOnlyOnceRegisteredWithTheRouter) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  ASSERT_TRUE(placement.ok());
+  absl::StatusOr<int> router_port = PickFreePort();  // nothing listens there yet
+  ASSERT_TRUE(router_port.ok());
+  const std::string router_address = absl::StrCat("127.0.0.1:", *router_port);
+
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = placement->ExpertsOf(1);
+  o.shard_id = 1;
+  o.router_address = router_address;
+  o.rpc_timeout = absl::Milliseconds(300);
+  absl::StatusOr<std::unique_ptr<ExpertServer>> shard = ExpertServer::Start(o);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto channel = MakeChannel((*shard)->address());
+  const std::string name = v1::ExpertService::service_full_name();
+  absl::StatusOr<bool> live = CheckHealth(*channel, "", absl::Seconds(5));
+  ASSERT_TRUE(live.ok()) << live.status();
+  EXPECT_TRUE(*live);
+  absl::StatusOr<bool> ready = CheckHealth(*channel, name, absl::Seconds(5));
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  EXPECT_FALSE(*ready) << "ready before any router has it";
+
+  absl::StatusOr<v1::PeerIdentity> identity = MakeLocalIdentity(*dir, "test", "readiness-test");
+  ASSERT_TRUE(identity.ok());
+  RouterServerOptions ro;
+  ro.identity = *identity;
+  ro.server.listen = router_address;
+  absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(*placement, ro);
+  ASSERT_TRUE(router.ok()) << router.status();
+  EXPECT_TRUE(testing::PollUntil(
+      [&] {
+        absl::StatusOr<bool> r = CheckHealth(*channel, name, absl::Seconds(1));
+        return r.ok() && *r;
+      },
+      absl::Seconds(10), absl::Milliseconds(50)))
+      << "not ready after the router came up";
+
+  (*shard)->Drain();  // readiness and liveness end with the drain
+  router->reset();
 }
 
 TEST_F(ExpertServiceTest, HandshakeRefusesAnotherModelOrProtocol) {
