@@ -23,6 +23,7 @@
 #include "gateway/http_server.h"
 #include "gtest/gtest.h"
 #include "service-common/metrics.h"
+#include "tests/common/raw_client.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -30,89 +31,45 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-class RawClient {
+// The shared raw client, plus the complete HTTP responses it has received (Content-Length
+// bodies), for pipelining.
+class RawClient : public ::expertmesh::testing::RawClient {
  public:
-  explicit RawClient(int port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(static_cast<uint16_t>(port));
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (fd_ >= 0 && ::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-      ::close(fd_);
-      fd_ = -1;
-    }
-  }
-  ~RawClient() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  RawClient(const RawClient&) = delete;
-  RawClient& operator=(const RawClient&) = delete;
-  bool connected() const { return fd_ >= 0; }
-  // Whether the server has sent something (or closed) by now.
-  bool Readable() const {
-    pollfd p{fd_, POLLIN, 0};
-    return ::poll(&p, 1, 0) > 0;
-  }
-
-  bool Send(std::string_view data) {
-    while (!data.empty()) {
-      const ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return false;
-      data.remove_prefix(static_cast<size_t>(n));
-    }
-    return true;
-  }
-  // Reads until `count` responses have fully arrived (Content-Length bodies), the server
-  // closes, or `timeout` passes. Returns whether the server closed the connection.
+  using ::expertmesh::testing::RawClient::RawClient;
+  // Reads until `count` responses have fully arrived, the server closes, or `timeout` passes.
+  // Returns whether the server closed the connection.
   bool Read(milliseconds timeout, int count = 1 << 30) {
-    const auto deadline = Clock::now() + timeout;
-    char buf[16384];
-    while (Complete() < count) {
-      const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
-      if (left.count() <= 0) return false;
-      pollfd p{fd_, POLLIN, 0};
-      const int r = ::poll(&p, 1, static_cast<int>(left.count()));
-      if (r <= 0) continue;
-      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return true;
-      received_.append(buf, static_cast<size_t>(n));
-    }
-    return false;
+    return ::expertmesh::testing::RawClient::Read(
+        timeout, [&](const std::string& r) { return Complete(r) >= count; });
   }
   // The status codes of the complete responses received so far, in order.
   std::vector<int> Statuses() const {
     std::vector<int> out;
-    Walk([&](int status) { out.push_back(status); });
+    Walk(received(), [&](int status) { out.push_back(status); });
     return out;
   }
-  const std::string& received() const { return received_; }
 
  private:
-  int Complete() const {
+  static int Complete(const std::string& received) {
     int n = 0;
-    Walk([&](int) { ++n; });
+    Walk(received, [&](int) { ++n; });
     return n;
   }
   template <typename F>
-  void Walk(F&& f) const {
+  static void Walk(const std::string& received, F&& f) {
     size_t pos = 0;
-    while (pos + 12 <= received_.size()) {
-      const size_t end = received_.find("\r\n\r\n", pos);
+    while (pos + 12 <= received.size()) {
+      const size_t end = received.find("\r\n\r\n", pos);
       if (end == std::string::npos) return;
-      const std::string head = received_.substr(pos, end - pos);
+      const std::string head = received.substr(pos, end - pos);
       size_t length = 0;
       const size_t cl = head.find("Content-Length: ");
       if (cl != std::string::npos) length = std::stoul(head.substr(cl + 16));
-      if (end + 4 + length > received_.size()) return;
+      if (end + 4 + length > received.size()) return;
       f(std::stoi(head.substr(9, 3)));
       pos = end + 4 + length;
     }
   }
-  int fd_ = -1;
-  std::string received_;
 };
 
 int ThreadCount() {
