@@ -40,6 +40,7 @@
 #include "service-common/metrics_http.h"
 #include "spdlog/spdlog.h"
 #include "tools/launcher/cluster.h"
+#include "tools/launcher/tls_flags.h"
 
 namespace expertmesh {
 namespace {
@@ -275,16 +276,9 @@ int main(int argc, char** argv) {
   app.add_option("--prompt-len", prompt_len, "Prompt tokens per sequence")->capture_default_str();
   app.add_option("--decode-tokens", decode_tokens, "Decode steps measured")->capture_default_str();
   expertmesh::TlsFiles tls;
-  app.add_option("--tls-cert", tls.cert,
-                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
-                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
-  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
+  expertmesh::AddTlsOptions(
+      &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
-  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  expertmesh::SetProcessTls(tls);
+  if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
   return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens);
 }

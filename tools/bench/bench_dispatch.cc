@@ -56,6 +56,7 @@
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 #include "tools/launcher/cluster.h"
+#include "tools/launcher/tls_flags.h"
 
 namespace expertmesh {
 namespace {
@@ -470,17 +471,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 100));
   expertmesh::TlsFiles tls;
-  app.add_option("--tls-cert", tls.cert,
-                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
-                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
-  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
+  expertmesh::AddTlsOptions(
+      &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
-  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  expertmesh::SetProcessTls(tls);
+  if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
   spdlog::set_level(spdlog::level::warn);
   return expertmesh::Run(model, shards, batches, iterations, blocks);
 }

@@ -36,6 +36,7 @@
 #include "service-common/grpc_util.h"
 #include "spdlog/spdlog.h"
 #include "tools/launcher/cluster.h"
+#include "tools/launcher/tls_flags.h"
 
 namespace expertmesh {
 namespace {
@@ -393,17 +394,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--breakdown", breakdown, "First time the main and MTP forwards by rows");
   expertmesh::TlsFiles tls;
-  app.add_option("--tls-cert", tls.cert,
-                 "Run the cluster on mTLS: PEM certificate for every service and this benchmark "
-                 "(SAN IP:127.0.0.1, server and client use; with --tls-key, --tls-ca)");
-  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", tls.ca, "PEM CA bundle of --tls-cert");
+  expertmesh::AddTlsOptions(
+      &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
-  if (absl::Status s = expertmesh::ValidateTlsFiles(tls); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  expertmesh::SetProcessTls(tls);
+  if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
   return expertmesh::Run(model, shards, batches, decode_tokens, draft_k, always, skip_cluster,
                          breakdown, repeats, margin);
 }

@@ -19,6 +19,7 @@
 #include "spdlog/spdlog.h"
 #include "tools/cli/commands.h"
 #include "tools/launcher/cluster.h"
+#include "tools/launcher/tls_flags.h"
 
 namespace expertmesh {
 namespace {
@@ -97,18 +98,6 @@ int RunUp(const UpArgs& args) {
   }
   std::printf("all services stopped.\n");
   return 0;
-}
-
-// --tls-cert/--tls-key/--tls-ca on `cmd`, into `files`.
-void AddTlsOptions(CLI::App* cmd, TlsFiles& files, const std::string& whose) {
-  cmd->add_option(
-         "--tls-cert", files.cert,
-         "PEM certificate (chain) " + whose + ": enables mTLS (with --tls-key and --tls-ca)")
-      ->check(CLI::ExistingFile);
-  cmd->add_option("--tls-key", files.key, "PEM private key of --tls-cert")
-      ->check(CLI::ExistingFile);
-  cmd->add_option("--tls-ca", files.ca, "PEM CA bundle the services' certificates chain to")
-      ->check(CLI::ExistingFile);
 }
 
 int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
