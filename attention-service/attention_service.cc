@@ -60,6 +60,16 @@ absl::StatusOr<SequenceRequest> ToGenerationRequest(const v1::SubmitRequest& req
   r.ignore_eos = req.ignore_eos();
   r.disable_mtp = req.disable_mtp();
   r.priority = req.priority();
+  switch (req.response_format()) {
+    case v1::RESPONSE_FORMAT_TEXT:
+      break;
+    case v1::RESPONSE_FORMAT_JSON_OBJECT:
+      r.json_object = true;  // the scheduler masks its samples (core/decode/json_constraint.h)
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown response_format ", static_cast<int>(req.response_format())));
+  }
 
   const v1::SamplingParams& s = req.sampling();
   if (!std::isfinite(s.temperature()) || s.temperature() < 0.0f) {
@@ -270,8 +280,11 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
     spdlog::info("MTP module's {} routed experts held here ({} MiB): drafting skips the network",
                  mtp.size(), s->mtp_experts_->bytes_mapped() >> 20);
   }
+  SchedulerOptions scheduler_options = o.scheduler;
+  // JSON mode's token bytes come from the model's tokenizer.json (when it has one).
+  scheduler_options.tokenizer_json = o.model_dir + "/tokenizer.json";
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      Scheduler::Create(s->model_.get(), experts, o.scheduler, &s->metrics_);
+      Scheduler::Create(s->model_.get(), experts, scheduler_options, &s->metrics_);
   if (!scheduler.ok()) return scheduler.status();
   s->scheduler_ = *std::move(scheduler);
   s->service_->SetScheduler(s->scheduler_.get());

@@ -141,6 +141,57 @@ def main():
         time.sleep(0.2)
     check(done >= 3 and running == 0, f"after disconnect: {done} cancelled, {running} running")
 
+    # JSON mode: whatever the (random) model prefers, an answer that ends by "stop" is one JSON
+    # object, whole and streamed; json_schema and unknown types are refused.
+    stops, prompts_stopped = 0, set()
+    fmt = {"type": "json_object"}
+    for i, ask in enumerate(["Reply with a JSON object.", "List three colours as JSON.",
+                             "Describe the earth in JSON."]):
+        messages = [{"role": "user", "content": ask}]
+        for temperature, choices in ((0.0, 1), (1.0, 16)):
+            r = client.chat.completions.create(model=model, messages=messages, n=choices, seed=i,
+                                               temperature=temperature, max_tokens=spec["json_max_tokens"],
+                                               response_format=fmt)
+            for c in r.choices:
+                if c.finish_reason == "stop":
+                    stops += 1
+                    prompts_stopped.add(i)
+                    try:
+                        value = json.loads(c.message.content)
+                    except ValueError as e:
+                        check(False, f"not JSON ({e}): {c.message.content!r}")
+                    check(isinstance(value, dict), f"not an object: {c.message.content!r}")
+                else:
+                    check(c.finish_reason == "length", f"finish {c.finish_reason}")
+    r = client.completions.create(model=model, prompt=prompt, n=16, seed=5, temperature=1.0,
+                                  max_tokens=spec["json_max_tokens"],
+                                  extra_body={"response_format": fmt})  # vLLM's extension
+    for c in r.choices:
+        if c.finish_reason == "stop":
+            stops += 1
+            check(isinstance(json.loads(c.text), dict), f"completions: {c.text!r}")
+    texts, finishes = {}, {}
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "JSON please."}], n=16, seed=9,
+            temperature=1.0, max_tokens=spec["json_max_tokens"], response_format=fmt,
+            stream=True):
+        c = chunk.choices[0]
+        texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+        if c.finish_reason is not None:
+            finishes[c.index] = c.finish_reason
+    for i, f in finishes.items():
+        if f == "stop":
+            stops += 1
+            check(isinstance(json.loads(texts[i]), dict), f"streamed: {texts[i]!r}")
+    print(f"JSON mode: {stops} answers ended by stop (chat prompts {sorted(prompts_stopped)}), "
+          "every one a JSON object")
+    check(stops >= 3 and len(prompts_stopped) >= 2, f"only {stops} JSON answers ended by stop")
+    bad_request(lambda: client.chat.completions.create(
+        model=model, messages=messages, response_format={"type": "json_schema", "json_schema":
+                                                         {"name": "x", "schema": {}}}),
+        "response_format")
+    bad_request(lambda: client.chat.completions.create(
+        model=model, messages=messages, response_format={"type": "yaml"}), "response_format")
     print("ok")
 
 
