@@ -737,3 +737,23 @@ TEST_F(SchedulerTest, JsonModeMasksEverySampleToAJsonObject) {
 
 }  // namespace
 }  // namespace expertmesh::attention
+
+namespace expertmesh::attention {
+namespace {
+
+TEST(ToGenerationRequestTest, ResponseFormat) {
+  const absl::Time now = absl::FromUnixSeconds(1000);
+  v1::SubmitRequest req;
+  req.add_prompt_token_ids(5);
+  auto convert = [&](const v1::SubmitRequest& r) {
+    return ToGenerationRequest(r, 256, now, absl::InfiniteFuture(), absl::Seconds(30));
+  };
+  EXPECT_FALSE(convert(req)->json_object);  // text, the default (and what old gateways send)
+  req.set_response_format(v1::RESPONSE_FORMAT_JSON_OBJECT);
+  EXPECT_TRUE(convert(req)->json_object);
+  req.set_response_format(static_cast<v1::ResponseFormat>(7));  // a newer peer's value
+  EXPECT_EQ(convert(req).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace expertmesh::attention
