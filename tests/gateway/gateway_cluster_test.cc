@@ -829,10 +829,8 @@ TEST_F(GatewayClusterTest, ApiKeysAndReadiness) {
 }
 
 TEST_F(GatewayClusterTest, OfficialOpenAiClient) {
-  // tools/test.sh installs tools/requirements-test.txt into .venv-test and exports this.
-  const char* env = std::getenv("EXPERTMESH_TEST_PYTHON");
-  const std::string python =
-      env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
+  // tools/test.sh installs tools/requirements-test.txt into .venv-test and exports its path.
+  const std::string python = testing::TestPython();
   ASSERT_TRUE(std::filesystem::exists(python))
       << python << " is missing: create it with tools/requirements-test.txt (tools/test.sh)";
   json::array cases;

@@ -16,6 +16,12 @@
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::gateway::testing {
+
+std::string TestPython() {
+  const char* env = std::getenv("EXPERTMESH_TEST_PYTHON");
+  return env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
+}
+
 namespace fs = std::filesystem;
 namespace net = boost::asio;
 namespace http = boost::beast::http;

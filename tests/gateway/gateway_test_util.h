@@ -21,6 +21,10 @@ struct HttpResult {
   std::string body;                            // chunked bodies de-chunked
 };
 
+// The Python that has the official `openai` client: $EXPERTMESH_TEST_PYTHON, else the
+// repository's .venv-test (tools/requirements-test.txt). The path may not exist; callers check.
+std::string TestPython();
+
 // One request on a fresh connection to 127.0.0.1:port.
 absl::StatusOr<HttpResult> HttpRequest(int port, const std::string& method,
                                        const std::string& target, const std::string& body = "",

@@ -48,9 +48,7 @@ std::unique_ptr<GatewayServer> StartGateway(const std::string& model_dir,
 }
 
 TEST(OpenAiChatFeatures, ReasoningAndToolCallsThroughTheOfficialClient) {
-  const char* env = std::getenv("EXPERTMESH_TEST_PYTHON");
-  const std::string python =
-      env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
+  const std::string python = testing::TestPython();
   ASSERT_TRUE(fs::exists(python)) << python << " is missing (tools/requirements-test.txt)";
 
   absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();

@@ -30,9 +30,7 @@ namespace fs = std::filesystem;
 constexpr int kMaxTokens = 10;
 
 TEST(OpenAiNAndJson, ChoicesBestOfAndJsonModeThroughTheOfficialClient) {
-  const char* env = std::getenv("EXPERTMESH_TEST_PYTHON");
-  const std::string python =
-      env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
+  const std::string python = testing::TestPython();
   ASSERT_TRUE(fs::exists(python)) << python << " is missing (tools/requirements-test.txt)";
 
   absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();
