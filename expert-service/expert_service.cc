@@ -9,7 +9,7 @@
 #include "core/base/status.h"
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
-#include "service-common/bootstrap.h"
+#include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
 

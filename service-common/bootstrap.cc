@@ -20,27 +20,6 @@ std::string HostOf(const std::string& address) {
   return address.substr(0, colon);
 }
 
-void SetLive(grpc::Server& server) {
-  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
-    health->SetServingStatus("", true);
-  }
-}
-
-void SetReady(grpc::Server& server, const std::string& service, bool ready) {
-  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
-    health->SetServingStatus(service, ready);
-  }
-}
-
-absl::StatusOr<bool> CheckReady(grpc::Channel& channel, const std::string& service,
-                                absl::Duration timeout) {
-  absl::StatusOr<bool> ready = CheckHealth(channel, service, timeout);
-  if (ready.status().code() == absl::StatusCode::kNotFound) {
-    return CheckHealth(channel, "", timeout);
-  }
-  return ready;
-}
-
 ServiceMain::ServiceMain(std::string service, std::string description, CommonFlags defaults)
     : service_(std::move(service)), app_(std::move(description)), flags_(std::move(defaults)) {
   app_.add_option("--listen", flags_.listen, "gRPC address host:port (port 0 = any)")

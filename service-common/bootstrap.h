@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "service-common/grpc_util.h"  // SetLive / SetReady / CheckReady
 #include "service-common/metrics.h"
 #include "service-common/metrics_http.h"
 
@@ -78,22 +79,5 @@ class ServiceMain {
 
 // The host part of "host:port", "[v6]:port" or "host" (brackets removed).
 std::string HostOf(const std::string& address);
-
-// grpc.health.v1 for probes and load balancers. The overall status (service "") is liveness:
-// SERVING while the process runs and is not draining. Each registered service name (e.g.
-// expertmesh.v1.AttentionService) is readiness: it follows what the service needs in order to
-// serve (the attention service: every shard group has a replica; the gateway: an attention
-// replica is ready). SetServing(server, false) (grpc_util.h) ends both when a drain begins.
-//
-// Liveness on: "" SERVING (a service whose readiness follows its dependencies calls this once
-// its gRPC server is up, then SetReady as they change).
-void SetLive(grpc::Server& server);
-// Readiness of `service` (a name the server registered); the overall status is left alone.
-void SetReady(grpc::Server& server, const std::string& service, bool ready);
-// Readiness as a peer sees it: Check(service) when the server registers that name, else the
-// overall status (a server that predates the split, or registers no name). Errors as
-// CheckHealth's.
-absl::StatusOr<bool> CheckReady(grpc::Channel& channel, const std::string& service,
-                                absl::Duration timeout);
 
 }  // namespace expertmesh

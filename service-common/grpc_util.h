@@ -55,6 +55,23 @@ absl::StatusOr<RunningServer> StartGrpcServer(const ServerOptions& options,
 // Sets grpc.health.v1 status for the whole server ("") and each registered service.
 void SetServing(grpc::Server& server, bool serving);
 
+// grpc.health.v1 for probes and load balancers. The overall status (service "") is liveness:
+// SERVING while the process runs and is not draining. Each registered service name (e.g.
+// expertmesh.v1.AttentionService) is readiness: it follows what the service needs in order to
+// serve (the attention service: every shard group has a replica; the gateway: an attention
+// replica is ready). SetServing(server, false) ends both when a drain begins.
+//
+// Liveness on: "" SERVING (a service whose readiness follows its dependencies calls this once
+// its gRPC server is up, then SetReady as they change).
+void SetLive(grpc::Server& server);
+// Readiness of `service` (a name the server registered); the overall status is left alone.
+void SetReady(grpc::Server& server, const std::string& service, bool ready);
+// Readiness as a peer sees it: Check(service) when the server registers that name, else the
+// overall status (a server that predates the split, or registers no name). Errors as
+// CheckHealth's.
+absl::StatusOr<bool> CheckReady(grpc::Channel& channel, const std::string& service,
+                                absl::Duration timeout);
+
 // A channel to target with the message limits set explicitly; credentials null: those of
 // the process-wide TLS setting (mTLS under --tls-*, insecure otherwise).
 std::shared_ptr<grpc::Channel> MakeChannel(
