@@ -69,27 +69,27 @@ void SetServing(grpc::Server& server, bool serving) {
     health->SetServingStatus(serving);  // every registered service name
     health->SetServingStatus("", serving);
   }
+}
 
-  void SetLive(grpc::Server & server) {
-    if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
-      health->SetServingStatus("", true);
-    }
+void SetLive(grpc::Server& server) {
+  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
+    health->SetServingStatus("", true);
   }
+}
 
-  void SetReady(grpc::Server & server, const std::string& service, bool ready) {
-    if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
-      health->SetServingStatus(service, ready);
-    }
+void SetReady(grpc::Server& server, const std::string& service, bool ready) {
+  if (grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService()) {
+    health->SetServingStatus(service, ready);
   }
+}
 
-  absl::StatusOr<bool> CheckReady(grpc::Channel & channel, const std::string& service,
-                                  absl::Duration timeout) {
-    absl::StatusOr<bool> ready = CheckHealth(channel, service, timeout);
-    if (ready.status().code() == absl::StatusCode::kNotFound) {
-      return CheckHealth(channel, "", timeout);
-    }
-    return ready;
+absl::StatusOr<bool> CheckReady(grpc::Channel& channel, const std::string& service,
+                                absl::Duration timeout) {
+  absl::StatusOr<bool> ready = CheckHealth(channel, service, timeout);
+  if (ready.status().code() == absl::StatusCode::kNotFound) {
+    return CheckHealth(channel, "", timeout);
   }
+  return ready;
 }
 
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, int max_message_bytes,
