@@ -22,6 +22,16 @@ std::string TestPython() {
   return env != nullptr ? env : std::string(EXPERTMESH_SOURCE_DIR) + "/.venv-test/bin/python";
 }
 
+absl::StatusOr<std::unique_ptr<launcher::Cluster>> StartOneShardCluster(
+    const std::string& model_dir) {
+  launcher::ClusterOptions co;
+  co.model_dir = model_dir;
+  co.bin_dir = EXPERTMESH_BINARY_DIR;
+  co.shards = 1;
+  co.max_batch = 8;
+  return launcher::Cluster::Start(co);
+}
+
 namespace fs = std::filesystem;
 namespace net = boost::asio;
 namespace http = boost::beast::http;

@@ -3,10 +3,13 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+
+#include "tools/launcher/cluster.h"
 
 namespace expertmesh::gateway::testing {
 
@@ -24,6 +27,11 @@ struct HttpResult {
 // The Python that has the official `openai` client: $EXPERTMESH_TEST_PYTHON, else the
 // repository's .venv-test (tools/requirements-test.txt). The path may not exist; callers check.
 std::string TestPython();
+
+// A loopback cluster (router, 1 expert shard, 1 attention service with max_batch 8) on the
+// checkpoint in `model_dir`, for the tests that put their own gateways in front of it.
+absl::StatusOr<std::unique_ptr<launcher::Cluster>> StartOneShardCluster(
+    const std::string& model_dir);
 
 // One request on a fresh connection to 127.0.0.1:port.
 absl::StatusOr<HttpResult> HttpRequest(int port, const std::string& method,

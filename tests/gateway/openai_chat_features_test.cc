@@ -65,12 +65,7 @@ TEST(OpenAiChatFeatures, ReasoningAndToolCallsThroughTheOfficialClient) {
                     "/tests/data/reference/deepseek-r1/tokenizer_config.json",
                 r1_dir + "/tokenizer_config.json");
 
-  launcher::ClusterOptions co;
-  co.model_dir = *dir;
-  co.bin_dir = EXPERTMESH_BINARY_DIR;
-  co.shards = 1;
-  co.max_batch = 8;
-  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = testing::StartOneShardCluster(*dir);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   const std::string attention = (*cluster)->attention().grpc_address;
   std::unique_ptr<GatewayServer> v3 = StartGateway(*dir, attention);

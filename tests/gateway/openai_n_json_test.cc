@@ -35,12 +35,7 @@ TEST(OpenAiNAndJson, ChoicesBestOfAndJsonModeThroughTheOfficialClient) {
 
   absl::StatusOr<std::string> dir = testing::MakeGatewayTestModel();
   ASSERT_TRUE(dir.ok()) << dir.status();
-  launcher::ClusterOptions co;
-  co.model_dir = *dir;
-  co.bin_dir = EXPERTMESH_BINARY_DIR;
-  co.shards = 1;
-  co.max_batch = 8;
-  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(co);
+  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = testing::StartOneShardCluster(*dir);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   ASSERT_GT((*cluster)->attention().metrics_port, 0);
 
