@@ -9,6 +9,13 @@
 // weight * expert(x[r]) where expert(x) = down_proj(silu(gate_proj(x)) * up_proj(x)),
 // the intermediate quantized per 128 channels before down_proj when activation
 // quantization is on. Each row is computed independently of the others (batch invariance).
+//
+// The precision of one expert's output: with FP8 activations (Run) the reference engine
+// (LocalExperts, by default) rounds each expert's output y to BF16 and adds weight * y in
+// FP32 with AddWeightedBf16 below, pair by pair in ascending expert order. The expert data
+// plane's exact combine mode receives those BF16 y per (row, expert) pair (RunPerExpert) and
+// adds them on the attention side with the same function in the same order, so the result
+// does not depend on which shard computed which expert.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +36,17 @@ struct ExpertRoutes {
   void AddRow(std::span<const int32_t> e, std::span<const float> w);
 };
 
+// out_row[d] += weight * float(y_bf16[d]) for d < H, in FP32: the one combine step of an
+// expert output. LocalExperts::Run and the dispatcher's exact combine both call this (one
+// compiled function, so no copy can differ by FMA contraction or vectorization).
+void AddWeightedBf16(std::span<float> out_row, float weight, const uint16_t* y_bf16, int64_t H);
+
+// out[r] = sum over row r's pairs p (in routes' order: ascending expert id) of
+// weights[p] * float(pair_out[p]), starting from 0. pair_out: [n_pairs, H] BF16 (unweighted
+// expert outputs in routes' pair order); out: [n_rows, H], overwritten.
+absl::Status CombinePerExpert(const ExpertRoutes& routes, std::span<const uint16_t> pair_out,
+                              int64_t H, std::span<float> out);
+
 class RoutedExperts {
  public:
   virtual ~RoutedExperts() = default;
@@ -41,6 +59,15 @@ class RoutedExperts {
   // this default, which returns Unimplemented.
   virtual absl::Status RunUnquantized(int layer, std::span<const float> x,
                                       const ExpertRoutes& routes, std::span<float> out);
+  // Per-pair outputs: pair_out: [n_pairs, hidden_size] BF16 (overwritten), row p = the
+  // UNWEIGHTED expert output y = expert(x[row of p]) of pair p, in routes' pair order, rounded
+  // to BF16. The default works for any backend: it calls Run once per pair rank k (each row's
+  // k-th pair alone, weight 1), i.e. up to num_experts_per_tok Run calls of n_rows rows each
+  // instead of one: the same expert FLOPs, but k times the per-call overhead (for a GPU
+  // backend, k rounds of launches and host<->device copies). LocalExperts overrides it with
+  // one pass.
+  virtual absl::Status RunPerExpert(int layer, const QuantizedActivations& x,
+                                    const ExpertRoutes& routes, std::span<uint16_t> pair_out);
 };
 
 // MoE layers below `first_local_layer` go to `remote`, the rest (the MTP module's layers) to
@@ -57,6 +84,10 @@ class LayerSplitExperts final : public RoutedExperts {
   absl::Status RunUnquantized(int layer, std::span<const float> x, const ExpertRoutes& routes,
                               std::span<float> out) override {
     return For(layer).RunUnquantized(layer, x, routes, out);
+  }
+  absl::Status RunPerExpert(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                            std::span<uint16_t> pair_out) override {
+    return For(layer).RunPerExpert(layer, x, routes, pair_out);
   }
 
  private:

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/numerics/numerics.h"
 #include "core/numerics/quant.h"
 
 namespace expertmesh {
@@ -64,25 +65,41 @@ absl::Status LocalExperts::Run(int layer, const QuantizedActivations& x, const E
   }
   std::vector<float> xf(x.n_rows * x.dim);
   DequantizeActivations(x, xf);
-  return RunRows(layer, xf, routes, out);
+  return RunRows(layer, xf, routes, options_.round_expert_outputs_bf16 ? Sink::kBf16 : Sink::kFloat,
+                 out, {});
+}
+
+absl::Status LocalExperts::RunPerExpert(int layer, const QuantizedActivations& x,
+                                        const ExpertRoutes& routes, std::span<uint16_t> pair_out) {
+  if (x.dim != hidden_size_) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("experts: activations of dim %d, hidden_size is %d", x.dim, hidden_size_));
+  }
+  std::vector<float> xf(x.n_rows * x.dim);
+  DequantizeActivations(x, xf);
+  return RunRows(layer, xf, routes, Sink::kPairBf16, {}, pair_out);
 }
 
 absl::Status LocalExperts::RunUnquantized(int layer, std::span<const float> x,
                                           const ExpertRoutes& routes, std::span<float> out) {
-  return RunRows(layer, x, routes, out);
+  return RunRows(layer, x, routes, Sink::kFloat, out, {});
 }
 
 absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const ExpertRoutes& routes,
-                                   std::span<float> out) {
+                                   Sink sink, std::span<float> out, std::span<uint16_t> pair_out) {
   const int64_t D = hidden_size_;
   const int64_t n_rows = routes.n_rows();
+  const int64_t n_pairs = std::ssize(routes.experts);
+  const bool per_pair = sink == Sink::kPairBf16;
   if (static_cast<int64_t>(x.size()) != n_rows * D ||
-      static_cast<int64_t>(out.size()) != n_rows * D) {
+      (!per_pair && static_cast<int64_t>(out.size()) != n_rows * D) ||
+      (per_pair && static_cast<int64_t>(pair_out.size()) != n_pairs * D) ||
+      std::ssize(routes.weights) != n_pairs || routes.offsets.back() != n_pairs) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "experts: %d routed rows but %d input and %d output values (hidden_size %d)", n_rows,
-        x.size(), out.size(), D));
+        "experts: %d routed rows (%d pairs) but %d input and %d output values (hidden_size %d)",
+        n_rows, n_pairs, x.size(), per_pair ? pair_out.size() : out.size(), D));
   }
-  for (int64_t p = 0; p < std::ssize(routes.experts); ++p) {
+  for (int64_t p = 0; p < n_pairs; ++p) {
     if (!Holds(layer, routes.experts[p])) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "experts: expert %d of layer %d is not held here", routes.experts[p], layer));
@@ -90,14 +107,15 @@ absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const Ex
   }
   // Rows grouped by expert, experts in ascending order: each row still adds its experts'
   // outputs in ascending expert order, and each row is computed alone (Linear::Forward).
-  std::map<int32_t, std::vector<std::pair<int64_t, float>>> by_expert;  // expert -> (row, w)
+  std::map<int32_t, std::vector<std::pair<int64_t, int32_t>>> by_expert;  // expert -> (row, pair)
   for (int64_t r = 0; r < n_rows; ++r) {
     for (int32_t p = routes.offsets[r]; p < routes.offsets[r + 1]; ++p) {
-      by_expert[routes.experts[p]].emplace_back(r, routes.weights[p]);
+      by_expert[routes.experts[p]].emplace_back(r, p);
     }
   }
-  std::fill(out.begin(), out.end(), 0.0f);
+  if (!per_pair) std::fill(out.begin(), out.end(), 0.0f);
   std::vector<float> xs, gate, up, y;
+  std::vector<uint16_t> y_bf16(sink == Sink::kBf16 ? D : 0);
   for (const auto& [expert, rows] : by_expert) {
     const MlpWeights& w = experts_.at(LayerExpert{layer, expert});
     const int64_t m = std::ssize(rows);
@@ -118,8 +136,22 @@ absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const Ex
     if (options_.quantize_activations) FakeQuantizeActivations(gate, m, inter);
     w.down_proj.Forward(gate.data(), m, y.data(), /*quantize_activations=*/false, options_.kernel);
     for (int64_t i = 0; i < m; ++i) {
-      const auto [r, weight] = rows[i];
-      for (int64_t d = 0; d < D; ++d) out[r * D + d] += weight * y[i * D + d];
+      const auto [r, p] = rows[i];
+      const std::span<const float> yi(y.data() + i * D, D);
+      switch (sink) {
+        case Sink::kFloat: {
+          const float weight = routes.weights[p];
+          for (int64_t d = 0; d < D; ++d) out[r * D + d] += weight * yi[d];
+          break;
+        }
+        case Sink::kBf16:
+          FloatToBf16(yi, y_bf16);
+          AddWeightedBf16(out.subspan(r * D, D), routes.weights[p], y_bf16.data(), D);
+          break;
+        case Sink::kPairBf16:
+          FloatToBf16(yi, pair_out.subspan(p * D, D));
+          break;
+      }
     }
   }
   return absl::OkStatus();

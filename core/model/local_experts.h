@@ -3,6 +3,9 @@
 // tensors; the in-process engine creates it with AllExperts(config).
 // Per the contract in core/model/experts.h: out[r] = sum over row r's (expert, weight) pairs in
 // ascending expert order of weight * down_proj(silu(gate_proj(x)) * up_proj(x)), each row alone.
+// With FP8 activations (Run) each expert output is rounded to BF16 before it is weighted and
+// added (Options::round_expert_outputs_bf16, on by default: the precision the expert data
+// plane's exact combine reproduces); RunUnquantized keeps FP32 expert outputs.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +41,12 @@ class LocalExperts : public RoutedExperts {
     bool quantize_activations = true;
     std::function<void(int64_t done, int64_t total)> progress;  // per expert loaded
     LinearKernel kernel = LinearKernel::kSimd;                  // the experts' linear layers
+    // Run: round each expert's output y to BF16, then out[r] += weight * y in FP32
+    // (AddWeightedBf16). This defines the precision of one expert's output for every user
+    // (the engine, shards, the attention service's MTP experts) and is what the dispatcher's
+    // exact combine reproduces for any placement. Off: FP32 y (only for comparisons with
+    // float oracles that have no BF16 expert outputs).
+    bool round_expert_outputs_bf16 = true;
   };
 
   static absl::StatusOr<std::unique_ptr<LocalExperts>> Create(const Checkpoint& ckpt,
@@ -57,13 +66,24 @@ class LocalExperts : public RoutedExperts {
                    std::span<float> out) override;
   absl::Status RunUnquantized(int layer, std::span<const float> x, const ExpertRoutes& routes,
                               std::span<float> out) override;
+  // One pass (the code of Run): pair_out [n_pairs, hidden_size] BF16 of the unweighted y.
+  absl::Status RunPerExpert(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                            std::span<uint16_t> pair_out) override;
 
  private:
+  // How RunRows hands over each expert output y of pair p (row r, weight w).
+  enum class Sink {
+    kFloat,     // out[r] += w * y in FP32
+    kBf16,      // out[r] += w * bf16(y) (AddWeightedBf16)
+    kPairBf16,  // pair_out[p] = bf16(y)
+  };
   LocalExperts(int64_t hidden_size, Options options)
       : hidden_size_(hidden_size), options_(std::move(options)) {}
   // x: [n_rows, hidden_size] float (dequantized or plain).
-  absl::Status RunRows(int layer, std::span<const float> x, const ExpertRoutes& routes,
-                       std::span<float> out);
+  // Exactly one of out ([n_rows, hidden_size]) / pair_out ([n_pairs, hidden_size]) is used,
+  // per sink.
+  absl::Status RunRows(int layer, std::span<const float> x, const ExpertRoutes& routes, Sink sink,
+                       std::span<float> out, std::span<uint16_t> pair_out);
 
   int64_t hidden_size_;
   Options options_;
