@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   std::string config_path, out_dir;
   uint64_t seed = 0;
   int shards = 2;
+  double gate_skew = 0.0;
   app.add_option("--config", config_path, "config.json of model_type deepseek_v3")
       ->required()
       ->check(CLI::ExistingFile);
@@ -22,6 +23,11 @@ int main(int argc, char** argv) {
   app.add_option("--shards", shards, "minimum number of safetensors shards")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000));
+  app.add_option("--gate-skew", gate_skew,
+                 "Skew the expert load: add up to this to the gate bias of the first quarter "
+                 "of each MoE layer's experts (0 = none)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 10.0));
   CLI11_PARSE(app, argc, argv);
 
   absl::StatusOr<std::string> text = expertmesh::base::ReadFile(config_path);
@@ -34,7 +40,8 @@ int main(int argc, char** argv) {
     spdlog::error("{}: {}", config_path, config.status().ToString());
     return 1;
   }
-  if (absl::Status s = expertmesh::WriteRandomCheckpoint(*config, *text, out_dir, seed, shards);
+  if (absl::Status s =
+          expertmesh::WriteRandomCheckpoint(*config, *text, out_dir, seed, shards, gate_skew);
       !s.ok()) {
     spdlog::error("{}", s.ToString());
     return 1;

@@ -1,5 +1,6 @@
 #include "tools/make-checkpoint/random_checkpoint.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -19,7 +20,8 @@ namespace {
 
 class Writer {
  public:
-  Writer(const ModelConfig& c, uint64_t seed) : c_(c), rng_(seed) {
+  Writer(const ModelConfig& c, uint64_t seed, double gate_skew)
+      : c_(c), rng_(seed), gate_skew_(gate_skew) {
     const auto& b = c.quantization_config.weight_block_size;
     if (b.size() == 2) block_ = BlockShape{b[0], b[1]};
   }
@@ -97,8 +99,15 @@ class Writer {
     // Gate logits of std ~2 so the sigmoid scores spread; a small correction bias.
     Bf16(p + "mlp.gate.weight", {c_.n_routed_experts, h},
          Gaussian(c_.n_routed_experts * h, 0.0, 2.0 / std::sqrt(static_cast<double>(h))));
-    F32(p + "mlp.gate.e_score_correction_bias", {c_.n_routed_experts},
-        Gaussian(c_.n_routed_experts, 0.0, 0.1));
+    std::vector<float> bias = Gaussian(c_.n_routed_experts, 0.0, 0.1);
+    // A skewed load on purpose (gate_skew > 0): the first quarter of the experts, which the
+    // even placement puts together on the first shard groups, get a larger correction bias,
+    // falling linearly from gate_skew to 0, so the gate picks them more often.
+    const int64_t hot = std::max<int64_t>(1, c_.n_routed_experts / 4);
+    for (int64_t e = 0; e < hot && gate_skew_ > 0; ++e) {
+      bias[e] += static_cast<float>(gate_skew_ * (1.0 - static_cast<double>(e) / hot));
+    }
+    F32(p + "mlp.gate.e_score_correction_bias", {c_.n_routed_experts}, bias);
     for (int e = 0; e < c_.n_routed_experts; ++e) {
       Mlp(absl::StrCat(p, "mlp.experts.", e, "."), c_.moe_intermediate_size);
     }
@@ -142,6 +151,7 @@ class Writer {
 
   const ModelConfig& c_;
   Rng rng_;
+  double gate_skew_;
   BlockShape block_;
   std::vector<TensorToWrite> tensors_;
 };
@@ -149,7 +159,8 @@ class Writer {
 }  // namespace
 
 absl::Status WriteRandomCheckpoint(const ModelConfig& config, const std::string& config_json,
-                                   const std::string& dir, uint64_t seed, int min_shards) {
+                                   const std::string& dir, uint64_t seed, int min_shards,
+                                   double gate_skew) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
@@ -158,7 +169,7 @@ absl::Status WriteRandomCheckpoint(const ModelConfig& config, const std::string&
     f << config_json;
     if (!f) return absl::InternalError(absl::StrCat("cannot write ", dir, "/config.json"));
   }
-  Writer w(config, seed);
+  Writer w(config, seed, gate_skew);
   return WriteShardedCheckpoint(dir, w.Build(), min_shards);
 }
 

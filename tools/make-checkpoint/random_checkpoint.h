@@ -15,7 +15,10 @@
 namespace expertmesh {
 
 // config_json is written verbatim as dir/config.json; config is its parsed form.
+// gate_skew > 0 adds up to that much to the gate's correction bias of the first quarter of
+// each MoE layer's experts (a skewed expert load for the rebalancing benchmark and tests).
 absl::Status WriteRandomCheckpoint(const ModelConfig& config, const std::string& config_json,
-                                   const std::string& dir, uint64_t seed, int min_shards = 2);
+                                   const std::string& dir, uint64_t seed, int min_shards = 2,
+                                   double gate_skew = 0.0);
 
 }  // namespace expertmesh
