@@ -308,9 +308,20 @@ void MlaForwardBatch(const ModelConfig& c, const MlaWeights& w, const Rope& rope
   } else {
     // Absorbed: per head, W_uk: rows [h*(nope+v), +nope) and W_uv: the next v_dim rows of
     // kv_b_proj. score_j = (W_uk^T q_nope) . c_j + q_pe . k_pe_j; o = W_uv (sum_j p_j c_j).
-    const std::vector<float> wkv_b = DequantizeKvB(c, w, opt.kernel);
-    const AbsorbedAttentionArgs args{c,           wkv_b.data(), q.data(),     rope.softmax_scale(),
-                                     cache_layer, seqs,         rows.q_first, rows.first_i};
+    // The matrices precomputed at load when the weights have them (the same floats as
+    // dequantizing here), else kv_b_proj dequantized for this forward.
+    const int64_t kvb_numel =
+        c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank;
+    std::vector<float> dequantized;
+    const float* wkv_b = nullptr;
+    if (w.kv_b_absorbed != nullptr && std::ssize(*w.kv_b_absorbed) == kvb_numel) {
+      wkv_b = w.kv_b_absorbed->data();
+    } else {
+      dequantized = DequantizeKvB(c, w, opt.kernel);
+      wkv_b = dequantized.data();
+    }
+    const AbsorbedAttentionArgs args{c,           wkv_b, q.data(),     rope.softmax_scale(),
+                                     cache_layer, seqs,  rows.q_first, rows.first_i};
     // The one signature, two implementations: the loops above, or the SIMD kernel.
     (opt.kernel == LinearKernel::kSimd ? AbsorbedAttentionSimd : AbsorbedAttentionReference)(
         args, attn.data());

@@ -267,6 +267,17 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
   return absl::OkStatus();
 }
 
+void PrecomputeAbsorbed(const ModelConfig& c, MlaWeights* w) {
+  const Linear& kvb = w->kv_b_proj;
+  const int64_t rank = c.kv_lora_rank;
+  const int64_t rows = c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim);
+  auto m = std::make_shared<std::vector<float>>(rows * rank);
+  // Exact either way: DequantizeRowSimd gives DequantizeRow's bits.
+  for (int64_t r = 0; r < rows; ++r) kvb.DequantizeRowSimd(r, m->data() + r * rank);
+  w->kv_b_absorbed = std::move(m);
+  if (kvb.tiles != nullptr && kvb.tiles_of == kvb.weight.data) kvb.ReleaseWeightPages();
+}
+
 namespace {
 
 // Counts loaded tensors for the progress callback.
@@ -314,7 +325,8 @@ absl::Status LoadMlp(Loader& ld, const std::string& prefix, int64_t hidden, int6
   return ld.Lin(prefix + "down_proj.weight", hidden, inter, &m->down_proj);
 }
 
-absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer, DecoderLayerWeights* w) {
+absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer, bool absorbed,
+                              DecoderLayerWeights* w) {
   const std::string p = absl::StrCat("model.layers.", layer, ".");
   const int64_t h = c.hidden_size;
   const int64_t heads = c.num_attention_heads;
@@ -342,6 +354,7 @@ absl::Status LoadDecoderLayer(Loader& ld, const ModelConfig& c, int layer, Decod
   EM_RETURN_IF_ERROR(ld.Lin(ap + "kv_b_proj.weight", heads * (c.qk_nope_head_dim + c.v_head_dim),
                             c.kv_lora_rank, &a.kv_b_proj));
   EM_RETURN_IF_ERROR(ld.Lin(ap + "o_proj.weight", h, heads * c.v_head_dim, &a.o_proj));
+  if (absorbed) PrecomputeAbsorbed(c, &a);
   if (!w->is_moe) {
     w->mlp.emplace();
     return LoadMlp(ld, p + "mlp.", h, c.intermediate_size, &*w->mlp);
@@ -383,7 +396,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
   EM_RETURN_IF_ERROR(ld.Lin("model.embed_tokens.weight", config.vocab_size, h, &m->embed_tokens_));
   m->layers_.resize(n_layers);
   for (int layer = 0; layer < n_layers; ++layer) {
-    EM_RETURN_IF_ERROR(LoadDecoderLayer(ld, config, layer, &m->layers_[layer]));
+    EM_RETURN_IF_ERROR(
+        LoadDecoderLayer(ld, config, layer, options.absorbed_attention, &m->layers_[layer]));
   }
   EM_RETURN_IF_ERROR(ld.Vec("model.norm.weight", h, &m->norm_));
   EM_RETURN_IF_ERROR(ld.Lin("lm_head.weight", config.vocab_size, h, &m->lm_head_));
@@ -395,7 +409,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const Checkpoint& ckpt,
     EM_RETURN_IF_ERROR(ld.Vec(p + "enorm.weight", h, &t.enorm));
     EM_RETURN_IF_ERROR(ld.Vec(p + "hnorm.weight", h, &t.hnorm));
     EM_RETURN_IF_ERROR(ld.Lin(p + "eh_proj.weight", h, 2 * h, &t.eh_proj));
-    EM_RETURN_IF_ERROR(LoadDecoderLayer(ld, config, t.layer, &t.block));
+    EM_RETURN_IF_ERROR(LoadDecoderLayer(ld, config, t.layer, options.absorbed_attention, &t.block));
     EM_RETURN_IF_ERROR(ld.Vec(p + "shared_head.norm.weight", h, &t.shared_head_norm));
     if (ckpt.Has(p + "shared_head.head.weight")) {
       EM_RETURN_IF_ERROR(

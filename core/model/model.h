@@ -79,7 +79,20 @@ struct MlaWeights {
   std::vector<float> kv_a_layernorm;  // [kv_lora_rank]
   Linear kv_b_proj;  // [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]
   Linear o_proj;     // [hidden_size, num_attention_heads * v_head_dim]
+  // The absorbed attention's matrices, kv_b_proj dequantized to float once at load
+  // (PrecomputeAbsorbed): [num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank],
+  // per head its W_UK rows [qk_nope_head_dim, kv_lora_rank] (the query absorption) then its W_UV
+  // rows [v_head_dim, kv_lora_rank] (the output), the layout the attention core reads. Float and
+  // not BF16: an FP8 code times its block scale is exact in float (one rounding, the same bits
+  // as dequantizing in every forward) and not in BF16. 4 bytes per weight, 4x the FP8 kv_b_proj
+  // (DeepSeek-V3: 67.1 MB per layer against 16.8 MB). Null (weights assembled by hand, a load
+  // with ModelLoadOptions::absorbed_attention off): the forward dequantizes kv_b_proj itself.
+  std::shared_ptr<const std::vector<float>> kv_b_absorbed;
 };
+
+// Fills w->kv_b_absorbed from w->kv_b_proj (heads, head dims and rank from c), then drops
+// kv_b_proj's mapped pages again when it is packed (the naive form reads its tiles).
+void PrecomputeAbsorbed(const ModelConfig& c, MlaWeights* w);
 
 struct MlpWeights {  // SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))
   Linear gate_proj;  // [intermediate, hidden_size]
@@ -112,6 +125,9 @@ struct MtpWeights {
 
 struct ModelLoadOptions {
   bool load_mtp = true;  // the model.layers.{num_hidden_layers..} modules, when the config has them
+  // MlaWeights::kv_b_absorbed for every layer (the absorbed attention's float matrices); off
+  // for the naive form only, or to save their memory at the cost of a dequantization per step.
+  bool absorbed_attention = true;
   // Called after each tensor: (tensors done, tensors total).
   std::function<void(int64_t done, int64_t total)> progress;
 };
