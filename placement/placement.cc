@@ -4,6 +4,8 @@
 
 #include <boost/json.hpp>
 
+#include "absl/container/inlined_vector.h"
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
@@ -30,14 +32,61 @@ int32_t Placement::ShardOf(int64_t layer, int64_t expert) const {
   return shard_of[layer * n_routed_experts + expert];
 }
 
+std::span<const int32_t> Placement::ShardsOf(int64_t layer, int64_t expert) const {
+  if (layer < 0 || layer >= n_layers || expert < 0 || expert >= n_routed_experts) return {};
+  const size_t i = static_cast<size_t>(layer) * n_routed_experts + expert;
+  if (copy_offsets.empty()) {
+    if (shard_of[i] < 0) return {};
+    return std::span<const int32_t>(&shard_of[i], 1);
+  }
+  return std::span<const int32_t>(copy_shards.data() + copy_offsets[i],
+                                  copy_offsets[i + 1] - copy_offsets[i]);
+}
+
 std::vector<LayerExpert> Placement::ExpertsOf(int32_t shard) const {
   std::vector<LayerExpert> out;
   for (int32_t l = 0; l < n_layers; ++l) {
     for (int32_t e = 0; e < n_routed_experts; ++e) {
-      if (shard_of[static_cast<size_t>(l) * n_routed_experts + e] == shard) out.push_back({l, e});
+      const std::span<const int32_t> s = ShardsOf(l, e);
+      if (std::find(s.begin(), s.end(), shard) != s.end()) out.push_back({l, e});
     }
   }
   return out;
+}
+
+absl::Status Placement::SetCopies(const std::vector<std::vector<int32_t>>& shards) {
+  const size_t n = static_cast<size_t>(n_layers) * n_routed_experts;
+  if (shards.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("placement: ", shards.size(), " copy lists for ",
+                                                   n, " (layer, expert) pairs"));
+  }
+  bool copies = false;
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<int32_t>& s = shards[i];
+    for (size_t j = 0; j < s.size(); ++j) {
+      if (s[j] < 0 || s[j] >= num_shards || (j > 0 && s[j] <= s[j - 1])) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "placement: layer ", i / n_routed_experts, " expert ", i % n_routed_experts,
+            ": shards must be distinct, ascending and in [0, ", num_shards, ")"));
+      }
+    }
+    copies |= s.size() > 1;
+  }
+  shard_of.assign(n, -1);
+  copy_offsets.clear();
+  copy_shards.clear();
+  for (size_t i = 0; i < n; ++i) {
+    if (!shards[i].empty()) shard_of[i] = shards[i].front();
+  }
+  if (copies) {
+    copy_offsets.reserve(n + 1);
+    copy_offsets.push_back(0);
+    for (size_t i = 0; i < n; ++i) {
+      copy_shards.insert(copy_shards.end(), shards[i].begin(), shards[i].end());
+      copy_offsets.push_back(static_cast<int32_t>(copy_shards.size()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Placement> EvenPlacement(const ModelConfig& config, int32_t num_shards) {
@@ -77,6 +126,7 @@ absl::StatusOr<Placement> PlacementFromJson(std::string_view json, const ModelCo
     return absl::InvalidArgumentError("placement: layers must be an object");
   }
   Placement p = EmptyPlacement(config, static_cast<int32_t>(num_shards));
+  std::vector<std::vector<int32_t>> copies(p.shard_of.size());
   for (const auto& kv : layers_v->as_object()) {
     const std::string key(kv.key());
     int32_t layer;
@@ -87,26 +137,58 @@ absl::StatusOr<Placement> PlacementFromJson(std::string_view json, const ModelCo
     }
     const auto* arr = kv.value().if_array();
     if (!arr || static_cast<int64_t>(arr->size()) != p.n_routed_experts) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("placement: layers.", key, " must list ", p.n_routed_experts, " shard ids"));
+      return absl::InvalidArgumentError(absl::StrCat("placement: layers.", key, " must list ",
+                                                     p.n_routed_experts,
+                                                     " shard ids (or arrays of them)"));
     }
     for (int32_t e = 0; e < p.n_routed_experts; ++e) {
-      const auto& s = (*arr)[e];
-      if (!s.is_int64() || s.as_int64() < 0 || s.as_int64() >= num_shards) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "placement: layers.", key, "[", e, "] must be a shard id in [0, ", num_shards, ")"));
+      const auto& item = (*arr)[e];
+      std::vector<int32_t>& out = copies[static_cast<size_t>(layer) * p.n_routed_experts + e];
+      if (!out.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement: layer ", key, " is given twice"));
       }
-      p.shard_of[static_cast<size_t>(layer) * p.n_routed_experts + e] =
-          static_cast<int32_t>(s.as_int64());
+      const auto add = [&](const boost::json::value& s) -> absl::Status {
+        if (!s.is_int64() || s.as_int64() < 0 || s.as_int64() >= num_shards) {
+          return absl::InvalidArgumentError(absl::StrCat("placement: layers.", key, "[", e,
+                                                         "] must be a shard id in [0, ", num_shards,
+                                                         ") or an array of them"));
+        }
+        out.push_back(static_cast<int32_t>(s.as_int64()));
+        return absl::OkStatus();
+      };
+      if (const auto* list = item.if_array()) {
+        if (list->empty()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("placement: layers.", key, "[", e,
+                           "] is an empty array: every expert needs a shard"));
+        }
+        for (const auto& s : *list) {
+          if (absl::Status st = add(s); !st.ok()) return st;
+        }
+        std::sort(out.begin(), out.end());
+        if (std::adjacent_find(out.begin(), out.end()) != out.end()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("placement: layers.", key, "[", e,
+                           "] lists a shard twice (a second copy in one group is useless)"));
+        }
+      } else if (absl::Status st = add(item); !st.ok()) {
+        return st;
+      }
     }
   }
+  if (absl::Status st = p.SetCopies(copies); !st.ok()) return st;
   for (int32_t l = 0; l < p.n_layers; ++l) {
     if (config.IsMoeLayer(l) && p.ShardOf(l, 0) < 0) {
       return absl::InvalidArgumentError(absl::StrCat("placement: MoE layer ", l, " is missing"));
     }
   }
+  std::vector<bool> holds(p.num_shards, false);
+  for (int32_t s : p.HasCopies() ? p.copy_shards : p.shard_of) {
+    if (s >= 0) holds[s] = true;
+  }
   for (int32_t s = 0; s < p.num_shards; ++s) {
-    if (p.ExpertsOf(s).empty()) {
+    if (!holds[s]) {
       return absl::InvalidArgumentError(absl::StrCat("placement: shard ", s, " holds no expert"));
     }
   }
@@ -132,7 +214,14 @@ std::string PlacementToJson(const Placement& placement) {
   for (int32_t l = 0; l < placement.n_layers; ++l) {
     if (placement.ShardOf(l, 0) < 0) continue;
     boost::json::array arr;
-    for (int32_t e = 0; e < placement.n_routed_experts; ++e) arr.push_back(placement.ShardOf(l, e));
+    for (int32_t e = 0; e < placement.n_routed_experts; ++e) {
+      const std::span<const int32_t> s = placement.ShardsOf(l, e);
+      if (s.size() == 1) {
+        arr.push_back(s[0]);
+      } else {
+        arr.push_back(boost::json::array(s.begin(), s.end()));
+      }
+    }
     layers[std::to_string(l)] = std::move(arr);
   }
   root["layers"] = std::move(layers);
@@ -174,13 +263,18 @@ void FillShardGroups(const Placement& placement, v1::PlacementMap* map) {
   map->set_n_layers(placement.n_layers);
   map->set_n_routed_experts(placement.n_routed_experts);
   map->clear_shards();
+  std::vector<v1::ShardGroup*> groups;
   for (int32_t s = 0; s < placement.num_shards; ++s) {
-    v1::ShardGroup* g = map->add_shards();
-    g->set_shard_id(s);
-    for (const LayerExpert& le : placement.ExpertsOf(s)) {
-      v1::LayerExpert* p = g->add_experts();
-      p->set_layer(le.layer);
-      p->set_expert(le.expert);
+    groups.push_back(map->add_shards());
+    groups.back()->set_shard_id(s);
+  }
+  for (int32_t l = 0; l < placement.n_layers; ++l) {
+    for (int32_t e = 0; e < placement.n_routed_experts; ++e) {
+      for (int32_t s : placement.ShardsOf(l, e)) {
+        v1::LayerExpert* p = groups[s]->add_experts();
+        p->set_layer(l);
+        p->set_expert(e);
+      }
     }
   }
 }
@@ -193,12 +287,19 @@ absl::StatusOr<Placement> PlacementFromMap(const v1::PlacementMap& map) {
       p.n_routed_experts > (1 << 16)) {
     return absl::InvalidArgumentError("placement map: bad n_layers / n_routed_experts");
   }
-  p.shard_of.assign(static_cast<size_t>(p.n_layers) * p.n_routed_experts, -1);
+  const size_t n = static_cast<size_t>(p.n_layers) * p.n_routed_experts;
+  std::vector<std::vector<int32_t>> copies(n);
+  std::vector<bool> seen_id(map.shards_size(), false);
   for (const v1::ShardGroup& g : map.shards()) {
     if (g.shard_id() < 0 || g.shard_id() >= map.shards_size()) {
       return absl::InvalidArgumentError(
           absl::StrCat("placement map: shard id ", g.shard_id(), " out of range"));
     }
+    if (seen_id[g.shard_id()]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement map: shard id ", g.shard_id(), " appears twice"));
+    }
+    seen_id[g.shard_id()] = true;
     p.num_shards = std::max(p.num_shards, g.shard_id() + 1);
     for (const v1::LayerExpert& le : g.experts()) {
       if (le.layer() < 0 || le.layer() >= p.n_layers || le.expert() < 0 ||
@@ -206,15 +307,120 @@ absl::StatusOr<Placement> PlacementFromMap(const v1::PlacementMap& map) {
         return absl::InvalidArgumentError(absl::StrCat("placement map: layer ", le.layer(),
                                                        " expert ", le.expert(), " out of range"));
       }
-      int32_t& slot =
-          p.shard_of[static_cast<size_t>(le.layer()) * p.n_routed_experts + le.expert()];
-      if (slot >= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "placement map: layer ", le.layer(), " expert ", le.expert(), " is in two shards"));
+      std::vector<int32_t>& c =
+          copies[static_cast<size_t>(le.layer()) * p.n_routed_experts + le.expert()];
+      if (std::find(c.begin(), c.end(), g.shard_id()) != c.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("placement map: layer ", le.layer(),
+                                                       " expert ", le.expert(),
+                                                       " is listed twice in shard ", g.shard_id()));
       }
-      slot = g.shard_id();
+      c.push_back(g.shard_id());
     }
   }
+  for (int32_t l = 0; l < p.n_layers; ++l) {
+    const size_t row = static_cast<size_t>(l) * p.n_routed_experts;
+    bool any = false;
+    for (int32_t e = 0; e < p.n_routed_experts; ++e) any |= !copies[row + e].empty();
+    if (!any) continue;  // not a MoE layer
+    for (int32_t e = 0; e < p.n_routed_experts; ++e) {
+      if (copies[row + e].empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement map: layer ", l, " expert ", e, " is in no shard"));
+      }
+      std::sort(copies[row + e].begin(), copies[row + e].end());
+    }
+  }
+  if (absl::Status st = p.SetCopies(copies); !st.ok()) return st;
+  return p;
+}
+
+bool ChooseShards(const Placement& placement, int layer, std::span<const int32_t> row_experts,
+                  uint64_t row_key, std::span<int32_t> shard_out) {
+  if (row_experts.size() != shard_out.size()) {
+    std::fill(shard_out.begin(), shard_out.end(), -1);
+    return false;
+  }
+  const size_t k = row_experts.size();
+  constexpr int32_t kPending = -2;
+  absl::InlinedVector<int32_t, 16> used;  // shard groups the row already goes to
+  const auto use = [&](int32_t s) {
+    if (std::find(used.begin(), used.end(), s) == used.end()) used.push_back(s);
+  };
+  bool ok = true;
+  // Experts with one copy have no choice; their groups are used whatever the rest picks.
+  for (size_t i = 0; i < k; ++i) {
+    const std::span<const int32_t> c = placement.ShardsOf(layer, row_experts[i]);
+    if (c.empty()) {
+      shard_out[i] = -1;
+      ok = false;
+    } else if (c.size() == 1) {
+      shard_out[i] = c[0];
+      use(c[0]);
+    } else {
+      shard_out[i] = kPending;
+    }
+  }
+  for (size_t i = 0; i < k; ++i) {
+    if (shard_out[i] != kPending) continue;
+    const std::span<const int32_t> c = placement.ShardsOf(layer, row_experts[i]);
+    const size_t m = c.size();
+    const size_t start = static_cast<size_t>(
+        (row_key + static_cast<uint64_t>(static_cast<uint32_t>(row_experts[i]))) % m);
+    int32_t best = -1;
+    size_t best_score = 0;
+    for (size_t j = 0; j < m; ++j) {
+      const int32_t s = c[(start + j) % m];
+      size_t score;
+      if (std::find(used.begin(), used.end(), s) != used.end()) {
+        score = k + 1;  // costs no extra group: beats any shared copy
+      } else {
+        score = 1;  // this expert
+        for (size_t q = i + 1; q < k; ++q) {
+          if (shard_out[q] != kPending) continue;
+          const std::span<const int32_t> cq = placement.ShardsOf(layer, row_experts[q]);
+          if (std::find(cq.begin(), cq.end(), s) != cq.end()) ++score;
+        }
+      }
+      if (best < 0 || score > best_score) {
+        best = s;
+        best_score = score;
+      }
+    }
+    shard_out[i] = best;
+    use(best);
+  }
+  return ok;
+}
+
+absl::StatusOr<Placement> GroupAlignedPlacement(const ModelConfig& config, int32_t num_shards,
+                                                bool* aligned) {
+  absl::StatusOr<Placement> even = EvenPlacement(config, num_shards);
+  if (!even.ok()) return even.status();
+  if (aligned) *aligned = false;
+  const int64_t E = config.n_routed_experts;
+  const int64_t n_group = config.n_group;
+  if (n_group <= 1 || config.topk_group >= n_group || E % n_group != 0 ||
+      (n_group % num_shards != 0 && num_shards % n_group != 0)) {
+    return even;  // no group limit to exploit, or groups and shards do not divide
+  }
+  if (aligned) *aligned = true;
+  const int64_t per_group = E / n_group;
+  Placement p = EmptyPlacement(config, num_shards);
+  std::vector<std::vector<int32_t>> copies(p.shard_of.size());
+  for (int32_t l = 0; l < p.n_layers; ++l) {
+    if (!config.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t g = e / per_group;
+      std::vector<int32_t>& c = copies[static_cast<size_t>(l) * E + e];
+      if (n_group % num_shards == 0) {
+        c.push_back(static_cast<int32_t>(g / (n_group / num_shards)));
+      } else {
+        const int64_t k = num_shards / n_group;
+        for (int64_t j = 0; j < k; ++j) c.push_back(static_cast<int32_t>(g * k + j));
+      }
+    }
+  }
+  if (absl::Status st = p.SetCopies(copies); !st.ok()) return st;
   return p;
 }
 
