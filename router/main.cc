@@ -1,9 +1,12 @@
 // router-service: the cluster's control plane (membership, placement maps, load, status).
+// With --metrics-port, that HTTP port also serves the operator page (/, /ui.js, /api/cluster;
+// router/cluster_view.h).
 #include <memory>
 #include <string>
 
 #include "core/format/config.h"
 #include "placement/placement.h"
+#include "router/cluster_view.h"
 #include "router/router_service.h"
 #include "service-common/bootstrap.h"
 #include "service-common/handshake.h"
@@ -61,5 +64,14 @@ int main(int argc, char** argv) {
   if (!server.ok()) return main.StartFailed(server.status());
   spdlog::info("router serving {} ({}) with {} shard groups on port {}", identity->model_name(),
                identity->model_fingerprint(), shards, (*server)->port());
-  return main.RunUntilSignal([&] { (*server)->Shutdown(); });
+  if (*metrics_http) {
+    AddClusterPageRoutes(**metrics_http, (*server)->service(),
+                         {.experts_per_token = static_cast<int32_t>(config->num_experts_per_tok),
+                          .num_hidden_layers = static_cast<int32_t>(config->num_hidden_layers)});
+    spdlog::info("operator page: http://{}:{}/", main.MetricsHost(), (*metrics_http)->port());
+  }
+  return main.RunUntilSignal([&] {
+    metrics_http->reset();  // its page routes read the router service: stop serving them first
+    (*server)->Shutdown();
+  });
 }

@@ -12,6 +12,8 @@ namespace expertmesh {
 RouterServiceImpl::RouterServiceImpl(Placement placement, RouterServerOptions options)
     : options_(std::move(options)),
       membership_(std::move(placement), options_.membership),
+      load_window_(membership_.placement().n_layers, membership_.placement().n_routed_experts,
+                   absl::Now(), options_.load_window),
       settle_until_(absl::Now() + 2 * options_.membership.heartbeat_interval),
       settle_cap_(settle_until_ + options_.membership.expiry) {}
 
@@ -153,16 +155,27 @@ grpc::Status RouterServiceImpl::ReportLoad(grpc::ServerContext*, const v1::LoadR
                                            v1::LoadReportResponse*) {
   std::lock_guard<std::mutex> lock(mu_);
   membership_.AddLoad(*req);
+  load_window_.Add(*req, absl::Now());
   return grpc::Status::OK;
 }
 
 grpc::Status RouterServiceImpl::GetStatus(grpc::ServerContext*, const v1::StatusRequest*,
                                           v1::StatusResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
+  FillStatus(resp);
+  return grpc::Status::OK;
+}
+
+void RouterServiceImpl::FillStatus(v1::StatusResponse* resp) const {
   *resp->mutable_placement() = membership_.Map(absl::Now());
   for (v1::LayerExpertLoad& l : membership_.Load()) *resp->add_expert_load() = std::move(l);
   resp->set_model_name(options_.identity.model_name());
-  return grpc::Status::OK;
+}
+
+void RouterServiceImpl::Snapshot(v1::StatusResponse* status, LoadWindow::Sums* window) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  FillStatus(status);
+  *window = load_window_.Sum(absl::Now());
 }
 
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(Placement placement,

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "expertmesh/v1/router.grpc.pb.h"
+#include "router/load_window.h"
 #include "router/membership.h"
 #include "service-common/grpc_util.h"
 #include "service-common/metrics.h"
@@ -23,6 +24,7 @@ struct RouterServerOptions {
   ServerOptions server;       // listen address, limits
   v1::PeerIdentity identity;  // model fingerprint + protocol version peers must match
   MembershipOptions membership;
+  LoadWindowOptions load_window;       // the recent expert load (the operator page shows it)
   int max_watchers = 256;              // concurrent WatchPlacement streams
   MetricsRegistry* metrics = nullptr;  // optional
 };
@@ -52,13 +54,18 @@ class RouterServiceImpl final : public v1::RouterService::Service {
   // Ends every watch stream (before server shutdown).
   void Stop();
   uint64_t version() const;
+  // What GetStatus answers and the load window's sums, taken together (the operator page,
+  // router/cluster_view.h).
+  void Snapshot(v1::StatusResponse* status, LoadWindow::Sums* window) const;
 
  private:
+  void FillStatus(v1::StatusResponse* resp) const;  // under mu_
   void Changed();  // after a membership change, under mu_: metrics + wake watchers
   RouterServerOptions options_;
   mutable std::mutex mu_;
   std::condition_variable changed_;
   Membership membership_;
+  LoadWindow load_window_;  // ReportLoad adds to it beside membership_'s totals
   bool stopping_ = false;
   int watchers_ = 0;
   // Watchers get no map before settle_until_: a freshly (re)started router knows none of the

@@ -1,6 +1,8 @@
 #include "service-common/metrics_http.h"
 
 #include <chrono>
+#include <map>
+#include <mutex>
 #include <thread>
 
 #include <boost/asio.hpp>
@@ -8,6 +10,7 @@
 #include <boost/beast/http.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/check.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh {
@@ -21,11 +24,24 @@ using tcp = asio::ip::tcp;
 constexpr auto kRequestTimeout = std::chrono::seconds(10);
 constexpr size_t kMaxRequestBytes = 16 * 1024;
 
+// The extra GET routes (path -> handler), shared by the server and its sessions.
+struct Routes {
+  std::mutex mu;
+  std::map<std::string, HttpRouteHandler, std::less<>> by_path;
+
+  // A copy of the handler for `path` (null when there is none), called outside the lock.
+  HttpRouteHandler Find(std::string_view path) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = by_path.find(path);
+    return it == by_path.end() ? nullptr : it->second;
+  }
+};
+
 // One connection: read a request, answer, repeat while keep-alive.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, const MetricsRegistry* registry)
-      : stream_(std::move(socket)), registry_(registry) {}
+  Session(tcp::socket socket, const MetricsRegistry* registry, std::shared_ptr<Routes> routes)
+      : stream_(std::move(socket)), registry_(registry), routes_(std::move(routes)) {}
 
   void Start() { Read(); }
 
@@ -53,8 +69,18 @@ class Session : public std::enable_shared_from_this<Session> {
     res->set(http::field::server, "expertmesh");
     const std::string_view target(req.target().data(), req.target().size());
     const std::string_view path = target.substr(0, target.find('?'));
-    if (path == "/metrics" &&
-        (req.method() == http::verb::get || req.method() == http::verb::head)) {
+    const bool get_or_head = req.method() == http::verb::get || req.method() == http::verb::head;
+    HttpRouteHandler route = path == "/metrics" ? nullptr : routes_->Find(path);
+    if (route && get_or_head) {
+      HttpReply reply = route();
+      res->result(http::status::ok);
+      res->set(http::field::content_type, reply.content_type);
+      res->set(http::field::cache_control, "no-store");
+      if (req.method() == http::verb::get) res->body() = std::move(reply.body);
+    } else if (route) {
+      res->result(http::status::method_not_allowed);
+      res->set(http::field::allow, "GET, HEAD");
+    } else if (path == "/metrics" && get_or_head) {
       res->result(http::status::ok);
       res->set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       if (req.method() == http::verb::get) res->body() = registry_->RenderText();
@@ -64,7 +90,7 @@ class Session : public std::enable_shared_from_this<Session> {
     } else {
       res->result(http::status::not_found);
       res->set(http::field::content_type, "text/plain");
-      res->body() = "not found: only /metrics is served here\n";
+      res->body() = "not found\n";
     }
     res->prepare_payload();
     http::async_write(stream_, *res,
@@ -82,13 +108,15 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   const MetricsRegistry* registry_;
+  std::shared_ptr<Routes> routes_;
 };
 
 }  // namespace
 
 class MetricsHttpServer::Impl {
  public:
-  explicit Impl(const MetricsRegistry* registry) : registry_(registry), acceptor_(io_) {}
+  explicit Impl(const MetricsRegistry* registry)
+      : registry_(registry), routes_(std::make_shared<Routes>()), acceptor_(io_) {}
 
   absl::Status Listen(const std::string& host, int port) {
     beast::error_code ec;
@@ -115,7 +143,7 @@ class MetricsHttpServer::Impl {
         if (ec == asio::error::operation_aborted) return;
         spdlog::warn("metrics: accept failed: {}", ec.message());
       } else {
-        std::make_shared<Session>(std::move(socket), registry_)->Start();
+        std::make_shared<Session>(std::move(socket), registry_, routes_)->Start();
       }
       Accept();
     });
@@ -127,9 +155,11 @@ class MetricsHttpServer::Impl {
   }
 
   int port() const { return port_; }
+  Routes& routes() { return *routes_; }
 
  private:
   const MetricsRegistry* registry_;
+  std::shared_ptr<Routes> routes_;
   asio::io_context io_;
   tcp::acceptor acceptor_;
   std::thread thread_;
@@ -147,6 +177,14 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
 MetricsHttpServer::MetricsHttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 MetricsHttpServer::~MetricsHttpServer() = default;
 int MetricsHttpServer::port() const { return impl_->port(); }
+
+void MetricsHttpServer::AddRoute(const std::string& path, HttpRouteHandler handler) {
+  EM_CHECK(!path.empty() && path[0] == '/' && path != "/metrics" && handler != nullptr,
+           "MetricsHttpServer::AddRoute: a path starting with '/', not /metrics, and a handler");
+  Routes& routes = impl_->routes();
+  std::lock_guard<std::mutex> lock(routes.mu);
+  routes.by_path[path] = std::move(handler);
+}
 
 absl::StatusOr<std::string> HttpGet(const std::string& host, int port, const std::string& path,
                                     int timeout_ms) {

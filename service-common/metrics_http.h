@@ -1,8 +1,10 @@
 // A tiny HTTP server (Boost.Beast on Asio, one thread) that serves a MetricsRegistry at
 // GET /metrics in the Prometheus text format, on its own port, apart from the gRPC port.
-// Anything else gets 404; requests are read with a size limit and a timeout.
+// A service may add a few more GET routes (the router's operator page); any other path gets
+// 404; requests are read with a size limit and a timeout.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -10,6 +12,16 @@
 #include "service-common/metrics.h"
 
 namespace expertmesh {
+
+// What an extra route answers: 200 with this body and Content-Type.
+struct HttpReply {
+  std::string content_type;
+  std::string body;
+};
+// Runs on the server's one thread, once per GET (HEAD too: the body is then dropped); must
+// not block for long, and must stay callable until the server is destroyed or the route
+// replaced.
+using HttpRouteHandler = std::function<HttpReply()>;
 
 class MetricsHttpServer {
  public:
@@ -20,6 +32,10 @@ class MetricsHttpServer {
                                                                   int port);
   ~MetricsHttpServer();  // stops the thread and closes the socket
   int port() const;
+  // Serves GET/HEAD `path` (an exact match; the query string is ignored) with `handler`;
+  // other methods on it get 405. `path` must start with '/' and must not be /metrics.
+  // Thread-safe: routes may be added while serving.
+  void AddRoute(const std::string& path, HttpRouteHandler handler);
 
   class Impl;
 
