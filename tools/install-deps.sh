@@ -16,8 +16,9 @@ boost=${EXPERTMESH_BOOST:-1.81}
 BUILD=(build-essential cmake ninja-build ccache pkg-config)
 # Test and demo tools: clang + libclang-rt (libFuzzer, tools/fuzz.sh); clang-format and git
 # (tools/format-check.sh); curl and python3 (tools/demo.sh); python3-venv (tools/test.sh's
-# .venv-test for the openai client and kubernetes-validate).
-TOOLS=(git curl python3 python3-venv clang libclang-rt-14-dev clang-format)
+# .venv-test for the openai client and kubernetes-validate); chromium (router_page_test loads
+# the router's operator page in headless Chromium; skipped without it).
+TOOLS=(git curl python3 python3-venv clang libclang-rt-14-dev clang-format chromium)
 # Libraries found in cmake/Dependencies.cmake: gRPC + protobuf (services), Boost (JSON, Beast,
 # Asio), Abseil, GoogleTest/GoogleMock, Google Benchmark (find_package'd when
 # EXPERTMESH_BENCHMARKS), PCRE2 + ICU (tokenizer), spdlog, CLI11, Highway (SIMD kernels),
