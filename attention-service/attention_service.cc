@@ -255,6 +255,7 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   d.identity = *identity;
   d.step_deadline = o.step_deadline;
   d.attempt_timeout = std::min(o.attempt_timeout, o.step_deadline);
+  d.combine = o.combine;
   d.metrics = &s->metrics_;
   absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(s->config_, d);
   if (!dispatcher.ok()) return dispatcher.status();

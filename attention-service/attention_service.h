@@ -40,8 +40,11 @@ struct AttentionServerOptions {
   int metrics_port = -1;                   // 0 = any free port, -1 = off
   std::string instance_id = "attention";
   SchedulerOptions scheduler;
-  absl::Duration step_deadline = absl::Seconds(10);     // one MoE dispatch, all shards
-  absl::Duration attempt_timeout = absl::Seconds(3);    // one shard replica, then failover
+  absl::Duration step_deadline = absl::Seconds(10);   // one MoE dispatch, all shards
+  absl::Duration attempt_timeout = absl::Seconds(3);  // one shard replica, then failover
+  // How the dispatcher combines shard answers (dispatcher/dispatcher.h): exact (per-expert
+  // answers, bit-identical to the in-process engine for any placement) or partial.
+  CombineMode combine = CombineMode::kExact;
   absl::Duration default_deadline = absl::Minutes(10);  // a Submit without a deadline
   bool load_progress = false;                           // log loading progress
   // The MTP module's routed experts in this process (drafting without a network round

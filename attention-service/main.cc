@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   int draft_k = 1;
   int drain_grace_s = 30;
   std::string device = "cpu";
+  std::string combine = "exact";
   app.add_option("--model", o.model_dir, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -46,6 +47,13 @@ int main(int argc, char** argv) {
   app.add_option("--attempt-timeout-ms", attempt_timeout_ms,
                  "One shard replica's answer, then failover")
       ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  app.add_option("--combine", combine,
+                 "exact: shards answer each (token, expert) output and this service adds them in "
+                 "expert order (bit-identical to the in-process engine for every placement); "
+                 "partial: one partial sum per token and shard (fewer bytes, output depends on "
+                 "which experts share a shard)")
+      ->check(CLI::IsMember({"exact", "partial"}))
       ->capture_default_str();
   app.add_option("--default-deadline-ms", default_deadline_ms, "Deadline of a Submit without one")
       ->check(CLI::Range(1, 86400000))
@@ -92,6 +100,7 @@ int main(int argc, char** argv) {
   o.scheduler.policy.adaptive = !mtp_always;
   o.step_deadline = absl::Milliseconds(step_deadline_ms);
   o.attempt_timeout = absl::Milliseconds(attempt_timeout_ms);
+  o.combine = combine == "partial" ? CombineMode::kPartial : CombineMode::kExact;
   o.default_deadline = absl::Milliseconds(default_deadline_ms);
   o.load_progress = true;
 

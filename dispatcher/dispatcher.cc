@@ -372,10 +372,11 @@ struct Dispatcher::Table {
   }
 };
 
-// One shard group's part of a step.
+// One request of a step: a shard group's part (or, in exact mode, a slice of its rows).
 struct Dispatcher::Group {
   int32_t shard = 0;
   std::vector<int32_t> rows;               // rows of the batch routed here, ascending
+  std::vector<int32_t> pairs;              // exact mode: the batch's pair index of each pair
   v1::ExpertRequest request;               // built once, resent on failover
   std::set<const ReplicaStream*> tried;    // replicas that failed this step
   std::shared_ptr<ReplicaStream> replica;  // the current attempt's replica
@@ -383,8 +384,19 @@ struct Dispatcher::Group {
   absl::Time attempt_deadline;
   bool done = false;
   std::vector<std::string> errors;  // why each replica failed, for the final message
-  std::string answer;               // BF16 [rows.size(), H] once done
+  std::string answer;               // BF16 [rows.size(), H] (exact: [pairs.size(), H]) once done
 };
+
+absl::StatusOr<CombineMode> ParseCombineMode(std::string_view name) {
+  if (name == "exact") return CombineMode::kExact;
+  if (name == "partial") return CombineMode::kPartial;
+  return absl::InvalidArgumentError(
+      absl::StrCat("combine mode \"", std::string(name), "\": expected exact or partial"));
+}
+
+const char* CombineModeName(CombineMode mode) {
+  return mode == CombineMode::kExact ? "exact" : "partial";
+}
 
 Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
     : hidden_size_(config.hidden_size),
@@ -413,6 +425,16 @@ absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const ModelConfig
   if (options.attempt_timeout <= absl::ZeroDuration() ||
       options.step_deadline <= absl::ZeroDuration() || options.max_in_flight_per_replica < 1) {
     return absl::InvalidArgumentError("dispatcher: timeouts and queue bound must be positive");
+  }
+  // Exact mode: one row's pairs must fit one answer, and an answer one message.
+  const uint64_t row_answer = OutputBytes(std::max<int64_t>(1, config.num_experts_per_tok),
+                                          static_cast<uint64_t>(config.hidden_size));
+  if (options.combine == CombineMode::kExact &&
+      (options.max_answer_bytes < row_answer ||
+       options.max_answer_bytes >= static_cast<uint64_t>(options.max_message_bytes))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dispatcher: max_answer_bytes ", options.max_answer_bytes, " must be at least one row's ",
+        row_answer, " and below max_message_bytes ", options.max_message_bytes));
   }
   return std::unique_ptr<Dispatcher>(new Dispatcher(config, std::move(options)));
 }
@@ -680,7 +702,8 @@ class Dispatcher::StepRun {
   absl::Status Launch();
   // Until every group answered: takes answers, fails over on errors and on timeouts.
   absl::Status Await();
-  // out[r] = sum over shards s (ascending) of answer_s[r].
+  // partial: out[r] = sum over shards s (ascending) of answer_s[r]. exact: the per-pair
+  // answers back in the batch's pair order, then CombinePerExpert.
   absl::Status Combine(std::span<float> out) const;
 
  private:
@@ -709,49 +732,73 @@ class Dispatcher::StepRun {
 
 absl::Status Dispatcher::StepRun::Partition() {
   const Placement& placement = table_->placement;
-  groups_.resize(placement.num_shards);
-  for (int32_t s = 0; s < placement.num_shards; ++s) {
-    groups_[s].shard = s;
-    groups_[s].request.add_row_offsets(0);
-  }
+  const bool exact = d_.options_.combine == CombineMode::kExact;
+  // Per shard group, in CSR form: the rows that route there and their pairs (batch indices).
+  struct ShardPart {
+    std::vector<int32_t> rows;
+    std::vector<int32_t> row_end;  // [rows.size()]: end of each row's pairs in `pairs`
+    std::vector<int32_t> pairs;
+  };
+  std::vector<ShardPart> parts(static_cast<size_t>(placement.num_shards));
   const size_t base = static_cast<size_t>(layer_) * d_.n_routed_experts_;
   for (int32_t r = 0; r < x_.n_rows; ++r) {
     for (int32_t p = routes_.offsets[r]; p < routes_.offsets[r + 1]; ++p) {
       const int32_t e = routes_.experts[p];
       const int32_t s = placement.ShardOf(layer_, e);
-      if (s < 0) {
+      if (s < 0 || s >= placement.num_shards) {
         return absl::FailedPreconditionError(
             absl::StrCat("dispatcher: placement v", table_->version, " has no shard for layer ",
                          layer_, " expert ", e));
       }
-      Group& g = groups_[s];
-      auto* offs = g.request.mutable_row_offsets();
-      if (g.rows.empty() || g.rows.back() != r) {
-        g.rows.push_back(r);
-        offs->Add(offs->Get(offs->size() - 1));
+      ShardPart& part = parts[static_cast<size_t>(s)];
+      if (part.rows.empty() || part.rows.back() != r) {
+        part.rows.push_back(r);
+        part.row_end.push_back(static_cast<int32_t>(part.pairs.size()));
       }
-      g.request.add_experts(e);
-      g.request.add_weights(routes_.weights[p]);
-      offs->Set(offs->size() - 1, offs->Get(offs->size() - 1) + 1);
+      part.pairs.push_back(p);
+      ++part.row_end.back();
       d_.unreported_load_[base + e].fetch_add(1, std::memory_order_relaxed);
       if (d_.options_.metrics) d_.ExpertTokens(layer_, e)->Inc();
     }
   }
+  // One request per shard group; in exact mode as many as keep each answer (pairs x H BF16)
+  // within max_answer_bytes. Groups are in ascending shard order (the partial combine's order).
+  const uint64_t max_pairs =
+      exact ? std::max<uint64_t>(1, d_.options_.max_answer_bytes / OutputBytes(1, H_)) : 0;
   const uint64_t batch_id = d_.next_batch_id_.fetch_add(1);
-  waiter_->slots.resize(groups_.size());
-  for (size_t i = 0; i < groups_.size(); ++i) {
-    Group& g = groups_[i];
-    if (g.rows.empty()) {
-      g.done = true;
-      continue;
+  for (int32_t s = 0; s < placement.num_shards; ++s) {
+    const ShardPart& part = parts[static_cast<size_t>(s)];
+    size_t i = 0;
+    while (i < part.rows.size()) {
+      Group& g = groups_.emplace_back();
+      g.shard = s;
+      g.request.add_row_offsets(0);
+      const int32_t first_pair = i == 0 ? 0 : part.row_end[i - 1];
+      for (; i < part.rows.size(); ++i) {
+        const int32_t begin = i == 0 ? 0 : part.row_end[i - 1];
+        const int32_t end = part.row_end[i];
+        if (exact && !g.rows.empty() && static_cast<uint64_t>(end - first_pair) > max_pairs) {
+          break;  // the next request takes this row
+        }
+        g.rows.push_back(part.rows[i]);
+        for (int32_t k = begin; k < end; ++k) {
+          const int32_t p = part.pairs[static_cast<size_t>(k)];
+          g.request.add_experts(routes_.experts[p]);
+          g.request.add_weights(routes_.weights[p]);
+          if (exact) g.pairs.push_back(p);
+        }
+        g.request.add_row_offsets(static_cast<uint32_t>(g.request.experts_size()));
+      }
+      g.request.set_batch_id(batch_id);
+      g.request.set_layer(layer_);
+      g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
+      g.request.set_hidden_size(static_cast<uint32_t>(H_));
+      g.request.set_combine(exact ? v1::COMBINE_PER_EXPERT : v1::COMBINE_PARTIAL_SUM);
+      PackActivationRows(x_, g.rows, g.request.mutable_activations(), g.request.mutable_scales());
     }
-    active_.push_back(i);
-    g.request.set_batch_id(batch_id);
-    g.request.set_layer(layer_);
-    g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
-    g.request.set_hidden_size(static_cast<uint32_t>(H_));
-    PackActivationRows(x_, g.rows, g.request.mutable_activations(), g.request.mutable_scales());
   }
+  waiter_->slots.resize(groups_.size());
+  for (size_t i = 0; i < groups_.size(); ++i) active_.push_back(i);
   remaining_ = active_.size();
   return absl::OkStatus();
 }
@@ -843,11 +890,13 @@ absl::Status Dispatcher::StepRun::Accept(size_t i, StepWaiter::Slot& slot) {
   // reopened) and the group fails over.
   Counter* bad = nullptr;
   const ShardMetrics* m = table_->metrics(g.shard);
-  if (slot.response.n_rows() != g.rows.size() ||
-      slot.response.outputs().size() != OutputBytes(g.rows.size(), H_)) {
+  // Exact mode: one BF16 row per pair, else one per row.
+  const bool exact = d_.options_.combine == CombineMode::kExact;
+  const uint64_t want_bytes = OutputBytes(exact ? g.pairs.size() : g.rows.size(), H_);
+  if (slot.response.n_rows() != g.rows.size() || slot.response.outputs().size() != want_bytes) {
     s = absl::InternalError(absl::StrCat("answer of ", slot.response.n_rows(), " rows / ",
                                          slot.response.outputs().size(), " bytes for ",
-                                         g.rows.size(), " rows"));
+                                         g.rows.size(), " rows (", want_bytes, " bytes)"));
     if (m) bad = m->bad_size;
   } else if (!AllFiniteBf16(slot.response.outputs())) {
     s = absl::InternalError("answer with non-finite (NaN or Inf) outputs");
@@ -932,6 +981,15 @@ absl::Status Dispatcher::StepRun::Await() {
 }
 
 absl::Status Dispatcher::StepRun::Combine(std::span<float> out) const {
+  if (d_.options_.combine == CombineMode::kExact) {
+    // Every pair's BF16 output at its batch index (each pair is in exactly one group), then
+    // per row in routes' order (ascending expert id): nothing here depends on the placement.
+    std::vector<uint16_t> pair_out(routes_.experts.size() * static_cast<size_t>(H_));
+    for (const Group& g : groups_) {
+      EM_RETURN_IF_ERROR(ScatterPairOutputs(g.answer, g.pairs, H_, pair_out));
+    }
+    return CombinePerExpert(routes_, pair_out, H_, out);
+  }
   std::fill(out.begin(), out.end(), 0.0f);
   for (const Group& g : groups_) {
     if (g.rows.empty()) continue;

@@ -1,9 +1,17 @@
 // The dispatcher: RoutedExperts over gRPC. At each MoE layer it takes the batch (already
 // quantized to FP8 per 128 channels) and the gate's (expert, weight) pairs, sends every shard
 // group one ExpertRequest holding only the rows that route to it with only its pairs, on
-// long-lived bidirectional streams (one per shard replica, opened once and kept), and sums
-// the shards' BF16 answers into out in shard-id order (never arrival order), so the result
-// does not depend on timing.
+// long-lived bidirectional streams (one per shard replica, opened once and kept), and
+// combines the answers into out. Combine modes (DispatcherOptions::combine):
+//   exact (default): shards answer one BF16 output per (row, expert) pair (COMBINE_PER_EXPERT);
+//     they are scattered back to the batch's pair order and added per row in ascending expert
+//     order with AddWeightedBf16 (CombinePerExpert, core/model/experts.h), the very function
+//     LocalExperts::Run uses: out is bit-identical to the in-process engine whatever the
+//     placement, shard count, replica count or arrival order. A shard group's rows are split
+//     over several requests when its answer would exceed max_answer_bytes.
+//   partial: shards answer one BF16 partial sum per row, added in shard-id order (never
+//     arrival order): fewer answer bytes, but the rounding depends on which experts share a
+//     shard.
 //
 // Replicas: among a shard's replicas the one with the least outstanding rows gets the work
 // (failed streams last; ties: the one chosen longest ago, so replicas take turns and a replica
@@ -29,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -44,6 +53,11 @@
 
 namespace expertmesh {
 
+enum class CombineMode { kExact, kPartial };
+// "exact" / "partial"; InvalidArgument otherwise.
+absl::StatusOr<CombineMode> ParseCombineMode(std::string_view name);
+const char* CombineModeName(CombineMode mode);
+
 struct DispatcherOptions {
   v1::PeerIdentity identity;  // sent in handshakes; replicas of another model are refused
   absl::Duration step_deadline = absl::Seconds(10);   // one Run(), all shards answered
@@ -51,6 +65,11 @@ struct DispatcherOptions {
   absl::Duration connect_timeout = absl::Seconds(2);  // handshake when a stream is opened
   int max_message_bytes = kDefaultMaxMessageBytes;
   int max_in_flight_per_replica = 256;  // requests queued or outstanding on one stream
+  CombineMode combine = CombineMode::kExact;
+  // Exact mode: the largest answer (outputs bytes) one request may ask for; a shard group's
+  // rows go out in several requests above it. Below max_message_bytes and the shards'
+  // ExpertRequestLimits::max_response_bytes (63 MiB by default).
+  uint64_t max_answer_bytes = 60ull << 20;
   // With WatchRouter: how often the tokens sent to each expert since the last report go to
   // the router (ReportLoad: the planner's input). Zero = never.
   absl::Duration load_report_interval = absl::Seconds(5);

@@ -57,6 +57,19 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
     return absl::InvalidArgumentError(absl::StrCat("weights has ", request.weights_size(),
                                                    " entries, experts ", request.experts_size()));
   }
+  if (request.combine() != v1::COMBINE_PARTIAL_SUM && request.combine() != v1::COMBINE_PER_EXPERT) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("combine mode ", static_cast<int>(request.combine()), " is unknown"));
+  }
+  const uint64_t answer_rows = request.combine() == v1::COMBINE_PER_EXPERT
+                                   ? static_cast<uint64_t>(request.experts_size())
+                                   : n_rows;
+  if (OutputBytes(answer_rows, hidden) > limits.max_response_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the answer would hold ", OutputBytes(answer_rows, hidden), " bytes of outputs (",
+        answer_rows, request.combine() == v1::COMBINE_PER_EXPERT ? " pairs" : " rows",
+        "); the limit is ", limits.max_response_bytes));
+  }
   if (request.row_offsets(0) != 0 || request.row_offsets(static_cast<int>(n_rows)) !=
                                          static_cast<uint32_t>(request.experts_size())) {
     return absl::InvalidArgumentError(
@@ -261,7 +274,8 @@ namespace {
 // that a stream's messages do not allocate them afresh each time.
 struct HandleScratch {
   ExpertRoutes routes;
-  std::vector<float> out;
+  std::vector<float> out;          // partial sums
+  std::vector<uint16_t> pair_out;  // per-expert outputs
 };
 
 }  // namespace
@@ -326,14 +340,25 @@ void ExpertServiceImpl::Handle(const v1::ExpertRequest& request, v1::ExpertRespo
     routes.offsets.assign(request.row_offsets().begin(), request.row_offsets().end());
     routes.experts.assign(request.experts().begin(), request.experts().end());
     routes.weights.assign(request.weights().begin(), request.weights().end());
-    scratch.out.resize(static_cast<size_t>(n_rows * H));
-    const std::span<float> out(scratch.out);
+    const bool per_expert = request.combine() == v1::COMBINE_PER_EXPERT;
+    if (per_expert) {
+      scratch.pair_out.resize(static_cast<size_t>(routes.experts.size() * H));
+    } else {
+      scratch.out.resize(static_cast<size_t>(n_rows * H));
+    }
     std::unique_lock<std::mutex> run_lock(run_mu_, std::defer_lock);
     if (serialize_) run_lock.lock();
-    status = experts->Run(request.layer(), *x, routes, out);
+    status = per_expert ? experts->RunPerExpert(request.layer(), *x, routes, scratch.pair_out)
+                        : experts->Run(request.layer(), *x, routes, scratch.out);
     if (run_lock.owns_lock()) run_lock.unlock();
     if (status.ok()) {
-      PackOutputRows(out, response->mutable_outputs());
+      if (per_expert) {
+        // Already BF16 (little-endian on every supported host: see core/format/wire.cc).
+        response->mutable_outputs()->assign(reinterpret_cast<const char*>(scratch.pair_out.data()),
+                                            scratch.pair_out.size() * sizeof(uint16_t));
+      } else {
+        PackOutputRows(scratch.out, response->mutable_outputs());
+      }
       response->set_n_rows(static_cast<uint32_t>(n_rows));
     }
   }

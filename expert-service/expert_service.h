@@ -33,6 +33,11 @@ namespace expertmesh {
 struct ExpertRequestLimits {
   uint64_t max_request_bytes = 48ull << 20;  // one message, serialized
   uint32_t max_rows = 1 << 16;               // rows in one message
+  // The answer's outputs (BF16; n_rows x H partial sums, or n_pairs x H per-expert outputs,
+  // up to num_experts_per_tok times more): larger requests are refused (ResourceExhausted)
+  // instead of answered with a message the client's transport would refuse. Below the
+  // default client limit (kDefaultMaxMessageBytes, 64 MiB) with room for the other fields.
+  uint64_t max_response_bytes = 63ull << 20;
   float max_weight = 0.0f;  // largest accepted route weight; 0 = from the config (see .cc)
   // Compute streams open at once; one more is refused with RESOURCE_EXHAUSTED. (Callback
   // streams hold no thread each, so this is their bound.)

@@ -124,4 +124,24 @@ absl::Status AccumulateOutputRows(std::string_view outputs, std::span<const int3
   return absl::OkStatus();
 }
 
+absl::Status ScatterPairOutputs(std::string_view outputs, std::span<const int32_t> pair_index,
+                                int64_t hidden_size, std::span<uint16_t> pair_out) {
+  const uint64_t want = OutputBytes(pair_index.size(), hidden_size);
+  if (outputs.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("outputs hold ", outputs.size(),
+                                                   " bytes; expected ", want, " for ",
+                                                   pair_index.size(), " pairs"));
+  }
+  const int64_t n_pairs = static_cast<int64_t>(pair_out.size()) / hidden_size;
+  for (size_t i = 0; i < pair_index.size(); ++i) {
+    const int64_t p = pair_index[i];
+    if (p < 0 || p >= n_pairs) {
+      return absl::InvalidArgumentError(absl::StrCat("pair index ", p, " out of range"));
+    }
+    std::memcpy(pair_out.data() + p * hidden_size, outputs.data() + 2 * i * hidden_size,
+                2 * hidden_size);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace expertmesh

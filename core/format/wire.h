@@ -3,7 +3,13 @@
 //
 //   activations: FP8 E4M3 codes, [n_rows, hidden_size] row-major, 1 byte each
 //   scales:      float32 little-endian, [n_rows, ceil(hidden_size / 128)] row-major
-//   outputs:     BF16 little-endian, [n_rows, hidden_size] row-major
+//   outputs:     BF16 little-endian, row-major; by the request's combine mode:
+//                  COMBINE_PARTIAL_SUM [n_rows, hidden_size]: per row the sum of
+//                    weight * expert(x) over the request's pairs of that row;
+//                  COMBINE_PER_EXPERT  [n_pairs, hidden_size]: per pair the UNWEIGHTED
+//                    expert(x) (as RoutedExperts::RunPerExpert computes it), in request
+//                    pair order; the receiver adds weight * y per row in ascending expert order
+//                    with AddWeightedBf16 (core/model/experts.h)
 //
 // Also: the protocol version both ends of every stream must agree on, and the model
 // fingerprint (a hash of config.json's text) that keeps peers of different models apart.
@@ -21,7 +27,10 @@
 namespace expertmesh {
 
 // Bump on any change of the wire layout or of message semantics.
-inline constexpr uint32_t kProtocolVersion = 1;
+// 2: ExpertRequest.combine (COMBINE_PER_EXPERT answers [n_pairs, hidden_size]). A version-1
+// shard would ignore the field and answer partial sums, which an exact-mode dispatcher counts
+// as bad answers and cuts the stream; the handshake refuses the mix with a clear error instead.
+inline constexpr uint32_t kProtocolVersion = 2;
 
 // Hex FNV-1a 64 of the config.json text, e.g. "fnv1a64:8c3f...". Same text, same value, on
 // every machine; this is an identity check, not a security measure.
@@ -38,6 +47,7 @@ inline uint64_t ScaleBytes(uint64_t n_rows, uint64_t hidden_size) {
   return n_rows *
          static_cast<uint64_t>(NumBlocks(static_cast<int64_t>(hidden_size), kActQuantGroup)) * 4;
 }
+// Also the per-expert answer's size with n_rows = n_pairs.
 inline uint64_t OutputBytes(uint64_t n_rows, uint64_t hidden_size) {
   return n_rows * hidden_size * 2;
 }
@@ -59,8 +69,13 @@ void PackOutputRows(std::span<const float> rows, std::string* outputs);
 // outputs: BF16 bytes of [n_rows, hidden_size] -> float rows (exact); size checked.
 absl::Status UnpackOutputRows(std::string_view outputs, int64_t n_rows, int64_t hidden_size,
                               std::span<float> rows);
-// The combine step: out[row_index[i]] += outputs row i, for i in order. out: [*, hidden_size].
+// The partial-sum combine step: out[row_index[i]] += outputs row i, for i in order.
+// out: [*, hidden_size].
 absl::Status AccumulateOutputRows(std::string_view outputs, std::span<const int32_t> row_index,
                                   int64_t hidden_size, std::span<float> out);
+// The per-expert scatter: BF16 rows of `outputs` (i = 0..pair_index.size()-1) copied, bit for
+// bit, to pair_out rows pair_index[i]. pair_out: [n_pairs, hidden_size]; size and range checked.
+absl::Status ScatterPairOutputs(std::string_view outputs, std::span<const int32_t> pair_index,
+                                int64_t hidden_size, std::span<uint16_t> pair_out);
 
 }  // namespace expertmesh

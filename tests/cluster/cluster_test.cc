@@ -49,34 +49,23 @@ class ClusterTest : public ::testing::Test {
     ASSERT_TRUE(dir.ok()) << dir.status();
     model_dir_ = new std::string(*dir);
     prompts_ = new std::vector<std::vector<int32_t>>(testing::MakePrompts(kPrompts, 40, 320, 11));
-    want_ = new std::map<int, std::vector<std::vector<int32_t>>>();
-    // The reference engine with the data plane's numerics for 1, 2 and 4 shard groups
-    // (all 64 prompts for 2 groups, the 64-sequence test's cluster; 8 for the others).
-    for (int shards : {1, 2, 4}) {
-      const std::vector<std::vector<int32_t>> prompts(
-          prompts_->begin(), prompts_->begin() + (shards == 2 ? kPrompts : 8));
-      absl::StatusOr<std::vector<std::vector<int32_t>>> want =
-          testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens, shards);
-      ASSERT_TRUE(want.ok()) << want.status();
-      (*want_)[shards] = *std::move(want);
-    }
-    const std::vector<std::vector<int32_t>> first8(prompts_->begin(), prompts_->begin() + 8);
-    absl::StatusOr<std::vector<std::vector<int32_t>>> plain =
-        testing::ReferenceGreedy(*model_dir_, first8, kMaxTokens, 0);
-    ASSERT_TRUE(plain.ok()) << plain.status();
-    plain_ = new std::vector<std::vector<int32_t>>(*std::move(plain));
+    // The in-process reference engine (exact combine: the same for every placement), all 64
+    // prompts (the 64-sequence test's cluster).
+    absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+        testing::ReferenceGreedy(*model_dir_, *prompts_, kMaxTokens);
+    ASSERT_TRUE(want.ok()) << want.status();
+    want_ = new std::vector<std::vector<int32_t>>(*std::move(want));
   }
   static void TearDownTestSuite() {
     std::filesystem::remove_all(*model_dir_);
     delete model_dir_;
     delete prompts_;
     delete want_;
-    delete plain_;
   }
 
-  static ClusterOptions Options(int shards, int replicas) {
+  static ClusterOptions Options(int shards, int replicas, const std::string& model_dir = "") {
     ClusterOptions o;
-    o.model_dir = *model_dir_;
+    o.model_dir = model_dir.empty() ? *model_dir_ : model_dir;
     o.shards = shards;
     o.replicas = replicas;
     o.bin_dir = EXPERTMESH_BINARY_DIR;
@@ -92,17 +81,20 @@ class ClusterTest : public ::testing::Test {
   static std::unique_ptr<v1::AttentionService::Stub> Stub(const Cluster& c) {
     return v1::AttentionService::NewStub(MakeChannel(c.attention().grpc_address));
   }
-  // Runs prompts [0, n) concurrently, one thread each; checks every result against the
-  // reference for the cluster's shard count and returns the tokens.
-  static std::vector<std::vector<int32_t>> ExpectReferenceOutputs(const Cluster& c, int n) {
-    const std::vector<std::vector<int32_t>>& want = want_->at(c.options().shards);
+  // Runs prompts [0, n) concurrently, one thread each; checks every result against `want`
+  // (default: the in-process reference) and returns the tokens.
+  static std::vector<std::vector<int32_t>> ExpectReferenceOutputs(
+      const Cluster& c, int n, const std::vector<std::vector<int32_t>>* want_in = nullptr,
+      const std::vector<std::vector<int32_t>>* prompts_in = nullptr) {
+    const std::vector<std::vector<int32_t>>& want = want_in ? *want_in : *want_;
+    const std::vector<std::vector<int32_t>>& prompts = prompts_in ? *prompts_in : *prompts_;
     auto stub = Stub(c);
     std::vector<SubmitResult> results(n);
     std::vector<std::thread> threads;
     for (int i = 0; i < n; ++i) {
       threads.emplace_back([&, i] {
-        results[i] = SubmitAndCollect(
-            *stub, GreedyRequest("p" + std::to_string(i), (*prompts_)[i], kMaxTokens));
+        results[i] =
+            SubmitAndCollect(*stub, GreedyRequest("p" + std::to_string(i), prompts[i], kMaxTokens));
       });
     }
     for (std::thread& t : threads) t.join();
@@ -160,36 +152,73 @@ class ClusterTest : public ::testing::Test {
 
   static std::string* model_dir_;
   static std::vector<std::vector<int32_t>>* prompts_;
-  static std::map<int, std::vector<std::vector<int32_t>>>* want_;  // by shard groups
-  static std::vector<std::vector<int32_t>>* plain_;                // LocalExperts, float results
+  static std::vector<std::vector<int32_t>>* want_;  // the in-process engine, per prompt
   std::unique_ptr<Cluster> cluster_;
 };
 std::string* ClusterTest::model_dir_ = nullptr;
 std::vector<std::vector<int32_t>>* ClusterTest::prompts_ = nullptr;
-std::map<int, std::vector<std::vector<int32_t>>>* ClusterTest::want_ = nullptr;
-std::vector<std::vector<int32_t>>* ClusterTest::plain_ = nullptr;
+std::vector<std::vector<int32_t>>* ClusterTest::want_ = nullptr;
 
+// Exact combine (the default): every shard count (3 splits 8 experts unevenly) and replica
+// count gives the plain in-process engine's tokens.
 TEST_F(ClusterTest, DistributionChangesNothing) {
-  for (int shards : {1, 2, 4}) {
-    std::vector<std::vector<int32_t>> first;
+  for (int shards : {1, 2, 3, 4}) {
     for (int replicas : {1, 2}) {
       SCOPED_TRACE(::testing::Message()
                    << shards << " shard group(s) x " << replicas << " replica(s)");
       absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(shards, replicas));
       ASSERT_TRUE(c.ok()) << c.status();
-      std::vector<std::vector<int32_t>> got = ExpectReferenceOutputs(**c, 8);
-      if (replicas == 1) first = got;
-      EXPECT_EQ(got, first);  // replicas change nothing
+      ExpectReferenceOutputs(**c, 8);
       StopCluster(**c);
-      // Informational: agreement with the engine whose experts return float (no BF16 wire).
-      int same = 0;
-      for (int i = 0; i < 8; ++i) same += got[i] == (*plain_)[i] ? 1 : 0;
-      std::printf(
-          "[ info ] %d shard group(s) x %d replica(s): %d/8 prompts equal the "
-          "float-result engine too\n",
-          shards, replicas, same);
     }
   }
+}
+
+// The same on the bundled model (16 experts, top-4, vocabulary 4096).
+TEST_F(ClusterTest, BundledModelDistributionChangesNothing) {
+  const std::string tiny = std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny";
+  const std::vector<std::vector<int32_t>> prompts = testing::MakePrompts(8, 40, 4096, 23);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      testing::ReferenceGreedy(tiny, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (auto [shards, replicas] :
+       {std::pair{1, 2}, std::pair{2, 1}, std::pair{3, 2}, std::pair{4, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "bundled model, " << shards << " shard group(s) x "
+                                      << replicas << " replica(s)");
+    absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(Options(shards, replicas, tiny));
+    ASSERT_TRUE(c.ok()) << c.status();
+    ExpectReferenceOutputs(**c, 8, &*want, &prompts);
+    StopCluster(**c);
+  }
+}
+
+// The partial combine (--combine partial) still exists: its output is the reference engine
+// with that mode's numerics for the cluster's even placement (each shard's partial sum in
+// BF16), which depends on the placement: printed, how many prompts 3 groups x 2 replicas
+// share with 1 x 1 in that mode (the exact mode: all, above).
+TEST_F(ClusterTest, PartialCombineEqualsItsPlacementNumerics) {
+  const std::vector<std::vector<int32_t>> first8(prompts_->begin(), prompts_->begin() + 8);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want3 =
+      testing::ReferenceGreedy(*model_dir_, first8, kMaxTokens, /*partial_shards=*/3);
+  ASSERT_TRUE(want3.ok()) << want3.status();
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want1 =
+      testing::ReferenceGreedy(*model_dir_, first8, kMaxTokens, /*partial_shards=*/1);
+  ASSERT_TRUE(want1.ok()) << want1.status();
+  ClusterOptions o = Options(3, 2);
+  o.combine = "partial";
+  absl::StatusOr<std::unique_ptr<Cluster>> c = Cluster::Start(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ExpectReferenceOutputs(**c, 8, &*want3);
+  StopCluster(**c);
+  int same_1x1 = 0, same_exact = 0;
+  for (int i = 0; i < 8; ++i) {
+    same_1x1 += (*want3)[i] == (*want1)[i] ? 1 : 0;
+    same_exact += (*want3)[i] == (*want_)[i] ? 1 : 0;
+  }
+  std::printf(
+      "[ measured ] partial combine, 3 groups x 2 replicas: %d/8 prompts equal 1 x 1 partial, "
+      "%d/8 equal the in-process engine (exact combine: 8/8 for every placement)\n",
+      same_1x1, same_exact);
 }
 
 // Each test gets its own cluster of 2 shard groups x 1 replica.
@@ -353,7 +382,7 @@ TEST_F(ReplicatedClusterTest, ReplicaKilledMidGenerationFinishesThroughTheOther)
   auto stub = Stub(*cluster_);
   constexpr int kLong = 120;
   absl::StatusOr<std::vector<std::vector<int32_t>>> want_long =
-      testing::ReferenceGreedy(*model_dir_, {(*prompts_)[1]}, kLong, /*wire_shards=*/2);
+      testing::ReferenceGreedy(*model_dir_, {(*prompts_)[1]}, kLong);
   ASSERT_TRUE(want_long.ok());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));

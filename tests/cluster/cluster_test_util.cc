@@ -18,7 +18,7 @@
 namespace expertmesh::testing {
 namespace {
 
-// LocalExperts seen through the expert data plane of the even placement over num_shards
+// LocalExperts seen through the partial-sum data plane of the even placement over num_shards
 // groups: per shard group (in shard-id order) the rows that route to it, with only its
 // pairs, computed by the same LocalExperts, rounded to BF16 (the wire's result format) and
 // added into out. The even placement is restated here from its definition (expert e of E
@@ -99,7 +99,7 @@ std::vector<std::vector<int32_t>> MakePrompts(int n, int max_len, int vocab, uin
 
 absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
     const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts, int max_tokens,
-    int wire_shards) {
+    int partial_shards) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) return config.status();
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(model_dir);
@@ -113,8 +113,8 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
   if (!experts.ok()) return experts.status();
   RoutedExperts* routed = experts->get();
   std::unique_ptr<WireNumericsExperts> wire;
-  if (wire_shards > 0) {
-    wire = std::make_unique<WireNumericsExperts>(experts->get(), wire_shards,
+  if (partial_shards > 0) {
+    wire = std::make_unique<WireNumericsExperts>(experts->get(), partial_shards,
                                                  config->n_routed_experts, config->hidden_size);
     routed = wire.get();
   }

@@ -24,13 +24,15 @@ std::vector<std::vector<int32_t>> MakePrompts(int n, int max_len, int vocab, uin
 
 // Greedy continuations (max_tokens each, EOS ignored) by the reference engine with every
 // expert local: each prompt run alone, prefilled at once, then decoded token by token.
-// wire_shards = 0: LocalExperts as they are (float results). wire_shards = N > 0: the same
-// experts with the numerics the expert data plane defines for the even placement over N
-// shard groups (each shard's partial sum travels as BF16; partial sums are added in
-// shard-id order) -- what a cluster of N shard groups must reproduce bit for bit.
+// partial_shards = 0: LocalExperts as they are -- what a cluster in the exact combine mode
+// (the default) must reproduce token for token, for every placement, shard count and replica
+// count. partial_shards = N > 0: the same experts with the numerics of the partial combine
+// mode for the even placement over N shard groups (each shard's partial sum travels as BF16;
+// partial sums are added in shard-id order) -- what a `--combine partial` cluster of N shard
+// groups must reproduce.
 absl::StatusOr<std::vector<std::vector<int32_t>>> ReferenceGreedy(
     const std::string& model_dir, const std::vector<std::vector<int32_t>>& prompts, int max_tokens,
-    int wire_shards = 0);
+    int partial_shards = 0);
 
 struct SubmitResult {
   grpc::Status status;

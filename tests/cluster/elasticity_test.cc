@@ -11,10 +11,10 @@
 //  (d) kills the router (SIGKILL) and starts it again on its port; shards and attention
 //      replicas reach it as localhost:<port> (a name, as a Service name in Kubernetes).
 // At the end the gateway gets SIGTERM with requests in flight, which must complete too.
-// Every request must complete with exactly the in-process engine's tokens (with the data
-// plane's numerics for 2 shard groups) and every drained process must exit 0. Printed: requests
-// sent / completed / with wrong tokens / failed, the time a new shard replica takes to its first
-// rows and a new attention replica to its first request, drain times, the router outage.
+// Every request must complete with exactly the in-process engine's tokens (the exact combine:
+// the plain engine, whatever the placement) and every drained process must exit 0. Printed:
+// requests sent / completed / with wrong tokens / failed, the time a new shard replica takes to its
+// first rows and a new attention replica to its first request, drain times, the router outage.
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -74,7 +74,7 @@ class ElasticityTest : public ::testing::Test {
     model_dir_ = *dir;
     prompts_ = testing::MakePrompts(kPrompts, 24, 4096, 13);
     absl::StatusOr<std::vector<std::vector<int32_t>>> want =
-        testing::ReferenceGreedy(model_dir_, prompts_, kMaxTokens, kShards);
+        testing::ReferenceGreedy(model_dir_, prompts_, kMaxTokens);
     ASSERT_TRUE(want.ok()) << want.status();
     want_ = *std::move(want);
     bin_dir_ = EXPERTMESH_BINARY_DIR;

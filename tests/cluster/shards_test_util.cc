@@ -88,9 +88,14 @@ Batch RandomBatch(const ModelConfig& config, int64_t n_rows, uint64_t seed) {
 
 absl::StatusOr<std::vector<float>> ExpectedShardedOutput(LocalExperts& all,
                                                          const Placement& placement, int layer,
-                                                         const Batch& batch, int64_t hidden_size) {
+                                                         const Batch& batch, int64_t hidden_size,
+                                                         CombineMode combine) {
   const int64_t R = batch.x.n_rows;
   std::vector<float> out(R * hidden_size, 0.0f);
+  if (combine == CombineMode::kExact) {
+    if (absl::Status st = all.Run(layer, batch.x, batch.routes, out); !st.ok()) return st;
+    return out;
+  }
   for (int32_t s = 0; s < placement.num_shards; ++s) {
     ExpertRoutes sub;  // every row, only shard s's pairs
     for (int64_t r = 0; r < R; ++r) {

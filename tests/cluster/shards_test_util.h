@@ -15,6 +15,7 @@
 #include "core/model/experts.h"
 #include "core/model/local_experts.h"
 #include "core/numerics/quant.h"
+#include "dispatcher/dispatcher.h"
 #include "placement/placement.h"
 
 namespace expertmesh::testing {
@@ -30,10 +31,13 @@ struct Batch {
 // weights that sum to routed_scaling_factor per row (as the gate's are).
 Batch RandomBatch(const ModelConfig& config, int64_t n_rows, uint64_t seed);
 
-// What a dispatcher must return: sum over shards s in ascending order of
-// bf16(experts restricted to shard s (x)), in float. `all` holds every expert.
+// What a dispatcher must return. `all` holds every expert.
+//   exact combine (the default): all.Run itself, whatever the placement;
+//   partial: sum over shards s in ascending order of bf16(experts restricted to shard s (x)),
+//     in float.
 absl::StatusOr<std::vector<float>> ExpectedShardedOutput(LocalExperts& all,
                                                          const Placement& placement, int layer,
-                                                         const Batch& batch, int64_t hidden_size);
+                                                         const Batch& batch, int64_t hidden_size,
+                                                         CombineMode combine = CombineMode::kExact);
 
 }  // namespace expertmesh::testing

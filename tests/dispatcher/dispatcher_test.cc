@@ -1,7 +1,8 @@
 // The dispatcher against a real control plane and real shards on loopback: a router service
 // and 2 shard groups x 2 replicas of expert-service servers (in process, real gRPC, port 0).
-// Distribution changes nothing: the dispatcher's output equals LocalExperts computing the
-// same shard split (bitwise) and LocalExperts with every expert (within BF16 rounding); a
+// Distribution changes nothing: in the exact combine mode (the default) the dispatcher's output
+// equals LocalExperts with every expert bitwise, for any split of the experts; in the partial
+// mode it equals LocalExperts computing the same shard split (bitwise); a
 // replica killed mid-run changes nothing; with no replica of a shard left, Run fails with
 // UNAVAILABLE naming the shard within the step deadline and serves again once a replica
 // registers. (Wall-clock waits here are bounded by the real network's events.)
@@ -16,6 +17,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "core/decode/sampling.h"
 #include "core/format/wire.h"
 #include "expert-service/expert_service.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
@@ -154,21 +156,33 @@ class DispatcherTest : public ::testing::Test {
 };
 
 TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
-  // Bitwise against the same shard split computed locally, for every MoE layer (the MTP
-  // layer 3 included) and batch sizes 1..33.
+  // Exact combine (the default): bitwise LocalExperts::Run with every expert, for every MoE
+  // layer (the MTP layer 3 included) and batch sizes 1..33.
   uint64_t seed = 100;
   for (int layer : {1, 2, 3}) {
     for (int64_t n : {1, 7, 33}) RunAndCheck(layer, n, ++seed);
   }
-  // Against LocalExperts with every expert in one call (float sum, no BF16 hop): the only
-  // difference is the BF16 rounding of each shard's partial sum, at most 2^-9 relative per
-  // partial (2^-9 ~ 2.0e-3). Measured max |diff| / max|ref| over these batches: 3.0e-3
-  // (two partials rounded); tolerance 2^-7 ~ 7.8e-3.
+  // The partial combine: bitwise the same shard split computed locally (each shard's partial
+  // sum rounded to BF16, added in shard order), and against LocalExperts with every expert in
+  // one call the only difference is that rounding, at most 2^-9 relative per partial
+  // (2^-9 ~ 2.0e-3); tolerance 2^-7 ~ 7.8e-3.
+  DispatcherOptions d;
+  d.identity = identity_;
+  d.step_deadline = kStepDeadline;
+  d.combine = CombineMode::kPartial;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> partial = Dispatcher::Create(config_, d);
+  ASSERT_TRUE(partial.ok()) << partial.status();
+  (*partial)->WatchRouter(router_->address());
+  ASSERT_TRUE((*partial)->WaitCovered(absl::Seconds(20), router_->service().version()).ok());
   double worst = 0;
   for (int layer : {1, 2, 3}) {
     const Batch b = RandomBatch(config_, 16, 7 + layer);
     std::vector<float> got(16 * config_.hidden_size), ref(got.size());
-    ASSERT_TRUE(dispatcher_->Run(layer, b.x, b.routes, got).ok());
+    ASSERT_TRUE((*partial)->Run(layer, b.x, b.routes, got).ok());
+    absl::StatusOr<std::vector<float>> want = ExpectedShardedOutput(
+        *all_, placement_, layer, b, config_.hidden_size, CombineMode::kPartial);
+    ASSERT_TRUE(want.ok());
+    ASSERT_EQ(got, *want) << "partial combine, layer " << layer;
     ASSERT_TRUE(all_->Run(layer, b.x, b.routes, ref).ok());
     double ref_max = 0, diff_max = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
@@ -178,16 +192,130 @@ TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
     ASSERT_GT(ref_max, 0.0);
     worst = std::max(worst, diff_max / ref_max);
   }
-  RecordProperty("max_rel_diff_vs_unsharded", std::to_string(worst));
+  partial->reset();
+  RecordProperty("partial_max_rel_diff_vs_unsharded", std::to_string(worst));
+  EXPECT_GT(worst, 0.0) << "the partial combine should differ from the engine somewhere";
   EXPECT_LE(worst, 1.0 / 128) << "measured " << worst;
-  std::printf("dispatcher vs unsharded LocalExperts: max |diff|/max|ref| = %.3g\n", worst);
+  std::printf("partial combine vs LocalExperts: max |diff|/max|ref| = %.3g\n", worst);
 
   const std::string text = metrics_.RenderText();
-  EXPECT_NE(text.find("expertmesh_dispatch_latency_seconds_count{layer=\"1\"} 4"),
+  EXPECT_NE(text.find("expertmesh_dispatch_latency_seconds_count{layer=\"1\"} 3"),
             std::string::npos);
   EXPECT_NE(text.find("expertmesh_dispatch_bytes_sent_total{shard=\"1\"}"), std::string::npos);
   EXPECT_NE(text.find("expertmesh_dispatch_expert_tokens_total{layer=\"3\",expert=\"7\"}"),
             std::string::npos);
+}
+
+// The exact combine against LocalExperts::Run, bit for bit, for random routes and arbitrary
+// (random) splits of the experts over 1..4 shard groups with 1 or 2 replicas each, with a
+// small max_answer_bytes so that a shard group's rows also go out in several requests.
+TEST(DispatcherExactCombineTest, AnySplitEqualsLocalExperts) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "exact-combine");
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  Rng rng(4242);
+  uint64_t seed = 900;
+  for (int trial = 0; trial < 5; ++trial) {
+    const int shards = 1 + trial % 4;
+    const int replicas = 1 + trial % 2;
+    Placement placement = *EvenPlacement(config, shards);
+    // A random shard for every routed expert; every group keeps at least one expert.
+    std::vector<size_t> routed;
+    for (size_t i = 0; i < placement.shard_of.size(); ++i) {
+      if (placement.shard_of[i] >= 0) routed.push_back(i);
+    }
+    for (size_t k = 0; k < routed.size(); ++k) {
+      placement.shard_of[routed[k]] = k < static_cast<size_t>(shards)
+                                          ? static_cast<int32_t>(k)
+                                          : static_cast<int32_t>(rng.Next() % shards);
+    }
+    for (size_t k = routed.size(); k-- > 1;) {  // shuffle, so the forced ones move too
+      std::swap(placement.shard_of[routed[k]], placement.shard_of[routed[rng.Next() % (k + 1)]]);
+    }
+    SCOPED_TRACE(::testing::Message() << "trial " << trial << ": " << shards << " group(s) x "
+                                      << replicas << " replica(s), " << PlacementToJson(placement));
+    RouterServerOptions ro;
+    ro.identity = identity;
+    ro.membership.heartbeat_interval = absl::Milliseconds(100);
+    ro.membership.expiry = absl::Milliseconds(600);
+    absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(placement, ro);
+    ASSERT_TRUE(router.ok()) << router.status();
+    std::vector<std::unique_ptr<ExpertServer>> servers;
+    for (int s = 0; s < shards; ++s) {
+      for (int r = 0; r < replicas; ++r) {
+        auto e = StartReplica(*dir, placement, s, (*router)->address(),
+                              absl::StrCat("t", trial, "-shard", s, "-", r));
+        ASSERT_TRUE(e.ok()) << e.status();
+        servers.push_back(*std::move(e));
+      }
+    }
+    DispatcherOptions d;
+    d.identity = identity;
+    d.step_deadline = kStepDeadline;
+    // 3 rows' worth of per-expert answers per request.
+    d.max_answer_bytes = 3 * OutputBytes(config.num_experts_per_tok, config.hidden_size);
+    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+    ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+    (*dispatcher)->WatchRouter((*router)->address());
+    ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
+    for (int layer : {1, 2, 3}) {
+      for (int64_t n : {1, 5, 17}) {
+        const Batch b = RandomBatch(config, n, ++seed);
+        std::vector<float> got(n * config.hidden_size), want(got.size());
+        const absl::Status st = (*dispatcher)->Run(layer, b.x, b.routes, got);
+        ASSERT_TRUE(st.ok()) << st;
+        ASSERT_TRUE(all->Run(layer, b.x, b.routes, want).ok());
+        ASSERT_EQ(got, want) << "layer " << layer << ", " << n << " rows";
+      }
+    }
+    dispatcher->reset();
+    servers.clear();
+    router->reset();
+  }
+}
+
+// RoutedExperts' generic RunPerExpert (any backend: one Run per pair rank) and LocalExperts'
+// one-pass override give the same bits, and CombinePerExpert of them is LocalExperts::Run.
+TEST(DispatcherExactCombineTest, GenericPerExpertEqualsLocalExperts) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  // Only Run: RunPerExpert is RoutedExperts' default.
+  struct RunOnly final : RoutedExperts {
+    LocalExperts* inner;
+    absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                     std::span<float> out) override {
+      return inner->Run(layer, x, routes, out);
+    }
+  } generic;
+  generic.inner = all.get();
+  const int64_t H = config.hidden_size;
+  for (int layer : {1, 2, 3}) {
+    Batch b = RandomBatch(config, 9, 40 + layer);
+    ExpertRoutes uneven;  // rows with 0..k pairs
+    for (int64_t r = 0; r < b.routes.n_rows(); ++r) {
+      const int32_t begin = b.routes.offsets[r];
+      const int32_t n = static_cast<int32_t>(r % (config.num_experts_per_tok + 1));
+      uneven.AddRow(std::span<const int32_t>(b.routes.experts.data() + begin, n),
+                    std::span<const float>(b.routes.weights.data() + begin, n));
+    }
+    for (const ExpertRoutes* routes : {&b.routes, &uneven}) {
+      const size_t n_pairs = routes->experts.size();
+      std::vector<uint16_t> one_pass(n_pairs * H), per_rank(n_pairs * H, 0xffff);
+      ASSERT_TRUE(all->RunPerExpert(layer, b.x, *routes, one_pass).ok());
+      ASSERT_TRUE(generic.RunPerExpert(layer, b.x, *routes, per_rank).ok());
+      EXPECT_EQ(one_pass, per_rank) << "layer " << layer;
+      std::vector<float> combined(b.x.n_rows * H), run(combined.size());
+      ASSERT_TRUE(CombinePerExpert(*routes, one_pass, H, combined).ok());
+      ASSERT_TRUE(all->Run(layer, b.x, *routes, run).ok());
+      EXPECT_EQ(combined, run) << "layer " << layer;
+    }
+  }
 }
 
 TEST_F(DispatcherTest, ConcurrentStepsStayExact) {
@@ -415,9 +543,15 @@ class FakeShard final : public v1::ExpertService::Service {
       resp.set_layer(req.layer());
       const uint32_t rows = mode_ == Mode::kShortAnswer ? req.n_rows() - 1 : req.n_rows();
       resp.set_n_rows(rows);
+      // The answer's BF16 rows: one per pair in the per-expert (exact) mode, else one per row;
+      // one short for kShortAnswer.
+      const uint32_t answer_rows =
+          (req.combine() == v1::COMBINE_PER_EXPERT ? static_cast<uint32_t>(req.experts_size())
+                                                   : req.n_rows()) -
+          (mode_ == Mode::kShortAnswer ? 1 : 0);
       // BF16 0.5 everywhere (0x3F00), with one NaN (0x7FC0) or -Inf (0xFF80) in the middle of
       // the last row: one bad value must be enough.
-      std::string out(OutputBytes(rows, hidden_), '\0');
+      std::string out(OutputBytes(answer_rows, hidden_), '\0');
       for (size_t i = 0; i + 1 < out.size(); i += 2) out[i + 1] = '\x3F';
       if (mode_ != Mode::kShortAnswer && out.size() >= 4) {
         const size_t at = out.size() - 2 * (hidden_ / 2);

@@ -35,10 +35,18 @@ const expertmesh::ModelConfig& Config() {
 bool Holds(int layer, int expert) { return (layer + expert) % 3 != 0; }
 
 // What the computation relies on, re-derived from the raw fields.
-void CheckAccepted(const expertmesh::v1::ExpertRequest& r, const expertmesh::ModelConfig& c) {
+void CheckAccepted(const expertmesh::v1::ExpertRequest& r, const expertmesh::ModelConfig& c,
+                   const expertmesh::ExpertRequestLimits& limits) {
   const uint64_t n_rows = r.n_rows();
   const uint64_t hidden = r.hidden_size();
   Check(n_rows > 0 && hidden == static_cast<uint64_t>(c.hidden_size));
+  // Handle sizes the answer by the combine mode: rows, or pairs in per-expert mode.
+  Check(r.combine() == expertmesh::v1::COMBINE_PARTIAL_SUM ||
+        r.combine() == expertmesh::v1::COMBINE_PER_EXPERT);
+  const uint64_t answer_rows = r.combine() == expertmesh::v1::COMBINE_PER_EXPERT
+                                   ? static_cast<uint64_t>(r.experts_size())
+                                   : n_rows;
+  Check(expertmesh::OutputBytes(answer_rows, hidden) <= limits.max_response_bytes);
   Check(r.layer() >= 0 && c.IsMoeLayer(r.layer()));
   Check(r.activations().size() == expertmesh::ActivationBytes(n_rows, hidden));
   Check(r.scales().size() == expertmesh::ScaleBytes(n_rows, hidden));
@@ -75,7 +83,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     limits.max_weight = max_weight;
     const absl::Status status = expertmesh::ValidateExpertRequest(request, config, limits, Holds);
     if (status.ok()) {
-      CheckAccepted(request, config);
+      CheckAccepted(request, config, limits);
     } else {
       Check(!status.message().empty());
       Check(status.code() == absl::StatusCode::kInvalidArgument ||

@@ -104,9 +104,8 @@ class GatewayClusterTest : public ::testing::Test {
     // The engine's greedy continuations of the test prompts (with BOS, as the gateway encodes).
     std::vector<std::vector<int32_t>> prompts;
     for (const std::string& p : kPrompts) prompts.push_back(*tokenizer_->Encode(p, true));
-    // The reference engine with the data plane's numerics for this cluster's shard groups
-    // (each shard's partial sum travels as BF16): what the cluster reproduces bit for bit.
-    auto ref = expertmesh::testing::ReferenceGreedy(*dir, prompts, 16, kShards);
+    // The in-process reference engine: what the cluster (exact combine) reproduces bit for bit.
+    auto ref = expertmesh::testing::ReferenceGreedy(*dir, prompts, 16);
     ASSERT_TRUE(ref.ok()) << ref.status();
     prompt_ids_ = new std::vector<std::vector<int32_t>>(prompts);
     reference_ = new std::vector<std::vector<int32_t>>(*ref);
@@ -245,7 +244,7 @@ TEST_F(GatewayClusterTest, ChatUsesTheModelsTemplate) {
   ASSERT_TRUE(prompt.ok()) << prompt.status();
   auto ids = tokenizer_->Encode(*prompt, false);
   ASSERT_TRUE(ids.ok());
-  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens, kShards);
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
   ASSERT_TRUE(ref.ok()) << ref.status();
   const std::string want = tokenizer_->Decode((*ref)[0], true);
 
@@ -847,7 +846,7 @@ TEST_F(GatewayClusterTest, OfficialOpenAiClient) {
   ASSERT_TRUE(tmpl.ok());
   auto ids = tokenizer_->Encode(*tmpl->Apply(messages, true), false);
   ASSERT_TRUE(ids.ok());
-  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens, kShards);
+  auto ref = expertmesh::testing::ReferenceGreedy(*model_dir_, {*ids}, kMaxTokens);
   ASSERT_TRUE(ref.ok()) << ref.status();
   cases.push_back(json::object{{"kind", "chat"},
                                {"messages", messages},

@@ -112,7 +112,7 @@ TEST(OpenAiChatFeatures, ReasoningAndToolCallsThroughTheOfficialClient) {
   EXPECT_NE(prompts[3].find("<｜tool▁output▁begin｜>{\"temp\": 21}"), std::string::npos);
   std::vector<std::vector<int32_t>> ids;
   for (const std::string& p : prompts) ids.push_back(*tokenizer->get()->Encode(p, false));
-  auto ref = expertmesh::testing::ReferenceGreedy(*dir, ids, kMaxTokens, 1);
+  auto ref = expertmesh::testing::ReferenceGreedy(*dir, ids, kMaxTokens);
   ASSERT_TRUE(ref.ok()) << ref.status();
   std::vector<std::string> text;
   for (const auto& r : *ref) text.push_back(tokenizer->get()->Decode(r, true));

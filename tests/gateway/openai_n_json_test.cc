@@ -58,7 +58,7 @@ TEST(OpenAiNAndJson, ChoicesBestOfAndJsonModeThroughTheOfficialClient) {
       "the face of the waters.";
   const std::vector<int32_t> ids = *tokenizer->get()->Encode(prompt, true);
   ASSERT_GE(ids.size(), 48u);
-  auto ref = expertmesh::testing::ReferenceGreedy(*dir, {ids}, kMaxTokens, 1);
+  auto ref = expertmesh::testing::ReferenceGreedy(*dir, {ids}, kMaxTokens);
   ASSERT_TRUE(ref.ok()) << ref.status();
 
   json::object spec;

@@ -196,6 +196,11 @@ void AddUpCommand(CLI::App& app) {
       ->capture_default_str();
   up->add_option("--step-deadline-ms", c.step_deadline_ms, "Deadline of one MoE dispatch")
       ->capture_default_str();
+  up->add_option("--combine", c.combine,
+                 "exact: per-expert answers added in expert order (output independent of the "
+                 "placement); partial: per-shard partial sums (fewer bytes)")
+      ->check(CLI::IsMember({"exact", "partial"}))
+      ->capture_default_str();
   up->add_option("--gateway-arg", c.extra_gateway_args,
                  "Extra gateway flag (repeatable; e.g. --gateway-arg=--max-running=512)");
   up->add_option("--attention-arg", c.extra_attention_args,

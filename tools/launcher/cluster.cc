@@ -218,7 +218,9 @@ absl::Status Cluster::StartAll() {
                                      "--prefill-chunk",
                                      std::to_string(options_.prefill_chunk),
                                      "--step-deadline-ms",
-                                     std::to_string(options_.step_deadline_ms)};
+                                     std::to_string(options_.step_deadline_ms),
+                                     "--combine",
+                                     options_.combine};
     args.insert(args.end(), options_.extra_attention_args.begin(),
                 options_.extra_attention_args.end());
     const std::vector<std::string> tls = TlsArgs();
