@@ -16,8 +16,16 @@
 // p50 / p99 of each, dispatch p50 / ping-pong p50, and (dispatch - shard compute) p50 /
 // ping-pong p50: what the data plane costs beyond the bytes and the arithmetic.
 // Cluster decode against in-process decode is expertmesh-bench-cluster.
+// --combine exact|partial picks the data plane's combine mode (dispatcher/dispatcher.h).
+//
+// --bytes-only: no cluster and no weights (only --model's config.json, e.g. a reference
+// DeepSeek-V3 config): per shard count and batch, the serialized bytes of every shard's
+// ExpertRequest and ExpertResponse of one MoE layer (protobuf ByteSizeLong of messages built
+// as the dispatcher and the expert service build them, random activations and routes), per
+// token, in both combine modes.
 //
 //   expertmesh-bench-dispatch --model models/expertmesh-tiny --shards 2 --batches 1 32
+//   expertmesh-bench-dispatch --bytes-only --model <dir with config.json> --shards 1 4 8
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -246,9 +254,10 @@ Batch MakeBatch(const ModelConfig& config, int b, uint64_t seed) {
 }
 
 // The serialized sizes of each shard's ExpertRequest and ExpertResponse for this batch, built
-// field by field as the dispatcher builds them (ids of realistic width).
+// field by field as the dispatcher builds them (ids of realistic width). Exact combine: the
+// answer holds one BF16 row per (row, expert) pair; partial: one per row.
 std::vector<std::pair<size_t, size_t>> WireSizes(const Batch& batch, const Placement& placement,
-                                                 int layer, int64_t H) {
+                                                 int layer, int64_t H, CombineMode combine) {
   std::vector<std::pair<size_t, size_t>> out;
   for (int32_t s = 0; s < placement.num_shards; ++s) {
     v1::ExpertRequest req;
@@ -268,21 +277,79 @@ std::vector<std::pair<size_t, size_t>> WireSizes(const Batch& batch, const Place
       }
     }
     if (rows.empty()) continue;
+    const bool exact = combine == CombineMode::kExact;
     req.set_batch_id(100000);
     req.set_layer(layer);
     req.set_n_rows(static_cast<uint32_t>(rows.size()));
     req.set_hidden_size(static_cast<uint32_t>(H));
     req.set_request_id(100000);
+    req.set_combine(exact ? v1::COMBINE_PER_EXPERT : v1::COMBINE_PARTIAL_SUM);
     PackActivationRows(batch.x, rows, req.mutable_activations(), req.mutable_scales());
     v1::ExpertResponse resp;
     resp.set_batch_id(100000);
     resp.set_layer(layer);
     resp.set_request_id(100000);
     resp.set_n_rows(static_cast<uint32_t>(rows.size()));
-    resp.mutable_outputs()->assign(OutputBytes(rows.size(), H), '\0');
+    resp.mutable_outputs()->assign(
+        OutputBytes(exact ? static_cast<uint64_t>(req.experts_size()) : rows.size(), H), '\0');
     out.emplace_back(req.ByteSizeLong(), resp.ByteSizeLong());
   }
   return out;
+}
+
+// --bytes-only: serialized bytes per token of one MoE layer, both modes, for each shard count.
+int BytesOnly(const std::string& model_dir, const std::vector<int>& shard_counts,
+              const std::vector<int>& batches) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
+  if (!config.ok()) {
+    spdlog::error("{}", config.status().ToString());
+    return 1;
+  }
+  int layer = -1;
+  for (int l = 0; l < config->num_hidden_layers && layer < 0; ++l) {
+    if (config->IsMoeLayer(l)) layer = l;
+  }
+  if (layer < 0) {
+    spdlog::error("the model has no MoE layer");
+    return 1;
+  }
+  std::printf(
+      "config %s: hidden %lld, top-%lld of %lld experts, MoE layer %d; serialized bytes per "
+      "token of one MoE layer, all shard groups together (random routes, even placement)\n",
+      model_dir.c_str(), static_cast<long long>(config->hidden_size),
+      static_cast<long long>(config->num_experts_per_tok),
+      static_cast<long long>(config->n_routed_experts), layer);
+  std::printf("%-7s %-6s %-14s %-14s %-14s %-14s %s\n", "shards", "batch", "request/token",
+              "partial resp", "exact resp", "partial total", "exact total (x partial)");
+  for (int shards : shard_counts) {
+    absl::StatusOr<Placement> placement = EvenPlacement(*config, shards);
+    if (!placement.ok()) {
+      spdlog::error("{}", placement.status().ToString());
+      return 1;
+    }
+    for (int b : batches) {
+      const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
+      size_t req = 0, resp_partial = 0, resp_exact = 0, req_exact = 0;
+      for (const auto& [q, a] :
+           WireSizes(batch, *placement, layer, config->hidden_size, CombineMode::kPartial)) {
+        req += q;
+        resp_partial += a;
+      }
+      for (const auto& [q, a] :
+           WireSizes(batch, *placement, layer, config->hidden_size, CombineMode::kExact)) {
+        req_exact += q;
+        resp_exact += a;
+      }
+      const double t = static_cast<double>(b);
+      std::printf(
+          "%-7d %-6d %-14.0f %-14.0f %-14.0f %-14.0f %.0f (%.2fx)\n", shards, b,
+          static_cast<double>(req) / t, static_cast<double>(resp_partial) / t,
+          static_cast<double>(resp_exact) / t, static_cast<double>(req + resp_partial) / t,
+          static_cast<double>(req_exact + resp_exact) / t,
+          static_cast<double>(req_exact + resp_exact) / static_cast<double>(req + resp_partial));
+    }
+  }
+  return 0;
 }
 
 // What each shard group computes of the batch: its rows with only its (expert, weight) pairs,
@@ -331,7 +398,7 @@ absl::StatusOr<Placement> RouterPlacement(const std::string& router, const v1::P
 }
 
 int Run(const std::string& model_dir, int shards, const std::vector<int>& batches, int iterations,
-        int blocks) {
+        int blocks, CombineMode combine) {
   const auto fail = [](const absl::Status& s) {
     spdlog::error("{}", s.ToString());
     return 1;
@@ -369,16 +436,19 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   DispatcherOptions d;
   d.identity = *identity;
   d.load_report_interval = absl::ZeroDuration();
+  d.combine = combine;
   absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
   if (!dispatcher.ok()) return fail(dispatcher.status());
   (*dispatcher)->WatchRouter((*cluster)->router().grpc_address);
   if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(30)); !s.ok()) return fail(s);
 
   std::vector<std::unique_ptr<RawPeer>> peers;
-  std::printf("model %s: hidden %lld, MoE layer %d, top-%lld of %lld experts, %d shard groups\n",
-              model_dir.c_str(), static_cast<long long>(config->hidden_size), layer,
-              static_cast<long long>(config->num_experts_per_tok),
-              static_cast<long long>(config->n_routed_experts), shards);
+  std::printf(
+      "model %s: hidden %lld, MoE layer %d, top-%lld of %lld experts, %d shard groups, %s "
+      "combine\n",
+      model_dir.c_str(), static_cast<long long>(config->hidden_size), layer,
+      static_cast<long long>(config->num_experts_per_tok),
+      static_cast<long long>(config->n_routed_experts), shards, CombineModeName(combine));
   std::printf("%d iterations per batch in %d alternating blocks; times in microseconds\n",
               iterations, blocks);
   std::printf("%-6s %-22s %-14s %-14s %-14s %-10s %s\n", "batch", "bytes req/resp per shard",
@@ -386,7 +456,7 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   for (int b : batches) {
     const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
     const std::vector<std::pair<size_t, size_t>> sizes =
-        WireSizes(batch, *placement, layer, config->hidden_size);
+        WireSizes(batch, *placement, layer, config->hidden_size, combine);
     while (peers.size() < sizes.size()) {
       absl::StatusOr<std::unique_ptr<RawPeer>> p = RawPeer::Start();
       if (!p.ok()) return fail(p.status());
@@ -455,12 +525,21 @@ int main(int argc, char** argv) {
   std::string model;
   int shards = 2, iterations = 2000, blocks = 4;
   std::vector<int> batches = {1, 32};
+  std::vector<int> bytes_shards;
+  std::string combine = "exact";
+  bool bytes_only = false;
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
-  app.add_option("--shards", shards, "Shard groups")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 64));
+  app.add_option("--shards", bytes_shards,
+                 "Shard groups (with --bytes-only: a list; else one value, default 2)")
+      ->check(CLI::Range(1, 256));
+  app.add_option("--combine", combine, "Combine mode of the dispatch: exact or partial")
+      ->check(CLI::IsMember({"exact", "partial"}))
+      ->capture_default_str();
+  app.add_flag("--bytes-only", bytes_only,
+               "Only the serialized bytes per token of both combine modes (needs only "
+               "config.json; no cluster)");
   app.add_option("--batches", batches, "Batch sizes (rows)")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
@@ -474,7 +553,18 @@ int main(int argc, char** argv) {
   expertmesh::AddTlsOptions(
       &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
+  if (bytes_only) {
+    if (bytes_shards.empty()) bytes_shards = {1, 2, 4};
+    return expertmesh::BytesOnly(model, bytes_shards, batches);
+  }
+  if (bytes_shards.size() > 1) {
+    std::fprintf(stderr, "--shards takes one value without --bytes-only\n");
+    return 2;
+  }
+  if (!bytes_shards.empty()) shards = bytes_shards[0];
   if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
   spdlog::set_level(spdlog::level::warn);
-  return expertmesh::Run(model, shards, batches, iterations, blocks);
+  return expertmesh::Run(
+      model, shards, batches, iterations, blocks,
+      combine == "partial" ? expertmesh::CombineMode::kPartial : expertmesh::CombineMode::kExact);
 }
