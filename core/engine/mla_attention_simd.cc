@@ -222,9 +222,18 @@ void AbsorbedAttentionSimd(const AbsorbedAttentionArgs& a, float* attn) {
         for (int64_t j = 0; j < Ls; ++j) slots[j] = cache.Slot(cache_layer, j);
         vis.resize(nq);
         for (int64_t qi = 0; qi < nq; ++qi) vis[qi] = visible(qi);
+        // In tiles of 128 cached rows (in the L2 cache while every query of the range passes
+        // over them), in increasing order: each sum still adds its rows in turn.
         cpu::ParallelFor(nq, 8, [&](int64_t i0, int64_t i1) {
-          AccumulateRows(slots.data(), scores.data() + i0 * Ls, Ls, vis.data() + i0, i1 - i0, rank,
-                         ctx.data() + (q0 + i0) * rank, rank);
+          constexpr int64_t kTile = 128;
+          std::vector<int64_t> count(i1 - i0);
+          for (int64_t jt = 0; jt < Ls; jt += kTile) {
+            for (int64_t qi = i0; qi < i1; ++qi) {
+              count[qi - i0] = std::clamp<int64_t>(vis[qi] - jt, 0, std::min(kTile, Ls - jt));
+            }
+            AccumulateRows(slots.data() + jt, scores.data() + i0 * Ls + jt, Ls, count.data(),
+                           i1 - i0, rank, ctx.data() + (q0 + i0) * rank, rank);
+          }
         });
       }
       t = seg_end;
