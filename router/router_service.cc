@@ -86,7 +86,7 @@ grpc::Status RouterServiceImpl::Register(grpc::ServerContext*, const v1::Registe
 grpc::Status RouterServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
                                           v1::HeartbeatResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
-  resp->set_known(membership_.Heartbeat(*req, absl::Now()));
+  resp->set_known(membership_.Heartbeat(*req, absl::Now()).known);
   return grpc::Status::OK;
 }
 
