@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   expertmesh::AddEvalCommand(app);
 #ifdef EXPERTMESH_CLI_SERVICES
   expertmesh::AddUpCommand(app);
+  expertmesh::AddPlanCommand(app);
 #endif
   CLI11_PARSE(app, argc, argv);
   return 0;
