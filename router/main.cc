@@ -34,7 +34,52 @@ int main(int argc, char** argv) {
   app.add_option("--expiry-ms", expiry_ms, "Replica removed after this long without heartbeat")
       ->check(CLI::Range(10, 3600000))
       ->capture_default_str();
+  RebalancerOptions rebalance;
+  bool no_rebalance = false;
+  double check_s = 10, interval_s = 0, cooldown_s = 60, change_timeout_s = 120;
+  app.add_flag("--no-rebalance", no_rebalance,
+               "No automatic rebalancing (expertmesh rebalance still applies one by hand)");
+  app.add_option("--rebalance-threshold", rebalance.threshold,
+                 "Rebalance when the mean over MoE layers of the busiest shard group's load / "
+                 "its capacity share exceeds this (1 = perfectly even)")
+      ->check(CLI::Range(1.0, 100.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-min-gain", rebalance.min_gain,
+                 "Apply a new placement only when it predicts this much less (relative)")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
+  app.add_option("--rebalance-check-s", check_s, "How often the threshold is checked")
+      ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-interval-s", interval_s,
+                 "Also rebalance this often below the threshold when it gains (0 = never)")
+      ->check(CLI::Range(0.0, 604800.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-cooldown-s", cooldown_s, "Least time between automatic changes")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--rebalance-min-tokens", rebalance.min_tokens,
+                 "Routed tokens the load window must hold before a rebalance")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 50))
+      ->capture_default_str();
+  app.add_option("--extra-expert-slots", rebalance.extra_slots,
+                 "Experts a shard group may hold per layer beyond its initial share (room for "
+                 "redundant copies; each costs one expert's memory per layer)")
+      ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
+  app.add_option("--redundant-experts", rebalance.redundant_per_layer,
+                 "Redundant copies per layer (-1 = every free slot)")
+      ->check(CLI::Range(-1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--placement-change-timeout-s", change_timeout_s,
+                 "A placement change not held by every replica by then is abandoned")
+      ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
   if (std::optional<int> exit = main.Parse(argc, argv)) return *exit;
+  rebalance.automatic = !no_rebalance;
+  rebalance.check_every = absl::Seconds(check_s);
+  rebalance.interval = absl::Seconds(interval_s);
+  rebalance.cooldown = absl::Seconds(cooldown_s);
   if (expiry_ms <= heartbeat_ms) {
     spdlog::error("--expiry-ms ({}) must exceed --heartbeat-interval-ms ({})", expiry_ms,
                   heartbeat_ms);
@@ -52,6 +97,9 @@ int main(int argc, char** argv) {
   options.server.listen = main.flags().listen;
   options.membership.heartbeat_interval = absl::Milliseconds(heartbeat_ms);
   options.membership.expiry = absl::Milliseconds(expiry_ms);
+  options.membership.change_timeout = absl::Seconds(change_timeout_s);
+  options.model = *config;
+  options.rebalance = rebalance;
   options.metrics = &metrics;
   absl::StatusOr<v1::PeerIdentity> identity = MakeLocalIdentity(model_dir, "router", "router");
   if (!identity.ok()) return main.StartFailed(identity.status());

@@ -10,7 +10,9 @@
 namespace expertmesh {
 
 RouterServiceImpl::RouterServiceImpl(Placement placement, RouterServerOptions options)
-    : options_(std::move(options)),
+    : initial_placement_(placement),
+      next_check_(absl::Now() + options.rebalance.check_every),
+      options_(std::move(options)),
       membership_(std::move(placement), options_.membership),
       load_window_(membership_.placement().n_layers, membership_.placement().n_routed_experts,
                    absl::Now(), options_.load_window),
@@ -86,7 +88,13 @@ grpc::Status RouterServiceImpl::Register(grpc::ServerContext*, const v1::Registe
 grpc::Status RouterServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
                                           v1::HeartbeatResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
-  resp->set_known(membership_.Heartbeat(*req, absl::Now()).known);
+  Membership::HeartbeatResult r = membership_.Heartbeat(*req, absl::Now());
+  resp->set_known(r.known);
+  if (r.target) *resp->mutable_target() = *std::move(r.target);
+  if (r.map_changed) {
+    spdlog::info("placement v{}: {}", membership_.version(), membership_.last_change());
+    Changed();
+  }
   return grpc::Status::OK;
 }
 
@@ -102,10 +110,118 @@ grpc::Status RouterServiceImpl::Deregister(grpc::ServerContext*, const v1::Dereg
 
 void RouterServiceImpl::Sweep() {
   std::lock_guard<std::mutex> lock(mu_);
-  if (membership_.Expire(absl::Now())) {
-    spdlog::warn("expired replicas without heartbeat (placement v{})", membership_.version());
+  const absl::Time now = absl::Now();
+  const bool was_pending = membership_.ChangePending();
+  const uint64_t commits = membership_.commits();
+  const size_t replicas = membership_.replica_count();
+  if (membership_.Expire(now)) {
+    if (membership_.replica_count() < replicas) {
+      spdlog::warn("expired replicas without heartbeat (placement v{})", membership_.version());
+    }
     Changed();
   }
+  if (was_pending && !membership_.ChangePending()) {
+    if (membership_.commits() > commits) {
+      Changed();
+    } else {
+      spdlog::warn("placement change {}", membership_.last_change());
+    }
+  }
+  MaybeRebalance(now);
+}
+
+absl::Status RouterServiceImpl::BeginPlacementChange(Placement next) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EM_RETURN_IF_ERROR(membership_.BeginChange(std::move(next), absl::Now()));
+  spdlog::info("placement change: {}", membership_.last_change());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::RebalanceResponse> RouterServiceImpl::RunRebalance(bool dry_run, bool force) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return RebalanceLocked(dry_run, force, absl::Now());
+}
+
+absl::StatusOr<v1::RebalanceResponse> RouterServiceImpl::RebalanceLocked(bool dry_run, bool force,
+                                                                         absl::Time now) {
+  if (!options_.model) {
+    return absl::FailedPreconditionError("this router was started without the model's config");
+  }
+  if (membership_.ChangePending()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("a placement change is in progress (", membership_.last_change(), ")"));
+  }
+  if (!membership_.AllLive()) {
+    return absl::FailedPreconditionError(
+        "a registered shard replica cannot change its experts (no live placement: e.g. a CUDA "
+        "shard)");
+  }
+  const LoadWindow::Sums window = load_window_.Sum(now);
+  EM_ASSIGN_OR_RETURN(
+      RebalancePlan plan,
+      PlanRebalance(*options_.model, membership_.placement(), initial_placement_, window,
+                    membership_.GroupCapacity(now), options_.rebalance, force));
+  last_imbalance_ = plan.before;
+  v1::RebalanceResponse resp;
+  resp.set_reason(plan.reason);
+  resp.set_imbalance_before(plan.before);
+  resp.set_imbalance_after(plan.after);
+  resp.set_experts_moved(plan.moved);
+  resp.set_redundant_copies(plan.redundant);
+  if (!plan.change || dry_run) {
+    resp.set_target_generation(membership_.target_generation());
+    return resp;
+  }
+  EM_RETURN_IF_ERROR(membership_.BeginChange(std::move(plan.placement), now));
+  resp.set_started(true);
+  resp.set_target_generation(membership_.target_generation());
+  last_rebalance_ = now;
+  last_result_ = plan.reason;
+  if (options_.metrics) {
+    options_.metrics
+        ->GetCounter("expertmesh_router_rebalances_total", "Placement changes the rebalancer began")
+        .Inc();
+  }
+  spdlog::info("rebalance: {}; loading target generation {}", plan.reason,
+               membership_.target_generation());
+  return resp;
+}
+
+void RouterServiceImpl::MaybeRebalance(absl::Time now) {
+  if (!options_.model || now < next_check_) return;
+  next_check_ = now + options_.rebalance.check_every;
+  if (options_.metrics) {
+    absl::StatusOr<double> imbalance =
+        MeanImbalance(*options_.model, membership_.placement(), load_window_.Sum(now),
+                      membership_.GroupCapacity(now));
+    if (imbalance.ok()) {
+      last_imbalance_ = *imbalance;
+      options_.metrics
+          ->GetGauge("expertmesh_router_expert_imbalance",
+                     "Predicted mean over MoE layers of the busiest shard group's load / its "
+                     "share, over the load window")
+          .Set(*imbalance);
+    }
+  }
+  const RebalancerOptions& o = options_.rebalance;
+  if (!o.automatic || membership_.ChangePending() || !membership_.AllLive()) return;
+  const bool periodic = o.interval > absl::ZeroDuration() && now - last_rebalance_ >= o.interval;
+  if (now - last_rebalance_ < o.cooldown && !periodic) return;
+  absl::StatusOr<v1::RebalanceResponse> r =
+      RebalanceLocked(/*dry_run=*/false, /*force=*/false, now);
+  if (!r.ok()) {
+    spdlog::warn("rebalance: {}", r.status());
+  } else if (!r->started() && periodic) {
+    last_rebalance_ = now;  // the next periodic attempt one interval later
+  }
+}
+
+grpc::Status RouterServiceImpl::Rebalance(grpc::ServerContext*, const v1::RebalanceRequest* req,
+                                          v1::RebalanceResponse* resp) {
+  absl::StatusOr<v1::RebalanceResponse> r = RunRebalance(req->dry_run(), req->force());
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *resp = *std::move(r);
+  return grpc::Status::OK;
 }
 
 void RouterServiceImpl::Stop() {
@@ -167,7 +283,21 @@ grpc::Status RouterServiceImpl::GetStatus(grpc::ServerContext*, const v1::Status
 }
 
 void RouterServiceImpl::FillStatus(v1::StatusResponse* resp) const {
-  *resp->mutable_placement() = membership_.Map(absl::Now());
+  const absl::Time now = absl::Now();
+  *resp->mutable_placement() = membership_.Map(now, /*include_loading=*/true);
+  v1::RebalanceState* r = resp->mutable_rebalance();
+  r->set_automatic(options_.model.has_value() && options_.rebalance.automatic);
+  r->set_threshold(options_.rebalance.threshold);
+  r->set_window_s(static_cast<uint32_t>(absl::ToInt64Seconds(load_window_.length())));
+  r->set_imbalance(last_imbalance_);
+  r->set_pending(membership_.ChangePending());
+  r->set_rebalances(membership_.commits());
+  r->set_last_result(membership_.last_change().empty() ? last_result_ : membership_.last_change());
+  if (membership_.last_commit() != absl::InfinitePast()) {
+    r->set_last_change_ms_ago(static_cast<uint64_t>(
+        std::max<int64_t>(1, absl::ToInt64Milliseconds(now - membership_.last_commit()))));
+  }
+  r->set_redundant_copies(RedundantCopies(membership_.placement()));
   for (v1::LayerExpertLoad& l : membership_.Load()) *resp->add_expert_load() = std::move(l);
   resp->set_model_name(options_.identity.model_name());
 }

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -15,6 +16,7 @@
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "router/load_window.h"
 #include "router/membership.h"
+#include "router/rebalancer.h"
 #include "service-common/grpc_util.h"
 #include "service-common/metrics.h"
 
@@ -24,7 +26,10 @@ struct RouterServerOptions {
   ServerOptions server;       // listen address, limits
   v1::PeerIdentity identity;  // model fingerprint + protocol version peers must match
   MembershipOptions membership;
-  LoadWindowOptions load_window;       // the recent expert load (the operator page shows it)
+  LoadWindowOptions load_window;  // the recent expert load (the operator page shows it)
+  // The model, for the rebalancer (expert groups, MoE layers); without it no rebalancing.
+  std::optional<ModelConfig> model;
+  RebalancerOptions rebalance;
   int max_watchers = 256;              // concurrent WatchPlacement streams
   MetricsRegistry* metrics = nullptr;  // optional
 };
@@ -48,8 +53,16 @@ class RouterServiceImpl final : public v1::RouterService::Service {
                           v1::LoadReportResponse* resp) override;
   grpc::Status GetStatus(grpc::ServerContext* ctx, const v1::StatusRequest* req,
                          v1::StatusResponse* resp) override;
+  grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest* req,
+                         v1::RebalanceResponse* resp) override;
 
-  // Removes expired replicas (the sweeper calls this periodically).
+  // Starts a live change to `next` (Membership::BeginChange); the tests and the Rebalance RPC.
+  absl::Status BeginPlacementChange(Placement next);
+  // Computes a placement from the load window and, unless dry_run, starts applying it.
+  absl::StatusOr<v1::RebalanceResponse> RunRebalance(bool dry_run, bool force);
+
+  // Removes expired replicas, commits or times out placement changes and runs the automatic
+  // rebalancer when due (the sweeper calls this periodically).
   void Sweep();
   // Ends every watch stream (before server shutdown).
   void Stop();
@@ -61,6 +74,14 @@ class RouterServiceImpl final : public v1::RouterService::Service {
  private:
   void FillStatus(v1::StatusResponse* resp) const;  // under mu_
   void Changed();  // after a membership change, under mu_: metrics + wake watchers
+  // Under mu_: the rebalancer's plan and, with apply, BeginChange.
+  absl::StatusOr<v1::RebalanceResponse> RebalanceLocked(bool dry_run, bool force, absl::Time now);
+  void MaybeRebalance(absl::Time now);  // under mu_: the automatic triggers
+  Placement initial_placement_;         // the slots of each group come from it
+  absl::Time next_check_;
+  absl::Time last_rebalance_ = absl::InfinitePast();
+  std::string last_result_;
+  double last_imbalance_ = 1.0;
   RouterServerOptions options_;
   mutable std::mutex mu_;
   std::condition_variable changed_;

@@ -141,7 +141,7 @@ int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
   }
   for (const v1::ShardGroup& g : map.shards()) {
     int healthy = 0;
-    for (const v1::ShardReplica& r : g.replicas()) healthy += r.healthy() ? 1 : 0;
+    for (const v1::ShardReplica& r : g.replicas()) healthy += r.healthy() && !r.loading() ? 1 : 0;
     std::printf(
         "shard %d: %d (layer, expert) pairs, %d/%d replica(s) healthy, %llu routed "
         "tokens%s\n",
@@ -149,11 +149,51 @@ int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
         static_cast<unsigned long long>(tokens_per_shard[g.shard_id()]),
         healthy == 0 ? "  << NO LIVE REPLICA" : "");
     for (const v1::ShardReplica& r : g.replicas()) {
-      std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago\n",
+      std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago%s\n",
                   r.replica_id().c_str(), r.address().c_str(),
                   r.healthy() ? "healthy" : "UNHEALTHY", r.capacity(), r.outstanding_rows(),
-                  static_cast<unsigned long long>(r.last_heartbeat_ms_ago()));
+                  static_cast<unsigned long long>(r.last_heartbeat_ms_ago()),
+                  r.loading() ? ", LOADING its experts (not in the map yet)" : "");
     }
+  }
+  const v1::RebalanceState& rb = resp.rebalance();
+  std::printf(
+      "rebalancing %s (threshold %.2f over a %u s window): imbalance %.3f, %u redundant "
+      "copies, %llu placement change(s)%s%s%s\n",
+      rb.automatic() ? "automatic" : "by hand only", rb.threshold(), rb.window_s(), rb.imbalance(),
+      rb.redundant_copies(), static_cast<unsigned long long>(rb.rebalances()),
+      rb.pending() ? ", a change is loading" : "",
+      rb.last_result().empty() ? "" : "; last: ", rb.last_result().c_str());
+  return 0;
+}
+
+int RunRebalance(const std::string& router, int timeout_ms, const TlsFiles& tls, bool dry_run,
+                 bool force) {
+  if (absl::Status s = ValidateTlsFiles(tls); !s.ok()) {
+    spdlog::error("{}", std::string(s.message()));
+    return 2;
+  }
+  auto stub = v1::RouterService::NewStub(
+      MakeChannel(router, kDefaultMaxMessageBytes, MakeChannelCredentials(tls)));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
+  v1::RebalanceRequest req;
+  req.set_dry_run(dry_run);
+  req.set_force(force);
+  v1::RebalanceResponse resp;
+  if (const grpc::Status s = stub->Rebalance(&ctx, req, &resp); !s.ok()) {
+    spdlog::error("Rebalance on {}: {}", router, FromGrpcStatus(s).ToString());
+    return 1;
+  }
+  std::printf("%s: imbalance %.3f -> %.3f predicted, %u copies to load, %u redundant; %s\n",
+              resp.started() ? "rebalancing" : (dry_run ? "dry run" : "no change"),
+              resp.imbalance_before(), resp.imbalance_after(), resp.experts_moved(),
+              resp.redundant_copies(), resp.reason().c_str());
+  if (resp.started()) {
+    std::printf(
+        "target generation %llu is loading on the shards; `expertmesh status` shows when "
+        "the new map is published\n",
+        static_cast<unsigned long long>(resp.target_generation()));
   }
   return 0;
 }
@@ -203,6 +243,9 @@ void AddUpCommand(CLI::App& app) {
       ->capture_default_str();
   up->add_option("--gateway-arg", c.extra_gateway_args,
                  "Extra gateway flag (repeatable; e.g. --gateway-arg=--max-running=512)");
+  up->add_option("--router-arg", c.extra_router_args,
+                 "Extra router-service flag (repeatable; e.g. --router-arg=--no-rebalance)");
+  up->add_option("--expert-arg", c.extra_expert_args, "Extra expert-service flag (repeatable)");
   up->add_option("--attention-arg", c.extra_attention_args,
                  "Extra attention-service flag (repeatable)");
   AddTlsOptions(up, c.tls,
@@ -226,6 +269,26 @@ void AddUpCommand(CLI::App& app) {
   AddTlsOptions(status, *tls, "presented to the router (a cluster started with mTLS)");
   status->callback([router, timeout_ms, tls] {
     const int rc = RunStatus(*router, *timeout_ms, *tls);
+    if (rc != 0) throw CLI::RuntimeError(rc);
+  });
+
+  auto rb_router = std::make_shared<std::string>();
+  auto rb_timeout_ms = std::make_shared<int>(5000);
+  auto rb_tls = std::make_shared<TlsFiles>();
+  auto dry_run = std::make_shared<bool>(false);
+  auto force = std::make_shared<bool>(false);
+  CLI::App* rebalance = app.add_subcommand(
+      "rebalance",
+      "Rebalance the experts now: a placement from the router's load window (redundant copies "
+      "of the hottest), loaded by the shards while they serve, then published");
+  rebalance->add_option("--router", *rb_router, "Router address host:port")->required();
+  rebalance->add_option("--timeout-ms", *rb_timeout_ms, "RPC deadline")->capture_default_str();
+  rebalance->add_flag("--dry-run", *dry_run, "Report what it would do, change nothing");
+  rebalance->add_flag("--force", *force,
+                      "Apply even below the threshold or the minimum predicted gain");
+  AddTlsOptions(rebalance, *rb_tls, "presented to the router (a cluster started with mTLS)");
+  rebalance->callback([rb_router, rb_timeout_ms, rb_tls, dry_run, force] {
+    const int rc = RunRebalance(*rb_router, *rb_timeout_ms, *rb_tls, *dry_run, *force);
     if (rc != 0) throw CLI::RuntimeError(rc);
   });
 }

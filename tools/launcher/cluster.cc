@@ -179,6 +179,7 @@ absl::Status Cluster::StartAll() {
                                      "--num-shards",   std::to_string(options_.shards),
                                      "--listen",       absl::StrCat(options_.host, ":", *port),
                                      "--metrics-port", std::to_string(*mport)};
+    args.insert(args.end(), options_.extra_router_args.begin(), options_.extra_router_args.end());
     const std::vector<std::string> tls = TlsArgs();
     args.insert(args.end(), tls.begin(), tls.end());
     EM_ASSIGN_OR_RETURN(Member m, StartService("router-service", bin, args, *port, *mport));

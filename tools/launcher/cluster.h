@@ -41,6 +41,7 @@ struct ClusterOptions {
   int prefill_chunk = 64;
   int step_deadline_ms = 2000;
   std::string combine = "exact";  // --combine: exact or partial (dispatcher/dispatcher.h)
+  std::vector<std::string> extra_router_args;
   std::vector<std::string> extra_attention_args;
   std::vector<std::string> extra_expert_args;
   std::vector<std::string> extra_gateway_args;
