@@ -335,7 +335,7 @@ absl::StatusOr<Placement> PlacementFromMap(const v1::PlacementMap& map) {
 }
 
 bool ChooseShards(const Placement& placement, int layer, std::span<const int32_t> row_experts,
-                  uint64_t row_key, std::span<int32_t> shard_out) {
+                  uint64_t row_key, std::span<int32_t> shard_out, CopyChoice choice) {
   if (row_experts.size() != shard_out.size()) {
     std::fill(shard_out.begin(), shard_out.end(), -1);
     return false;
@@ -364,30 +364,21 @@ bool ChooseShards(const Placement& placement, int layer, std::span<const int32_t
     if (shard_out[i] != kPending) continue;
     const std::span<const int32_t> c = placement.ShardsOf(layer, row_experts[i]);
     const size_t m = c.size();
+    // The ascending copies rotated by (row_key + expert): consecutive keys take turns.
     const size_t start = static_cast<size_t>(
         (row_key + static_cast<uint64_t>(static_cast<uint32_t>(row_experts[i]))) % m);
-    int32_t best = -1;
-    size_t best_score = 0;
-    for (size_t j = 0; j < m; ++j) {
-      const int32_t s = c[(start + j) % m];
-      size_t score;
-      if (std::find(used.begin(), used.end(), s) != used.end()) {
-        score = k + 1;  // costs no extra group: beats any shared copy
-      } else {
-        score = 1;  // this expert
-        for (size_t q = i + 1; q < k; ++q) {
-          if (shard_out[q] != kPending) continue;
-          const std::span<const int32_t> cq = placement.ShardsOf(layer, row_experts[q]);
-          if (std::find(cq.begin(), cq.end(), s) != cq.end()) ++score;
+    int32_t pick = c[start];
+    if (choice == CopyChoice::kFewerGroups) {
+      for (size_t j = 0; j < m; ++j) {
+        const int32_t s = c[(start + j) % m];
+        if (std::find(used.begin(), used.end(), s) != used.end()) {
+          pick = s;
+          break;
         }
       }
-      if (best < 0 || score > best_score) {
-        best = s;
-        best_score = score;
-      }
     }
-    shard_out[i] = best;
-    use(best);
+    shard_out[i] = pick;
+    use(pick);
   }
   return ok;
 }

@@ -72,20 +72,29 @@ void FillShardGroups(const Placement& placement, v1::PlacementMap* map);
 // n_routed_experts, and a layer that has any expert in the map must have every expert.
 absl::StatusOr<Placement> PlacementFromMap(const v1::PlacementMap& map);
 
+enum class CopyChoice {
+  // A copy in a shard group the row already uses (for a one-copy expert, or for a copy chosen
+  // before it) when there is one, else the rotation below: fewer groups per token, fewer bytes.
+  // The load of an expert's copies then follows what its rows share with other experts, not
+  // an even split (tests/placement/eplb_test.cc and tools/bench/bench_placement.cc measure it).
+  kFewerGroups,
+  // Always the rotation: each expert's load splits evenly over its copies (the split
+  // placement/eplb.h predicts), at the price of more groups per token.
+  kSpread,
+};
+
 // Picks one copy for each (row, expert) pair of one row of a MoE layer:
 //   row_experts: [k] the row's experts; shard_out: [k] receives the chosen shard of each.
-// Experts with one copy go to it. For an expert with several copies, a copy in a shard group
-// the row already uses (for a one-copy expert, or for a copy chosen before it) is preferred,
-// so the row's activations travel to fewer groups; otherwise the copy shared by the most of
-// the row's still unplaced experts; ties are spread over the copies by row_key (rotate the
-// ascending list by (row_key + expert) mod copies), so rows with consecutive keys share the
-// load. Callers should pass a key that differs from row to row and from step to step (e.g. a
-// running count of rows dispatched): a key that is always 0 sends every tie to one copy.
-// Deterministic: the same placement, layer, experts and key give the same shards.
-// Returns false (that pair's shard_out is -1) when an expert has no copy or the spans differ in
-// size; every other pair is still filled.
+// Experts with one copy go to it. For an expert with several copies: see CopyChoice; the
+// rotation takes copy (row_key + expert) mod copies of the ascending list, so rows with
+// consecutive keys take turns. Callers should pass a key that differs from row to row and
+// from step to step (e.g. a running count of rows dispatched): a key that is always 0 sends
+// every row to the same copies. Deterministic: the same placement, layer, experts, key and
+// choice give the same shards. Returns false (that pair's shard_out is -1) when an expert has
+// no copy or the spans differ in size; every other pair is still filled.
 bool ChooseShards(const Placement& placement, int layer, std::span<const int32_t> row_experts,
-                  uint64_t row_key, std::span<int32_t> shard_out);
+                  uint64_t row_key, std::span<int32_t> shard_out,
+                  CopyChoice choice = CopyChoice::kFewerGroups);
 
 // Whole expert groups (n_group groups of n_routed_experts / n_group consecutive experts, the
 // unit DeepSeek's gate selects topk_group of) on shard groups, so that a token touches at most
