@@ -16,6 +16,7 @@
 // this file (4 layers, 3 MoE with 8 experts):
 //   expertmesh-make-checkpoint --config tools/bench/cluster_bench_config.json --out DIR --seed 1
 //   expertmesh-bench-cluster --model DIR --shards 2 --replicas 1
+// --combine exact|partial: the cluster's combine mode (attention-service --combine).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -180,7 +181,7 @@ absl::StatusOr<ClusterRun> ClusterDecode(const launcher::Cluster& cluster, int b
 }
 
 int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
-        int prompt_len, int decode_tokens) {
+        int prompt_len, int decode_tokens, const std::string& combine) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) {
     spdlog::error("{}", config.status().ToString());
@@ -225,13 +226,15 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
   o.max_batch = *std::max_element(batches.begin(), batches.end());
   o.kv_blocks = 4096;
   o.step_deadline_ms = 30000;
+  o.combine = combine;
   absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
   if (!cluster.ok()) {
     spdlog::error("{}", cluster.status().ToString());
     return 1;
   }
-  std::printf("cluster: router + %d shard group(s) x %d replica(s) + attention service\n", shards,
-              replicas);
+  std::printf(
+      "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine\n",
+      shards, replicas, combine.c_str());
   std::printf("%-6s %-22s %-22s %s\n", "batch", "in-process tok/s", "cluster tok/s",
               "dispatch latency per MoE layer (p50 / p99 ms)");
   for (int b : batches) {
@@ -267,6 +270,7 @@ int main(int argc, char** argv) {
   std::string model;
   int shards = 2, replicas = 1, prompt_len = 16, decode_tokens = 64;
   std::vector<int> batches = {1, 32};
+  std::string combine = "exact";
   app.add_option("--model", model, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -275,10 +279,13 @@ int main(int argc, char** argv) {
   app.add_option("--batches", batches, "Batch sizes")->capture_default_str();
   app.add_option("--prompt-len", prompt_len, "Prompt tokens per sequence")->capture_default_str();
   app.add_option("--decode-tokens", decode_tokens, "Decode steps measured")->capture_default_str();
+  app.add_option("--combine", combine, "The cluster's combine mode: exact or partial")
+      ->check(CLI::IsMember({"exact", "partial"}))
+      ->capture_default_str();
   expertmesh::TlsFiles tls;
   expertmesh::AddTlsOptions(
       &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
   if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
-  return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens);
+  return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine);
 }
