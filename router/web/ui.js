@@ -62,6 +62,12 @@ function renderGroups(c) {
   body.replaceChildren();
   const useWindow = c.window_expert_tokens > 0;
   const all = c.shard_groups.reduce((s, g) => s + (useWindow ? g.window_tokens : g.total_tokens), 0);
+  // max/mean of the groups' tokens: 1 is even; the busiest group sets the pace of every step.
+  const most = c.shard_groups.reduce((m, g) => Math.max(m, useWindow ? g.window_tokens : g.total_tokens), 0);
+  const imbalance = all > 0 ? most / (all / c.shard_groups.length) : null;
+  const shown = document.getElementById("group-imbalance");
+  shown.textContent = imbalance === null ? "-" : fmt(imbalance, 2);
+  shown.dataset.value = imbalance === null ? "" : imbalance.toFixed(4);
   for (const g of c.shard_groups) {
     const tokens = useWindow ? g.window_tokens : g.total_tokens;
     const share = all > 0 ? `${fmt(100 * tokens / all, 1)} %` : "-";

@@ -303,11 +303,22 @@ TEST_F(RouterPageTest, HeatmapShowsTheRoutersLoad) {
   EXPECT_EQ(dom.find("class=\"warning\""), std::string::npos) << "a warning with every group up";
   const std::string version = "data-version=\"" + std::to_string(map.version()) + "\"";
   EXPECT_NE(dom.find(version), std::string::npos) << version;
-  const std::vector<std::string> rate = Tags(dom, "b", "data-value");
-  ASSERT_EQ(rate.size(), 1u);
-  double tokens_per_s = 0;
-  EXPECT_TRUE(absl::SimpleAtod(Attr(rate[0], "data-value"), &tokens_per_s));
-  EXPECT_GT(tokens_per_s, 0.0);
+  std::map<std::string, double> facts;  // <b id=... data-value=...>: tokens/s, group max/mean
+  for (const std::string& b : Tags(dom, "b", "data-value")) {
+    EXPECT_TRUE(absl::SimpleAtod(Attr(b, "data-value"), &facts[Attr(b, "id")])) << b;
+  }
+  EXPECT_GT(facts["tokens-per-s"], 0.0);
+  // The groups' load max/mean, from the window tokens the rows show.
+  double most = 0, all = 0;
+  for (const std::string& row : rows) {
+    double tokens = 0;
+    EXPECT_TRUE(absl::SimpleAtod(Attr(row, "data-window-tokens"), &tokens)) << row;
+    most = std::max(most, tokens);
+    all += tokens;
+  }
+  ASSERT_GT(all, 0.0);
+  EXPECT_NEAR(facts["group-imbalance"], most / (all / rows.size()), 1e-3);
+  EXPECT_GE(facts["group-imbalance"], 1.0);
 
   const std::string shot = std::string(EXPERTMESH_BINARY_DIR) + "/tests/router/router-page.png";
   RenderPage("screenshot", shot);
