@@ -121,7 +121,7 @@ std::string ClusterJson(const v1::StatusResponse& status, const LoadWindow::Sums
     int healthy = 0;
     json::array replicas;
     for (const v1::ShardReplica& r : g.replicas()) {
-      healthy += r.healthy() ? 1 : 0;
+      healthy += r.healthy() && !r.loading() ? 1 : 0;  // a loading replica serves nothing yet
       json::object ro;
       ro["id"] = r.replica_id();
       ro["address"] = r.address();
@@ -129,6 +129,9 @@ std::string ClusterJson(const v1::StatusResponse& status, const LoadWindow::Sums
       ro["capacity"] = r.capacity();
       ro["outstanding_rows"] = r.outstanding_rows();
       ro["last_heartbeat_ms_ago"] = r.last_heartbeat_ms_ago();
+      ro["loading"] = r.loading();
+      ro["device_kind"] = r.device_kind();
+      ro["capacity_weight"] = r.capacity_weight();
       replicas.emplace_back(std::move(ro));
     }
     o["healthy_replicas"] = healthy;
@@ -138,6 +141,18 @@ std::string ClusterJson(const v1::StatusResponse& status, const LoadWindow::Sums
     groups.emplace_back(std::move(o));
   }
   out["shard_groups"] = std::move(groups);
+  const v1::RebalanceState& rb = status.rebalance();
+  json::object rebalance;
+  rebalance["automatic"] = rb.automatic();
+  rebalance["threshold"] = Number(rb.threshold());
+  rebalance["window_s"] = rb.window_s();
+  rebalance["imbalance"] = Number(rb.imbalance());
+  rebalance["pending"] = rb.pending();
+  rebalance["changes"] = rb.rebalances();
+  rebalance["redundant_copies"] = rb.redundant_copies();
+  rebalance["last_result"] = rb.last_result();
+  rebalance["last_change_ms_ago"] = rb.last_change_ms_ago();
+  out["rebalance"] = std::move(rebalance);
   out["layers"] = std::move(layers);
   return json::serialize(out);
 }
