@@ -152,6 +152,53 @@ TEST_F(ExpertServiceTest, AnswersEqualLocalExpertsBitwise) {
   }
 }
 
+// COMBINE_PER_EXPERT: one BF16 row per pair, the unweighted output, bit for bit what
+// LocalExperts::RunPerExpert gives; a per-expert answer over max_response_bytes is refused.
+TEST_F(ExpertServiceTest, PerExpertAnswersEqualLocalExpertsBitwise) {
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*model_dir_);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> local =
+      LocalExperts::Create(**ckpt, *config_, placement_->ExpertsOf(0));
+  ASSERT_TRUE(local.ok()) << local.status();
+  for (uint64_t seed : {4, 5}) {
+    v1::ExpertRequest r = ValidRequest(3 + seed, seed);
+    r.set_combine(v1::COMBINE_PER_EXPERT);
+    const v1::ExpertResponse resp = Call(r);
+    ASSERT_EQ(resp.error_code(), 0) << resp.error_message();
+    ASSERT_EQ(resp.n_rows(), r.n_rows());
+    ASSERT_EQ(resp.outputs().size(), OutputBytes(r.experts_size(), r.hidden_size()));
+    absl::StatusOr<QuantizedActivations> x =
+        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
+    ASSERT_TRUE(x.ok());
+    ExpertRoutes routes;
+    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
+    routes.experts.assign(r.experts().begin(), r.experts().end());
+    routes.weights.assign(r.weights().begin(), r.weights().end());
+    std::vector<uint16_t> want(routes.experts.size() * r.hidden_size());
+    ASSERT_TRUE((*local)->RunPerExpert(kLayer, *x, routes, want).ok());
+    std::vector<uint16_t> got(want.size());
+    std::memcpy(got.data(), resp.outputs().data(), resp.outputs().size());
+    EXPECT_EQ(got, want);
+    // Weighted and combined on this side, they are the shard's own Run.
+    std::vector<float> combined(r.n_rows() * r.hidden_size()), run(combined.size());
+    ASSERT_TRUE(CombinePerExpert(routes, got, r.hidden_size(), combined).ok());
+    ASSERT_TRUE((*local)->Run(kLayer, *x, routes, run).ok());
+    EXPECT_EQ(combined, run);
+  }
+  // The response bound: the same request is accepted as partial sums (n_rows rows) but not
+  // per expert (n_pairs rows) under a limit between the two.
+  v1::ExpertRequest r = ValidRequest(6, 9);
+  ASSERT_GT(r.experts_size(), static_cast<int>(r.n_rows()));
+  ExpertRequestLimits limits;
+  limits.max_response_bytes = OutputBytes(r.n_rows(), r.hidden_size());
+  const auto holds = [](int, int) { return true; };
+  EXPECT_TRUE(ValidateExpertRequest(r, *config_, limits, holds).ok());
+  r.set_combine(v1::COMBINE_PER_EXPERT);
+  const absl::Status s = ValidateExpertRequest(r, *config_, limits, holds);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_NE(s.message().find("pairs"), std::string::npos) << s;
+}
+
 // A generic (byte) Compute stream carrying `messages` as they are, then half-closed: how it
 // ended and the raw responses. Every completion-queue wait is bounded.
 struct RawStreamOutcome {
@@ -248,6 +295,8 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
 
+  ExpectError(with([](auto& r) { r.set_combine(static_cast<v1::CombineMode>(7)); }),
+              C::kInvalidArgument, "combine mode 7 is unknown");
   ExpectError(with([](auto& r) { r.set_layer(0); }), C::kInvalidArgument, "not a MoE layer");
   ExpectError(with([](auto& r) { r.set_layer(99); }), C::kInvalidArgument, "not a MoE layer");
   ExpectError(with([](auto& r) { r.set_layer(-1); }), C::kInvalidArgument, "not a MoE layer");
