@@ -2,6 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <tuple>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -23,18 +28,50 @@ std::vector<LayerExpert> AllExperts(const ModelConfig& config) {
 absl::StatusOr<std::unique_ptr<LocalExperts>> LocalExperts::Create(
     const Checkpoint& ckpt, const ModelConfig& config, std::span<const LayerExpert> experts,
     Options options) {
-  const int64_t layers = config.num_hidden_layers + config.num_nextn_predict_layers;
   std::unique_ptr<LocalExperts> le(new LocalExperts(config.hidden_size, std::move(options)));
-  const BlockShape block = WeightBlockShape(config);
-  const int64_t h = config.hidden_size;
-  const int64_t inter = config.moe_intermediate_size;
-  int64_t done = 0;
+  if (absl::Status s = le->Add(ckpt, config, experts); !s.ok()) return s;
+  return le;
+}
+
+uint64_t LocalExperts::BytesOf(const MlpWeights& w) {
+  uint64_t bytes = 0;
+  for (const Linear* l : {&w.gate_proj, &w.up_proj, &w.down_proj}) {
+    bytes += l->weight.size + l->scale_inv.size;
+  }
+  return bytes;
+}
+
+absl::Status LocalExperts::Add(const Checkpoint& ckpt, const ModelConfig& config,
+                               std::span<const LayerExpert> experts) {
+  if (config.hidden_size != hidden_size_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "experts: a config of hidden_size %d for experts of %d", config.hidden_size, hidden_size_));
+  }
+  const int64_t layers = config.num_hidden_layers + config.num_nextn_predict_layers;
   for (const LayerExpert& le_id : experts) {
     if (le_id.layer < 0 || le_id.layer >= layers || !config.IsMoeLayer(le_id.layer) ||
         le_id.expert < 0 || le_id.expert >= config.n_routed_experts) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "no routed expert %d in layer %d of this config", le_id.expert, le_id.layer));
     }
+  }
+  std::vector<LayerExpert> todo;
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    for (const LayerExpert& le_id : experts) {
+      if (!experts_.contains(le_id)) todo.push_back(le_id);
+    }
+  }
+  std::sort(todo.begin(), todo.end());
+  todo.erase(std::unique(todo.begin(), todo.end()), todo.end());
+  // Load and pack outside the lock: calls on the experts already held go on meanwhile.
+  const BlockShape block = WeightBlockShape(config);
+  const int64_t h = config.hidden_size;
+  const int64_t inter = config.moe_intermediate_size;
+  std::vector<std::pair<LayerExpert, MlpWeights>> loaded;
+  loaded.reserve(todo.size());
+  int64_t done = 0;
+  for (const LayerExpert& le_id : todo) {
     const std::string p =
         absl::StrCat("model.layers.", le_id.layer, ".mlp.experts.", le_id.expert, ".");
     MlpWeights w;
@@ -45,15 +82,49 @@ absl::StatusOr<std::unique_ptr<LocalExperts>> LocalExperts::Create(
       if (lin.ok()) lin->Pack();
       if (!lin.ok()) return lin.status();
       *dst = *std::move(lin);
-      le->bytes_mapped_ += dst->weight.size + dst->scale_inv.size;
     }
-    le->experts_[le_id] = std::move(w);
-    if (le->options_.progress) le->options_.progress(++done, std::ssize(experts));
+    loaded.emplace_back(le_id, std::move(w));
+    if (options_.progress) options_.progress(++done, std::ssize(todo));
   }
-  return le;
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  for (auto& [le_id, w] : loaded) {
+    const uint64_t bytes = BytesOf(w);
+    if (experts_.try_emplace(le_id, std::move(w)).second) bytes_mapped_ += bytes;
+  }
+  return absl::OkStatus();
+}
+
+void LocalExperts::Release(std::span<const LayerExpert> experts) {
+  std::vector<MlpWeights> dropped;  // freed after the lock is let go
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    for (const LayerExpert& le_id : experts) {
+      auto it = experts_.find(le_id);
+      if (it == experts_.end()) continue;
+      bytes_mapped_ -= BytesOf(it->second);
+      dropped.push_back(std::move(it->second));
+      experts_.erase(it);
+    }
+  }
+  if (dropped.empty()) return;
+  dropped.clear();
+#ifdef __GLIBC__
+  // Packed tiles below the mmap threshold (which glibc raises as large blocks are freed) sit in
+  // the heap: hand the freed pages back so the resident set shrinks.
+  malloc_trim(0);
+#endif
+}
+
+std::vector<LayerExpert> LocalExperts::Held() const {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  std::vector<LayerExpert> held;
+  held.reserve(experts_.size());
+  for (const auto& [le_id, w] : experts_) held.push_back(le_id);
+  return held;
 }
 
 bool LocalExperts::Holds(int layer, int expert) const {
+  std::shared_lock<std::shared_mutex> lock(mu_);
   return experts_.contains(LayerExpert{layer, expert});
 }
 
@@ -99,8 +170,9 @@ absl::Status LocalExperts::RunRows(int layer, std::span<const float> x, const Ex
         "experts: %d routed rows (%d pairs) but %d input and %d output values (hidden_size %d)",
         n_rows, n_pairs, x.size(), per_pair ? pair_out.size() : out.size(), D));
   }
+  std::shared_lock<std::shared_mutex> lock(mu_);  // one expert set for the whole call
   for (int64_t p = 0; p < n_pairs; ++p) {
-    if (!Holds(layer, routes.experts[p])) {
+    if (!experts_.contains(LayerExpert{layer, routes.experts[p]})) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "experts: expert %d of layer %d is not held here", routes.experts[p], layer));
     }

@@ -8,10 +8,12 @@
 // plane's exact combine reproduces); RunUnquantized keeps FP32 expert outputs.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <shared_mutex>
 #include <span>
 #include <utility>
 #include <vector>
@@ -59,8 +61,19 @@ class LocalExperts : public RoutedExperts {
   }
 
   bool Holds(int layer, int expert) const;
+  // Maps and packs the experts of `experts` not held yet (outside the lock: running calls go
+  // on), then inserts them under the writer lock. An invalid id or a tensor that fails to load
+  // is an error and nothing of this call is inserted. `ckpt` must outlive this object (the
+  // experts' views point into it until packed). options.progress reports per expert.
+  absl::Status Add(const Checkpoint& ckpt, const ModelConfig& config,
+                   std::span<const LayerExpert> experts);
+  // Drops these experts (ones not held are ignored) once no call is running; their packed
+  // weights are freed and the freed heap is returned to the system.
+  void Release(std::span<const LayerExpert> experts);
+  // The experts held, in (layer, expert) order.
+  std::vector<LayerExpert> Held() const;
   // Bytes of checkpoint data this object's experts occupy (their mapped tensors).
-  uint64_t bytes_mapped() const { return bytes_mapped_; }
+  uint64_t bytes_mapped() const { return bytes_mapped_.load(); }
 
   absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                    std::span<float> out) override;
@@ -82,13 +95,16 @@ class LocalExperts : public RoutedExperts {
   // x: [n_rows, hidden_size] float (dequantized or plain).
   // Exactly one of out ([n_rows, hidden_size]) / pair_out ([n_pairs, hidden_size]) is used,
   // per sink.
+  // Holds mu_ shared for the whole call.
   absl::Status RunRows(int layer, std::span<const float> x, const ExpertRoutes& routes, Sink sink,
                        std::span<float> out, std::span<uint16_t> pair_out);
+  static uint64_t BytesOf(const MlpWeights& w);
 
   int64_t hidden_size_;
   Options options_;
+  mutable std::shared_mutex mu_;  // guards experts_: shared for Run*, exclusive to change it
   std::map<LayerExpert, MlpWeights> experts_;
-  uint64_t bytes_mapped_ = 0;
+  std::atomic<uint64_t> bytes_mapped_{0};
 };
 
 }  // namespace expertmesh

@@ -95,6 +95,36 @@ TEST_F(ExpertMemoryTest, ShardHoldsItsExpertsOnce) {
   EXPECT_LE(grown, expert_bytes * 105 / 100 + kOverhead);
 }
 
+// Live placement: a shard that gains experts (LocalExperts::Add) and then loses others
+// (Release) holds the experts it has now once: the released packed tiles go back to the system.
+TEST_F(ExpertMemoryTest, GainingAndLosingExpertsKeepsTheShardWithinItsExperts) {
+  auto ckpt = Checkpoint::Open(*dir_);
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+  const std::vector<LayerExpert> all = AllExperts(*config_);
+  const std::vector<LayerExpert> first(all.begin(), all.begin() + 32);  // layer 1
+  const std::vector<LayerExpert> second(all.begin() + 32, all.end());   // layer 2
+  const int64_t before = RssBytes();
+  auto experts = LocalExperts::Create(**ckpt, *config_, first);
+  ASSERT_TRUE(experts.ok()) << experts.status();
+  const uint64_t half = (*experts)->bytes_mapped();
+  ASSERT_TRUE((*experts)->Add(**ckpt, *config_, all).ok());  // the first half is skipped
+  EXPECT_EQ((*experts)->bytes_mapped(), 2 * half);
+  EXPECT_EQ((*experts)->Held(), all);
+  const int64_t peak = RssBytes() - before;
+  (*experts)->Release(first);
+  EXPECT_EQ((*experts)->Held(), second);
+  const auto expert_bytes = static_cast<int64_t>((*experts)->bytes_mapped());
+  ASSERT_GT(expert_bytes, 48 << 20);
+  const int64_t grown = RssBytes() - before;
+  std::printf(
+      "[measured] gain then lose: %lld MiB of experts held, RSS grew %lld MiB (peak %lld MiB "
+      "with both halves)\n",
+      static_cast<long long>(expert_bytes >> 20), static_cast<long long>(grown >> 20),
+      static_cast<long long>(peak >> 20));
+  EXPECT_LE(peak, 2 * expert_bytes * 105 / 100 + kOverhead);
+  EXPECT_LE(grown, expert_bytes * 105 / 100 + kOverhead);
+}
+
 TEST_F(ExpertMemoryTest, ModelHoldsItsPackedWeightsOnce) {
   auto ckpt = Checkpoint::Open(*dir_);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
