@@ -12,6 +12,7 @@
 #include "core/base/json.h"
 #include "core/base/status.h"
 #include "core/format/wire.h"
+#include "placement/eplb.h"
 
 namespace expertmesh::planner {
 namespace {
@@ -134,8 +135,10 @@ double AttentionSeconds(const Plan& plan, int batch) {
   const double mem = bytes / (a.kind.bandwidth_gbs * 1e9 * a.kind.efficiency);
   // The first row rides on the weight stream (M = 1); each further row adds its FLOPs at
   // the kind's marginal rate.
-  const double comp =
-      a.kind.gflops > 0 ? (per_node - 1) * s.attention_flops_per_token / (a.kind.gflops * 1e9) : 0;
+  const double core = per_node * plan.pool.context * s.attention_flops_per_cached_token;
+  const double comp = a.kind.gflops > 0 ? ((per_node - 1) * s.attention_flops_per_token + core) /
+                                              (a.kind.gflops * 1e9)
+                                        : 0;
   return mem + comp;
 }
 
@@ -239,11 +242,12 @@ ModelSizes SizesOf(const ModelConfig& c) {
   bytes += c.vocab_size * H * 2 + H * 2;  // lm_head (BF16) and the final norm
   params += c.vocab_size * H;
   s.attention_bytes = bytes;
-  // Per token: 2 FLOPs per weight, plus absorbed MLA over the context (scores and values over
-  // kv_lora_rank + qk_rope_head_dim per head), counted in Predict through kv_bytes_per_token.
+  // Per token: 2 FLOPs per weight (the attention core over the context: below).
   s.attention_flops_per_token = 2 * params;
   // The MLA cache holds kv_lora_rank + qk_rope_head_dim values per token and layer (float here).
   s.kv_bytes_per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
+  s.attention_flops_per_cached_token =
+      c.num_hidden_layers * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim) * 2;
   s.wire_out_bytes_per_row = static_cast<int64_t>(ActivationBytes(1, H) + ScaleBytes(1, H));
   s.wire_back_bytes_per_row = static_cast<int64_t>(OutputBytes(1, H));
   return s;
@@ -364,10 +368,9 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& config, const Pool& pool,
     }
   }
 
-  // Single copies, layer by layer: each card may take about slots / L experts per layer
-  // (Bresenham-spread so every layer gets its share of the remainders), the hottest expert
-  // first to the card whose load per unit of speed stays lowest (LPT, weighted by bandwidth x
-  // efficiency). When no card has allowance left in a layer, any card with memory left.
+  // Single copies: placement/eplb.h (capacity = speed, slots = the card's memory slots / L
+  // per layer, no redundant copies yet) when every card has a slot per layer; else (a pool too
+  // tight for equal per-layer slots) the greedy below.
   plan.copies.assign(static_cast<size_t>(n_layers) * E, {});
   std::vector<int64_t> left = slots;
   const int64_t L = static_cast<int64_t>(plan.sizes.moe_layers.size());
@@ -375,7 +378,43 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& config, const Pool& pool,
   for (int c = 0; c < C; ++c) {
     speed[c] = pool.cards[c].kind.bandwidth_gbs * pool.cards[c].kind.efficiency;
   }
-  for (int64_t li = 0; li < L; ++li) {
+  {
+    EplbInput in;
+    in.num_shards = C;
+    in.capacity = speed;
+    in.redundant_per_layer = 0;
+    int64_t per_layer = 0;
+    bool fits = C <= E;
+    for (int c = 0; c < C; ++c) {
+      in.slots.push_back(static_cast<int32_t>(std::min<int64_t>(slots[c] / L, E)));
+      fits = fits && in.slots.back() >= 1;
+      per_layer += in.slots.back();
+    }
+    for (int l : plan.sizes.moe_layers) {
+      in.load.push_back(plan.share[l]);
+      for (double& x : in.load.back()) x *= 1e6;  // shares as token counts
+    }
+    if (fits && per_layer >= E) {
+      absl::StatusOr<EplbResult> r = RebalanceExperts(config, in);
+      if (r.ok()) {
+        for (int l : plan.sizes.moe_layers) {
+          for (int e = 0; e < E; ++e) {
+            for (int32_t c : r->placement.ShardsOf(l, e)) {
+              plan.copies[static_cast<size_t>(l) * E + e].push_back(c);
+              --left[c];
+            }
+          }
+        }
+        plan.balancer =
+            r->hierarchical ? "placement/eplb.h, expert groups packed whole" : "placement/eplb.h";
+      }
+    }
+  }
+  // The greedy: layer by layer, each card may take about slots / L experts per layer
+  // (Bresenham-spread so every layer gets its share of the remainders), the hottest expert
+  // first to the card whose load per unit of speed stays lowest (LPT, weighted by bandwidth x
+  // efficiency). When no card has allowance left in a layer, any card with memory left.
+  for (int64_t li = 0; plan.balancer.empty() && li < L; ++li) {
     const int l = plan.sizes.moe_layers[li];
     std::vector<int64_t> allowance(C);
     for (int c = 0; c < C; ++c) {
@@ -406,6 +445,8 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& config, const Pool& pool,
       --allowance[best];
     }
   }
+
+  if (plan.balancer.empty()) plan.balancer = "planner greedy (per-layer slots too few for eplb)";
 
   // Redundant copies of the hottest experts, where memory is left and the layer's predicted
   // time at the largest batch drops by at least 1% (a copy halves the rows of each copy but
@@ -564,8 +605,10 @@ std::string PlanTable(const Plan& plan, const std::vector<Prediction>& predictio
                         pool.attention.count, pool.attention.kind.name, plan.attention_used_gib,
                         pool.attention.kind.memory_gib, plan.sizes.attention_bytes / kGib,
                         pool.attention.kind.overhead_gib);
-  absl::StrAppendFormat(&out, "placement: %d shard groups (one per card), %d redundant copies\n\n",
-                        pool.cards.size(), plan.redundant_copies);
+  absl::StrAppendFormat(&out,
+                        "placement: %d shard groups (one per card), balanced by %s, %d redundant "
+                        "copies\n\n",
+                        pool.cards.size(), plan.balancer, plan.redundant_copies);
   absl::StrAppendFormat(&out, "%-5s %-10s %-10s %-4s %8s %10s %13s %9s\n", "card", "node", "kind",
                         "fp8", "experts", "expert GiB", "used/total", "GB/s x eff");
   for (size_t i = 0; i < plan.cards.size(); ++i) {
@@ -592,6 +635,7 @@ std::string PlanJson(const Plan& plan, const std::vector<Prediction>& prediction
   root["expert_bytes"] = plan.sizes.expert_bytes;
   root["moe_layers"] = static_cast<int64_t>(plan.sizes.moe_layers.size());
   root["redundant_copies"] = plan.redundant_copies;
+  root["balancer"] = plan.balancer;
   root["attention"] = {{"kind", plan.pool.attention.kind.name},
                        {"count", plan.pool.attention.count},
                        {"used_gib", plan.attention_used_gib},

@@ -36,7 +36,10 @@ struct ModelSizes {
   // the embedding table is not read per step), bytes and per-token FLOPs (lm_head included).
   int64_t attention_bytes = 0;
   int64_t attention_flops_per_token = 0;
-  int64_t kv_bytes_per_token = 0;       // MLA cache per token, all decode layers
+  int64_t kv_bytes_per_token = 0;  // MLA cache per token, all decode layers
+  // The absorbed attention core per (query, cached token) pair, all decode layers: scores over
+  // kv_lora_rank + qk_rope_head_dim and values over kv_lora_rank, per head, 2 FLOPs a MAC.
+  int64_t attention_flops_per_cached_token = 0;
   int64_t wire_out_bytes_per_row = 0;   // FP8 hidden + float scales (core/format/wire.h)
   int64_t wire_back_bytes_per_row = 0;  // BF16 hidden
 };
@@ -67,6 +70,7 @@ struct Plan {
   std::vector<CardPlan> cards;
   std::vector<std::vector<double>> share;  // [layer][E] routing share (uniform when no profile)
   int redundant_copies = 0;
+  std::string balancer;           // what placed the single copies: placement/eplb.h or the greedy
   double attention_used_gib = 0;  // per attention node, at the largest batch
 };
 

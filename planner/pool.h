@@ -16,7 +16,7 @@
 //     "batch": [1, 32],          optional (default [1, 32])
 //     "context": 1024,           optional: tokens of KV cache per sequence (default 1024)
 //     "dispatch_overhead_us": 170, "dispatch_overhead_per_row_us": 17,   optional (README)
-//     "step_overhead_us": 1170, "step_overhead_per_row_us": 360           optional (README)
+//     "step_overhead_us": 260, "step_overhead_per_row_us": 420            optional (README)
 //   }
 // A card entry or a "kinds" entry may override any table figure: memory_gib, bandwidth_gbs,
 // fp8 (bool), gflops, efficiency, overhead_gib. The kind "cpu" has no table figures: memory_gib
@@ -80,8 +80,8 @@ struct Pool {
   double dispatch_overhead_per_row_us = 17;
   // Per decode step: the attention service's scheduler, sampling and token streaming, and the
   // process hand-offs of a step (calibrated on loopback: planner/README.md).
-  double step_overhead_us = 1170;
-  double step_overhead_per_row_us = 360;
+  double step_overhead_us = 260;
+  double step_overhead_per_row_us = 420;
 };
 
 absl::StatusOr<Pool> ParsePool(std::string_view json_text);

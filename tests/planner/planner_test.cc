@@ -116,43 +116,45 @@ TEST(Planner, BadPoolsAreRefusedClearly) {
   EXPECT_NE(std::string(nolink.status().message()).find("link_gbps"), std::string::npos);
 }
 
-TEST(Planner, WrittenPlacementLoadsAndCoversEveryExpert) {
-  for (const bool deepseek : {false, true}) {
-    const ModelConfig config = deepseek ? DeepSeekV3() : Tiny();
-    const Pool pool =
-        deepseek
-            ? *LoadPool(std::string(EXPERTMESH_SOURCE_DIR) +
-                        "/planner/examples/mixed-3090-4090-5090.json")
-            : *LoadPool(std::string(EXPERTMESH_SOURCE_DIR) + "/planner/examples/local-cpu.json");
-    auto plan = MakePlan(config, pool);
-    ASSERT_TRUE(plan.ok()) << plan.status();
-    auto placement = ToPlacement(*plan);
-    ASSERT_TRUE(placement.ok()) << placement.status();
-    const std::string path =
-        (std::filesystem::temp_directory_path() / absl::StrCat("planner_test_", getpid(), ".json"))
-            .string();
-    {
-      std::ofstream out(path);
-      out << PlacementToJson(*placement);
-    }
-    auto loaded = LoadPlacementFile(path, config);
-    std::filesystem::remove(path);
-    ASSERT_TRUE(loaded.ok()) << loaded.status();
-    EXPECT_EQ(loaded->num_shards, static_cast<int32_t>(pool.cards.size()));
-    const int E = static_cast<int>(config.n_routed_experts);
-    for (int l : plan->sizes.moe_layers) {
-      for (int e = 0; e < E; ++e) {
-        auto shards = loaded->ShardsOf(l, e);
-        ASSERT_FALSE(shards.empty()) << "layer " << l << " expert " << e;
-        std::vector<int> want = plan->copies[static_cast<size_t>(l) * E + e];
-        EXPECT_EQ(std::vector<int>(shards.begin(), shards.end()), want);
-      }
-    }
-    // Every card's expert list is what the placement gives its shard.
-    for (size_t c = 0; c < plan->cards.size(); ++c) {
-      EXPECT_EQ(loaded->ExpertsOf(static_cast<int32_t>(c)).size(), plan->cards[c].experts.size());
+// Writes the plan's placement as `expertmesh plan --placement-out` does, loads it as the router
+// does, and checks it covers every MoE expert with exactly the plan's copies.
+void CheckWrittenPlacement(const Plan& plan) {
+  auto placement = ToPlacement(plan);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  const std::string path =
+      (std::filesystem::temp_directory_path() / absl::StrCat("planner_test_", getpid(), ".json"))
+          .string();
+  {
+    std::ofstream out(path);
+    out << PlacementToJson(*placement);
+  }
+  auto loaded = LoadPlacementFile(path, plan.config);
+  std::filesystem::remove(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->num_shards, static_cast<int32_t>(plan.pool.cards.size()));
+  const int E = static_cast<int>(plan.config.n_routed_experts);
+  for (int l : plan.sizes.moe_layers) {
+    for (int e = 0; e < E; ++e) {
+      auto shards = loaded->ShardsOf(l, e);
+      ASSERT_FALSE(shards.empty()) << "layer " << l << " expert " << e;
+      EXPECT_EQ(std::vector<int>(shards.begin(), shards.end()),
+                plan.copies[static_cast<size_t>(l) * E + e]);
     }
   }
+  for (size_t c = 0; c < plan.cards.size(); ++c) {
+    EXPECT_EQ(loaded->ExpertsOf(static_cast<int32_t>(c)).size(), plan.cards[c].experts.size());
+  }
+}
+
+TEST(Planner, WrittenPlacementLoadsAndCoversEveryExpert) {
+  auto tiny = MakePlan(
+      Tiny(), *LoadPool(std::string(EXPERTMESH_SOURCE_DIR) + "/planner/examples/local-cpu.json"));
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+  CheckWrittenPlacement(*tiny);
+  auto deepseek = MakePlan(DeepSeekV3(), *LoadPool(std::string(EXPERTMESH_SOURCE_DIR) +
+                                                   "/planner/examples/mixed-3090-4090-5090.json"));
+  ASSERT_TRUE(deepseek.ok()) << deepseek.status();
+  CheckWrittenPlacement(*deepseek);
 }
 
 TEST(Planner, A3090IsSlowerPerByteThanA4090AndTheFp8FlagMatters) {
@@ -242,6 +244,8 @@ TEST(Planner, HotExpertsGetCopiesWhenLoadIsSkewed) {
   ASSERT_TRUE(single.ok());
   EXPECT_EQ(single->redundant_copies, 0);
   EXPECT_LT(Predict(*skewed, 32).step_ms, Predict(*single, 32).step_ms);
+  // Experts with copies are written as arrays and load back the same.
+  CheckWrittenPlacement(*skewed);
   // Uniform routing: a copy is read as well and rarely pays.
   auto uniform = MakePlan(config, *pool);
   ASSERT_TRUE(uniform.ok());
