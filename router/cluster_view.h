@@ -32,12 +32,15 @@ struct ClusterViewOptions {
 //   tokens_per_s: tokens through the busiest MoE layer per second in the window (its
 //     assignments / experts_per_token / load_span_s; drafted tokens being verified count);
 //     null when experts_per_token is unknown,
-//   shard_groups: [{id, n_experts, experts: {"<layer>": [expert, ...]}, healthy_replicas,
-//     replicas: [{id, address, healthy, capacity, outstanding_rows, last_heartbeat_ms_ago}],
-//     window_tokens, total_tokens}]; an expert held by k groups adds 1/k of its tokens to each
-//     (the expected share: the dispatcher spreads rows over the copies),
+//   shard_groups: [{id, n_experts, experts: {"<layer>": [expert, ...]}, healthy_replicas (not
+//     counting replicas still loading), replicas: [{id, address, healthy, loading, device_kind,
+//     capacity_weight, capacity, outstanding_rows, last_heartbeat_ms_ago}], window_tokens,
+//     total_tokens}]; an expert held by k groups adds 1/k of its tokens to each (the expected
+//     share: the dispatcher spreads rows over the copies),
 //   layers: [{layer, window: [E tokens], total: [E tokens], groups: [E lists of shard ids]}]
-//     for every layer that has experts in the map, ascending; more than one group = copies.
+//     for every layer that has experts in the map, ascending; more than one group = copies,
+//   rebalance: {automatic, threshold, window_s, imbalance, pending, changes, redundant_copies,
+//     last_result, last_change_ms_ago} (router/rebalancer.h).
 std::string ClusterJson(const v1::StatusResponse& status, const LoadWindow::Sums& window,
                         const ClusterViewOptions& options);
 

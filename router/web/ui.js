@@ -44,6 +44,25 @@ function renderFacts(c) {
   tps.dataset.value = c.tokens_per_s === null ? "" : c.tokens_per_s;
   document.getElementById("window").textContent =
       `last ${fmt(c.load_span_s, 0)} s of ${fmt(c.load_window_s, 0)} s`;
+  // The rebalancer's state (router/rebalancer.h), when the router reports one.
+  const box = document.getElementById("rebalance");
+  box.replaceChildren();
+  const rb = c.rebalance;
+  if (!rb) return;
+  // label, the text shown, and optionally an id + the number as data-value.
+  const fact = (label, text, id, value) => {
+    const b = el("b", id === undefined ? {} : {id, "data-value": value}, text);
+    const span = el("span", {}, label + " ");
+    span.append(b);
+    box.append(span);
+  };
+  fact("rebalancing", rb.automatic ? `automatic above ${fmt(rb.threshold, 2)}` : "by hand only");
+  fact("predicted imbalance", fmt(rb.imbalance, 2), "rebalance-imbalance", rb.imbalance);
+  fact("changes", rb.changes +
+       (rb.last_change_ms_ago > 0 ? `, last ${fmt(rb.last_change_ms_ago / 1000, 0)} s ago` : ""));
+  fact("redundant copies", rb.redundant_copies);
+  if (rb.pending) fact("", "a new placement is loading on the shards");
+  if (rb.last_result) box.append(el("span", {class: "last-result"}, rb.last_result));
 }
 
 function renderWarnings(c) {
@@ -85,10 +104,14 @@ function renderGroups(c) {
                   el("td", {rowspan: span, class: "num"}, share));
       }
       if (r === null) {
-        tr.append(el("td", {colspan: 6, class: "unhealthy"}, "no replica registered"));
+        tr.append(el("td", {colspan: 7, class: "unhealthy"}, "no replica registered"));
       } else {
+        // A replica still loading its group's experts (joining, or a rebalance) serves nothing yet.
+        const health = r.loading ? "loading" : r.healthy ? "healthy" : "UNHEALTHY";
+        const weight = r.capacity_weight > 0 ? r.capacity_weight : 1;
         tr.append(el("td", {}, r.id), el("td", {}, r.address),
-                  el("td", {class: r.healthy ? "healthy" : "unhealthy"}, r.healthy ? "healthy" : "UNHEALTHY"),
+                  el("td", {class: r.loading ? "loading" : r.healthy ? "healthy" : "unhealthy"}, health),
+                  el("td", {}, `${r.device_kind || "?"} (weight ${fmt(weight, 2)})`),
                   el("td", {class: "num"}, r.capacity), el("td", {class: "num"}, r.outstanding_rows),
                   el("td", {class: "num"}, `${r.last_heartbeat_ms_ago} ms ago`));
       }
