@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/backend/backend.h"
 #include "core/base/status.h"
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
+#include "expert-service/live_placement.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
@@ -134,7 +136,15 @@ absl::Status ValidateExpertRequest(const v1::ExpertRequest& request, const Model
 
 ExpertServiceImpl::ExpertServiceImpl(const ModelConfig& config, v1::PeerIdentity identity,
                                      ExpertRequestLimits limits, MetricsRegistry* metrics)
-    : config_(config), identity_(std::move(identity)), limits_(limits), metrics_(metrics) {
+    : config_(config),
+      identity_(std::move(identity)),
+      limits_(limits),
+      metrics_(metrics),
+      held_(std::make_shared<const HeldSet>()) {
+  n_last_use_ = std::max<int64_t>(
+      0, (config_.num_hidden_layers + config_.num_nextn_predict_layers) * config_.n_routed_experts);
+  last_use_ = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(n_last_use_));
+  for (int64_t i = 0; i < n_last_use_; ++i) last_use_[i].store(INT64_MIN);
   if (metrics_) {
     requests_ok_ =
         &metrics_->GetCounter("expertmesh_expert_requests_total", "Expert requests by outcome",
@@ -242,10 +252,39 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ExpertServiceImpl::
 
 void ExpertServiceImpl::SetExperts(std::unique_ptr<RoutedExperts> experts,
                                    std::span<const LayerExpert> held, bool serialize) {
-  for (const LayerExpert& le : held) held_.emplace(le.layer, le.expert);
+  PublishHeld(held);
   serialize_ = serialize;
   owned_experts_ = std::move(experts);
   experts_.store(owned_experts_.get());
+}
+
+std::shared_ptr<const ExpertServiceImpl::HeldSet> ExpertServiceImpl::held() const {
+  std::lock_guard<std::mutex> lock(held_mu_);
+  return held_;
+}
+
+void ExpertServiceImpl::PublishHeld(std::span<const LayerExpert> held) {
+  auto next = std::make_shared<HeldSet>();
+  for (const LayerExpert& le : held) next->emplace(le.layer, le.expert);
+  std::shared_ptr<const HeldSet> old;
+  {
+    std::lock_guard<std::mutex> lock(held_mu_);
+    old = std::exchange(held_, std::move(next));
+  }
+}
+
+void ExpertServiceImpl::WaitUnused(std::shared_ptr<const HeldSet> old) {
+  // Requests hold their set for microseconds to seconds; a poll is enough.
+  while (old.use_count() > 1) absl::SleepFor(absl::Milliseconds(1));
+}
+
+absl::Time ExpertServiceImpl::LastUse(int layer, int expert) const {
+  const int64_t i = static_cast<int64_t>(layer) * config_.n_routed_experts + expert;
+  if (layer < 0 || expert < 0 || expert >= config_.n_routed_experts || i >= n_last_use_) {
+    return absl::InfinitePast();
+  }
+  const int64_t ns = last_use_[i].load(std::memory_order_relaxed);
+  return ns == INT64_MIN ? absl::InfinitePast() : absl::FromUnixNanos(ns);
 }
 
 void ExpertServiceImpl::StartDraining() { draining_ = true; }
@@ -321,12 +360,22 @@ void ExpertServiceImpl::Handle(const v1::ExpertRequest& request, v1::ExpertRespo
 
   RoutedExperts* experts = experts_.load();
   if (!experts) return finish(absl::UnavailableError("shard replica is still loading"));
+  // Kept until the answer is written: a live placement change frees no expert of this set
+  // before then (LivePlacement waits with WaitUnused).
+  const std::shared_ptr<const HeldSet> held_set = held();
   if (absl::Status s = ValidateExpertRequest(request, config_, limits_,
-                                             [this](int l, int e) {
-                                               return held_.count({l, e}) != 0;
+                                             [&held_set](int l, int e) {
+                                               return held_set->count({l, e}) != 0;
                                              });
       !s.ok()) {
     return finish(s);
+  }
+  {
+    const int64_t now_ns = absl::ToUnixNanos(start);
+    const int64_t base = static_cast<int64_t>(request.layer()) * config_.n_routed_experts;
+    for (const int32_t e : request.experts()) {
+      last_use_[base + e].store(now_ns, std::memory_order_relaxed);
+    }
   }
   const int64_t n_rows = request.n_rows();
   const int64_t H = request.hidden_size();
@@ -386,6 +435,12 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   EM_ASSIGN_OR_RETURN(v1::PeerIdentity identity,
                       MakeLocalIdentity(o.model_dir, "expert-service", o.instance_id));
   if (o.experts.empty()) return absl::InvalidArgumentError("expert-service: no experts to hold");
+  if (!(o.capacity_weight > 0.0f && o.capacity_weight <= 1e6f)) {
+    return absl::InvalidArgumentError("expert-service: capacity_weight must be in (0, 1e6]");
+  }
+  if (o.release_grace < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("expert-service: the release grace must not be negative");
+  }
 
   // The transport accepts somewhat more than the per-message limit so that an oversized
   // message is answered with its own error instead of killing the stream.
@@ -428,7 +483,13 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
           .Set(svc->outstanding_rows());
     });
   }
+  if (!device.cuda) es->local_ = dynamic_cast<LocalExperts*>(backend.experts.get());
   es->service_->SetExperts(std::move(backend.experts), o.experts, backend.serialize);
+  if (o.live_placement && es->local_ != nullptr) {
+    es->live_ = std::make_unique<LivePlacement>(
+        *es->checkpoint_, es->config_, es->local_, es->service_.get(),
+        LivePlacement::Options{.release_grace = o.release_grace, .metrics = o.metrics});
+  }
   // Liveness ("") from here on; readiness (the service name) once the router has this replica
   // (at once without a router), and again whenever it registers after the router forgot it.
   SetLive(*es->server_);
@@ -441,6 +502,9 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     reg.set_address(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
     reg.set_shard_id(o.shard_id);
     reg.set_capacity(o.capacity);
+    reg.set_device_kind(device.cuda ? o.device : "cpu");
+    reg.set_capacity_weight(o.capacity_weight);
+    reg.set_live_placement(es->live_ != nullptr);
     for (const LayerExpert& le : o.experts) {
       v1::LayerExpert* p = reg.add_experts();
       p->set_layer(le.layer);
@@ -448,18 +512,28 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     }
     ExpertServiceImpl* svc = es->service_.get();
     grpc::Server* server = es->server_.get();
+    RouterRegistration::LiveHooks hooks;
+    if (LivePlacement* live = es->live_.get()) {
+      hooks.on_target = [live](const v1::ExpertTarget& t) { live->OnTarget(t); };
+      hooks.held_generation = [live] { return live->held_generation(); };
+      hooks.load_error = [live] { return live->load_error(); };
+      hooks.held = [live] { return live->Held(); };
+    }
     EM_ASSIGN_OR_RETURN(
         es->registration_,
         RouterRegistration::Start(
             o.router_address, std::move(reg), [svc] { return svc->outstanding_rows(); },
             o.rpc_timeout,
-            [server, ready_name](bool registered) { SetReady(*server, ready_name, registered); }));
+            [server, ready_name](bool registered) { SetReady(*server, ready_name, registered); },
+            std::move(hooks)));
   }
   return es;
 }
 
 std::string ExpertServer::address() const { return LoopbackAddress(port_); }
-uint64_t ExpertServer::bytes_mapped() const { return bytes_mapped_; }
+uint64_t ExpertServer::bytes_mapped() const {
+  return local_ != nullptr ? local_->bytes_mapped() : bytes_mapped_;
+}
 
 void ExpertServer::Drain() {
   std::lock_guard<std::mutex> lock(stop_mu_);
@@ -470,6 +544,7 @@ void ExpertServer::Drain() {
     registration_->Deregister();  // the router stops handing us out; its thread has stopped
     SetServing(*server_, false);  // again: a registration that raced the first made it ready
   }
+  live_.reset();              // no more loads or releases
   service_->StartDraining();  // stragglers get UNAVAILABLE: fail over
   service_->WaitIdle();       // in-flight messages finish
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
@@ -481,6 +556,7 @@ void ExpertServer::Kill() {
   if (stopped_) return;
   stopped_ = true;
   registration_.reset();  // heartbeats stop; the router expires us
+  live_.reset();
   server_->Shutdown(std::chrono::system_clock::now());
 }
 

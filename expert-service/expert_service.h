@@ -84,6 +84,18 @@ class ExpertServiceImpl final
   // `serialize`: the backend takes one caller at a time (the CUDA backend).
   void SetExperts(std::unique_ptr<RoutedExperts> experts, std::span<const LayerExpert> held,
                   bool serialize);
+  RoutedExperts* experts() const { return experts_.load(); }
+
+  // The (layer, expert) pairs requests may name: swapped whole (live placement); a request
+  // keeps the set it was validated against until it is answered.
+  using HeldSet = std::set<std::pair<int, int>>;
+  std::shared_ptr<const HeldSet> held() const;
+  void PublishHeld(std::span<const LayerExpert> held);
+  // Waits until `old` (a set replaced by PublishHeld, passed by its last other holder) is no
+  // longer used by any request: every request validated against it has been answered.
+  static void WaitUnused(std::shared_ptr<const HeldSet> old);
+  // When a request last named (layer, expert) (InfinitePast: never, or out of range).
+  absl::Time LastUse(int layer, int expert) const;
   void StartDraining();  // new messages get UNAVAILABLE from now on
   // Waits until no message is being computed.
   void WaitIdle();
@@ -104,7 +116,11 @@ class ExpertServiceImpl final
   Histogram* compute_seconds_ = nullptr;
   std::atomic<RoutedExperts*> experts_{nullptr};
   std::unique_ptr<RoutedExperts> owned_experts_;
-  std::set<std::pair<int, int>> held_;  // written once before experts_ is published
+  mutable std::mutex held_mu_;
+  std::shared_ptr<const HeldSet> held_;  // guarded by held_mu_; the set itself is immutable
+  // Per layer * n_routed_experts + expert: absl::ToUnixNanos of the last request naming it.
+  std::unique_ptr<std::atomic<int64_t>[]> last_use_;
+  int64_t n_last_use_ = 0;
   bool serialize_ = false;
   std::mutex run_mu_;  // taken around Run() when serialize_
   std::atomic<bool> draining_{false};
@@ -127,9 +143,18 @@ struct ExpertServerOptions {
   bool quantize_activations = true;
   std::string device = "cpu";  // "cpu" or "cuda:N[,M...]" (experts spread over the GPUs)
   uint32_t capacity = 4096;    // rows in flight announced to the router
+  // Expert throughput relative to a reference replica, announced to the router's rebalancer.
+  float capacity_weight = 1.0f;
+  // Register with live_placement (load and release experts on the router's targets). Only the
+  // CPU backend (LocalExperts) can; a CUDA replica always registers without it.
+  bool live_placement = true;
+  // After a committed target: experts beyond it are released once unused this long.
+  absl::Duration release_grace = absl::Seconds(10);
   absl::Duration rpc_timeout = absl::Seconds(2);
   MetricsRegistry* metrics = nullptr;  // optional; must outlive the server
 };
+
+class LivePlacement;  // expert-service/live_placement.h
 
 class ExpertServer {
  public:
@@ -142,6 +167,8 @@ class ExpertServer {
   uint64_t bytes_mapped() const;
   const ModelConfig& config() const { return config_; }
   ExpertServiceImpl& service() { return *service_; }
+  // Live placement on this replica (null on CUDA, or when live_placement is off).
+  LivePlacement* live_placement() { return live_.get(); }
   // Deregisters, refuses new work, finishes in-flight messages, stops the server. Idempotent.
   void Drain();
   // Stops abruptly (no deregistration, streams cut): a crash, for failover tests.
@@ -154,9 +181,11 @@ class ExpertServer {
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<LivePlacement> live_;  // after what it borrows, before registration_
   std::unique_ptr<RouterRegistration> registration_;
   int port_ = 0;
-  uint64_t bytes_mapped_ = 0;
+  uint64_t bytes_mapped_ = 0;      // at load (the CPU backend's count is read live)
+  LocalExperts* local_ = nullptr;  // the CPU backend
   std::mutex stop_mu_;
   bool stopped_ = false;
 };

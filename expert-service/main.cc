@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   int shard_id = -1, num_shards = -1;
   uint64_t max_request_mib = 48;
   bool no_act_quant = false;
+  float capacity_weight = 1.0f;
+  double release_grace_s = 10.0;
   std::string device = "cpu";
   app.add_option("--model", model_dir, "Checkpoint directory")
       ->required()
@@ -38,6 +40,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--instance-id", instance_id, "Name in logs and handshakes");
   app.add_option("--device", device, "cpu, or cuda:N[,M...]: the experts spread over these GPUs")
+      ->capture_default_str();
+  app.add_option("--capacity-weight", capacity_weight,
+                 "Expert throughput relative to a reference replica, for the router's "
+                 "rebalancer: unequal cards get unequal shares (0 < w <= 1e6)")
+      ->check(CLI::Range(1e-6, 1e6))
+      ->capture_default_str();
+  app.add_option("--release-grace-s", release_grace_s,
+                 "Live placement: experts the router's committed target no longer lists are "
+                 "released once no request has used them for this long (CPU only)")
+      ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   app.add_flag("--no-act-quant", no_act_quant, "Do not quantize the intermediate activations");
   app.add_option_function<int>(
@@ -79,6 +91,8 @@ int main(int argc, char** argv) {
       instance_id.empty() ? absl::StrCat("expert-shard", options.shard_id) : instance_id;
   options.limits.max_request_bytes = max_request_mib << 20;
   options.quantize_activations = !no_act_quant;
+  options.capacity_weight = capacity_weight;
+  options.release_grace = absl::Seconds(release_grace_s);
   MetricsRegistry metrics;
   options.metrics = &metrics;
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> metrics_http = main.StartMetrics(&metrics);

@@ -16,8 +16,9 @@ std::chrono::system_clock::time_point DeadlineIn(absl::Duration d) {
 absl::StatusOr<std::unique_ptr<RouterRegistration>> RouterRegistration::Start(
     const std::string& router_address, v1::RegisterRequest request,
     std::function<uint32_t()> outstanding_rows, absl::Duration rpc_timeout,
-    std::function<void(bool registered)> on_registered) {
+    std::function<void(bool registered)> on_registered, LiveHooks live) {
   std::unique_ptr<RouterRegistration> r(new RouterRegistration());
+  r->live_ = std::move(live);
   r->on_registered_ = std::move(on_registered);
   r->router_address_ = router_address;
   r->stub_ = v1::RouterService::NewStub(MakeChannel(router_address));
@@ -41,8 +42,17 @@ absl::StatusOr<std::unique_ptr<RouterRegistration>> RouterRegistration::Start(
 absl::Status RouterRegistration::RegisterOnce() {
   grpc::ClientContext ctx;
   ctx.set_deadline(DeadlineIn(rpc_timeout_));
+  if (live_.held) {  // offer what is held now (a rebalance may have changed it)
+    request_.clear_experts();
+    for (const LayerExpert& le : live_.held()) {
+      v1::LayerExpert* p = request_.add_experts();
+      p->set_layer(le.layer);
+      p->set_expert(le.expert);
+    }
+  }
   v1::RegisterResponse resp;
   if (grpc::Status s = stub_->Register(&ctx, request_, &resp); !s.ok()) return FromGrpcStatus(s);
+  if (resp.has_target() && live_.on_target) live_.on_target(resp.target());
   absl::Duration every;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -85,8 +95,13 @@ void RouterRegistration::Loop() {
       v1::HeartbeatRequest req;
       req.set_replica_id(id);
       req.set_outstanding_rows(outstanding_rows_ ? outstanding_rows_() : 0);
+      if (live_.held_generation) req.set_held_generation(live_.held_generation());
+      if (live_.load_error) req.set_load_error(live_.load_error());
       v1::HeartbeatResponse resp;
       const grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
+      if (s.ok() && resp.known() && resp.has_target() && live_.on_target) {
+        live_.on_target(resp.target());
+      }
       if (s.ok() && !resp.known()) {
         spdlog::warn("the router forgot {}; registering again", id);
         if (absl::Status r = RegisterOnce(); !r.ok()) {
