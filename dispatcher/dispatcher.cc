@@ -403,6 +403,12 @@ Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
       n_layers_(static_cast<int32_t>(config.num_hidden_layers + config.num_nextn_predict_layers)),
       n_routed_experts_(static_cast<int32_t>(config.n_routed_experts)),
       options_(std::move(options)),
+      first_moe_layer_([&config, n = n_layers_] {
+        for (int32_t l = 0; l < n; ++l) {
+          if (config.IsMoeLayer(l)) return l;
+        }
+        return int32_t{-1};
+      }()),
       expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
       unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {
   if (options_.metrics != nullptr) {
@@ -741,10 +747,20 @@ absl::Status Dispatcher::StepRun::Partition() {
   };
   std::vector<ShardPart> parts(static_cast<size_t>(placement.num_shards));
   const size_t base = static_cast<size_t>(layer_) * d_.n_routed_experts_;
+  // Rows keyed by a running count: experts with copies take turns over them (ChooseShards).
+  const uint64_t row_key0 = d_.rows_dispatched_.fetch_add(static_cast<uint64_t>(x_.n_rows));
+  std::vector<int32_t> chosen;
   for (int32_t r = 0; r < x_.n_rows; ++r) {
-    for (int32_t p = routes_.offsets[r]; p < routes_.offsets[r + 1]; ++p) {
+    const int32_t p0 = routes_.offsets[r];
+    const int32_t p1 = routes_.offsets[r + 1];
+    chosen.assign(static_cast<size_t>(p1 - p0), -1);
+    ChooseShards(
+        placement, layer_,
+        std::span<const int32_t>(routes_.experts.data() + p0, static_cast<size_t>(p1 - p0)),
+        row_key0 + static_cast<uint64_t>(r), chosen);
+    for (int32_t p = p0; p < p1; ++p) {
       const int32_t e = routes_.experts[p];
-      const int32_t s = placement.ShardOf(layer_, e);
+      const int32_t s = chosen[static_cast<size_t>(p - p0)];
       if (s < 0 || s >= placement.num_shards) {
         return absl::FailedPreconditionError(
             absl::StrCat("dispatcher: placement v", table_->version, " has no shard for layer ",
@@ -1014,8 +1030,13 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
   }
   std::shared_ptr<const Table> table;
   {
+    // A step (one forward) keeps the table it took at its first MoE layer: a new placement
+    // takes effect at a step boundary. A layer not after the last one dispatched also begins a
+    // step (callers that run single layers).
     std::lock_guard<std::mutex> lock(mu_);
-    table = table_;
+    if (layer == first_moe_layer_ || layer <= last_layer_ || !step_table_) step_table_ = table_;
+    last_layer_ = layer;
+    table = step_table_;
   }
   if (!table) return absl::UnavailableError("dispatcher: no placement map from the router yet");
   StepRun run(*this, layer, x, routes, std::move(table), start);

@@ -25,7 +25,12 @@
 //
 // Placement and replicas come from the router's versioned maps (WatchRouter: a
 // WatchPlacement stream, reconnected when it breaks); replicas that register later are used
-// as soon as their map arrives.
+// from the next step. A step (one forward) takes the newest map at its first MoE layer and
+// keeps it for its other layers, so a live placement change switches at a step boundary (the
+// shards keep experts they lose until no step uses them). An expert with copies in several
+// shard groups goes, per (row, expert) pair, to the copy ChooseShards (placement/placement.h)
+// picks, keyed by a running count of the rows dispatched; in exact mode the output does not
+// depend on the copy.
 //
 // Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
 #pragma once
@@ -136,10 +141,14 @@ class Dispatcher final : public RoutedExperts {
   std::atomic<uint64_t> next_batch_id_{1};
   std::atomic<uint64_t> failovers_{0};
   std::atomic<uint64_t> pick_clock_{0};  // orders replica choices (least recently chosen wins ties)
+  std::atomic<uint64_t> rows_dispatched_{0};  // row keys for the copy choice (ChooseShards)
+  const int32_t first_moe_layer_;             // a step boundary: the table is taken here
 
   mutable std::mutex mu_;
   std::condition_variable table_changed_;
   std::shared_ptr<const Table> table_;
+  std::shared_ptr<const Table> step_table_;  // the table of the current step (see Run)
+  int32_t last_layer_ = -1;                  // the layer of the last Run
   std::map<std::string, std::shared_ptr<ReplicaStream>> streams_;  // by replica_id@address
 
   std::mutex watch_mu_;

@@ -20,6 +20,7 @@
 #include "core/decode/sampling.h"
 #include "core/format/wire.h"
 #include "expert-service/expert_service.h"
+#include "expert-service/live_placement.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "router/router_service.h"
@@ -779,6 +780,7 @@ TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
   wrong.experts = EvenPlacement(*config, 3)->ExpertsOf(0);
   wrong.shard_id = 0;
   wrong.router_address = (*router)->address();
+  wrong.live_placement = false;  // a live replica would be told its target instead
   absl::StatusOr<std::unique_ptr<ExpertServer>> refused = ExpertServer::Start(wrong);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
 
@@ -801,6 +803,186 @@ TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
         ExpectedShardedOutput(**all, *placement, layer, b, config->hidden_size);
     ASSERT_TRUE(want.ok());
     EXPECT_EQ(got, *want) << "layer " << layer;
+  }
+}
+
+// Redundant copies: an expert held by several shard groups goes, per (row, expert) pair, to the
+// copy ChooseShards picks; in the exact combine mode the output is LocalExperts' bit for bit,
+// the same as without copies. Shard group 2 holds only copies (of every expert of the 2-group
+// even plan that groups 0 and 1 split), so the rows it computes all came through the copy choice.
+TEST(DispatcherCopiesTest, CopiesGiveTheOutputOfOneCopy) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "copies");
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  const Placement even = *EvenPlacement(config, 2);
+  Placement copies = *EvenPlacement(config, 3);
+  std::vector<std::vector<int32_t>> table(even.shard_of.size());
+  for (size_t i = 0; i < even.shard_of.size(); ++i) {
+    if (even.shard_of[i] >= 0) table[i] = {even.shard_of[i], 2};
+  }
+  ASSERT_TRUE(copies.SetCopies(table).ok());
+  ASSERT_TRUE(copies.HasCopies());
+  std::map<std::pair<int, int64_t>, std::vector<float>> outputs[2];  // (layer, rows) -> out
+  for (int variant = 0; variant < 2; ++variant) {
+    const Placement& placement = variant == 0 ? even : copies;
+    SCOPED_TRACE(PlacementToJson(placement));
+    RouterServerOptions ro;
+    ro.identity = identity;
+    ro.membership.heartbeat_interval = absl::Milliseconds(100);
+    absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(placement, ro);
+    ASSERT_TRUE(router.ok()) << router.status();
+    std::vector<MetricsRegistry> metrics(static_cast<size_t>(placement.num_shards));
+    std::vector<std::unique_ptr<ExpertServer>> servers;
+    for (int s = 0; s < placement.num_shards; ++s) {
+      ExpertServerOptions o;
+      o.model_dir = *dir;
+      o.experts = placement.ExpertsOf(s);
+      o.shard_id = s;
+      o.router_address = (*router)->address();
+      o.instance_id = absl::StrCat("copies", variant, "-shard", s);
+      o.metrics = &metrics[static_cast<size_t>(s)];
+      absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+      ASSERT_TRUE(e.ok()) << e.status();
+      servers.push_back(*std::move(e));
+    }
+    DispatcherOptions d;
+    d.identity = identity;
+    d.step_deadline = kStepDeadline;
+    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+    ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+    (*dispatcher)->WatchRouter((*router)->address());
+    ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
+    uint64_t seed = 7000;
+    for (int layer : {1, 2, 3}) {
+      for (int64_t n : {1, 5, 17}) {
+        const Batch b = RandomBatch(config, n, ++seed);
+        std::vector<float> got(n * config.hidden_size), want(got.size());
+        const absl::Status st = (*dispatcher)->Run(layer, b.x, b.routes, got);
+        ASSERT_TRUE(st.ok()) << st;
+        ASSERT_TRUE(all->Run(layer, b.x, b.routes, want).ok());
+        ASSERT_EQ(got, want) << "layer " << layer << ", " << n << " rows";
+        outputs[variant][{layer, n}] = std::move(got);
+      }
+    }
+    if (variant == 1) {  // the copies-only group computed rows
+      EXPECT_GT(metrics[2].GetCounter("expertmesh_expert_rows_total", "Rows computed").value(), 0);
+      EXPECT_GT(metrics[0].GetCounter("expertmesh_expert_rows_total", "Rows computed").value(), 0);
+    }
+    dispatcher->reset();
+    servers.clear();
+    router->reset();
+  }
+  EXPECT_EQ(outputs[0], outputs[1]);
+}
+
+// A live placement change (router BeginPlacementChange) under a stream of steps: the shards
+// load the experts they gain, the router publishes the new map once they hold them, the
+// dispatcher switches at a step boundary, and the shards release what they lost after the
+// grace period. No step fails and every output equals LocalExperts bit for bit, before,
+// during and after the change.
+TEST(DispatcherLivePlacementTest, StepsStayExactThroughALivePlacementChange) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  const ModelConfig config = *LoadModelConfig(*dir + "/config.json");
+  const v1::PeerIdentity identity = *MakeLocalIdentity(*dir, "test", "live-placement");
+  std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
+  std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  const Placement before = *EvenPlacement(config, 2);
+  // After: experts striped over the groups (e % 2), and expert 0 of every layer copied to both.
+  Placement after = before;
+  std::vector<std::vector<int32_t>> table(before.shard_of.size());
+  for (size_t i = 0; i < before.shard_of.size(); ++i) {
+    if (before.shard_of[i] < 0) continue;
+    const int32_t e = static_cast<int32_t>(i % static_cast<size_t>(before.n_routed_experts));
+    table[i] = e == 0 ? std::vector<int32_t>{0, 1} : std::vector<int32_t>{e % 2};
+  }
+  ASSERT_TRUE(after.SetCopies(table).ok());
+  RouterServerOptions ro;
+  ro.identity = identity;
+  ro.membership.heartbeat_interval = absl::Milliseconds(100);
+  ro.membership.expiry = absl::Milliseconds(2000);
+  absl::StatusOr<std::unique_ptr<RouterServer>> router = RouterServer::Start(before, ro);
+  ASSERT_TRUE(router.ok()) << router.status();
+  std::vector<std::unique_ptr<ExpertServer>> servers;
+  for (int s = 0; s < 2; ++s) {
+    for (int r = 0; r < 2; ++r) {
+      ExpertServerOptions o;
+      o.model_dir = *dir;
+      o.experts = before.ExpertsOf(s);
+      o.shard_id = s;
+      o.router_address = (*router)->address();
+      o.instance_id = absl::StrCat("live-shard", s, "-", r);
+      o.release_grace = absl::Milliseconds(500);
+      absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+      ASSERT_TRUE(e.ok()) << e.status();
+      ASSERT_NE((*e)->live_placement(), nullptr);
+      servers.push_back(*std::move(e));
+    }
+  }
+  DispatcherOptions d;
+  d.identity = identity;
+  d.step_deadline = kStepDeadline;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  (*dispatcher)->WatchRouter((*router)->address());
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
+  const uint64_t version_before = (*dispatcher)->placement_version();
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> steps{0};
+  std::thread stepper([&] {
+    uint64_t seed = 50000;
+    while (!stop.load()) {
+      for (int layer : {1, 2, 3}) {  // one forward: the table is taken at layer 1
+        const int64_t n = 1 + static_cast<int64_t>(seed % 9);
+        const Batch b = RandomBatch(config, n, ++seed);
+        std::vector<float> got(n * config.hidden_size), want(got.size());
+        const absl::Status st = (*dispatcher)->Run(layer, b.x, b.routes, got);
+        if (!st.ok()) {
+          ADD_FAILURE() << "step " << steps.load() << " layer " << layer << ": " << st;
+          stop = true;
+          return;
+        }
+        ASSERT_TRUE(all->Run(layer, b.x, b.routes, want).ok());
+        if (got != want) {
+          ADD_FAILURE() << "step " << steps.load() << " layer " << layer << " differs";
+          stop = true;
+          return;
+        }
+      }
+      ++steps;
+    }
+  });
+  ASSERT_TRUE(
+      testing::PollUntil([&] { return steps.load() >= 5 || stop.load(); }, absl::Seconds(30)));
+  ASSERT_TRUE((*router)->service().BeginPlacementChange(after).ok());
+  // Committed and published: the dispatcher has a newer map whose groups hold the new plan.
+  ASSERT_TRUE(testing::PollUntil(
+      [&] {
+        for (int s = 0; s < 2; ++s) {
+          for (int r = 0; r < 2; ++r) {
+            if (servers[static_cast<size_t>(s * 2 + r)]->live_placement()->Held() !=
+                after.ExpertsOf(s)) {
+              return false;
+            }
+          }
+        }
+        return (*dispatcher)->placement_version() > version_before || stop.load();
+      },
+      absl::Seconds(60)))
+      << "the shards did not reach the new placement";
+  const int at_commit = steps.load();
+  ASSERT_TRUE(testing::PollUntil([&] { return steps.load() >= at_commit + 5 || stop.load(); },
+                                 absl::Seconds(30)));
+  stop = true;
+  stepper.join();
+  EXPECT_GT(steps.load(), at_commit);
+  for (const auto& server : servers) {
+    EXPECT_GE(server->live_placement()->releases(), 1u);
+    EXPECT_EQ(server->live_placement()->load_error(), "");
   }
 }
 
