@@ -126,21 +126,21 @@ struct Packing {
       for (size_t i = 0; i < items.size(); ++i) {
         const Item& a = items[i];
         if (a.group != top || a.home) continue;
-        for (int32_t h = 0; h < N; ++h) {
-          if (h == top || Holds(h, a.expert)) continue;
-          if (room[h] > 0) {
-            const double n = std::max(Norm(top, load[top] - a.load), Norm(h, load[h] + a.load));
-            if (n < best) {
-              best = n, best_i = i, best_h = h, swap = false;
-            }
+        for (int32_t h = 0; h < N; ++h) {  // move a to a group with room
+          if (h == top || room[h] <= 0 || Holds(h, a.expert)) continue;
+          const double n = std::max(Norm(top, load[top] - a.load), Norm(h, load[h] + a.load));
+          if (n < best) best = n, best_i = i, best_h = h, swap = false;
+        }
+        for (size_t j = 0; j < items.size(); ++j) {  // swap a with a lighter copy b elsewhere
+          const Item& b = items[j];
+          const int32_t h = b.group;
+          if (h < 0 || h == top || b.home || b.load >= a.load || Holds(top, b.expert) ||
+              Holds(h, a.expert)) {
+            continue;
           }
-          for (size_t j = 0; j < items.size(); ++j) {
-            const Item& b = items[j];
-            if (b.group != h || b.home || b.load >= a.load || Holds(top, b.expert)) continue;
-            const double n = std::max(Norm(top, load[top] - a.load + b.load),
-                                      Norm(h, load[h] - b.load + a.load));
-            if (n < best) best = n, best_i = i, best_j = j, best_h = h, swap = true;
-          }
+          const double n =
+              std::max(Norm(top, load[top] - a.load + b.load), Norm(h, load[h] - b.load + a.load));
+          if (n < best) best = n, best_i = i, best_j = j, best_h = h, swap = true;
         }
       }
       if (best_h < 0) return;

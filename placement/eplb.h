@@ -10,10 +10,9 @@
 // Starting point: DeepSeek's EPLB (eplb.py of the deepseek-ai/EPLB repository), reimplemented:
 //   replicate: each extra slot goes to the expert with the largest L[e] / n[e];
 //   pack: copies, heaviest first, each into the lightest group that has room;
-//   hierarchical (when the n_group expert groups divide evenly over the N shard groups): whole
-//   expert groups are packed onto shard groups first, so that a token, whose gate keeps at
-//   most topk_group expert groups, reaches at most topk_group shard groups through its experts'
-//   home copies; otherwise the global packing of every copy.
+//   hierarchical: whole expert groups are packed onto shard groups first, so that a token,
+//   whose gate keeps at most topk_group expert groups, reaches at most topk_group shard groups
+//   through its experts' home copies; otherwise the global packing of every copy.
 // Where ours differs, and why:
 //   - Our "nodes" are shard groups and there is no GPU level below them: every replica of a
 //     shard group serves the same experts (replicas add throughput and failover, not slots). So
@@ -27,6 +26,15 @@
 //   - Slots are per group (each group's memory), not a single count of physical experts; a
 //     layer uses at most sum(slots) - E redundant copies (or redundant_per_layer), and a copy
 //     that finds no group with room that lacks the expert is dropped rather than forced.
+//   - Hierarchical applies when topk_group < n_group, N <= n_group, E % n_group == 0 and the
+//     slots hold every expert group whole (at least one per shard group); EPLB requires
+//     n_group % N == 0 and gives every node the same number of groups. With unequal groups an
+//     equal count cannot give a big card its share, so a group takes as many expert groups as
+//     its slots allow (weighted LPT decides which).
+//   - Global copies are chosen first (EPLB's replicate, then packing, then a local search of
+//     moves and swaps out of the busiest group). In the hierarchical case the home copies are
+//     fixed, so copies are added one at a time instead: a copy of an expert of the busiest group
+//     into the group where it lowers the highest load / share the most.
 //   - In the hierarchical case EPLB makes redundant copies inside a node; we have no GPUs
 //     inside a group, so the extra copies of hot experts go to other shard groups. The home
 //     copies keep every expert group together; ChooseShards (placement.h) prefers copies in
