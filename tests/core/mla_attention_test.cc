@@ -202,6 +202,9 @@ int64_t StatusBytes(const std::string& key) {
 // twice kAbsorbedWorkspaceFloats (64 MiB). Peak RSS is reset (/proc/self/clear_refs) after the
 // inputs are built, and its growth over the call measured.
 TEST(MlaAttentionTest, LongPromptWorkingSetIsBounded) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "a sanitizer's allocator (quarantine, shadow memory) sets the RSS here";
+#endif
   ModelConfig c = SmallConfig();
   c.num_attention_heads = 16;
   c.kv_lora_rank = 64;
@@ -230,7 +233,7 @@ TEST(MlaAttentionTest, LongPromptWorkingSetIsBounded) {
       static_cast<long long>(n), static_cast<long long>(grown >> 20),
       static_cast<long long>(bound >> 20), static_cast<long long>(unbounded >> 20));
   EXPECT_LE(grown, bound);
-  // The result is the reference's on a sample of rows (the whole reference would be slow).
+  // And the result is the reference loops' (a different summation order).
   float max_diff = 0.0f, max_abs = 0.0f;
   const std::vector<float> ref = cc.Run(false);
   for (size_t i = 0; i < ref.size(); ++i) {
