@@ -71,13 +71,14 @@ class WireNumericsExperts final : public RoutedExperts {
 
 }  // namespace
 
-absl::StatusOr<std::string> MakeClusterTestModel() {
+absl::StatusOr<std::string> MakeClusterTestModel(double gate_skew) {
   char tmpl[] = "/tmp/expertmesh-cluster-model-XXXXXX";
   if (mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
   const std::string config_json = TinyConfigJson({});
   absl::StatusOr<ModelConfig> config = ParseModelConfig(config_json);
   if (!config.ok()) return config.status();
-  if (absl::Status s = WriteRandomCheckpoint(*config, config_json, tmpl, /*seed=*/20261128, 2);
+  if (absl::Status s =
+          WriteRandomCheckpoint(*config, config_json, tmpl, /*seed=*/20261128, 2, gate_skew);
       !s.ok()) {
     return s;
   }

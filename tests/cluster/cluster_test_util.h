@@ -16,8 +16,10 @@
 namespace expertmesh::testing {
 
 // Writes the test model into a fresh directory under /tmp (seeded, so always the same
-// weights) and returns the directory.
-absl::StatusOr<std::string> MakeClusterTestModel();
+// weights) and returns the directory. gate_skew > 0: the same model with a larger gate
+// correction bias on the first quarter of each MoE layer's experts (WriteRandomCheckpoint's
+// gate_skew): a skewed expert load that the even placement puts on shard group 0.
+absl::StatusOr<std::string> MakeClusterTestModel(double gate_skew = 0.0);
 
 // n prompts of lengths spread over [2, max_len], token ids in [2, vocab) (0 = bos, 1 = eos).
 std::vector<std::vector<int32_t>> MakePrompts(int n, int max_len, int vocab, uint64_t seed);
