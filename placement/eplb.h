@@ -41,6 +41,9 @@
 //     groups a row already uses, so the topk_group bound holds for most rows, not all.
 //   - Experts with no load in the window get no extra copy; a layer with no load at all is
 //     treated as uniform (no information: spread evenly).
+// The prediction splits an expert's load evenly over its copies, as ChooseShards with
+// CopyChoice::kSpread does; kFewerGroups (fewer bytes) shifts load towards groups that rows
+// already use: tests/placement/eplb_test.cc and tools/bench/bench_placement.cc measure both.
 #pragma once
 
 #include <cstdint>
