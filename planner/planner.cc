@@ -432,7 +432,11 @@ absl::StatusOr<Plan> MakePlan(const ModelConfig& config, const Pool& pool,
         for (int c = 0; c < C; ++c) {
           if (left[c] <= 0 || (pass == 0 && allowance[c] <= 0)) continue;
           const double cost = (load[c] + plan.share[l][e] + 1e-9) / speed[c];
-          if (best < 0 || cost < best_cost) {
+          // Ties (equal speed and load) go to the card with the most memory left, so that
+          // cards beyond a layer's expert count take the next layers' experts.
+          const double tie = 1e-9 * best_cost;
+          if (best < 0 || cost < best_cost - tie ||
+              (cost <= best_cost + tie && left[c] > left[best])) {
             best = c;
             best_cost = cost;
           }

@@ -155,6 +155,10 @@ TEST(Planner, WrittenPlacementLoadsAndCoversEveryExpert) {
                                                    "/planner/examples/mixed-3090-4090-5090.json"));
   ASSERT_TRUE(deepseek.ok()) << deepseek.status();
   CheckWrittenPlacement(*deepseek);
+  // More cards than a layer has experts: each card holds experts of some layers only.
+  auto many = MakePlan(Tiny(), OneKind("rtx4090", 20));
+  ASSERT_TRUE(many.ok()) << many.status();
+  CheckWrittenPlacement(*many);
 }
 
 TEST(Planner, A3090IsSlowerPerByteThanA4090AndTheFp8FlagMatters) {
