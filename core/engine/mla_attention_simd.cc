@@ -127,9 +127,10 @@ void AccumulateRows(const float* const* rows, const float* p, int64_t p_stride,
 // query rows (all slices, in q's order) go in blocks of rows; per block:
 //  1. per head, its W_UK read once for the block's rows: query (t, h) = [W_UK^T q_nope | q_pe],
 //     one cache row long;
-//  2. per slice in the block, in sub-blocks of queries: every cached row scored against all the
-//     sub-block's queries in one pass over that row (simd::DotRows), softmax per query, and the
-//     context sums reading each cached row once for all the sub-block's queries;
+//  2. per slice in the block, in sub-blocks of queries (their scores under the working-set
+//     bound, scored only over the cached rows the sub-block's last query sees): the scores in
+//     tiles of cached rows x queries (simd::DotRows), softmax per query, and the context sums
+//     (AccumulateRows) passing over the cached rows in tiles, each tile once per thread;
 //  3. per head, its W_UV read once for the block's rows: o = W_UV ctx.
 // Heads (1, 3), cached rows (scores) and queries (softmax, sums) are split over the kernel
 // threads (core/kernels/cpu/thread_pool.h); each value is computed by the same operations in the
@@ -212,9 +213,9 @@ void AbsorbedAttentionSimd(const AbsorbedAttentionArgs& a, float* attn) {
         cpu::ParallelFor(nq, 8, [&](int64_t i0, int64_t i1) {
           for (int64_t qi = i0; qi < i1; ++qi) {
             float* row = scores.data() + qi * Ls;
-            const int64_t vis = visible(qi);
-            for (int64_t j = 0; j < vis; ++j) row[j] *= scale;
-            Softmax(row, vis);
+            const int64_t seen = visible(qi);
+            for (int64_t j = 0; j < seen; ++j) row[j] *= scale;
+            Softmax(row, seen);
           }
         });
         // ctx[qi] = sum over the visible cached rows j in turn of p[qi, j] * c_kv[j].
