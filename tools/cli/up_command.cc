@@ -5,6 +5,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -129,15 +130,21 @@ int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
       "group(s)\n",
       resp.model_name().c_str(), static_cast<unsigned long long>(map.version()), map.n_layers(),
       map.n_routed_experts(), map.shards_size());
-  std::map<int32_t, uint64_t> tokens_per_shard;
-  std::map<std::pair<int32_t, int32_t>, int32_t> shard_of;
+  // An expert with copies in k groups counts 1/k of its tokens in each (the dispatcher spreads
+  // its rows over the copies).
+  std::map<int32_t, double> tokens_per_shard;
+  std::map<std::pair<int32_t, int32_t>, std::vector<int32_t>> shards_of;
   for (const v1::ShardGroup& g : map.shards()) {
     for (const v1::LayerExpert& le : g.experts())
-      shard_of[{le.layer(), le.expert()}] = g.shard_id();
+      shards_of[{le.layer(), le.expert()}].push_back(g.shard_id());
   }
   for (const v1::LayerExpertLoad& l : resp.expert_load()) {
-    auto it = shard_of.find({l.layer(), l.expert()});
-    if (it != shard_of.end()) tokens_per_shard[it->second] += l.tokens();
+    auto it = shards_of.find({l.layer(), l.expert()});
+    if (it == shards_of.end()) continue;
+    for (int32_t s : it->second) {
+      tokens_per_shard[s] +=
+          static_cast<double>(l.tokens()) / static_cast<double>(it->second.size());
+    }
   }
   for (const v1::ShardGroup& g : map.shards()) {
     int healthy = 0;
@@ -146,7 +153,7 @@ int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
         "shard %d: %d (layer, expert) pairs, %d/%d replica(s) healthy, %llu routed "
         "tokens%s\n",
         g.shard_id(), g.experts_size(), healthy, g.replicas_size(),
-        static_cast<unsigned long long>(tokens_per_shard[g.shard_id()]),
+        static_cast<unsigned long long>(std::llround(tokens_per_shard[g.shard_id()])),
         healthy == 0 ? "  << NO LIVE REPLICA" : "");
     for (const v1::ShardReplica& r : g.replicas()) {
       std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago%s\n",
