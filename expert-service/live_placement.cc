@@ -51,19 +51,18 @@ LivePlacement::~LivePlacement() {
 void LivePlacement::OnTarget(const v1::ExpertTarget& target) {
   // Held already (the usual case at registration, and the committed flag of a change this
   // replica has loaded): report it now, so the router keeps or puts this replica in its maps
-  // at the next heartbeat.
-  bool held_all = true;
+  // at the next heartbeat. Under mu_: a release pass publishes its smaller set under mu_ too,
+  // and gives way to a pending target, so what is checked here stays held.
   {
+    std::lock_guard<std::mutex> lock(mu_);
     const std::shared_ptr<const ExpertServiceImpl::HeldSet> held = service_->held();
+    bool held_all = true;
     for (const v1::LayerExpert& le : target.experts()) {
       if (!held->contains({le.layer(), le.expert()})) {
         held_all = false;
         break;
       }
     }
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
     if (held_all && target.generation() > held_generation_) {
       held_generation_ = target.generation();
     }
@@ -183,7 +182,11 @@ std::optional<absl::Time> LivePlacement::ReleaseDue(absl::Time now) {
   for (const LayerExpert& le : experts_->Held()) {
     if (!std::binary_search(due.begin(), due.end(), le)) keep.push_back(le);
   }
-  service_->PublishHeld(keep);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (pending_) return now;  // a newer target first: it may want them
+    service_->PublishHeld(keep);
+  }
   ExpertServiceImpl::WaitUnused(std::move(old));
   experts_->Release(due);
   if (releases_total_) releases_total_->Inc(static_cast<double>(due.size()));
