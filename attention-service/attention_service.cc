@@ -5,6 +5,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "core/backend/backend.h"
 #include "service-common/bootstrap.h"
 #include "service-common/handshake.h"
 #include "spdlog/spdlog.h"
@@ -238,6 +239,12 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   s->checkpoint_ = *std::move(ckpt);
   ModelLoadOptions load;
   load.load_mtp = o.scheduler.mtp;  // the MTP module drafts (speculative decoding)
+  // The CPU engine's absorbed attention reads kv_b_proj precomputed in FP32 (4x its FP8 bytes);
+  // the CUDA engine keeps its own device copy, so the host copy would only cost memory.
+  if (absl::StatusOr<DeviceSpec> device = ParseDeviceSpec(o.scheduler.device);
+      device.ok() && device->cuda) {
+    load.absorbed_attention = false;
+  }
   if (o.load_progress) {
     load.progress = [](int64_t done, int64_t total) {
       if (done == total || done % 64 == 0) spdlog::info("loading: {}/{} tensors", done, total);
