@@ -125,20 +125,136 @@ constexpr std::string_view kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 // ---------------------------------------------------------------------------------------------
+// Unicode version of the regexes. `tokenizers` runs Split patterns on Oniguruma with Unicode
+// 16.0.0 tables; PCRE2 10.42 (Debian 12) has Unicode 14.0.0 ones, so a character added since
+// (U+1FABF 🪿 is \p{S} in Unicode 15) would split differently. UnicodeRegex rewrites a pattern
+// so that PCRE2 matches as Unicode 16 does:
+//   \p{X}, \pX (X a general category): the code points that joined X since Unicode 14 are added
+//     (unicode_additions.inc, from tools/tokenizer/make_unicode_tables.py; exact on PCRE2 with
+//     Unicode 14 to 16 tables, as no code point left these categories); \P{X} outside a class,
+//     \d and \D (\p{Nd}) likewise. \P{X} inside a class is left to PCRE2.
+//   \s, \S: the White_Space property (stable since Unicode 6.3; PCRE2 also counts U+180E).
+// \w and \p{<script>} are left to PCRE2. tests/tokenizer/deepseek_conformance_test.py checks
+// the result against `tokenizers` on DeepSeek-V3's vocabulary.
+struct CategoryAddition {
+  std::string_view category;
+  std::string_view items;  // PCRE2 class items: \x{..} and \x{..}-\x{..}
+};
+constexpr CategoryAddition kCategoryAdditions[] = {
+#include "core/text/unicode_additions.inc"
+};
+constexpr std::string_view kWhiteSpace =
+    R"(\t\n\x{b}\f\r\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f})"
+    R"(\x{205f}\x{3000})";
+constexpr std::string_view kNotWhiteSpace =
+    R"(\x{0}-\x{8}\x{e}-\x{1f}\x{21}-\x{84}\x{86}-\x{9f}\x{a1}-\x{167f}\x{1681}-\x{1fff})"
+    R"(\x{200b}-\x{2027}\x{202a}-\x{202e}\x{2030}-\x{205e}\x{2060}-\x{2fff})"
+    R"(\x{3001}-\x{d7ff}\x{e000}-\x{10ffff})";
+
+std::string UnicodeRegex(std::string_view p) {
+  auto additions = [](std::string_view category) -> std::optional<std::string_view> {
+    for (const CategoryAddition& a : kCategoryAdditions) {
+      if (a.category == category) return a.items;
+    }
+    return std::nullopt;
+  };
+  std::string out;
+  out.reserve(p.size());
+  bool in_class = false;
+  size_t i = 0;
+  while (i < p.size()) {
+    char c = p[i];
+    if (c == '\\' && i + 1 < p.size()) {
+      char d = p[i + 1];
+      if (d == 'Q') {  // \Q...\E: literal text, copied as it is
+        size_t end = p.find("\\E", i + 2);
+        end = end == std::string_view::npos ? p.size() : end + 2;
+        out.append(p.substr(i, end - i));
+        i = end;
+        continue;
+      }
+      std::string_view category;
+      size_t len = 2;
+      bool negated = d == 'P' || d == 'D';
+      if (d == 'p' || d == 'P') {
+        if (i + 2 < p.size() && p[i + 2] == '{') {
+          size_t close = p.find('}', i + 3);
+          if (close != std::string_view::npos) {
+            category = p.substr(i + 3, close - i - 3);
+            len = close + 1 - i;
+          }
+        } else if (i + 2 < p.size()) {
+          category = p.substr(i + 2, 1);
+          len = 3;
+        }
+      } else if (d == 'd' || d == 'D') {
+        category = "Nd";
+      }
+      std::optional<std::string_view> added = category.empty() ? std::nullopt : additions(category);
+      if (added && !(negated && in_class)) {
+        std::string own = "\\p{" + std::string(category) + "}";
+        if (in_class) {
+          out += own;
+          out += *added;
+        } else {
+          out += negated ? "[^" : "[";
+          out += own;
+          out += *added;
+          out += ']';
+        }
+        i += len;
+        continue;
+      }
+      if (d == 's' || d == 'S') {
+        std::string_view items = d == 's' ? kWhiteSpace : kNotWhiteSpace;
+        if (!in_class) out += '[';
+        out += items;
+        if (!in_class) out += ']';
+        i += 2;
+        continue;
+      }
+      out.append(p.substr(i, len));  // any other escape, copied whole
+      i += len;
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out += c;
+      ++i;
+      if (i < p.size() && p[i] == '^') out += p[i++];
+      if (i < p.size() && p[i] == ']') out += p[i++];  // a leading ']' is literal
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < p.size() && p[i + 1] == ':') {  // [:alpha:]
+      size_t end = p.find(":]", i + 2);
+      end = end == std::string_view::npos ? p.size() : end + 2;
+      out.append(p.substr(i, end - i));
+      i = end;
+      continue;
+    }
+    if (in_class && c == ']') in_class = false;
+    out += c;
+    ++i;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // PCRE2 regex (UTF + UCP), compiled once, matched from many threads.
 class Regex {
  public:
-  static absl::StatusOr<std::unique_ptr<Regex>> Create(std::string_view pattern) {
+  static absl::StatusOr<std::unique_ptr<Regex>> Create(std::string_view source) {
     int error = 0;
     PCRE2_SIZE error_offset = 0;
+    std::string pattern = UnicodeRegex(source);
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                                      PCRE2_UTF | PCRE2_UCP, &error, &error_offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error, message, sizeof(message));
-      return absl::InvalidArgumentError(absl::StrCat("regex '", std::string(pattern), "' at ",
-                                                     error_offset, ": ",
-                                                     reinterpret_cast<char*>(message)));
+      return absl::InvalidArgumentError(absl::StrCat("regex '", std::string(source), "' at ",
+                                                     error_offset, " (of '", pattern,
+                                                     "'): ", reinterpret_cast<char*>(message)));
     }
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter on failure
     return std::unique_ptr<Regex>(new Regex(code));

@@ -5,15 +5,30 @@
 //   expertmesh-tokenize chat   --model models/expertmesh-tiny --messages chat.json
 //   --generation-prompt expertmesh-tokenize bench  --model models/expertmesh-tiny --file
 //   data/corpus/valid.txt
+//   expertmesh-tokenize batch  --model models/expertmesh-tiny < requests.jsonl
 //
 // `bench` measures encode throughput (first pass: empty BPE cache; second pass: warm cache)
 // and decode throughput on a text file, one thread.
+//
+// `batch` answers JSON Lines on stdin, one JSON line on stdout per request, in order, so that a
+// test can check thousands of texts against another implementation through one process
+// (tests/tokenizer/deepseek_conformance_test.py does, against Hugging Face `tokenizers` and
+// Jinja2):
+//   {"encode": "text", "bos": false}            -> {"ids": [...]}
+//   {"decode": [ids], "skip_special": false}    -> {"text": "...", "stream": "..."}
+//       ("stream": the concatenation of Tokenizer::StreamDecoder's pieces, id by id)
+//   {"chat": [messages], "add_generation_prompt": false, "context": {...},
+//    "drop_null_keys": true}                    -> {"text": "..."}
+// A request that fails gets {"error": "..."}; a line that is not such a request, or one longer
+// than --max-line-bytes, ends the run with exit status 1.
 #include <CLI/CLI.hpp>
 #include <boost/json.hpp>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -141,6 +156,135 @@ int Bench(const std::string& model, const std::string& path) {
   return 0;
 }
 
+// One line of `in`, without its '\n'; false at the end of input. A line longer than `max_bytes`
+// sets *too_long (the line is then incomplete).
+bool ReadLine(std::streambuf* in, size_t max_bytes, std::string* line, bool* too_long) {
+  line->clear();
+  *too_long = false;
+  for (;;) {
+    int c = in->sbumpc();
+    if (c == std::char_traits<char>::eof()) return !line->empty();
+    if (c == '\n') return true;
+    if (line->size() >= max_bytes) {
+      *too_long = true;
+      return true;
+    }
+    line->push_back(static_cast<char>(c));
+  }
+}
+
+boost::json::object Error(const absl::Status& status) {
+  return {{"error", std::string(status.ToString())}};
+}
+
+// Answers one request of `batch` (see the file comment). Returns false, with *fatal, on a
+// request that is not one.
+bool Answer(const boost::json::object& request, const std::string& tokenizer_path,
+            const std::string& config_path, std::unique_ptr<Tokenizer>* tok,
+            std::optional<ChatTemplate>* tmpl, boost::json::object* answer, std::string* fatal) {
+  auto flag = [&](const char* key) {
+    const boost::json::value* v = request.if_contains(key);
+    return v != nullptr && v->is_bool() && v->get_bool();
+  };
+  const boost::json::value* encode = request.if_contains("encode");
+  const boost::json::value* decode = request.if_contains("decode");
+  const boost::json::value* chat = request.if_contains("chat");
+  if ((encode || decode) && !*tok) {
+    auto loaded = Tokenizer::Load(tokenizer_path);
+    if (!loaded.ok()) {
+      *fatal = loaded.status().ToString();
+      return false;
+    }
+    *tok = *std::move(loaded);
+  }
+  if (encode && encode->is_string()) {
+    auto ids = (*tok)->Encode(std::string_view(encode->get_string()), flag("bos"));
+    if (!ids.ok()) {
+      *answer = Error(ids.status());
+    } else {
+      boost::json::array out;
+      out.reserve(ids->size());
+      for (int32_t id : *ids) out.push_back(id);
+      *answer = {{"ids", std::move(out)}};
+    }
+    return true;
+  }
+  if (decode && decode->is_array()) {
+    std::vector<int32_t> ids;
+    for (const boost::json::value& v : decode->get_array()) {
+      if (!v.is_int64() || v.get_int64() < INT32_MIN || v.get_int64() > INT32_MAX) {
+        *fatal = "decode: ids must be 32-bit integers";
+        return false;
+      }
+      ids.push_back(static_cast<int32_t>(v.get_int64()));
+    }
+    bool skip = flag("skip_special");
+    Tokenizer::StreamDecoder stream = (*tok)->NewStreamDecoder(skip);
+    std::string streamed;
+    for (int32_t id : ids) streamed += stream.Push(id);
+    streamed += stream.Flush();
+    *answer = {{"text", (*tok)->Decode(ids, skip)}, {"stream", std::move(streamed)}};
+    return true;
+  }
+  if (chat && chat->is_array()) {
+    if (!tmpl->has_value()) {
+      auto loaded = ChatTemplate::FromTokenizerConfig(config_path);
+      if (!loaded.ok()) {
+        *fatal = loaded.status().ToString();
+        return false;
+      }
+      tmpl->emplace(*std::move(loaded));
+    }
+    boost::json::object context;
+    if (const boost::json::value* c = request.if_contains("context")) {
+      if (!c->is_object()) {
+        *fatal = "chat: context must be an object";
+        return false;
+      }
+      context = c->get_object();
+    }
+    bool drop_null_keys = true;
+    if (const boost::json::value* d = request.if_contains("drop_null_keys")) {
+      drop_null_keys = d->is_bool() && d->get_bool();
+    }
+    auto text =
+        (*tmpl)->Apply(chat->get_array(), flag("add_generation_prompt"), context, drop_null_keys);
+    *answer = text.ok() ? boost::json::object{{"text", *std::move(text)}} : Error(text.status());
+    return true;
+  }
+  *fatal = "a request has one of: encode (a string), decode (an array of ids), chat (an array)";
+  return false;
+}
+
+int Batch(const std::string& tokenizer_path, const std::string& config_path,
+          size_t max_line_bytes) {
+  std::unique_ptr<Tokenizer> tok;
+  std::optional<ChatTemplate> tmpl;
+  std::string line;
+  bool too_long = false;
+  for (size_t n = 1; ReadLine(std::cin.rdbuf(), max_line_bytes, &line, &too_long); ++n) {
+    if (too_long) {
+      std::cerr << "line " << n << ": longer than --max-line-bytes " << max_line_bytes << "\n";
+      return 1;
+    }
+    boost::system::error_code ec;
+    boost::json::value request = boost::json::parse(line, ec);
+    if (ec || !request.is_object()) {
+      std::cerr << "line " << n << ": not a JSON object" << (ec ? ": " + ec.message() : "") << "\n";
+      return 1;
+    }
+    boost::json::object answer;
+    std::string fatal;
+    if (!Answer(request.get_object(), tokenizer_path, config_path, &tok, &tmpl, &answer, &fatal)) {
+      std::cerr << "line " << n << ": " << fatal << "\n";
+      return 1;
+    }
+    std::cout << boost::json::serialize(answer) << "\n";
+  }
+  std::cout.flush();
+  return std::cout ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -176,7 +320,24 @@ int main(int argc, char** argv) {
   bench->add_option("--model", model, "model directory with tokenizer.json");
   bench->add_option("--file", file, "text file, encoded line by line")->required();
 
+  auto* batch = app.add_subcommand(
+      "batch", "answer JSON Lines requests on stdin (encode, decode, chat), one line each");
+  std::string tokenizer_path, config_path;
+  size_t max_line_bytes = 64 << 20;
+  batch->add_option("--model", model, "model directory with tokenizer.json, tokenizer_config.json");
+  batch->add_option("--tokenizer", tokenizer_path,
+                    "tokenizer.json (default: <model>/tokenizer.json)");
+  batch->add_option("--chat-config", config_path,
+                    "tokenizer_config.json with the chat template (default: <model>/...)");
+  batch->add_option("--max-line-bytes", max_line_bytes, "longest request line accepted")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 30));
+
   CLI11_PARSE(app, argc, argv);
+  if (*batch) {
+    return Batch(tokenizer_path.empty() ? model + "/tokenizer.json" : tokenizer_path,
+                 config_path.empty() ? model + "/tokenizer_config.json" : config_path,
+                 max_line_bytes);
+  }
   if (*encode) return Encode(model, text, add_bos, show_tokens);
   if (*decode) return Decode(model, ids, skip_special);
   if (*chat) return Chat(model, messages, generation_prompt);
