@@ -191,6 +191,12 @@ std::string UnicodeRegex(std::string_view p) {
         category = "Nd";
       }
       std::optional<std::string_view> added = category.empty() ? std::nullopt : additions(category);
+      // In a class, "\\d-z" is an error for PCRE2; expanded, it would become a range: kept.
+      if (in_class && i + len + 1 < p.size() && p[i + len] == '-' && p[i + len + 1] != ']') {
+        out.append(p.substr(i, len));
+        i += len;
+        continue;
+      }
       if (added && !(negated && in_class)) {
         std::string own = "\\p{" + std::string(category) + "}";
         if (in_class) {

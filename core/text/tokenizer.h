@@ -3,7 +3,8 @@
 // Why: the gateway tokenizes prompts and detokenizes streamed tokens for any deepseek_v3
 // checkpoint (the bundled tiny model and the real DeepSeek-V3/R1), so the tokenizer reads the
 // model's own tokenizer.json and must give exactly the ids Hugging Face `tokenizers` gives;
-// tests/tokenizer/ checks that against committed golden files.
+// tests/tokenizer/ checks that against committed golden files, and against `tokenizers` itself
+// on the released DeepSeek-V3/R1 tokenizer.json (deepseek_conformance_test.py).
 //
 // Supported tokenizer.json parts (anything else is rejected at Load with a clear error):
 //   normalizer:    null, Sequence, NFC, NFD, NFKC, NFKD, Prepend, Replace (string pattern)
@@ -12,7 +13,9 @@
 //   model:         BPE (merges as "a b" strings or [a, b] pairs, ignore_merges)
 //   decoder:       null or ByteLevel
 //   added_tokens:  special and non-special, with lstrip / rstrip / single_word / normalized.
-// Split regexes run on PCRE2 in UTF + UCP mode (Unicode classes, look-ahead).
+// Split regexes run on PCRE2 in UTF + UCP mode (Unicode classes, look-ahead), rewritten so that
+// \p{<general category>}, \d and \s match as Unicode 16.0 (the tables of `tokenizers`'
+// Oniguruma) although PCRE2 10.42 has Unicode 14.0 ones (core/text/unicode_additions.inc).
 //
 // Pipeline of Encode (the same as `tokenizers`): cut out added tokens matched on the raw text
 // (normalized=false), normalize the rest, cut out added tokens matched on normalized text,

@@ -379,6 +379,13 @@ TEST(Tokenizer, RegexClassesFollowUnicode16) {
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_EQ(tok.value()->Encode("a\u2009b", false)->size(), 2u);
   EXPECT_GT(tok.value()->Encode("a\u180Eb", false)->size(), 2u);
+  // A class escape before '-' is not expanded into a range: "[\\d-z]" stays PCRE2's error.
+  doc.as_object()["pre_tokenizer"]
+      .as_object()["pretokenizers"]
+      .as_array()[0]
+      .as_object()["pattern"] = {{"Regex", R"([\d-z])"}};
+  EXPECT_EQ(Tokenizer::FromJson(boost::json::serialize(doc)).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(Tokenizer, AddBosWithoutBosFails) {
