@@ -17,6 +17,10 @@
 //   expertmesh-make-checkpoint --config tools/bench/cluster_bench_config.json --out DIR --seed 1
 //   expertmesh-bench-cluster --model DIR --shards 2 --replicas 1
 // --combine exact|partial: the cluster's combine mode (attention-service --combine).
+// --attention HOST:PORT (with --attention-metrics HOST:PORT): measure a cluster that is already
+// running (e.g. shards in network namespaces behind tools/netdelay, as tools/bench/link_bench.py
+// starts them) instead of starting one; waits until it reports SERVING. --skip-in-process leaves
+// out the in-process engine (its column then shows "-").
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -28,6 +32,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status.h"
 #include "core/decode/sampling.h"
@@ -86,12 +91,32 @@ absl::StatusOr<double> InProcessDecode(const Model& model, RoutedExperts* expert
 
 // Cumulative bucket counts per layer of the dispatch histogram: layer -> (le -> count).
 using Buckets = std::map<int, std::map<double, double>>;
+// The histogram's buckets and its sum of seconds per layer (the buckets double in width, so
+// the mean, sum / count, is the finer figure where a link adds a fixed delay).
+struct DispatchScrape {
+  Buckets buckets;
+  std::map<int, double> sum;
+};
 
-absl::StatusOr<Buckets> ScrapeDispatch(int metrics_port) {
-  EM_ASSIGN_OR_RETURN(std::string text, HttpGet("127.0.0.1", metrics_port, "/metrics"));
-  Buckets out;
+absl::StatusOr<DispatchScrape> ScrapeDispatch(const std::string& metrics_host, int metrics_port) {
+  EM_ASSIGN_OR_RETURN(std::string text, HttpGet(metrics_host, metrics_port, "/metrics"));
+  DispatchScrape scrape;
+  Buckets& out = scrape.buckets;
   const std::string prefix = "expertmesh_dispatch_latency_seconds_bucket{";
+  const std::string sum_prefix = "expertmesh_dispatch_latency_seconds_sum{layer=\"";
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (absl::StartsWith(line, sum_prefix)) {  // ..._sum{layer="3"} 0.0123
+      int layer = -1;
+      double sum = 0;
+      const size_t quote = line.find('"', sum_prefix.size());
+      const size_t close = line.find('}');
+      if (quote != absl::string_view::npos && close != absl::string_view::npos &&
+          absl::SimpleAtoi(line.substr(sum_prefix.size(), quote - sum_prefix.size()), &layer) &&
+          absl::SimpleAtod(line.substr(close + 1), &sum)) {
+        scrape.sum[layer] = sum;
+      }
+      continue;
+    }
     if (!absl::StartsWith(line, prefix)) continue;
     // ..._bucket{layer="3",le="0.001"} 17
     const size_t close = line.find('}');
@@ -108,7 +133,7 @@ absl::StatusOr<Buckets> ScrapeDispatch(int metrics_port) {
     (void)absl::SimpleAtod(line.substr(close + 2), &count);
     out[layer][le] = count;
   }
-  return out;
+  return scrape;
 }
 
 // Quantile q of the difference after - before, per layer; linear inside the bucket.
@@ -138,9 +163,9 @@ struct ClusterRun {
   int64_t tokens = 0;
 };
 
-absl::StatusOr<ClusterRun> ClusterDecode(const launcher::Cluster& cluster, int b, int prompt_len,
-                                         int decode_tokens, int64_t vocab) {
-  auto stub = v1::AttentionService::NewStub(MakeChannel(cluster.attention().grpc_address));
+absl::StatusOr<ClusterRun> ClusterDecode(const std::string& attention_address, int b,
+                                         int prompt_len, int decode_tokens, int64_t vocab) {
+  auto stub = v1::AttentionService::NewStub(MakeChannel(attention_address));
   std::vector<std::vector<int32_t>> prompts = Prompts(b, prompt_len, vocab);
   std::vector<double> rate(b, 0.0);
   std::vector<int64_t> count(b, 0);
@@ -180,8 +205,16 @@ absl::StatusOr<ClusterRun> ClusterDecode(const launcher::Cluster& cluster, int b
   return run;
 }
 
+// A cluster already running (--attention), or empty: start one with the launcher.
+struct External {
+  std::string attention;     // host:port
+  std::string metrics_host;  // of the attention service's /metrics
+  int metrics_port = 0;
+};
+
 int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
-        int prompt_len, int decode_tokens, const std::string& combine) {
+        int prompt_len, int decode_tokens, const std::string& combine, const External& external,
+        bool skip_in_process) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) {
     spdlog::error("{}", config.status().ToString());
@@ -209,6 +242,7 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
               static_cast<long long>(config->num_experts_per_tok));
   std::map<int, double> in_process;
   for (int b : batches) {
+    if (skip_in_process) break;
     absl::StatusOr<double> r =
         InProcessDecode(**model, experts->get(), b, prompt_len, decode_tokens);
     if (!r.ok()) {
@@ -218,48 +252,73 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     in_process[b] = *r;
   }
 
-  launcher::ClusterOptions o;
-  o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
-  o.model_dir = model_dir;
-  o.shards = shards;
-  o.replicas = replicas;
-  o.max_batch = *std::max_element(batches.begin(), batches.end());
-  o.kv_blocks = 4096;
-  o.step_deadline_ms = 30000;
-  o.combine = combine;
-  absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
-  if (!cluster.ok()) {
-    spdlog::error("{}", cluster.status().ToString());
-    return 1;
+  std::unique_ptr<launcher::Cluster> cluster;
+  std::string attention = external.attention, metrics_host = external.metrics_host;
+  int metrics_port = external.metrics_port;
+  if (attention.empty()) {
+    launcher::ClusterOptions o;
+    o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
+    o.model_dir = model_dir;
+    o.shards = shards;
+    o.replicas = replicas;
+    o.max_batch = *std::max_element(batches.begin(), batches.end());
+    o.kv_blocks = 4096;
+    o.step_deadline_ms = 30000;
+    o.combine = combine;
+    absl::StatusOr<std::unique_ptr<launcher::Cluster>> started = launcher::Cluster::Start(o);
+    if (!started.ok()) {
+      spdlog::error("{}", started.status().ToString());
+      return 1;
+    }
+    cluster = *std::move(started);
+    attention = cluster->attention().grpc_address;
+    metrics_host = "127.0.0.1";
+    metrics_port = cluster->attention().metrics_port;
+    std::printf(
+        "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine\n",
+        shards, replicas, combine.c_str());
+  } else {
+    const absl::Status up = launcher::WaitServing(attention, absl::Minutes(3), nullptr,
+                                                  MakeChannelCredentials(ProcessTls()));
+    if (!up.ok()) {
+      spdlog::error("attention service {}: {}", attention, up.ToString());
+      return 1;
+    }
+    std::printf("cluster: already running, attention service at %s\n", attention.c_str());
   }
-  std::printf(
-      "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine\n",
-      shards, replicas, combine.c_str());
   std::printf("%-6s %-22s %-22s %s\n", "batch", "in-process tok/s", "cluster tok/s",
-              "dispatch latency per MoE layer (p50 / p99 ms)");
+              "dispatch latency per MoE layer (p50 / p99 ms; mean over layers ms)");
   for (int b : batches) {
-    absl::StatusOr<Buckets> before = ScrapeDispatch((*cluster)->attention().metrics_port);
+    absl::StatusOr<DispatchScrape> before = ScrapeDispatch(metrics_host, metrics_port);
     absl::StatusOr<ClusterRun> run =
-        ClusterDecode(**cluster, b, prompt_len, decode_tokens, config->vocab_size);
-    absl::StatusOr<Buckets> after = ScrapeDispatch((*cluster)->attention().metrics_port);
+        ClusterDecode(attention, b, prompt_len, decode_tokens, config->vocab_size);
+    absl::StatusOr<DispatchScrape> after = ScrapeDispatch(metrics_host, metrics_port);
     if (!run.ok() || !before.ok() || !after.ok()) {
       spdlog::error("cluster run at batch {} failed: {}", b,
                     !run.ok() ? run.status().ToString() : "metrics unreadable");
       return 1;
     }
     std::string lat;
-    for (const auto& [layer, buckets] : *after) {
+    double sum = 0, count = 0;  // over all MoE layers, this batch size only
+    for (const auto& [layer, buckets] : after->buckets) {
+      const std::map<double, double>& old = before->buckets[layer];
+      if (buckets.empty() || buckets.rbegin()->second <= (old.empty() ? 0 : old.rbegin()->second))
+        continue;  // a layer that took no dispatch (e.g. dense)
       char buf[96];
-      std::snprintf(buf, sizeof buf, "L%d %.2f/%.2f  ", layer,
-                    1e3 * Quantile((*before)[layer], buckets, 0.5),
-                    1e3 * Quantile((*before)[layer], buckets, 0.99));
+      std::snprintf(buf, sizeof buf, "L%d %.2f/%.2f  ", layer, 1e3 * Quantile(old, buckets, 0.5),
+                    1e3 * Quantile(old, buckets, 0.99));
       lat += buf;
+      count += buckets.rbegin()->second - (old.empty() ? 0 : old.rbegin()->second);
+      sum += after->sum[layer] - before->sum[layer];
     }
-    std::printf("%-6d %-22.1f %-22.1f %s\n", b, in_process[b], run->decode_tokens_per_s,
+    if (count > 0) lat += absl::StrFormat("mean %.2f", 1e3 * sum / count);
+    const std::string in_proc =
+        skip_in_process ? std::string("-") : absl::StrFormat("%.1f", in_process[b]);
+    std::printf("%-6d %-22s %-22.1f %s\n", b, in_proc.c_str(), run->decode_tokens_per_s,
                 lat.c_str());
     std::fflush(stdout);
   }
-  return (*cluster)->Stop().ok() ? 0 : 1;
+  return cluster == nullptr || cluster->Stop().ok() ? 0 : 1;
 }
 
 }  // namespace
@@ -282,10 +341,34 @@ int main(int argc, char** argv) {
   app.add_option("--combine", combine, "The cluster's combine mode: exact or partial")
       ->check(CLI::IsMember({"exact", "partial"}))
       ->capture_default_str();
+  expertmesh::External external;
+  std::string attention_metrics;
+  bool skip_in_process = false;
+  auto* attention_opt =
+      app.add_option("--attention", external.attention,
+                     "host:port of an attention service already running: measure that cluster "
+                     "instead of starting one (--shards/--replicas are then only reported)");
+  app.add_option("--attention-metrics", attention_metrics,
+                 "host:port of that attention service's /metrics (for the dispatch latency)")
+      ->needs(attention_opt);
+  attention_opt->needs("--attention-metrics");
+  app.add_flag("--skip-in-process", skip_in_process, "Do not measure the in-process engine");
   expertmesh::TlsFiles tls;
   expertmesh::AddTlsOptions(
       &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
   CLI11_PARSE(app, argc, argv);
   if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
-  return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine);
+  if (!attention_metrics.empty()) {
+    const size_t colon = attention_metrics.rfind(':');
+    if (colon == std::string::npos || colon == 0 ||
+        !absl::SimpleAtoi(attention_metrics.substr(colon + 1), &external.metrics_port) ||
+        external.metrics_port < 1 || external.metrics_port > 65535) {
+      std::fprintf(stderr, "--attention-metrics: '%s' is not host:port\n",
+                   attention_metrics.c_str());
+      return 2;
+    }
+    external.metrics_host = attention_metrics.substr(0, colon);
+  }
+  return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine,
+                         external, skip_in_process);
 }

@@ -11,7 +11,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <condition_variable>
 #include <deque>
 #include <optional>
 
@@ -113,62 +112,11 @@ int AcceptOrTimeout(int listen_fd) {
   return accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
 }
 
-// One direction's FIFO of timestamped chunks, bounded in bytes. An empty chunk is the
-// end of the stream.
-class DelayQueue {
- public:
-  struct Chunk {
-    Clock::time_point due;
-    std::vector<char> data;
-  };
-  explicit DelayQueue(size_t max_bytes) : max_bytes_(max_bytes) {}
-
-  // Waits while the queue is full (a chunk larger than the bound enters an empty queue).
-  // False once closed.
-  bool Push(Chunk c) {
-    std::unique_lock<std::mutex> lock(mu_);
-    not_full_.wait(lock,
-                   [&] { return closed_ || bytes_ == 0 || bytes_ + c.data.size() <= max_bytes_; });
-    if (closed_) return false;
-    bytes_ += c.data.size();
-    chunks_.push_back(std::move(c));
-    not_empty_.notify_one();
-    return true;
-  }
-  // Waits for a chunk; nullopt once closed.
-  std::optional<Chunk> Pop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    not_empty_.wait(lock, [&] { return closed_ || !chunks_.empty(); });
-    if (closed_) return std::nullopt;
-    Chunk c = std::move(chunks_.front());
-    chunks_.pop_front();
-    bytes_ -= c.data.size();
-    not_full_.notify_one();
-    return c;
-  }
-  void Close() {
-    std::lock_guard<std::mutex> lock(mu_);
-    closed_ = true;
-    not_full_.notify_all();
-    not_empty_.notify_all();
-  }
-
- private:
-  const size_t max_bytes_;
-  std::mutex mu_;
-  std::condition_variable not_full_, not_empty_;
-  std::deque<Chunk> chunks_;
-  size_t bytes_ = 0;
-  bool closed_ = false;
+// A chunk read from one side, due on the other side at `due`; empty data: end of stream.
+struct Chunk {
+  Clock::time_point due;
+  std::vector<char> data;
 };
-
-void SleepUntil(Clock::time_point t) {
-  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch());
-  timespec ts{static_cast<time_t>(ns.count() / 1000000000),
-              static_cast<long>(ns.count() % 1000000000)};
-  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
-  }
-}
 
 }  // namespace
 
@@ -187,51 +135,73 @@ absl::Status ParseAddress(const std::string& address, std::string* host, uint16_
   return absl::OkStatus();
 }
 
-// Two sockets and, per direction, a reader (socket -> queue) and a writer (queue -> socket).
+// Two sockets and one thread per direction. The thread owns that direction's FIFO: it
+// ppoll()s the source socket with a timeout at the head chunk's due time, reads into the FIFO
+// (not while the FIFO holds max_queue_bytes: back-pressure) and writes each chunk once due. One
+// thread per direction and no hand-off between threads keeps the relay's own cost to a wake-up
+// and two syscalls per chunk.
 struct Relay::Connection {
-  int fd[2] = {-1, -1};                  // 0: accepted client, 1: upstream
-  std::unique_ptr<DelayQueue> queue[2];  // queue[i]: bytes read from fd[i]
+  int fd[2] = {-1, -1};  // 0: accepted client, 1: upstream
   std::vector<std::thread> threads;
   std::atomic<int> running{0};
 
-  // Any failure cuts both sockets and both queues: the peers see a reset, as they would
-  // if a middlebox died.
+  // Any failure cuts both sockets: the peers see the connection end, as they would if a
+  // middlebox died; both threads wake up from ppoll/read/send and leave.
   void Cut() {
-    for (int i = 0; i < 2; ++i) {
-      shutdown(fd[i], SHUT_RDWR);
-      queue[i]->Close();
-    }
+    for (int f : fd) shutdown(f, SHUT_RDWR);
   }
-  void Reader(int i, std::chrono::microseconds delay) {
+  // Copies fd[i] to fd[1 - i], each chunk `delay` after it was read.
+  void Pump(int i, std::chrono::microseconds delay, size_t max_queue_bytes) {
     TightTimers();
+    const int in = fd[i], out = fd[1 - i];
+    std::deque<Chunk> fifo;
+    size_t queued = 0;
+    bool read_eof = false;
     std::vector<char> buf(kChunkBytes);
     for (;;) {
-      const ssize_t r = read(fd[i], buf.data(), buf.size());
-      if (r < 0 && errno == EINTR) continue;
+      Clock::time_point now = Clock::now();
+      bool done = false, failed = false;
+      while (!fifo.empty() && fifo.front().due <= now) {
+        Chunk& c = fifo.front();
+        if (c.data.empty()) {
+          shutdown(out, SHUT_WR);  // the end of the stream, after its delay too
+          done = true;
+          break;
+        }
+        if (!WriteAll(out, c.data.data(), c.data.size())) {
+          failed = true;
+          break;
+        }
+        queued -= c.data.size();
+        fifo.pop_front();
+        now = Clock::now();
+      }
+      if (failed) Cut();
+      if (done || failed) break;
+      const bool can_read = !read_eof && (queued == 0 || queued + kChunkBytes <= max_queue_bytes);
+      pollfd p{in, static_cast<short>(can_read ? POLLIN : 0), 0};
+      timespec ts{};
+      if (!fifo.empty()) {
+        const auto ns =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(fifo.front().due - now).count();
+        ts.tv_sec = static_cast<time_t>(ns / 1000000000);
+        ts.tv_nsec = static_cast<long>(ns % 1000000000);
+      }
+      const int n = ppoll(&p, 1, fifo.empty() ? nullptr : &ts, nullptr);
+      if (n < 0 && errno != EINTR) {
+        Cut();
+        break;
+      }
+      if (n <= 0 || !can_read || p.revents == 0) continue;
+      const ssize_t r = read(in, buf.data(), buf.size());
       if (r < 0) {
+        if (errno == EINTR || errno == EAGAIN) continue;
         Cut();
         break;
       }
-      DelayQueue::Chunk c{Clock::now() + delay, std::vector<char>(buf.data(), buf.data() + r)};
-      if (!queue[i]->Push(std::move(c)) || r == 0) break;  // r == 0: end of stream queued
-    }
-    running.fetch_sub(1);
-  }
-  void Writer(int i) {  // writes queue[i] to the other socket
-    TightTimers();
-    const int out = fd[1 - i];
-    for (;;) {
-      std::optional<DelayQueue::Chunk> c = queue[i]->Pop();
-      if (!c) break;
-      if (c->due > Clock::now()) SleepUntil(c->due);
-      if (c->data.empty()) {
-        shutdown(out, SHUT_WR);  // the end of the stream, after its delay too
-        break;
-      }
-      if (!WriteAll(out, c->data.data(), c->data.size())) {
-        Cut();
-        break;
-      }
+      if (r == 0) read_eof = true;
+      fifo.push_back(Chunk{Clock::now() + delay, std::vector<char>(buf.data(), buf.data() + r)});
+      queued += static_cast<size_t>(r);
     }
     running.fetch_sub(1);
   }
@@ -300,12 +270,10 @@ void Relay::AcceptLoop() {
     auto c = std::make_shared<Connection>();
     c->fd[0] = client;
     c->fd[1] = *upstream;
-    for (int i = 0; i < 2; ++i)
-      c->queue[i] = std::make_unique<DelayQueue>(options_.max_queue_bytes);
-    c->running.store(4);
+    c->running.store(2);
     for (int i = 0; i < 2; ++i) {
-      c->threads.emplace_back([c = c.get(), i, d = options_.delay] { c->Reader(i, d); });
-      c->threads.emplace_back([c = c.get(), i] { c->Writer(i); });
+      c->threads.emplace_back(
+          [c = c.get(), i, d = options_.delay, m = options_.max_queue_bytes] { c->Pump(i, d, m); });
     }
     std::lock_guard<std::mutex> lock(mu_);
     connections_.push_back(std::move(c));

@@ -5,9 +5,10 @@
 // without sch_netem (tbf and htb are there), so latency cannot come from the qdisc layer. The
 // relay sits in front of a service (e.g. inside a shard's network namespace, listening on the
 // namespace's veth address and forwarding to the service on the namespace's loopback): every
-// chunk read from one side is stamped with (arrival time + delay) and put on a bounded FIFO; a
-// writer thread per direction sleeps until the stamp of the chunk at the head and writes it to
-// the other side. So each byte arrives `delay` later than it would have, in the order it was
+// chunk read from one side is stamped with (arrival time + delay) and put on a bounded FIFO, and
+// the same thread (one per direction, so no hand-off between threads) writes the head chunk to
+// the other side once its stamp has passed, sleeping in ppoll() until then or until more data
+// comes. So each byte arrives `delay` later than it would have, in the order it was
 // sent, and the relay does not limit throughput as long as the queue holds bandwidth x delay
 // (25 Gbit/s x 0.5 ms = 1.6 MB; the default bound is 16 MiB per direction; a full queue makes
 // the reader wait, which is TCP back-pressure, never a drop).
