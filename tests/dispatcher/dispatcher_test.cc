@@ -492,6 +492,58 @@ TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A step keeps the placement table it took at its first MoE layer (layer 1 here): a newer map
+// applied mid-step (here a wrong one, giving group 1's experts to group 0, whose replicas do not
+// hold them) is used from the next step on. A layer not after the last one dispatched also
+// begins a step.
+TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
+  auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
+  grpc::ClientContext ctx;
+  v1::WatchPlacementRequest watch;
+  *watch.mutable_identity() = identity_;
+  std::unique_ptr<grpc::ClientReader<v1::PlacementMap>> reader = stub->WatchPlacement(&ctx, watch);
+  v1::PlacementMap map;
+  ASSERT_TRUE(reader->Read(&map));
+  ctx.TryCancel();
+  (void)reader->Finish();
+  DispatcherOptions d;
+  d.identity = identity_;
+  d.step_deadline = absl::Seconds(2);
+  std::unique_ptr<Dispatcher> dispatcher = *Dispatcher::Create(config_, d);
+  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
+  v1::PlacementMap wrong = map;
+  wrong.set_version(map.version() + 1);
+  v1::ShardGroup* group0 = nullptr;
+  v1::ShardGroup* group1 = nullptr;
+  for (v1::ShardGroup& g : *wrong.mutable_shards()) (g.shard_id() == 0 ? group0 : group1) = &g;
+  ASSERT_TRUE(group0 != nullptr && group1 != nullptr);
+  for (const v1::LayerExpert& le : group1->experts()) *group0->add_experts() = le;
+  group1->clear_experts();
+  const Batch b = RandomBatch(config_, 6, 77);
+  std::vector<float> out(6 * config_.hidden_size), want(out.size());
+  ASSERT_TRUE(dispatcher->Run(1, b.x, b.routes, out).ok());
+  const absl::Status applied = dispatcher->ApplyPlacement(wrong);
+  ASSERT_TRUE(applied.ok()) << applied;
+  EXPECT_EQ(dispatcher->placement_version(), wrong.version());
+  for (int layer : {2, 3}) {  // the rest of the step: the table of layer 1
+    const absl::Status st = dispatcher->Run(layer, b.x, b.routes, out);
+    ASSERT_TRUE(st.ok()) << "layer " << layer << ": " << st;
+    ASSERT_TRUE(all_->Run(layer, b.x, b.routes, want).ok());
+    EXPECT_EQ(out, want) << "layer " << layer;
+  }
+  // The next step takes the new table: group 0's replicas refuse experts they do not hold.
+  EXPECT_FALSE(dispatcher->Run(1, b.x, b.routes, out).ok());
+  // The right map again: layer 3 still belongs to the step begun at layer 1 (the wrong table);
+  // layer 2, not after 3, begins a step and takes the right one.
+  map.set_version(wrong.version() + 1);
+  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
+  EXPECT_FALSE(dispatcher->Run(3, b.x, b.routes, out).ok());
+  const absl::Status back = dispatcher->Run(2, b.x, b.routes, out);
+  ASSERT_TRUE(back.ok()) << back;
+  ASSERT_TRUE(all_->Run(2, b.x, b.routes, want).ok());
+  EXPECT_EQ(out, want);
+}
+
 // A shard replica that misbehaves: it speaks the real protocol (handshake with the model's
 // identity, the Compute stream, registration with the router for shard 1) but answers every
 // request with NaN outputs (kNaN), Inf outputs (kInf) or one row too few (kShortAnswer).
