@@ -37,7 +37,8 @@ relay against the direct veth path, same bytes), and a loopback run started by t
 Where namespaces cannot be made (not root, no CAP_NET_ADMIN, no `ip`/`tc`), it prints
 "SKIP: ..." and exits 0. Namespaces, veths and qdiscs are removed on exit, also on Ctrl-C.
 
-  sudo tools/bench/link_bench.py --build-dir build/cpu --model models/expertmesh-tiny
+  sudo tools/bench/link_bench.py --build-dir build/cpu --model models/expertmesh-tiny \
+      --batches 1 8 32 --decode-tokens 128 --repeat 3
   sudo tools/bench/link_bench.py --profiles 1g:0.5 --batches 1 --decode-tokens 32
 """
 
@@ -398,6 +399,7 @@ def main():
     def on_signal(signum, _frame):
         raise KeyboardInterrupt("signal %d" % signum)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also where SIGINT came in ignored (background job)
 
     per_layer = bytes_per_token_per_layer(args.dispatch_bin, args.model, args.shards,
                                           args.batches)
