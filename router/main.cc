@@ -26,6 +26,11 @@ int main(int argc, char** argv) {
   app.add_option("--num-shards", num_shards, "Shard groups of the even placement plan")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  bool group_aligned = false;
+  app.add_flag("--group-aligned", group_aligned,
+               "Place whole expert groups on shard groups (a token then reaches at most "
+               "topk_group of them; with more shard groups than expert groups each expert group "
+               "is copied on several), instead of the even plan");
   app.add_option("--placement", placement_file, "JSON placement plan (overrides --num-shards)")
       ->check(CLI::ExistingFile);
   app.add_option("--heartbeat-interval-ms", heartbeat_ms, "Heartbeat interval told to replicas")
@@ -88,9 +93,21 @@ int main(int argc, char** argv) {
 
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) return main.StartFailed(config.status());
-  absl::StatusOr<Placement> placement = placement_file.empty()
-                                            ? EvenPlacement(*config, num_shards)
-                                            : LoadPlacementFile(placement_file, *config);
+  if (group_aligned && !placement_file.empty()) {
+    spdlog::error("--group-aligned and --placement exclude each other");
+    return kExitUsage;
+  }
+  bool aligned = true;
+  absl::StatusOr<Placement> placement =
+      !placement_file.empty() ? LoadPlacementFile(placement_file, *config)
+      : group_aligned         ? GroupAlignedPlacement(*config, num_shards, &aligned)
+                              : EvenPlacement(*config, num_shards);
+  if (group_aligned && placement.ok() && !aligned) {
+    spdlog::warn(
+        "--group-aligned: {} expert groups do not divide evenly over {} shard groups (or the "
+        "reverse): using the even plan",
+        config->n_group, num_shards);
+  }
   if (!placement.ok()) return main.StartFailed(placement.status());
   MetricsRegistry metrics;
   RouterServerOptions options;

@@ -64,6 +64,10 @@ struct Case {
   int replicas;
   bool redundant;  // false: --redundant-experts 0
   Trigger trigger = Trigger::kForced;
+  // router --group-aligned: whole expert groups per shard group (with more shard groups than
+  // expert groups, copies of each; the shards start with the even plan's experts and load the
+  // rest live before they enter the map).
+  bool group_aligned = false;
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
@@ -153,6 +157,7 @@ class RebalanceClusterTest : public ::testing::TestWithParam<Case> {
         o.extra_router_args.push_back(a);
       }
     }
+    if (c.group_aligned) o.extra_router_args.push_back("--group-aligned");
     if (!c.redundant) {
       o.extra_router_args.push_back("--redundant-experts");
       o.extra_router_args.push_back("0");
@@ -440,7 +445,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"random_4x1_no_copies", ModelKind::kRandomSkewed, 4, 1, false},
                       Case{"bundled_2x1_no_copies", ModelKind::kBundled, 2, 1, false},
                       Case{"bundled_3x2", ModelKind::kBundled, 3, 2, true},
-                      Case{"bundled_4x1", ModelKind::kBundled, 4, 1, true}),
+                      Case{"bundled_4x1", ModelKind::kBundled, 4, 1, true},
+                      Case{"bundled_8x1_group_aligned", ModelKind::kBundled, 8, 1, true,
+                           Trigger::kForced, /*group_aligned=*/true}),
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 }  // namespace
