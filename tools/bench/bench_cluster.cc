@@ -21,6 +21,10 @@
 // running (e.g. shards in network namespaces behind tools/netdelay, as tools/bench/link_bench.py
 // starts them) instead of starting one; waits until it reports SERVING. --skip-in-process leaves
 // out the in-process engine (its column then shows "-").
+// Memory and load time: the in-process model's load time; the launcher's cluster start (router,
+// shards, attention service until all report SERVING); after the runs, each shard's VmRSS and
+// VmHWM (/proc/<pid>/status) against the expert bytes it holds (its
+// expertmesh_expert_bytes_mapped gauge).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -158,6 +162,59 @@ double Quantile(const std::map<double, double>& before, const std::map<double, d
   return prev_le;
 }
 
+// VmRSS and VmHWM of a process in bytes, from /proc/<pid>/status.
+absl::StatusOr<std::pair<double, double>> ProcessRss(pid_t pid) {
+  std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/status").c_str(), "r");
+  if (f == nullptr) return absl::NotFoundError("no /proc status for pid " + std::to_string(pid));
+  double rss = -1, hwm = -1;
+  char line[256];
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    long long kb = 0;
+    if (std::sscanf(line, "VmRSS: %lld kB", &kb) == 1) rss = 1024.0 * kb;
+    if (std::sscanf(line, "VmHWM: %lld kB", &kb) == 1) hwm = 1024.0 * kb;
+  }
+  std::fclose(f);
+  if (rss < 0 || hwm < 0)
+    return absl::InternalError("no VmRSS/VmHWM for pid " + std::to_string(pid));
+  return std::make_pair(rss, hwm);
+}
+
+// The value of an unlabelled gauge on a /metrics page.
+absl::StatusOr<double> ScrapeGauge(int metrics_port, const std::string& name) {
+  EM_ASSIGN_OR_RETURN(std::string text, HttpGet("127.0.0.1", metrics_port, "/metrics"));
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    double v = 0;
+    if (absl::StartsWith(line, name + " ") && absl::SimpleAtod(line.substr(name.size() + 1), &v)) {
+      return v;
+    }
+  }
+  return absl::NotFoundError(name + " not on the /metrics page");
+}
+
+// Each shard's memory against the expert bytes it holds.
+void PrintMemory(launcher::Cluster& cluster, int shards, int replicas) {
+  constexpr double kMiB = 1024.0 * 1024.0;
+  for (int s = 0; s < shards; ++s) {
+    for (int r = 0; r < replicas; ++r) {
+      launcher::ChildProcess* p = cluster.expert_process(s, r);
+      if (p == nullptr) continue;
+      absl::StatusOr<std::pair<double, double>> rss = ProcessRss(p->pid());
+      absl::StatusOr<double> held =
+          ScrapeGauge(cluster.expert(s, r).metrics_port, "expertmesh_expert_bytes_mapped");
+      if (!rss.ok() || !held.ok() || *held <= 0) {
+        std::printf("shard %d replica %d: memory unreadable (%s)\n", s, r,
+                    !rss.ok() ? rss.status().ToString().c_str() : "no expert bytes gauge");
+        continue;
+      }
+      std::printf(
+          "shard %d replica %d: expert bytes held %.1f MiB, RSS %.1f MiB (%.2fx), peak RSS %.1f "
+          "MiB (%.2fx)\n",
+          s, r, *held / kMiB, rss->first / kMiB, rss->first / *held, rss->second / kMiB,
+          rss->second / *held);
+    }
+  }
+}
+
 struct ClusterRun {
   double decode_tokens_per_s = 0;
   int64_t tokens = 0;
@@ -214,7 +271,7 @@ struct External {
 
 int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
         int prompt_len, int decode_tokens, const std::string& combine, const External& external,
-        bool skip_in_process) {
+        bool skip_in_process, int attempt_timeout_ms) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) {
     spdlog::error("{}", config.status().ToString());
@@ -225,6 +282,7 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     spdlog::error("{}", ckpt.status().ToString());
     return 1;
   }
+  const auto load_start = Clock::now();
   ModelLoadOptions load;
   load.load_mtp = false;
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(**ckpt, *config, load);
@@ -234,12 +292,14 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     spdlog::error("loading {} failed", model_dir);
     return 1;
   }
+  const double load_s = std::chrono::duration<double>(Clock::now() - load_start).count();
   std::printf("model %s: hidden %lld, %lld layers (%lld dense), %lld routed experts, top-%lld\n",
               model_dir.c_str(), static_cast<long long>(config->hidden_size),
               static_cast<long long>(config->num_hidden_layers),
               static_cast<long long>(config->first_k_dense_replace),
               static_cast<long long>(config->n_routed_experts),
               static_cast<long long>(config->num_experts_per_tok));
+  std::printf("in-process load (model and every expert): %.2f s\n", load_s);
   std::map<int, double> in_process;
   for (int b : batches) {
     if (skip_in_process) break;
@@ -265,6 +325,8 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     o.kv_blocks = 4096;
     o.step_deadline_ms = 30000;
     o.combine = combine;
+    o.extra_attention_args = {"--attempt-timeout-ms", std::to_string(attempt_timeout_ms)};
+    const auto start = Clock::now();
     absl::StatusOr<std::unique_ptr<launcher::Cluster>> started = launcher::Cluster::Start(o);
     if (!started.ok()) {
       spdlog::error("{}", started.status().ToString());
@@ -277,6 +339,8 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     std::printf(
         "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine\n",
         shards, replicas, combine.c_str());
+    std::printf("cluster start (processes loaded and SERVING): %.2f s\n",
+                std::chrono::duration<double>(Clock::now() - start).count());
   } else {
     const absl::Status up = launcher::WaitServing(attention, absl::Minutes(3), nullptr,
                                                   MakeChannelCredentials(ProcessTls()));
@@ -318,7 +382,9 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
                 lat.c_str());
     std::fflush(stdout);
   }
-  return cluster == nullptr || cluster->Stop().ok() ? 0 : 1;
+  if (cluster == nullptr) return 0;
+  PrintMemory(*cluster, shards, replicas);
+  return cluster->Stop().ok() ? 0 : 1;
 }
 
 }  // namespace
@@ -353,6 +419,12 @@ int main(int argc, char** argv) {
       ->needs(attention_opt);
   attention_opt->needs("--attention-metrics");
   app.add_flag("--skip-in-process", skip_in_process, "Do not measure the in-process engine");
+  int attempt_timeout_ms = 3000;
+  app.add_option("--attempt-timeout-ms", attempt_timeout_ms,
+                 "The started attention service's wait for one shard's answer before failover "
+                 "(raise it where a shard computes a large batch at DeepSeek-V3 widths for longer)")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
   expertmesh::TlsFiles tls;
   expertmesh::AddTlsOptions(
       &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
@@ -370,5 +442,5 @@ int main(int argc, char** argv) {
     external.metrics_host = attention_metrics.substr(0, colon);
   }
   return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine,
-                         external, skip_in_process);
+                         external, skip_in_process, attempt_timeout_ms);
 }

@@ -311,6 +311,7 @@ def start_cluster(args, net, procs, delay_ms, max_batch):
                               "127.0.0.1:%d" % rport, "--listen", "127.0.0.1:%d" % aport,
                               "--metrics-port", str(amport), "--kv-blocks", "4096",
                               "--max-batch", str(max_batch), "--step-deadline-ms", "30000",
+                              "--attempt-timeout-ms", "30000",
                               "--combine", "exact"])
     return "127.0.0.1:%d" % aport, "127.0.0.1:%d" % amport
 
