@@ -200,7 +200,12 @@ class Net:
             run(["ip", "link", "del", hi], check=False)  # removes the peer too
         for ns in self.made_ns:
             run(["ip", "netns", "del", ns], check=False)
-        self.made_links, self.made_ns = [], []
+        made, self.made_links, self.made_ns = self.made_ns, [], []
+        listed = run(["ip", "netns", "list"], check=False).stdout.split()
+        links = run(["ip", "-o", "link", "show"], check=False).stdout
+        return [ns for ns in made if ns in listed] + [
+            "link " + self.host_if(g) for g in range(self.groups)
+            if (" %s@" % self.host_if(g)) in links or (" %s:" % self.host_if(g)) in links]
 
 
 class Procs:
@@ -325,7 +330,7 @@ def bench(args, extra):
         raise RuntimeError("%s failed (%d):\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
                                                       p.stderr[-3000:]))
     rows = parse_bench(p.stdout)
-    if sorted(rows) != sorted(args.batches):
+    if sorted(rows) != sorted(args.batches) or any(r[1] <= 0 for r in rows.values()):
         raise RuntimeError("unexpected benchmark output:\n" + p.stdout)
     return rows
 
@@ -362,6 +367,8 @@ def main():
     ap.add_argument("--no-baselines", action="store_true",
                     help="skip the relay-cost and loopback/unlimited-veth reference runs")
     ap.add_argument("--json", help="also write the results here as JSON")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the services' logs after a successful run (kept on failure)")
     args = ap.parse_args()
     if not 1 <= args.repeat <= 20:
         ap.error("--repeat must be in [1, 20]")
@@ -474,9 +481,15 @@ def main():
         print("interrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        net.destroy()
-    print("\n%d profiles in %.0f s; logs in %s" % (len(results["profiles"]) // len(args.batches),
-                                                  time.time() - t0, log_root))
+        left = net.destroy()
+        if left:
+            print("error: could not remove %s" % ", ".join(left), file=sys.stderr)
+            sys.exit(1)
+    print("\n%d profiles in %.0f s%s" % (len(results["profiles"]) // len(args.batches),
+                                        time.time() - t0,
+                                        "; logs in " + log_root if args.keep_logs else ""))
+    if not args.keep_logs:
+        shutil.rmtree(log_root, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
