@@ -26,12 +26,25 @@
 // (pairs). Measured: after tokens/s / before tokens/s. Also printed: each process's CPU
 // seconds per phase (/proc/PID/stat), which says whether the shards or the whole machine limit
 // the rate. Every stream must finish without error, through the rebalance too.
+//
+// On one machine the shard processes share its cores, so the total CPU, not the busiest group,
+// sets the pace. --shard-cpu-quota F gives every shard replica its own cgroup with F cores
+// (cpu.cfs_quota_us = F x cpu.cfs_period_us in cgroup v1, cpu.max in v2), as if each group ran
+// on its own slow hardware: the busiest group is then the bottleneck, as on separate machines.
+// Choose F so that all shards together stay well under the machine (4 x 0.2 = 0.8 core of 2).
+// Then also printed: each replica's throttling (cpu.stat nr_throttled of nr_periods,
+// throttled time) per phase, and the busiest group's CPU against its budget.
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -43,6 +56,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/algorithm/container.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -68,18 +83,10 @@ struct Flags {
   uint64_t seed = 7;
   int shards = 4, replicas = 1, streams = 16, max_tokens = 64, prompt_len = 8;
   double seconds = 20, settle_s = 7;
-  int redundant = -1;      // router --redundant-experts
-  int expert_threads = 0;  // expert-service --threads; 0 = its default
-};
-
-// What one phase boundary sees.
-struct Snapshot {
-  absl::Time at;
-  std::map<std::pair<int, int>, uint64_t> tokens;  // (layer, expert) -> routed tokens so far
-  v1::PlacementMap map;
-  std::vector<double> rows;             // per shard group, summed over its replicas
-  std::map<std::string, double> cpu_s;  // per process
-  int64_t generated = 0;                // tokens the streams received so far
+  int redundant = -1;          // router --redundant-experts
+  int expert_threads = 0;      // expert-service --threads; 0 = its default
+  double shard_cpu_quota = 0;  // cores per shard replica (cgroup); 0 = off
+  int64_t shard_cpu_period_us = 100000;
 };
 
 absl::StatusOr<v1::StatusResponse> RouterStatus(const launcher::Cluster& c) {
@@ -154,7 +161,211 @@ std::map<std::string, double> ChildCpu(launcher::Cluster& c) {
   return out;
 }
 
-absl::StatusOr<Snapshot> Snap(launcher::Cluster& c, const std::atomic<int64_t>& generated) {
+// --shard-cpu-quota: one cgroup per shard replica with the same fixed CPU budget, so that each
+// shard group runs as on its own (slow) hardware and the busiest group sets the pace, as on
+// separate machines. cgroup v1 (the cpu controller at /sys/fs/cgroup/cpu: cpu.cfs_quota_us,
+// cpu.cfs_period_us) or v2 (/sys/fs/cgroup with "cpu" in cgroup.controllers: cpu.max). A group
+// also gets a high weight (v1 cpu.shares 10240, v2 cpu.weight 1000) so that other jobs on the
+// machine do not take its budget: up to its quota it is served first, beyond it never.
+// The groups are named expertmesh-bench-rebalance-<bench pid>-shard<g>-r<r> at the hierarchy's
+// root; the destructor moves each process back to the cgroup it came from and removes them
+// (groups left by a killed bench are removed by the next run).
+struct ThrottleStat {
+  double periods = 0, throttled = 0, throttled_s = 0;
+};
+
+class ShardCpuQuota {
+ public:
+  // Where the cpu controller can be used; an error saying why not.
+  static absl::StatusOr<std::pair<std::string, bool>> Find() {  // (root, is v2)
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    std::string root;
+    bool v2 = false;
+    if (fs::exists("/sys/fs/cgroup/cgroup.controllers", ec)) {
+      std::ifstream in("/sys/fs/cgroup/cgroup.controllers");
+      std::string word;
+      bool cpu = false;
+      while (in >> word) cpu = cpu || word == "cpu";
+      if (!cpu) {
+        return absl::UnavailableError(
+            "cgroup v2 at /sys/fs/cgroup does not offer the cpu controller (cgroup.controllers)");
+      }
+      root = "/sys/fs/cgroup";
+      v2 = true;
+    } else if (fs::exists("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", ec)) {
+      root = "/sys/fs/cgroup/cpu";
+    } else {
+      return absl::UnavailableError(
+          "no cgroup cpu controller: neither /sys/fs/cgroup/cpu/cpu.cfs_quota_us (v1) nor "
+          "/sys/fs/cgroup/cgroup.controllers (v2)");
+    }
+    if (geteuid() != 0 && access(root.c_str(), W_OK) != 0) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("creating cgroups under ", root, " needs root (not writable here)"));
+    }
+    if (access(root.c_str(), W_OK) != 0) {
+      return absl::PermissionDeniedError(absl::StrCat(root, " is not writable (read-only mount?)"));
+    }
+    return std::make_pair(root, v2);
+  }
+
+  // Creates the groups and moves each (name, pid) into its own.
+  static absl::StatusOr<std::unique_ptr<ShardCpuQuota>> Create(
+      double fraction, int64_t period_us, const std::vector<std::pair<std::string, pid_t>>& procs) {
+    EM_ASSIGN_OR_RETURN(auto where, Find());
+    std::unique_ptr<ShardCpuQuota> q(new ShardCpuQuota);
+    q->root_ = where.first;
+    q->v2_ = where.second;
+    q->RemoveStale();
+    if (q->v2_) {
+      std::ifstream in(q->root_ + "/cgroup.subtree_control");
+      std::string word;
+      bool cpu = false;
+      while (in >> word) cpu = cpu || word == "cpu";
+      if (!cpu) EM_RETURN_IF_ERROR(Write(q->root_ + "/cgroup.subtree_control", "+cpu"));
+    }
+    const int64_t quota_us = std::max<int64_t>(1000, std::llround(fraction * period_us));
+    for (const auto& [name, pid] : procs) {
+      Group g;
+      g.name = name;
+      g.pid = pid;
+      g.dir = absl::StrCat(q->root_, "/expertmesh-bench-rebalance-", getpid(), "-", name);
+      EM_ASSIGN_OR_RETURN(g.original, q->CgroupOf(pid));
+      if (mkdir(g.dir.c_str(), 0755) != 0) {
+        return absl::InternalError(absl::StrCat("mkdir ", g.dir, ": ", std::strerror(errno)));
+      }
+      q->groups_.push_back(g);  // from here on the destructor removes it
+      if (q->v2_) {
+        EM_RETURN_IF_ERROR(Write(g.dir + "/cpu.max", absl::StrCat(quota_us, " ", period_us)));
+        EM_RETURN_IF_ERROR(Write(g.dir + "/cpu.weight", "1000"));
+      } else {
+        EM_RETURN_IF_ERROR(Write(g.dir + "/cpu.cfs_period_us", std::to_string(period_us)));
+        EM_RETURN_IF_ERROR(Write(g.dir + "/cpu.cfs_quota_us", std::to_string(quota_us)));
+        EM_RETURN_IF_ERROR(Write(g.dir + "/cpu.shares", "10240"));
+      }
+      // cgroup.procs moves the whole process, every thread, and the threads it starts later.
+      EM_RETURN_IF_ERROR(Write(g.dir + "/cgroup.procs", std::to_string(pid)));
+      EM_ASSIGN_OR_RETURN(std::string now, q->CgroupOf(pid));
+      if (q->root_ + now != g.dir) {
+        return absl::InternalError(
+            absl::StrCat("pid ", pid, " is in ", now, " after moving it to ", g.dir));
+      }
+    }
+    q->quota_us_ = quota_us;
+    q->period_us_ = period_us;
+    return q;
+  }
+
+  ~ShardCpuQuota() {
+    for (const Group& g : groups_) {
+      if (kill(g.pid, 0) == 0) {
+        // Still running: back to where it was (an error here leaves the rmdir below failing).
+        (void)Write(root_ + g.original + "/cgroup.procs", std::to_string(g.pid));
+      }
+      bool removed = false;
+      for (int i = 0; i < 100 && !removed; ++i) {
+        removed = rmdir(g.dir.c_str()) == 0 || errno == ENOENT;
+        if (!removed) absl::SleepFor(absl::Milliseconds(20));
+      }
+      if (!removed) spdlog::warn("could not remove cgroup {}: {}", g.dir, std::strerror(errno));
+    }
+  }
+
+  // Cumulative throttling per group (name -> stat).
+  std::map<std::string, ThrottleStat> Read() const {
+    std::map<std::string, ThrottleStat> out;
+    for (const Group& g : groups_) {
+      std::ifstream in(g.dir + "/cpu.stat");
+      std::string key;
+      double value = 0;
+      ThrottleStat& s = out[g.name];
+      while (in >> key >> value) {
+        if (key == "nr_periods") s.periods = value;
+        if (key == "nr_throttled") s.throttled = value;
+        if (key == "throttled_time") s.throttled_s = value / 1e9;  // v1: ns
+        if (key == "throttled_usec") s.throttled_s = value / 1e6;  // v2: µs
+      }
+    }
+    return out;
+  }
+
+  double cores() const { return static_cast<double>(quota_us_) / static_cast<double>(period_us_); }
+
+  std::string Describe() const {
+    return absl::StrFormat(
+        "cgroup %s, cpu quota %lld us per %lld us period (%.3f core) per shard replica",
+        v2_ ? "v2" : "v1", static_cast<long long>(quota_us_), static_cast<long long>(period_us_),
+        static_cast<double>(quota_us_) / static_cast<double>(period_us_));
+  }
+
+ private:
+  struct Group {
+    std::string name, dir, original;
+    pid_t pid = -1;
+  };
+  ShardCpuQuota() = default;
+
+  static absl::Status Write(const std::string& path, const std::string& value) {
+    std::ofstream out(path);
+    out << value;
+    out.flush();
+    if (!out)
+      return absl::InternalError(absl::StrCat("writing \"", value, "\" to ", path, " failed"));
+    return absl::OkStatus();
+  }
+
+  // The cgroup (path under root_) of a process for the cpu controller.
+  absl::StatusOr<std::string> CgroupOf(pid_t pid) const {
+    std::ifstream in(absl::StrCat("/proc/", pid, "/cgroup"));
+    std::string line;
+    while (std::getline(in, line)) {
+      std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+      if (parts.size() != 3) continue;
+      if (v2_ ? parts[0] == "0" && parts[1].empty()
+              : absl::c_linear_search(std::vector<std::string>(absl::StrSplit(parts[1], ',')),
+                                      "cpu")) {
+        return parts[2] == "/" ? std::string() : parts[2];
+      }
+    }
+    return absl::NotFoundError(
+        absl::StrCat("no cpu cgroup for pid ", pid, " in /proc/", pid, "/cgroup"));
+  }
+
+  // Groups of an earlier bench that is no longer running (empty ones only: rmdir).
+  void RemoveStale() const {
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(root_, ec)) {
+      const std::string name = e.path().filename();
+      constexpr absl::string_view kPrefix = "expertmesh-bench-rebalance-";
+      if (!e.is_directory() || !absl::StartsWith(name, kPrefix)) continue;
+      pid_t pid = 0;
+      const std::string rest = name.substr(kPrefix.size());
+      if (!absl::SimpleAtoi(rest.substr(0, rest.find('-')), &pid) || kill(pid, 0) == 0) continue;
+      if (rmdir(e.path().c_str()) == 0)
+        spdlog::info("removed a stale cgroup {}", e.path().string());
+    }
+  }
+
+  std::string root_;
+  bool v2_ = false;
+  int64_t quota_us_ = 0, period_us_ = 0;
+  std::vector<Group> groups_;
+};
+
+// What one phase boundary sees.
+struct Snapshot {
+  absl::Time at;
+  std::map<std::pair<int, int>, uint64_t> tokens;  // (layer, expert) -> routed tokens so far
+  v1::PlacementMap map;
+  std::vector<double> rows;                      // per shard group, summed over its replicas
+  std::map<std::string, double> cpu_s;           // per process
+  int64_t generated = 0;                         // tokens the streams received so far
+  std::map<std::string, ThrottleStat> throttle;  // per shard replica (--shard-cpu-quota)
+};
+
+absl::StatusOr<Snapshot> Snap(launcher::Cluster& c, const std::atomic<int64_t>& generated,
+                              const ShardCpuQuota* quota) {
   Snapshot s;
   s.at = absl::Now();
   s.generated = generated.load();
@@ -172,6 +383,7 @@ absl::StatusOr<Snapshot> Snap(launcher::Cluster& c, const std::atomic<int64_t>& 
     }
   }
   s.cpu_s = ChildCpu(c);
+  if (quota != nullptr) s.throttle = quota->Read();
   return s;
 }
 
@@ -185,6 +397,7 @@ struct PhaseResult {
   double rows_imbalance = 1;                     // max/mean of the shards' rows
   std::vector<double> group_rows;
   std::map<std::string, double> cpu_s;
+  std::map<std::string, ThrottleStat> throttle;  // over the phase
 };
 
 double MaxOverMean(const std::vector<double>& v) {
@@ -230,6 +443,12 @@ PhaseResult Compare(const Snapshot& a, const Snapshot& b, int shards) {
     auto it = a.cpu_s.find(name);
     p.cpu_s[name] = s - (it == a.cpu_s.end() ? 0.0 : it->second);
   }
+  for (const auto& [name, t] : b.throttle) {
+    auto it = a.throttle.find(name);
+    const ThrottleStat z = it == a.throttle.end() ? ThrottleStat{} : it->second;
+    p.throttle[name] = {t.periods - z.periods, t.throttled - z.throttled,
+                        t.throttled_s - z.throttled_s};
+  }
   return p;
 }
 
@@ -254,9 +473,26 @@ void PrintPhase(const char* name, const PhaseResult& p) {
   std::printf("        CPU seconds:%s  (total %.1f of %.1f core-seconds on %ld cores)\n",
               cpu.c_str(), total, p.seconds * static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)),
               sysconf(_SC_NPROCESSORS_ONLN));
+  if (!p.throttle.empty()) {
+    std::string t;
+    for (const auto& [proc, s] : p.throttle) {
+      absl::StrAppend(&t, absl::StrFormat("  %s %.0f/%.0f periods, %.1f s", proc, s.throttled,
+                                          s.periods, s.throttled_s));
+    }
+    std::printf("        throttled (cgroup cpu.stat):%s\n", t.c_str());
+  }
 }
 
-int Run(const Flags& f) {
+int Run(Flags f) {
+  if (f.shard_cpu_quota > 0) {
+    // Checked before anything starts: without the cgroups the figures would mean something else.
+    if (absl::StatusOr<std::pair<std::string, bool>> where = ShardCpuQuota::Find(); !where.ok()) {
+      std::printf("skipped: --shard-cpu-quota needs a writable cgroup cpu controller: %s\n",
+                  std::string(where.status().message()).c_str());
+      return 77;
+    }
+    if (f.expert_threads == 0) f.expert_threads = 1;  // one kernel thread inside the budget
+  }
   std::string model_dir = f.model;
   std::string temp_dir;
   if (model_dir.empty()) {
@@ -329,6 +565,31 @@ int Run(const Flags& f) {
     return 1;
   }
   launcher::Cluster& cluster = **started;
+  std::unique_ptr<ShardCpuQuota> quota;  // removed before the cluster stops (declared after it)
+  if (f.shard_cpu_quota > 0) {
+    std::vector<std::pair<std::string, pid_t>> procs;
+    for (int g = 0; g < f.shards; ++g) {
+      for (int r = 0; r < f.replicas; ++r) {
+        launcher::ChildProcess* p = cluster.expert_process(g, r);
+        if (p == nullptr) {
+          spdlog::error("no process for shard {} replica {}", g, r);
+          return 1;
+        }
+        procs.emplace_back(absl::StrCat("shard", g, "-r", r), p->pid());
+      }
+    }
+    absl::StatusOr<std::unique_ptr<ShardCpuQuota>> q =
+        ShardCpuQuota::Create(f.shard_cpu_quota, f.shard_cpu_period_us, procs);
+    if (!q.ok()) {
+      spdlog::error("--shard-cpu-quota: {}", q.status().ToString());
+      return 1;
+    }
+    quota = std::move(*q);
+    std::printf(
+        "each shard replica on its own CPU budget: %s, %d kernel thread(s); the "
+        "attention service and the clients unthrottled\n",
+        quota->Describe().c_str(), f.expert_threads);
+  }
   std::printf(
       "cluster: router (--no-rebalance) + %d shard group(s) x %d replica(s) + attention "
       "service; %d greedy streams of %d tokens, prompts of %d tokens\n",
@@ -378,9 +639,9 @@ int Run(const Flags& f) {
 
   auto phase = [&](const char* name) -> absl::StatusOr<PhaseResult> {
     absl::SleepFor(absl::Seconds(f.settle_s));
-    EM_ASSIGN_OR_RETURN(Snapshot a, Snap(cluster, generated));
+    EM_ASSIGN_OR_RETURN(Snapshot a, Snap(cluster, generated, quota.get()));
     absl::SleepFor(absl::Seconds(f.seconds));
-    EM_ASSIGN_OR_RETURN(Snapshot b, Snap(cluster, generated));
+    EM_ASSIGN_OR_RETURN(Snapshot b, Snap(cluster, generated, quota.get()));
     if (a.map.version() != b.map.version()) {
       return absl::InternalError(absl::StrCat("the map changed during the ", name, " phase"));
     }
@@ -476,22 +737,69 @@ int Run(const Flags& f) {
     return mx / std::max(1.0, p.tokens_per_s * p.seconds);
   };
   const double predicted_cpu = busiest_cpu_per_token(*before) / busiest_cpu_per_token(*after);
+  // The busiest group's rows per generated token (rows grow when a token's experts spread over
+  // more groups, which the pairs do not see).
+  auto busiest_rows_per_token = [](const PhaseResult& p) {
+    double mx = 0;
+    for (double r : p.group_rows) mx = std::max(mx, r);
+    return mx / std::max(1.0, p.tokens_per_s * p.seconds);
+  };
+  const double predicted_rows = busiest_rows_per_token(*before) / busiest_rows_per_token(*after);
   std::printf(
       "max/mean per shard group (pairs, per layer): %.3f -> %.3f (goal <= 1.15: %s); rows: "
       "%.3f -> %.3f\n",
       before->pairs_imbalance, after->pairs_imbalance,
       after->pairs_imbalance <= 1.15 ? "met" : "missed", before->rows_imbalance,
       after->rows_imbalance);
-  std::printf(
-      "tokens/s: %.1f -> %.1f: measured x%.3f; predicted where the busiest shard group sets "
-      "the pace: x%.3f (pairs, a core per group), x%.3f (pairs, groups sharing %.0f cores), "
-      "x%.3f (the busiest shard's CPU seconds per token); the attention service's own time is "
-      "in none of them\n",
-      before->tokens_per_s, after->tokens_per_s, measured, predicted, predicted_here, cores,
-      predicted_cpu);
+  if (quota == nullptr) {
+    std::printf(
+        "tokens/s: %.1f -> %.1f: measured x%.3f; predicted where the busiest shard group sets "
+        "the pace: x%.3f (pairs, a core per group), x%.3f (pairs, groups sharing %.0f cores), "
+        "x%.3f (the busiest shard's CPU seconds per token), x%.3f (the busiest group's rows per "
+        "token); the attention service's own time is in none of them\n",
+        before->tokens_per_s, after->tokens_per_s, measured, predicted, predicted_here, cores,
+        predicted_cpu, predicted_rows);
+  } else {
+    // Every replica has the same budget, so the busiest group's work per token sets the pace.
+    // (Its CPU seconds per token are the budget over the rate once it is saturated, so they
+    // predict nothing here.)
+    std::printf(
+        "tokens/s: %.1f -> %.1f: measured x%.3f; predicted where the busiest shard group sets "
+        "the pace: x%.3f (pairs per group, max/mean before / after), x%.3f (the busiest group's "
+        "rows per token); the attention service's own time is in neither\n",
+        before->tokens_per_s, after->tokens_per_s, measured, predicted, predicted_rows);
+    const double budget = quota->cores();
+    auto busiest = [](const std::vector<double>& v) {
+      return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
+    };
+    auto line = [&](const char* label, const PhaseResult& p, int g) {
+      double cpu = 0, periods = 0, throttled = 0, throttled_s = 0;
+      for (int r = 0; r < f.replicas; ++r) {
+        const std::string name = absl::StrCat("shard", g, "-r", r);
+        cpu += p.cpu_s.count(name) ? p.cpu_s.at(name) : 0.0;
+        if (auto it = p.throttle.find(name); it != p.throttle.end()) {
+          periods += it->second.periods;
+          throttled += it->second.throttled;
+          throttled_s += it->second.throttled_s;
+        }
+      }
+      std::printf(
+          "  %s: shard group %d: CPU %.2f of %.2f core-s budget (%.0f %%), throttled in %.0f of "
+          "%.0f periods (%.0f %%), %.1f s throttled\n",
+          label, g, cpu, budget * p.seconds * f.replicas,
+          100.0 * cpu / (budget * p.seconds * f.replicas), throttled, periods,
+          periods > 0 ? 100.0 * throttled / periods : 0.0, throttled_s);
+    };
+    const int hot = busiest(before->group_pairs);
+    std::printf("the busiest shard group before (most pairs), and the busiest after:\n");
+    line("before", *before, hot);
+    line("after ", *after, hot);
+    line("after ", *after, busiest(after->group_pairs));
+  }
   std::printf("requests: %lld finished, %lld failed\n", static_cast<long long>(requests.load()),
               static_cast<long long>(failures.load()));
   const bool stopped = cluster.Stop().ok();
+  quota.reset();  // the processes have exited: only the groups are left to remove
   return failures.load() == 0 && stopped ? 0 : 1;
 }
 
@@ -541,6 +849,18 @@ int main(int argc, char** argv) {
   app.add_option("--expert-threads", f.expert_threads,
                  "Kernel threads per shard replica (expert-service --threads; 0: its default)")
       ->check(CLI::Range(0, 256))
+      ->capture_default_str();
+  app.add_option("--shard-cpu-quota", f.shard_cpu_quota,
+                 "CPU budget per shard replica in cores (e.g. 0.2), one cgroup each (v1 "
+                 "cpu.cfs_quota_us or v2 cpu.max; needs root): each shard group as on its own slow "
+                 "hardware, so the busiest group sets the pace. The attention service stays "
+                 "unthrottled. Implies --expert-threads 1 unless given. 0 = off. Exits with 77 "
+                 "(skipped) when the cgroup cpu controller is not writable")
+      ->check(CLI::Range(0.0, 64.0))
+      ->capture_default_str();
+  app.add_option("--shard-cpu-period-us", f.shard_cpu_period_us,
+                 "cgroup CPU period for --shard-cpu-quota (quota = fraction x period)")
+      ->check(CLI::Range(int64_t{1000}, int64_t{1000000}))
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   return expertmesh::Run(f);
