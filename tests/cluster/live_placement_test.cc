@@ -17,11 +17,13 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include "core/base/proc_status.h"
 #include "core/format/wire.h"
 #include "expert-service/expert_service.h"
 #include "expert-service/live_placement.h"
 #include "service-common/grpc_util.h"
 #include "tests/cluster/shards_test_util.h"
+#include "tests/common/expert_memory_config.h"
 #include "tests/common/poll.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
@@ -31,41 +33,12 @@ namespace {
 using testing::Batch;
 using testing::RandomBatch;
 
-constexpr char kConfig[] = R"({
-  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-  "vocab_size": 1024, "hidden_size": 1024, "intermediate_size": 2048,
-  "moe_intermediate_size": 512, "num_hidden_layers": 3, "num_nextn_predict_layers": 0,
-  "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
-  "n_routed_experts": 32, "routed_scaling_factor": 2.5, "kv_lora_rank": 128,
-  "q_lora_rank": 256, "qk_rope_head_dim": 32, "v_head_dim": 64, "qk_nope_head_dim": 64,
-  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-  "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
-  "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 512,
-  "rms_norm_eps": 1e-06, "rope_theta": 10000, "attention_bias": false,
-  "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1,
-  "torch_dtype": "bfloat16",
-  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                          "quant_method": "fp8", "weight_block_size": [128, 128]}
-})";
+constexpr const char* kConfig = testing::kExpertMemoryTestConfig;
 
 // Allowed besides the experts held: the gRPC server and client, their threads' arenas, the
 // allocator's slack and the test's own buffers.
 constexpr int64_t kOverhead = 32 << 20;
 const absl::Duration kGrace = absl::Seconds(1);
-
-int64_t RssBytes() {
-  std::ifstream f("/proc/self/status");
-  std::string key;
-  while (f >> key) {
-    if (key == "VmRSS:") {
-      int64_t kb = 0;
-      f >> kb;
-      return kb * 1024;
-    }
-    f.ignore(1 << 20, '\n');
-  }
-  return -1;
-}
 
 std::vector<LayerExpert> LayerOf(const ModelConfig& config, int layer) {
   std::vector<LayerExpert> out;
@@ -162,7 +135,7 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
   std::vector<LayerExpert> both = layer1;
   both.insert(both.end(), layer2.begin(), layer2.end());
 
-  const int64_t before = RssBytes();
+  const int64_t before = base::ProcStatusBytes("VmRSS");
   MetricsRegistry metrics;
   ExpertServerOptions o;
   o.model_dir = dir;
@@ -213,7 +186,7 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
     l2_answers.push_back(client.Call(r));
     EXPECT_EQ(l2_answers.back().error_code(), 0) << l2_answers.back().error_message();
   }
-  const int64_t peak = RssBytes() - before;
+  const int64_t peak = base::ProcStatusBytes("VmRSS") - before;
 
   // Commit layer 2 alone. Layer 1 stays while requests use it.
   const absl::Time committed_at = absl::Now();
@@ -244,7 +217,7 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
   EXPECT_EQ(again.error_code(), 0) << again.error_message();
   EXPECT_EQ(again.outputs(), l2_answers[0].outputs());
 
-  const int64_t grown = RssBytes() - before;
+  const int64_t grown = base::ProcStatusBytes("VmRSS") - before;
   std::printf(
       "[measured] shard gaining layer 2 and losing layer 1: %lld MiB of experts held, RSS "
       "grew %lld MiB since before start (peak %lld MiB with both layers)\n",

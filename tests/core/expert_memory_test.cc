@@ -10,51 +10,23 @@
 #include <fstream>
 #include <string>
 
+#include "core/base/proc_status.h"
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
 #include "core/model/local_experts.h"
 #include "core/model/model.h"
 #include "gtest/gtest.h"
+#include "tests/common/expert_memory_config.h"
 #include "tools/make-checkpoint/random_checkpoint.h"
 
 namespace expertmesh::testing {
 namespace {
 
-// VmRSS in bytes.
-int64_t RssBytes() {
-  std::ifstream f("/proc/self/status");
-  std::string key;
-  while (f >> key) {
-    if (key == "VmRSS:") {
-      int64_t kb = 0;
-      f >> kb;
-      return kb * 1024;
-    }
-    f.ignore(1 << 20, '\n');
-  }
-  return -1;
-}
-
 // Fixed overhead allowed besides 1.05x the bytes packed: the allocator's slack, the
 // per-tensor page rounding, scales and bookkeeping.
 constexpr int64_t kOverhead = 24 << 20;
 
-constexpr char kConfig[] = R"({
-  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-  "vocab_size": 1024, "hidden_size": 1024, "intermediate_size": 2048,
-  "moe_intermediate_size": 512, "num_hidden_layers": 3, "num_nextn_predict_layers": 0,
-  "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
-  "n_routed_experts": 32, "routed_scaling_factor": 2.5, "kv_lora_rank": 128,
-  "q_lora_rank": 256, "qk_rope_head_dim": 32, "v_head_dim": 64, "qk_nope_head_dim": 64,
-  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-  "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": true,
-  "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 512,
-  "rms_norm_eps": 1e-06, "rope_theta": 10000, "attention_bias": false,
-  "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1,
-  "torch_dtype": "bfloat16",
-  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                          "quant_method": "fp8", "weight_block_size": [128, 128]}
-})";
+constexpr const char* kConfig = kExpertMemoryTestConfig;
 
 class ExpertMemoryTest : public ::testing::Test {
  protected:
@@ -83,10 +55,10 @@ TEST_F(ExpertMemoryTest, ShardHoldsItsExpertsOnce) {
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
   const std::vector<LayerExpert> all = AllExperts(*config_);
   ASSERT_EQ(all.size(), 64u);
-  const int64_t before = RssBytes();
+  const int64_t before = base::ProcStatusBytes("VmRSS");
   auto experts = LocalExperts::Create(**ckpt, *config_, all);
   ASSERT_TRUE(experts.ok()) << experts.status();
-  const int64_t grown = RssBytes() - before;
+  const int64_t grown = base::ProcStatusBytes("VmRSS") - before;
   const auto expert_bytes = static_cast<int64_t>((*experts)->bytes_mapped());
   ASSERT_GT(expert_bytes, 96 << 20);
   std::printf("[measured] shard: %lld MiB of expert tensors, RSS grew %lld MiB (%.3fx)\n",
@@ -103,19 +75,19 @@ TEST_F(ExpertMemoryTest, GainingAndLosingExpertsKeepsTheShardWithinItsExperts) {
   const std::vector<LayerExpert> all = AllExperts(*config_);
   const std::vector<LayerExpert> first(all.begin(), all.begin() + 32);  // layer 1
   const std::vector<LayerExpert> second(all.begin() + 32, all.end());   // layer 2
-  const int64_t before = RssBytes();
+  const int64_t before = base::ProcStatusBytes("VmRSS");
   auto experts = LocalExperts::Create(**ckpt, *config_, first);
   ASSERT_TRUE(experts.ok()) << experts.status();
   const uint64_t half = (*experts)->bytes_mapped();
   ASSERT_TRUE((*experts)->Add(**ckpt, *config_, all).ok());  // the first half is skipped
   EXPECT_EQ((*experts)->bytes_mapped(), 2 * half);
   EXPECT_EQ((*experts)->Held(), all);
-  const int64_t peak = RssBytes() - before;
+  const int64_t peak = base::ProcStatusBytes("VmRSS") - before;
   (*experts)->Release(first);
   EXPECT_EQ((*experts)->Held(), second);
   const auto expert_bytes = static_cast<int64_t>((*experts)->bytes_mapped());
   ASSERT_GT(expert_bytes, 48 << 20);
-  const int64_t grown = RssBytes() - before;
+  const int64_t grown = base::ProcStatusBytes("VmRSS") - before;
   std::printf(
       "[measured] gain then lose: %lld MiB of experts held, RSS grew %lld MiB (peak %lld MiB "
       "with both halves)\n",
@@ -128,10 +100,10 @@ TEST_F(ExpertMemoryTest, GainingAndLosingExpertsKeepsTheShardWithinItsExperts) {
 TEST_F(ExpertMemoryTest, ModelHoldsItsPackedWeightsOnce) {
   auto ckpt = Checkpoint::Open(*dir_);
   ASSERT_TRUE(ckpt.ok()) << ckpt.status();
-  const int64_t before = RssBytes();
+  const int64_t before = base::ProcStatusBytes("VmRSS");
   auto model = Model::Create(**ckpt, *config_);
   ASSERT_TRUE(model.ok()) << model.status();
-  const int64_t grown = RssBytes() - before;
+  const int64_t grown = base::ProcStatusBytes("VmRSS") - before;
   // Model holds everything but the routed experts (LocalExperts or the shards hold those).
   int64_t total = 0;
   for (const std::string& name : (*ckpt)->TensorNames()) {

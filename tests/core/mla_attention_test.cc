@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "core/base/proc_status.h"
 #include "core/engine/layers.h"
 #include "core/engine/mla_attention.h"
 #include "core/kernels/cpu/thread_pool.h"
@@ -182,21 +183,6 @@ TEST(MlaAttentionTest, SimdCoreBlocksAndThreadsChangeNoBit) {
   cpu::SetKernelThreads(threads);
 }
 
-// /proc/self/status field in bytes (VmHWM: peak RSS, VmRSS: current).
-int64_t StatusBytes(const std::string& key) {
-  std::ifstream f("/proc/self/status");
-  std::string k;
-  int64_t kb = -1;
-  while (f >> k) {
-    if (k == key + ":") {
-      f >> kb;
-      return kb * 1024;
-    }
-    f.ignore(1 << 10, '\n');
-  }
-  return -1;
-}
-
 // A 2,048-token prompt in one forward of the core at 16 heads: its scores alone would be
 // 2048 x 2048 x 16 floats (256 MiB) computed at once; the blocks keep the working set under
 // twice kAbsorbedWorkspaceFloats (64 MiB). Peak RSS is reset (/proc/self/clear_refs) after the
@@ -216,7 +202,7 @@ TEST(MlaAttentionTest, LongPromptWorkingSetIsBounded) {
     std::ofstream clear("/proc/self/clear_refs");
     clear << "5";
   }
-  const int64_t rss = StatusBytes("VmRSS"), hwm_before = StatusBytes("VmHWM");
+  const int64_t rss = base::ProcStatusBytes("VmRSS"), hwm_before = base::ProcStatusBytes("VmHWM");
   if (rss < 0 || hwm_before < 0 || hwm_before > rss + (4 << 20)) {
     GTEST_SKIP() << "peak RSS cannot be reset here (VmRSS " << rss << ", VmHWM " << hwm_before
                  << ")";
@@ -224,7 +210,7 @@ TEST(MlaAttentionTest, LongPromptWorkingSetIsBounded) {
   const AbsorbedAttentionArgs args{c, cc.wkv_b.data(), cc.q.data(), 0.1f,
                                    0, cc.seqs,         cc.q_first,  cc.first_i};
   AbsorbedAttentionSimd(args, attn.data());
-  const int64_t grown = StatusBytes("VmHWM") - rss;
+  const int64_t grown = base::ProcStatusBytes("VmHWM") - rss;
   const int64_t bound = 2 * kAbsorbedWorkspaceFloats * int64_t{sizeof(float)} + (16 << 20);
   const int64_t unbounded = n * n * c.num_attention_heads * int64_t{sizeof(float)};
   std::printf(

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "core/base/proc_status.h"
 #include "core/engine/kv_cache.h"
 #include "core/engine/layers.h"
 #include "core/format/config.h"
@@ -61,29 +62,6 @@ constexpr char kConfig[] = R"({
   "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
                           "quant_method": "fp8", "weight_block_size": [128, 128]}
 })";
-
-// /proc/self/status field in bytes (-1 when absent).
-int64_t StatusBytes(const std::string& key) {
-  std::ifstream f("/proc/self/status");
-  std::string k;
-  while (f >> k) {
-    if (k == key + ":") {
-      int64_t kb = -1;
-      f >> kb;
-      return kb * 1024;
-    }
-    f.ignore(1 << 10, '\n');
-  }
-  return -1;
-}
-
-// Resets VmHWM to the current RSS; false where the kernel refuses.
-bool ResetPeakRss() {
-  std::ofstream f("/proc/self/clear_refs");
-  f << "5";
-  f.flush();
-  return f.good() && StatusBytes("VmHWM") <= StatusBytes("VmRSS") + (4 << 20);
-}
 
 std::vector<float> RandomRows(int64_t n, std::mt19937& rng) {
   std::normal_distribution<float> dist(0.0f, 1.0f);
@@ -140,8 +118,8 @@ PrefillResult Prefill(const ModelConfig& c, const MlaWeights& w, const Rope& rop
   std::vector<float> out(chunk * D);
   const LayerOptions opt;
   PrefillResult r;
-  const bool reset = ResetPeakRss();
-  const int64_t rss0 = StatusBytes("VmRSS");
+  const bool reset = base::ResetPeakRss();
+  const int64_t rss0 = base::ProcStatusBytes("VmRSS");
   const auto t0 = Clock::now();
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t n = std::min(chunk, tokens - start);
@@ -150,7 +128,7 @@ PrefillResult Prefill(const ModelConfig& c, const MlaWeights& w, const Rope& rop
     MlaForwardBatch(c, w, rope, 0, {&seq, 1}, x.data(), n, out.data(), opt);
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (reset) r.peak_growth = StatusBytes("VmHWM") - rss0;
+  if (reset) r.peak_growth = base::ProcStatusBytes("VmHWM") - rss0;
   r.cache_bytes = tokens * cache->row_size() * int64_t{sizeof(float)};
   return r;
 }

@@ -38,6 +38,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "core/base/proc_status.h"
 #include "core/base/status.h"
 #include "core/decode/sampling.h"
 #include "core/engine/engine.h"
@@ -164,19 +165,12 @@ double Quantile(const std::map<double, double>& before, const std::map<double, d
 
 // VmRSS and VmHWM of a process in bytes, from /proc/<pid>/status.
 absl::StatusOr<std::pair<double, double>> ProcessRss(pid_t pid) {
-  std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/status").c_str(), "r");
-  if (f == nullptr) return absl::NotFoundError("no /proc status for pid " + std::to_string(pid));
-  double rss = -1, hwm = -1;
-  char line[256];
-  while (std::fgets(line, sizeof line, f) != nullptr) {
-    long long kb = 0;
-    if (std::sscanf(line, "VmRSS: %lld kB", &kb) == 1) rss = 1024.0 * kb;
-    if (std::sscanf(line, "VmHWM: %lld kB", &kb) == 1) hwm = 1024.0 * kb;
+  const int64_t rss = base::ProcStatusBytes("VmRSS", pid),
+                hwm = base::ProcStatusBytes("VmHWM", pid);
+  if (rss < 0 || hwm < 0) {
+    return absl::NotFoundError("no VmRSS/VmHWM for pid " + std::to_string(pid));
   }
-  std::fclose(f);
-  if (rss < 0 || hwm < 0)
-    return absl::InternalError("no VmRSS/VmHWM for pid " + std::to_string(pid));
-  return std::make_pair(rss, hwm);
+  return std::make_pair(static_cast<double>(rss), static_cast<double>(hwm));
 }
 
 // The value of an unlabelled gauge on a /metrics page.
