@@ -55,6 +55,21 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(const std::string& di
   return ExpertServer::Start(o);
 }
 
+// A dispatcher watching the router, returned once its map covers every shard group with a
+// version of at least min_version.
+absl::StatusOr<std::unique_ptr<Dispatcher>> WatchingDispatcher(const ModelConfig& config,
+                                                               DispatcherOptions d,
+                                                               const std::string& router,
+                                                               uint64_t min_version) {
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+  if (!dispatcher.ok()) return dispatcher.status();
+  (*dispatcher)->WatchRouter(router);
+  if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(20), min_version); !s.ok()) {
+    return s;
+  }
+  return dispatcher;
+}
+
 class DispatcherTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -258,10 +273,9 @@ TEST(DispatcherExactCombineTest, AnySplitEqualsLocalExperts) {
     d.step_deadline = kStepDeadline;
     // 3 rows' worth of per-expert answers per request.
     d.max_answer_bytes = 3 * OutputBytes(config.num_experts_per_tok, config.hidden_size);
-    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+        WatchingDispatcher(config, d, (*router)->address(), (*router)->service().version());
     ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
-    (*dispatcher)->WatchRouter((*router)->address());
-    ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
     for (int layer : {1, 2, 3}) {
       for (int64_t n : {1, 5, 17}) {
         const Batch b = RandomBatch(config, n, ++seed);
@@ -838,10 +852,9 @@ TEST(DispatcherPlacementTest, StripedJsonPlacementGivesTheSameOutput) {
 
   DispatcherOptions d;
   d.identity = identity;
-  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
-  ASSERT_TRUE(dispatcher.ok());
-  (*dispatcher)->WatchRouter((*router)->address());
-  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), 4).ok());
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(*config, d, (*router)->address(), 4);
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
   absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*dir);
   ASSERT_TRUE(ckpt.ok());
   absl::StatusOr<std::unique_ptr<LocalExperts>> all =
@@ -903,10 +916,9 @@ TEST(DispatcherCopiesTest, CopiesGiveTheOutputOfOneCopy) {
     DispatcherOptions d;
     d.identity = identity;
     d.step_deadline = kStepDeadline;
-    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+        WatchingDispatcher(config, d, (*router)->address(), (*router)->service().version());
     ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
-    (*dispatcher)->WatchRouter((*router)->address());
-    ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
     uint64_t seed = 7000;
     for (int layer : {1, 2, 3}) {
       for (int64_t n : {1, 5, 17}) {
@@ -977,10 +989,9 @@ TEST(DispatcherLivePlacementTest, StepsStayExactThroughALivePlacementChange) {
   DispatcherOptions d;
   d.identity = identity;
   d.step_deadline = kStepDeadline;
-  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(config, d);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(config, d, (*router)->address(), (*router)->service().version());
   ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
-  (*dispatcher)->WatchRouter((*router)->address());
-  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(20), (*router)->service().version()).ok());
   const uint64_t version_before = (*dispatcher)->placement_version();
 
   std::atomic<bool> stop{false};
