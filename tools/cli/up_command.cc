@@ -72,6 +72,11 @@ int RunUp(const UpArgs& args) {
     }
     std::printf("\n");
   }
+  const launcher::Endpoint& router = (*cluster)->router();
+  if (router.metrics_port != 0) {
+    std::printf("the router's page (shard groups, expert load, rebalancing): http://%s:%d/\n",
+                options.host.c_str(), router.metrics_port);
+  }
   std::printf("Ctrl-C or SIGTERM stops the cluster.\n");
   std::fflush(stdout);
 
