@@ -55,6 +55,24 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(const std::string& di
   return ExpertServer::Start(o);
 }
 
+// Random batches of 1, 5 and 17 rows in layers 1 to 3 (seeds from ++*seed): the dispatcher's
+// output equals `local`'s bit for bit. With `outputs`, each output is kept by (layer, rows).
+void ExpectEqualsLocal(Dispatcher& dispatcher, RoutedExperts& local, const ModelConfig& config,
+                       uint64_t* seed,
+                       std::map<std::pair<int, int64_t>, std::vector<float>>* outputs) {
+  for (int layer : {1, 2, 3}) {
+    for (int64_t n : {1, 5, 17}) {
+      const Batch b = RandomBatch(config, n, ++*seed);
+      std::vector<float> got(n * config.hidden_size), want(got.size());
+      const absl::Status st = dispatcher.Run(layer, b.x, b.routes, got);
+      ASSERT_TRUE(st.ok()) << st;
+      ASSERT_TRUE(local.Run(layer, b.x, b.routes, want).ok());
+      ASSERT_EQ(got, want) << "layer " << layer << ", " << n << " rows";
+      if (outputs) (*outputs)[{layer, n}] = std::move(got);
+    }
+  }
+}
+
 // A dispatcher watching the router, returned once its map covers every shard group with a
 // version of at least min_version.
 absl::StatusOr<std::unique_ptr<Dispatcher>> WatchingDispatcher(const ModelConfig& config,
@@ -276,16 +294,7 @@ TEST(DispatcherExactCombineTest, AnySplitEqualsLocalExperts) {
     absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
         WatchingDispatcher(config, d, (*router)->address(), (*router)->service().version());
     ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
-    for (int layer : {1, 2, 3}) {
-      for (int64_t n : {1, 5, 17}) {
-        const Batch b = RandomBatch(config, n, ++seed);
-        std::vector<float> got(n * config.hidden_size), want(got.size());
-        const absl::Status st = (*dispatcher)->Run(layer, b.x, b.routes, got);
-        ASSERT_TRUE(st.ok()) << st;
-        ASSERT_TRUE(all->Run(layer, b.x, b.routes, want).ok());
-        ASSERT_EQ(got, want) << "layer " << layer << ", " << n << " rows";
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(ExpectEqualsLocal(**dispatcher, *all, config, &seed, nullptr));
     dispatcher->reset();
     servers.clear();
     router->reset();
@@ -920,17 +929,8 @@ TEST(DispatcherCopiesTest, CopiesGiveTheOutputOfOneCopy) {
         WatchingDispatcher(config, d, (*router)->address(), (*router)->service().version());
     ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
     uint64_t seed = 7000;
-    for (int layer : {1, 2, 3}) {
-      for (int64_t n : {1, 5, 17}) {
-        const Batch b = RandomBatch(config, n, ++seed);
-        std::vector<float> got(n * config.hidden_size), want(got.size());
-        const absl::Status st = (*dispatcher)->Run(layer, b.x, b.routes, got);
-        ASSERT_TRUE(st.ok()) << st;
-        ASSERT_TRUE(all->Run(layer, b.x, b.routes, want).ok());
-        ASSERT_EQ(got, want) << "layer " << layer << ", " << n << " rows";
-        outputs[variant][{layer, n}] = std::move(got);
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(
+        ExpectEqualsLocal(**dispatcher, *all, config, &seed, &outputs[variant]));
     if (variant == 1) {  // the copies-only group computed rows
       EXPECT_GT(metrics[2].GetCounter("expertmesh_expert_rows_total", "Rows computed").value(), 0);
       EXPECT_GT(metrics[0].GetCounter("expertmesh_expert_rows_total", "Rows computed").value(), 0);
