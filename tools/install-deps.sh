@@ -27,8 +27,9 @@ LIBS=(libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libboost${boost}-dev libboost-json${boost}-dev libabsl-dev
       libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev libspdlog-dev
       libcli11-dev libhwy-dev libssl-dev)
-# Model tools: the English text tools/corpus/build_corpus.py extracts (KJV, fortunes, GCIDE).
-CORPUS=(bible-kjv bible-kjv-text fortunes fortunes-min dict-gcide)
+# Model tools: the redistributable English text tools/corpus/build_corpus.py extracts (KJV,
+# WordNet 3.0, The Devil's Dictionary, the Jargon File; licences in models/README.md).
+CORPUS=(bible-kjv bible-kjv-text wordnet-base dict-devil dict-jargon)
 case "${1:-}" in
   "") PKGS=("${BUILD[@]}" "${TOOLS[@]}" "${LIBS[@]}" "${CORPUS[@]}") ;;
   --build-only) PKGS=("${BUILD[@]}" "${LIBS[@]}") ;;

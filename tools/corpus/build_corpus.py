@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
-"""Builds ExpertMesh's training corpus from public-domain English text in Debian packages.
+"""Builds ExpertMesh's training corpus from redistributable English text in Debian packages.
 
-Sources (all installed by tools/install-deps.sh, model-tools list):
-  * bible-kjv / bible-kjv-text: the King James Bible, dumped through the `bible` program
-    (its data file /usr/lib/bible.data is compressed in the program's own format).
-  * fortunes: /usr/share/games/fortunes/* (the '%'-separated text files; .dat are indexes).
-  * dict-gcide: /usr/share/dictd/gcide.{index,dict.dz} (dictd format: the .dz is gzip; the
-    index holds base64 offsets), cleaned from its markup into plain definitions.
+Sources (all installed by tools/install-deps.sh, model-tools list), each with its licence as
+its Debian copyright file (/usr/share/doc/<package>/copyright) states it:
+  * bible: bible-kjv / bible-kjv-text, the King James Bible (1611; public domain, its copyright
+    expired), dumped through the `bible` program (its data file /usr/lib/bible.data is
+    compressed in the program's own format; the program itself is GPL-2+, and only its output
+    text goes into the corpus).
+  * wordnet: wordnet-base, WordNet 3.0 (/usr/share/wordnet/data.{noun,verb,adj,adv}): one
+    document per synset: its words, part of speech and gloss (definition and quoted examples).
+    WordNet 3.0 licence (Princeton University, BSD-like: use, copy, modify and distribute for
+    any purpose without fee, provided the copyright notice and disclaimer appear on all copies;
+    models/README.md carries them).
+  * devil: dict-devil, Ambrose Bierce's The Devil's Dictionary (1911; public domain, copyright
+    expired), /usr/share/dictd/devil.{index,dict.dz}, one document per entry.
+  * jargon: dict-jargon, the Jargon File 4.4.7 (public domain, "to be freely used, shared, and
+    modified"), /usr/share/dictd/jargon.{index,dict.dz}, one document per entry.
+Not used (the corpus before this list had them): GCIDE (dict-gcide, GPL-3+) and the fortune
+files (fortunes; the BSD licence covers the program, the quotations' copyright is not stated).
 
 Output: data/corpus/{train,valid,test}.txt. A "document" is one bible chunk (up to
---verses-per-chunk verses of one chapter, headed by its reference), one fortune, or one
-dictionary entry. Documents are written separated by one empty line; inside a document
+--verses-per-chunk verses of one chapter, headed by its reference), one WordNet synset, or
+one dictionary entry. Documents are written separated by one empty line; inside a document
 empty lines are removed, so the empty line is an unambiguous separator.
 
 The split is by document and deterministic: a document goes to valid/test when
@@ -31,9 +42,8 @@ import sys
 import unicodedata
 
 BIBLE_SPEC = "Gen1:1-Rev22:21"
-FORTUNE_DIR = "/usr/share/games/fortunes"
-GCIDE_INDEX = "/usr/share/dictd/gcide.index"
-GCIDE_DICT = "/usr/share/dictd/gcide.dict.dz"
+WORDNET_DIR = "/usr/share/wordnet"
+DICTD_DIR = "/usr/share/dictd"
 
 
 def clean_text(text):
@@ -75,18 +85,28 @@ def bible_documents(verses_per_chunk):
         yield from flush()
 
 
-def fortune_documents():
-    """Yields (key, text) for every fortune of every fortune file."""
-    for name in sorted(os.listdir(FORTUNE_DIR)):
-        path = os.path.join(FORTUNE_DIR, name)
-        if name.endswith((".dat", ".u8")) or os.path.islink(path) or not os.path.isfile(path):
-            continue
-        with open(path, "rb") as f:
-            raw = f.read().decode("utf-8", errors="replace")
-        for i, chunk in enumerate(re.split(r"^%\s*$", raw, flags=re.M)):
-            text = clean_text(chunk)
-            if text:
-                yield f"{name}/{i}", text
+_WORDNET_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+def wordnet_documents():
+    """Yields (key, text) for each WordNet synset: "word, word (pos): gloss"."""
+    for part in ("noun", "verb", "adj", "adv"):
+        with open(os.path.join(WORDNET_DIR, f"data.{part}"), encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("  "):  # the licence header
+                    continue
+                head, _, gloss = line.partition(" | ")
+                fields = head.split()
+                offset, ss_type, n_words = fields[0], fields[2], int(fields[3], 16)
+                words = []
+                for w in fields[4:4 + 2 * n_words:2]:
+                    w = re.sub(r"\([a-z]+\)$", "", w).replace("_", " ")  # adjective markers
+                    if w not in words:
+                        words.append(w)
+                text = clean_text(f"{', '.join(words)} ({_WORDNET_POS[ss_type]}): "
+                                  f"{gloss.strip()}")
+                if text:
+                    yield f"{part}/{offset}", text
 
 
 _B64 = {c: i for i, c in enumerate(
@@ -100,56 +120,37 @@ def _b64_number(s):
     return v
 
 
-# GCIDE's source tags: [1913 Webster], [WordNet 1.5], [PJC], [Century Dict.], ...
-_GCIDE_SOURCE = re.compile(r"\[(?:[^\]]*(?:Webster|WordNet|PJC|Century|Suppl|Dict\.|RDH|JS|"
-                           r"Chambers|Note|Obs\.|Note:)[^\]]*)\]")
-_GCIDE_LIGATURES = {"[ae]": "\u00e6", "[AE]": "\u00c6", "[oe]": "\u0153", "[OE]": "\u0152"}
-
-
-def clean_gcide_entry(entry):
-    """Turns one dictd GCIDE entry into readable prose, or None when nothing is left."""
-    for k, v in _GCIDE_LIGATURES.items():
-        entry = entry.replace(k, v)
-    # Headword line: 'Actinia \Ac*tin"i*a\, n.; ...' -> 'Actinia, n.; ...'
-    entry = re.sub(r"^(.*?)\s*\\[^\\\n]*\\", r"\1", entry, count=1)
-    entry = re.sub(r"\\[^\\\n]*\\", "", entry)  # further pronunciations
-    entry = _GCIDE_SOURCE.sub("", entry)
-    entry = entry.replace("{", "").replace("}", "")
-    # Rejoin wrapped lines; keep paragraph breaks (blank lines, numbered senses) as newlines.
-    paragraphs, current = [], []
-    for line in entry.split("\n"):
-        s = line.strip()
-        if not s:
-            if current:
-                paragraphs.append(" ".join(current))
-                current = []
-            continue
-        if current and re.match(r"^(\d+\.|\([a-z]\)|Syn:|Note:|--)", s):
-            paragraphs.append(" ".join(current))
-            current = []
-        current.append(s)
-    if current:
-        paragraphs.append(" ".join(current))
-    text = clean_text("\n".join(re.sub(r"\s+", " ", p) for p in paragraphs))
-    return text if len(text) > 20 else None
-
-
-def gcide_documents():
-    """Yields (key, text) for each distinct GCIDE entry (several headwords share some)."""
-    with gzip.open(GCIDE_DICT, "rb") as f:
+def dictd_documents(name):
+    """Yields (key, text) for each distinct entry of a dictd database (index + gzip'd dict),
+    wrapped lines rejoined into paragraphs (indented lines, verse and tables, kept as lines)."""
+    with gzip.open(os.path.join(DICTD_DIR, f"{name}.dict.dz"), "rb") as f:
         data = f.read()
     seen = set()
-    with open(GCIDE_INDEX, encoding="utf-8") as f:
+    with open(os.path.join(DICTD_DIR, f"{name}.index"), encoding="utf-8") as f:
         for line in f:
             parts = line.rstrip("\n").split("\t")
-            if len(parts) < 3 or parts[0].startswith("00-database"):
+            if len(parts) < 3 or parts[0].startswith(("00-database", "00database")):
                 continue
             off, size = _b64_number(parts[1]), _b64_number(parts[2])
             if (off, size) in seen:
                 continue
             seen.add((off, size))
-            text = clean_gcide_entry(data[off:off + size].decode("utf-8", errors="replace"))
-            if text:
+            entry = data[off:off + size].decode("utf-8", errors="replace")
+            paragraphs, current = [], []
+            for raw in entry.split("\n"):
+                s = raw.strip()
+                if not s or raw.startswith("      "):
+                    if current:
+                        paragraphs.append(" ".join(current))
+                        current = []
+                    if s:
+                        paragraphs.append(s)
+                    continue
+                current.append(s)
+            if current:
+                paragraphs.append(" ".join(current))
+            text = clean_text("\n".join(re.sub(r"\s+", " ", p) for p in paragraphs))
+            if len(text) > 20:
                 yield f"{off}", text
 
 
@@ -172,15 +173,18 @@ def main():
     p.add_argument("--valid-permille", type=int, default=10, help="share of documents in valid")
     p.add_argument("--test-permille", type=int, default=10, help="share of documents in test")
     p.add_argument("--verses-per-chunk", type=int, default=8)
-    p.add_argument("--sources", default="bible,fortunes,gcide",
-                   help="comma-separated subset of bible,fortunes,gcide")
+    p.add_argument("--sources", default="bible,wordnet,devil,jargon",
+                   help="comma-separated subset of bible,wordnet,devil,jargon")
     args = p.parse_args()
 
     makers = {"bible": lambda: bible_documents(args.verses_per_chunk),
-              "fortunes": fortune_documents, "gcide": gcide_documents}
+              "wordnet": wordnet_documents, "devil": lambda: dictd_documents("devil"),
+              "jargon": lambda: dictd_documents("jargon")}
     splits = {"train": [], "valid": [], "test": []}
     stats = {}
     for source in args.sources.split(","):
+        if source not in makers:
+            p.error(f"unknown source {source!r} (known: {', '.join(makers)})")
         n_docs = n_chars = 0
         for key, text in makers[source]():
             split, h = split_of(args.seed, source, key, args.valid_permille, args.test_permille)
