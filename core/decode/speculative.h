@@ -3,12 +3,14 @@
 //
 // One step of a sequence whose main KV cache holds positions [0, L) and whose next token
 // t[L] is already sampled:
-//   1. Draft. The MTP module at position i reads (t[i+1], h[i]) -- h the main model's last
-//      hidden state -- and predicts t[i+2]. Its own 1-layer KV cache lags behind the main one
-//      by the rows not yet fed to it (pending rows: fed lazily, so a paused drafter costs
-//      nothing per step). Feeding the pending rows up to position L-1 yields draft d1 (the
-//      argmax, a deterministic draft); for k > 1 the same module is reused, as SGLang does:
-//      (d_j, its own last hidden state) at the next position yields d_{j+1}. Those chained
+//   1. Draft. The MTP module at position i reads (t[i+1], h[i]) -- h the main model's hidden
+//      state after the final norm (SequenceOutput::hidden), as vLLM, SGLang and TensorRT-LLM
+//      feed DeepSeek's released weights -- and predicts t[i+2]. Its own 1-layer KV cache lags
+//      behind the main one by the rows not yet fed to it (pending rows: fed lazily, so a paused
+//      drafter costs nothing per step). Feeding the pending rows up to position L-1 yields draft d1
+//      (the argmax, a deterministic draft); for k > 1 the same module is reused, as SGLang does:
+//      (d_j, its own last hidden state, after its shared_head.norm as SGLang's NextN module
+//      returns it) at the next position yields d_{j+1}. Those chained
 //      entries are dropped from the MTP cache right after (they hold drafts, not the truth).
 //   2. Verify. The main forward takes [t[L], d1..dk] with logits at every position. Position
 //      j accepts d_{j+1} (VerifyDrafts): greedy when it equals the argmax; with temperature

@@ -58,18 +58,22 @@ std::vector<SequenceOutput> Engine::Outputs(const float* h, std::span<const Sequ
   const ModelConfig& c = model_.config();
   const int64_t D = c.hidden_size;
   std::vector<SequenceOutput> outs(slices.size());
-  std::vector<float> xn;
   for (size_t s = 0; s < slices.size(); ++s) {
     const SequenceSlice& sl = slices[s];
-    const float* hs = h + sl.row_begin * D;
-    outs[s].hidden.assign(last_hidden_only ? hs + (sl.n - 1) * D : hs, hs + sl.n * D);
-    const int64_t first = all_logits[s] ? 0 : sl.n - 1;
-    const int64_t rows = sl.n - first;
-    xn.resize(rows * D);
-    RmsNorm(hs + first * D, norm.data(), rows, D, c.rms_norm_eps, xn.data());
+    // The normalized rows are both the hidden states handed out (the MTP module's input) and
+    // the head's input: normalize the rows either needs, from the first one wanted.
+    const int64_t first_hidden = last_hidden_only ? sl.n - 1 : 0;
+    const int64_t first_logit = all_logits[s] ? 0 : sl.n - 1;
+    const int64_t first = std::min(first_hidden, first_logit);
+    std::vector<float>& xn = outs[s].hidden;
+    xn.resize((sl.n - first) * D);
+    RmsNorm(h + (sl.row_begin + first) * D, norm.data(), sl.n - first, D, c.rms_norm_eps,
+            xn.data());
+    const int64_t rows = sl.n - first_logit;
     outs[s].logits.resize(rows * c.vocab_size);
-    head.Forward(xn.data(), rows, outs[s].logits.data(), options_.quantize_activations,
-                 options_.kernel);
+    head.Forward(xn.data() + (first_logit - first) * D, rows, outs[s].logits.data(),
+                 options_.quantize_activations, options_.kernel);
+    xn.erase(xn.begin(), xn.begin() + (first_hidden - first) * D);
   }
   return outs;
 }

@@ -41,12 +41,17 @@ struct SequenceInput {
 
 struct SequenceOutput {
   std::vector<float> logits;  // [n or 1, vocab_size]
-  // [n, hidden_size]: last layer's output, before the final norm. ForwardMtp without
-  // all_logits: [1, hidden_size], the last position (the module computes no other output).
+  // [n, hidden_size]: the hidden state after the final norm (Forward: model.norm; ForwardMtp:
+  // the module's shared_head.norm), the rows the head reads. Forward's is the MTP module's
+  // input, as vLLM, SGLang and TensorRT-LLM feed the released DeepSeek-V3/R1 weights.
+  // ForwardMtp without all_logits: [1, hidden_size], the last position (the module computes no
+  // other output).
   std::vector<float> hidden;
 };
 
-// MTP input at position i: the token t[i+1] and the main model's hidden state h[i].
+// MTP input at position i: the token t[i+1] and the main model's hidden state h[i] after the
+// final norm (SequenceOutput::hidden); the module computes eh_proj(concat(enorm(embed(t[i+1])),
+// hnorm(h[i]))).
 struct MtpInput {
   std::span<const int32_t> next_tokens;  // [n]
   std::span<const float> hidden;         // [n, hidden_size]
@@ -77,7 +82,8 @@ class Engine {
   Engine(const Model& model, RoutedExperts* experts, EngineOptions options)
       : model_(model), experts_(experts), options_(options), rope_(model.config()) {}
 
-  // Final norm + head on the rows each sequence wants; h: [T, hidden_size].
+  // Final norm + head on the rows each sequence wants; h: [T, hidden_size]; the normalized rows
+  // are the outputs' hidden states.
   std::vector<SequenceOutput> Outputs(const float* h, std::span<const SequenceSlice> slices,
                                       const std::vector<uint8_t>& all_logits,
                                       const std::vector<float>& norm, const Linear& head,

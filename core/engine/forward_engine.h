@@ -1,6 +1,6 @@
 // The forward-pass contract shared by the reference engine (core/engine/engine.h, CPU) and the GPU
 // engine (core/kernels/cuda/cuda_engine.h): Forward / ForwardMtp over a batch of sequences with
-// their KV caches, logits and pre-final-norm hidden states out, routed experts through the engine's
+// their KV caches, logits and final-normed hidden states out, routed experts through the engine's
 // RoutedExperts. The attention service's scheduler and the MTP drafter hold this interface, so
 // `--device` picks the implementation and nothing else changes.
 #pragma once

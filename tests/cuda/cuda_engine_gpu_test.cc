@@ -2,7 +2,7 @@
 // models (FP8 and BF16): a batch of two sequences, prefill then 8 greedy decode steps fed with
 // the reference's tokens, then the MTP module over the prefill's hidden states; tensor
 // parallelism over 1 and 2 GPUs (2 skips with a message on a one-GPU machine). Logits and
-// pre-final-norm hidden states are compared by relative RMS error and by the largest error
+// final-normed hidden states are compared by relative RMS error and by the largest error
 // relative to the reference's peak; the greedy token must agree at every step, unless the two
 // candidates are a near-tie within the row's logit error.
 //

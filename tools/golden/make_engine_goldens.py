@@ -141,8 +141,9 @@ def hf_state_dict(tensors, config, layers=None):
 
 
 class MultiTokenPrediction(torch.nn.Module):
-    """model.layers.{N}: x_i = eh_proj(cat(enorm(embed(t[i+1])), hnorm(h[i]))) -- embedding
-    first, as vLLM and SGLang load DeepSeek's weights -- then a decoder layer with its own
+    """model.layers.{N}: x_i = eh_proj(cat(enorm(embed(t[i+1])), hnorm(h[i]))), h[i] the main
+    model's hidden state after the final norm -- embedding first, as vLLM and SGLang load
+    DeepSeek's weights -- then a decoder layer with its own
     attention over the MTP positions, then shared_head.norm and shared_head.head."""
 
     def __init__(self, config, layer_idx):
@@ -237,9 +238,10 @@ def main():
         mtp = MultiTokenPrediction(config, config.num_hidden_layers).eval()
         mtp.load(tensors, config.num_hidden_layers, config)
 
-    # The last layer's output before the final norm (the MTP module's input).
+    # The hidden state after the final norm (model.norm's output): the MTP module's input, as
+    # vLLM, SGLang and TensorRT-LLM feed DeepSeek's released weights.
     captured = {}
-    model.model.norm.register_forward_pre_hook(lambda mod, inp: captured.update(h=inp[0]))
+    model.model.norm.register_forward_hook(lambda mod, inp, out: captured.update(h=out))
 
     gen = torch.Generator().manual_seed(args.seed)
     prompts = [torch.randint(2, config.vocab_size, (length,), generator=gen).tolist()

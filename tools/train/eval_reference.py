@@ -65,19 +65,20 @@ def tokenize(model_dir, text_path, bos, eos, max_tokens):
 
 
 def mtp_logits(model, next_ids, h):
-    """next_ids: [1, n]; h: [1, n, H] (pre-final-norm) -> [1, n, V]."""
+    """next_ids: [1, n]; h: [1, n, H] (after the final norm) -> [1, n, V]."""
     cos, sin = model.rope(next_ids.shape[1])
     mtp = model.model.layers[model.cfg.num_hidden_layers]
     return mtp(next_ids, h, cos, sin, model.softmax_scale)
 
 
 def hidden_and_logits(model, ids):
-    """ids: [1, n] -> (pre-final-norm h [1, n, H], logits [1, n, V])."""
+    """ids: [1, n] -> (h after the final norm [1, n, H], logits [1, n, V])."""
     cos, sin = model.rope(ids.shape[1])
     x = model.model.embed_tokens(ids)
     for layer in model.model.layers[: model.cfg.num_hidden_layers]:
         x = layer(x, cos, sin, model.softmax_scale)
-    return x, model.lm_head(model.model.norm(x))
+    h = model.model.norm(x)
+    return h, model.lm_head(h)
 
 
 @torch.no_grad()

@@ -290,9 +290,10 @@ class MTPLayer(DecoderLayer):
     """Multi-token prediction module (model.layers.{num_hidden_layers}).
 
     Input at position i: eh_proj(concat(enorm(embed(t[i+1])), hnorm(h[i]))), embedding first as
-    vLLM and SGLang load DeepSeek's weights, where h[i] is the main model's last-layer output
-    before the final norm (model.norm), as core/engine/engine.h hands it to its MTP entry point
-    (hnorm normalizes it). Then one decoder layer with MoE, then shared_head.norm and
+    vLLM and SGLang load DeepSeek's weights, where h[i] is the main model's hidden state after
+    the final norm (model.norm(last layer output)), the state vLLM, SGLang and TensorRT-LLM hand
+    to the MTP module of the released weights and core/engine/engine.h to its MTP entry point;
+    hnorm normalizes it again. Then one decoder layer with MoE, then shared_head.norm and
     shared_head.head: logits for t[i+2].
     """
 
@@ -369,10 +370,11 @@ class DeepseekV3Tiny(nn.Module):
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers[: self.cfg.num_hidden_layers]:
             x = layer(x, cos, sin, self.softmax_scale)
-        logits = self.lm_head(self.model.norm(x))
+        h = self.model.norm(x)
+        logits = self.lm_head(h)
         mtp_logits = None
         if with_mtp and self.cfg.num_nextn_predict_layers:
-            # x: the last layer's output before the final norm, the MTP module's h.
+            # h: the hidden state after the final norm, the MTP module's input.
             mtp = self.model.layers[self.cfg.num_hidden_layers]
-            mtp_logits = mtp(ids[:, 1:], x[:, :-1], cos[:-1], sin[:-1], self.softmax_scale)
+            mtp_logits = mtp(ids[:, 1:], h[:, :-1], cos[:-1], sin[:-1], self.softmax_scale)
         return logits, mtp_logits

@@ -140,25 +140,34 @@ class ForwardMatchesTransformers(unittest.TestCase):
 
         with torch.no_grad():
             _, mtp_ours = self.model(self.ids)
-            # h: the last decoder layer's output, before model.norm.
+            # h: transformers' last_hidden_state, the state after model.norm (the contract of
+            # vLLM, SGLang and TensorRT-LLM); the last decoder layer's raw output is kept to show
+            # that the test tells the two apart.
             seen = []
             hook = self.hf.model.layers[L - 1].register_forward_hook(
                 lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
             normed = self.hf.model(self.ids).last_hidden_state
             hook.remove()
-            h = seen[0]
-            self.assertFalse(torch.allclose(h, normed))
+            pre_norm = seen[0]
+            self.assertFalse(torch.allclose(pre_norm, normed))
             T = self.ids.shape[1] - 1
             e = self.hf.model.embed_tokens(self.ids[:, 1:])
-            x = torch.cat([norms["enorm"](e), norms["hnorm"](h[:, :-1])], -1)
-            x = x @ sd["eh_proj.weight"].T
             pos = torch.arange(T)[None]
             mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
-            x = block(x, attention_mask=mask, position_ids=pos,
-                      position_embeddings=self.hf.model.rotary_emb(x, pos))
-            theirs = norms["shared_head.norm"](x) @ sd["shared_head.head.weight"].T
+
+            def reference(h):
+                x = torch.cat([norms["enorm"](e), norms["hnorm"](h[:, :-1])], -1)
+                x = x @ sd["eh_proj.weight"].T
+                x = block(x, attention_mask=mask, position_ids=pos,
+                          position_embeddings=self.hf.model.rotary_emb(x, pos))
+                return norms["shared_head.norm"](x) @ sd["shared_head.head.weight"].T
+
+            theirs = reference(normed)
+            wrong = reference(pre_norm)
         diff = (mtp_ours - theirs).abs().max().item()
         self.assertLess(diff, ATOL, f"max |MTP logit diff| {diff}")
+        self.assertGreater((mtp_ours - wrong).abs().max().item(), 100 * ATOL,
+                           "the MTP output does not depend on which hidden state it reads")
         # The MTP layer shares the main embedding and head (stored twice in the checkpoint).
         self.assertTrue(torch.equal(sd["embed_tokens.weight"], self.hf.model.embed_tokens.weight))
         self.assertTrue(torch.equal(sd["shared_head.head.weight"], self.hf.lm_head.weight))

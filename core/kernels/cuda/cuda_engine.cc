@@ -353,17 +353,18 @@ absl::StatusOr<std::vector<SequenceOutput>> CudaEngine::Run(Batch& b, int mtp_de
   const size_t n_layers = mtp_depth >= 0 ? 1 : model_.layers().size();
   for (size_t l = 0; l < n_layers; ++l) EM_RETURN_IF_ERROR(Layer(b, mtp_depth, l));
 
-  // Outputs on rank 0: hidden rows, then final norm + head on the wanted rows.
+  // Outputs on rank 0: the final norm over every row (the hidden states handed out, the MTP
+  // module's input, as the reference engine's), then the head on the wanted rows.
   Rank& r = *ranks_[0];
   EM_RETURN_IF_ERROR(SetDevice(r.device));
   const DeviceBuffer<float>& norm = mtp_depth >= 0 ? r.mtp[mtp_depth].head_norm : r.norm;
   const DevLinear& head = mtp_depth >= 0 ? r.mtp[mtp_depth].head : r.lm_head;
   const int32_t* out_rows = r.ints.get() + 3 * T;
+  EM_RETURN_IF_ERROR(r.Norm(r.h.get(), norm, T, D, c.rms_norm_eps, r.h.get()));
   EM_RETURN_IF_ERROR(
       CudaStatus(LaunchGatherRows(r.h.get(), out_rows, static_cast<int32_t>(rows_out),
                                   static_cast<int32_t>(D), r.sel.get(), r.stream),
                  "output rows"));
-  EM_RETURN_IF_ERROR(r.Norm(r.sel.get(), norm, rows_out, D, c.rms_norm_eps, r.sel.get()));
   EM_RETURN_IF_ERROR(r.Linear(head, r.sel.get(), rows_out, r.logits.get()));
   std::vector<float> hidden(T * D), logits(rows_out * c.vocab_size);
   EM_RETURN_IF_ERROR(r.h.CopyToHost(std::span<float>(hidden), r.stream));

@@ -1,6 +1,6 @@
 // CudaEngine: the attention side of DeepSeek-V3's forward pass on the GPUs of one process, with
 // the reference engine's contract (core/engine/forward_engine.h): Forward / ForwardMtp over a batch
-// of sequences, logits and pre-final-norm hidden states back on the host, routed experts through
+// of sequences, logits and final-normed hidden states back on the host, routed experts through
 // the given RoutedExperts (remote shards in the attention service), fed from and returned into
 // pinned host buffers (GeForce cards have no GPUDirect RDMA).
 //
