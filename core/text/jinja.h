@@ -97,7 +97,16 @@ struct Value {
   bool is(Kind k) const { return kind == k; }
   bool numeric() const { return kind == Kind::kInt || kind == Kind::kFloat || kind == Kind::kBool; }
   double as_double() const { return kind == Kind::kFloat ? f : static_cast<double>(as_int()); }
-  int64_t as_int() const { return kind == Kind::kBool ? b : kind == Kind::kInt ? i : int64_t(f); }
+  // A float converts by truncation, saturated to the int64 range (NaN gives 0): casting an
+  // out-of-range double is undefined behaviour, and templates are untrusted input.
+  int64_t as_int() const {
+    if (kind == Kind::kBool) return b;
+    if (kind == Kind::kInt) return i;
+    if (!(f == f)) return 0;
+    if (f >= 9223372036854775807.0) return INT64_MAX;
+    if (f <= -9223372036854775808.0) return INT64_MIN;
+    return static_cast<int64_t>(f);
+  }
   const Value* Find(std::string_view key) const {
     if (!dict) return nullptr;
     for (const auto& [k, v] : *dict) {

@@ -238,7 +238,10 @@ class Renderer {
       case Expr::Kind::kNeg: {
         EM_ASSIGN_OR_RETURN(auto v, Eval(*e.args[0]));
         if (v.is(Value::Kind::kFloat)) return Value::Float(-v.f);
-        if (v.numeric()) return Value::Int(-v.as_int());
+        if (v.numeric()) {
+          if (v.as_int() == INT64_MIN) return Error("integer overflow in unary -");
+          return Value::Int(-v.as_int());
+        }
         return Error(absl::StrCat("bad operand type for unary -: '", TypeName(v), "'"));
       }
       case Expr::Kind::kAnd: {
@@ -332,11 +335,19 @@ class Renderer {
         if (op == "//") return Value::Float(std::floor(x / y));
         if (op == "%") return Value::Float(x - std::floor(x / y) * y);
       } else {
-        int64_t x = a.as_int(), y = b.as_int();
-        if (op == "+") return Value::Int(x + y);
-        if (op == "-") return Value::Int(x - y);
-        if (op == "*") return Value::Int(x * y);
+        // Python's integers have no bound; ours are int64, and a result outside it is an error
+        // (never a wrapped value).
+        int64_t x = a.as_int(), y = b.as_int(), r = 0;
+        if (op == "+" || op == "-" || op == "*") {
+          const bool overflow = op == "+"   ? __builtin_add_overflow(x, y, &r)
+                                : op == "-" ? __builtin_sub_overflow(x, y, &r)
+                                            : __builtin_mul_overflow(x, y, &r);
+          if (overflow) return Error(absl::StrCat("integer overflow in ", x, " ", op, " ", y));
+          return Value::Int(r);
+        }
         if (y == 0) return Error("division by zero");
+        if (x == INT64_MIN && y == -1)
+          return Error(absl::StrCat("integer overflow in ", x, " ", op, " -1"));
         int64_t q = x / y;
         if ((x % y != 0) && ((x < 0) != (y < 0))) --q;  // Python floors
         if (op == "//") return Value::Int(q);
@@ -437,9 +448,14 @@ class Renderer {
                                                                      : 0;
       int64_t step = r.size() > 2 ? r[2] : 1;
       if (step == 0 || r.empty()) return Error("bad range()");
-      if ((stop - start) / step > kMaxRangeLength) return Error("range() too long");
+      // Length as Python computes it, in 128 bits (stop - start can exceed int64).
+      const __int128 span = static_cast<__int128>(stop) - start;
+      const __int128 length = step > 0 ? (span > 0 ? (span + step - 1) / step : 0)
+                                       : (span < 0 ? (span + step + 1) / step : 0);
+      if (length > kMaxRangeLength) return Error("range() too long");
       List l;
-      for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) l.push_back(Value::Int(k));
+      for (__int128 k = 0; k < length; ++k)
+        l.push_back(Value::Int(static_cast<int64_t>(start + k * step)));
       return Value::MakeList(std::move(l));
     }
     Value fn = Lookup(f);

@@ -7,6 +7,9 @@
 
 #include <boost/json.hpp>
 #include <random>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "core/base/file.h"
 
@@ -175,6 +178,32 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
     auto t = ChatTemplate::Create(hostile, "", "");
     ASSERT_TRUE(t.ok()) << t.status();
     EXPECT_EQ(t->Apply({}, false).status().code(), absl::StatusCode::kInvalidArgument) << hostile;
+  }
+  // Integer arithmetic past int64 is an error, never a wrapped value (found by the 30-minute
+  // chat_template_fuzz run: signed overflow in `*`; INT64_MIN // -1 would trap).
+  for (std::string overflowing :
+       {"{{ [11999999999999*9999999999999999] }}", "{{ 9223372036854775807 + 1 }}",
+        "{{ -9223372036854775807 - 2 }}", "{{ (-9223372036854775807 - 1) // -1 }}",
+        "{{ (-9223372036854775807 - 1) % -1 }}", "{{ -(-9223372036854775807 - 1) }}"}) {
+    auto t = ChatTemplate::Create(overflowing, "", "");
+    ASSERT_TRUE(t.ok()) << t.status();
+    auto out = t->Apply({}, false);
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << overflowing;
+    EXPECT_NE(out.status().message().find("integer overflow"), std::string::npos) << out.status();
+  }
+  for (auto [source, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"{{ 9223372036854775806 + 1 }}", "9223372036854775807"},
+           {"{{ range(9223372036854775806, 9223372036854775807) | list }}",
+            "[9223372036854775806]"},
+           {"{{ range(-9223372036854775807, 9223372036854775807, 9223372036854775807) | list }}",
+            "[-9223372036854775807, 0]"},
+           {"{{ range(5, 0, -2) | list }}", "[5, 3, 1]"},
+           {"{{ 1e300 | int > 0 }}", "True"}}) {
+    auto t = ChatTemplate::Create(source, "", "");
+    ASSERT_TRUE(t.ok()) << t.status();
+    auto out = t->Apply({}, false);
+    ASSERT_TRUE(out.ok()) << source << ": " << out.status();
+    EXPECT_EQ(*out, expected) << source;
   }
   EXPECT_EQ(ChatTemplate::FromTokenizerConfig("/nonexistent.json").status().code(),
             absl::StatusCode::kNotFound);
