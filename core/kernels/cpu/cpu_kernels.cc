@@ -11,6 +11,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/kernels/cpu/cpu_kernels.cc"
 #include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 
@@ -259,6 +260,40 @@ HWY_INLINE void WidenTileColumn(D d, const uint8_t* col, hn::Vec<D> scale, hn::V
   }
 }
 
+// Four FP8 tile columns (64 bytes, one cache line) times the scale, as WidenTileColumn: the
+// same values, with fewer instructions per byte. 2N codes at a time sign-extended to int16 and
+// shifted left by 7 put the sign at bits 15 and 14 and the 7 low bits at 13..7; clearing bit 14
+// leaves Fp8AsHalf's FP16 bits, whose two halves widen to float. w[c][j]: column c, vector j.
+template <class D>
+HWY_INLINE void WidenFp8Columns4(D d, const uint8_t* cols, hn::Vec<D> scale,
+                                 hn::Vec<D> (*w)[kTileRows / hn::MaxLanes(D())]) {
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nv = kTileRows / N;
+#if HWY_TARGET == HWY_SCALAR
+  for (size_t q = 0; q < 4 * nv; ++q) w[q / nv][q % nv] = hn::Mul(Fp8AsHalf(d, cols + q), scale);
+#else
+  const hn::Repartition<int16_t, D> d16;  // 2N lanes
+  const hn::Rebind<int8_t, decltype(d16)> d8;
+  const hn::Half<decltype(d16)> dh16;
+  const hn::Rebind<hwy::float16_t, decltype(dh16)> dhf;
+  const auto mask = hn::Set(d16, static_cast<int16_t>(0xBF80));
+  for (size_t i = 0; i < 64 / (2 * N); ++i) {
+    const auto v =
+        hn::And(hn::ShiftLeft<7>(hn::PromoteTo(
+                    d16, hn::LoadU(d8, reinterpret_cast<const int8_t*>(cols) + i * 2 * N))),
+                mask);
+    const size_t q = 2 * i;  // float vectors q and q + 1 (N codes each)
+    w[q / nv][q % nv] = hn::Mul(hn::PromoteTo(d, hn::BitCast(dhf, hn::LowerHalf(dh16, v))), scale);
+    w[(q + 1) / nv][(q + 1) % nv] =
+        hn::Mul(hn::PromoteTo(d, hn::BitCast(dhf, hn::UpperHalf(dh16, v))), scale);
+  }
+#endif
+}
+
+// Bytes ahead of the kernel's reads that the row kernels prefetch: the hardware prefetchers stop
+// at 4 KiB pages, and one thread's weight stream needs more requests in flight than they keep.
+inline constexpr int64_t kPrefetchBytes = 4096;
+
 // kRows (1 or 2) rows of x against one tile: acc[row][chain][vector].
 template <TileType kType, int kRows>
 HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block_cols, int64_t in,
@@ -288,10 +323,23 @@ HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block
     const int64_t k1 = std::min(in, k0 + bc);
     int64_t k = k0;
     for (; k + 4 <= k1; k += 4) {
-      step(k, 0, scale);
-      step(k + 1, 1, scale);
-      step(k + 2, 2, scale);
-      step(k + 3, 3, scale);
+      const uint8_t* cols = tile + k * kTileRows * kBytes;
+      for (int64_t b = 0; b < kBytes; ++b) hwy::Prefetch(cols + kPrefetchBytes + 64 * b);
+      if constexpr (kType == TileType::kF8E4M3) {
+        V w4[4][nv];
+        WidenFp8Columns4(d, cols, scale, w4);
+        for (int c = 0; c < 4; ++c) {
+          for (int r = 0; r < kRows; ++r) {
+            const V xk = hn::Set(d, x[r * in + k + c]);
+            for (size_t j = 0; j < nv; ++j) acc[r][c][j] = hn::MulAdd(xk, w4[c][j], acc[r][c][j]);
+          }
+        }
+      } else {
+        step(k, 0, scale);
+        step(k + 1, 1, scale);
+        step(k + 2, 2, scale);
+        step(k + 3, 3, scale);
+      }
     }
     for (; k < k1; ++k) {  // only at the end of `in` (block_cols % 4 == 0)
       switch (k & 3) {
