@@ -42,6 +42,8 @@ ServiceMain::ServiceMain(std::string service, std::string description, CommonFla
                   "PEM CA bundle that peers' certificates (clients' and servers') must chain to");
 }
 
+ServiceMain::~ServiceMain() { ResetProcessTls(); }
+
 std::optional<int> ServiceMain::Parse(int argc, char** argv) {
   try {
     app_.parse(argc, argv);

@@ -49,6 +49,11 @@ class ServiceMain {
  public:
   // `service` names the logger ("router", "expert", ...); `description` heads --help.
   ServiceMain(std::string service, std::string description, CommonFlags defaults = {});
+  // Drops the process-wide TLS credentials (ResetProcessTls in service-common/tls.h) so that
+  // gRPC shuts down before main returns; declare the ServiceMain first in main.
+  ~ServiceMain();
+  ServiceMain(const ServiceMain&) = delete;
+  ServiceMain& operator=(const ServiceMain&) = delete;
 
   CLI::App& app() { return app_; }
   const CommonFlags& flags() const { return flags_; }

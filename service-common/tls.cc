@@ -85,6 +85,14 @@ void SetProcessTls(const TlsFiles& files) {
   ProcessTlsStorage() = ProcessState{.files = files};
 }
 
+void ResetProcessTls() {
+  ProcessState released;  // destroyed after the lock is released (it may join gRPC's threads)
+  {
+    std::lock_guard<std::mutex> lock(ProcessTlsMutex());
+    std::swap(released, ProcessTlsStorage());
+  }
+}
+
 TlsFiles ProcessTls() {
   std::lock_guard<std::mutex> lock(ProcessTlsMutex());
   return ProcessTlsStorage().files;

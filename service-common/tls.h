@@ -37,6 +37,12 @@ std::shared_ptr<grpc::ChannelCredentials> MakeChannelCredentials(const TlsFiles&
 // StartGrpcServer and MakeChannel use it unless given credentials explicitly.
 void SetProcessTls(const TlsFiles& files);
 TlsFiles ProcessTls();
+// Back to insecure, dropping the credentials built below (their file watcher, and with the last
+// of them gRPC itself). Call it before main returns (ServiceMain's destructor does): the setting
+// is a static made before OpenSSL initialises, so left to static destruction it goes after
+// OpenSSL's atexit clean-up; gRPC then shuts down with OpenSSL's thread-local keys deleted, and
+// the OpenSSL error state of each gRPC thread leaks (LeakSanitizer: exit 1 after SIGTERM).
+void ResetProcessTls();
 // The credentials of the process-wide setting, built once (one file watcher for all channels).
 std::shared_ptr<grpc::ServerCredentials> ProcessServerCredentials();
 std::shared_ptr<grpc::ChannelCredentials> ProcessChannelCredentials();

@@ -4,7 +4,9 @@
 // another CA; the server's certificate is rotated in place (the Kubernetes Secret way: a
 // symlinked directory swapped) while a client calls in a loop: no call fails, and new
 // connections see the new certificate. End to end: router and expert-service started with
-// --tls-cert/--tls-key/--tls-ca register over mTLS; partial or unreadable flags are refused.
+// --tls-cert/--tls-key/--tls-ca register over mTLS and stop with exit 0 (under ASan too: the
+// process-wide credentials are dropped before main returns); partial or unreadable flags are
+// refused.
 #include <sys/wait.h>
 
 #include <atomic>
@@ -23,6 +25,7 @@
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "service-common/tls.h"
+#include "tests/common/child_log.h"
 #include "tests/common/run_command.h"
 #include "tools/launcher/process.h"
 
@@ -211,7 +214,29 @@ TEST_F(TlsTest, RotatedServerCertificateIsServedWithoutARestartAndNoCallFails) {
   server.server->Shutdown();
 }
 
-// --- the service binaries ---
+// --- the process-wide setting and the service binaries ---
+
+// Regression (issue 12, under ASan): the process-wide credentials lived in a function-local
+// static made before OpenSSL initialised, so they were destroyed after OpenSSL's atexit clean-up;
+// gRPC then shut down with OpenSSL's thread-local keys deleted, the OpenSSL error state of each
+// of its threads leaked, and LeakSanitizer turned the services' exit 0 after SIGTERM into 1.
+// ServiceMain drops them when it ends (it is the first object of every service's main).
+TEST_F(TlsTest, ServiceMainDropsTheProcessCredentialsWhenItEnds) {
+  std::weak_ptr<grpc::ServerCredentials> server;
+  std::weak_ptr<grpc::ChannelCredentials> channel;
+  {
+    ServiceMain main("tls-test", "a service main without a command line");
+    SetProcessTls(Files(dir_ / "client", dir_ / "ca.crt"));
+    server = ProcessServerCredentials();
+    channel = ProcessChannelCredentials();
+    ASSERT_FALSE(server.expired());
+    ASSERT_FALSE(channel.expired());
+    EXPECT_EQ(ProcessServerCredentials(), server.lock()) << "built once per process";
+  }
+  EXPECT_TRUE(server.expired());
+  EXPECT_TRUE(channel.expired());
+  EXPECT_FALSE(ProcessTls().enabled());
+}
 
 using testing::Binary;
 using testing::Outcome;
@@ -287,8 +312,13 @@ TEST_F(TlsTest, RouterAndExpertServiceRegisterOverMtls) {
                   << std::string(std::istreambuf_iterator<char>(r), {}) << "\nexpert log:\n"
                   << std::string(std::istreambuf_iterator<char>(e), {});
   }
-  EXPECT_TRUE((*expert)->Stop(absl::Seconds(10)).ok());
-  EXPECT_TRUE((*router)->Stop(absl::Seconds(10)).ok());
+  // Exit 0 after SIGTERM; otherwise the failure shows the log's end or the sanitizer report.
+  auto expect_stopped = [](launcher::ChildProcess& process, const std::string& log_path) {
+    const absl::Status stopped = process.Stop(absl::Seconds(10));
+    EXPECT_TRUE(stopped.ok()) << stopped << "\n" << testing::ChildLogReport(log_path);
+  };
+  expect_stopped(**expert, expert_spec.log_path);
+  expect_stopped(**router, router_spec.log_path);
 }
 
 }  // namespace

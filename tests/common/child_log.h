@@ -1,0 +1,46 @@
+// What a service process started by a test left in its log (stdout and stderr, where the
+// sanitizers write their reports): for the failure message when it exits non-zero, so that a
+// failure under ASan/UBSan/TSan explains itself instead of saying "exited with 1".
+#pragma once
+
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+namespace expertmesh::testing {
+
+// The sanitizer report in the log at `path` (from the first line of an AddressSanitizer,
+// LeakSanitizer, ThreadSanitizer or UBSan report to the end, at most max_chars from its
+// start); without one, the last `tail_lines` lines. Says so when the log cannot be read.
+inline std::string ChildLogReport(const std::string& path, size_t tail_lines = 30,
+                                  size_t max_chars = 20000) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "(no log at " + path + ")";
+  const std::string text{std::istreambuf_iterator<char>(in), {}};
+  size_t report = std::string::npos;
+  for (const char* marker : {"==ERROR: ", "WARNING: ThreadSanitizer", "runtime error: "}) {
+    const size_t at = text.find(marker);
+    if (at != std::string::npos && (report == std::string::npos || at < report)) report = at;
+  }
+  if (report != std::string::npos) {
+    const size_t line = text.rfind('\n', report);
+    const size_t begin = line == std::string::npos ? 0 : line + 1;
+    return "sanitizer report in " + path + ":\n" + text.substr(begin, max_chars);
+  }
+  std::vector<std::string> lines;
+  for (size_t at = 0; at < text.size();) {
+    const size_t nl = text.find('\n', at);
+    const size_t end = nl == std::string::npos ? text.size() : nl;
+    lines.push_back(text.substr(at, end - at));
+    at = end + 1;
+  }
+  std::string tail;
+  for (size_t i = lines.size() > tail_lines ? lines.size() - tail_lines : 0; i < lines.size();
+       ++i) {
+    tail += lines[i] + "\n";
+  }
+  return "last lines of " + path + ":\n" + tail;
+}
+
+}  // namespace expertmesh::testing
