@@ -6,7 +6,8 @@ time with the openssl CLI. `expertmesh up --gateway --tls-cert/--tls-key/--tls-c
 bundled model's cluster with every service on mTLS (the launcher's own health checks present
 the same certificate) and serves a completion through the gateway; `expertmesh status` with the
 flags prints the shard map, without them (or with a certificate from another CA) it fails with
-a message naming the flags, and partial flags are a usage error. The cluster stops with exit 0.
+a message naming the flags, and partial flags are a usage error. The cluster stops with exit 0
+(every service too; when one does not, the failure prints its log's sanitizer report or end).
 
 Usage: cli_tls_test.py <source dir> <build dir>
 """
@@ -20,7 +21,7 @@ import tempfile
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tls_pki import make_ca, make_cert, start_up, stop_up  # noqa: E402
+from tls_pki import make_ca, make_cert, service_reports, start_up, stop_up  # noqa: E402
 
 SRC, BUILD = sys.argv[1], sys.argv[2]
 CLI = os.path.join(BUILD, "tools", "cli", "expertmesh")
@@ -59,7 +60,8 @@ def main():
 
     up, out = start_up(CLI, ["--model", MODEL, "--gateway", "--log-dir", f"{d}/logs",
                              "--ready-timeout-s", "90", *tls])
-    check(up is not None and "cluster ready" in out, f"up did not start:\n{out}")
+    check(up is not None and "cluster ready" in out,
+          f"up did not start:\n{out}\n{service_reports(f'{d}/logs')}")
     try:
         router = re.search(r"router-service\s+grpc (\S+)", out).group(1)
         http = re.search(r"gateway\s+grpc \S+\s+http http://([^/]+)/", out).group(1)
@@ -92,7 +94,9 @@ def main():
               f"status without --tls-ca: rc {r.returncode}\n{r.stdout}{r.stderr}")
     finally:
         rc, rest = stop_up(up)
-    check(rc == 0 and "all services stopped" in rest, f"up exit {rc}:\n{rest}")
+    # A service that exits non-zero (a sanitizer report, under the asan preset) explains itself.
+    check(rc == 0 and "all services stopped" in rest,
+          f"up exit {rc}:\n{rest}\n{service_reports(f'{d}/logs')}")
     shutil.rmtree(d, ignore_errors=True)
     print("OK")
 

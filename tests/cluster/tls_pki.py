@@ -65,3 +65,29 @@ def stop_up(up):
         up.kill()
         rest, _ = up.communicate()
     return up.returncode, rest
+
+
+SANITIZER_MARKERS = ("==ERROR: ", "WARNING: ThreadSanitizer", "runtime error: ")
+
+
+def service_reports(log_dir, tail_lines=30, max_chars=20000):
+    """For a failure message: each service log in `log_dir` (stdout and stderr, where the
+    sanitizers write), from the first line of a sanitizer report on when it has one (at most
+    max_chars), else its last `tail_lines` lines (tests/common/child_log.h does the same)."""
+    if not os.path.isdir(log_dir):
+        return f"(no log directory {log_dir})"
+    parts = []
+    for name in sorted(os.listdir(log_dir)):
+        if not name.endswith(".log"):
+            continue
+        with open(os.path.join(log_dir, name), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        starts = [text.find(m) for m in SANITIZER_MARKERS if m in text]
+        if starts:
+            begin = text.rfind("\n", 0, min(starts)) + 1
+            parts.append(f"== sanitizer report in {name}:\n{text[begin:begin + max_chars]}")
+        else:
+            tail = "\n".join(text.splitlines()[-tail_lines:])
+            parts.append(f"== last lines of {name}:\n{tail}")
+    return "\n".join(parts)
+
