@@ -9,12 +9,20 @@
 //  (b) the real dispatch: router + `--shards` expert-service processes (tools/launcher, the
 //      code `expertmesh up` and the cluster tests run) on loopback, a Dispatcher in this
 //      process watching the router, Run() for one MoE layer, repeatedly.
+//  (a') gRPC ping-pong of the same bytes: one bidi stream per shard group to an echo server in
+//      a child process (generic callback service answering each message with the shard's
+//      response size), the client on the callback API driven as the dispatcher drives its
+//      streams (writes from the caller, reads completed on gRPC threads, a condition variable).
+//      What gRPC alone costs here, without the dispatcher's and the shard's own work.
 //  (c) compute alone: LocalExperts::Run in this process on each shard group's part of the
 //      batch, the slowest shard per round (what the shards do, in parallel, inside the round
-//      trip; the raw ping-pong does none of it).
-// (a) and (b) alternate in blocks so drift on a shared machine hits both. Printed per batch:
-// p50 / p99 of each, dispatch p50 / ping-pong p50, and (dispatch - shard compute) p50 /
-// ping-pong p50: what the data plane costs beyond the bytes and the arithmetic.
+//      trip; the raw ping-pong does none of it). --shard-threads N gives every shard (its
+//      --threads) and this column N kernel threads; 0 = every CPU, so that shards on one
+//      machine compete for its cores while the column measures one shard alone.
+// (a), (a') and (b) alternate in blocks so drift on a shared machine hits all. Printed per
+// batch: p50 / p99 of each, dispatch p50 / ping-pong p50, gRPC p50 / ping-pong p50, and
+// (dispatch - shard compute) p50 / ping-pong p50: what the data plane costs beyond the bytes
+// and the arithmetic.
 // Cluster decode against in-process decode is expertmesh-bench-cluster.
 // --combine exact|partial picks the data plane's combine mode (dispatcher/dispatcher.h).
 //
@@ -30,6 +38,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -37,6 +46,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -45,6 +55,8 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include "CLI/CLI.hpp"
@@ -54,6 +66,7 @@
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
 #include "core/format/wire.h"
+#include "core/kernels/cpu/thread_pool.h"
 #include "core/model/local_experts.h"
 #include "core/numerics/quant.h"
 #include "dispatcher/dispatcher.h"
@@ -62,6 +75,7 @@
 #include "placement/placement.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 #include "tools/launcher/cluster.h"
 #include "tools/launcher/tls_flags.h"
@@ -223,6 +237,179 @@ absl::Status RawRounds(std::span<const std::unique_ptr<RawPeer>> peers, int roun
   }
   return absl::OkStatus();
 }
+
+// ---- (a') gRPC ping-pong of the same bytes --------------------------------------------------
+
+// A gRPC server whose generic bidi streams answer every message with a message of the size the
+// method name carries ("/bench.Echo/<bytes>"). It runs in a child process (forked before this
+// process touches gRPC), as a shard does, with the process's TLS setting.
+class EchoService final : public grpc::CallbackGenericService {
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    const std::string& m = ctx->method();
+    return new Reactor(std::strtoull(m.c_str() + m.rfind('/') + 1, nullptr, 10));
+  }
+  class Reactor final : public grpc::ServerGenericBidiReactor {
+   public:
+    explicit Reactor(size_t bytes) {
+      const std::string body(bytes, 'r');
+      grpc::Slice slice(body);
+      answer_ = grpc::ByteBuffer(&slice, 1);
+      StartRead(&in_);
+    }
+    void OnReadDone(bool ok) override {
+      if (!ok) return Finish(grpc::Status::OK);
+      in_.Clear();
+      StartWrite(&answer_);
+    }
+    void OnWriteDone(bool ok) override {
+      if (!ok) return Finish(grpc::Status::OK);
+      StartRead(&in_);
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    grpc::ByteBuffer in_, answer_;
+  };
+};
+
+// Forks the echo server; returns its port (0 on failure). The child serves until this
+// process exits (its end of the pipe closes) and never returns.
+int ForkEchoServer() {
+  int to_parent[2], from_parent[2];
+  if (::pipe(to_parent) != 0 || ::pipe(from_parent) != 0) return 0;
+  const pid_t pid = ::fork();
+  if (pid < 0) return 0;
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::close(to_parent[0]);
+    ::close(from_parent[1]);
+    EchoService service;
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", ProcessServerCredentials(), &port);
+    builder.RegisterCallbackGenericService(&service);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    if (!server) port = 0;
+    (void)!::write(to_parent[1], &port, sizeof port);
+    char c;
+    while (::read(from_parent[0], &c, 1) < 0 && errno == EINTR) {
+    }
+    ::_exit(0);  // no orderly shutdown needed: the parent is gone
+  }
+  ::close(to_parent[1]);
+  ::close(from_parent[0]);  // from_parent[1] stays open (unused) until this process exits
+  int port = 0;
+  if (::read(to_parent[0], &port, sizeof port) != sizeof port) port = 0;
+  ::close(to_parent[0]);
+  return port;
+}
+
+// One client stream per shard group to the echo server, on the callback API, driven as the
+// dispatcher drives its streams: the caller starts every write, gRPC threads complete the
+// reads and wake the caller through a condition variable. What gRPC costs for the same bytes,
+// without the dispatcher's and the shard's own work.
+class GrpcEcho {
+ public:
+  explicit GrpcEcho(int port)
+      : stub_(std::make_unique<grpc::GenericStub>(MakeChannel(LoopbackAddress(port)))) {}
+  ~GrpcEcho() { peers_.clear(); }
+
+  // One stream per (request bytes, response bytes), all opened anew.
+  void SetSizes(const std::vector<std::pair<size_t, size_t>>& sizes) {
+    peers_.clear();  // each waits for its OnDone: no callback of an old stream runs after this
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed_ = false;
+    }
+    for (const auto& [q, a] : sizes) {
+      auto p = std::make_unique<Peer>(this, q);
+      stub_->PrepareBidiStreamingCall(&p->ctx, absl::StrCat("/bench.Echo/", a), {}, p.get());
+      p->AddHold();
+      p->StartRead(&p->in);
+      p->StartCall();
+      peers_.push_back(std::move(p));
+    }
+  }
+
+  // `rounds` exchanges over every stream; one sample (µs) per round appended to `samples`.
+  absl::Status Rounds(int rounds, std::vector<double>* samples) {
+    for (int i = 0; i < rounds; ++i) {
+      const auto t0 = Clock::now();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        answered_ = 0;
+        written_ = 0;
+      }
+      for (auto& p : peers_) p->StartWrite(&p->out);
+      std::unique_lock<std::mutex> lock(mu_);
+      const auto timeout = std::chrono::milliseconds(kSocketTimeoutMs);
+      if (!cv_.wait_for(lock, timeout, [&] { return answered_ == peers_.size() || failed_; })) {
+        return absl::DeadlineExceededError("gRPC echo: no answer within 5 s");
+      }
+      if (samples) samples->push_back(Micros(Clock::now() - t0));
+      // The next write may start once this one completed (one write at a time per stream).
+      if (!cv_.wait_for(lock, timeout, [&] { return written_ == peers_.size() || failed_; })) {
+        return absl::DeadlineExceededError("gRPC echo: a write did not complete within 5 s");
+      }
+      if (failed_) return absl::InternalError("gRPC echo stream failed");
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  struct Peer final : grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+    Peer(GrpcEcho* echo, size_t request_bytes) : echo(echo) {
+      const std::string body(request_bytes, 'q');
+      grpc::Slice slice(body);
+      out = grpc::ByteBuffer(&slice, 1);
+    }
+    ~Peer() override {
+      ctx.TryCancel();
+      std::unique_lock<std::mutex> lock(mu);
+      done_cv.wait(lock, [&] { return done; });
+    }
+    void Count(bool ok, size_t GrpcEcho::*counter) {
+      {
+        std::lock_guard<std::mutex> lock(echo->mu_);
+        if (ok) {
+          ++(echo->*counter);
+        } else {
+          echo->failed_ = true;
+        }
+      }
+      echo->cv_.notify_all();
+    }
+    void OnReadDone(bool ok) override {
+      Count(ok, &GrpcEcho::answered_);
+      if (!ok) {
+        RemoveHold();
+        return;
+      }
+      in.Clear();
+      StartRead(&in);
+    }
+    void OnWriteDone(bool ok) override { Count(ok, &GrpcEcho::written_); }
+    void OnDone(const grpc::Status&) override {
+      std::lock_guard<std::mutex> lock(mu);
+      done = true;
+      done_cv.notify_all();
+    }
+    GrpcEcho* const echo;
+    grpc::ClientContext ctx;
+    grpc::ByteBuffer in, out;
+    std::mutex mu;
+    std::condition_variable done_cv;
+    bool done = false;
+  };
+
+  std::unique_ptr<grpc::GenericStub> stub_;
+  std::vector<std::unique_ptr<Peer>> peers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t answered_ = 0;
+  size_t written_ = 0;
+  bool failed_ = false;
+};
 
 // ---- the batch and its bytes ---------------------------------------------------------------
 
@@ -398,7 +585,7 @@ absl::StatusOr<Placement> RouterPlacement(const std::string& router, const v1::P
 }
 
 int Run(const std::string& model_dir, int shards, const std::vector<int>& batches, int iterations,
-        int blocks, CombineMode combine) {
+        int blocks, CombineMode combine, int shard_threads, int echo_port) {
   const auto fail = [](const absl::Status& s) {
     spdlog::error("{}", s.ToString());
     return 1;
@@ -427,6 +614,10 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   o.model_dir = model_dir;
   o.shards = shards;
   o.replicas = 1;
+  if (shard_threads > 0) {
+    o.extra_expert_args = {"--threads", std::to_string(shard_threads)};
+    cpu::SetKernelThreads(shard_threads);  // the compute column runs as one shard does
+  }
   absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
   if (!cluster.ok()) return fail(cluster.status());
   absl::StatusOr<Placement> placement =
@@ -443,16 +634,22 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
   if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(30)); !s.ok()) return fail(s);
 
   std::vector<std::unique_ptr<RawPeer>> peers;
+  if (echo_port == 0) return fail(absl::InternalError("the gRPC echo server did not start"));
+  GrpcEcho echo(echo_port);
   std::printf(
       "model %s: hidden %lld, MoE layer %d, top-%lld of %lld experts, %d shard groups, %s "
       "combine\n",
       model_dir.c_str(), static_cast<long long>(config->hidden_size), layer,
       static_cast<long long>(config->num_experts_per_tok),
       static_cast<long long>(config->n_routed_experts), shards, CombineModeName(combine));
-  std::printf("%d iterations per batch in %d alternating blocks; times in microseconds\n",
-              iterations, blocks);
-  std::printf("%-6s %-22s %-14s %-14s %-14s %-10s %s\n", "batch", "bytes req/resp per shard",
-              "raw p50/p99", "dispatch p50/p99", "shard compute", "disp/raw", "(disp-compute)/raw");
+  std::printf(
+      "%d iterations per batch in %d alternating blocks; shard kernel threads %s; times in "
+      "microseconds\n",
+      iterations, blocks,
+      shard_threads > 0 ? std::to_string(shard_threads).c_str() : "every CPU (the default)");
+  std::printf("%-6s %-22s %-12s %-12s %-14s %-8s %-9s %-9s %s\n", "batch",
+              "bytes req/resp per shard", "raw p50/p99", "gRPC p50/p99", "dispatch p50/p99",
+              "compute", "disp/raw", "gRPC/raw", "(disp-compute)/raw");
   for (int b : batches) {
     const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
     const std::vector<std::pair<size_t, size_t>> sizes =
@@ -468,9 +665,10 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       absl::StrAppend(&bytes, i ? " " : "", sizes[i].first, "/", sizes[i].second);
     }
     const std::span<const std::unique_ptr<RawPeer>> subset(peers.data(), sizes.size());
+    echo.SetSizes(sizes);
 
     std::vector<float> out(static_cast<size_t>(b * config->hidden_size));
-    std::vector<double> raw, disp, compute;
+    std::vector<double> raw, grpc_echo, disp, compute;
     const int per_block = std::max(1, iterations / blocks);
     const auto dispatch_rounds = [&](int n, std::vector<double>* samples) -> absl::Status {
       for (int i = 0; i < n; ++i) {
@@ -481,9 +679,11 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       return absl::OkStatus();
     };
     absl::Status s = RawRounds(subset, per_block / 4 + 1, nullptr);  // warm-up
+    if (s.ok()) s = echo.Rounds(per_block / 4 + 1, nullptr);
     if (s.ok()) s = dispatch_rounds(per_block / 4 + 1, nullptr);
     for (int k = 0; s.ok() && k < blocks; ++k) {
       s = RawRounds(subset, per_block, &raw);
+      if (s.ok()) s = echo.Rounds(per_block, &grpc_echo);
       if (s.ok()) s = dispatch_rounds(per_block, &disp);
     }
     // The shards compute in parallel: per round the slowest shard's time.
@@ -502,13 +702,14 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
     }
     if (!s.ok()) return fail(s);
     const double raw50 = Percentile(raw, 0.5), disp50 = Percentile(disp, 0.5);
-    const double comp50 = Percentile(compute, 0.5);
-    char c1[32], c2[32], c3[32];
+    const double grpc50 = Percentile(grpc_echo, 0.5), comp50 = Percentile(compute, 0.5);
+    char c1[32], c2[32], c3[32], c4[32];
     std::snprintf(c1, sizeof c1, "%.0f/%.0f", raw50, Percentile(raw, 0.99));
-    std::snprintf(c2, sizeof c2, "%.0f/%.0f", disp50, Percentile(disp, 0.99));
-    std::snprintf(c3, sizeof c3, "%.0f", comp50);
-    std::printf("%-6d %-22s %-14s %-14s %-14s %-10.2f %.2f\n", b, bytes.c_str(), c1, c2, c3,
-                disp50 / raw50, (disp50 - comp50) / raw50);
+    std::snprintf(c2, sizeof c2, "%.0f/%.0f", grpc50, Percentile(grpc_echo, 0.99));
+    std::snprintf(c3, sizeof c3, "%.0f/%.0f", disp50, Percentile(disp, 0.99));
+    std::snprintf(c4, sizeof c4, "%.0f", comp50);
+    std::printf("%-6d %-22s %-12s %-12s %-14s %-8s %-9.2f %-9.2f %.2f\n", b, bytes.c_str(), c1, c2,
+                c3, c4, disp50 / raw50, grpc50 / raw50, (disp50 - comp50) / raw50);
     std::fflush(stdout);
   }
   dispatcher->reset();
@@ -523,7 +724,7 @@ int main(int argc, char** argv) {
       "One MoE layer's dispatch through real expert shards against a raw TCP ping-pong of the "
       "same bytes, in one run"};
   std::string model;
-  int shards = 2, iterations = 2000, blocks = 4;
+  int shards = 2, iterations = 2000, blocks = 4, shard_threads = 0;
   std::vector<int> batches = {1, 32};
   std::vector<int> bytes_shards;
   std::string combine = "exact";
@@ -546,6 +747,11 @@ int main(int argc, char** argv) {
   app.add_option("--iterations", iterations, "Measured round trips per batch and kind")
       ->capture_default_str()
       ->check(CLI::Range(10, 1000000));
+  app.add_option("--shard-threads", shard_threads,
+                 "CPU kernel threads of each shard (its --threads) and of the compute column; 0 = "
+                 "every CPU (the services' default; shards on one machine then share the cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
   app.add_option("--blocks", blocks, "Alternating raw/dispatch blocks")
       ->capture_default_str()
       ->check(CLI::Range(1, 100));
@@ -563,8 +769,10 @@ int main(int argc, char** argv) {
   }
   if (!bytes_shards.empty()) shards = bytes_shards[0];
   if (int rc = expertmesh::ApplyTlsOptions(tls); rc != 0) return rc;
+  const int echo_port = expertmesh::ForkEchoServer();  // before this process uses gRPC
   spdlog::set_level(spdlog::level::warn);
   return expertmesh::Run(
       model, shards, batches, iterations, blocks,
-      combine == "partial" ? expertmesh::CombineMode::kPartial : expertmesh::CombineMode::kExact);
+      combine == "partial" ? expertmesh::CombineMode::kPartial : expertmesh::CombineMode::kExact,
+      shard_threads, echo_port);
 }
