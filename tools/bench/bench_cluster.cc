@@ -265,7 +265,7 @@ struct External {
 
 int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
         int prompt_len, int decode_tokens, const std::string& combine, const External& external,
-        bool skip_in_process, int attempt_timeout_ms) {
+        bool skip_in_process, int attempt_timeout_ms, int shard_threads) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) {
     spdlog::error("{}", config.status().ToString());
@@ -320,6 +320,7 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     o.step_deadline_ms = 30000;
     o.combine = combine;
     o.extra_attention_args = {"--attempt-timeout-ms", std::to_string(attempt_timeout_ms)};
+    if (shard_threads > 0) o.extra_expert_args = {"--threads", std::to_string(shard_threads)};
     const auto start = Clock::now();
     absl::StatusOr<std::unique_ptr<launcher::Cluster>> started = launcher::Cluster::Start(o);
     if (!started.ok()) {
@@ -419,6 +420,12 @@ int main(int argc, char** argv) {
                  "(raise it where a shard computes a large batch at DeepSeek-V3 widths for longer)")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
+  int shard_threads = 0;
+  app.add_option("--shard-threads", shard_threads,
+                 "CPU kernel threads of each started shard replica (its --threads); 0 = every CPU "
+                 "(the default: shard processes on one machine then share its cores)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
   expertmesh::TlsFiles tls;
   expertmesh::AddTlsOptions(
       &app, tls, "of every service and this benchmark (SAN IP:127.0.0.1, server and client use)");
@@ -436,5 +443,5 @@ int main(int argc, char** argv) {
     external.metrics_host = attention_metrics.substr(0, colon);
   }
   return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine,
-                         external, skip_in_process, attempt_timeout_ms);
+                         external, skip_in_process, attempt_timeout_ms, shard_threads);
 }
