@@ -324,7 +324,7 @@ HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block
     int64_t k = k0;
     for (; k + 4 <= k1; k += 4) {
       const uint8_t* cols = tile + k * kTileRows * kBytes;
-      for (int64_t b = 0; b < kBytes; ++b) hwy::Prefetch(cols + kPrefetchBytes + 64 * b);
+      for (int64_t l = 0; l < kBytes; ++l) hwy::Prefetch(cols + kPrefetchBytes + 64 * l);
       if constexpr (kType == TileType::kF8E4M3) {
         V w4[4][nv];
         WidenFp8Columns4(d, cols, scale, w4);
@@ -367,6 +367,60 @@ HWY_INLINE void TileRows(const uint8_t* tile, const float* scales, int64_t block
       }
     }
     if (valid < kTileRows) std::memcpy(y_tile + r * y_stride, tmp, valid * sizeof(float));
+  }
+}
+
+// One row of x against two adjacent FP8 tiles at once, for two weight streams in flight: per
+// tile the same FMAs in the same order as TileRows<kF8E4M3, 1> (bit for bit the same results).
+// y: the first tile's 16 outputs, then the second's `valid1`. Each tile has its own scales.
+HWY_INLINE void Fp8TilePairRow(const uint8_t* tile0, const uint8_t* tile1, const float* scales0,
+                               const float* scales1, int64_t block_cols, int64_t in, const float* x,
+                               float* y, int64_t valid1) {
+  const hn::CappedTag<float, kTileRows> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr size_t N = hn::MaxLanes(d);
+  constexpr size_t nv = kTileRows / N;
+  const uint8_t* tile[2] = {tile0, tile1};
+  V acc[2][4][nv];
+  for (int u = 0; u < 2; ++u) {
+    for (int c = 0; c < 4; ++c) {
+      for (size_t j = 0; j < nv; ++j) acc[u][c][j] = hn::Zero(d);
+    }
+  }
+  for (int64_t k0 = 0, b = 0; k0 < in; k0 += block_cols, ++b) {
+    const V scale[2] = {hn::Set(d, scales0[b] * 256.0f), hn::Set(d, scales1[b] * 256.0f)};
+    const int64_t k1 = std::min(in, k0 + block_cols);
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+      for (int u = 0; u < 2; ++u) {
+        const uint8_t* cols = tile[u] + k * kTileRows;
+        hwy::Prefetch(cols + kPrefetchBytes);
+        V w4[4][nv];
+        WidenFp8Columns4(d, cols, scale[u], w4);
+        for (int c = 0; c < 4; ++c) {
+          const V xk = hn::Set(d, x[k + c]);
+          for (size_t j = 0; j < nv; ++j) acc[u][c][j] = hn::MulAdd(xk, w4[c][j], acc[u][c][j]);
+        }
+      }
+    }
+    for (; k < k1; ++k) {  // only at the end of `in` (block_cols % 4 == 0): chains 0, 1, 2
+      const int c = static_cast<int>(k & 3);
+      const V xk = hn::Set(d, x[k]);
+      for (int u = 0; u < 2; ++u) {
+        V w[nv];
+        WidenTileColumn<TileType::kF8E4M3>(d, tile[u] + k * kTileRows, scale[u], w);
+        for (size_t j = 0; j < nv; ++j) acc[u][c][j] = hn::MulAdd(xk, w[j], acc[u][c][j]);
+      }
+    }
+  }
+  HWY_ALIGN float tmp[kTileRows];
+  for (int u = 0; u < 2; ++u) {
+    for (size_t j = 0; j < nv; ++j) {
+      const V sum =
+          hn::Add(hn::Add(acc[u][0][j], acc[u][1][j]), hn::Add(acc[u][2][j], acc[u][3][j]));
+      hn::Store(sum, d, tmp + j * N);
+    }
+    std::memcpy(y + u * kTileRows, tmp, (u == 0 ? kTileRows : valid1) * sizeof(float));
   }
 }
 
@@ -475,6 +529,18 @@ void TiledLinearT(const uint8_t* tiles, const float* scale_inv, int64_t block_ro
     const float* scales =
         kType == TileType::kF8E4M3 ? scale_inv + (o / block_rows) * scale_cols : nullptr;
     const int64_t valid = std::min<int64_t>(kTileRows, out - o);
+    // One row, FP8, 16-lane vectors (AVX-512: 8 accumulators), and a second tile in the range.
+    if constexpr (kType == TileType::kF8E4M3 &&
+                  hn::MaxLanes(hn::CappedTag<float, kTileRows>()) == kTileRows) {
+      if (n == 1 && valid == kTileRows && o + kTileRows < std::min(out, tile_end * kTileRows)) {
+        const int64_t o1 = o + kTileRows;
+        Fp8TilePairRow(tile, tile + in * kTileRows, scales,
+                       scale_inv + (o1 / block_rows) * scale_cols, block_cols, in, x, y + o,
+                       std::min<int64_t>(kTileRows, out - o1));
+        o = o1;  // the loop's step moves past the second tile
+        continue;
+      }
+    }
     if (n >= kBlockedRows) {
       TileBlocked<kType>(tile, scales, block_cols, in, x, n, y + o, out, valid);
       continue;
