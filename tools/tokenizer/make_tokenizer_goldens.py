@@ -5,7 +5,8 @@ The oracle is Hugging Face: `tokenizers` for ids and decoded text, transformers'
 apply_chat_template for chat prompts. Outputs (committed, plain text, a few MB):
 
   tests/data/tokenizers/golden_texts.txt
-      One JSON string per line: >= 10,000 texts: held-out corpus lines and whole documents,
+      One JSON string per line: >= 10,000 texts: corpus lines (held out, topped up from
+      train.txt) and whole held-out documents,
       then adversarial texts (emoji, CJK, combining marks, whitespace and digit runs, mixed
       scripts, control characters, added tokens inside text, random code points), seeded.
   tests/data/tokenizers/variants/*/tokenizer.json
@@ -98,14 +99,20 @@ TEMPLATES = {
 
 
 def corpus_texts(rng, n_lines, n_docs):
-    """Held-out lines and whole multi-line documents from data/corpus/{valid,test}.txt."""
-    docs = []
-    for split in ("valid", "test"):
+    """Held-out lines and whole multi-line documents from data/corpus/{valid,test}.txt; when
+    the held-out splits have fewer than n_lines lines, training lines fill up the rest."""
+    def read_docs(split):
         with open(os.path.join(REPO, "data", "corpus", f"{split}.txt"), encoding="utf-8") as f:
-            docs += [d for d in f.read().split("\n\n") if d.strip()]
+            return [d for d in f.read().split("\n\n") if d.strip()]
+
+    docs = read_docs("valid") + read_docs("test")
     lines = [line for d in docs for line in d.split("\n") if line.strip()]
     rng.shuffle(lines)
     rng.shuffle(docs)
+    if len(lines) < n_lines:
+        extra = [line for d in read_docs("train") for line in d.split("\n") if line.strip()]
+        rng.shuffle(extra)
+        lines += extra[:n_lines - len(lines)]
     return [line[:300] for line in lines[:n_lines]] + [d[:800] for d in docs[:n_docs]]
 
 
