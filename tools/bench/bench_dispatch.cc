@@ -16,7 +16,10 @@
 //      What gRPC alone costs here, without the dispatcher's and the shard's own work.
 //  (c) compute alone: LocalExperts::Run in this process on each shard group's part of the
 //      batch, the slowest shard per round (what the shards do, in parallel, inside the round
-//      trip; the raw ping-pong does none of it). --shard-threads N gives every shard (its
+//      trip; the raw ping-pong does none of it), and `together`: every shard's part on its
+//      own thread at once, first start to last end (where the shards share this machine's
+//      cores, what their computations cost inside one round trip). --shard-threads N gives every
+//      shard (its
 //      --threads) and this column N kernel threads; 0 = every CPU, so that shards on one
 //      machine compete for its cores while the column measures one shard alone.
 // (a), (a') and (b) alternate in blocks so drift on a shared machine hits all. Printed per
@@ -647,9 +650,9 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       "microseconds\n",
       iterations, blocks,
       shard_threads > 0 ? std::to_string(shard_threads).c_str() : "every CPU (the default)");
-  std::printf("%-6s %-22s %-12s %-12s %-14s %-8s %-9s %-9s %s\n", "batch",
+  std::printf("%-6s %-22s %-12s %-12s %-14s %-8s %-9s %-9s %-9s %s\n", "batch",
               "bytes req/resp per shard", "raw p50/p99", "gRPC p50/p99", "dispatch p50/p99",
-              "compute", "disp/raw", "gRPC/raw", "(disp-compute)/raw");
+              "compute", "together", "disp/raw", "gRPC/raw", "(disp-compute)/raw");
   for (int b : batches) {
     const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
     const std::vector<std::pair<size_t, size_t>> sizes =
@@ -686,30 +689,62 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       if (s.ok()) s = echo.Rounds(per_block, &grpc_echo);
       if (s.ok()) s = dispatch_rounds(per_block, &disp);
     }
-    // The shards compute in parallel: per round the slowest shard's time.
+    // The shards compute in parallel: per round the slowest shard's time alone, and the time
+    // of every shard's part computed at once on its own thread (what the shards' processes do
+    // on this machine's cores inside the round trip).
     absl::StatusOr<std::vector<Batch>> parts =
         ShardBatches(batch, *placement, layer, config->hidden_size);
     if (!parts.ok()) return fail(parts.status());
+    std::vector<std::vector<float>> part_outs;
+    for (const Batch& part : *parts) {
+      part_outs.emplace_back(static_cast<size_t>(part.x.n_rows * config->hidden_size));
+    }
+    std::vector<double> together;
     for (int i = 0; s.ok() && i < per_block; ++i) {
       double slowest = 0;
-      for (const Batch& part : *parts) {
-        std::vector<float> part_out(static_cast<size_t>(part.x.n_rows * config->hidden_size));
+      for (size_t k = 0; s.ok() && k < parts->size(); ++k) {
+        const Batch& part = (*parts)[k];
         const auto t0 = Clock::now();
-        s = (*local)->Run(layer, part.x, part.routes, part_out);
+        s = (*local)->Run(layer, part.x, part.routes, part_outs[k]);
         slowest = std::max(slowest, Micros(Clock::now() - t0));
       }
       compute.push_back(slowest);
+      if (!s.ok()) break;
+      // Every part on its own thread, started together (a spin barrier), from the first start
+      // to the last end.
+      std::atomic<size_t> ready{0};
+      std::vector<Clock::time_point> starts(parts->size()), ends(parts->size());
+      std::vector<absl::Status> results(parts->size());
+      std::vector<std::thread> threads;
+      for (size_t k = 0; k < parts->size(); ++k) {
+        threads.emplace_back([&, k] {
+          ready.fetch_add(1);
+          while (ready.load() < parts->size()) {
+          }
+          starts[k] = Clock::now();
+          const Batch& part = (*parts)[k];
+          results[k] = (*local)->Run(layer, part.x, part.routes, part_outs[k]);
+          ends[k] = Clock::now();
+        });
+      }
+      for (std::thread& t : threads) t.join();
+      for (const absl::Status& r : results) {
+        if (s.ok()) s = r;
+      }
+      together.push_back(Micros(*std::max_element(ends.begin(), ends.end()) -
+                                *std::min_element(starts.begin(), starts.end())));
     }
     if (!s.ok()) return fail(s);
     const double raw50 = Percentile(raw, 0.5), disp50 = Percentile(disp, 0.5);
     const double grpc50 = Percentile(grpc_echo, 0.5), comp50 = Percentile(compute, 0.5);
-    char c1[32], c2[32], c3[32], c4[32];
+    char c1[32], c2[32], c3[32], c4[32], c5[32];
     std::snprintf(c1, sizeof c1, "%.0f/%.0f", raw50, Percentile(raw, 0.99));
     std::snprintf(c2, sizeof c2, "%.0f/%.0f", grpc50, Percentile(grpc_echo, 0.99));
     std::snprintf(c3, sizeof c3, "%.0f/%.0f", disp50, Percentile(disp, 0.99));
     std::snprintf(c4, sizeof c4, "%.0f", comp50);
-    std::printf("%-6d %-22s %-12s %-12s %-14s %-8s %-9.2f %-9.2f %.2f\n", b, bytes.c_str(), c1, c2,
-                c3, c4, disp50 / raw50, grpc50 / raw50, (disp50 - comp50) / raw50);
+    std::snprintf(c5, sizeof c5, "%.0f", Percentile(together, 0.5));
+    std::printf("%-6d %-22s %-12s %-12s %-14s %-8s %-9s %-9.2f %-9.2f %.2f\n", b, bytes.c_str(), c1,
+                c2, c3, c4, c5, disp50 / raw50, grpc50 / raw50, (disp50 - comp50) / raw50);
     std::fflush(stdout);
   }
   dispatcher->reset();
