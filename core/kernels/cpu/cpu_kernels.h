@@ -45,6 +45,10 @@ void DotRows(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_
 // every row of x: the weight is widened once per call whatever the number of rows, and no
 // horizontal sums are needed. Order, per output: 4 FMA chains over k = c (mod 4) in increasing
 // k, then (c0 + c1) + (c2 + c3); batch invariant, the same on every FMA target.
+// Below 8 rows (decode) the kernel streams the tiles: FP8 codes are widened a cache line (four
+// tile columns) at a time, the weight stream is prefetched 4 KiB ahead (the hardware prefetchers
+// stop at pages), and a single row runs two adjacent tiles per pass (two streams in flight). From
+// 8 rows on, each K block of a tile is widened once into L1 and groups of rows run over it.
 inline constexpr int kTileRows = 16;
 enum class TileType { kF8E4M3, kBF16, kF16 };
 // y: [n, out] = x: [n, in] . W^T. FP8: scale_inv [ceil(out / block_rows), ceil(in /
