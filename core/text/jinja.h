@@ -25,12 +25,14 @@ namespace expertmesh::jinja {
 
 // Limits that keep a hostile or broken template from exhausting the stack, memory or time:
 // expression size bounds the parser's and the evaluator's recursion, statement nesting the
-// renderer's; loop iterations, range() lengths and string repetition are capped.
+// renderer's; loop iterations, range() lengths and string repetition are capped, and so is
+// the total work of one rendering: every evaluated expression and rendered node is one step.
 inline constexpr size_t kMaxExpressionTokens = 1024;
 inline constexpr int kMaxStatementNesting = 128;
 inline constexpr int64_t kMaxLoopIterations = int64_t{1} << 20;  // per rendering, in total
 inline constexpr int64_t kMaxRangeLength = int64_t{1} << 20;
 inline constexpr size_t kMaxStringBytes = size_t{1} << 26;
+inline constexpr int64_t kMaxRenderSteps = int64_t{1} << 21;  // per rendering
 
 // InvalidArgument("chat template: <message>").
 absl::Status Error(std::string_view message);

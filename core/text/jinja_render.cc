@@ -25,6 +25,7 @@ class Renderer {
   absl::Status Render(const Body& body, std::string* out) {
     for (const auto& node : body) {
       if (loop_control_ != LoopControl::kNone) return absl::OkStatus();
+      EM_RETURN_IF_ERROR(Step());
       switch (node->kind) {
         case Node::Kind::kText:
           *out += node->text;
@@ -192,6 +193,7 @@ class Renderer {
   }
 
   absl::StatusOr<Value> Eval(const Expr& e) {
+    EM_RETURN_IF_ERROR(Step());
     switch (e.kind) {
       case Expr::Kind::kLiteral:
         return e.literal;
@@ -695,6 +697,14 @@ class Renderer {
   std::vector<std::unordered_map<std::string, Value>> scopes_;
   LoopControl loop_control_ = LoopControl::kNone;
   int64_t iterations_ = 0;
+  int64_t steps_ = 0;
+
+  absl::Status Step() {
+    if (++steps_ > kMaxRenderSteps) {
+      return Error(absl::StrCat("rendering needs more than ", kMaxRenderSteps, " steps"));
+    }
+    return absl::OkStatus();
+  }
 };
 
 }  // namespace

@@ -205,6 +205,28 @@ TEST(ChatTemplate, ErrorsNameTheirCause) {
     ASSERT_TRUE(out.ok()) << source << ": " << out.status();
     EXPECT_EQ(*out, expected) << source;
   }
+  // Total work is bounded (found by the 30-minute chat_template_fuzz run: nested loops under the
+  // iteration cap rendered for 30 s under ASan); real conversations stay far below the bound.
+  auto heavy = ChatTemplate::Create(
+      "{% for i in range(1000) %}{% for j in range(1000) %}{{ i + j }}{% if j > 998 %}{% break "
+      "%}{% endif %}{% endfor %}{% endfor %}",
+      "", "");
+  ASSERT_TRUE(heavy.ok()) << heavy.status();
+  auto heavy_out = heavy->Apply({}, false);
+  EXPECT_EQ(heavy_out.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(heavy_out.status().message().find("steps"), std::string::npos) << heavy_out.status();
+  for (const char* model : {"deepseek-v3", "deepseek-r1"}) {
+    auto real = ChatTemplate::FromTokenizerConfig(kSource + "/tests/data/reference/" + model +
+                                                  "/tokenizer_config.json");
+    ASSERT_TRUE(real.ok()) << real.status();
+    boost::json::array long_chat;
+    for (int k = 0; k < 4000; ++k) {
+      long_chat.push_back(boost::json::object{{"role", k % 2 == 0 ? "user" : "assistant"},
+                                              {"content", "message " + std::to_string(k)}});
+    }
+    auto rendered = real->Apply(long_chat, true);
+    ASSERT_TRUE(rendered.ok()) << model << ": " << rendered.status();
+  }
   EXPECT_EQ(ChatTemplate::FromTokenizerConfig("/nonexistent.json").status().code(),
             absl::StatusCode::kNotFound);
 }
