@@ -6,9 +6,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -355,7 +357,10 @@ TEST(CpuKernelsTest, PackLeavesNaNWeightsRowWise) {
   EXPECT_FALSE(std::isnan(y[1]));
 }
 
-// The bundled model, greedy: the engine with SIMD kernels against reference kernels.
+// The bundled model, greedy: the engine with SIMD kernels against reference kernels, with
+// plain float activations (the kernels' arithmetic: summation order only) and with FP8
+// activation quantization (where a summation-order difference can move an activation across
+// an FP8 rounding boundary, one E4M3 step, 6-12% of that value).
 TEST(CpuKernelsTest, EngineWithSimdKernelsMatchesReferenceKernels) {
   const std::string dir = std::string(EXPERTMESH_SOURCE_DIR) + "/models/expertmesh-tiny";
   auto ckpt = Checkpoint::Open(dir);
@@ -365,49 +370,69 @@ TEST(CpuKernelsTest, EngineWithSimdKernelsMatchesReferenceKernels) {
   auto model = Model::Create(**ckpt, *config);
   ASSERT_TRUE(model.ok()) << model.status();
   const std::vector<int32_t> prompt = {5, 400, 77, 1200, 31, 9, 2048, 600, 13, 88, 150, 3000};
-  std::vector<std::vector<float>> logits[2];
-  std::vector<int32_t> tokens[2];
-  for (int k = 0; k < 2; ++k) {
-    const LinearKernel kernel = k == 0 ? LinearKernel::kReference : LinearKernel::kSimd;
-    LocalExperts::Options eo;
-    eo.kernel = kernel;
-    auto experts = LocalExperts::Create(**ckpt, *config, AllExperts(*config), eo);
-    ASSERT_TRUE(experts.ok()) << experts.status();
-    EngineOptions options;
-    options.kernel = kernel;
-    auto engine = Engine::Create(**model, experts->get(), options);
-    ASSERT_TRUE(engine.ok()) << engine.status();
-    auto cache = (*engine)->NewCache();
-    // Teacher-forced on the reference's tokens so both see the same inputs.
-    std::vector<int32_t> input = prompt;
-    for (int step = 0; step < 8; ++step) {
-      SequenceInput in{input, cache.get(), false};
-      auto out = (*engine)->Forward({&in, 1});
-      ASSERT_TRUE(out.ok()) << out.status();
-      logits[k].push_back((*out)[0].logits);
-      const auto& l = (*out)[0].logits;
-      const int32_t next =
-          k == 0 ? static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin())
-                 : tokens[0][step];
-      tokens[k].push_back(next);
-      input = {next};
+  for (const bool quantize : {false, true}) {
+    SCOPED_TRACE(quantize ? "FP8 activation quantization" : "float activations");
+    std::vector<std::vector<float>> logits[2];
+    std::vector<int32_t> tokens[2];
+    for (int k = 0; k < 2; ++k) {
+      const LinearKernel kernel = k == 0 ? LinearKernel::kReference : LinearKernel::kSimd;
+      LocalExperts::Options eo;
+      eo.kernel = kernel;
+      auto experts = LocalExperts::Create(**ckpt, *config, AllExperts(*config), eo);
+      ASSERT_TRUE(experts.ok()) << experts.status();
+      EngineOptions options;
+      options.kernel = kernel;
+      options.quantize_activations = quantize;
+      auto engine = Engine::Create(**model, experts->get(), options);
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      auto cache = (*engine)->NewCache();
+      // Teacher-forced on the reference's tokens so both see the same inputs.
+      std::vector<int32_t> input = prompt;
+      for (int step = 0; step < 8; ++step) {
+        SequenceInput in{input, cache.get(), false};
+        auto out = (*engine)->Forward({&in, 1});
+        ASSERT_TRUE(out.ok()) << out.status();
+        logits[k].push_back((*out)[0].logits);
+        const auto& l = (*out)[0].logits;
+        const int32_t next =
+            k == 0 ? static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin())
+                   : tokens[0][step];
+        tokens[k].push_back(next);
+        input = {next};
+      }
+    }
+    double worst = 0.0;
+    for (size_t s = 0; s < logits[0].size(); ++s) {
+      const auto& a = logits[0][s];
+      const auto& b = logits[1][s];
+      double step_worst = 0.0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        step_worst = std::max(step_worst, std::abs(static_cast<double>(a[i]) - b[i]));
+      }
+      worst = std::max(worst, step_worst);
+      std::vector<float> sorted = a;
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      // The greedy token must agree unless the reference's top two lie within the two
+      // logits' difference of each other (a near-tie the difference can flip).
+      if (sorted[0] - sorted[1] > 2 * step_worst) {
+        EXPECT_EQ(std::max_element(a.begin(), a.end()) - a.begin(),
+                  std::max_element(b.begin(), b.end()) - b.begin())
+            << "step " << s;
+      }
+    }
+    std::printf("[measured] engine logits, SIMD vs reference kernels, %s: max |diff| = %.3g\n",
+                quantize ? "FP8 activations" : "float activations", worst);
+    if (!quantize) {
+      // Summation order only: measured 5.7e-6 on logits of magnitude ~10 (AVX-512).
+      EXPECT_LT(worst, 1e-4);
+    } else {
+      // Measured 4.8e-6 on the model trained before December 2026 and 0.068 on the one after
+      // (activations crossing FP8 rounding boundaries at several layers, every step), against
+      // logits of magnitude ~10; the bound allows such flips, not a wrong kernel (errors of
+      // whole units).
+      EXPECT_LT(worst, 0.25);
     }
   }
-  double worst = 0.0;
-  for (size_t s = 0; s < logits[0].size(); ++s) {
-    for (size_t i = 0; i < logits[0][s].size(); ++i) {
-      worst = std::max(worst, std::abs(static_cast<double>(logits[0][s][i]) - logits[1][s][i]));
-    }
-    const auto& a = logits[0][s];
-    const auto& b = logits[1][s];
-    EXPECT_EQ(std::max_element(a.begin(), a.end()) - a.begin(),
-              std::max_element(b.begin(), b.end()) - b.begin())
-        << "step " << s;
-  }
-  std::printf("[measured] engine logits, SIMD vs reference kernels: max |diff| = %.3g\n", worst);
-  // Summation order only: measured 4.8e-6 on logits of magnitude ~10 (AVX-512). An FP8
-  // activation rounding flipped by it would show as ~1e-3; the bound allows that, no more.
-  EXPECT_LT(worst, 1e-2);
 }
 
 }  // namespace
