@@ -3,9 +3,10 @@
 // it; here a token's own row is read unrounded within its forward) against the float cache, on
 // the bundled models, prefill + 8 greedy decode steps. What it measures sets the GPU engine
 // test's tolerances (tests/cuda/cuda_engine_gpu_test.cc: about three times these bounds).
-// Measured: expertmesh-tiny (FP8) logits 2.0e-2 relative RMS (the rounding moves activations
-// across FP8 quantization steps), hidden 1.2e-2; expertmesh-tiny-bf16 logits 1.2e-3, hidden
-// 2.2e-3.
+// Measured on the bundled model retrained for issue 17 (hidden = the final-normed state):
+// expertmesh-tiny (FP8) logits 1.1e-2 relative RMS (the rounding moves activations across FP8
+// quantization steps), hidden 1.3e-2; expertmesh-tiny-bf16 logits 3.4e-3, hidden 6.3e-3 (the
+// model before it: 2.0e-2 / 1.2e-2 and 1.2e-3 / 2.2e-3).
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -113,7 +114,7 @@ TEST(ModelsDirTest, EnvironmentOverridesTheSourceTree) {
 
 INSTANTIATE_TEST_SUITE_P(Bundled, Bf16CacheBudgetTest,
                          ::testing::Values(Budget{"expertmesh-tiny", 3e-2, 2e-2},
-                                           Budget{"expertmesh-tiny-bf16", 2e-3, 3.5e-3}),
+                                           Budget{"expertmesh-tiny-bf16", 5e-3, 9.5e-3}),
                          [](const auto& info) {
                            return std::string(info.param.model) == "expertmesh-tiny" ? "fp8"
                                                                                      : "bf16";
