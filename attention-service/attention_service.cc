@@ -289,6 +289,24 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
                  mtp.size(), s->mtp_experts_->bytes_mapped() >> 20);
   }
   SchedulerOptions scheduler_options = o.scheduler;
+  if (scheduler_options.micro_batches > 1) {
+    if (scheduler_options.micro_batches > Dispatcher::kMaxMicroBatches) {
+      return absl::InvalidArgumentError(absl::StrCat("--micro-batches ",
+                                                     scheduler_options.micro_batches, ": at most ",
+                                                     Dispatcher::kMaxMicroBatches));
+    }
+    // Each micro-batch dispatches under its own step table (overlapping steps).
+    scheduler_options.micro_batch_experts.clear();
+    for (int i = 0; i < scheduler_options.micro_batches; ++i) {
+      RoutedExperts* lane = s->dispatcher_->MicroBatch(i);
+      if (s->mtp_experts_) {
+        s->micro_batch_experts_.push_back(
+            std::make_unique<LayerSplitExperts>(lane, s->mtp_experts_.get(), n_layers));
+        lane = s->micro_batch_experts_.back().get();
+      }
+      scheduler_options.micro_batch_experts.push_back(lane);
+    }
+  }
   // JSON mode's token bytes come from the model's tokenizer.json (when it has one).
   scheduler_options.tokenizer_json = o.model_dir + "/tokenizer.json";
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =

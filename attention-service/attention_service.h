@@ -122,6 +122,9 @@ class AttentionServer {
   std::unique_ptr<LocalExperts> mtp_experts_;  // with local_mtp_experts and drafting
   std::unique_ptr<LayerSplitExperts>
       experts_;  // dispatcher_ below the MTP layers, then mtp_experts_
+  // With micro-batches: per micro-batch i, dispatcher_->MicroBatch(i) below the MTP layers,
+  // then mtp_experts_ (when held here).
+  std::vector<std::unique_ptr<LayerSplitExperts>> micro_batch_experts_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<AttentionServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;

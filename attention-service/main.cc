@@ -19,6 +19,8 @@ int main(int argc, char** argv) {
           prefill_chunk = 64;
   bool no_act_quant = false, no_mtp = false, mtp_always = false;
   int draft_k = 1;
+  int micro_batches = 1;
+  int64_t micro_batch_min_rows = 4;
   int drain_grace_s = 30;
   std::string device = "cpu";
   std::string combine = "exact";
@@ -65,6 +67,15 @@ int main(int argc, char** argv) {
   app.add_flag("--no-mtp", no_mtp, "No speculative decoding with the model's MTP module");
   app.add_flag("!--no-prefix-caching", o.scheduler.prefix_caching,
                "Do not share the KV blocks of common prompt prefixes between sequences");
+  app.add_option("--micro-batches", micro_batches,
+                 "Split each step's batch into this many micro-batches whose attention compute "
+                 "overlaps the others' expert round trips (1 = off; CPU device only)")
+      ->check(CLI::Range(1, 8))
+      ->capture_default_str();
+  app.add_option("--micro-batch-min-rows", micro_batch_min_rows,
+                 "Rows each micro-batch gets at least: steps below 2x this are not split")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
   app.add_option("--draft-k", draft_k, "MTP drafts per step (adaptive: 0..k)")
       ->check(CLI::Range(1, 4))
       ->capture_default_str();
@@ -97,6 +108,8 @@ int main(int argc, char** argv) {
   o.scheduler.device = device;
   o.scheduler.mtp = !no_mtp;
   o.scheduler.draft_k = draft_k;
+  o.scheduler.micro_batches = micro_batches;
+  o.scheduler.micro_batch_min_rows = micro_batch_min_rows;
   o.scheduler.policy.adaptive = !mtp_always;
   o.step_deadline = absl::Milliseconds(step_deadline_ms);
   o.attempt_timeout = absl::Milliseconds(attempt_timeout_ms);

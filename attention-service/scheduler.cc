@@ -16,6 +16,19 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
                                                              RoutedExperts* experts,
                                                              const SchedulerOptions& options,
                                                              MetricsRegistry* metrics) {
+  if (options.micro_batches < 1 || options.micro_batches > MicroBatchOptions::kMax ||
+      options.micro_batch_min_rows < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler: micro_batches (", options.micro_batches, ") must lie in [1, ",
+                     MicroBatchOptions::kMax, "] and micro_batch_min_rows (",
+                     options.micro_batch_min_rows, ") be >= 1"));
+  }
+  if (!options.micro_batch_experts.empty() &&
+      std::ssize(options.micro_batch_experts) != options.micro_batches) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler: ", options.micro_batch_experts.size(),
+                     " micro-batch RoutedExperts for ", options.micro_batches, " micro-batches"));
+  }
   if (options.max_batch < 1 || options.max_waiting < 0 || options.prefill_chunk < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "scheduler: max_batch (", options.max_batch, ") and prefill_chunk (", options.prefill_chunk,
@@ -50,10 +63,33 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   fo.kv_pages = options.kv_blocks;
   fo.page_size = options.kv_block_size;
   fo.mtp_kv_pages = drafting ? options.kv_blocks : 0;
-  EM_ASSIGN_OR_RETURN(ForwardBackend backend, CreateForwardBackend(*model, experts, device, fo));
-  spdlog::info("{}", backend.description);
-  s->engine_ = std::move(backend.engine);
-  s->forward_ = std::move(backend.forward);
+  if (options.micro_batches > 1) {
+    // Each micro-batch runs the reference engine on its own thread: CPU only (the GPU engine
+    // is one device stream and not reentrant).
+    if (device.cuda) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("scheduler: --micro-batches ", options.micro_batches,
+                       " needs --device cpu (got ", device.text, ")"));
+    }
+    std::vector<RoutedExperts*> lanes = options.micro_batch_experts;
+    if (lanes.empty()) lanes.assign(static_cast<size_t>(options.micro_batches), experts);
+    MicroBatchOptions mo;
+    mo.micro_batches = options.micro_batches;
+    mo.min_rows = options.micro_batch_min_rows;
+    EM_ASSIGN_OR_RETURN(std::unique_ptr<MicroBatchForwardEngine> micro,
+                        MicroBatchForwardEngine::Create(*model, lanes, options.engine, mo));
+    spdlog::info(
+        "reference engine on the CPU, steps of >= {} rows split into up to {} "
+        "ping-pong micro-batches",
+        2 * mo.min_rows, mo.micro_batches);
+    s->micro_ = micro.get();
+    s->forward_ = std::move(micro);
+  } else {
+    EM_ASSIGN_OR_RETURN(ForwardBackend backend, CreateForwardBackend(*model, experts, device, fo));
+    spdlog::info("{}", backend.description);
+    s->engine_ = std::move(backend.engine);
+    s->forward_ = std::move(backend.forward);
+  }
   StepperOptions so;
   so.mtp = options.mtp;
   so.draft_k = options.draft_k;
@@ -92,6 +128,15 @@ Scheduler::Scheduler(const Model* model, RoutedExperts* experts, const Scheduler
     batch_tokens_ =
         &metrics->GetHistogram("expertmesh_attention_step_tokens", "Tokens in one step's batch",
                                ExponentialBuckets(1, 2, 14));
+    if (options.micro_batches > 1) {
+      step_micro_batches_ = &metrics->GetHistogram(
+          "expertmesh_attention_step_micro_batches",
+          "Micro-batches of one step's main forward (1: too few rows to split)", [&] {
+            std::vector<double> b;  // one bucket per count
+            for (int k = 1; k <= options.micro_batches; ++k) b.push_back(k);
+            return b;
+          }());
+    }
     preemptions_ = &metrics->GetCounter(
         "expertmesh_attention_preemptions_total",
         "Running sequences preempted when the KV pool ran dry (blocks freed, prefix recomputed)");
@@ -510,6 +555,9 @@ void Scheduler::Step() {
     if (step_seconds_ != nullptr) {
       step_seconds_->Observe(absl::ToDoubleSeconds(absl::Now() - start));
       batch_tokens_->Observe(static_cast<double>(stats->rows));
+      if (step_micro_batches_ != nullptr && micro_ != nullptr) {
+        step_micro_batches_->Observe(static_cast<double>(micro_->last_split()));
+      }
       prompt_tokens_->Inc(static_cast<double>(stats->prompt_rows));
       if (stats->verified_drafts) {
         for (int j = 0; j < kMaxDraftTokens; ++j) {

@@ -48,6 +48,7 @@
 #include "core/decode/step.h"
 #include "core/engine/engine.h"
 #include "core/engine/forward_engine.h"
+#include "core/engine/micro_batch_engine.h"
 #include "core/model/experts.h"
 #include "core/model/model.h"
 #include "service-common/metrics.h"
@@ -66,6 +67,14 @@ struct SchedulerOptions {
   // (core/kernels/cuda/cuda_engine.h), tensor parallel over the listed GPUs, its device KV cache
   // paged like kv_blocks.
   std::string device = "cpu";
+  // Ping-pong micro-batches (core/engine/micro_batch_engine.h): the main forward of a step of
+  // at least 2 x micro_batch_min_rows rows is split into up to micro_batches micro-batches
+  // whose dense compute overlaps the others' expert round trips. 1 = off. CPU device only.
+  int micro_batches = 1;
+  int64_t micro_batch_min_rows = 4;
+  // The RoutedExperts of each micro-batch ([micro_batches]; e.g. a Dispatcher's MicroBatch(i)
+  // so that each has its own step table); empty: `experts` (Create's) for every micro-batch.
+  std::vector<RoutedExperts*> micro_batch_experts;
   bool mtp = true;  // draft with the MTP module when the model has it loaded
   int draft_k = 1;  // drafts per step, [1, kMaxDraftTokens]
   DraftPolicyOptions policy;
@@ -166,11 +175,13 @@ class Scheduler {
   const Model* model_;
   RoutedExperts* experts_;
   const SchedulerOptions options_;
-  std::unique_ptr<KvBlockPool> pool_;       // main and (when drafting) MTP storage, one block ids
-  uint64_t next_arrival_ = 0;               // under mu_
-  std::unique_ptr<Engine> engine_;          // --device cpu
-  std::unique_ptr<ForwardEngine> forward_;  // what steps run: engine_'s adapter or the GPU engine
-  std::unique_ptr<DecodeStepper> stepper_;  // runs every step (core/decode/step.h)
+  std::unique_ptr<KvBlockPool> pool_;         // main and (when drafting) MTP storage, one block ids
+  uint64_t next_arrival_ = 0;                 // under mu_
+  std::unique_ptr<Engine> engine_;            // --device cpu
+  std::unique_ptr<ForwardEngine> forward_;    // what steps run: engine_'s adapter or the GPU engine
+                                              // or, with micro_batches > 1, micro_
+  MicroBatchForwardEngine* micro_ = nullptr;  // forward_ when micro-batching
+  std::unique_ptr<DecodeStepper> stepper_;    // runs every step (core/decode/step.h)
   const int64_t max_context_;
 
   mutable std::mutex mu_;
@@ -190,6 +201,7 @@ class Scheduler {
   Counter* accepted_tokens_ = nullptr;
   Histogram* step_seconds_ = nullptr;
   Histogram* batch_tokens_ = nullptr;
+  Histogram* step_micro_batches_ = nullptr;  // with micro-batching
   Counter* preemptions_ = nullptr;
   Counter* prefix_query_tokens_ = nullptr;  // prompt tokens looked up in the prefix cache
   Counter* prefix_hit_tokens_ = nullptr;    // of which found (not computed)

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/base/check.h"
 #include "core/base/status.h"
 #include "core/format/wire.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
@@ -387,6 +388,20 @@ struct Dispatcher::Group {
   std::string answer;               // BF16 [rows.size(), H] (exact: [pairs.size(), H]) once done
 };
 
+// What MicroBatch(i) hands out: Run under micro-batch i's step table.
+class Dispatcher::MicroBatchView final : public RoutedExperts {
+ public:
+  MicroBatchView(Dispatcher* d, int micro_batch) : d_(d), micro_batch_(micro_batch) {}
+  absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
+                   std::span<float> out) override {
+    return d_->RunStep(micro_batch_, layer, x, routes, out);
+  }
+
+ private:
+  Dispatcher* const d_;
+  const int micro_batch_;
+};
+
 absl::StatusOr<CombineMode> ParseCombineMode(std::string_view name) {
   if (name == "exact") return CombineMode::kExact;
   if (name == "partial") return CombineMode::kPartial;
@@ -691,9 +706,10 @@ bool Retryable(absl::StatusCode code) {
 // with failover, then combined. Phases: Partition -> Launch -> Await -> Combine.
 class Dispatcher::StepRun {
  public:
-  StepRun(Dispatcher& d, int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
-          std::shared_ptr<const Table> table, absl::Time start)
+  StepRun(Dispatcher& d, int micro_batch, int layer, const QuantizedActivations& x,
+          const ExpertRoutes& routes, std::shared_ptr<const Table> table, absl::Time start)
       : d_(d),
+        micro_batch_(micro_batch),
         layer_(layer),
         x_(x),
         routes_(routes),
@@ -723,6 +739,7 @@ class Dispatcher::StepRun {
   absl::Status HandleTimeouts();
 
   Dispatcher& d_;
+  const int micro_batch_;
   const int layer_;
   const QuantizedActivations& x_;
   const ExpertRoutes& routes_;
@@ -807,6 +824,7 @@ absl::Status Dispatcher::StepRun::Partition() {
       }
       g.request.set_batch_id(batch_id);
       g.request.set_layer(layer_);
+      g.request.set_micro_batch(micro_batch_);
       g.request.set_n_rows(static_cast<uint32_t>(g.rows.size()));
       g.request.set_hidden_size(static_cast<uint32_t>(H_));
       g.request.set_combine(exact ? v1::COMBINE_PER_EXPERT : v1::COMBINE_PARTIAL_SUM);
@@ -1014,8 +1032,28 @@ absl::Status Dispatcher::StepRun::Combine(std::span<float> out) const {
   return absl::OkStatus();
 }
 
+RoutedExperts* Dispatcher::MicroBatch(int micro_batch) {
+  EM_CHECK(micro_batch >= 0 && micro_batch < kMaxMicroBatches, "micro-batch index out of range");
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_ptr<MicroBatchView>& view = views_[micro_batch];
+  if (!view) view = std::make_unique<MicroBatchView>(this, micro_batch);
+  return view.get();
+}
+
+uint64_t Dispatcher::step_version(int micro_batch) const {
+  EM_CHECK(micro_batch >= 0 && micro_batch < kMaxMicroBatches, "micro-batch index out of range");
+  std::lock_guard<std::mutex> lock(mu_);
+  const Lane& lane = lanes_[micro_batch];
+  return lane.step_table ? lane.step_table->version : 0;
+}
+
 absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                              std::span<float> out) {
+  return RunStep(0, layer, x, routes, out);
+}
+
+absl::Status Dispatcher::RunStep(int micro_batch, int layer, const QuantizedActivations& x,
+                                 const ExpertRoutes& routes, std::span<float> out) {
   const absl::Time start = absl::Now();
   const int64_t R = x.n_rows;
   const int64_t H = hidden_size_;
@@ -1030,16 +1068,20 @@ absl::Status Dispatcher::Run(int layer, const QuantizedActivations& x, const Exp
   }
   std::shared_ptr<const Table> table;
   {
-    // A step (one forward) keeps the table it took at its first MoE layer: a new placement
-    // takes effect at a step boundary. A layer not after the last one dispatched also begins a
-    // step (callers that run single layers).
+    // A step (one forward of one micro-batch) keeps the table it took at its first MoE layer:
+    // a new placement takes effect at a step boundary. A layer not after the last one that
+    // micro-batch dispatched also begins a step (callers that run single layers). Each
+    // micro-batch has its own step, so overlapping steps never switch each other's table.
     std::lock_guard<std::mutex> lock(mu_);
-    if (layer == first_moe_layer_ || layer <= last_layer_ || !step_table_) step_table_ = table_;
-    last_layer_ = layer;
-    table = step_table_;
+    Lane& lane = lanes_[micro_batch];
+    if (layer == first_moe_layer_ || layer <= lane.last_layer || !lane.step_table) {
+      lane.step_table = table_;
+    }
+    lane.last_layer = layer;
+    table = lane.step_table;
   }
   if (!table) return absl::UnavailableError("dispatcher: no placement map from the router yet");
-  StepRun run(*this, layer, x, routes, std::move(table), start);
+  StepRun run(*this, micro_batch, layer, x, routes, std::move(table), start);
   EM_RETURN_IF_ERROR(run.Partition());
   EM_RETURN_IF_ERROR(run.Launch());
   EM_RETURN_IF_ERROR(run.Await());

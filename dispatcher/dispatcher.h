@@ -27,10 +27,16 @@
 // WatchPlacement stream, reconnected when it breaks); replicas that register later are used
 // from the next step. A step (one forward) takes the newest map at its first MoE layer and
 // keeps it for its other layers, so a live placement change switches at a step boundary (the
-// shards keep experts they lose until no step uses them). An expert with copies in several
-// shard groups goes, per (row, expert) pair, to the copy ChooseShards (placement/placement.h)
-// picks, keyed by a running count of the rows dispatched; in exact mode the output does not
-// depend on the copy.
+// shards keep experts they lose until no step uses them).
+//
+// Micro-batches: a forward split into micro-batches whose steps overlap (the attention
+// service's --micro-batches, core/engine/micro_batch_engine.h) reaches the dispatcher through
+// MicroBatch(i): each micro-batch is its own sequence of steps with its own step table, so two
+// overlapping steps never take each other's map, and each switches at its own step boundary.
+// Run() is micro-batch 0. The requests carry the micro-batch index (ExpertRequest.micro_batch). An
+// expert with copies in several shard groups goes, per (row, expert) pair, to the copy ChooseShards
+// (placement/placement.h) picks, keyed by a running count of the rows dispatched; in exact mode the
+// output does not depend on the copy.
 //
 // Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
 #pragma once
@@ -89,9 +95,18 @@ class Dispatcher final : public RoutedExperts {
                                                             DispatcherOptions options);
   ~Dispatcher() override;  // stops the watcher, closes every stream
 
-  // x: [R, H] FP8; routes.n_rows() == R; out: [R, H], overwritten.
+  // x: [R, H] FP8; routes.n_rows() == R; out: [R, H], overwritten. Micro-batch 0's steps.
   absl::Status Run(int layer, const QuantizedActivations& x, const ExpertRoutes& routes,
                    std::span<float> out) override;
+
+  static constexpr int kMaxMicroBatches = 8;
+  // The dispatcher as seen by micro-batch `micro_batch` in [0, kMaxMicroBatches): its Run is
+  // this dispatcher's Run under that micro-batch's own step table (see the header comment).
+  // Owned by the dispatcher; the same object for the same index. Concurrent calls on different
+  // micro-batches (and on one) are safe.
+  RoutedExperts* MicroBatch(int micro_batch);
+  // The placement version micro-batch `micro_batch`'s current step uses (0 before its first).
+  uint64_t step_version(int micro_batch) const;
 
   // Applies a placement map (newer versions only, unless `any_version`: the first map of a
   // new watch stream is taken whatever its version, since a restarted router counts again
@@ -129,7 +144,15 @@ class Dispatcher final : public RoutedExperts {
   struct Group;  // one shard's part of a step
   struct ShardMetrics;
   class StepRun;  // the phases of one Run()
+  class MicroBatchView;
+  // The step state of one micro-batch (under mu_).
+  struct Lane {
+    std::shared_ptr<const Table> step_table;  // the table of its current step (see RunStep)
+    int32_t last_layer = -1;                  // the layer of its last Run
+  };
   Dispatcher(const ModelConfig& config, DispatcherOptions options);
+  absl::Status RunStep(int micro_batch, int layer, const QuantizedActivations& x,
+                       const ExpertRoutes& routes, std::span<float> out);
   void WatchLoop(std::string router_address);
   void ReportLoop();
   Counter* ExpertTokens(int layer, int expert);
@@ -147,8 +170,8 @@ class Dispatcher final : public RoutedExperts {
   mutable std::mutex mu_;
   std::condition_variable table_changed_;
   std::shared_ptr<const Table> table_;
-  std::shared_ptr<const Table> step_table_;  // the table of the current step (see Run)
-  int32_t last_layer_ = -1;                  // the layer of the last Run
+  Lane lanes_[kMaxMicroBatches];                                   // by micro-batch
+  std::unique_ptr<MicroBatchView> views_[kMaxMicroBatches];        // MicroBatch(i), lazily
   std::map<std::string, std::shared_ptr<ReplicaStream>> streams_;  // by replica_id@address
 
   std::mutex watch_mu_;
