@@ -351,6 +351,53 @@ TEST_F(SchedulerTest, ContinuousBatchingReproducesTheReferenceEngine) {
   EXPECT_NE(metrics.RenderText().find("expertmesh_attention_step_tokens_count"), std::string::npos);
 }
 
+// Ping-pong micro-batches (2 and 3, each micro-batch at least 1 row): sequences of different
+// prompt lengths prefilled in chunks and decoded, split over micro-batches whose forwards
+// overlap: every sequence's greedy tokens are still the reference engine's.
+TEST_F(SchedulerTest, MicroBatchesReproduceTheReferenceEngine) {
+  constexpr int kMaxTokens = 10;
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(10, 40, static_cast<int>(config_.vocab_size), 9);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(*model_dir_, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (int k : {2, 3}) {
+    SCOPED_TRACE(::testing::Message() << k << " micro-batches");
+    SchedulerOptions o;
+    o.kv_blocks = 256;
+    o.kv_block_size = 4;
+    o.max_batch = 10;
+    o.prefill_chunk = 8;
+    o.micro_batches = k;
+    o.micro_batch_min_rows = 1;
+    MetricsRegistry metrics;
+    absl::StatusOr<std::unique_ptr<Scheduler>> s =
+        Scheduler::Create(model_.get(), experts_.get(), o, &metrics);
+    ASSERT_TRUE(s.ok()) << s.status();
+    std::vector<SequenceRequest> reqs;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      reqs.push_back(Greedy("mb" + std::to_string(i), prompts[i], kMaxTokens));
+    }
+    const std::vector<std::vector<int32_t>> got = RunAll(**s, reqs);
+    ASSERT_EQ(got.size(), prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i], (*want)[i]) << "sequence " << i;
+    EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+    // Steps were split: more micro-batches than steps were run.
+    const double steps = MetricValue(metrics, "expertmesh_attention_step_micro_batches_count");
+    const double parts = MetricValue(metrics, "expertmesh_attention_step_micro_batches_sum");
+    EXPECT_GT(steps, 0);
+    EXPECT_GT(parts, steps);
+  }
+  SchedulerOptions bad;
+  bad.micro_batches = 9;
+  EXPECT_EQ(Scheduler::Create(model_.get(), experts_.get(), bad, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.micro_batches = 2;
+  bad.micro_batch_experts = {experts_.get()};  // one for two micro-batches
+  EXPECT_EQ(Scheduler::Create(model_.get(), experts_.get(), bad, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(SchedulerTest, CancelFreesKvBlocksAndFinishesCancelled) {
   SchedulerOptions o;
   o.kv_blocks = 64;
@@ -524,6 +571,42 @@ TEST_F(SchedulerMtpTest, SpeculativeDecodingKeepsTheGreedyTokens) {
   EXPECT_LE(accepted, drafted);
   std::printf("[ info ] MTP drafts: %lld verified, %lld accepted\n",
               static_cast<long long>(drafted), static_cast<long long>(accepted));
+  EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
+}
+
+// Drafting (MTP forwards unsplit) with the main forwards split into 2 micro-batches.
+TEST_F(SchedulerMtpTest, MicroBatchesKeepTheGreedyTokensWhileDrafting) {
+  constexpr int kMaxTokens = 12;
+  const std::vector<std::vector<int32_t>> prompts =
+      expertmesh::testing::MakePrompts(8, 20, static_cast<int>(config_.vocab_size), 6);
+  absl::StatusOr<std::vector<std::vector<int32_t>>> want =
+      expertmesh::testing::ReferenceGreedy(dir_, prompts, kMaxTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  SchedulerOptions o;
+  o.kv_blocks = 128;
+  o.kv_block_size = 4;
+  o.prefill_chunk = 5;
+  o.draft_k = 2;
+  o.policy.adaptive = false;
+  o.micro_batches = 2;
+  o.micro_batch_min_rows = 2;
+  absl::StatusOr<std::unique_ptr<Scheduler>> s =
+      Scheduler::Create(model_.get(), experts_.get(), o, nullptr);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->mtp());
+  std::vector<SequenceRequest> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SequenceRequest r;
+    r.request_id = "mbmtp" + std::to_string(i);
+    r.prompt = prompts[i];
+    r.max_tokens = kMaxTokens;
+    r.ignore_eos = true;
+    r.disable_mtp = i % 3 == 0;
+    reqs.push_back(std::move(r));
+  }
+  const std::vector<std::vector<int32_t>> got = RunAll(**s, reqs);
+  ASSERT_EQ(got.size(), prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(got[i], (*want)[i]) << "sequence " << i;
   EXPECT_EQ((*s)->Load().kv_blocks_used, 0);
 }
 

@@ -9,6 +9,7 @@
 #include "dispatcher/dispatcher.h"
 
 #include <atomic>
+#include <barrier>
 #include <cmath>
 #include <map>
 #include <thread>
@@ -565,6 +566,98 @@ TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
   ASSERT_TRUE(back.ok()) << back;
   ASSERT_TRUE(all_->Run(2, b.x, b.routes, want).ok());
   EXPECT_EQ(out, want);
+}
+
+// Micro-batches (Dispatcher::MicroBatch) are separate sequences of steps, each with its own
+// step table: a map applied while micro-batch 0 is mid-step is taken by the step micro-batch 1
+// begins then, and micro-batch 0 keeps its table to its own step boundary (with one shared step
+// table, micro-batch 1's new step would switch micro-batch 0's table mid-step).
+TEST_F(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
+  auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
+  grpc::ClientContext ctx;
+  v1::WatchPlacementRequest watch;
+  *watch.mutable_identity() = identity_;
+  std::unique_ptr<grpc::ClientReader<v1::PlacementMap>> reader = stub->WatchPlacement(&ctx, watch);
+  v1::PlacementMap map;
+  ASSERT_TRUE(reader->Read(&map));
+  ctx.TryCancel();
+  (void)reader->Finish();
+  DispatcherOptions d;
+  d.identity = identity_;
+  d.step_deadline = absl::Seconds(2);
+  std::unique_ptr<Dispatcher> dispatcher = *Dispatcher::Create(config_, d);
+  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
+  // The wrong map: group 1's experts given to group 0, whose replicas do not hold them.
+  v1::PlacementMap wrong = map;
+  wrong.set_version(map.version() + 1);
+  v1::ShardGroup* group0 = nullptr;
+  v1::ShardGroup* group1 = nullptr;
+  for (v1::ShardGroup& g : *wrong.mutable_shards()) (g.shard_id() == 0 ? group0 : group1) = &g;
+  ASSERT_TRUE(group0 != nullptr && group1 != nullptr);
+  for (const v1::LayerExpert& le : group1->experts()) *group0->add_experts() = le;
+  group1->clear_experts();
+
+  RoutedExperts* mb0 = dispatcher->MicroBatch(0);
+  RoutedExperts* mb1 = dispatcher->MicroBatch(1);
+  EXPECT_EQ(dispatcher->MicroBatch(1), mb1);
+  EXPECT_NE(mb0, mb1);
+  const Batch b = RandomBatch(config_, 6, 78);
+  std::vector<float> out(6 * config_.hidden_size), want(out.size());
+  ASSERT_TRUE(mb0->Run(1, b.x, b.routes, out).ok());
+  EXPECT_EQ(dispatcher->step_version(0), map.version());
+  EXPECT_EQ(dispatcher->step_version(1), 0u);  // no step yet
+  ASSERT_TRUE(dispatcher->ApplyPlacement(wrong).ok());
+  // Micro-batch 1 begins a step now: the wrong table, refused by the replicas.
+  EXPECT_FALSE(mb1->Run(1, b.x, b.routes, out).ok());
+  EXPECT_EQ(dispatcher->step_version(1), wrong.version());
+  for (int layer : {2, 3}) {  // micro-batch 0's step goes on with its own table
+    const absl::Status st = mb0->Run(layer, b.x, b.routes, out);
+    ASSERT_TRUE(st.ok()) << "layer " << layer << ": " << st;
+    ASSERT_TRUE(all_->Run(layer, b.x, b.routes, want).ok());
+    EXPECT_EQ(out, want) << "layer " << layer;
+    EXPECT_EQ(dispatcher->step_version(0), map.version());
+  }
+  // The right map again: micro-batch 1's step (begun at layer 1) keeps the wrong table until
+  // its next step; Run() is micro-batch 0, whose next step takes the right one.
+  map.set_version(wrong.version() + 1);
+  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
+  EXPECT_FALSE(mb1->Run(2, b.x, b.routes, out).ok());
+  ASSERT_TRUE(dispatcher->Run(1, b.x, b.routes, out).ok());
+  EXPECT_EQ(dispatcher->step_version(0), map.version());
+  const absl::Status back = mb1->Run(1, b.x, b.routes, out);
+  ASSERT_TRUE(back.ok()) << back;
+  ASSERT_TRUE(all_->Run(1, b.x, b.routes, want).ok());
+  EXPECT_EQ(out, want);
+  EXPECT_EQ(dispatcher->step_version(1), map.version());
+}
+
+// Two micro-batches' steps overlapping (both Runs of a layer in flight at once, as ping-pong
+// micro-batches dispatch) give each exactly LocalExperts' output.
+TEST_F(DispatcherTest, OverlappingMicroBatchStepsStayExact) {
+  std::barrier both(2);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int mb = 0; mb < 2; ++mb) {
+    threads.emplace_back([&, mb] {
+      RoutedExperts* lane = dispatcher_->MicroBatch(mb);
+      for (int step = 0; step < 4; ++step) {
+        for (int layer : {1, 2, 3}) {
+          const Batch b =
+              RandomBatch(config_, 3 + 4 * mb + step, 7000 + 100 * mb + 10 * step + layer);
+          std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
+          both.arrive_and_wait();  // both micro-batches dispatch this layer together
+          const absl::Status st = lane->Run(layer, b.x, b.routes, got);
+          if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
+            ADD_FAILURE() << "micro-batch " << mb << " step " << step << " layer " << layer << ": "
+                          << st;
+            ++failures;
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
 }
 
 // A shard replica that misbehaves: it speaks the real protocol (handshake with the model's
