@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
           prefill_chunk = 64;
   bool no_act_quant = false, no_mtp = false, mtp_always = false;
   int draft_k = 1;
-  int micro_batches = 1;
+  int micro_batches = 2;
   int64_t micro_batch_min_rows = 4;
   int drain_grace_s = 30;
   std::string device = "cpu";
@@ -69,7 +69,8 @@ int main(int argc, char** argv) {
                "Do not share the KV blocks of common prompt prefixes between sequences");
   app.add_option("--micro-batches", micro_batches,
                  "Split each step's batch into this many micro-batches whose attention compute "
-                 "overlaps the others' expert round trips (1 = off; CPU device only)")
+                 "overlaps the others' expert round trips (1 = off; --device cpu only, a GPU runs "
+                 "steps unsplit)")
       ->check(CLI::Range(1, 8))
       ->capture_default_str();
   app.add_option("--micro-batch-min-rows", micro_batch_min_rows,

@@ -63,14 +63,13 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(const Model* model,
   fo.kv_pages = options.kv_blocks;
   fo.page_size = options.kv_block_size;
   fo.mtp_kv_pages = drafting ? options.kv_blocks : 0;
-  if (options.micro_batches > 1) {
-    // Each micro-batch runs the reference engine on its own thread: CPU only (the GPU engine
-    // is one device stream and not reentrant).
-    if (device.cuda) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("scheduler: --micro-batches ", options.micro_batches,
-                       " needs --device cpu (got ", device.text, ")"));
-    }
+  // Each micro-batch runs the reference engine on its own thread: CPU only (the GPU engine is
+  // one device stream and not reentrant), so on a GPU every step runs unsplit.
+  if (options.micro_batches > 1 && device.cuda) {
+    spdlog::info("micro-batches: off on {} (the GPU engine runs one forward at a time)",
+                 device.text);
+  }
+  if (options.micro_batches > 1 && !device.cuda) {
     std::vector<RoutedExperts*> lanes = options.micro_batch_experts;
     if (lanes.empty()) lanes.assign(static_cast<size_t>(options.micro_batches), experts);
     MicroBatchOptions mo;

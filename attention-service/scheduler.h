@@ -69,7 +69,8 @@ struct SchedulerOptions {
   std::string device = "cpu";
   // Ping-pong micro-batches (core/engine/micro_batch_engine.h): the main forward of a step of
   // at least 2 x micro_batch_min_rows rows is split into up to micro_batches micro-batches
-  // whose dense compute overlaps the others' expert round trips. 1 = off. CPU device only.
+  // whose dense compute overlaps the others' expert round trips. 1 = off (the attention
+  // service's default is 2). CPU device only: a GPU device runs every step unsplit.
   int micro_batches = 1;
   int64_t micro_batch_min_rows = 4;
   // The RoutedExperts of each micro-batch ([micro_batches]; e.g. a Dispatcher's MicroBatch(i)

@@ -34,12 +34,20 @@ Before the profiles: the relay's own cost at 0 configured delay (netdelay --ping
 relay against the direct veth path, same bytes), and a loopback run started by the launcher
 (in-process engine and cluster without namespaces) for reference.
 
+--micro-batches 1 2 (issue 14, part 5): every profile is measured once per value, each on a
+fresh cluster whose attention service runs with that --micro-batches (1 = no overlap), and the
+tok/s of each value is printed as a ratio to the first value's at the same batch, all in one
+run. --loopback adds a profile without namespaces (every service on 127.0.0.1, no relay, no
+tbf) measured the same way.
+
 Where namespaces cannot be made (not root, no CAP_NET_ADMIN, no `ip`/`tc`), it prints
 "SKIP: ..." and exits 0. Namespaces, veths and qdiscs are removed on exit, also on Ctrl-C.
 
   sudo tools/bench/link_bench.py --build-dir build/cpu --model models/expertmesh-tiny \
       --batches 1 8 32 --decode-tokens 128 --repeat 3
   sudo tools/bench/link_bench.py --profiles 1g:0.5 --batches 1 --decode-tokens 32
+  sudo tools/bench/link_bench.py --profiles 1g:0.5 --batches 1 64 --micro-batches 1 2 \
+      --loopback --no-baselines
 """
 
 import argparse
@@ -287,15 +295,23 @@ def relay_cost(args, net, log_dir, bytes_list):
     return out
 
 
-def start_cluster(args, net, procs, delay_ms, max_batch):
-    """delay_ms None: no relay, the expert service listens on its veth address itself."""
+def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopback=False):
+    """delay_ms None: no relay, the expert service listens on its veth address itself.
+    loopback: every service in the root namespace on 127.0.0.1 (no veth, relay or tbf)."""
     rport, rmport = free_port(), free_port()
     aport, amport = free_port(), free_port()
     procs.start("router", [args.router_bin, "--model", args.model, "--num-shards",
                            str(args.shards), "--listen", "0.0.0.0:%d" % rport,
                            "--metrics-port", str(rmport), "--no-rebalance"])
     wait_tcp("127.0.0.1", rport, procs)
-    for g in range(args.shards):
+    for g in range(args.shards if loopback else 0):
+        procs.start("expert%d" % g, [args.expert_bin, "--model", args.model, "--shard-id", str(g),
+                                     "--num-shards", str(args.shards),
+                                     "--listen", "127.0.0.1:%d" % free_port(),
+                                     "--router", "127.0.0.1:%d" % rport,
+                                     "--metrics-port", str(free_port()), "--instance-id",
+                                     "shard%d-r0" % g])
+    for g in range(0 if loopback else args.shards):
         ns = net.ns(g)
         sport, mport, pport = 7201, 7202, 7203  # each namespace has its own ports
         listen = "127.0.0.1:%d" % sport
@@ -317,7 +333,7 @@ def start_cluster(args, net, procs, delay_ms, max_batch):
                               "--metrics-port", str(amport), "--kv-blocks", "4096",
                               "--max-batch", str(max_batch), "--step-deadline-ms", "30000",
                               "--attempt-timeout-ms", "30000",
-                              "--combine", "exact"])
+                              "--combine", "exact", "--micro-batches", str(micro_batches)])
     return "127.0.0.1:%d" % aport, "127.0.0.1:%d" % amport
 
 
@@ -364,6 +380,12 @@ def main():
                     help="<gbit>g:<one-way delay ms> (default: %s)" % " ".join(DEFAULT_PROFILES))
     ap.add_argument("--repeat", type=int, default=1,
                     help="measurements per profile (same cluster); the median tok/s is shown")
+    ap.add_argument("--micro-batches", type=int, nargs="+", default=[1],
+                    help="attention-service --micro-batches values, each measured on every "
+                    "profile; ratios against the first")
+    ap.add_argument("--loopback", action="store_true",
+                    help="also measure every --micro-batches value on a cluster without "
+                    "namespaces (127.0.0.1)")
     ap.add_argument("--no-baselines", action="store_true",
                     help="skip the relay-cost and loopback/unlimited-veth reference runs")
     ap.add_argument("--json", help="also write the results here as JSON")
@@ -372,6 +394,8 @@ def main():
     args = ap.parse_args()
     if not 1 <= args.repeat <= 20:
         ap.error("--repeat must be in [1, 20]")
+    if any(not 1 <= m <= 8 for m in args.micro_batches):
+        ap.error("--micro-batches values must be in [1, 8]")
     if not 1 <= args.shards <= 200:
         ap.error("--shards must be in [1, 200]")
     if any(b < 1 or b > 4096 for b in args.batches) or not 1 <= args.decode_tokens <= 100000:
@@ -436,47 +460,62 @@ def main():
                 ip, cl, lat, mean = rows[batch]
                 print("  batch %-4d in-process %8.1f tok/s  cluster %8.1f tok/s (%.2fx)  "
                       "dispatch mean %.2f ms  %s" % (batch, ip, cl, cl / ip, mean, lat))
-        profiles = ([(None, 0.0)] if not args.no_baselines else []) + list(args.profiles)
-        print("\n%-22s %-6s %-10s %-11s %-8s %-9s %s" % (
-            "profile", "batch", "tok/s", "link limit", "ratio", "disp. ms",
+        # (gbit, delay): gbit None = unshaped veth; "loopback" = no namespaces at all.
+        profiles = ((["loopback"] if args.loopback else []) +
+                    ([(None, 0.0)] if not args.no_baselines else []) + list(args.profiles))
+        multi = len(args.micro_batches) > 1
+        print("\n%-22s %-3s %-6s %-10s %-11s %-8s %-8s %-9s %s" % (
+            "profile", "mb", "batch", "tok/s", "link limit", "ratio",
+            "vs mb%d" % args.micro_batches[0] if multi else "", "disp. ms",
             "dispatch p50/p99 ms per MoE layer"))
-        for gbit, delay_ms in profiles:
-            net.shape(gbit)
-            name = ("veth, no tbf, no relay" if gbit is None else
-                    "%g GbE, %g ms one-way" % (gbit, delay_ms))
-            log_dir = os.path.join(log_root, re.sub(r"[^a-z0-9.]+", "_", name.lower()))
-            os.makedirs(log_dir)
-            procs = Procs(log_dir)
-            try:
-                attention, metrics = start_cluster(args, net, procs,
-                                                   None if gbit is None else delay_ms,
-                                                   max(args.batches))
-                runs = []
-                for _ in range(args.repeat):
-                    runs.append(bench(args, ["--attention", attention, "--attention-metrics",
-                                             metrics, "--skip-in-process"]))
-                    procs.check_alive()
-                rows = median_rows(runs)
-            except Exception:
-                print("logs in %s" % log_dir, file=sys.stderr)
-                raise
-            finally:
-                procs.stop_all()
-            for batch in args.batches:
-                _, tok_s, lat, mean = rows[batch]
-                entry = {"profile": name, "gbit": gbit, "delay_ms": delay_ms, "batch": batch,
-                         "tok_s": tok_s, "dispatch_mean_ms": mean, "dispatch": lat}
-                if gbit is not None:
-                    limit = gbit * 1e9 / 8 / (per_layer[batch] * layers)
-                    entry["link_limit_tok_s"] = limit
-                    entry["ratio"] = tok_s / limit
-                    print("%-22s %-6d %-10.1f %-11.0f %-8.4f %-9.2f %s" %
-                          (name, batch, tok_s, limit, tok_s / limit, mean, lat))
-                else:
-                    print("%-22s %-6d %-10.1f %-11s %-8s %-9.2f %s" %
-                          (name, batch, tok_s, "-", "-", mean, lat))
-                sys.stdout.flush()
-                results["profiles"].append(entry)
+        for profile in profiles:
+            loopback = profile == "loopback"
+            gbit, delay_ms = (None, 0.0) if loopback else profile
+            if not loopback:
+                net.shape(gbit)
+            name = ("loopback, no namespaces" if loopback else "veth, no tbf, no relay"
+                    if gbit is None else "%g GbE, %g ms one-way" % (gbit, delay_ms))
+            first = {}  # batch -> tok/s of the first --micro-batches value
+            for mb in args.micro_batches:
+                log_dir = os.path.join(log_root, re.sub(r"[^a-z0-9.]+", "_", name.lower()) +
+                                       "_mb%d" % mb)
+                os.makedirs(log_dir)
+                procs = Procs(log_dir)
+                try:
+                    attention, metrics = start_cluster(args, net, procs,
+                                                       None if gbit is None else delay_ms,
+                                                       max(args.batches), mb, loopback)
+                    runs = []
+                    for _ in range(args.repeat):
+                        runs.append(bench(args, ["--attention", attention,
+                                                 "--attention-metrics", metrics,
+                                                 "--skip-in-process"]))
+                        procs.check_alive()
+                    rows = median_rows(runs)
+                except Exception:
+                    print("logs in %s" % log_dir, file=sys.stderr)
+                    raise
+                finally:
+                    procs.stop_all()
+                for batch in args.batches:
+                    _, tok_s, lat, mean = rows[batch]
+                    first.setdefault(batch, tok_s)
+                    vs = "%.2fx" % (tok_s / first[batch]) if multi else ""
+                    entry = {"profile": name, "gbit": gbit, "delay_ms": delay_ms,
+                             "micro_batches": mb, "batch": batch, "tok_s": tok_s,
+                             "vs_first_micro_batches": tok_s / first[batch],
+                             "dispatch_mean_ms": mean, "dispatch": lat}
+                    if gbit is not None:
+                        limit = gbit * 1e9 / 8 / (per_layer[batch] * layers)
+                        entry["link_limit_tok_s"] = limit
+                        entry["ratio"] = tok_s / limit
+                        print("%-22s %-3d %-6d %-10.1f %-11.0f %-8.4f %-8s %-9.2f %s" %
+                              (name, mb, batch, tok_s, limit, tok_s / limit, vs, mean, lat))
+                    else:
+                        print("%-22s %-3d %-6d %-10.1f %-11s %-8s %-8s %-9.2f %s" %
+                              (name, mb, batch, tok_s, "-", "-", vs, mean, lat))
+                    sys.stdout.flush()
+                    results["profiles"].append(entry)
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
         return 130
@@ -485,7 +524,8 @@ def main():
         if left:
             print("error: could not remove %s" % ", ".join(left), file=sys.stderr)
             sys.exit(1)
-    print("\n%d profiles in %.0f s%s" % (len(results["profiles"]) // len(args.batches),
+    print("\n%d profiles in %.0f s%s" % (len(results["profiles"]) // len(args.batches) //
+                                        len(args.micro_batches),
                                         time.time() - t0,
                                         "; logs in " + log_root if args.keep_logs else ""))
     if not args.keep_logs:

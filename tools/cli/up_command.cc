@@ -253,6 +253,11 @@ void AddUpCommand(CLI::App& app) {
                  "placement); partial: per-shard partial sums (fewer bytes)")
       ->check(CLI::IsMember({"exact", "partial"}))
       ->capture_default_str();
+  up->add_option("--micro-batches", c.micro_batches,
+                 "Split each step into this many micro-batches whose attention compute overlaps "
+                 "the others' expert round trips (1 = off)")
+      ->check(CLI::Range(1, 8))
+      ->capture_default_str();
   up->add_option("--gateway-arg", c.extra_gateway_args,
                  "Extra gateway flag (repeatable; e.g. --gateway-arg=--max-running=512)");
   up->add_option("--router-arg", c.extra_router_args,

@@ -221,7 +221,9 @@ absl::Status Cluster::StartAll() {
                                      "--step-deadline-ms",
                                      std::to_string(options_.step_deadline_ms),
                                      "--combine",
-                                     options_.combine};
+                                     options_.combine,
+                                     "--micro-batches",
+                                     std::to_string(options_.micro_batches)};
     args.insert(args.end(), options_.extra_attention_args.begin(),
                 options_.extra_attention_args.end());
     const std::vector<std::string> tls = TlsArgs();

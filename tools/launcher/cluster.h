@@ -41,6 +41,8 @@ struct ClusterOptions {
   int prefill_chunk = 64;
   int step_deadline_ms = 2000;
   std::string combine = "exact";  // --combine: exact or partial (dispatcher/dispatcher.h)
+  // --micro-batches: ping-pong micro-batches per step (core/engine/micro_batch_engine.h); 1 = off
+  int micro_batches = 2;
   std::vector<std::string> extra_router_args;
   std::vector<std::string> extra_attention_args;
   std::vector<std::string> extra_expert_args;
