@@ -37,7 +37,10 @@ relay against the direct veth path, same bytes), and a loopback run started by t
 --micro-batches 1 2 (issue 14, part 5): every profile is measured once per value, each on a
 fresh cluster whose attention service runs with that --micro-batches (1 = no overlap), and the
 tok/s of each value is printed as a ratio to the first value's at the same batch, all in one
-run. --loopback adds a profile without namespaces (every service on 127.0.0.1, no relay, no
+run. Each batch size is measured by its own expertmesh-bench-cluster call, and "step ms" is
+the mean wall time of the attention service's steps meanwhile (expertmesh_attention_step_seconds,
+prefill steps included): with one micro-batch, step - MoE layers x dispatch mean is the time the
+attention service computes per step. --loopback adds a profile without namespaces (every service on 127.0.0.1, no relay, no
 tbf) measured the same way.
 
 Where namespaces cannot be made (not root, no CAP_NET_ADMIN, no `ip`/`tc`), it prints
@@ -61,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 SUBNET = "10.213"  # 10.213.<group>.0/24 per shard group
 DEFAULT_PROFILES = ["1g:0.1", "1g:0.5", "10g:0.1", "10g:0.5", "25g:0.1", "25g:0.5"]
@@ -337,16 +341,51 @@ def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopba
     return "127.0.0.1:%d" % aport, "127.0.0.1:%d" % amport
 
 
-def bench(args, extra):
+def step_seconds(metrics_addr):
+    """(sum, count) of the attention service's expertmesh_attention_step_seconds."""
+    end = time.time() + 120  # the service may still be loading
+    while True:
+        try:
+            with urllib.request.urlopen("http://%s/metrics" % metrics_addr, timeout=10) as r:
+                text = r.read().decode()
+            break
+        except OSError:
+            if time.time() > end:
+                raise
+            time.sleep(0.2)
+    vals = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            name = "expertmesh_attention_step_seconds_" + key + " "
+            if line.startswith(name):
+                vals[key] = float(line[len(name):])
+    return vals.get("sum", 0.0), vals.get("count", 0.0)
+
+
+def bench_steps(args, attention, metrics):
+    """bench() one batch size at a time against a running cluster; each row gets the mean
+    wall time of the attention service's steps during that batch size (ms; prefill included)."""
+    rows = {}
+    for b in args.batches:
+        s0, c0 = step_seconds(metrics)
+        row = bench(args, ["--attention", attention, "--attention-metrics", metrics,
+                           "--skip-in-process"], [b])[b]
+        s1, c1 = step_seconds(metrics)
+        rows[b] = row + (1e3 * (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan"),)
+    return rows
+
+
+def bench(args, extra, batches=None):
+    batches = batches or args.batches
     cmd = [args.bench_bin, "--model", args.model, "--shards", str(args.shards),
            "--decode-tokens", str(args.decode_tokens), "--prompt-len", str(args.prompt_len),
-           "--batches"] + [str(b) for b in args.batches] + extra
+           "--batches"] + [str(b) for b in batches] + extra
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         raise RuntimeError("%s failed (%d):\n%s%s" % (" ".join(cmd), p.returncode, p.stdout,
                                                       p.stderr[-3000:]))
     rows = parse_bench(p.stdout)
-    if sorted(rows) != sorted(args.batches) or any(r[1] <= 0 for r in rows.values()):
+    if sorted(rows) != sorted(batches) or any(r[1] <= 0 for r in rows.values()):
         raise RuntimeError("unexpected benchmark output:\n" + p.stdout)
     return rows
 
@@ -464,10 +503,10 @@ def main():
         profiles = ((["loopback"] if args.loopback else []) +
                     ([(None, 0.0)] if not args.no_baselines else []) + list(args.profiles))
         multi = len(args.micro_batches) > 1
-        print("\n%-22s %-3s %-6s %-10s %-11s %-8s %-8s %-9s %s" % (
+        print("\n%-22s %-3s %-6s %-10s %-11s %-8s %-8s %-8s %-9s %s" % (
             "profile", "mb", "batch", "tok/s", "link limit", "ratio",
-            "vs mb%d" % args.micro_batches[0] if multi else "", "disp. ms",
-            "dispatch p50/p99 ms per MoE layer"))
+            "vs mb%d" % args.micro_batches[0] if multi else "", "step ms", "disp. ms",
+            "dispatch p50/p99 ms per MoE layer (per micro-batch)"))
         for profile in profiles:
             loopback = profile == "loopback"
             gbit, delay_ms = (None, 0.0) if loopback else profile
@@ -487,9 +526,7 @@ def main():
                                                        max(args.batches), mb, loopback)
                     runs = []
                     for _ in range(args.repeat):
-                        runs.append(bench(args, ["--attention", attention,
-                                                 "--attention-metrics", metrics,
-                                                 "--skip-in-process"]))
+                        runs.append(bench_steps(args, attention, metrics))
                         procs.check_alive()
                     rows = median_rows(runs)
                 except Exception:
@@ -498,22 +535,24 @@ def main():
                 finally:
                     procs.stop_all()
                 for batch in args.batches:
-                    _, tok_s, lat, mean = rows[batch]
+                    _, tok_s, lat, mean, step_ms = rows[batch]
                     first.setdefault(batch, tok_s)
                     vs = "%.2fx" % (tok_s / first[batch]) if multi else ""
                     entry = {"profile": name, "gbit": gbit, "delay_ms": delay_ms,
                              "micro_batches": mb, "batch": batch, "tok_s": tok_s,
                              "vs_first_micro_batches": tok_s / first[batch],
-                             "dispatch_mean_ms": mean, "dispatch": lat}
+                             "dispatch_mean_ms": mean, "step_mean_ms": step_ms,
+                             "dispatch": lat}
                     if gbit is not None:
                         limit = gbit * 1e9 / 8 / (per_layer[batch] * layers)
                         entry["link_limit_tok_s"] = limit
                         entry["ratio"] = tok_s / limit
-                        print("%-22s %-3d %-6d %-10.1f %-11.0f %-8.4f %-8s %-9.2f %s" %
-                              (name, mb, batch, tok_s, limit, tok_s / limit, vs, mean, lat))
+                        print("%-22s %-3d %-6d %-10.1f %-11.0f %-8.4f %-8s %-8.2f %-9.2f %s" %
+                              (name, mb, batch, tok_s, limit, tok_s / limit, vs, step_ms, mean,
+                               lat))
                     else:
-                        print("%-22s %-3d %-6d %-10.1f %-11s %-8s %-8s %-9.2f %s" %
-                              (name, mb, batch, tok_s, "-", "-", vs, mean, lat))
+                        print("%-22s %-3d %-6d %-10.1f %-11s %-8s %-8s %-8.2f %-9.2f %s" %
+                              (name, mb, batch, tok_s, "-", "-", vs, step_ms, mean, lat))
                     sys.stdout.flush()
                     results["profiles"].append(entry)
     except KeyboardInterrupt:
