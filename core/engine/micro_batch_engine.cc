@@ -1,5 +1,6 @@
 #include "core/engine/micro_batch_engine.h"
 
+#include <algorithm>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
