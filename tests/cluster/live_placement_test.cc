@@ -9,6 +9,7 @@
 // load error and changes nothing.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -160,11 +161,20 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
   std::atomic<int> l1_calls{0}, l1_failures{0};
   std::vector<v1::ExpertResponse> l1_answers(l1_requests.size());
   std::mutex answers_mu;
+  // When each layer-1 request was sent (the shard sees it later), and the longest pause
+  // between two sends since `gap_from` (a machine overloaded enough to pause the traffic for a
+  // whole grace period makes a release legitimate: the checks below say so instead of failing).
+  std::atomic<int64_t> last_sent_ns{0}, longest_gap_ns{0}, gap_from_ns{INT64_MAX};
   std::thread traffic([&] {
     Client c((*server)->address());
     for (size_t i = 0; !stop_traffic.load(); i = (i + 1) % l1_requests.size()) {
+      const int64_t now = absl::GetCurrentTimeNanos(), previous = last_sent_ns.exchange(now);
+      if (previous >= gap_from_ns.load()) {
+        longest_gap_ns = std::max(longest_gap_ns.load(), now - previous);
+      }
       v1::ExpertResponse resp = c.Call(l1_requests[i]);
       if (resp.error_code() != 0 || !resp.error_message().empty()) {
+        if (longest_gap_ns.load() >= absl::ToInt64Nanoseconds(kGrace)) break;  // see above
         ADD_FAILURE() << "layer-1 request refused while in use: " << resp.error_message();
         ++l1_failures;
       }
@@ -190,23 +200,31 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
 
   // Commit layer 2 alone. Layer 1 stays while requests use it.
   const absl::Time committed_at = absl::Now();
+  gap_from_ns = absl::ToUnixNanos(committed_at);
   live->OnTarget(Target(2, layer2, true));
   ASSERT_TRUE(testing::PollUntil([&] { return live->applied() >= 2; }, absl::Seconds(30)));
   EXPECT_EQ(live->held_generation(), 2u);
   absl::SleepFor(kGrace * 1.5);
-  EXPECT_EQ(live->releases(), 0u) << "released while requests still used the experts";
-  EXPECT_EQ((*server)->bytes_mapped(), 2 * layer_bytes);
-  // The last layer-1 request is validated at most one round trip (well under 250 ms) before
-  // this.
-  const absl::Time last_use = absl::Now();
+  const bool traffic_paused = longest_gap_ns.load() >= absl::ToInt64Nanoseconds(kGrace);
+  if (traffic_paused) {
+    std::printf(
+        "[not checked] the layer-1 traffic paused %lld ms (> the grace) on this loaded "
+        "machine: a release during the test is then correct\n",
+        static_cast<long long>(longest_gap_ns.load() / 1000000));
+  } else {
+    EXPECT_EQ(live->releases(), 0u) << "released while requests still used the experts";
+    EXPECT_EQ((*server)->bytes_mapped(), 2 * layer_bytes);
+  }
   stop_traffic = true;
   traffic.join();
   EXPECT_EQ(l1_failures.load(), 0);
+  // The shard saw the last layer-1 request after it was sent.
+  const absl::Time last_use = absl::FromUnixNanos(last_sent_ns.load());
 
   ASSERT_TRUE(testing::PollUntil([&] { return (*server)->bytes_mapped() == layer_bytes; },
                                  absl::Seconds(30)));
   const absl::Time released = absl::Now();
-  EXPECT_GE(released - last_use, kGrace - absl::Milliseconds(250));
+  EXPECT_GE(released - last_use, kGrace);
   EXPECT_GE(released - committed_at, kGrace);
   EXPECT_EQ((*server)->bytes_mapped(), layer_bytes);
   // Layer 1 is refused now; layer 2 still served.
