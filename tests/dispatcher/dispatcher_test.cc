@@ -161,6 +161,34 @@ class DispatcherTest : public ::testing::Test {
     return status;
   }
   // Crashes both replicas of shard 1 (no deregistration: the router expires them).
+  // The router's current map, a dispatcher (2 s step deadline) that applied it, and a newer
+  // wrong map giving shard group 1's experts to group 0, whose replicas do not hold them.
+  void DispatcherWithAWrongMapAhead(v1::PlacementMap* map, v1::PlacementMap* wrong,
+                                    std::unique_ptr<Dispatcher>* dispatcher) {
+    auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
+    grpc::ClientContext ctx;
+    v1::WatchPlacementRequest watch;
+    *watch.mutable_identity() = identity_;
+    std::unique_ptr<grpc::ClientReader<v1::PlacementMap>> reader =
+        stub->WatchPlacement(&ctx, watch);
+    ASSERT_TRUE(reader->Read(map));
+    ctx.TryCancel();
+    (void)reader->Finish();
+    DispatcherOptions d;
+    d.identity = identity_;
+    d.step_deadline = absl::Seconds(2);
+    *dispatcher = *Dispatcher::Create(config_, d);
+    ASSERT_TRUE((*dispatcher)->ApplyPlacement(*map).ok());
+    *wrong = *map;
+    wrong->set_version(map->version() + 1);
+    v1::ShardGroup* group0 = nullptr;
+    v1::ShardGroup* group1 = nullptr;
+    for (v1::ShardGroup& g : *wrong->mutable_shards()) (g.shard_id() == 0 ? group0 : group1) = &g;
+    ASSERT_TRUE(group0 != nullptr && group1 != nullptr);
+    for (const v1::LayerExpert& le : group1->experts()) *group0->add_experts() = le;
+    group1->clear_experts();
+  }
+
   void KillShard1() {
     Replica(1, 0).Kill();
     Replica(1, 1).Kill();
@@ -521,28 +549,9 @@ TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
 // hold them) is used from the next step on. A layer not after the last one dispatched also
 // begins a step.
 TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
-  auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
-  grpc::ClientContext ctx;
-  v1::WatchPlacementRequest watch;
-  *watch.mutable_identity() = identity_;
-  std::unique_ptr<grpc::ClientReader<v1::PlacementMap>> reader = stub->WatchPlacement(&ctx, watch);
-  v1::PlacementMap map;
-  ASSERT_TRUE(reader->Read(&map));
-  ctx.TryCancel();
-  (void)reader->Finish();
-  DispatcherOptions d;
-  d.identity = identity_;
-  d.step_deadline = absl::Seconds(2);
-  std::unique_ptr<Dispatcher> dispatcher = *Dispatcher::Create(config_, d);
-  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
-  v1::PlacementMap wrong = map;
-  wrong.set_version(map.version() + 1);
-  v1::ShardGroup* group0 = nullptr;
-  v1::ShardGroup* group1 = nullptr;
-  for (v1::ShardGroup& g : *wrong.mutable_shards()) (g.shard_id() == 0 ? group0 : group1) = &g;
-  ASSERT_TRUE(group0 != nullptr && group1 != nullptr);
-  for (const v1::LayerExpert& le : group1->experts()) *group0->add_experts() = le;
-  group1->clear_experts();
+  v1::PlacementMap map, wrong;
+  std::unique_ptr<Dispatcher> dispatcher;
+  ASSERT_NO_FATAL_FAILURE(DispatcherWithAWrongMapAhead(&map, &wrong, &dispatcher));
   const Batch b = RandomBatch(config_, 6, 77);
   std::vector<float> out(6 * config_.hidden_size), want(out.size());
   ASSERT_TRUE(dispatcher->Run(1, b.x, b.routes, out).ok());
@@ -573,29 +582,9 @@ TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
 // begins then, and micro-batch 0 keeps its table to its own step boundary (with one shared step
 // table, micro-batch 1's new step would switch micro-batch 0's table mid-step).
 TEST_F(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
-  auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
-  grpc::ClientContext ctx;
-  v1::WatchPlacementRequest watch;
-  *watch.mutable_identity() = identity_;
-  std::unique_ptr<grpc::ClientReader<v1::PlacementMap>> reader = stub->WatchPlacement(&ctx, watch);
-  v1::PlacementMap map;
-  ASSERT_TRUE(reader->Read(&map));
-  ctx.TryCancel();
-  (void)reader->Finish();
-  DispatcherOptions d;
-  d.identity = identity_;
-  d.step_deadline = absl::Seconds(2);
-  std::unique_ptr<Dispatcher> dispatcher = *Dispatcher::Create(config_, d);
-  ASSERT_TRUE(dispatcher->ApplyPlacement(map).ok());
-  // The wrong map: group 1's experts given to group 0, whose replicas do not hold them.
-  v1::PlacementMap wrong = map;
-  wrong.set_version(map.version() + 1);
-  v1::ShardGroup* group0 = nullptr;
-  v1::ShardGroup* group1 = nullptr;
-  for (v1::ShardGroup& g : *wrong.mutable_shards()) (g.shard_id() == 0 ? group0 : group1) = &g;
-  ASSERT_TRUE(group0 != nullptr && group1 != nullptr);
-  for (const v1::LayerExpert& le : group1->experts()) *group0->add_experts() = le;
-  group1->clear_experts();
+  v1::PlacementMap map, wrong;
+  std::unique_ptr<Dispatcher> dispatcher;
+  ASSERT_NO_FATAL_FAILURE(DispatcherWithAWrongMapAhead(&map, &wrong, &dispatcher));
 
   RoutedExperts* mb0 = dispatcher->MicroBatch(0);
   RoutedExperts* mb1 = dispatcher->MicroBatch(1);
