@@ -320,7 +320,10 @@ int Run(const std::string& model_dir, int shards, std::vector<int> batches, int 
   o.max_batch = *std::max_element(batches.begin(), batches.end());
   o.kv_blocks = 8192;
   o.step_deadline_ms = 30000;
-  o.extra_attention_args = {"--draft-k", std::to_string(draft_k)};
+  // The plain and the MTP runs repeat the same prompts: with prefix caching the MTP run would
+  // reuse the plain run's blocks, which carry no MTP rows, and a sequence whose shared blocks
+  // lack them does not draft (attention-service/scheduler.cc): the MTP rows showed 0 % drafting.
+  o.extra_attention_args = {"--draft-k", std::to_string(draft_k), "--no-prefix-caching"};
   if (always) o.extra_attention_args.push_back("--mtp-always");
   absl::StatusOr<std::unique_ptr<launcher::Cluster>> cluster = launcher::Cluster::Start(o);
   if (!cluster.ok()) {
