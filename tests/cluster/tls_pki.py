@@ -73,7 +73,8 @@ SANITIZER_MARKERS = ("==ERROR: ", "WARNING: ThreadSanitizer", "runtime error: ")
 def service_reports(log_dir, tail_lines=30, max_chars=20000):
     """For a failure message: each service log in `log_dir` (stdout and stderr, where the
     sanitizers write), from the first line of a sanitizer report on when it has one (at most
-    max_chars), else its last `tail_lines` lines (tests/common/child_log.h does the same)."""
+    max_chars), else its last `tail_lines` lines (tests/common/child_log.h: the same marker
+    search, then the log's end)."""
     if not os.path.isdir(log_dir):
         return f"(no log directory {log_dir})"
     parts = []

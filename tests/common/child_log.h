@@ -6,14 +6,13 @@
 #include <fstream>
 #include <iterator>
 #include <string>
-#include <vector>
 
 namespace expertmesh::testing {
 
 // The sanitizer report in the log at `path` (from the first line of an AddressSanitizer,
 // LeakSanitizer, ThreadSanitizer or UBSan report to the end, at most max_chars from its
-// start); without one, the last `tail_lines` lines. Says so when the log cannot be read.
-inline std::string ChildLogReport(const std::string& path, size_t tail_lines = 30,
+// start); without one, its last tail_chars bytes. Says so when the log cannot be read.
+inline std::string ChildLogReport(const std::string& path, size_t tail_chars = 2000,
                                   size_t max_chars = 20000) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return "(no log at " + path + ")";
@@ -28,19 +27,8 @@ inline std::string ChildLogReport(const std::string& path, size_t tail_lines = 3
     const size_t begin = line == std::string::npos ? 0 : line + 1;
     return "sanitizer report in " + path + ":\n" + text.substr(begin, max_chars);
   }
-  std::vector<std::string> lines;
-  for (size_t at = 0; at < text.size();) {
-    const size_t nl = text.find('\n', at);
-    const size_t end = nl == std::string::npos ? text.size() : nl;
-    lines.push_back(text.substr(at, end - at));
-    at = end + 1;
-  }
-  std::string tail;
-  for (size_t i = lines.size() > tail_lines ? lines.size() - tail_lines : 0; i < lines.size();
-       ++i) {
-    tail += lines[i] + "\n";
-  }
-  return "last lines of " + path + ":\n" + tail;
+  return "end of " + path + ":\n" +
+         text.substr(text.size() > tail_chars ? text.size() - tail_chars : 0);
 }
 
 }  // namespace expertmesh::testing
