@@ -263,6 +263,7 @@ absl::StatusOr<std::unique_ptr<AttentionServer>> AttentionServer::Start(
   d.step_deadline = o.step_deadline;
   d.attempt_timeout = std::min(o.attempt_timeout, o.step_deadline);
   d.combine = o.combine;
+  d.data_plane = o.data_plane;
   d.metrics = &s->metrics_;
   absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(s->config_, d);
   if (!dispatcher.ok()) return dispatcher.status();

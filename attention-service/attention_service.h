@@ -45,6 +45,9 @@ struct AttentionServerOptions {
   // How the dispatcher combines shard answers (dispatcher/dispatcher.h): exact (per-expert
   // answers, bit-identical to the in-process engine for any placement) or partial.
   CombineMode combine = CombineMode::kExact;
+  // Use the shards' framed TCP data plane where the router lists one (DispatcherOptions::
+  // data_plane; never under mTLS); false: the gRPC Compute streams only.
+  bool data_plane = true;
   absl::Duration default_deadline = absl::Minutes(10);  // a Submit without a deadline
   bool load_progress = false;                           // log loading progress
   // The MTP module's routed experts in this process (drafting without a network round

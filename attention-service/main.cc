@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   int drain_grace_s = 30;
   std::string device = "cpu";
   std::string combine = "exact";
+  std::string data_plane = "auto";
   app.add_option("--model", o.model_dir, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -56,6 +57,12 @@ int main(int argc, char** argv) {
                  "partial: one partial sum per token and shard (fewer bytes, output depends on "
                  "which experts share a shard)")
       ->check(CLI::IsMember({"exact", "partial"}))
+      ->capture_default_str();
+  app.add_option("--data-plane", data_plane,
+                 "auto: send expert requests on a shard replica's framed TCP data plane when it "
+                 "has one (fewer thread hand-offs per round trip; never under mTLS, it is "
+                 "plaintext); grpc: always on the gRPC Compute streams")
+      ->check(CLI::IsMember({"auto", "grpc"}))
       ->capture_default_str();
   app.add_option("--default-deadline-ms", default_deadline_ms, "Deadline of a Submit without one")
       ->check(CLI::Range(1, 86400000))
@@ -115,6 +122,7 @@ int main(int argc, char** argv) {
   o.step_deadline = absl::Milliseconds(step_deadline_ms);
   o.attempt_timeout = absl::Milliseconds(attempt_timeout_ms);
   o.combine = combine == "partial" ? CombineMode::kPartial : CombineMode::kExact;
+  o.data_plane = data_plane == "auto";
   o.default_deadline = absl::Milliseconds(default_deadline_ms);
   o.load_progress = true;
 

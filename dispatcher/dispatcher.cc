@@ -1,10 +1,16 @@
 #include "dispatcher/dispatcher.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <optional>
 #include <set>
 #include <utility>
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <grpcpp/grpcpp.h>
 
@@ -13,9 +19,11 @@
 #include "core/base/check.h"
 #include "core/base/status.h"
 #include "core/format/wire.h"
+#include "dataplane/frame.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "service-common/handshake.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh {
@@ -35,6 +43,13 @@ struct StepWaiter {
   std::mutex mu;
   std::condition_variable cv;
   std::vector<Slot> slots;
+  // A step that waits on data-plane connections too polls this eventfd for its stream answers
+  // (created by EventFd(), under mu; -1 until then).
+  int efd = -1;
+
+  ~StepWaiter() {
+    if (efd >= 0) ::close(efd);
+  }
 
   void Deliver(size_t group, uint64_t token, absl::Status status, v1::ExpertResponse response) {
     std::lock_guard<std::mutex> lock(mu);
@@ -44,6 +59,16 @@ struct StepWaiter {
     s.status = std::move(status);
     s.response = std::move(response);
     cv.notify_all();
+    if (efd >= 0) {
+      const uint64_t one = 1;
+      [[maybe_unused]] ssize_t n = ::write(efd, &one, sizeof one);
+    }
+  }
+
+  // Under mu.
+  int EventFd() {
+    if (efd < 0) efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return efd;
   }
 };
 
@@ -62,10 +87,11 @@ struct Pending {
 // read completed. No thread of our own sits between Run() and the socket.
 class ReplicaStream {
  public:
-  ReplicaStream(std::string replica_id, std::string address, int32_t shard,
-                const DispatcherOptions& options)
+  ReplicaStream(std::string replica_id, std::string address, std::string data_address,
+                int32_t shard, const DispatcherOptions& options)
       : replica_id_(std::move(replica_id)),
         address_(std::move(address)),
+        data_address_(std::move(data_address)),
         shard_(shard),
         options_(options) {}
   ~ReplicaStream() { Close(); }
@@ -166,6 +192,83 @@ class ReplicaStream {
     return id;
   }
 
+  // ---- The framed TCP data plane (used instead of the stream when data_address is set) ----
+  bool data_plane() const { return !data_address_.empty(); }
+  const std::string& data_address() const { return data_address_; }
+
+  // A connection for one request: an idle one that is still quiet, else a new one (connect
+  // and hello, bounded by `deadline` and connect_timeout). A failure marks the replica failed.
+  absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> Lease(absl::Time deadline) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (data_closed_) return absl::UnavailableError(absl::StrCat(data_address_, ": closed"));
+      while (!idle_.empty()) {
+        std::unique_ptr<dataplane::FrameConnection> c = std::move(idle_.back());
+        idle_.pop_back();
+        if (c->QuietAndOpen()) {
+          ++leased_;
+          return c;
+        }
+      }
+      if (leased_ >= options_.max_data_connections_per_replica) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            data_address_, ": ", leased_, " data-plane connections in use from this dispatcher"));
+      }
+      ++leased_;  // reserved while connecting
+    }
+    const absl::Time by = std::min(deadline, absl::Now() + options_.connect_timeout);
+    absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> c =
+        dataplane::FrameConnection::Connect(data_address_, by,
+                                            static_cast<uint32_t>(options_.max_message_bytes));
+    absl::Status s = c.status();
+    if (s.ok()) {
+      v1::HandshakeRequest req;
+      *req.mutable_client() = options_.identity;
+      v1::HandshakeResponse resp;
+      s = dataplane::Exchange(**c, dataplane::FrameType::kHello, req.SerializeAsString(),
+                              dataplane::FrameType::kHelloOk, by);
+      if (s.ok() &&
+          !resp.ParseFromArray((*c)->payload().data(), static_cast<int>((*c)->payload().size()))) {
+        s = absl::InternalError("hello answer is not a HandshakeResponse");
+      }
+      if (s.ok()) s = CheckPeer(options_.identity, resp.server());
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!s.ok()) {
+      --leased_;
+      broken_ = true;
+      return absl::Status(s.code(), absl::StrCat(data_address_, ": data plane: ", s.message()));
+    }
+    if (!open_.exchange(true) || broken_) {
+      spdlog::info("dispatcher: data plane to {} ({}) open", replica_id_, data_address_);
+    }
+    broken_ = false;
+    return c;
+  }
+
+  // A leased connection after a good answer: kept for the next request unless the replica
+  // failed meanwhile. `rows`: what AddOutstanding added for it.
+  void Return(std::unique_ptr<dataplane::FrameConnection> c, int64_t rows) {
+    std::lock_guard<std::mutex> lock(mu_);
+    --leased_;
+    outstanding_rows_ -= rows;
+    if (!data_closed_ && !broken_) idle_.push_back(std::move(c));
+  }
+  // A leased connection that failed, timed out or was abandoned: closed.
+  void Drop(std::unique_ptr<dataplane::FrameConnection> c, int64_t rows) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --leased_;
+      outstanding_rows_ -= rows;
+    }
+    c.reset();
+  }
+  void AddOutstanding(int64_t rows) { outstanding_rows_ += rows; }
+  uint64_t NextRequestId() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return next_request_id_++;
+  }
+
   // Forgets a request: its answer, if it still comes, is dropped.
   void Abandon(uint64_t request_id) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -178,13 +281,20 @@ class ReplicaStream {
   // Marks the stream failed and cancels it; its pending requests fail over.
   void Break(const std::string& why) {
     std::lock_guard<std::mutex> lock(mu_);
+    idle_.clear();  // data plane: the idle connections go too
     if (!open_ || broken_) return;
-    spdlog::warn("dispatcher: breaking stream to {} ({}): {}", replica_id_, address_, why);
+    spdlog::warn("dispatcher: breaking {} to {} ({}): {}", data_plane() ? "data plane" : "stream",
+                 replica_id_, data_plane() ? data_address_ : address_, why);
     broken_ = true;
     if (call_) call_->ctx.TryCancel();
   }
 
   void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      data_closed_ = true;
+      idle_.clear();
+    }
     std::lock_guard<std::mutex> open_lock(open_mu_);
     closed_ = true;
     TearDown();
@@ -305,6 +415,7 @@ class ReplicaStream {
 
   const std::string replica_id_;
   const std::string address_;
+  const std::string data_address_;
   const int32_t shard_;
   const DispatcherOptions& options_;
 
@@ -326,6 +437,9 @@ class ReplicaStream {
   uint64_t next_request_id_ = 1;
   std::deque<v1::ExpertRequest> queue_;  // front: being written; the rest wait
   std::map<uint64_t, Pending> pending_;
+  bool data_closed_ = false;                                       // Close() ran
+  int leased_ = 0;                                                 // data connections in use
+  std::vector<std::unique_ptr<dataplane::FrameConnection>> idle_;  // data connections to reuse
   std::atomic<int64_t> outstanding_rows_{0};
   std::atomic<uint64_t> last_pick_{0};
 };
@@ -381,6 +495,8 @@ struct Dispatcher::Group {
   v1::ExpertRequest request;               // built once, resent on failover
   std::set<const ReplicaStream*> tried;    // replicas that failed this step
   std::shared_ptr<ReplicaStream> replica;  // the current attempt's replica
+  // Data plane: the current attempt's connection (the answer is read from it), else null.
+  std::unique_ptr<dataplane::FrameConnection> conn;
   uint64_t request_id = 0;
   absl::Time attempt_deadline;
   bool done = false;
@@ -426,6 +542,12 @@ Dispatcher::Dispatcher(const ModelConfig& config, DispatcherOptions options)
       }()),
       expert_tokens_(static_cast<size_t>(n_layers_) * n_routed_experts_),
       unreported_load_(static_cast<size_t>(n_layers_) * n_routed_experts_) {
+  use_data_plane_ = options_.data_plane && !ProcessTls().enabled();
+  if (options_.data_plane && !use_data_plane_) {
+    spdlog::info(
+        "dispatcher: mTLS is on: expert requests go on the gRPC streams (the framed TCP "
+        "data plane is plaintext)");
+  }
   if (options_.metrics != nullptr) {
     // One latency series per MoE layer (dense layers are never dispatched), looked up once.
     layer_latency_.resize(static_cast<size_t>(n_layers_), nullptr);
@@ -444,7 +566,8 @@ absl::StatusOr<std::unique_ptr<Dispatcher>> Dispatcher::Create(const ModelConfig
     return absl::InvalidArgumentError("dispatcher: config without routed experts");
   }
   if (options.attempt_timeout <= absl::ZeroDuration() ||
-      options.step_deadline <= absl::ZeroDuration() || options.max_in_flight_per_replica < 1) {
+      options.step_deadline <= absl::ZeroDuration() || options.max_in_flight_per_replica < 1 ||
+      options.max_data_connections_per_replica < 1) {
     return absl::InvalidArgumentError("dispatcher: timeouts and queue bound must be positive");
   }
   // Exact mode: one row's pairs must fit one answer, and an answer one message.
@@ -560,12 +683,13 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_ve
     std::map<std::string, std::shared_ptr<ReplicaStream>> streams;
     for (const v1::ShardGroup& g : map.shards()) {
       for (const v1::ShardReplica& r : g.replicas()) {
-        const std::string key = absl::StrCat(r.replica_id(), "@", r.address());
+        const std::string data = use_data_plane_ ? r.data_address() : std::string();
+        const std::string key = absl::StrCat(r.replica_id(), "@", r.address(), "#", data);
         auto it = streams_.find(key);
         std::shared_ptr<ReplicaStream> s =
             it != streams_.end() ? it->second
                                  : std::make_shared<ReplicaStream>(r.replica_id(), r.address(),
-                                                                   g.shard_id(), options_);
+                                                                   data, g.shard_id(), options_);
         streams[key] = s;
         table->replicas[g.shard_id()].push_back(std::move(s));
       }
@@ -737,6 +861,16 @@ class Dispatcher::StepRun {
   absl::Status Accept(size_t i, StepWaiter::Slot& slot);
   // Groups whose attempt timed out move to another replica.
   absl::Status HandleTimeouts();
+  // Sends group i's request on a data-plane connection of replica r (the caller's thread).
+  absl::Status SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r);
+  // Forgets group i's current attempt (its connection is closed, or its stream request dropped).
+  void AbandonAttempt(Group& g);
+  // Waits until `wake` for answers: on the stream waiter alone, or, with data-plane requests
+  // out, by polling their connections (and the waiter's eventfd) on this thread.
+  void WaitAnswers(absl::Time wake, std::vector<std::pair<size_t, StepWaiter::Slot>>* filled);
+  // A data-plane connection of group i is readable: a whole answer frame into `filled`, or
+  // nothing yet.
+  void ReadDataPlane(size_t i, std::vector<std::pair<size_t, StepWaiter::Slot>>* filled);
 
   Dispatcher& d_;
   const int micro_batch_;
@@ -749,6 +883,7 @@ class Dispatcher::StepRun {
   std::shared_ptr<StepWaiter> waiter_;
   std::vector<Group> groups_;
   std::vector<size_t> active_;  // groups with rows
+  std::string frame_;           // a request serialized for the data plane
   size_t remaining_ = 0;
   uint64_t next_token_ = 1;
 };
@@ -857,6 +992,13 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
   });
   for (const auto& r : candidates) {
     g.tried.insert(r.get());
+    if (r->data_plane()) {
+      if (absl::Status s = SendOnDataPlane(i, r); !s.ok()) {
+        g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
+        continue;
+      }
+      return true;
+    }
     if (absl::Status s = r->EnsureOpen(step_deadline_); !s.ok()) {
       g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
       continue;
@@ -885,6 +1027,144 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
   return false;
 }
 
+absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i,
+                                                  const std::shared_ptr<ReplicaStream>& r) {
+  Group& g = groups_[i];
+  {
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    waiter_->slots[i] = StepWaiter::Slot{};  // token 0: no stream answer is taken for it
+  }
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<dataplane::FrameConnection> conn, r->Lease(step_deadline_));
+  const uint64_t id = r->NextRequestId();
+  g.request.set_request_id(id);
+  frame_.clear();
+  if (!g.request.SerializeToString(&frame_)) {
+    r->Drop(std::move(conn), 0);
+    return absl::InternalError("request not serializable");
+  }
+  const absl::Time attempt_deadline =
+      std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);
+  if (absl::Status s = conn->WriteFrame(dataplane::FrameType::kRequest, frame_, attempt_deadline);
+      !s.ok()) {
+    r->Drop(std::move(conn), 0);
+    r->Break(std::string(s.message()));
+    return s;
+  }
+  const int64_t rows = static_cast<int64_t>(g.rows.size());
+  r->AddOutstanding(rows);
+  r->MarkPicked(d_.pick_clock_.fetch_add(1) + 1);
+  g.replica = r;
+  g.conn = std::move(conn);
+  g.request_id = id;
+  g.attempt_deadline = attempt_deadline;
+  if (const ShardMetrics* m = table_->metrics(g.shard)) {
+    m->bytes_sent->Inc(static_cast<double>(frame_.size()));
+  }
+  return absl::OkStatus();
+}
+
+void Dispatcher::StepRun::AbandonAttempt(Group& g) {
+  if (!g.replica) return;
+  if (g.conn) {
+    g.replica->Drop(std::move(g.conn), static_cast<int64_t>(g.rows.size()));
+  } else {
+    g.replica->Abandon(g.request_id);
+  }
+}
+
+void Dispatcher::StepRun::ReadDataPlane(size_t i,
+                                        std::vector<std::pair<size_t, StepWaiter::Slot>>* filled) {
+  Group& g = groups_[i];
+  dataplane::FrameConnection& c = *g.conn;
+  absl::StatusOr<bool> got = c.ReadAvailable();
+  if (got.ok() && !*got) return;  // more bytes to come
+  StepWaiter::Slot slot;
+  slot.filled = true;
+  if (!got.ok()) {
+    slot.status = absl::UnavailableError(got.status().message());
+  } else if (c.frame_type() == dataplane::FrameType::kError) {
+    slot.status = dataplane::DecodeErrorPayload(c.payload());
+  } else if (c.frame_type() != dataplane::FrameType::kResponse ||
+             !slot.response.ParseFromArray(c.payload().data(),
+                                           static_cast<int>(c.payload().size()))) {
+    slot.status = absl::InternalError("data plane: the answer is not an ExpertResponse");
+  } else if (slot.response.request_id() != g.request_id) {
+    slot.status = absl::InternalError(absl::StrCat(
+        "data plane: answer to request ", slot.response.request_id(), ", expected ", g.request_id));
+  }
+  if (!slot.status.ok()) {
+    // The connection is finished (closed, refused, out of step): it goes, and the replica is
+    // marked failed so that its idle connections go too and the next step reconnects.
+    g.replica->Break(std::string(slot.status.message()));
+  }
+  filled->emplace_back(i, std::move(slot));
+}
+
+void Dispatcher::StepRun::WaitAnswers(absl::Time wake,
+                                      std::vector<std::pair<size_t, StepWaiter::Slot>>* filled) {
+  std::vector<pollfd> fds;
+  std::vector<size_t> fd_group;
+  bool stream_pending = false;
+  for (size_t i : active_) {
+    const Group& g = groups_[i];
+    if (g.done) continue;
+    if (g.conn) {
+      fds.push_back(pollfd{g.conn->fd(), POLLIN, 0});
+      fd_group.push_back(i);
+    } else {
+      stream_pending = true;
+    }
+  }
+  const auto take_stream_answers = [&] {  // under waiter_->mu
+    for (size_t i : active_) {
+      if (!groups_[i].done && !groups_[i].conn && waiter_->slots[i].filled) {
+        filled->emplace_back(i, std::move(waiter_->slots[i]));
+        waiter_->slots[i] = StepWaiter::Slot{};  // token 0: nothing more accepted
+      }
+    }
+  };
+  if (fds.empty()) {
+    std::unique_lock<std::mutex> lock(waiter_->mu);
+    const auto any_filled = [&] {
+      for (size_t i : active_) {
+        if (!groups_[i].done && waiter_->slots[i].filled) return true;
+      }
+      return false;
+    };
+    waiter_->cv.wait_until(lock, absl::ToChronoTime(wake), any_filled);
+    take_stream_answers();
+    return;
+  }
+  absl::Duration left = std::max(wake - absl::Now(), absl::ZeroDuration());
+  if (stream_pending) {
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    const int efd = waiter_->EventFd();
+    for (size_t i : active_) {  // answers that came before the eventfd existed
+      if (!groups_[i].done && !groups_[i].conn && waiter_->slots[i].filled) {
+        left = absl::ZeroDuration();
+      }
+    }
+    if (efd >= 0) fds.push_back(pollfd{efd, POLLIN, 0});
+  }
+  timespec ts = absl::ToTimespec(left);
+  const int n = ::ppoll(fds.data(), fds.size(), &ts, nullptr);
+  if (n < 0 && errno != EINTR) {
+    spdlog::warn("dispatcher: poll: {}", std::strerror(errno));
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  for (size_t k = 0; k < fd_group.size(); ++k) {
+    if (n > 0 && fds[k].revents != 0) ReadDataPlane(fd_group[k], filled);
+  }
+  if (stream_pending) {
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    if (waiter_->efd >= 0) {
+      uint64_t count = 0;
+      [[maybe_unused]] ssize_t r = ::read(waiter_->efd, &count, sizeof count);
+    }
+    take_stream_answers();
+  }
+}
+
 absl::Status Dispatcher::StepRun::FailOver(size_t i, const std::string& why) {
   Group& g = groups_[i];
   g.errors.push_back(absl::StrCat(g.replica ? g.replica->replica_id() : "?", ": ", why));
@@ -897,7 +1177,7 @@ absl::Status Dispatcher::StepRun::FailOver(size_t i, const std::string& why) {
 
 void Dispatcher::StepRun::AbandonAll() {
   for (size_t i : active_) {
-    if (!groups_[i].done && groups_[i].replica) groups_[i].replica->Abandon(groups_[i].request_id);
+    if (!groups_[i].done) AbandonAttempt(groups_[i]);
   }
 }
 
@@ -960,7 +1240,7 @@ absl::Status Dispatcher::StepRun::HandleTimeouts() {
           "shard ", g.shard, ": no answer for layer ", layer_, " within the step deadline of ",
           absl::FormatDuration(d_.options_.step_deadline)));
     }
-    g.replica->Abandon(g.request_id);
+    AbandonAttempt(g);
     // A replica that does not answer in time is treated as failed: its stream is cut so
     // every request waiting on it moves elsewhere now rather than at its own timeout.
     g.replica->Break("no answer within the attempt timeout");
@@ -979,26 +1259,19 @@ absl::Status Dispatcher::StepRun::Await() {
       if (!groups_[i].done) wake = std::min(wake, groups_[i].attempt_deadline);
     }
     std::vector<std::pair<size_t, StepWaiter::Slot>> filled;
-    {
-      std::unique_lock<std::mutex> lock(waiter_->mu);
-      const auto any_filled = [&] {
-        for (size_t i : active_) {
-          if (!groups_[i].done && waiter_->slots[i].filled) return true;
-        }
-        return false;
-      };
-      waiter_->cv.wait_until(lock, absl::ToChronoTime(wake), any_filled);
-      for (size_t i : active_) {
-        if (!groups_[i].done && waiter_->slots[i].filled) {
-          filled.emplace_back(i, std::move(waiter_->slots[i]));
-          waiter_->slots[i] = StepWaiter::Slot{};  // token 0: nothing more accepted
-        }
-      }
-    }
+    WaitAnswers(wake, &filled);
     for (auto& [i, slot] : filled) {
       const absl::Status s = Accept(i, slot);
+      Group& g = groups_[i];
+      if (g.conn) {  // a data-plane answer: its connection is kept only after a good one
+        const int64_t rows = static_cast<int64_t>(g.rows.size());
+        if (s.ok()) {
+          g.replica->Return(std::move(g.conn), rows);
+        } else {
+          g.replica->Drop(std::move(g.conn), rows);
+        }
+      }
       if (s.ok()) continue;
-      const Group& g = groups_[i];
       if (!Retryable(s.code())) {
         AbandonAll();
         return absl::Status(s.code(), absl::StrCat("shard ", g.shard, " (", g.replica->replica_id(),

@@ -38,6 +38,14 @@
 // (placement/placement.h) picks, keyed by a running count of the rows dispatched; in exact mode the
 // output does not depend on the copy.
 //
+// Data plane: a replica the router lists with a data_address gets its requests as frames on
+// plain TCP connections (dataplane/frame.h) instead of its Compute stream. A request takes a
+// connection of its own from the replica's pool (opened with a handshake when none is idle),
+// writes the frame from Run()'s thread, and Run()'s thread reads the answer itself (poll over
+// every connection of the step, with the step's gRPC answers woken through an eventfd): no
+// thread hand-off on the round trip. Failover, timeouts, bad-answer checks and combining are
+// the same for both transports; a connection that fails or times out is closed, never reused.
+//
 // Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
 #pragma once
 
@@ -84,6 +92,13 @@ struct DispatcherOptions {
   // With WatchRouter: how often the tokens sent to each expert since the last report go to
   // the router (ReportLoad: the planner's input). Zero = never.
   absl::Duration load_report_interval = absl::Seconds(5);
+  // Send a replica's requests on its framed TCP data plane (dataplane/frame.h) when the router
+  // lists one for it (ShardReplica.data_address), else on its gRPC Compute stream. Never under
+  // mTLS (ProcessTls(): the data plane is plaintext): the streams are used then.
+  bool data_plane = true;
+  // Data-plane connections one replica may have open from this dispatcher (one per request in
+  // flight on it: overlapping micro-batches and split groups each take their own).
+  int max_data_connections_per_replica = 16;
   MetricsRegistry* metrics = nullptr;  // optional; must outlive the dispatcher
 };
 
@@ -162,6 +177,7 @@ class Dispatcher final : public RoutedExperts {
   int32_t n_routed_experts_;
   DispatcherOptions options_;
   std::atomic<uint64_t> next_batch_id_{1};
+  bool use_data_plane_ = false;  // options_.data_plane and not mTLS
   std::atomic<uint64_t> failovers_{0};
   std::atomic<uint64_t> pick_clock_{0};  // orders replica choices (least recently chosen wins ties)
   std::atomic<uint64_t> rows_dispatched_{0};  // row keys for the copy choice (ChooseShards)

@@ -11,8 +11,10 @@
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
 #include "expert-service/live_placement.h"
+#include "service-common/bootstrap.h"
 #include "service-common/grpc_util.h"
 #include "service-common/handshake.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace expertmesh {
@@ -248,6 +250,66 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ExpertServiceImpl::
                                   limits_.max_streams, " streams")));
   }
   return new ComputeReactor(this);
+}
+
+// One connection of the framed TCP data plane: hello first, then requests (a FrameServer
+// thread runs it and computes on that thread). The request and response are reused.
+class ExpertServiceImpl::DataSession final : public dataplane::FrameSession {
+ public:
+  explicit DataSession(ExpertServiceImpl* service) : service_(service) {}
+
+  absl::Status OnFrame(dataplane::FrameType type, std::string_view payload,
+                       dataplane::FrameType* reply_type, std::string* reply) override {
+    using dataplane::FrameType;
+    if (type == FrameType::kHello) {
+      v1::HandshakeRequest req;
+      if (greeted_ || !req.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+        return absl::InvalidArgumentError(greeted_ ? "data plane: a second hello"
+                                                   : "data plane: hello is not a HandshakeRequest");
+      }
+      if (absl::Status s = CheckPeer(service_->identity_, req.client()); !s.ok()) return s;
+      greeted_ = true;
+      v1::HandshakeResponse resp;
+      *resp.mutable_server() = service_->identity_;
+      *reply_type = FrameType::kHelloOk;
+      resp.SerializeToString(reply);
+      return absl::OkStatus();
+    }
+    if (type != FrameType::kRequest) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("data plane: unexpected ", dataplane::FrameTypeName(type), " frame"));
+    }
+    if (!greeted_) {
+      return absl::FailedPreconditionError("data plane: a request before the hello (handshake)");
+    }
+    ++received_;
+    request_.Clear();
+    if (!request_.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+      service_->CountRequest(absl::StatusCode::kInvalidArgument);
+      spdlog::warn("data plane: frame {} of a connection is not an ExpertRequest; closing it",
+                   received_);
+      return absl::InvalidArgumentError(
+          absl::StrCat("data plane: frame ", received_,
+                       " of this connection does not parse as an ExpertRequest"));
+    }
+    service_->Handle(request_, &response_);
+    *reply_type = FrameType::kResponse;
+    if (!response_.SerializeToString(reply)) {
+      return absl::InternalError("data plane: response not serializable");
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  ExpertServiceImpl* const service_;
+  bool greeted_ = false;
+  uint64_t received_ = 0;
+  v1::ExpertRequest request_;
+  v1::ExpertResponse response_;
+};
+
+std::unique_ptr<dataplane::FrameSession> ExpertServiceImpl::NewDataSession() {
+  return std::make_unique<DataSession>(this);
 }
 
 void ExpertServiceImpl::SetExperts(std::unique_ptr<RoutedExperts> experts,
@@ -490,6 +552,43 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
         *es->checkpoint_, es->config_, es->local_, es->service_.get(),
         LivePlacement::Options{.release_grace = o.release_grace, .metrics = o.metrics});
   }
+  if (!o.data_listen.empty()) {
+    if (ProcessTls().enabled()) {
+      return absl::FailedPreconditionError(
+          "expert-service: the framed TCP data plane is plaintext and this replica runs mTLS: "
+          "turn it off (--data-listen off) or run without TLS");
+    }
+    dataplane::FrameServerOptions fo;
+    fo.listen = o.data_listen;
+    fo.max_connections = o.limits.max_data_connections;
+    fo.max_frame_bytes = static_cast<uint32_t>(server.max_message_bytes);
+    if (o.metrics) {
+      Gauge* open = &o.metrics->GetGauge("expertmesh_expert_data_connections",
+                                         "Open connections of the framed TCP data plane");
+      Counter* refused =
+          &o.metrics->GetCounter("expertmesh_expert_data_connections_refused_total",
+                                 "Data-plane connections refused over --max-data-connections");
+      fo.on_connections = [open](uint32_t n) { open->Set(n); };
+      fo.on_refused = [refused] { refused->Inc(); };
+    }
+    ExpertServiceImpl* svc = es->service_.get();
+    EM_ASSIGN_OR_RETURN(es->data_server_, dataplane::FrameServer::Start(std::move(fo), [svc] {
+                          return svc->NewDataSession();
+                        }));
+    if (!o.data_advertise_address.empty()) {
+      es->data_address_ = o.data_advertise_address;
+    } else {
+      std::string host = HostOf(o.data_listen);
+      if (host.empty() || host == "0.0.0.0" || host == "::" || host == "*") {
+        host = HostOf(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
+      }
+      es->data_address_ = host.find(':') != std::string::npos
+                              ? absl::StrCat("[", host, "]:", es->data_server_->port())
+                              : absl::StrCat(host, ":", es->data_server_->port());
+    }
+    spdlog::info("data plane (framed TCP) listening on port {}, advertised as {}",
+                 es->data_server_->port(), es->data_address_);
+  }
   // Liveness ("") from here on; readiness (the service name) once the router has this replica
   // (at once without a router), and again whenever it registers after the router forgot it.
   SetLive(*es->server_);
@@ -500,6 +599,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     v1::RegisterRequest reg;
     *reg.mutable_identity() = identity;
     reg.set_address(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
+    reg.set_data_address(es->data_address_);
     reg.set_shard_id(o.shard_id);
     reg.set_capacity(o.capacity);
     reg.set_device_kind(device.cuda ? o.device : "cpu");
@@ -547,6 +647,7 @@ void ExpertServer::Drain() {
   live_.reset();              // no more loads or releases
   service_->StartDraining();  // stragglers get UNAVAILABLE: fail over
   service_->WaitIdle();       // in-flight messages finish
+  if (data_server_) data_server_->Stop();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   spdlog::info("expert-service drained and stopped");
 }
@@ -557,6 +658,7 @@ void ExpertServer::Kill() {
   stopped_ = true;
   registration_.reset();  // heartbeats stop; the router expires us
   live_.reset();
+  if (data_server_) data_server_->Stop();  // connections cut
   server_->Shutdown(std::chrono::system_clock::now());
 }
 

@@ -23,6 +23,7 @@
 #include "core/format/config.h"
 #include "core/format/safetensors.h"
 #include "core/model/local_experts.h"
+#include "dataplane/frame_server.h"
 #include "expert-service/registration.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
 #include "service-common/grpc_util.h"
@@ -42,6 +43,9 @@ struct ExpertRequestLimits {
   // Compute streams open at once; one more is refused with RESOURCE_EXHAUSTED. (Callback
   // streams hold no thread each, so this is their bound.)
   uint32_t max_streams = 64;
+  // Connections of the framed TCP data plane open at once (each holds a thread while open);
+  // one more is answered with a RESOURCE_EXHAUSTED error frame and closed.
+  uint32_t max_data_connections = 128;
 };
 
 // Checks everything about a request before it is used; InvalidArgument for malformed
@@ -75,6 +79,11 @@ class ExpertServiceImpl final
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Compute(
       grpc::CallbackServerContext* ctx) override;
 
+  // A connection of the framed TCP data plane (dataplane/frame.h): the handshake first (the
+  // same check as the Handshake RPC), then each ExpertRequest frame answered by Handle, as on
+  // a Compute stream; a frame that does not parse ends the connection with INVALID_ARGUMENT.
+  std::unique_ptr<dataplane::FrameSession> NewDataSession();
+
   // One message, validated and computed (what Compute does for each).
   v1::ExpertResponse Handle(const v1::ExpertRequest& request);
   // The same into `response` (cleared first), reusing its buffers.
@@ -104,6 +113,7 @@ class ExpertServiceImpl final
  private:
   class ComputeReactor;  // expert_service.cc
   class RefusedReactor;
+  class DataSession;
   void CountRequest(absl::StatusCode code);
 
   const ModelConfig& config_;
@@ -137,7 +147,13 @@ struct ExpertServerOptions {
   int32_t shard_id = 0;              // the shard group it registers for
   ServerOptions server;              // listen address (port 0 = any)
   std::string advertise_address;     // what the router hands out; default AdvertisedAddress()
-  std::string router_address;        // empty: do not register
+  // The framed TCP data plane (dataplane/frame.h) beside gRPC: host:port to listen on (port 0 =
+  // any), empty = off. Plaintext: refused when the process runs mTLS (ProcessTls()).
+  std::string data_listen;
+  // The data-plane address the router hands out; default: the data listen host (the advertised
+  // gRPC host when it listens on a wildcard) with the bound port.
+  std::string data_advertise_address;
+  std::string router_address;  // empty: do not register
   std::string instance_id = "expert";
   ExpertRequestLimits limits;
   bool quantize_activations = true;
@@ -164,6 +180,8 @@ class ExpertServer {
 
   int port() const { return port_; }
   std::string address() const;
+  int data_port() const { return data_server_ ? data_server_->port() : 0; }  // 0: off
+  const std::string& data_address() const { return data_address_; }          // empty: off
   uint64_t bytes_mapped() const;
   const ModelConfig& config() const { return config_; }
   ExpertServiceImpl& service() { return *service_; }
@@ -181,6 +199,8 @@ class ExpertServer {
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<dataplane::FrameServer> data_server_;
+  std::string data_address_;
   std::unique_ptr<LivePlacement> live_;  // after what it borrows, before registration_
   std::unique_ptr<RouterRegistration> registration_;
   int port_ = 0;

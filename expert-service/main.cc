@@ -8,6 +8,7 @@
 #include "expert-service/expert_service.h"
 #include "placement/placement.h"
 #include "service-common/bootstrap.h"
+#include "service-common/tls.h"
 #include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
@@ -23,6 +24,8 @@ int main(int argc, char** argv) {
   float capacity_weight = 1.0f;
   double release_grace_s = 10.0;
   std::string device = "cpu";
+  std::string data_listen = "auto", data_advertise;
+  uint32_t max_data_connections = 128;
   app.add_option("--model", model_dir, "Checkpoint directory")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -34,6 +37,18 @@ int main(int argc, char** argv) {
                  "Explicit experts \"layer:e1,e2;layer:...\" (with --shard-id; the router "
                  "must use a placement file that agrees)");
   app.add_option("--advertise", advertise, "Address given to the router (default: listen)");
+  app.add_option("--data-listen", data_listen,
+                 "The framed TCP data plane (expert requests without gRPC's thread hand-offs): "
+                 "host:port (port 0 = any), auto (the --listen host, any port; off under mTLS), "
+                 "or off")
+      ->capture_default_str();
+  app.add_option("--data-advertise", data_advertise,
+                 "Data-plane address given to the router (default: the data listen host, or "
+                 "the --advertise host when it listens on a wildcard, with the bound port)");
+  app.add_option("--max-data-connections", max_data_connections,
+                 "Data-plane connections open at once (one thread each); more are refused")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   app.add_option("--router", router, "Router address host:port: register and heartbeat");
   app.add_option("--max-request-mib", max_request_mib, "Largest accepted request message")
       ->check(CLI::Range(uint64_t{1}, uint64_t{2047}))
@@ -86,6 +101,20 @@ int main(int argc, char** argv) {
   }
   options.server.listen = main.flags().listen;
   options.advertise_address = advertise;
+  if (data_listen == "auto") {
+    if (ProcessTls().enabled()) {
+      spdlog::info("mTLS is on: no framed TCP data plane (it is plaintext); requests come on gRPC");
+    } else {
+      options.data_listen = HostOf(main.flags().listen) + ":0";
+      if (options.data_listen.find(':') != options.data_listen.rfind(':')) {
+        options.data_listen = "[" + HostOf(main.flags().listen) + "]:0";
+      }
+    }
+  } else if (data_listen != "off") {
+    options.data_listen = data_listen;  // under mTLS ExpertServer::Start refuses it
+  }
+  options.data_advertise_address = data_advertise;
+  options.limits.max_data_connections = max_data_connections;
   options.router_address = router;
   options.instance_id =
       instance_id.empty() ? absl::StrCat("expert-shard", options.shard_id) : instance_id;

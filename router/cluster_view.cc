@@ -125,6 +125,7 @@ std::string ClusterJson(const v1::StatusResponse& status, const LoadWindow::Sums
       json::object ro;
       ro["id"] = r.replica_id();
       ro["address"] = r.address();
+      ro["data_address"] = r.data_address();
       ro["healthy"] = r.healthy();
       ro["capacity"] = r.capacity();
       ro["outstanding_rows"] = r.outstanding_rows();

@@ -49,6 +49,10 @@ absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequ
   if (request.address().empty() || request.address().size() > 256) {
     return absl::InvalidArgumentError("register: address must be host:port");
   }
+  if (request.data_address().size() > 256 ||
+      (!request.data_address().empty() && request.data_address().find(':') == std::string::npos)) {
+    return absl::InvalidArgumentError("register: data_address must be empty or host:port");
+  }
   if (request.device_kind().size() > 256) {
     return absl::InvalidArgumentError("register: device_kind longer than 256 bytes");
   }
@@ -89,6 +93,7 @@ absl::StatusOr<v1::RegisterResponse> Membership::Register(const v1::RegisterRequ
   r.id = absl::StrCat("shard", shard, "@", request.address());
   r.seq = next_replica_++;
   r.address = request.address();
+  r.data_address = request.data_address();
   r.shard_id = shard;
   r.capacity = request.capacity();
   r.device_kind = request.device_kind();
@@ -271,6 +276,7 @@ v1::PlacementMap Membership::Map(absl::Time now, bool include_loading) const {
     v1::ShardReplica* p = map.mutable_shards(r.shard_id)->add_replicas();
     p->set_replica_id(r.id);
     p->set_address(r.address);
+    p->set_data_address(r.data_address);
     p->set_healthy(now - r.last_heartbeat <= options_.expiry);
     p->set_capacity(r.capacity);
     p->set_outstanding_rows(r.outstanding_rows);

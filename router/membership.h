@@ -99,6 +99,7 @@ class Membership {
     std::string id;
     uint64_t seq = 0;  // registration order: the map lists replicas in it
     std::string address;
+    std::string data_address;  // framed TCP data plane; empty: none
     int32_t shard_id = 0;
     uint32_t capacity = 0;
     uint32_t outstanding_rows = 0;

@@ -1,0 +1,296 @@
+#include "dataplane/frame_server.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <span>
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace expertmesh::dataplane {
+
+namespace {
+
+// Reads exactly out.size() bytes: the first by first_deadline, the rest by rest_deadline
+// (computed when the first byte arrived). OK, or why not (the peer closing before the
+// first byte is Cancelled: a clean end).
+absl::Status ReadExact(int fd, std::span<char> out, absl::Time first_deadline,
+                       absl::Duration rest_timeout) {
+  size_t have = 0;
+  absl::Time deadline = first_deadline;
+  while (have < out.size()) {
+    const ssize_t n = ::recv(fd, out.data() + have, out.size() - have, 0);
+    if (n > 0) {
+      if (have == 0) deadline = absl::Now() + rest_timeout;
+      have += static_cast<size_t>(n);
+      continue;
+    }
+    if (n == 0) {
+      return have == 0 ? absl::CancelledError("closed")
+                       : absl::UnavailableError("peer closed inside a frame");
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      return absl::UnavailableError(absl::StrCat("read: ", std::strerror(errno)));
+    }
+    absl::StatusOr<bool> ready = PollOne(fd, POLLIN, deadline);
+    if (!ready.ok()) return ready.status();
+    if (!*ready) {
+      return absl::DeadlineExceededError(have == 0 ? "idle for longer than the idle timeout"
+                                                   : "frame not complete by its deadline");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WriteAll(int fd, FrameType type, std::string_view payload, absl::Time deadline) {
+  char header[kFrameHeaderBytes];
+  EncodeFrameHeader(type, static_cast<uint32_t>(payload.size()), header);
+  size_t sent = 0;
+  const size_t total = kFrameHeaderBytes + payload.size();
+  while (sent < total) {
+    iovec iov[2];
+    int n_iov = 0;
+    if (sent < kFrameHeaderBytes) {
+      iov[n_iov++] = {header + sent, kFrameHeaderBytes - sent};
+      iov[n_iov++] = {const_cast<char*>(payload.data()), payload.size()};
+    } else {
+      const size_t off = sent - kFrameHeaderBytes;
+      iov[n_iov++] = {const_cast<char*>(payload.data()) + off, payload.size() - off};
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(n_iov);
+    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      absl::StatusOr<bool> ready = PollOne(fd, POLLOUT, deadline);
+      if (!ready.ok()) return ready.status();
+      if (!*ready) return absl::DeadlineExceededError("write not done by its deadline");
+      continue;
+    }
+    return absl::UnavailableError(absl::StrCat("write: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<FrameServer>> FrameServer::Start(FrameServerOptions options,
+                                                                SessionFactory sessions) {
+  std::string host;
+  int port = 0;
+  if (absl::Status s = SplitHostPort(options.listen, &host, &port); !s.ok()) return s;
+  if (options.max_connections < 1 || options.max_frame_bytes < kFrameHeaderBytes ||
+      options.idle_timeout <= absl::ZeroDuration() ||
+      options.frame_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "data plane: connection bound, frame limit and timeouts must be positive");
+  }
+  std::unique_ptr<FrameServer> server(new FrameServer(std::move(options), std::move(sessions)));
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  const char* node = (host == "0.0.0.0" || host == "*") ? "0.0.0.0" : host.c_str();
+  if (const int rc = ::getaddrinfo(node, std::to_string(port).c_str(), &hints, &res); rc != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("data plane: cannot resolve listen address ",
+                                                   server->options_.listen, ": ",
+                                                   ::gai_strerror(rc)));
+  }
+  std::string error = "no address";
+  for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
+    const int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+      error = std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+      error = std::strerror(errno);
+      ::close(fd);
+      continue;
+    }
+    sockaddr_storage bound{};
+    socklen_t len = sizeof bound;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &len);
+    server->port_ = bound.ss_family == AF_INET6
+                        ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
+                        : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+    server->listen_fd_ = fd;
+    break;
+  }
+  ::freeaddrinfo(res);
+  if (server->listen_fd_ < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("data plane: cannot listen on ", server->options_.listen, ": ", error));
+  }
+  server->wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (server->wake_fd_ < 0) {
+    return absl::InternalError(absl::StrCat("data plane: eventfd: ", std::strerror(errno)));
+  }
+  FrameServer* s = server.get();
+  server->acceptor_ = std::thread([s] { s->AcceptLoop(); });
+  return server;
+}
+
+FrameServer::~FrameServer() {
+  Stop();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void FrameServer::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+    // Every connection's poll wakes (reads 0): its thread ends after the frame it is on.
+    for (Conn& c : conns_) {
+      if (c.fd >= 0) ::shutdown(c.fd, SHUT_RDWR);
+    }
+  }
+  if (wake_fd_ >= 0) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  std::list<Conn> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    conns.swap(conns_);
+  }
+  for (Conn& c : conns) {
+    if (c.thread.joinable()) c.thread.join();
+  }
+}
+
+void FrameServer::ReapDone() {
+  for (auto it = conns_.begin(); it != conns_.end();) {
+    if (it->done.load()) {
+      it->thread.join();
+      it = conns_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void FrameServer::AcceptLoop() {
+  while (true) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    const int n = ::poll(fds, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      spdlog::error("data plane: poll on the listener: {}", std::strerror(errno));
+      return;
+    }
+    if (fds[1].revents != 0) return;  // Stop()
+    if (fds[0].revents == 0) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
+      spdlog::warn("data plane: accept: {}", std::strerror(errno));
+      if (errno == EMFILE || errno == ENFILE) absl::SleepFor(absl::Milliseconds(50));
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    std::lock_guard<std::mutex> lock(mu_);
+    ReapDone();
+    if (stopped_) {
+      ::close(fd);
+      return;
+    }
+    if (open_.load() >= options_.max_connections) {
+      // Answered inline: the error frame is small and the socket's buffer takes it at once.
+      const absl::Status why = absl::ResourceExhaustedError(absl::StrCat(
+          "data plane: this replica already serves ", options_.max_connections, " connections"));
+      spdlog::warn("{}; refusing another", std::string(why.message()));
+      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(why),
+                                                 absl::Now() + absl::Milliseconds(100));
+      ::close(fd);
+      if (options_.on_refused) options_.on_refused();
+      continue;
+    }
+    Conn& c = conns_.emplace_back();
+    c.fd = fd;
+    const uint32_t open = open_.fetch_add(1) + 1;
+    if (options_.on_connections) options_.on_connections(open);
+    c.thread = std::thread([this, &c] { Serve(&c); });
+  }
+}
+
+void FrameServer::Serve(Conn* conn) {
+  const int fd = conn->fd;
+  std::unique_ptr<FrameSession> session = sessions_();
+  std::string payload, reply;
+  char header[kFrameHeaderBytes];
+  absl::Status end;
+  while (true) {
+    end = ReadExact(fd, std::span<char>(header, kFrameHeaderBytes),
+                    absl::Now() + options_.idle_timeout, options_.frame_timeout);
+    if (!end.ok()) break;
+    absl::StatusOr<FrameHeader> h =
+        DecodeFrameHeader(std::string_view(header, kFrameHeaderBytes), options_.max_frame_bytes);
+    if (!h.ok()) {
+      end = h.status();
+      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
+                                                 absl::Now() + options_.frame_timeout);
+      break;
+    }
+    payload.resize(h->length);
+    if (h->length > 0) {
+      end = ReadExact(fd, std::span<char>(payload.data(), payload.size()),
+                      absl::Now() + options_.frame_timeout, options_.frame_timeout);
+      if (!end.ok()) {
+        if (end.code() == absl::StatusCode::kCancelled) {
+          end = absl::UnavailableError("peer closed inside a frame");
+        }
+        break;
+      }
+    }
+    FrameType reply_type = FrameType::kError;
+    reply.clear();
+    end = session->OnFrame(h->type, payload, &reply_type, &reply);
+    if (!end.ok()) {
+      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
+                                                 absl::Now() + options_.frame_timeout);
+      break;
+    }
+    end = WriteAll(fd, reply_type, reply, absl::Now() + options_.frame_timeout);
+    if (!end.ok()) break;
+    // A large frame's buffer is not kept for an idle connection.
+    if (payload.capacity() > (4u << 20)) std::string().swap(payload);
+    if (reply.capacity() > (4u << 20)) std::string().swap(reply);
+  }
+  if (end.code() != absl::StatusCode::kCancelled) {
+    spdlog::debug("data plane: connection closed: {}", end.ToString());
+  }
+  session.reset();
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // Stop() shuts down only open fds, under mu_
+    ::close(fd);
+    conn->fd = -1;
+  }
+  const uint32_t open = open_.fetch_sub(1) - 1;
+  if (options_.on_connections) options_.on_connections(open);
+  conn->done.store(true);
+}
+
+}  // namespace expertmesh::dataplane
