@@ -17,6 +17,8 @@
 //   expertmesh-make-checkpoint --config tools/bench/cluster_bench_config.json --out DIR --seed 1
 //   expertmesh-bench-cluster --model DIR --shards 2 --replicas 1
 // --combine exact|partial: the cluster's combine mode (attention-service --combine).
+// --data-plane auto grpc: one cluster per value, in turn (attention-service --data-plane: the
+// shards' framed TCP data plane, or their gRPC Compute streams), against the same in-process run.
 // --attention HOST:PORT (with --attention-metrics HOST:PORT): measure a cluster that is already
 // running (e.g. shards in network namespaces behind tools/netdelay, as tools/bench/link_bench.py
 // starts them) instead of starting one; waits until it reports SERVING. --skip-in-process leaves
@@ -265,7 +267,8 @@ struct External {
 
 int Run(const std::string& model_dir, int shards, int replicas, std::vector<int> batches,
         int prompt_len, int decode_tokens, const std::string& combine, const External& external,
-        bool skip_in_process, int attempt_timeout_ms, int shard_threads) {
+        bool skip_in_process, int attempt_timeout_ms, int shard_threads,
+        const std::vector<std::string>& data_planes) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(model_dir + "/config.json");
   if (!config.ok()) {
     spdlog::error("{}", config.status().ToString());
@@ -306,80 +309,88 @@ int Run(const std::string& model_dir, int shards, int replicas, std::vector<int>
     in_process[b] = *r;
   }
 
-  std::unique_ptr<launcher::Cluster> cluster;
-  std::string attention = external.attention, metrics_host = external.metrics_host;
-  int metrics_port = external.metrics_port;
-  if (attention.empty()) {
-    launcher::ClusterOptions o;
-    o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
-    o.model_dir = model_dir;
-    o.shards = shards;
-    o.replicas = replicas;
-    o.max_batch = *std::max_element(batches.begin(), batches.end());
-    o.kv_blocks = 4096;
-    o.step_deadline_ms = 30000;
-    o.combine = combine;
-    o.extra_attention_args = {"--attempt-timeout-ms", std::to_string(attempt_timeout_ms)};
-    if (shard_threads > 0) o.extra_expert_args = {"--threads", std::to_string(shard_threads)};
-    const auto start = Clock::now();
-    absl::StatusOr<std::unique_ptr<launcher::Cluster>> started = launcher::Cluster::Start(o);
-    if (!started.ok()) {
-      spdlog::error("{}", started.status().ToString());
-      return 1;
+  // One cluster per --data-plane value (in turn; the in-process figures above are shared).
+  const size_t n_clusters = external.attention.empty() ? data_planes.size() : 1;
+  for (size_t run_index = 0; run_index < n_clusters; ++run_index) {
+    std::unique_ptr<launcher::Cluster> cluster;
+    std::string attention = external.attention, metrics_host = external.metrics_host;
+    int metrics_port = external.metrics_port;
+    const std::string& data_plane = data_planes[run_index];
+    if (attention.empty()) {
+      launcher::ClusterOptions o;
+      o.tls = ProcessTls();  // --tls-*: every service on mTLS, our channels too
+      o.model_dir = model_dir;
+      o.shards = shards;
+      o.replicas = replicas;
+      o.max_batch = *std::max_element(batches.begin(), batches.end());
+      o.kv_blocks = 4096;
+      o.step_deadline_ms = 30000;
+      o.combine = combine;
+      o.extra_attention_args = {"--attempt-timeout-ms", std::to_string(attempt_timeout_ms),
+                                "--data-plane", data_plane};
+      if (shard_threads > 0) o.extra_expert_args = {"--threads", std::to_string(shard_threads)};
+      const auto start = Clock::now();
+      absl::StatusOr<std::unique_ptr<launcher::Cluster>> started = launcher::Cluster::Start(o);
+      if (!started.ok()) {
+        spdlog::error("{}", started.status().ToString());
+        return 1;
+      }
+      cluster = *std::move(started);
+      attention = cluster->attention().grpc_address;
+      metrics_host = "127.0.0.1";
+      metrics_port = cluster->attention().metrics_port;
+      std::printf(
+          "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine, "
+          "--data-plane %s\n",
+          shards, replicas, combine.c_str(), data_plane.c_str());
+      std::printf("cluster start (processes loaded and SERVING): %.2f s\n",
+                  std::chrono::duration<double>(Clock::now() - start).count());
+    } else {
+      const absl::Status up = launcher::WaitServing(attention, absl::Minutes(3), nullptr,
+                                                    MakeChannelCredentials(ProcessTls()));
+      if (!up.ok()) {
+        spdlog::error("attention service {}: {}", attention, up.ToString());
+        return 1;
+      }
+      std::printf("cluster: already running, attention service at %s\n", attention.c_str());
     }
-    cluster = *std::move(started);
-    attention = cluster->attention().grpc_address;
-    metrics_host = "127.0.0.1";
-    metrics_port = cluster->attention().metrics_port;
-    std::printf(
-        "cluster: router + %d shard group(s) x %d replica(s) + attention service, %s combine\n",
-        shards, replicas, combine.c_str());
-    std::printf("cluster start (processes loaded and SERVING): %.2f s\n",
-                std::chrono::duration<double>(Clock::now() - start).count());
-  } else {
-    const absl::Status up = launcher::WaitServing(attention, absl::Minutes(3), nullptr,
-                                                  MakeChannelCredentials(ProcessTls()));
-    if (!up.ok()) {
-      spdlog::error("attention service {}: {}", attention, up.ToString());
-      return 1;
+    std::printf("%-6s %-22s %-22s %s\n", "batch", "in-process tok/s", "cluster tok/s",
+                "dispatch latency per MoE layer (p50 / p99 ms; mean over layers ms)");
+    for (int b : batches) {
+      absl::StatusOr<DispatchScrape> before = ScrapeDispatch(metrics_host, metrics_port);
+      absl::StatusOr<ClusterRun> run =
+          ClusterDecode(attention, b, prompt_len, decode_tokens, config->vocab_size);
+      absl::StatusOr<DispatchScrape> after = ScrapeDispatch(metrics_host, metrics_port);
+      if (!run.ok() || !before.ok() || !after.ok()) {
+        spdlog::error("cluster run at batch {} failed: {}", b,
+                      !run.ok() ? run.status().ToString() : "metrics unreadable");
+        return 1;
+      }
+      std::string lat;
+      double sum = 0, count = 0;  // over all MoE layers, this batch size only
+      for (const auto& [layer, buckets] : after->buckets) {
+        const std::map<double, double>& old = before->buckets[layer];
+        if (buckets.empty() || buckets.rbegin()->second <= (old.empty() ? 0 : old.rbegin()->second))
+          continue;  // a layer that took no dispatch (e.g. dense)
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "L%d %.2f/%.2f  ", layer, 1e3 * Quantile(old, buckets, 0.5),
+                      1e3 * Quantile(old, buckets, 0.99));
+        lat += buf;
+        count += buckets.rbegin()->second - (old.empty() ? 0 : old.rbegin()->second);
+        sum += after->sum[layer] - before->sum[layer];
+      }
+      if (count > 0) lat += absl::StrFormat("mean %.2f", 1e3 * sum / count);
+      const std::string in_proc =
+          skip_in_process ? std::string("-") : absl::StrFormat("%.1f", in_process[b]);
+      std::printf("%-6d %-22s %-22.1f %s\n", b, in_proc.c_str(), run->decode_tokens_per_s,
+                  lat.c_str());
+      std::fflush(stdout);
     }
-    std::printf("cluster: already running, attention service at %s\n", attention.c_str());
+    if (cluster == nullptr) return 0;
+    PrintMemory(*cluster, shards, replicas);
+    if (!cluster->Stop().ok()) return 1;
   }
-  std::printf("%-6s %-22s %-22s %s\n", "batch", "in-process tok/s", "cluster tok/s",
-              "dispatch latency per MoE layer (p50 / p99 ms; mean over layers ms)");
-  for (int b : batches) {
-    absl::StatusOr<DispatchScrape> before = ScrapeDispatch(metrics_host, metrics_port);
-    absl::StatusOr<ClusterRun> run =
-        ClusterDecode(attention, b, prompt_len, decode_tokens, config->vocab_size);
-    absl::StatusOr<DispatchScrape> after = ScrapeDispatch(metrics_host, metrics_port);
-    if (!run.ok() || !before.ok() || !after.ok()) {
-      spdlog::error("cluster run at batch {} failed: {}", b,
-                    !run.ok() ? run.status().ToString() : "metrics unreadable");
-      return 1;
-    }
-    std::string lat;
-    double sum = 0, count = 0;  // over all MoE layers, this batch size only
-    for (const auto& [layer, buckets] : after->buckets) {
-      const std::map<double, double>& old = before->buckets[layer];
-      if (buckets.empty() || buckets.rbegin()->second <= (old.empty() ? 0 : old.rbegin()->second))
-        continue;  // a layer that took no dispatch (e.g. dense)
-      char buf[96];
-      std::snprintf(buf, sizeof buf, "L%d %.2f/%.2f  ", layer, 1e3 * Quantile(old, buckets, 0.5),
-                    1e3 * Quantile(old, buckets, 0.99));
-      lat += buf;
-      count += buckets.rbegin()->second - (old.empty() ? 0 : old.rbegin()->second);
-      sum += after->sum[layer] - before->sum[layer];
-    }
-    if (count > 0) lat += absl::StrFormat("mean %.2f", 1e3 * sum / count);
-    const std::string in_proc =
-        skip_in_process ? std::string("-") : absl::StrFormat("%.1f", in_process[b]);
-    std::printf("%-6d %-22s %-22.1f %s\n", b, in_proc.c_str(), run->decode_tokens_per_s,
-                lat.c_str());
-    std::fflush(stdout);
-  }
-  if (cluster == nullptr) return 0;
-  PrintMemory(*cluster, shards, replicas);
-  return cluster->Stop().ok() ? 0 : 1;
+  return 0;
 }
 
 }  // namespace
@@ -420,6 +431,12 @@ int main(int argc, char** argv) {
                  "(raise it where a shard computes a large batch at DeepSeek-V3 widths for longer)")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
+  std::vector<std::string> data_planes = {"auto"};
+  app.add_option("--data-plane", data_planes,
+                 "The started attention service's --data-plane: auto (the shards' framed TCP data "
+                 "plane) or grpc (the Compute streams); several values: one cluster each, in turn")
+      ->check(CLI::IsMember({"auto", "grpc"}))
+      ->capture_default_str();
   int shard_threads = 0;
   app.add_option("--shard-threads", shard_threads,
                  "CPU kernel threads of each started shard replica (its --threads); 0 = every CPU "
@@ -443,5 +460,5 @@ int main(int argc, char** argv) {
     external.metrics_host = attention_metrics.substr(0, colon);
   }
   return expertmesh::Run(model, shards, replicas, batches, prompt_len, decode_tokens, combine,
-                         external, skip_in_process, attempt_timeout_ms, shard_threads);
+                         external, skip_in_process, attempt_timeout_ms, shard_threads, data_planes);
 }

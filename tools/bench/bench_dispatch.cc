@@ -7,8 +7,10 @@
 //      built the way the dispatcher builds them, for the placement the router hands out);
 //      every shard's request is written, then every answer read, as the dispatcher does.
 //  (b) the real dispatch: router + `--shards` expert-service processes (tools/launcher, the
-//      code `expertmesh up` and the cluster tests run) on loopback, a Dispatcher in this
-//      process watching the router, Run() for one MoE layer, repeatedly.
+//      code `expertmesh up` and the cluster tests run) on loopback, two Dispatchers in this
+//      process watching the router, Run() for one MoE layer, repeatedly: "stream" sends on the
+//      shards' gRPC Compute streams (DispatcherOptions::data_plane off), "data" on their framed
+//      TCP data plane (dataplane/frame.h; the default).
 //  (a') gRPC ping-pong of the same bytes: one bidi stream per shard group to an echo server in
 //      a child process (generic callback service answering each message with the shard's
 //      response size), the client on the callback API driven as the dispatcher drives its
@@ -23,9 +25,9 @@
 //      --threads) and this column N kernel threads; 0 = every CPU, so that shards on one
 //      machine compete for its cores while the column measures one shard alone.
 // (a), (a') and (b) alternate in blocks so drift on a shared machine hits all. Printed per
-// batch: p50 / p99 of each, dispatch p50 / ping-pong p50, gRPC p50 / ping-pong p50, and
-// (dispatch - shard compute) p50 / ping-pong p50: what the data plane costs beyond the bytes
-// and the arithmetic.
+// batch: p50 / p99 of each, each dispatch's p50 / ping-pong p50, gRPC p50 / ping-pong p50, and
+// (data-plane dispatch - shard compute) p50 / ping-pong p50: what the data plane costs beyond
+// the bytes and the arithmetic.
 // Cluster decode against in-process decode is expertmesh-bench-cluster.
 // --combine exact|partial picks the data plane's combine mode (dispatcher/dispatcher.h).
 //
@@ -627,14 +629,21 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       RouterPlacement((*cluster)->router().grpc_address, *identity);
   if (!placement.ok()) return fail(placement.status());
 
-  DispatcherOptions d;
-  d.identity = *identity;
-  d.load_report_interval = absl::ZeroDuration();
-  d.combine = combine;
-  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
-  if (!dispatcher.ok()) return fail(dispatcher.status());
-  (*dispatcher)->WatchRouter((*cluster)->router().grpc_address);
-  if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(30)); !s.ok()) return fail(s);
+  // Two dispatchers over the same shards: one on the gRPC Compute streams only, one on the
+  // shards' framed TCP data plane (the default; under mTLS it stays on the streams too).
+  std::unique_ptr<Dispatcher> dispatchers[2];
+  for (int k = 0; k < 2; ++k) {
+    DispatcherOptions d;
+    d.identity = *identity;
+    d.load_report_interval = absl::ZeroDuration();
+    d.combine = combine;
+    d.data_plane = k == 1;
+    absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher = Dispatcher::Create(*config, d);
+    if (!dispatcher.ok()) return fail(dispatcher.status());
+    (*dispatcher)->WatchRouter((*cluster)->router().grpc_address);
+    if (absl::Status s = (*dispatcher)->WaitCovered(absl::Seconds(30)); !s.ok()) return fail(s);
+    dispatchers[k] = *std::move(dispatcher);
+  }
 
   std::vector<std::unique_ptr<RawPeer>> peers;
   if (echo_port == 0) return fail(absl::InternalError("the gRPC echo server did not start"));
@@ -650,9 +659,12 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
       "microseconds\n",
       iterations, blocks,
       shard_threads > 0 ? std::to_string(shard_threads).c_str() : "every CPU (the default)");
-  std::printf("%-6s %-22s %-12s %-12s %-14s %-8s %-9s %-9s %-9s %s\n", "batch",
-              "bytes req/resp per shard", "raw p50/p99", "gRPC p50/p99", "dispatch p50/p99",
-              "compute", "together", "disp/raw", "gRPC/raw", "(disp-compute)/raw");
+  std::printf("dispatch on the gRPC streams (stream) and on the framed TCP data plane (data)%s\n",
+              ProcessTls().enabled() ? " -- mTLS: the data column runs on the streams too" : "");
+  std::printf("%-6s %-22s %-12s %-12s %-14s %-14s %-8s %-9s %-11s %-9s %-9s %s\n", "batch",
+              "bytes req/resp per shard", "raw p50/p99", "gRPC p50/p99", "stream p50/p99",
+              "data p50/p99", "compute", "together", "stream/raw", "data/raw", "gRPC/raw",
+              "(data-compute)/raw");
   for (int b : batches) {
     const Batch batch = MakeBatch(*config, b, 42 + static_cast<uint64_t>(b));
     const std::vector<std::pair<size_t, size_t>> sizes =
@@ -671,23 +683,26 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
     echo.SetSizes(sizes);
 
     std::vector<float> out(static_cast<size_t>(b * config->hidden_size));
-    std::vector<double> raw, grpc_echo, disp, compute;
+    std::vector<double> raw, grpc_echo, stream, disp, compute;
     const int per_block = std::max(1, iterations / blocks);
-    const auto dispatch_rounds = [&](int n, std::vector<double>* samples) -> absl::Status {
+    const auto dispatch_rounds = [&](Dispatcher& dispatcher, int n,
+                                     std::vector<double>* samples) -> absl::Status {
       for (int i = 0; i < n; ++i) {
         const auto t0 = Clock::now();
-        EM_RETURN_IF_ERROR((*dispatcher)->Run(layer, batch.x, batch.routes, out));
+        EM_RETURN_IF_ERROR(dispatcher.Run(layer, batch.x, batch.routes, out));
         if (samples) samples->push_back(Micros(Clock::now() - t0));
       }
       return absl::OkStatus();
     };
     absl::Status s = RawRounds(subset, per_block / 4 + 1, nullptr);  // warm-up
     if (s.ok()) s = echo.Rounds(per_block / 4 + 1, nullptr);
-    if (s.ok()) s = dispatch_rounds(per_block / 4 + 1, nullptr);
+    if (s.ok()) s = dispatch_rounds(*dispatchers[0], per_block / 4 + 1, nullptr);
+    if (s.ok()) s = dispatch_rounds(*dispatchers[1], per_block / 4 + 1, nullptr);
     for (int k = 0; s.ok() && k < blocks; ++k) {
       s = RawRounds(subset, per_block, &raw);
       if (s.ok()) s = echo.Rounds(per_block, &grpc_echo);
-      if (s.ok()) s = dispatch_rounds(per_block, &disp);
+      if (s.ok()) s = dispatch_rounds(*dispatchers[0], per_block, &stream);
+      if (s.ok()) s = dispatch_rounds(*dispatchers[1], per_block, &disp);
     }
     // The shards compute in parallel: per round the slowest shard's time alone, and the time
     // of every shard's part computed at once on its own thread (what the shards' processes do
@@ -736,18 +751,21 @@ int Run(const std::string& model_dir, int shards, const std::vector<int>& batche
     }
     if (!s.ok()) return fail(s);
     const double raw50 = Percentile(raw, 0.5), disp50 = Percentile(disp, 0.5);
+    const double stream50 = Percentile(stream, 0.5);
     const double grpc50 = Percentile(grpc_echo, 0.5), comp50 = Percentile(compute, 0.5);
-    char c1[32], c2[32], c3[32], c4[32], c5[32];
+    char c1[32], c2[32], c3[32], c3s[32], c4[32], c5[32];
     std::snprintf(c1, sizeof c1, "%.0f/%.0f", raw50, Percentile(raw, 0.99));
     std::snprintf(c2, sizeof c2, "%.0f/%.0f", grpc50, Percentile(grpc_echo, 0.99));
+    std::snprintf(c3s, sizeof c3s, "%.0f/%.0f", stream50, Percentile(stream, 0.99));
     std::snprintf(c3, sizeof c3, "%.0f/%.0f", disp50, Percentile(disp, 0.99));
     std::snprintf(c4, sizeof c4, "%.0f", comp50);
     std::snprintf(c5, sizeof c5, "%.0f", Percentile(together, 0.5));
-    std::printf("%-6d %-22s %-12s %-12s %-14s %-8s %-9s %-9.2f %-9.2f %.2f\n", b, bytes.c_str(), c1,
-                c2, c3, c4, c5, disp50 / raw50, grpc50 / raw50, (disp50 - comp50) / raw50);
+    std::printf("%-6d %-22s %-12s %-12s %-14s %-14s %-8s %-9s %-11.2f %-9.2f %-9.2f %.2f\n", b,
+                bytes.c_str(), c1, c2, c3s, c3, c4, c5, stream50 / raw50, disp50 / raw50,
+                grpc50 / raw50, (disp50 - comp50) / raw50);
     std::fflush(stdout);
   }
-  dispatcher->reset();
+  for (auto& d : dispatchers) d.reset();
   return (*cluster)->Stop().ok() ? 0 : 1;
 }
 
