@@ -578,8 +578,11 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     if (!o.data_advertise_address.empty()) {
       es->data_address_ = o.data_advertise_address;
     } else {
+      // The host peers reach this replica at: the --advertise host when given (the data port
+      // is on the same machine), else the data listen host unless it is a wildcard.
       std::string host = HostOf(o.data_listen);
-      if (host.empty() || host == "0.0.0.0" || host == "::" || host == "*") {
+      if (!o.advertise_address.empty() || host.empty() || host == "0.0.0.0" || host == "::" ||
+          host == "*") {
         host = HostOf(AdvertisedAddress(o.advertise_address, o.server.listen, es->port_));
       }
       es->data_address_ = host.find(':') != std::string::npos

@@ -150,8 +150,9 @@ struct ExpertServerOptions {
   // The framed TCP data plane (dataplane/frame.h) beside gRPC: host:port to listen on (port 0 =
   // any), empty = off. Plaintext: refused when the process runs mTLS (ProcessTls()).
   std::string data_listen;
-  // The data-plane address the router hands out; default: the data listen host (the advertised
-  // gRPC host when it listens on a wildcard) with the bound port.
+  // The data-plane address the router hands out; default: the advertise_address host when one
+  // is given, else the data listen host (the gRPC advertised host for a wildcard), with the
+  // bound data port.
   std::string data_advertise_address;
   std::string router_address;  // empty: do not register
   std::string instance_id = "expert";

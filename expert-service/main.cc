@@ -43,8 +43,8 @@ int main(int argc, char** argv) {
                  "or off")
       ->capture_default_str();
   app.add_option("--data-advertise", data_advertise,
-                 "Data-plane address given to the router (default: the data listen host, or "
-                 "the --advertise host when it listens on a wildcard, with the bound port)");
+                 "Data-plane address given to the router (default: the --advertise host, else "
+                 "the data listen host, with the bound data port)");
   app.add_option("--max-data-connections", max_data_connections,
                  "Data-plane connections open at once (one thread each); more are refused")
       ->check(CLI::Range(1u, 4096u))
