@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="compare with the files, write nothing")
     a = ap.parse_args()
     if not 1 <= a.num_shards <= 100:
-        ap.error("--num-shards must be in [1, 100] (ports 7100+k and 9100+k)")
+        ap.error("--num-shards must be in [1, 100] (ports 7100+k, 7300+k and 9100+k)")
     if a.max_replicas < 1 or a.target_rows < 1 or a.target_rows_per_second < 1:
         ap.error("--max-replicas, --target-rows and --target-rows-per-second must be positive")
     pool_of = {}
@@ -85,7 +85,7 @@ def main():
     keda = string.Template((HERE / "keda-scaledobject.yaml").read_text())
     groups, scaled = [], []
     for k in range(a.num_shards):
-        fields = dict(shard=k, num_shards=a.num_shards, grpc_port=7100 + k,
+        fields = dict(shard=k, num_shards=a.num_shards, grpc_port=7100 + k, data_port=7300 + k,
                       metrics_port=9100 + k, max_replicas=a.max_replicas,
                       target_rows=a.target_rows,
                       target_rows_per_second=a.target_rows_per_second,

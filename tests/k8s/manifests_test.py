@@ -168,6 +168,28 @@ def policy_violations(docs):
                     bad.append(f"{name}: no topology spread over its shard group's replicas")
                 shard_ids.append(int(flag_value(args, "--shard-id")))
                 shard_counts.add(int(flag_value(args, "--num-shards")))
+                # The framed TCP data plane is plaintext: off under mTLS; else on a declared
+                # container port that the shards' NetworkPolicy admits.
+                data = flag_value(args, "--data-listen")
+                envs = {e["name"]: e.get("value") for e in c.get("env", [])}
+                if data == "$(EXPERTMESH_DATA_LISTEN)":
+                    data = envs.get("EXPERTMESH_DATA_LISTEN")
+                tls = flag_value(args, "--tls-cert") is not None
+                if tls and data != "off":
+                    bad.append(f"{where}: mTLS with the plaintext data plane on ({data})")
+                if not tls:
+                    port = int(data.rsplit(":", 1)[1]) if data and ":" in data else None
+                    declared = {p["containerPort"] for p in c.get("ports", [])}
+                    if port is None or port not in declared:
+                        bad.append(f"{where}: data plane {data} not on a declared container port")
+                    elif not any(
+                            r.get("port", 0) <= port <= r.get("endPort", r.get("port", 0))
+                            for np in docs if np["kind"] == "NetworkPolicy"
+                            and np["spec"]["podSelector"].get("matchLabels", {}).items()
+                            <= labels.items()
+                            for rule in np["spec"].get("ingress", [])
+                            for r in rule.get("ports", [])):
+                        bad.append(f"{where}: no NetworkPolicy admits data port {port}")
             if binary == "router-service":
                 n = flag_value(args, "--num-shards")
                 n = cm.get("EXPERTMESH_NUM_SHARDS") if n == "$(EXPERTMESH_NUM_SHARDS)" else n

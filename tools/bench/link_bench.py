@@ -9,8 +9,13 @@ namespace):
        | veth emlb<id>h<g> 10.213.<g>.1/24      tbf on this end: root -> shard bandwidth
        | veth emlb<id>n<g> 10.213.<g>.2/24      tbf on this end: shard -> root bandwidth
     ns emlb-<id>-<g>: netdelay --listen 10.213.<g>.2:P --connect 127.0.0.1:S --delay-us D
+                      netdelay --listen 10.213.<g>.2:Q --connect 127.0.0.1:T --delay-us D
                       expert-service --listen 127.0.0.1:S --advertise 10.213.<g>.2:P
+                                     --data-listen 127.0.0.1:T --data-advertise 10.213.<g>.2:Q
                                      --router 10.213.<g>.1:R
+
+(P/S: the shard's gRPC port, Q/T: its framed TCP data plane, which the attention service uses
+for expert requests unless --data-plane grpc.)
 
 So every expert request and reply between the attention service and a shard crosses a veth pair
 limited by tbf in each direction, and the relay (tools/netdelay; the kernel has no sch_netem, see
@@ -318,17 +323,24 @@ def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopba
     for g in range(0 if loopback else args.shards):
         ns = net.ns(g)
         sport, mport, pport = 7201, 7202, 7203  # each namespace has its own ports
+        dport, qport = 7204, 7205  # the data plane: the shard's, the relay's
         listen = "127.0.0.1:%d" % sport
+        data_listen = "127.0.0.1:%d" % dport
         if delay_ms is None:
             listen = "%s:%d" % (net.ns_ip(g), pport)
+            data_listen = "%s:%d" % (net.ns_ip(g), qport)
         else:
-            procs.start("relay%d" % g, ["ip", "netns", "exec", ns, args.netdelay, "--listen",
-                                        "%s:%d" % (net.ns_ip(g), pport), "--connect", listen,
-                                        "--delay-us", str(int(round(delay_ms * 1000)))])
+            for name, front, back in (("relay%d" % g, pport, listen),
+                                      ("datarelay%d" % g, qport, data_listen)):
+                procs.start(name, ["ip", "netns", "exec", ns, args.netdelay, "--listen",
+                                   "%s:%d" % (net.ns_ip(g), front), "--connect", back,
+                                   "--delay-us", str(int(round(delay_ms * 1000)))])
         procs.start("expert%d" % g, ["ip", "netns", "exec", ns, args.expert_bin, "--model",
                                      args.model, "--shard-id", str(g), "--num-shards",
                                      str(args.shards), "--listen", listen,
                                      "--advertise", "%s:%d" % (net.ns_ip(g), pport),
+                                     "--data-listen", data_listen,
+                                     "--data-advertise", "%s:%d" % (net.ns_ip(g), qport),
                                      "--router", "%s:%d" % (net.host_ip(g), rport),
                                      "--metrics-port", str(mport), "--instance-id",
                                      "shard%d-r0" % g])
@@ -337,7 +349,8 @@ def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopba
                               "--metrics-port", str(amport), "--kv-blocks", "4096",
                               "--max-batch", str(max_batch), "--step-deadline-ms", "30000",
                               "--attempt-timeout-ms", "30000",
-                              "--combine", "exact", "--micro-batches", str(micro_batches)])
+                              "--combine", "exact", "--micro-batches", str(micro_batches),
+                              "--data-plane", args.data_plane])
     return "127.0.0.1:%d" % aport, "127.0.0.1:%d" % amport
 
 
@@ -422,6 +435,9 @@ def main():
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1],
                     help="attention-service --micro-batches values, each measured on every "
                     "profile; ratios against the first")
+    ap.add_argument("--data-plane", choices=["auto", "grpc"], default="auto",
+                    help="attention-service --data-plane: auto (the shards' framed TCP data "
+                    "plane, through its own relay) or grpc (their Compute streams)")
     ap.add_argument("--loopback", action="store_true",
                     help="also measure every --micro-batches value on a cluster without "
                     "namespaces (127.0.0.1)")
@@ -492,7 +508,8 @@ def main():
             print("%-7s %-15s %8s %8s" % ("bytes", "path", "rtt p50", "rtt p99"))
             for nbytes, label, p50, p99 in rc:
                 print("%-7d %-15s %8.1f %8.1f" % (nbytes, label, p50, p99))
-            rows = bench(args, [])  # the launcher's loopback cluster + in-process engine
+            # the launcher's loopback cluster + in-process engine
+            rows = bench(args, ["--data-plane", args.data_plane])
             results["loopback"] = rows
             print("\nloopback (launcher, no namespaces):")
             for batch in args.batches:
