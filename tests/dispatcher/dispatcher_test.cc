@@ -8,10 +8,17 @@
 // registers. (Wall-clock waits here are bounded by the real network's events.)
 #include "dispatcher/dispatcher.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -20,6 +27,8 @@
 
 #include "core/decode/sampling.h"
 #include "core/format/wire.h"
+#include "dataplane/frame.h"
+#include "dataplane/frame_server.h"
 #include "expert-service/expert_service.h"
 #include "expert-service/live_placement.h"
 #include "expertmesh/v1/expert.grpc.pb.h"
@@ -42,18 +51,39 @@ constexpr int kShards = 2;
 constexpr int kReplicas = 2;
 const absl::Duration kStepDeadline = absl::Seconds(5);
 
-// A real replica of `shard` of the placement, registering with the router at `router`.
-absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(const std::string& dir,
-                                                           const Placement& placement, int shard,
-                                                           const std::string& router,
-                                                           std::string instance_id = "") {
+// How a replica takes the dispatcher's requests: its gRPC Compute stream only, or its framed
+// TCP data plane (it listens on one and registers its data_address).
+enum class Transport { kStream, kDataPlane };
+
+// A real replica of `shard` of the placement, registering with the router at `router`. With
+// `data_plane` it listens on a framed TCP data plane on a free loopback port; with `metrics`
+// its metrics (expertmesh_expert_data_connections, expertmesh_expert_rows_total) go there.
+absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(
+    const std::string& dir, const Placement& placement, int shard, const std::string& router,
+    std::string instance_id = "", bool data_plane = false, MetricsRegistry* metrics = nullptr,
+    std::string listen = "") {
   ExpertServerOptions o;
   o.model_dir = dir;
   o.experts = placement.ExpertsOf(shard);
   o.shard_id = shard;
   o.router_address = router;
   if (!instance_id.empty()) o.instance_id = std::move(instance_id);
+  if (data_plane) o.data_listen = "127.0.0.1:0";
+  if (!listen.empty()) o.server.listen = std::move(listen);
+  o.metrics = metrics;
   return ExpertServer::Start(o);
+}
+
+// The open data-plane connections of a replica started with `metrics` (its gauge).
+double DataConnections(MetricsRegistry& metrics) {
+  return metrics
+      .GetGauge("expertmesh_expert_data_connections",
+                "Open connections of the framed TCP data plane")
+      .value();
+}
+// The rows a replica started with `metrics` computed.
+double RowsComputed(MetricsRegistry& metrics) {
+  return metrics.GetCounter("expertmesh_expert_rows_total", "Rows computed").value();
 }
 
 // Random batches of 1, 5 and 17 rows in layers 1 to 3 (seeds from ++*seed): the dispatcher's
@@ -89,8 +119,12 @@ absl::StatusOr<std::unique_ptr<Dispatcher>> WatchingDispatcher(const ModelConfig
   return dispatcher;
 }
 
-class DispatcherTest : public ::testing::Test {
+// 2 shard groups x 2 replicas behind a router, and a dispatcher watching it. The replicas take
+// the requests on the transport data_plane() says.
+class DispatcherFixture : public ::testing::Test {
  protected:
+  virtual bool data_plane() const = 0;
+
   void SetUp() override {
     absl::StatusOr<std::string> dir = ShardTestModel();
     ASSERT_TRUE(dir.ok()) << dir.status();
@@ -140,16 +174,23 @@ class DispatcherTest : public ::testing::Test {
     router_.reset();
   }
 
-  ExpertServer* AddReplica(int shard) {
+  // A replica of `shard` on the fixture's transport (with its own metrics registry); `listen`:
+  // its gRPC address (default any free port).
+  ExpertServer* AddReplica(int shard, std::string listen = "") {
+    replica_metrics_.push_back(std::make_unique<MetricsRegistry>());
     absl::StatusOr<std::unique_ptr<ExpertServer>> s =
         StartReplica(dir_, placement_, shard, router_->address(),
-                     absl::StrCat("shard", shard, "-", replicas_.size()));
+                     absl::StrCat("shard", shard, "-", replicas_.size()), data_plane(),
+                     replica_metrics_.back().get(), std::move(listen));
     EXPECT_TRUE(s.ok()) << s.status();
     if (!s.ok()) return nullptr;
     replicas_.push_back(*std::move(s));
     return replicas_.back().get();
   }
   ExpertServer& Replica(int shard, int r) { return *replicas_[shard * kReplicas + r]; }
+  MetricsRegistry& ReplicaMetrics(int shard, int r) {
+    return *replica_metrics_[shard * kReplicas + r];
+  }
   // The router's status (its placement map with the replicas, the expert load).
   absl::StatusOr<v1::StatusResponse> RouterStatus() {
     auto stub = v1::RouterService::NewStub(MakeChannel(router_->address()));
@@ -212,13 +253,32 @@ class DispatcherTest : public ::testing::Test {
   v1::PeerIdentity identity_;
   MetricsRegistry metrics_;
   std::unique_ptr<RouterServer> router_;
+  std::vector<std::unique_ptr<MetricsRegistry>> replica_metrics_;  // outlive replicas_
   std::vector<std::unique_ptr<ExpertServer>> replicas_;
   std::unique_ptr<Dispatcher> dispatcher_;
   std::unique_ptr<Checkpoint> ckpt_;
   std::unique_ptr<LocalExperts> all_;
 };
 
-TEST_F(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
+// Every test of this fixture runs on both transports: the replicas' gRPC streams and their
+// framed TCP data planes.
+class DispatcherTest : public DispatcherFixture, public ::testing::WithParamInterface<Transport> {
+ protected:
+  bool data_plane() const override { return GetParam() == Transport::kDataPlane; }
+};
+INSTANTIATE_TEST_SUITE_P(Transports, DispatcherTest,
+                         ::testing::Values(Transport::kStream, Transport::kDataPlane),
+                         [](const ::testing::TestParamInfo<Transport>& info) {
+                           return info.param == Transport::kStream ? "GrpcStream" : "DataPlane";
+                         });
+
+// The same fixture with every replica on the data plane, for what only the data plane has.
+class DataPlaneDispatcherTest : public DispatcherFixture {
+ protected:
+  bool data_plane() const override { return true; }
+};
+
+TEST_P(DispatcherTest, EqualsLocalExpertsWithAllExperts) {
   // Exact combine (the default): bitwise LocalExperts::Run with every expert, for every MoE
   // layer (the MTP layer 3 included) and batch sizes 1..33.
   uint64_t seed = 100;
@@ -371,7 +431,7 @@ TEST(DispatcherExactCombineTest, GenericPerExpertEqualsLocalExperts) {
   }
 }
 
-TEST_F(DispatcherTest, ConcurrentStepsStayExact) {
+TEST_P(DispatcherTest, ConcurrentStepsStayExact) {
   std::vector<std::thread> threads;
   std::atomic<int> failures{0};
   for (int t = 0; t < 3; ++t) {
@@ -395,7 +455,7 @@ TEST_F(DispatcherTest, ConcurrentStepsStayExact) {
 // One step at a time (an attention replica's normal pace) leaves every replica with no rows
 // outstanding when the next is chosen; the replicas must still take turns, or a replica added
 // by scaling out would never get work while the first one lives.
-TEST_F(DispatcherTest, SequentialStepsTakeTurnsOverTheReplicas) {
+TEST_P(DispatcherTest, SequentialStepsTakeTurnsOverTheReplicas) {
   for (int i = 0; i < 2 * kReplicas; ++i) {
     const Batch b = RandomBatch(config_, 4, 500 + i);
     std::vector<float> got(b.x.n_rows * config_.hidden_size);
@@ -411,9 +471,20 @@ TEST_F(DispatcherTest, SequentialStepsTakeTurnsOverTheReplicas) {
     open += r.open ? 1 : 0;
   }
   EXPECT_EQ(open, kShards * kReplicas);
+  // On the data plane each replica served its requests on one pooled connection (kept open
+  // between steps, never one per request); on the streams no data connection exists.
+  for (int s = 0; s < kShards; ++s) {
+    for (int r = 0; r < kReplicas; ++r) {
+      const double want = data_plane() ? 1 : 0;
+      EXPECT_TRUE(testing::PollUntil([&] { return DataConnections(ReplicaMetrics(s, r)) == want; },
+                                     absl::Seconds(5)))
+          << "shard " << s << " replica " << r << ": " << DataConnections(ReplicaMetrics(s, r))
+          << " data connections open";
+    }
+  }
 }
 
-TEST_F(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
+TEST_P(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
   std::atomic<int> steps{0};
   std::thread killer([&] {
     while (steps.load() < 4) std::this_thread::yield();
@@ -433,7 +504,7 @@ TEST_F(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
   EXPECT_EQ(Replica(0, 0).service().outstanding_rows(), 0u);
 }
 
-TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
+TEST_P(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
   RunAndCheck(2, 4, 1);
   KillShard1();
   const Batch b = RandomBatch(config_, 6, 77);
@@ -452,7 +523,7 @@ TEST_F(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
   EXPECT_NE(s2.message().find("shard 1"), std::string::npos) << s2;
 }
 
-TEST_F(DispatcherTest, ServesAgainOnceAReplicaRegisters) {
+TEST_P(DispatcherTest, ServesAgainOnceAReplicaRegisters) {
   KillShard1();
   testing::PollUntil([&] { return !dispatcher_->Covered(); }, absl::Seconds(10));  // expiry
   ASSERT_FALSE(dispatcher_->Covered());
@@ -463,7 +534,7 @@ TEST_F(DispatcherTest, ServesAgainOnceAReplicaRegisters) {
   RunAndCheck(1, 3, 78);
 }
 
-TEST_F(DispatcherTest, ReportsExpertLoadToTheRouter) {
+TEST_P(DispatcherTest, ReportsExpertLoadToTheRouter) {
   std::map<std::pair<int, int>, uint64_t> sent;
   for (int i = 0; i < 4; ++i) {
     const int layer = 1 + i % 2;
@@ -486,7 +557,7 @@ TEST_F(DispatcherTest, ReportsExpertLoadToTheRouter) {
   EXPECT_TRUE(status.placement().shards(1).replicas(0).healthy());
 }
 
-TEST_F(DispatcherTest, FollowsARestartedRouterWhoseVersionsStartAgain) {
+TEST_P(DispatcherTest, FollowsARestartedRouterWhoseVersionsStartAgain) {
   // Membership changes push the old router's version well above what a fresh router reaches
   // with the 4 live replicas: 4 registrations, then 2 per shard (a drain, a registration).
   for (int shard = 0; shard < kShards; ++shard) {
@@ -534,7 +605,7 @@ TEST_F(DispatcherTest, FollowsARestartedRouterWhoseVersionsStartAgain) {
   RunAndCheck(2, 5, 32);
 }
 
-TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
+TEST_P(DispatcherTest, RefusesAStepItCannotPlace) {
   const Batch b = RandomBatch(config_, 2, 5);
   std::vector<float> out(2 * config_.hidden_size);
   // Layer 0 is dense: no shard holds its experts.
@@ -548,7 +619,7 @@ TEST_F(DispatcherTest, RefusesAStepItCannotPlace) {
 // applied mid-step (here a wrong one, giving group 1's experts to group 0, whose replicas do not
 // hold them) is used from the next step on. A layer not after the last one dispatched also
 // begins a step.
-TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
+TEST_P(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
   v1::PlacementMap map, wrong;
   std::unique_ptr<Dispatcher> dispatcher;
   ASSERT_NO_FATAL_FAILURE(DispatcherWithAWrongMapAhead(&map, &wrong, &dispatcher));
@@ -581,7 +652,7 @@ TEST_F(DispatcherTest, AStepKeepsItsTableUntilTheNextStep) {
 // step table: a map applied while micro-batch 0 is mid-step is taken by the step micro-batch 1
 // begins then, and micro-batch 0 keeps its table to its own step boundary (with one shared step
 // table, micro-batch 1's new step would switch micro-batch 0's table mid-step).
-TEST_F(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
+TEST_P(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
   v1::PlacementMap map, wrong;
   std::unique_ptr<Dispatcher> dispatcher;
   ASSERT_NO_FATAL_FAILURE(DispatcherWithAWrongMapAhead(&map, &wrong, &dispatcher));
@@ -622,7 +693,7 @@ TEST_F(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
 
 // Two micro-batches' steps overlapping (both Runs of a layer in flight at once, as ping-pong
 // micro-batches dispatch) give each exactly LocalExperts' output.
-TEST_F(DispatcherTest, OverlappingMicroBatchStepsStayExact) {
+TEST_P(DispatcherTest, OverlappingMicroBatchStepsStayExact) {
   std::barrier both(2);
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
@@ -1186,6 +1257,597 @@ TEST(ExpertStreamLimitTest, StreamsOverTheLimitAreRefusedAndFreedSlotsReused) {
     if (!reopened) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_TRUE(reopened);
+}
+
+// ---- What only the framed TCP data plane has ---------------------------------------------
+
+// Registers a replica of `shard` (the placement's experts of it) with the router at `router`
+// as `address`, with the data plane at `data_address`. No heartbeats follow: the router's
+// expiry must outlast the test.
+absl::Status RegisterReplica(const std::string& router, const v1::PeerIdentity& identity, int shard,
+                             const Placement& placement, const std::string& address,
+                             const std::string& data_address) {
+  v1::RegisterRequest reg;
+  *reg.mutable_identity() = identity;
+  reg.set_address(address);
+  reg.set_data_address(data_address);
+  reg.set_shard_id(shard);
+  for (const LayerExpert& le : placement.ExpertsOf(shard)) {
+    v1::LayerExpert* p = reg.add_experts();
+    p->set_layer(le.layer);
+    p->set_expert(le.expert);
+  }
+  auto stub = v1::RouterService::NewStub(MakeChannel(router));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::RegisterResponse resp;
+  return FromGrpcStatus(stub->Register(&ctx, reg, &resp));
+}
+
+// A shard replica whose data plane misbehaves after a correct handshake (the model's
+// identity, a kHelloOk frame): to every request it answers
+//   kNaN / kInf: outputs of the right size with one NaN / -Inf value,
+//   kShortAnswer: one row too few,
+//   kWrongFrameType: a well-formed, finite answer of the right size in a kHelloOk frame,
+//   kWrongRequestId: the same in a kResponse frame naming another request,
+//   kErrorFrame: a kError frame (UNAVAILABLE), then it closes the connection,
+//   kClose: nothing: it closes the connection,
+//   kStall: nothing: it keeps the connection open and never answers.
+// It runs on a dataplane::FrameServer, except kClose (a FrameServer session always answers
+// before it closes), which runs on a plain listener that reads the request and closes.
+// Its gRPC address is never dialled (a data-plane replica gets no stream): it registers the
+// data plane's own address there.
+class FakeDataPlaneShard {
+ public:
+  enum class Mode {
+    kNaN,
+    kInf,
+    kShortAnswer,
+    kWrongFrameType,
+    kWrongRequestId,
+    kErrorFrame,
+    kClose,
+    kStall
+  };
+  FakeDataPlaneShard(Mode mode, v1::PeerIdentity identity, int64_t hidden)
+      : mode_(mode), identity_(std::move(identity)), hidden_(hidden) {}
+  ~FakeDataPlaneShard() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+    }
+    cv_.notify_all();
+    if (server_) server_->Stop();
+    if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+    if (acceptor_.joinable()) acceptor_.join();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+  }
+
+  absl::Status Start(const std::string& router, int shard, const Placement& placement) {
+    int port = 0;
+    if (mode_ == Mode::kClose) {
+      listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      socklen_t len = sizeof a;
+      if (listen_fd_ < 0 || ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+          ::listen(listen_fd_, 16) != 0 ||
+          ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+        return absl::InternalError("fake data plane: cannot listen");
+      }
+      port = ntohs(a.sin_port);
+      acceptor_ = std::thread([this] { AcceptAndClose(); });
+    } else {
+      dataplane::FrameServerOptions o;
+      o.listen = "127.0.0.1:0";
+      absl::StatusOr<std::unique_ptr<dataplane::FrameServer>> server =
+          dataplane::FrameServer::Start(o, [this] { return std::make_unique<Session>(this); });
+      if (!server.ok()) return server.status();
+      server_ = *std::move(server);
+      port = server_->port();
+    }
+    address_ = LoopbackAddress(port);
+    return RegisterReplica(router, identity_, shard, placement, address_, address_);
+  }
+  const std::string& address() const { return address_; }
+  int requests() const { return requests_.load(); }  // request frames received
+
+ private:
+  class Session final : public dataplane::FrameSession {
+   public:
+    explicit Session(FakeDataPlaneShard* fake) : fake_(fake) {}
+    absl::Status OnFrame(dataplane::FrameType type, std::string_view payload,
+                         dataplane::FrameType* reply_type, std::string* reply) override {
+      using dataplane::FrameType;
+      if (type == FrameType::kHello) {
+        *reply_type = FrameType::kHelloOk;
+        reply->assign(fake_->HelloAnswer());
+        return absl::OkStatus();
+      }
+      v1::ExpertRequest req;
+      if (type != FrameType::kRequest ||
+          !req.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+        return absl::InvalidArgumentError("fake data plane: not a request");
+      }
+      ++fake_->requests_;
+      switch (fake_->mode_) {
+        case Mode::kErrorFrame:
+          return absl::UnavailableError("fake data plane: going away");
+        case Mode::kStall: {
+          std::unique_lock<std::mutex> lock(fake_->mu_);
+          fake_->cv_.wait(lock, [this] { return fake_->released_; });
+          return absl::CancelledError("fake data plane: released");
+        }
+        default:
+          break;
+      }
+      v1::ExpertResponse resp = fake_->Answer(req);
+      *reply_type =
+          fake_->mode_ == Mode::kWrongFrameType ? FrameType::kHelloOk : FrameType::kResponse;
+      resp.SerializeToString(reply);
+      return absl::OkStatus();
+    }
+
+   private:
+    FakeDataPlaneShard* const fake_;
+  };
+
+  std::string HelloAnswer() const {
+    v1::HandshakeResponse resp;
+    *resp.mutable_server() = identity_;
+    return resp.SerializeAsString();
+  }
+
+  // An answer shaped like a real one (BF16 0.5 everywhere), spoiled as mode_ says.
+  v1::ExpertResponse Answer(const v1::ExpertRequest& req) const {
+    v1::ExpertResponse resp;
+    resp.set_request_id(req.request_id() + (mode_ == Mode::kWrongRequestId ? 1 : 0));
+    resp.set_batch_id(req.batch_id());
+    resp.set_layer(req.layer());
+    const uint32_t short_by = mode_ == Mode::kShortAnswer ? 1 : 0;
+    resp.set_n_rows(req.n_rows() - short_by);
+    const uint32_t answer_rows =
+        (req.combine() == v1::COMBINE_PER_EXPERT ? static_cast<uint32_t>(req.experts_size())
+                                                 : req.n_rows()) -
+        short_by;
+    std::string out(OutputBytes(answer_rows, hidden_), '\0');
+    for (size_t i = 0; i + 1 < out.size(); i += 2) out[i + 1] = '\x3F';
+    if ((mode_ == Mode::kNaN || mode_ == Mode::kInf) && out.size() >= 4) {
+      const size_t at = out.size() - 2 * static_cast<size_t>(hidden_ / 2);
+      out[at] = mode_ == Mode::kNaN ? '\xC0' : '\x80';
+      out[at + 1] = mode_ == Mode::kNaN ? '\x7F' : '\xFF';
+    }
+    resp.set_outputs(std::move(out));
+    return resp;
+  }
+
+  // kClose: per connection, reads the hello and answers it, reads the request, closes.
+  void AcceptAndClose() {
+    while (true) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) return;  // shut down
+      const timeval tv{5, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      const auto read_frame = [fd](dataplane::FrameHeader* h) {
+        char header[dataplane::kFrameHeaderBytes];
+        if (::recv(fd, header, sizeof header, MSG_WAITALL) != sizeof header) return false;
+        absl::StatusOr<dataplane::FrameHeader> d =
+            dataplane::DecodeFrameHeader(std::string_view(header, sizeof header), 64u << 20);
+        if (!d.ok()) return false;
+        *h = *d;
+        std::string payload(d->length, '\0');
+        return d->length == 0 || ::recv(fd, payload.data(), payload.size(), MSG_WAITALL) ==
+                                     static_cast<ssize_t>(payload.size());
+      };
+      dataplane::FrameHeader h;
+      if (read_frame(&h) && h.type == dataplane::FrameType::kHello) {
+        const std::string hello = HelloAnswer();
+        char header[dataplane::kFrameHeaderBytes];
+        dataplane::EncodeFrameHeader(dataplane::FrameType::kHelloOk,
+                                     static_cast<uint32_t>(hello.size()), header);
+        std::string frame(header, sizeof header);
+        frame += hello;
+        if (::send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) ==
+                static_cast<ssize_t>(frame.size()) &&
+            read_frame(&h) && h.type == dataplane::FrameType::kRequest) {
+          ++requests_;
+        }
+      }
+      ::close(fd);
+    }
+  }
+
+  const Mode mode_;
+  const v1::PeerIdentity identity_;
+  const int64_t hidden_;
+  std::string address_;
+  std::unique_ptr<dataplane::FrameServer> server_;
+  int listen_fd_ = -1;
+  std::thread acceptor_;
+  std::atomic<int> requests_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool released_ = false;  // under mu_: stalled sessions return
+};
+
+// A router (expiry long enough for fakes that never heartbeat), real data-plane replicas and
+// a dispatcher for the data-plane tests that build their own shard groups.
+struct DataPlaneCluster {
+  std::string dir;
+  ModelConfig config;
+  Placement placement;
+  v1::PeerIdentity identity;
+  std::unique_ptr<RouterServer> router;
+  std::unique_ptr<Checkpoint> ckpt;
+  std::unique_ptr<LocalExperts> all;
+
+  void Start(const std::string& name) {
+    absl::StatusOr<std::string> d = ShardTestModel();
+    ASSERT_TRUE(d.ok()) << d.status();
+    dir = *d;
+    config = *LoadModelConfig(dir + "/config.json");
+    placement = *EvenPlacement(config, 2);
+    identity = *MakeLocalIdentity(dir, "test", name);
+    RouterServerOptions ro;
+    ro.identity = identity;
+    ro.membership.heartbeat_interval = absl::Milliseconds(100);
+    ro.membership.expiry = absl::Seconds(60);
+    absl::StatusOr<std::unique_ptr<RouterServer>> r = RouterServer::Start(placement, ro);
+    ASSERT_TRUE(r.ok()) << r.status();
+    router = *std::move(r);
+    ckpt = *Checkpoint::Open(dir);
+    all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
+  }
+  // One step through `dispatcher`, bitwise LocalExperts or a failure.
+  void RunAndCheck(Dispatcher& dispatcher, int layer, int64_t n, uint64_t seed) {
+    const Batch b = RandomBatch(config, n, seed);
+    std::vector<float> got(n * config.hidden_size);
+    const absl::Status s = dispatcher.Run(layer, b.x, b.routes, got);
+    ASSERT_TRUE(s.ok()) << s;
+    absl::StatusOr<std::vector<float>> want =
+        ExpectedShardedOutput(*all, placement, layer, b, config.hidden_size);
+    ASSERT_TRUE(want.ok());
+    for (float v : got) ASSERT_TRUE(std::isfinite(v));
+    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+  }
+};
+
+// Shard 1's replicas, in the router's map order: one fake data plane per way of answering
+// wrong (NaN, short, Inf, wrong frame type, wrong request id, an error frame, a closed
+// connection), then a real data-plane replica. The dispatcher tries them in that order: each
+// answer is refused (the NaN, Inf and short ones counted in
+// expertmesh_dispatch_bad_answers_total), the request fails over, and the step's output is the
+// real replica's, bitwise. The refused replicas are marked failed, so the next steps go straight
+// to the real one.
+TEST(DispatcherDataPlaneTest, BadAnswersFailOverAndAreCounted) {
+  DataPlaneCluster c;
+  ASSERT_NO_FATAL_FAILURE(c.Start("dp-bad-answers"));
+  std::vector<std::unique_ptr<ExpertServer>> real;
+  auto add_real = [&](int shard) {
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = StartReplica(
+        c.dir, c.placement, shard, c.router->address(), absl::StrCat("real", shard), true);
+    ASSERT_TRUE(e.ok()) << e.status();
+    ASSERT_FALSE((*e)->data_address().empty());
+    real.push_back(*std::move(e));
+  };
+  ASSERT_NO_FATAL_FAILURE(add_real(0));
+  using Mode = FakeDataPlaneShard::Mode;
+  const std::vector<Mode> modes = {Mode::kNaN,
+                                   Mode::kShortAnswer,
+                                   Mode::kInf,
+                                   Mode::kWrongFrameType,
+                                   Mode::kWrongRequestId,
+                                   Mode::kErrorFrame,
+                                   Mode::kClose};
+  std::vector<std::unique_ptr<FakeDataPlaneShard>> fakes;
+  for (Mode mode : modes) {
+    fakes.push_back(std::make_unique<FakeDataPlaneShard>(mode, c.identity, c.config.hidden_size));
+    const absl::Status s = fakes.back()->Start(c.router->address(), 1, c.placement);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  ASSERT_NO_FATAL_FAILURE(add_real(1));  // last in the map
+
+  MetricsRegistry metrics;
+  DispatcherOptions d;
+  d.identity = c.identity;
+  d.step_deadline = absl::Seconds(10);
+  d.metrics = &metrics;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(c.config, d, c.router->address(), c.router->service().version());
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  ASSERT_EQ((*dispatcher)->Replicas().size(), 2 + modes.size());
+  ASSERT_EQ((*dispatcher)->Replicas().back().address, real[1]->address());
+
+  ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1, 8, 61));
+  for (size_t i = 0; i < fakes.size(); ++i) {
+    EXPECT_EQ(fakes[i]->requests(), 1) << "fake " << i;  // every fake was asked once
+  }
+  EXPECT_EQ((*dispatcher)->failovers(), modes.size());
+  const std::string text = metrics.RenderText();
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"non_finite\"} 2"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"size\"} 1"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("expertmesh_dispatch_replica_failovers_total{shard=\"1\"} 7"),
+            std::string::npos)
+      << text;
+  for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) {
+    const bool is_real = r.address == real[0]->address() || r.address == real[1]->address();
+    EXPECT_EQ(r.open, is_real) << r.replica_id;
+  }
+  // Later steps go to the real replica first: no more failovers, the same exactness.
+  for (int i = 0; i < 3; ++i)
+    ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i, 5, 70 + i));
+  EXPECT_EQ((*dispatcher)->failovers(), modes.size());
+  for (const auto& f : fakes) EXPECT_EQ(f->requests(), 1);
+  dispatcher->reset();
+}
+
+// A data-plane replica that takes the request and never answers (a stalled process): the
+// request fails over once attempt_timeout has passed, the output is the next replica's bit for
+// bit, and the step takes the attempt timeout plus the real work, nowhere near the step
+// deadline. The stalled replica is then marked failed: the next steps do not wait for it.
+TEST(DispatcherDataPlaneTest, StalledReplicaFailsOverAfterTheAttemptTimeout) {
+  DataPlaneCluster c;
+  ASSERT_NO_FATAL_FAILURE(c.Start("dp-stall"));
+  std::vector<std::unique_ptr<ExpertServer>> real;
+  absl::StatusOr<std::unique_ptr<ExpertServer>> r0 =
+      StartReplica(c.dir, c.placement, 0, c.router->address(), "real0", true);
+  ASSERT_TRUE(r0.ok()) << r0.status();
+  FakeDataPlaneShard stall(FakeDataPlaneShard::Mode::kStall, c.identity, c.config.hidden_size);
+  ASSERT_TRUE(stall.Start(c.router->address(), 1, c.placement).ok());
+  absl::StatusOr<std::unique_ptr<ExpertServer>> r1 =
+      StartReplica(c.dir, c.placement, 1, c.router->address(), "real1", true);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+
+  const absl::Duration attempt = absl::Milliseconds(600);
+  DispatcherOptions d;
+  d.identity = c.identity;
+  d.attempt_timeout = attempt;
+  d.step_deadline = absl::Seconds(8);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(c.config, d, c.router->address(), c.router->service().version());
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  ASSERT_EQ((*dispatcher)->Replicas().size(), 3u);
+  ASSERT_EQ((*dispatcher)->Replicas()[1].address, stall.address());  // shard 1's first choice
+
+  absl::Time start = absl::Now();
+  ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 2, 9, 5));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(stall.requests(), 1);
+  EXPECT_EQ((*dispatcher)->failovers(), 1u);
+  EXPECT_GE(took, attempt);
+  EXPECT_LT(took, attempt + absl::Milliseconds(1500)) << "the failover waited beyond its timeout";
+  start = absl::Now();
+  for (int i = 0; i < 3; ++i)
+    ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i, 4, 10 + i));
+  EXPECT_LT(absl::Now() - start, attempt) << "later steps waited for the stalled replica";
+  EXPECT_EQ(stall.requests(), 1);
+  EXPECT_EQ((*dispatcher)->failovers(), 1u);
+  dispatcher->reset();
+}
+
+// A mixed map: shard 0 on the data plane; shard 1 with one replica on its gRPC stream only and
+// one on the data plane. The replicas of shard 1 take turns, so half the steps have one group on
+// a stream and the other on the data plane (Run's thread polls the data connection and the
+// stream answers' eventfd together): every output is exact and nothing times out. Either
+// replica of shard 1 killed: the other serves, exactly.
+TEST(DispatcherDataPlaneTest, MixedStreamAndDataPlaneReplicasStayExact) {
+  DataPlaneCluster c;
+  ASSERT_NO_FATAL_FAILURE(c.Start("dp-mixed"));
+  std::vector<std::unique_ptr<MetricsRegistry>> metrics;
+  std::vector<std::unique_ptr<ExpertServer>> servers;
+  auto add = [&](int shard, bool data_plane) {
+    metrics.push_back(std::make_unique<MetricsRegistry>());
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e =
+        StartReplica(c.dir, c.placement, shard, c.router->address(),
+                     absl::StrCat("mixed", servers.size()), data_plane, metrics.back().get());
+    ASSERT_TRUE(e.ok()) << e.status();
+    servers.push_back(*std::move(e));
+  };
+  ASSERT_NO_FATAL_FAILURE(add(0, true));   // servers[0]
+  ASSERT_NO_FATAL_FAILURE(add(1, false));  // servers[1]: gRPC only
+  ASSERT_NO_FATAL_FAILURE(add(1, true));   // servers[2]
+  DispatcherOptions d;
+  d.identity = c.identity;
+  d.step_deadline = absl::Seconds(8);
+  d.attempt_timeout = absl::Seconds(3);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(c.config, d, c.router->address(), c.router->service().version());
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  uint64_t seed = 3000;
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i % 3, 1 + i % 7, ++seed));
+  }
+  EXPECT_EQ((*dispatcher)->failovers(), 0u);
+  EXPECT_GT(RowsComputed(*metrics[1]), 0) << "the stream replica of shard 1 got no work";
+  EXPECT_GT(RowsComputed(*metrics[2]), 0) << "the data-plane replica of shard 1 got no work";
+  EXPECT_EQ(DataConnections(*metrics[1]), 0);
+  EXPECT_EQ(DataConnections(*metrics[2]), 1);
+
+  servers[1]->Kill();  // the stream replica
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i % 3, 5, ++seed));
+  }
+  // A new stream replica, then the data-plane one killed: the stream serves shard 1 alone.
+  ASSERT_NO_FATAL_FAILURE(add(1, false));  // servers[3]
+  ASSERT_TRUE((*dispatcher)->WaitCovered(absl::Seconds(10), c.router->service().version()).ok());
+  servers[2]->Kill();
+  const double before = RowsComputed(*metrics[3]);
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i % 3, 5, ++seed));
+  }
+  EXPECT_GT(RowsComputed(*metrics[3]), before);
+  dispatcher->reset();
+}
+
+// Connections are pooled: each step's request takes an idle connection of its replica, so
+// overlapping steps open at most one per request in flight (2 micro-batches: at most 2 per
+// replica), and they stay open for the next steps.
+TEST_F(DataPlaneDispatcherTest, OverlappingStepsUseOneConnectionPerRequestInFlight) {
+  std::barrier both(2);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int mb = 0; mb < 2; ++mb) {
+    threads.emplace_back([&, mb] {
+      RoutedExperts* lane = dispatcher_->MicroBatch(mb);
+      for (int step = 0; step < 6; ++step) {
+        for (int layer : {1, 2, 3}) {
+          const Batch b = RandomBatch(config_, 2 + mb + step, 8000 + 100 * mb + 10 * step + layer);
+          std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
+          both.arrive_and_wait();
+          const absl::Status st = lane->Run(layer, b.x, b.routes, got);
+          if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
+            ADD_FAILURE() << "micro-batch " << mb << " step " << step << " layer " << layer << ": "
+                          << st;
+            ++failures;
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(dispatcher_->failovers(), 0u);
+  double total = 0;
+  for (int s = 0; s < kShards; ++s) {
+    for (int r = 0; r < kReplicas; ++r) {
+      const double open = DataConnections(ReplicaMetrics(s, r));
+      EXPECT_LE(open, 2) << "shard " << s << " replica " << r;
+      total += open;
+    }
+  }
+  EXPECT_GE(total, kShards);  // pooled: still open after the steps
+}
+
+// max_data_connections_per_replica bounds the connections one replica gets from this
+// dispatcher. With 1: two overlapping steps on 2 replicas per shard stay exact (a request
+// that finds its chosen replica's only connection in use goes to the other replica) and no
+// replica ever has more than one connection; a step split into more requests per shard than
+// replicas x 1 cannot place them all and fails with UNAVAILABLE naming the shard and the limit
+// (the limit is not waited out; see the report of this test's author), while the default
+// bound serves the same step exactly.
+TEST_F(DataPlaneDispatcherTest, ConnectionLimitPerReplicaIsHonoured) {
+  DispatcherOptions d;
+  d.identity = identity_;
+  d.step_deadline = kStepDeadline;
+  d.attempt_timeout = absl::Seconds(2);
+  d.max_data_connections_per_replica = 1;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> one =
+      WatchingDispatcher(config_, d, router_->address(), router_->service().version());
+  ASSERT_TRUE(one.ok()) << one.status();
+  std::barrier both(2);
+  std::atomic<int> failures{0};
+  std::atomic<int> max_open{0};
+  std::vector<std::thread> threads;
+  for (int mb = 0; mb < 2; ++mb) {
+    threads.emplace_back([&, mb] {
+      RoutedExperts* lane = (*one)->MicroBatch(mb);
+      for (int step = 0; step < 6; ++step) {
+        const int layer = 1 + step % 3;
+        const Batch b = RandomBatch(config_, 3 + mb, 9000 + 100 * mb + step);
+        std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
+        both.arrive_and_wait();
+        const absl::Status st = lane->Run(layer, b.x, b.routes, got);
+        if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
+          ADD_FAILURE() << "micro-batch " << mb << " step " << step << ": " << st;
+          ++failures;
+        }
+        for (int s = 0; s < kShards; ++s) {
+          for (int r = 0; r < kReplicas; ++r) {
+            const int open = static_cast<int>(DataConnections(ReplicaMetrics(s, r)));
+            int seen = max_open.load();
+            while (open > seen && !max_open.compare_exchange_weak(seen, open)) {
+            }
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(max_open.load(), 1);
+
+  // One step, 12 rows, at most one row's pairs per request: ~6 requests per shard group, more
+  // than its 2 replicas x 1 connection.
+  d.max_answer_bytes = OutputBytes(config_.num_experts_per_tok, config_.hidden_size);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> split_one =
+      WatchingDispatcher(config_, d, router_->address(), router_->service().version());
+  ASSERT_TRUE(split_one.ok()) << split_one.status();
+  const Batch b = RandomBatch(config_, 12, 4321);
+  std::vector<float> got(12 * config_.hidden_size), want(got.size());
+  const absl::Status refused = (*split_one)->Run(1, b.x, b.routes, got);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  EXPECT_NE(refused.message().find("data-plane connections in use"), std::string::npos) << refused;
+  EXPECT_NE(refused.message().find("shard "), std::string::npos) << refused;
+  d.max_data_connections_per_replica = 16;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> split =
+      WatchingDispatcher(config_, d, router_->address(), router_->service().version());
+  ASSERT_TRUE(split.ok()) << split.status();
+  ASSERT_TRUE((*split)->Run(1, b.x, b.routes, got).ok());
+  ASSERT_TRUE(all_->Run(1, b.x, b.routes, want).ok());
+  EXPECT_EQ(got, want);
+}
+
+// A replica restarted on its gRPC address with a data plane on a new port registers again
+// (replacing its old registration): the dispatcher follows the new data_address. Shard 1's
+// other replica is gone, so a step that used the old data address could not succeed.
+TEST_F(DataPlaneDispatcherTest, FollowsAReplicaRestartedOnANewDataPort) {
+  RunAndCheck(1, 4, 1);
+  const std::string grpc_address = Replica(1, 0).address();
+  const std::string old_data = Replica(1, 0).data_address();
+  const int grpc_port = Replica(1, 0).port();
+  Replica(1, 1).Kill();
+  Replica(1, 0).Kill();
+  ASSERT_NE(AddReplica(1, LoopbackAddress(grpc_port)), nullptr);
+  ExpertServer& restarted = *replicas_.back();
+  ASSERT_EQ(restarted.address(), grpc_address);
+  ASSERT_NE(restarted.data_address(), old_data) << "the new data plane took the old port";
+  // The router expires the other killed replica; the dispatcher's map then lists shard 1's
+  // restarted replica alone, with its new data address.
+  absl::StatusOr<v1::StatusResponse> status;
+  ASSERT_TRUE(testing::PollUntil(
+      [&] {
+        status = RouterStatus();
+        return status.ok() && status->placement().shards(1).replicas_size() == 1 &&
+               status->placement().shards(1).replicas(0).data_address() ==
+                   restarted.data_address() &&
+               dispatcher_->placement_version() == status->placement().version();
+      },
+      absl::Seconds(10), absl::Milliseconds(20)));
+  for (int i = 0; i < 3; ++i) RunAndCheck(1 + i, 5, 20 + i);
+  EXPECT_EQ(DataConnections(*replica_metrics_.back()), 1);
+}
+
+// data_plane = false: every request goes on the gRPC streams although the replicas advertise
+// data addresses (no data connection is opened); the fixture's dispatcher (data_plane on)
+// uses them.
+TEST_F(DataPlaneDispatcherTest, DataPlaneOffUsesTheStreams) {
+  DispatcherOptions d;
+  d.identity = identity_;
+  d.step_deadline = kStepDeadline;
+  d.data_plane = false;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> grpc_only =
+      WatchingDispatcher(config_, d, router_->address(), router_->service().version());
+  ASSERT_TRUE(grpc_only.ok()) << grpc_only.status();
+  for (int i = 0; i < 2 * kReplicas; ++i) {
+    const Batch b = RandomBatch(config_, 5, 600 + i);
+    std::vector<float> got(5 * config_.hidden_size), want(got.size());
+    ASSERT_TRUE((*grpc_only)->Run(1 + i % 3, b.x, b.routes, got).ok());
+    ASSERT_TRUE(all_->Run(1 + i % 3, b.x, b.routes, want).ok());
+    EXPECT_EQ(got, want);
+  }
+  for (const Dispatcher::ReplicaState& r : (*grpc_only)->Replicas()) {
+    EXPECT_TRUE(r.open) << r.replica_id;  // its stream
+  }
+  double open = 0;
+  for (const auto& m : replica_metrics_) open += DataConnections(*m);
+  EXPECT_EQ(open, 0);
+  for (int i = 0; i < 2 * kReplicas; ++i) RunAndCheck(1, 5, 700 + i);  // data plane on
+  for (const auto& m : replica_metrics_) EXPECT_EQ(DataConnections(*m), 1);
 }
 
 }  // namespace
