@@ -120,7 +120,13 @@ absl::Status SplitHostPort(const std::string& address, std::string* host, int* p
         absl::StrCat("address \"", address, "\": expected host:port"));
   }
   std::string h = address.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') {
+    h = h.substr(1, h.size() - 2);
+  } else if (h.find_first_of(":[]") != std::string::npos) {
+    // "::1:80" could be ::1 port 80 or ::1:80 with the port missing; "[::1:80" is unclosed.
+    return absl::InvalidArgumentError(
+        absl::StrCat("address \"", address, "\": an IPv6 host goes in brackets ([host]:port)"));
+  }
   const std::string_view p = std::string_view(address).substr(colon + 1);
   int value = -1;
   const auto r = std::from_chars(p.data(), p.data() + p.size(), value);

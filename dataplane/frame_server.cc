@@ -9,9 +9,11 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <span>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
 #include "spdlog/spdlog.h"
@@ -20,34 +22,58 @@ namespace expertmesh::dataplane {
 
 namespace {
 
-// Reads exactly out.size() bytes: the first by first_deadline, the rest by rest_deadline
-// (computed when the first byte arrived). OK, or why not (the peer closing before the
-// first byte is Cancelled: a clean end).
+// Reads exactly out.size() bytes: the first by first_deadline, the rest by *frame_deadline,
+// which is set to now + frame_timeout when the first byte of the frame arrives (InfiniteFuture
+// = not begun: this read starts the frame). OK, or why not (the peer closing before the first
+// byte of a frame is Cancelled: a clean end).
 absl::Status ReadExact(int fd, std::span<char> out, absl::Time first_deadline,
-                       absl::Duration rest_timeout) {
+                       absl::Duration frame_timeout, absl::Time* frame_deadline) {
   size_t have = 0;
-  absl::Time deadline = first_deadline;
   while (have < out.size()) {
     const ssize_t n = ::recv(fd, out.data() + have, out.size() - have, 0);
     if (n > 0) {
-      if (have == 0) deadline = absl::Now() + rest_timeout;
+      if (*frame_deadline == absl::InfiniteFuture()) *frame_deadline = absl::Now() + frame_timeout;
       have += static_cast<size_t>(n);
       continue;
     }
+    const bool begun = *frame_deadline != absl::InfiniteFuture();
     if (n == 0) {
-      return have == 0 ? absl::CancelledError("closed")
-                       : absl::UnavailableError("peer closed inside a frame");
+      return begun ? absl::UnavailableError("peer closed inside a frame")
+                   : absl::CancelledError("closed");
     }
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) {
       return absl::UnavailableError(absl::StrCat("read: ", std::strerror(errno)));
     }
-    absl::StatusOr<bool> ready = PollOne(fd, POLLIN, deadline);
+    absl::StatusOr<bool> ready = PollOne(fd, POLLIN, begun ? *frame_deadline : first_deadline);
     if (!ready.ok()) return ready.status();
     if (!*ready) {
-      return absl::DeadlineExceededError(have == 0 ? "idle for longer than the idle timeout"
-                                                   : "frame not complete by its deadline");
+      return absl::DeadlineExceededError(begun ? "frame not complete by its deadline"
+                                               : "idle for longer than the idle timeout");
     }
+  }
+  return absl::OkStatus();
+}
+
+// Reads a payload of `length` bytes into *payload by frame_deadline, growing the buffer as the
+// bytes arrive (a header alone does not make the server allocate its length: a client that
+// announces max_frame_bytes and stalls costs what it has sent).
+absl::Status ReadPayload(int fd, uint32_t length, std::string* payload,
+                         absl::Duration frame_timeout, absl::Time* frame_deadline) {
+  constexpr size_t kFirstChunk = 64u << 10;
+  payload->clear();
+  size_t have = 0;
+  while (have < length) {
+    const size_t next = std::min<size_t>(length, std::max(kFirstChunk, 2 * have));
+    payload->resize(next);
+    if (absl::Status s = ReadExact(fd, std::span<char>(payload->data() + have, next - have),
+                                   *frame_deadline, frame_timeout, frame_deadline);
+        !s.ok()) {
+      return s.code() == absl::StatusCode::kCancelled
+                 ? absl::UnavailableError("peer closed inside a frame")
+                 : s;
+    }
+    have = next;
   }
   return absl::OkStatus();
 }
@@ -114,7 +140,9 @@ absl::StatusOr<std::unique_ptr<FrameServer>> FrameServer::Start(FrameServerOptio
   }
   std::string error = "no address";
   for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
-    const int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    // Non-blocking: a connection reset between poll() and accept4() must not block the loop.
+    const int fd =
+        ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
     if (fd < 0) {
       error = std::strerror(errno);
       continue;
@@ -170,6 +198,12 @@ void FrameServer::Stop() {
     [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
   }
   if (acceptor_.joinable()) acceptor_.join();
+  // No more connections: a client connecting now is refused at once (it fails over) instead
+  // of waiting in the backlog of a listener nobody accepts from.
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+  }
   std::list<Conn> conns;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -204,9 +238,10 @@ void FrameServer::AcceptLoop() {
     if (fds[0].revents == 0) continue;
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
-      spdlog::warn("data plane: accept: {}", std::strerror(errno));
-      if (errno == EMFILE || errno == ENFILE) absl::SleepFor(absl::Milliseconds(50));
+      const int err = errno;  // (before the log can change it)
+      if (err == EINTR || err == EAGAIN || err == EWOULDBLOCK || err == ECONNABORTED) continue;
+      spdlog::warn("data plane: accept: {}", std::strerror(err));
+      if (err == EMFILE || err == ENFILE) absl::SleepFor(absl::Milliseconds(50));
       continue;
     }
     const int one = 1;
@@ -222,17 +257,30 @@ void FrameServer::AcceptLoop() {
       const absl::Status why = absl::ResourceExhaustedError(absl::StrCat(
           "data plane: this replica already serves ", options_.max_connections, " connections"));
       spdlog::warn("{}; refusing another", std::string(why.message()));
+      if (options_.on_refused) options_.on_refused();  // counted before the client sees it
       [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(why),
                                                  absl::Now() + absl::Milliseconds(100));
       ::close(fd);
-      if (options_.on_refused) options_.on_refused();
       continue;
     }
     Conn& c = conns_.emplace_back();
     c.fd = fd;
+    try {
+      c.thread = std::thread([this, &c] { Serve(&c); });
+    } catch (const std::system_error& e) {  // no thread to be had: refused like one too many
+      spdlog::warn("data plane: no thread for a connection ({}); refusing it", e.what());
+      if (options_.on_refused) options_.on_refused();
+      [[maybe_unused]] absl::Status w =
+          WriteAll(fd, FrameType::kError,
+                   EncodeErrorPayload(absl::ResourceExhaustedError("data plane: no thread for it")),
+                   absl::Now() + absl::Milliseconds(100));
+      ::close(fd);
+      conns_.pop_back();
+      continue;
+    }
+    // Counted under mu_ (as the closes are), so the gauge sees the changes in their order.
     const uint32_t open = open_.fetch_add(1) + 1;
     if (options_.on_connections) options_.on_connections(open);
-    c.thread = std::thread([this, &c] { Serve(&c); });
   }
 }
 
@@ -243,8 +291,9 @@ void FrameServer::Serve(Conn* conn) {
   char header[kFrameHeaderBytes];
   absl::Status end;
   while (true) {
+    absl::Time frame_deadline = absl::InfiniteFuture();  // set by the frame's first byte
     end = ReadExact(fd, std::span<char>(header, kFrameHeaderBytes),
-                    absl::Now() + options_.idle_timeout, options_.frame_timeout);
+                    absl::Now() + options_.idle_timeout, options_.frame_timeout, &frame_deadline);
     if (!end.ok()) break;
     absl::StatusOr<FrameHeader> h =
         DecodeFrameHeader(std::string_view(header, kFrameHeaderBytes), options_.max_frame_bytes);
@@ -254,17 +303,8 @@ void FrameServer::Serve(Conn* conn) {
                                                  absl::Now() + options_.frame_timeout);
       break;
     }
-    payload.resize(h->length);
-    if (h->length > 0) {
-      end = ReadExact(fd, std::span<char>(payload.data(), payload.size()),
-                      absl::Now() + options_.frame_timeout, options_.frame_timeout);
-      if (!end.ok()) {
-        if (end.code() == absl::StatusCode::kCancelled) {
-          end = absl::UnavailableError("peer closed inside a frame");
-        }
-        break;
-      }
-    }
+    end = ReadPayload(fd, h->length, &payload, options_.frame_timeout, &frame_deadline);
+    if (!end.ok()) break;
     FrameType reply_type = FrameType::kError;
     reply.clear();
     end = session->OnFrame(h->type, payload, &reply_type, &reply);
@@ -287,9 +327,9 @@ void FrameServer::Serve(Conn* conn) {
     std::lock_guard<std::mutex> lock(mu_);  // Stop() shuts down only open fds, under mu_
     ::close(fd);
     conn->fd = -1;
+    const uint32_t open = open_.fetch_sub(1) - 1;
+    if (options_.on_connections) options_.on_connections(open);
   }
-  const uint32_t open = open_.fetch_sub(1) - 1;
-  if (options_.on_connections) options_.on_connections(open);
   conn->done.store(true);
 }
 

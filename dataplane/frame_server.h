@@ -3,7 +3,9 @@
 // RESOURCE_EXHAUSTED frame and closed). Each connection reads a frame, hands it to its session,
 // writes the session's answer, then reads the next; its thread computes the answer itself (no
 // hand-off). Every read is bounded: the first byte of a frame by idle_timeout (an idle client
-// is closed), the rest of the frame by frame_timeout; every write by frame_timeout.
+// is closed), the rest of the frame by frame_timeout from that first byte (however it
+// trickles in); every write by frame_timeout. A payload's buffer grows as its bytes arrive, so
+// a header announcing max_frame_bytes costs the server only what the client really sent.
 #pragma once
 
 #include <atomic>
