@@ -90,6 +90,7 @@ v1::StatusResponse TwoGroupStatus() {
   v1::ShardReplica* r = map->mutable_shards(0)->add_replicas();
   r->set_replica_id("shard0@a:1");
   r->set_address("a:1");
+  r->set_data_address("a:2");
   r->set_healthy(true);
   r->set_capacity(64);
   r->set_outstanding_rows(3);
@@ -151,6 +152,10 @@ TEST(ClusterJsonTest, DescribesGroupsCopiesLoadAndRate) {
   EXPECT_EQ(g0.at("total_tokens").to_number<double>(), 40.0 + 30.0);
   const json::object& r0 = g0.at("replicas").as_array()[0].as_object();
   EXPECT_EQ(r0.at("id").as_string(), "shard0@a:1");
+  EXPECT_EQ(r0.at("address").as_string(), "a:1");
+  EXPECT_EQ(r0.at("data_address").as_string(), "a:2");
+  // A replica without a data plane: an empty data_address.
+  EXPECT_EQ(groups[1].as_object().at("replicas").as_array()[0].as_object().at("data_address"), "");
   EXPECT_EQ(r0.at("healthy").as_bool(), true);
   EXPECT_EQ(r0.at("capacity").to_number<int64_t>(), 64);
   EXPECT_EQ(r0.at("outstanding_rows").to_number<int64_t>(), 3);
