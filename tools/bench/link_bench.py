@@ -48,6 +48,10 @@ prefill steps included): with one micro-batch, step - MoE layers x dispatch mean
 attention service computes per step. --loopback adds a profile without namespaces (every service on 127.0.0.1, no relay, no
 tbf) measured the same way.
 
+--split-cpus 0:1 pins the attention service to CPU 0 and the shards (and their relays) to CPU 1,
+each with --threads 1: on a 2-core machine, the nearest thing to shards on machines of their own,
+so that their compute overlaps the attention service's instead of taking its cores.
+
 Where namespaces cannot be made (not root, no CAP_NET_ADMIN, no `ip`/`tc`), it prints
 "SKIP: ..." and exits 0. Namespaces, veths and qdiscs are removed on exit, also on Ctrl-C.
 
@@ -304,6 +308,18 @@ def relay_cost(args, net, log_dir, bytes_list):
     return out
 
 
+def pinned(args, which, cmd):
+    """cmd under `taskset -c CPUS` with --threads = that CPU count when --split-cpus is given
+    (which: 0 = the attention service, 1 = the shards and their relays); cmd[0] is the binary."""
+    if not args.split_cpus:
+        return cmd
+    cpus = args.split_cpus[which]
+    count = sum(int(b) - int(a) + 1 if "-" in r else 1
+                for r in cpus.split(",") for a, _, b in [r.partition("-")])
+    threads = ["--threads", str(count)] if cmd[0] != args.netdelay else []
+    return ["taskset", "-c", cpus] + cmd + threads
+
+
 def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopback=False):
     """delay_ms None: no relay, the expert service listens on its veth address itself.
     loopback: every service in the root namespace on 127.0.0.1 (no veth, relay or tbf)."""
@@ -314,12 +330,11 @@ def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopba
                            "--metrics-port", str(rmport), "--no-rebalance"])
     wait_tcp("127.0.0.1", rport, procs)
     for g in range(args.shards if loopback else 0):
-        procs.start("expert%d" % g, [args.expert_bin, "--model", args.model, "--shard-id", str(g),
-                                     "--num-shards", str(args.shards),
-                                     "--listen", "127.0.0.1:%d" % free_port(),
-                                     "--router", "127.0.0.1:%d" % rport,
-                                     "--metrics-port", str(free_port()), "--instance-id",
-                                     "shard%d-r0" % g])
+        procs.start("expert%d" % g, pinned(args, 1, [
+            args.expert_bin, "--model", args.model, "--shard-id", str(g), "--num-shards",
+            str(args.shards), "--listen", "127.0.0.1:%d" % free_port(), "--router",
+            "127.0.0.1:%d" % rport, "--metrics-port", str(free_port()), "--instance-id",
+            "shard%d-r0" % g]))
     for g in range(0 if loopback else args.shards):
         ns = net.ns(g)
         sport, mport, pport = 7201, 7202, 7203  # each namespace has its own ports
@@ -332,25 +347,21 @@ def start_cluster(args, net, procs, delay_ms, max_batch, micro_batches=1, loopba
         else:
             for name, front, back in (("relay%d" % g, pport, listen),
                                       ("datarelay%d" % g, qport, data_listen)):
-                procs.start(name, ["ip", "netns", "exec", ns, args.netdelay, "--listen",
-                                   "%s:%d" % (net.ns_ip(g), front), "--connect", back,
-                                   "--delay-us", str(int(round(delay_ms * 1000)))])
-        procs.start("expert%d" % g, ["ip", "netns", "exec", ns, args.expert_bin, "--model",
-                                     args.model, "--shard-id", str(g), "--num-shards",
-                                     str(args.shards), "--listen", listen,
-                                     "--advertise", "%s:%d" % (net.ns_ip(g), pport),
-                                     "--data-listen", data_listen,
-                                     "--data-advertise", "%s:%d" % (net.ns_ip(g), qport),
-                                     "--router", "%s:%d" % (net.host_ip(g), rport),
-                                     "--metrics-port", str(mport), "--instance-id",
-                                     "shard%d-r0" % g])
-    procs.start("attention", [args.attention_bin, "--model", args.model, "--router",
-                              "127.0.0.1:%d" % rport, "--listen", "127.0.0.1:%d" % aport,
-                              "--metrics-port", str(amport), "--kv-blocks", "4096",
-                              "--max-batch", str(max_batch), "--step-deadline-ms", "30000",
-                              "--attempt-timeout-ms", "30000",
-                              "--combine", "exact", "--micro-batches", str(micro_batches),
-                              "--data-plane", args.data_plane])
+                procs.start(name, ["ip", "netns", "exec", ns] + pinned(args, 1, [
+                    args.netdelay, "--listen", "%s:%d" % (net.ns_ip(g), front), "--connect",
+                    back, "--delay-us", str(int(round(delay_ms * 1000)))]))
+        procs.start("expert%d" % g, ["ip", "netns", "exec", ns] + pinned(args, 1, [
+            args.expert_bin, "--model", args.model, "--shard-id", str(g), "--num-shards",
+            str(args.shards), "--listen", listen, "--advertise", "%s:%d" % (net.ns_ip(g), pport),
+            "--data-listen", data_listen, "--data-advertise", "%s:%d" % (net.ns_ip(g), qport),
+            "--router", "%s:%d" % (net.host_ip(g), rport), "--metrics-port", str(mport),
+            "--instance-id", "shard%d-r0" % g]))
+    procs.start("attention", pinned(args, 0, [
+        args.attention_bin, "--model", args.model, "--router", "127.0.0.1:%d" % rport,
+        "--listen", "127.0.0.1:%d" % aport, "--metrics-port", str(amport), "--kv-blocks", "4096",
+        "--max-batch", str(max_batch), "--step-deadline-ms", "30000", "--attempt-timeout-ms",
+        "30000", "--combine", "exact", "--micro-batches", str(micro_batches), "--data-plane",
+        args.data_plane]))
     return "127.0.0.1:%d" % aport, "127.0.0.1:%d" % amport
 
 
@@ -438,6 +449,11 @@ def main():
     ap.add_argument("--data-plane", choices=["auto", "grpc"], default="auto",
                     help="attention-service --data-plane: auto (the shards' framed TCP data "
                     "plane, through its own relay) or grpc (their Compute streams)")
+    ap.add_argument("--split-cpus", metavar="ATT:SHARDS", type=lambda v: v.split(":"),
+                    help="pin the attention service to CPUs ATT and the shards (and their relays) "
+                    "to CPUs SHARDS (taskset lists, e.g. 0:1), each with --threads = its CPU "
+                    "count: shards that do not share cores with the attention service, as on "
+                    "separate machines")
     ap.add_argument("--loopback", action="store_true",
                     help="also measure every --micro-batches value on a cluster without "
                     "namespaces (127.0.0.1)")
@@ -462,6 +478,9 @@ def main():
     args.bench_bin = os.path.join(b, "tools", "bench", "expertmesh-bench-cluster")
     args.dispatch_bin = os.path.join(b, "tools", "bench", "expertmesh-bench-dispatch")
     args.netdelay = os.path.join(b, "tools", "netdelay", "netdelay")
+    if args.split_cpus and (len(args.split_cpus) != 2 or not all(re.fullmatch(
+            r"\d+(-\d+)?(,\d+(-\d+)?)*", c) for c in args.split_cpus)):
+        ap.error("--split-cpus takes ATT:SHARDS, two CPU lists such as 0:1 or 0-3:4-7")
     for path in (args.router_bin, args.expert_bin, args.attention_bin, args.bench_bin,
                  args.dispatch_bin, args.netdelay):
         if not os.access(path, os.X_OK):
