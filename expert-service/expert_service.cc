@@ -503,6 +503,12 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
   if (o.release_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("expert-service: the release grace must not be negative");
   }
+  // Before anything is started or loaded.
+  if (!o.data_listen.empty() && ProcessTls().enabled()) {
+    return absl::FailedPreconditionError(
+        "expert-service: the framed TCP data plane is plaintext and this replica runs mTLS: "
+        "turn it off (--data-listen off) or run without TLS");
+  }
 
   // The transport accepts somewhat more than the per-message limit so that an oversized
   // message is answered with its own error instead of killing the stream.
@@ -553,11 +559,6 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
         LivePlacement::Options{.release_grace = o.release_grace, .metrics = o.metrics});
   }
   if (!o.data_listen.empty()) {
-    if (ProcessTls().enabled()) {
-      return absl::FailedPreconditionError(
-          "expert-service: the framed TCP data plane is plaintext and this replica runs mTLS: "
-          "turn it off (--data-listen off) or run without TLS");
-    }
     dataplane::FrameServerOptions fo;
     fo.listen = o.data_listen;
     fo.max_connections = o.limits.max_data_connections;

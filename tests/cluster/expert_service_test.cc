@@ -1,24 +1,35 @@
 // An expert-service server on loopback (port 0, real gRPC, in process): its answers equal
 // LocalExperts' exactly, every malformed message gets its own error status while the stream
 // and the service stay up, a peer of another model is refused, and a shard maps only its
-// share of the checkpoint.
+// share of the checkpoint. The framed TCP data plane (data_listen) answers what Compute answers,
+// bit for bit, and refuses hostile clients (no hello, another model, garbage) while the service
+// stays up; Drain and Kill end its connections; it is refused under mTLS.
 #include "expert-service/expert_service.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+#include <thread>
 
 #include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
 #include "core/format/wire.h"
 #include "core/numerics/numerics.h"
+#include "dataplane/frame.h"
 #include "placement/placement.h"
 #include "router/router_service.h"
 #include "service-common/handshake.h"
+#include "service-common/metrics.h"
 #include "service-common/process.h"
+#include "service-common/tls.h"
 #include "tests/cluster/shards_test_util.h"
+#include "tests/common/metrics_text.h"
 #include "tests/common/poll.h"
+#include "tests/common/raw_client.h"
 
 namespace expertmesh {
 namespace {
@@ -45,12 +56,16 @@ class ExpertServiceTest : public ::testing::Test {
     o.shard_id = 0;
     o.limits.max_rows = kMaxRows;
     o.limits.max_request_bytes = kMaxRequestBytes;
+    o.data_listen = "127.0.0.1:0";  // the framed TCP data plane beside gRPC
+    metrics_ = new MetricsRegistry();
+    o.metrics = metrics_;
     absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = s->release();
   }
   static void TearDownTestSuite() {
     delete server_;
+    delete metrics_;
     delete placement_;
     delete config_;
     delete model_dir_;
@@ -107,6 +122,7 @@ class ExpertServiceTest : public ::testing::Test {
   }
 
   static std::string* model_dir_;
+  static MetricsRegistry* metrics_;
   static ModelConfig* config_;
   static Placement* placement_;
   static ExpertServer* server_;
@@ -117,6 +133,7 @@ class ExpertServiceTest : public ::testing::Test {
   uint64_t next_id_ = 0;
 };
 std::string* ExpertServiceTest::model_dir_ = nullptr;
+MetricsRegistry* ExpertServiceTest::metrics_ = nullptr;
 ModelConfig* ExpertServiceTest::config_ = nullptr;
 Placement* ExpertServiceTest::placement_ = nullptr;
 ExpertServer* ExpertServiceTest::server_ = nullptr;
@@ -506,6 +523,414 @@ TEST(AdvertisedAddressTest, ListenHostWithTheBoundPort) {
   EXPECT_EQ(AdvertisedAddress("", "[::]:0", 77), "127.0.0.1:77");
   EXPECT_EQ(AdvertisedAddress("shard-1.experts:9000", "0.0.0.0:9000", 9000),
             "shard-1.experts:9000");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The framed TCP data plane (ExpertServerOptions::data_listen; dataplane/frame.h).
+
+using dataplane::FrameConnection;
+using dataplane::FrameType;
+
+absl::Time In(absl::Duration d) { return absl::Now() + d; }
+
+std::unique_ptr<FrameConnection> DataConnect(const std::string& address) {
+  absl::StatusOr<std::unique_ptr<FrameConnection>> c =
+      FrameConnection::Connect(address, In(absl::Seconds(10)), 64u << 20);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+absl::Status DataHello(FrameConnection& c, const v1::PeerIdentity& me) {
+  v1::HandshakeRequest req;
+  *req.mutable_client() = me;
+  return dataplane::Exchange(c, FrameType::kHello, req.SerializeAsString(), FrameType::kHelloOk,
+                             In(absl::Seconds(10)));
+}
+
+// One request on the data plane: its answer (a failed exchange fails the test).
+v1::ExpertResponse DataCall(FrameConnection& c, const v1::ExpertRequest& r) {
+  v1::ExpertResponse resp;
+  const absl::Status s = dataplane::Exchange(c, FrameType::kRequest, r.SerializeAsString(),
+                                             FrameType::kResponse, In(absl::Seconds(30)));
+  EXPECT_TRUE(s.ok()) << s;
+  if (s.ok()) {
+    EXPECT_TRUE(resp.ParseFromArray(c.payload().data(), c.payload().size()));
+  }
+  return resp;
+}
+
+// The error frame that answers `payload` sent as `type`, then the connection closes.
+absl::Status RefusedThenClosed(FrameConnection& c, FrameType type, const std::string& payload) {
+  const absl::Status s =
+      dataplane::Exchange(c, type, payload, FrameType::kResponse, In(absl::Seconds(10)));
+  const absl::Status after = c.ReadFrame(In(absl::Seconds(10)));
+  EXPECT_EQ(after.code(), absl::StatusCode::kUnavailable)
+      << "not closed after " << s << ": " << after;
+  return s;
+}
+
+class ExpertDataPlaneTest : public ExpertServiceTest {
+ protected:
+  void SetUp() override {
+    ExpertServiceTest::SetUp();
+    absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*model_dir_, "test", "data-plane");
+    ASSERT_TRUE(me.ok()) << me.status();
+    me_ = *me;
+    ASSERT_GT(server_->data_port(), 0);
+    ASSERT_EQ(server_->data_address(), absl::StrCat("127.0.0.1:", server_->data_port()));
+  }
+  // A fresh client is greeted and served: the service is up.
+  void ExpectServesANewClient() {
+    std::unique_ptr<FrameConnection> c = DataConnect(server_->data_address());
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(DataHello(*c, me_).ok());
+    v1::ExpertRequest r = ValidRequest(2, 77);
+    r.set_request_id(5);
+    const v1::ExpertResponse resp = DataCall(*c, r);
+    EXPECT_EQ(resp.error_code(), 0) << resp.error_message();
+    EXPECT_EQ(resp.request_id(), 5u);
+    EXPECT_EQ(resp.outputs().size(), OutputBytes(2, config_->hidden_size));
+  }
+  v1::PeerIdentity me_;
+};
+
+TEST_F(ExpertDataPlaneTest, AnswersEqualComputeAndLocalExpertsBitwise) {
+  absl::StatusOr<std::unique_ptr<Checkpoint>> ckpt = Checkpoint::Open(*model_dir_);
+  ASSERT_TRUE(ckpt.ok());
+  absl::StatusOr<std::unique_ptr<LocalExperts>> local =
+      LocalExperts::Create(**ckpt, *config_, placement_->ExpertsOf(0));
+  ASSERT_TRUE(local.ok()) << local.status();
+  std::unique_ptr<FrameConnection> c = DataConnect(server_->data_address());
+  ASSERT_NE(c, nullptr);
+  const absl::Status hello = DataHello(*c, me_);
+  ASSERT_TRUE(hello.ok()) << hello;
+  v1::HandshakeResponse server_id;
+  ASSERT_TRUE(server_id.ParseFromArray(c->payload().data(), c->payload().size()));
+  EXPECT_EQ(server_id.server().model_fingerprint(), me_.model_fingerprint());
+  for (uint64_t seed : {31, 32, 33, 34}) {
+    v1::ExpertRequest r = ValidRequest(3 + seed % 5, seed);
+    if (seed % 2 == 0) r.set_combine(v1::COMBINE_PER_EXPERT);
+    r.set_request_id(1000 + seed);
+    const v1::ExpertResponse data = DataCall(*c, r);
+    const v1::ExpertResponse grpc = Call(r);  // (the same request id: Call sets its own)
+    ASSERT_EQ(data.error_code(), 0) << data.error_message();
+    ASSERT_EQ(grpc.error_code(), 0) << grpc.error_message();
+    EXPECT_EQ(data.request_id(), 1000 + seed);
+    EXPECT_EQ(data.batch_id(), r.batch_id());
+    EXPECT_EQ(data.layer(), r.layer());
+    EXPECT_EQ(data.n_rows(), r.n_rows());
+    ASSERT_FALSE(data.outputs().empty());
+    EXPECT_TRUE(data.outputs() == grpc.outputs()) << "seed " << seed;
+    // And what LocalExperts computes.
+    absl::StatusOr<QuantizedActivations> x =
+        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
+    ASSERT_TRUE(x.ok());
+    ExpertRoutes routes;
+    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
+    routes.experts.assign(r.experts().begin(), r.experts().end());
+    routes.weights.assign(r.weights().begin(), r.weights().end());
+    if (r.combine() == v1::COMBINE_PER_EXPERT) {
+      std::vector<uint16_t> want(routes.experts.size() * r.hidden_size());
+      ASSERT_TRUE((*local)->RunPerExpert(kLayer, *x, routes, want).ok());
+      ASSERT_EQ(data.outputs().size(), want.size() * 2);
+      EXPECT_EQ(std::memcmp(data.outputs().data(), want.data(), data.outputs().size()), 0);
+    } else {
+      std::vector<float> want(r.n_rows() * r.hidden_size()), got(want.size());
+      ASSERT_TRUE((*local)->Run(kLayer, *x, routes, want).ok());
+      ASSERT_TRUE(UnpackOutputRows(data.outputs(), r.n_rows(), r.hidden_size(), got).ok());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_EQ(got[i], Bf16ToFloat(FloatToBf16(want[i]))) << i;
+      }
+    }
+  }
+}
+
+TEST_F(ExpertDataPlaneTest, InBandErrorsKeepTheConnection) {
+  std::unique_ptr<FrameConnection> c = DataConnect(server_->data_address());
+  ASSERT_NE(c, nullptr);
+  ASSERT_TRUE(DataHello(*c, me_).ok());
+  const v1::ExpertRequest ok = ValidRequest(4, 41);
+  v1::ExpertRequest not_held = ok;
+  not_held.set_experts(0, 6);  // shard 1's
+  not_held.set_request_id(9);
+  v1::ExpertResponse resp = DataCall(*c, not_held);
+  EXPECT_EQ(resp.error_code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_NE(resp.error_message().find("does not hold layer 2 expert 6"), std::string::npos)
+      << resp.error_message();
+  EXPECT_EQ(resp.request_id(), 9u);
+  EXPECT_TRUE(resp.outputs().empty());
+  v1::ExpertRequest bad_layer = ok;
+  bad_layer.set_layer(0);
+  resp = DataCall(*c, bad_layer);
+  EXPECT_EQ(resp.error_code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  resp = DataCall(*c, ValidRequest(kMaxRows + 8, 42));
+  EXPECT_EQ(resp.error_code(), static_cast<int>(absl::StatusCode::kResourceExhausted));
+  // The same connection answers the next good request.
+  resp = DataCall(*c, ok);
+  EXPECT_EQ(resp.error_code(), 0) << resp.error_message();
+  EXPECT_EQ(resp.outputs().size(), OutputBytes(4, config_->hidden_size));
+  EXPECT_TRUE(c->QuietAndOpen());
+}
+
+TEST_F(ExpertDataPlaneTest, HostileClientsAreRefusedAndTheServiceStaysUp) {
+  const std::string address = server_->data_address();
+  const std::string good = ValidRequest(2, 51).SerializeAsString();
+  using C = absl::StatusCode;
+  {  // a request before the hello
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    const absl::Status s = RefusedThenClosed(*c, FrameType::kRequest, good);
+    EXPECT_EQ(s.code(), C::kFailedPrecondition) << s;
+    EXPECT_NE(s.message().find("before the hello"), std::string::npos) << s;
+  }
+  ExpectServesANewClient();
+  {  // a hello from another model, and one of another protocol version
+    v1::PeerIdentity other = me_;
+    other.set_model_fingerprint(ModelFingerprint("another config"));
+    v1::PeerIdentity newer = me_;
+    newer.set_protocol_version(kProtocolVersion + 1);
+    for (const v1::PeerIdentity& id : {other, newer}) {
+      std::unique_ptr<FrameConnection> c = DataConnect(address);
+      ASSERT_NE(c, nullptr);
+      v1::HandshakeRequest req;
+      *req.mutable_client() = id;
+      const absl::Status s = RefusedThenClosed(*c, FrameType::kHello, req.SerializeAsString());
+      EXPECT_EQ(s.code(), C::kFailedPrecondition) << s;
+    }
+  }
+  ExpectServesANewClient();
+  {  // a hello that is not a HandshakeRequest
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    const absl::Status s = RefusedThenClosed(*c, FrameType::kHello, std::string(16, '\xff'));
+    EXPECT_EQ(s.code(), C::kInvalidArgument) << s;
+  }
+  {  // a second hello
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(DataHello(*c, me_).ok());
+    v1::HandshakeRequest req;
+    *req.mutable_client() = me_;
+    const absl::Status s = RefusedThenClosed(*c, FrameType::kHello, req.SerializeAsString());
+    EXPECT_EQ(s.code(), C::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("second hello"), std::string::npos) << s;
+  }
+  ExpectServesANewClient();
+  // Request frames that do not parse as an ExpertRequest, after a good one.
+  for (const std::string& garbage :
+       {std::string("\x00\x01\x02 not a protobuf", 18), std::string("\x0a\x7f") + "truncated",
+        std::string(16, '\xff')}) {
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(DataHello(*c, me_).ok());
+    v1::ExpertRequest r = ValidRequest(2, 52);
+    EXPECT_EQ(DataCall(*c, r).error_code(), 0);
+    const absl::Status s = RefusedThenClosed(*c, FrameType::kRequest, garbage);
+    EXPECT_EQ(s.code(), C::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("frame 2 of this connection does not parse"), std::string::npos)
+        << s;
+  }
+  ExpectServesANewClient();
+  // Frames only a server sends.
+  for (FrameType type : {FrameType::kHelloOk, FrameType::kResponse, FrameType::kError}) {
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(DataHello(*c, me_).ok());
+    const absl::Status s = RefusedThenClosed(*c, type, "");
+    EXPECT_EQ(s.code(), C::kInvalidArgument) << s;
+  }
+  // Bytes that are not frames at all (an HTTP/2 client, as a gRPC channel pointed at the wrong
+  // port would send), and a frame above the limit.
+  for (const std::string& bytes : {std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), [] {
+                                     char h[dataplane::kFrameHeaderBytes];
+                                     dataplane::EncodeFrameHeader(FrameType::kRequest, 0x7fffffffu,
+                                                                  h);
+                                     return std::string(h, sizeof h);
+                                   }()}) {
+    testing::RawClient raw(server_->data_port());
+    ASSERT_TRUE(raw.connected());
+    ASSERT_TRUE(raw.Send(bytes));
+    EXPECT_TRUE(raw.ReadUntilClosed(std::chrono::seconds(10)));
+    ASSERT_GE(raw.received().size(), dataplane::kFrameHeaderBytes + 4);
+    EXPECT_EQ(raw.received()[4], static_cast<char>(FrameType::kError));
+  }
+  ExpectServesANewClient();
+  // Health: still serving on gRPC too.
+  absl::StatusOr<bool> serving = CheckHealth(*channel_, "", absl::Seconds(5));
+  ASSERT_TRUE(serving.ok()) << serving.status();
+  EXPECT_TRUE(*serving);
+}
+
+TEST_F(ExpertDataPlaneTest, ConnectionsAreInTheMetrics) {
+  const auto value = [](const std::string& series) {
+    return testing::MetricValue(metrics_->RenderText(), series);
+  };
+  ASSERT_TRUE(testing::PollUntil([&] { return value("expertmesh_expert_data_connections") == 0; },
+                                 absl::Seconds(10)))
+      << value("expertmesh_expert_data_connections");
+  EXPECT_EQ(value("expertmesh_expert_data_connections_refused_total"), 0);
+  {
+    std::unique_ptr<FrameConnection> a = DataConnect(server_->data_address());
+    std::unique_ptr<FrameConnection> b = DataConnect(server_->data_address());
+    ASSERT_TRUE(a && b);
+    ASSERT_TRUE(DataHello(*a, me_).ok());
+    ASSERT_TRUE(DataHello(*b, me_).ok());
+    EXPECT_EQ(value("expertmesh_expert_data_connections"), 2);
+  }
+  EXPECT_TRUE(testing::PollUntil([&] { return value("expertmesh_expert_data_connections") == 0; },
+                                 absl::Seconds(10)));
+}
+
+// A shard of its own (not the suite's) for the tests that stop it.
+struct OwnShard {
+  MetricsRegistry metrics;
+  std::unique_ptr<ExpertServer> server;
+  v1::PeerIdentity me;
+};
+void StartOwnShard(OwnShard& shard, uint32_t max_data_connections) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  ASSERT_TRUE(placement.ok());
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = placement->ExpertsOf(0);
+  o.data_listen = "127.0.0.1:0";
+  o.limits.max_data_connections = max_data_connections;
+  o.metrics = &shard.metrics;
+  absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  shard.server = std::move(*s);
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*dir, "test", "data-plane-own");
+  ASSERT_TRUE(me.ok());
+  shard.me = *me;
+}
+
+v1::ExpertRequest SmallRequest(const ModelConfig& config) {
+  // One row on expert 0 (shard 0 holds layer 2's experts 0-3 under EvenPlacement(2)).
+  v1::ExpertRequest r;
+  r.set_layer(kLayer);
+  r.set_n_rows(1);
+  r.set_hidden_size(static_cast<uint32_t>(config.hidden_size));
+  testing::Batch b = RandomBatch(config, 1, 61);
+  PackAllActivations(b.x, r.mutable_activations(), r.mutable_scales());
+  r.add_row_offsets(0);
+  r.add_experts(0);
+  r.add_weights(0.5f);
+  r.add_row_offsets(1);
+  return r;
+}
+
+TEST(ExpertDataPlaneStopTest, DrainAnswersUnavailableThenClosesAndRefuses) {
+  OwnShard shard;
+  StartOwnShard(shard, /*max_data_connections=*/2);
+  ASSERT_NE(shard.server, nullptr);
+  const ModelConfig& config = shard.server->config();
+  const std::string address = shard.server->data_address();
+  std::unique_ptr<FrameConnection> a = DataConnect(address), b = DataConnect(address);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(DataHello(*a, shard.me).ok());
+  ASSERT_TRUE(DataHello(*b, shard.me).ok());
+  EXPECT_EQ(DataCall(*a, SmallRequest(config)).error_code(), 0);
+  // The bound: a third connection is refused with RESOURCE_EXHAUSTED, and counted.
+  {
+    std::unique_ptr<FrameConnection> c = DataConnect(address);
+    ASSERT_NE(c, nullptr);
+    const absl::Status s = DataHello(*c, shard.me);
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    EXPECT_EQ(testing::MetricValue(shard.metrics.RenderText(),
+                                   "expertmesh_expert_data_connections_refused_total"),
+              1);
+  }
+  // Draining: requests are answered UNAVAILABLE in-band (the dispatcher fails over).
+  shard.server->service().StartDraining();
+  const v1::ExpertResponse resp = DataCall(*a, SmallRequest(config));
+  EXPECT_EQ(resp.error_code(), static_cast<int>(absl::StatusCode::kUnavailable));
+  EXPECT_NE(resp.error_message().find("draining"), std::string::npos) << resp.error_message();
+  // Drain returns promptly with two idle connections open, and they are closed.
+  const absl::Time start = absl::Now();
+  shard.server->Drain();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  for (FrameConnection* c : {a.get(), b.get()}) {
+    EXPECT_EQ(c->ReadFrame(In(absl::Seconds(5))).code(), absl::StatusCode::kUnavailable);
+  }
+  // A new client is refused at once (not left in the backlog of a listener nobody serves).
+  const absl::Time t = absl::Now();
+  absl::StatusOr<std::unique_ptr<FrameConnection>> late =
+      FrameConnection::Connect(address, In(absl::Seconds(5)), 1 << 20);
+  if (late.ok()) {
+    EXPECT_FALSE(DataHello(**late, shard.me).ok());
+  } else {
+    EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable) << late.status();
+  }
+  EXPECT_LT(absl::Now() - t, absl::Seconds(2));
+}
+
+TEST(ExpertDataPlaneStopTest, KillCutsOpenConnections) {
+  OwnShard shard;
+  StartOwnShard(shard, 8);
+  ASSERT_NE(shard.server, nullptr);
+  std::unique_ptr<FrameConnection> c = DataConnect(shard.server->data_address());
+  ASSERT_NE(c, nullptr);
+  ASSERT_TRUE(DataHello(*c, shard.me).ok());
+  EXPECT_EQ(DataCall(*c, SmallRequest(shard.server->config())).error_code(), 0);
+  testing::RawClient half(shard.server->data_port());  // stuck inside a frame
+  ASSERT_TRUE(half.Send("EMD1"));
+  const absl::Time start = absl::Now();
+  shard.server->Kill();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  EXPECT_EQ(c->ReadFrame(In(absl::Seconds(5))).code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(c->QuietAndOpen());
+  EXPECT_TRUE(half.ReadUntilClosed(std::chrono::seconds(5)));
+}
+
+TEST(ExpertDataPlaneTlsTest, DataListenIsRefusedUnderMtls) {
+  absl::StatusOr<std::string> model = ShardTestModel();
+  ASSERT_TRUE(model.ok()) << model.status();
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / absl::StrCat("em-data-tls-", ::getpid())).string();
+  std::filesystem::create_directories(dir);
+  auto sh = [](const std::string& command) {
+    return std::system((command + " > /dev/null 2>&1").c_str());
+  };
+  const std::string key_opts = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  ASSERT_EQ(sh("openssl req -x509" + key_opts + " -days 2 -subj /CN=ca" +
+               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign,cRLSign" +
+               " -keyout " + dir + "/ca.key -out " + dir + "/ca.crt"),
+            0);
+  std::ofstream(dir + "/ext.cnf") << "subjectAltName=IP:127.0.0.1\n"
+                                  << "extendedKeyUsage=serverAuth,clientAuth\n";
+  ASSERT_EQ(sh("openssl req -new" + key_opts + " -subj /CN=shard -keyout " + dir +
+               "/tls.key -out " + dir + "/tls.csr"),
+            0);
+  ASSERT_EQ(
+      sh("openssl x509 -req -days 2 -in " + dir + "/tls.csr -CA " + dir + "/ca.crt -CAkey " + dir +
+         "/ca.key -CAcreateserial -extfile " + dir + "/ext.cnf -out " + dir + "/tls.crt"),
+      0);
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*model + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  ASSERT_TRUE(placement.ok());
+  ExpertServerOptions o;
+  o.model_dir = *model;
+  o.experts = placement->ExpertsOf(0);
+  o.data_listen = "127.0.0.1:0";
+  SetProcessTls(TlsFiles{.cert = dir + "/tls.crt", .key = dir + "/tls.key", .ca = dir + "/ca.crt"});
+  absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition) << s.status();
+  EXPECT_NE(s.status().message().find("mTLS"), std::string::npos) << s.status();
+  // Without the data plane the same shard starts under mTLS (its gRPC is TLS).
+  o.data_listen.clear();
+  s = ExpertServer::Start(o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (s.ok()) {
+    EXPECT_EQ((*s)->data_port(), 0);
+  }
+  s = absl::UnknownError("released");  // stopped before the TLS setting goes
+  SetProcessTls(TlsFiles{});
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
