@@ -472,6 +472,13 @@ void ExpertServiceImpl::Handle(const v1::ExpertRequest& request, v1::ExpertRespo
       }
       response->set_n_rows(static_cast<uint32_t>(n_rows));
     }
+    // The scratch lives as long as its thread (a data-plane connection's, or a gRPC callback
+    // thread): a large message's buffers are not kept for the next, small one.
+    constexpr size_t kKeepBytes = 4u << 20;
+    if (scratch.pair_out.capacity() * sizeof(uint16_t) > kKeepBytes) {
+      std::vector<uint16_t>().swap(scratch.pair_out);
+    }
+    if (scratch.out.capacity() * sizeof(float) > kKeepBytes) std::vector<float>().swap(scratch.out);
   }
   outstanding_rows_ -= static_cast<uint32_t>(n_rows);
   finish(status);
