@@ -83,6 +83,9 @@ def main():
         r = status(router, tls)
         check(r.returncode == 0 and "1/1 replica(s) healthy" in r.stdout,
               f"status with the flags: rc {r.returncode}\n{r.stdout}{r.stderr}")
+        # The framed TCP data plane is plaintext: under mTLS the shard does not open it.
+        check("data plane off" in r.stdout and "data 127.0.0.1:" not in r.stdout,
+              f"a shard under mTLS advertises a data plane:\n{r.stdout}")
         r = status(router, [])
         check(r.returncode == 1 and "--tls-cert" in r.stderr + r.stdout,
               f"status without the flags: rc {r.returncode}\n{r.stdout}{r.stderr}")

@@ -161,11 +161,14 @@ int RunStatus(const std::string& router, int timeout_ms, const TlsFiles& tls) {
         static_cast<unsigned long long>(std::llround(tokens_per_shard[g.shard_id()])),
         healthy == 0 ? "  << NO LIVE REPLICA" : "");
     for (const v1::ShardReplica& r : g.replicas()) {
-      std::printf("  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago%s\n",
-                  r.replica_id().c_str(), r.address().c_str(),
-                  r.healthy() ? "healthy" : "UNHEALTHY", r.capacity(), r.outstanding_rows(),
-                  static_cast<unsigned long long>(r.last_heartbeat_ms_ago()),
-                  r.loading() ? ", LOADING its experts (not in the map yet)" : "");
+      const std::string data =
+          r.data_address().empty() ? std::string("data plane off") : "data " + r.data_address();
+      std::printf(
+          "  %-24s %-22s %-9s capacity %u, outstanding rows %u, heartbeat %llu ms ago, %s%s\n",
+          r.replica_id().c_str(), r.address().c_str(), r.healthy() ? "healthy" : "UNHEALTHY",
+          r.capacity(), r.outstanding_rows(),
+          static_cast<unsigned long long>(r.last_heartbeat_ms_ago()), data.c_str(),
+          r.loading() ? ", LOADING its experts (not in the map yet)" : "");
     }
   }
   const v1::RebalanceState& rb = resp.rebalance();
