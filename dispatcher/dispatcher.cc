@@ -112,7 +112,7 @@ class ReplicaStream {
   absl::Status EnsureOpen(absl::Time deadline) {
     std::lock_guard<std::mutex> open_lock(open_mu_);
     if (closed_) return absl::UnavailableError(absl::StrCat(address_, ": closed"));
-    if (open_ && !broken_) return absl::OkStatus();
+    if (open_ && !broken_ && StreamUp()) return absl::OkStatus();
     TearDown();
     if (!channel_) channel_ = MakeChannel(address_, options_.max_message_bytes);
     auto stub = v1::ExpertService::NewStub(channel_);
@@ -152,6 +152,13 @@ class ReplicaStream {
     owned_call_ = std::move(call);
     spdlog::info("dispatcher: stream to {} ({}) open", replica_id_, address_);
     return absl::OkStatus();
+  }
+
+  // The Compute call is up (a data-plane replica is open without one until a request falls
+  // back to its stream).
+  bool StreamUp() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return call_ != nullptr && holding_;
   }
 
   // Queues a request (its request_id is assigned here) and starts its write unless another is
@@ -197,8 +204,10 @@ class ReplicaStream {
   const std::string& data_address() const { return data_address_; }
 
   // A connection for one request: an idle one that is still quiet, else a new one (connect
-  // and hello, bounded by `deadline` and connect_timeout). A failure marks the replica failed.
-  absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> Lease(absl::Time deadline) {
+  // and hello, bounded by `deadline` and connect_timeout). A failure marks the replica failed,
+  // except RESOURCE_EXHAUSTED for max_data_connections_per_replica in use (then *at_limit).
+  absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> Lease(absl::Time deadline,
+                                                                    bool* at_limit) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (data_closed_) return absl::UnavailableError(absl::StrCat(data_address_, ": closed"));
@@ -211,6 +220,7 @@ class ReplicaStream {
         }
       }
       if (leased_ >= options_.max_data_connections_per_replica) {
+        *at_limit = true;
         return absl::ResourceExhaustedError(absl::StrCat(
             data_address_, ": ", leased_, " data-plane connections in use from this dispatcher"));
       }
@@ -861,8 +871,12 @@ class Dispatcher::StepRun {
   absl::Status Accept(size_t i, StepWaiter::Slot& slot);
   // Groups whose attempt timed out move to another replica.
   absl::Status HandleTimeouts();
-  // Sends group i's request on a data-plane connection of replica r (the caller's thread).
-  absl::Status SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r);
+  // Sends group i's request on a data-plane connection of replica r (the caller's thread);
+  // *at_limit when all of r's max_data_connections_per_replica are in use.
+  absl::Status SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r, bool* at_limit);
+  // Sends group i's request on replica r's gRPC stream (opened if needed); false (the reason in
+  // g.errors) when it cannot.
+  bool SendOnStream(size_t i, const std::shared_ptr<ReplicaStream>& r);
   // Forgets group i's current attempt (its connection is closed, or its stream request dropped).
   void AbandonAttempt(Group& g);
   // Waits until `wake` for answers: on the stream waiter alone, or, with data-plane requests
@@ -990,51 +1004,66 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
     }
     return a->last_pick() < b->last_pick();
   });
+  std::vector<std::shared_ptr<ReplicaStream>> at_limit;  // every data connection in use
   for (const auto& r : candidates) {
     g.tried.insert(r.get());
     if (r->data_plane()) {
-      if (absl::Status s = SendOnDataPlane(i, r); !s.ok()) {
+      bool full = false;
+      if (absl::Status s = SendOnDataPlane(i, r, &full); !s.ok()) {
         g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
+        if (full) at_limit.push_back(r);
         continue;
       }
       return true;
     }
-    if (absl::Status s = r->EnsureOpen(step_deadline_); !s.ok()) {
-      g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
-      continue;
-    }
-    const uint64_t token = next_token_++;
-    {
-      std::lock_guard<std::mutex> lock(waiter_->mu);
-      waiter_->slots[i] = StepWaiter::Slot{token};
-    }
-    absl::StatusOr<uint64_t> id =
-        r->Send(g.request, Pending{waiter_, i, token, static_cast<int64_t>(g.rows.size())});
-    if (!id.ok()) {
-      g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
-      continue;
-    }
-    r->MarkPicked(d_.pick_clock_.fetch_add(1) + 1);
-    g.replica = r;
-    g.request_id = *id;
-    g.attempt_deadline = std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);
-    if (const ShardMetrics* m = table_->metrics(g.shard)) {
-      m->bytes_sent->Inc(static_cast<double>(g.request.ByteSizeLong()));
-    }
-    return true;
+    if (SendOnStream(i, r)) return true;
+  }
+  // Replicas whose data-plane connections from this dispatcher are all in use (overlapping
+  // micro-batches, groups split into many requests) take the request on their gRPC stream: the
+  // connection bound limits connections, it does not fail the step.
+  for (const auto& r : at_limit) {
+    if (SendOnStream(i, r)) return true;
   }
   g.replica.reset();
   return false;
 }
 
-absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i,
-                                                  const std::shared_ptr<ReplicaStream>& r) {
+bool Dispatcher::StepRun::SendOnStream(size_t i, const std::shared_ptr<ReplicaStream>& r) {
+  Group& g = groups_[i];
+  if (absl::Status s = r->EnsureOpen(step_deadline_); !s.ok()) {
+    g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
+    return false;
+  }
+  const uint64_t token = next_token_++;
+  {
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    waiter_->slots[i] = StepWaiter::Slot{token};
+  }
+  absl::StatusOr<uint64_t> id =
+      r->Send(g.request, Pending{waiter_, i, token, static_cast<int64_t>(g.rows.size())});
+  if (!id.ok()) {
+    g.errors.push_back(absl::StrCat(r->replica_id(), ": ", id.status().message()));
+    return false;
+  }
+  r->MarkPicked(d_.pick_clock_.fetch_add(1) + 1);
+  g.replica = r;
+  g.request_id = *id;
+  g.attempt_deadline = std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);
+  if (const ShardMetrics* m = table_->metrics(g.shard)) {
+    m->bytes_sent->Inc(static_cast<double>(g.request.ByteSizeLong()));
+  }
+  return true;
+}
+
+absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r,
+                                                  bool* at_limit) {
   Group& g = groups_[i];
   {
     std::lock_guard<std::mutex> lock(waiter_->mu);
     waiter_->slots[i] = StepWaiter::Slot{};  // token 0: no stream answer is taken for it
   }
-  EM_ASSIGN_OR_RETURN(std::unique_ptr<dataplane::FrameConnection> conn, r->Lease(step_deadline_));
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<dataplane::FrameConnection> conn,
+                      r->Lease(step_deadline_, at_limit));
   const uint64_t id = r->NextRequestId();
   g.request.set_request_id(id);
   frame_.clear();

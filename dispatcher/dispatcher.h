@@ -45,6 +45,8 @@
 // every connection of the step, with the step's gRPC answers woken through an eventfd): no
 // thread hand-off on the round trip. Failover, timeouts, bad-answer checks and combining are
 // the same for both transports; a connection that fails or times out is closed, never reused.
+// A replica has at most max_data_connections_per_replica connections from the dispatcher; a
+// request that finds them all in use (on every replica of its shard) takes a replica's stream.
 //
 // Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
 #pragma once
@@ -97,7 +99,8 @@ struct DispatcherOptions {
   // mTLS (ProcessTls(): the data plane is plaintext): the streams are used then.
   bool data_plane = true;
   // Data-plane connections one replica may have open from this dispatcher (one per request in
-  // flight on it: overlapping micro-batches and split groups each take their own).
+  // flight on it: overlapping micro-batches and split groups each take their own). A request
+  // that finds every replica of its shard at the bound goes on a replica's gRPC stream instead.
   int max_data_connections_per_replica = 16;
   MetricsRegistry* metrics = nullptr;  // optional; must outlive the dispatcher
 };
