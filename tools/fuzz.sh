@@ -15,7 +15,7 @@ jobs="${FUZZ_JOBS:-2}"
 targets=("$@")
 if ((${#targets[@]} == 0)); then
   targets=(safetensors_header_fuzz safetensors_file_fuzz tokenizer_fuzz chat_template_fuzz
-    openai_parse_fuzz http_request_fuzz expert_request_fuzz)
+    openai_parse_fuzz http_request_fuzz expert_request_fuzz dataplane_frame_fuzz)
 fi
 per_target=$((seconds / ${#targets[@]}))
 ((per_target > 0)) || per_target=1
