@@ -113,6 +113,30 @@ absl::Status WriteAll(int fd, FrameType type, std::string_view payload, absl::Ti
   return absl::OkStatus();
 }
 
+// After an error frame that refused a frame before its payload was read: the client may still
+// be writing that payload. Closing now, with its bytes unread, would send a reset that fails
+// the client's write before it reads the error frame; so the write side is closed (the error
+// frame, then end of stream) and what arrives is read and dropped until the client closes,
+// for at most `linger` and 64 MiB.
+void DrainBeforeClose(int fd, absl::Duration linger) {
+  ::shutdown(fd, SHUT_WR);
+  const absl::Time deadline = absl::Now() + linger;
+  char sink[64 << 10];
+  size_t dropped = 0;
+  while (dropped < (64u << 20)) {
+    const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
+    if (n > 0) {
+      dropped += static_cast<size_t>(n);
+      continue;
+    }
+    if (n == 0) return;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return;
+    absl::StatusOr<bool> ready = PollOne(fd, POLLIN, deadline);
+    if (!ready.ok() || !*ready) return;
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<FrameServer>> FrameServer::Start(FrameServerOptions options,
@@ -299,8 +323,11 @@ void FrameServer::Serve(Conn* conn) {
         DecodeFrameHeader(std::string_view(header, kFrameHeaderBytes), options_.max_frame_bytes);
     if (!h.ok()) {
       end = h.status();
-      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
-                                                 absl::Now() + options_.frame_timeout);
+      if (WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
+                   absl::Now() + options_.frame_timeout)
+              .ok()) {
+        DrainBeforeClose(fd, std::min(options_.frame_timeout, absl::Seconds(2)));
+      }
       break;
     }
     end = ReadPayload(fd, h->length, &payload, options_.frame_timeout, &frame_deadline);

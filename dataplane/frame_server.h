@@ -5,7 +5,10 @@
 // hand-off). Every read is bounded: the first byte of a frame by idle_timeout (an idle client
 // is closed), the rest of the frame by frame_timeout from that first byte (however it
 // trickles in); every write by frame_timeout. A payload's buffer grows as its bytes arrive, so
-// a header announcing max_frame_bytes costs the server only what the client really sent.
+// a header announcing max_frame_bytes costs the server only what the client really sent. A
+// refused header (bad magic, over the limit) is answered by its error frame and end of stream,
+// then what the client still writes is dropped for up to 2 s before the close, so a client in
+// the middle of writing that frame reads the error instead of a connection reset.
 #pragma once
 
 #include <atomic>

@@ -438,6 +438,23 @@ TEST_F(FrameServerTest, OversizedLengthGetsResourceExhausted) {
   ExpectServed(*c, std::string(1024, 'z'));
 }
 
+// A client writing a frame above the limit learns why from the error frame, not from a reset
+// in the middle of its write (the server reads on for a moment after refusing, so the client's
+// write ends and its read finds the error frame).
+TEST_F(FrameServerTest, AnOversizedFrameBeingWrittenGetsItsErrorFrame) {
+  FrameServerOptions o;
+  o.max_frame_bytes = 1u << 20;
+  StartServer(o);
+  for (size_t size : {size_t{(1u << 20) + 1}, size_t{8u << 20}}) {
+    std::unique_ptr<FrameConnection> c = Connect();
+    ASSERT_NE(c, nullptr);
+    ExpectServed(*c);
+    const absl::Status s = Exchange(*c, FrameType::kRequest, std::string(size, 'o'),
+                                    FrameType::kResponse, absl::Now() + absl::Seconds(10));
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << size << ": " << s;
+  }
+}
+
 TEST_F(FrameServerTest, GarbageGetsInvalidArgumentAndTheServerStaysUp) {
   StartServer();
   std::string unknown_type = Header(FrameType::kRequest, 0);
