@@ -289,10 +289,16 @@ void FrameServer::AcceptLoop() {
     }
     Conn& c = conns_.emplace_back();
     c.fd = fd;
+    // Counted under mu_ (as the closes are), so the gauge sees the changes in their order, and
+    // before the thread starts, so a client it has answered finds itself counted.
+    uint32_t open = open_.fetch_add(1) + 1;
+    if (options_.on_connections) options_.on_connections(open);
     try {
       c.thread = std::thread([this, &c] { Serve(&c); });
     } catch (const std::system_error& e) {  // no thread to be had: refused like one too many
       spdlog::warn("data plane: no thread for a connection ({}); refusing it", e.what());
+      open = open_.fetch_sub(1) - 1;
+      if (options_.on_connections) options_.on_connections(open);
       if (options_.on_refused) options_.on_refused();
       [[maybe_unused]] absl::Status w =
           WriteAll(fd, FrameType::kError,
@@ -300,11 +306,7 @@ void FrameServer::AcceptLoop() {
                    absl::Now() + absl::Milliseconds(100));
       ::close(fd);
       conns_.pop_back();
-      continue;
     }
-    // Counted under mu_ (as the closes are), so the gauge sees the changes in their order.
-    const uint32_t open = open_.fetch_add(1) + 1;
-    if (options_.on_connections) options_.on_connections(open);
   }
 }
 

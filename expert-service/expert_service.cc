@@ -511,10 +511,18 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
     return absl::InvalidArgumentError("expert-service: the release grace must not be negative");
   }
   // Before anything is started or loaded.
-  if (!o.data_listen.empty() && ProcessTls().enabled()) {
-    return absl::FailedPreconditionError(
-        "expert-service: the framed TCP data plane is plaintext and this replica runs mTLS: "
-        "turn it off (--data-listen off) or run without TLS");
+  if (!o.data_listen.empty()) {
+    if (ProcessTls().enabled()) {
+      return absl::FailedPreconditionError(
+          "expert-service: the framed TCP data plane is plaintext and this replica runs mTLS: "
+          "turn it off (--data-listen off) or run without TLS");
+    }
+    std::string host;
+    int port = 0;
+    if (absl::Status s = dataplane::SplitHostPort(o.data_listen, &host, &port); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert-service: data-plane listen address: ", s.message()));
+    }
   }
 
   // The transport accepts somewhat more than the per-message limit so that an oversized

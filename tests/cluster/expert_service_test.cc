@@ -886,6 +886,32 @@ TEST(ExpertDataPlaneStopTest, KillCutsOpenConnections) {
   EXPECT_TRUE(half.ReadUntilClosed(std::chrono::seconds(5)));
 }
 
+TEST(ExpertDataPlaneStopTest, ABadListenAddressIsRefusedBeforeStarting) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  ASSERT_TRUE(placement.ok());
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = placement->ExpertsOf(0);
+  for (const std::string bad : {"127.0.0.1", "127.0.0.1:70000", "::1:0", ":0"}) {
+    o.data_listen = bad;
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << bad << ": " << s.status();
+    EXPECT_NE(s.status().message().find(bad), std::string::npos) << s.status();
+  }
+  // A port taken by another listener: Unavailable, not a half-started shard.
+  OwnShard first;
+  StartOwnShard(first, 4);
+  ASSERT_NE(first.server, nullptr);
+  o.data_listen = first.server->data_address();
+  absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
+  EXPECT_NE(s.status().message().find("cannot listen"), std::string::npos) << s.status();
+}
+
 TEST(ExpertDataPlaneTlsTest, DataListenIsRefusedUnderMtls) {
   absl::StatusOr<std::string> model = ShardTestModel();
   ASSERT_TRUE(model.ok()) << model.status();
