@@ -6,6 +6,10 @@
 // stays up; Drain and Kill end its connections; it is refused under mTLS.
 #include "expert-service/expert_service.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -910,6 +914,64 @@ TEST(ExpertDataPlaneStopTest, ABadListenAddressIsRefusedBeforeStarting) {
   absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable) << s.status();
   EXPECT_NE(s.status().message().find("cannot listen"), std::string::npos) << s.status();
+}
+
+// The data-plane address the router is given: the listen host with the bound port, the
+// advertised gRPC host for a wildcard, [v6] in brackets, or --data-advertise as given.
+TEST(ExpertDataPlaneStopTest, DataAddressFollowsTheListenAddress) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  ASSERT_TRUE(placement.ok());
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*dir, "test", "address");
+  ASSERT_TRUE(me.ok());
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = placement->ExpertsOf(0);
+  auto start = [&](const std::string& listen, const std::string& advertise) {
+    o.data_listen = listen;
+    o.data_advertise_address = advertise;
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    EXPECT_TRUE(s.ok()) << listen << ": " << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  };
+  {
+    std::unique_ptr<ExpertServer> s = start("0.0.0.0:0", "");
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->data_address(), absl::StrCat("127.0.0.1:", s->data_port()));
+    std::unique_ptr<FrameConnection> c = DataConnect(s->data_address());
+    ASSERT_NE(c, nullptr);
+    EXPECT_TRUE(DataHello(*c, *me).ok());
+  }
+  {
+    std::unique_ptr<ExpertServer> s = start("127.0.0.1:0", "shard-0.experts:7070");
+    ASSERT_NE(s, nullptr);
+    EXPECT_EQ(s->data_address(), "shard-0.experts:7070");
+    EXPECT_GT(s->data_port(), 0);
+  }
+  {
+    o.data_listen.clear();  // off
+    absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->data_port(), 0);
+    EXPECT_EQ((*s)->data_address(), "");
+  }
+  // IPv6 loopback, where this host has it.
+  const int v6 = ::socket(AF_INET6, SOCK_STREAM, 0);
+  sockaddr_in6 a6{};
+  a6.sin6_family = AF_INET6;
+  a6.sin6_addr = in6addr_loopback;
+  const bool have_v6 = v6 >= 0 && ::bind(v6, reinterpret_cast<sockaddr*>(&a6), sizeof a6) == 0;
+  if (v6 >= 0) ::close(v6);
+  if (!have_v6) GTEST_SKIP() << "no IPv6 loopback here";
+  std::unique_ptr<ExpertServer> s = start("[::1]:0", "");
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->data_address(), absl::StrCat("[::1]:", s->data_port()));
+  std::unique_ptr<FrameConnection> c = DataConnect(s->data_address());
+  ASSERT_NE(c, nullptr);
+  EXPECT_TRUE(DataHello(*c, *me).ok());
 }
 
 TEST(ExpertDataPlaneTlsTest, DataListenIsRefusedUnderMtls) {
