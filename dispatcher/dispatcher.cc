@@ -102,9 +102,10 @@ class ReplicaStream {
   // When this replica was last chosen (the dispatcher's pick clock; 0 = never).
   uint64_t last_pick() const { return last_pick_.load(); }
   void MarkPicked(uint64_t clock) { last_pick_.store(clock); }
-  bool healthy() const { return open_.load() && !broken_.load(); }
-  // Its stream failed (and has not been opened again since); a never-opened stream has not.
-  bool failed() const { return broken_.load(); }
+  bool healthy() const { return open_.load() && !broken_.load() && !data_failed_.load(); }
+  // Its stream or data plane failed (and has not been opened again since); a never-opened one
+  // has not.
+  bool failed() const { return broken_.load() || data_failed_.load(); }
 
   // Opens the stream (handshake first, bounded by `deadline` and connect_timeout) unless it
   // is open and healthy. A broken stream is torn down and opened afresh. Serialized per
@@ -204,13 +205,18 @@ class ReplicaStream {
   const std::string& data_address() const { return data_address_; }
 
   // A connection for one request: an idle one that is still quiet, else a new one (connect
-  // and hello, bounded by `deadline` and connect_timeout). A failure marks the replica failed,
-  // except RESOURCE_EXHAUSTED for max_data_connections_per_replica in use (then *at_limit).
+  // and hello, bounded by `deadline` and connect_timeout). Every failure sets *no_connection;
+  // one of the connect or the hello (the replica's data plane down, or refusing connections
+  // over its own bound) also marks the replica failed; RESOURCE_EXHAUSTED for
+  // max_data_connections_per_replica in use does not.
   absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> Lease(absl::Time deadline,
-                                                                    bool* at_limit) {
+                                                                    bool* no_connection) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (data_closed_) return absl::UnavailableError(absl::StrCat(data_address_, ": closed"));
+      if (data_closed_) {
+        *no_connection = true;
+        return absl::UnavailableError(absl::StrCat(data_address_, ": closed"));
+      }
       while (!idle_.empty()) {
         std::unique_ptr<dataplane::FrameConnection> c = std::move(idle_.back());
         idle_.pop_back();
@@ -220,7 +226,7 @@ class ReplicaStream {
         }
       }
       if (leased_ >= options_.max_data_connections_per_replica) {
-        *at_limit = true;
+        *no_connection = true;
         return absl::ResourceExhaustedError(absl::StrCat(
             data_address_, ": ", leased_, " data-plane connections in use from this dispatcher"));
       }
@@ -246,13 +252,17 @@ class ReplicaStream {
     std::lock_guard<std::mutex> lock(mu_);
     if (!s.ok()) {
       --leased_;
-      broken_ = true;
+      // Not broken_: that would cut its Compute stream, which requests that found no data
+      // connection may be using.
+      data_failed_ = true;
+      *no_connection = true;
       return absl::Status(s.code(), absl::StrCat(data_address_, ": data plane: ", s.message()));
     }
-    if (!open_.exchange(true) || broken_) {
+    if (!open_.exchange(true) || broken_ || data_failed_) {
       spdlog::info("dispatcher: data plane to {} ({}) open", replica_id_, data_address_);
     }
     broken_ = false;
+    data_failed_ = false;
     return c;
   }
 
@@ -262,7 +272,7 @@ class ReplicaStream {
     std::lock_guard<std::mutex> lock(mu_);
     --leased_;
     outstanding_rows_ -= rows;
-    if (!data_closed_ && !broken_) idle_.push_back(std::move(c));
+    if (!data_closed_ && !broken_ && !data_failed_) idle_.push_back(std::move(c));
   }
   // A leased connection that failed, timed out or was abandoned: closed.
   void Drop(std::unique_ptr<dataplane::FrameConnection> c, int64_t rows) {
@@ -440,10 +450,11 @@ class ReplicaStream {
   Call* call_ = nullptr;             // the call reactions may use, until its OnDone
   std::atomic<bool> open_{false};
   std::atomic<bool> broken_{false};
-  bool writing_ = false;       // a write is outstanding on call_
-  int starting_ = 0;           // Send()s about to start a write outside a reaction
-  bool holding_ = false;       // call_ has the stream's hold
-  bool release_hold_ = false;  // call_ ended: drop the hold once starting_ is 0
+  std::atomic<bool> data_failed_{false};  // the last data-plane connect or hello failed
+  bool writing_ = false;                  // a write is outstanding on call_
+  int starting_ = 0;                      // Send()s about to start a write outside a reaction
+  bool holding_ = false;                  // call_ has the stream's hold
+  bool release_hold_ = false;             // call_ ended: drop the hold once starting_ is 0
   uint64_t next_request_id_ = 1;
   std::deque<v1::ExpertRequest> queue_;  // front: being written; the rest wait
   std::map<uint64_t, Pending> pending_;
@@ -872,8 +883,9 @@ class Dispatcher::StepRun {
   // Groups whose attempt timed out move to another replica.
   absl::Status HandleTimeouts();
   // Sends group i's request on a data-plane connection of replica r (the caller's thread);
-  // *at_limit when all of r's max_data_connections_per_replica are in use.
-  absl::Status SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r, bool* at_limit);
+  // *no_connection when it got no connection (see ReplicaStream::Lease), nothing was sent.
+  absl::Status SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r,
+                               bool* no_connection);
   // Sends group i's request on replica r's gRPC stream (opened if needed); false (the reason in
   // g.errors) when it cannot.
   bool SendOnStream(size_t i, const std::shared_ptr<ReplicaStream>& r);
@@ -1004,24 +1016,26 @@ bool Dispatcher::StepRun::Attempt(size_t i) {
     }
     return a->last_pick() < b->last_pick();
   });
-  std::vector<std::shared_ptr<ReplicaStream>> at_limit;  // every data connection in use
+  std::vector<std::shared_ptr<ReplicaStream>> no_connection;  // data planes that gave none
   for (const auto& r : candidates) {
     g.tried.insert(r.get());
     if (r->data_plane()) {
-      bool full = false;
-      if (absl::Status s = SendOnDataPlane(i, r, &full); !s.ok()) {
+      bool none = false;
+      if (absl::Status s = SendOnDataPlane(i, r, &none); !s.ok()) {
         g.errors.push_back(absl::StrCat(r->replica_id(), ": ", s.message()));
-        if (full) at_limit.push_back(r);
+        if (none) no_connection.push_back(r);
         continue;
       }
       return true;
     }
     if (SendOnStream(i, r)) return true;
   }
-  // Replicas whose data-plane connections from this dispatcher are all in use (overlapping
-  // micro-batches, groups split into many requests) take the request on their gRPC stream: the
-  // connection bound limits connections, it does not fail the step.
-  for (const auto& r : at_limit) {
+  // gRPC is the fallback data plane: when no data plane of the shard gave a connection (every
+  // one at max_data_connections_per_replica from this dispatcher, as with overlapping
+  // micro-batches or a group split into many requests; or refusing connections over the
+  // replica's own bound; or down), the request goes on one of those replicas' Compute streams
+  // rather than failing the step. A replica that is down fails there too.
+  for (const auto& r : no_connection) {
     if (SendOnStream(i, r)) return true;
   }
   g.replica.reset();
@@ -1056,14 +1070,14 @@ bool Dispatcher::StepRun::SendOnStream(size_t i, const std::shared_ptr<ReplicaSt
 }
 
 absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i, const std::shared_ptr<ReplicaStream>& r,
-                                                  bool* at_limit) {
+                                                  bool* no_connection) {
   Group& g = groups_[i];
   {
     std::lock_guard<std::mutex> lock(waiter_->mu);
     waiter_->slots[i] = StepWaiter::Slot{};  // token 0: no stream answer is taken for it
   }
   EM_ASSIGN_OR_RETURN(std::unique_ptr<dataplane::FrameConnection> conn,
-                      r->Lease(step_deadline_, at_limit));
+                      r->Lease(step_deadline_, no_connection));
   const uint64_t id = r->NextRequestId();
   g.request.set_request_id(id);
   frame_.clear();

@@ -45,8 +45,10 @@
 // every connection of the step, with the step's gRPC answers woken through an eventfd): no
 // thread hand-off on the round trip. Failover, timeouts, bad-answer checks and combining are
 // the same for both transports; a connection that fails or times out is closed, never reused.
-// A replica has at most max_data_connections_per_replica connections from the dispatcher; a
-// request that finds them all in use (on every replica of its shard) takes a replica's stream.
+// A replica has at most max_data_connections_per_replica connections from the dispatcher. gRPC
+// is the fallback data plane: a request that gets a connection from no replica of its shard
+// (all at that bound, refusing connections over their own bound, or down) takes one of those
+// replicas' Compute streams instead of failing the step.
 //
 // Dimension legend: R = rows (tokens) of the batch, H = hidden_size, S = shard groups.
 #pragma once
