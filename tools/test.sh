@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds (CUDA compiled when nvcc is on
-# the PATH), runs every test that needs no GPU, the format check, a 140 s fuzz run
-# (FUZZ_SECONDS is the total tools/fuzz.sh splits between its seven targets: 20 s each) and
+# the PATH), runs every test that needs no GPU, the format check, a 160 s fuzz run
+# (FUZZ_SECONDS is the total tools/fuzz.sh splits between its eight targets: 20 s each) and
 # the container image test (tools/docker-setup.sh: Debian's docker.io, dockerd on vfs, base
 # images from debootstrap where no registry answers; then the image is built and the cpu-tiny
 # topology run from it), then the sanitizers: every unit and integration test under ASan +
-# UBSan (preset asan) and the dispatcher, scheduler and gateway tests under TSan (preset tsan,
+# UBSan (preset asan) and the scheduler, gateway and data-plane tests under TSan (preset tsan,
 # the tests labelled tsan; only their targets are built). Both sanitizer builds use -O1 -g1.
 # EXPERTMESH_SKIP_DOCKER=1 leaves the image test out, EXPERTMESH_SKIP_SANITIZERS=1 the
 # sanitizer runs.
@@ -42,8 +42,8 @@ if [ "${EXPERTMESH_SKIP_DOCKER:-0}" != 1 ]; then
   echo "== container image test: $((SECONDS - docker_start)) s (image build included)"
 fi
 
-echo "== fuzz: the seven libFuzzer targets in tests/fuzz, 140 s in all (20 s each)"
-FUZZ_SECONDS=140 tools/fuzz.sh
+echo "== fuzz: the eight libFuzzer targets in tests/fuzz, 160 s in all (20 s each)"
+FUZZ_SECONDS=160 tools/fuzz.sh
 
 if [ "${EXPERTMESH_SKIP_SANITIZERS:-0}" != 1 ]; then
   echo "== ASan + UBSan: unit and integration tests (preset asan)"
