@@ -1291,6 +1291,7 @@ absl::Status RegisterReplica(const std::string& router, const v1::PeerIdentity& 
 //   kWrongFrameType: a well-formed, finite answer of the right size in a kHelloOk frame,
 //   kWrongRequestId: the same in a kResponse frame naming another request,
 //   kErrorFrame: a kError frame (UNAVAILABLE), then it closes the connection,
+//   kInvalidArgument: a kError frame (INVALID_ARGUMENT: "your request is malformed"),
 //   kClose: nothing: it closes the connection,
 //   kStall: nothing: it keeps the connection open and never answers.
 // It runs on a dataplane::FrameServer, except kClose (a FrameServer session always answers
@@ -1306,6 +1307,7 @@ class FakeDataPlaneShard {
     kWrongFrameType,
     kWrongRequestId,
     kErrorFrame,
+    kInvalidArgument,
     kClose,
     kStall
   };
@@ -1374,6 +1376,8 @@ class FakeDataPlaneShard {
       switch (fake_->mode_) {
         case Mode::kErrorFrame:
           return absl::UnavailableError("fake data plane: going away");
+        case Mode::kInvalidArgument:
+          return absl::InvalidArgumentError("fake data plane: malformed request");
         case Mode::kStall: {
           std::unique_lock<std::mutex> lock(fake_->mu_);
           fake_->cv_.wait(lock, [this] { return fake_->released_; });
@@ -1922,6 +1926,40 @@ TEST(DispatcherDataPlaneTest, RequestsRefusedADataConnectionTakeTheStream) {
         << "shard " << s << " never refused a connection: the test did not test the fallback";
     EXPECT_LE(DataConnections(m), 1) << "shard " << s;
   }
+}
+
+// An error frame that says the request itself is wrong (INVALID_ARGUMENT: every replica would
+// say so) is not failed over, as on the streams: the step fails with that code, naming the
+// shard and the replica, and the next replica is not asked.
+TEST(DispatcherDataPlaneTest, InvalidArgumentErrorFrameFailsTheStep) {
+  DataPlaneCluster c;
+  ASSERT_NO_FATAL_FAILURE(c.Start("dp-invalid"));
+  absl::StatusOr<std::unique_ptr<ExpertServer>> r0 =
+      StartReplica(c.dir, c.placement, 0, c.router->address(), "real0", true);
+  ASSERT_TRUE(r0.ok()) << r0.status();
+  FakeDataPlaneShard fake(FakeDataPlaneShard::Mode::kInvalidArgument, c.identity,
+                          c.config.hidden_size);
+  ASSERT_TRUE(fake.Start(c.router->address(), 1, c.placement).ok());
+  MetricsRegistry real_metrics;
+  absl::StatusOr<std::unique_ptr<ExpertServer>> r1 =
+      StartReplica(c.dir, c.placement, 1, c.router->address(), "real1", true, &real_metrics);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  DispatcherOptions d;
+  d.identity = c.identity;
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(c.config, d, c.router->address(), c.router->service().version());
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  ASSERT_EQ((*dispatcher)->Replicas()[1].address, fake.address());  // shard 1's first choice
+  const Batch b = RandomBatch(c.config, 6, 17);
+  std::vector<float> out(6 * c.config.hidden_size);
+  const absl::Status s = (*dispatcher)->Run(1, b.x, b.routes, out);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("shard 1"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("malformed request"), std::string::npos) << s;
+  EXPECT_EQ(fake.requests(), 1);
+  EXPECT_EQ((*dispatcher)->failovers(), 0u);
+  EXPECT_EQ(RowsComputed(real_metrics), 0);
+  dispatcher->reset();
 }
 
 }  // namespace
