@@ -5,7 +5,11 @@
 // mode it equals LocalExperts computing the same shard split (bitwise); a
 // replica killed mid-run changes nothing; with no replica of a shard left, Run fails with
 // UNAVAILABLE naming the shard within the step deadline and serves again once a replica
-// registers. (Wall-clock waits here are bounded by the real network's events.)
+// registers. The fixture's tests run on both transports: the replicas' gRPC Compute streams
+// and their framed TCP data planes (dataplane/). The data plane's own cases (answers refused on
+// it, a stalled connection, mixed maps, connection pooling and bounds, a new data port,
+// data_plane = false) use fake data-plane shards on dataplane::FrameServer where a real replica
+// cannot misbehave. (Wall-clock waits here are bounded by the real network's events.)
 #include "dispatcher/dispatcher.h"
 
 #include <netinet/in.h>
