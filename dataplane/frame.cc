@@ -209,8 +209,7 @@ FrameConnection::~FrameConnection() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-absl::Status FrameConnection::WriteFrame(FrameType type, std::string_view payload,
-                                         absl::Time deadline) {
+absl::Status WriteFrameTo(int fd, FrameType type, std::string_view payload, absl::Time deadline) {
   if (payload.size() > UINT32_MAX) {
     return absl::ResourceExhaustedError("data plane: payload above 4 GiB");
   }
@@ -231,25 +230,28 @@ absl::Status FrameConnection::WriteFrame(FrameType type, std::string_view payloa
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = static_cast<size_t>(n_iov);
-    const ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (n > 0) {
       sent += static_cast<size_t>(n);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      absl::StatusOr<bool> ready = PollOne(fd_, POLLOUT, deadline);
+      absl::StatusOr<bool> ready = PollOne(fd, POLLOUT, deadline);
       if (!ready.ok()) return ready.status();
-      if (!*ready) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("data plane: ", address_, ": write not done by its deadline"));
-      }
+      if (!*ready) return absl::DeadlineExceededError("write not done by its deadline");
       continue;
     }
-    return absl::UnavailableError(
-        absl::StrCat("data plane: ", address_, ": write: ", std::strerror(errno)));
+    return absl::UnavailableError(absl::StrCat("write: ", std::strerror(errno)));
   }
   return absl::OkStatus();
+}
+
+absl::Status FrameConnection::WriteFrame(FrameType type, std::string_view payload,
+                                         absl::Time deadline) {
+  const absl::Status s = WriteFrameTo(fd_, type, payload, deadline);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat("data plane: ", address_, ": ", s.message()));
 }
 
 absl::StatusOr<bool> FrameConnection::ReadAvailable() {

@@ -109,6 +109,10 @@ class FrameConnection {
 absl::Status Exchange(FrameConnection& conn, FrameType type, std::string_view payload,
                       FrameType expect, absl::Time deadline);
 
+// Writes one whole frame on a (non-blocking) socket by `deadline` (header and payload in one
+// sendmsg where the socket takes it): what FrameConnection::WriteFrame and the server use.
+absl::Status WriteFrameTo(int fd, FrameType type, std::string_view payload, absl::Time deadline);
+
 // poll() on one fd for `events` until `deadline`: true when ready, false on timeout.
 absl::StatusOr<bool> PollOne(int fd, short events, absl::Time deadline);
 

@@ -55,64 +55,6 @@ absl::Status ReadExact(int fd, std::span<char> out, absl::Time first_deadline,
   return absl::OkStatus();
 }
 
-// Reads a payload of `length` bytes into *payload by frame_deadline, growing the buffer as the
-// bytes arrive (a header alone does not make the server allocate its length: a client that
-// announces max_frame_bytes and stalls costs what it has sent).
-absl::Status ReadPayload(int fd, uint32_t length, std::string* payload,
-                         absl::Duration frame_timeout, absl::Time* frame_deadline) {
-  constexpr size_t kFirstChunk = 64u << 10;
-  payload->clear();
-  size_t have = 0;
-  while (have < length) {
-    const size_t next = std::min<size_t>(length, std::max(kFirstChunk, 2 * have));
-    payload->resize(next);
-    if (absl::Status s = ReadExact(fd, std::span<char>(payload->data() + have, next - have),
-                                   *frame_deadline, frame_timeout, frame_deadline);
-        !s.ok()) {
-      return s.code() == absl::StatusCode::kCancelled
-                 ? absl::UnavailableError("peer closed inside a frame")
-                 : s;
-    }
-    have = next;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status WriteAll(int fd, FrameType type, std::string_view payload, absl::Time deadline) {
-  char header[kFrameHeaderBytes];
-  EncodeFrameHeader(type, static_cast<uint32_t>(payload.size()), header);
-  size_t sent = 0;
-  const size_t total = kFrameHeaderBytes + payload.size();
-  while (sent < total) {
-    iovec iov[2];
-    int n_iov = 0;
-    if (sent < kFrameHeaderBytes) {
-      iov[n_iov++] = {header + sent, kFrameHeaderBytes - sent};
-      iov[n_iov++] = {const_cast<char*>(payload.data()), payload.size()};
-    } else {
-      const size_t off = sent - kFrameHeaderBytes;
-      iov[n_iov++] = {const_cast<char*>(payload.data()) + off, payload.size() - off};
-    }
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = static_cast<size_t>(n_iov);
-    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
-    if (n > 0) {
-      sent += static_cast<size_t>(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      absl::StatusOr<bool> ready = PollOne(fd, POLLOUT, deadline);
-      if (!ready.ok()) return ready.status();
-      if (!*ready) return absl::DeadlineExceededError("write not done by its deadline");
-      continue;
-    }
-    return absl::UnavailableError(absl::StrCat("write: ", std::strerror(errno)));
-  }
-  return absl::OkStatus();
-}
-
 // After an error frame that refused a frame before its payload was read: the client may still
 // be writing that payload. Closing now, with its bytes unread, would send a reset that fails
 // the client's write before it reads the error frame; so the write side is closed (the error
@@ -139,16 +81,67 @@ void DrainBeforeClose(int fd, absl::Duration linger) {
 
 }  // namespace
 
+absl::Status FrameServer::ReadPayload(int fd, uint32_t length, std::string* payload,
+                                      absl::Time* frame_deadline, uint64_t* reserved) {
+  constexpr size_t kFirstChunk = 64u << 10;
+  payload->clear();
+  size_t have = 0;
+  while (have < length) {
+    const size_t next = std::min<size_t>(length, std::max(kFirstChunk, 2 * have));
+    const uint64_t more = next - have;
+    if (buffered_.fetch_add(more) + more > options_.max_buffered_bytes) {
+      buffered_.fetch_sub(more);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("data plane: this replica already holds ", options_.max_buffered_bytes,
+                       " bytes of frames being received or answered; try another replica"));
+    }
+    *reserved += more;
+    payload->resize(next);
+    if (absl::Status s = ReadExact(fd, std::span<char>(payload->data() + have, next - have),
+                                   *frame_deadline, options_.frame_timeout, frame_deadline);
+        !s.ok()) {
+      return s.code() == absl::StatusCode::kCancelled
+                 ? absl::UnavailableError("peer closed inside a frame")
+                 : s;
+    }
+    have = next;
+  }
+  return absl::OkStatus();
+}
+
+bool FrameServer::EvictIdlest() {
+  const int64_t latest = absl::ToUnixNanos(absl::Now() - options_.min_idle_to_evict);
+  Conn* idlest = nullptr;
+  int64_t oldest = 0;
+  for (Conn& c : conns_) {
+    const int64_t since = c.idle_since_ns.load();
+    if (c.fd < 0 || c.done.load() || since == 0 || since > latest) continue;
+    if (idlest == nullptr || since < oldest) {
+      idlest = &c;
+      oldest = since;
+    }
+  }
+  if (idlest == nullptr) return false;
+  // Its thread, waiting for a frame, reads the end of the connection and exits.
+  ::shutdown(idlest->fd, SHUT_RDWR);
+  idlest->idle_since_ns.store(0);  // not chosen twice
+  return true;
+}
+
 absl::StatusOr<std::unique_ptr<FrameServer>> FrameServer::Start(FrameServerOptions options,
                                                                 SessionFactory sessions) {
   std::string host;
   int port = 0;
   if (absl::Status s = SplitHostPort(options.listen, &host, &port); !s.ok()) return s;
   if (options.max_connections < 1 || options.max_frame_bytes < kFrameHeaderBytes ||
+      options.max_first_frame_bytes < 1 || options.max_buffered_bytes < options.max_frame_bytes ||
+      options.hello_timeout <= absl::ZeroDuration() ||
       options.idle_timeout <= absl::ZeroDuration() ||
-      options.frame_timeout <= absl::ZeroDuration()) {
+      options.frame_timeout <= absl::ZeroDuration() ||
+      options.min_idle_to_evict < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
-        "data plane: connection bound, frame limit and timeouts must be positive");
+        "data plane: connection bound, frame limits and timeouts must be positive, and the "
+        "buffer budget at least one frame");
   }
   std::unique_ptr<FrameServer> server(new FrameServer(std::move(options), std::move(sessions)));
   addrinfo hints{};
@@ -276,14 +269,18 @@ void FrameServer::AcceptLoop() {
       ::close(fd);
       return;
     }
-    if (open_.load() >= options_.max_connections) {
+    if (open_.load() >= options_.max_connections && EvictIdlest()) {
+      spdlog::info("data plane: {} connections open; closed the one idle longest for a new one",
+                   options_.max_connections);
+      if (options_.on_evicted) options_.on_evicted();
+    } else if (open_.load() >= options_.max_connections) {
       // Answered inline: the error frame is small and the socket's buffer takes it at once.
       const absl::Status why = absl::ResourceExhaustedError(absl::StrCat(
           "data plane: this replica already serves ", options_.max_connections, " connections"));
       spdlog::warn("{}; refusing another", std::string(why.message()));
       if (options_.on_refused) options_.on_refused();  // counted before the client sees it
-      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(why),
-                                                 absl::Now() + absl::Milliseconds(100));
+      [[maybe_unused]] absl::Status w = WriteFrameTo(fd, FrameType::kError, EncodeErrorPayload(why),
+                                                     absl::Now() + absl::Milliseconds(100));
       ::close(fd);
       continue;
     }
@@ -300,10 +297,10 @@ void FrameServer::AcceptLoop() {
       open = open_.fetch_sub(1) - 1;
       if (options_.on_connections) options_.on_connections(open);
       if (options_.on_refused) options_.on_refused();
-      [[maybe_unused]] absl::Status w =
-          WriteAll(fd, FrameType::kError,
-                   EncodeErrorPayload(absl::ResourceExhaustedError("data plane: no thread for it")),
-                   absl::Now() + absl::Milliseconds(100));
+      [[maybe_unused]] absl::Status w = WriteFrameTo(
+          fd, FrameType::kError,
+          EncodeErrorPayload(absl::ResourceExhaustedError("data plane: no thread for it")),
+          absl::Now() + absl::Milliseconds(100));
       ::close(fd);
       conns_.pop_back();
     }
@@ -316,38 +313,55 @@ void FrameServer::Serve(Conn* conn) {
   std::string payload, reply;
   char header[kFrameHeaderBytes];
   absl::Status end;
+  uint64_t reserved = 0;  // of buffered_, by the frame in progress
+  bool first = true;
   while (true) {
     absl::Time frame_deadline = absl::InfiniteFuture();  // set by the frame's first byte
+    conn->idle_since_ns.store(absl::ToUnixNanos(absl::Now()));
     end = ReadExact(fd, std::span<char>(header, kFrameHeaderBytes),
-                    absl::Now() + options_.idle_timeout, options_.frame_timeout, &frame_deadline);
+                    absl::Now() + (first ? options_.hello_timeout : options_.idle_timeout),
+                    options_.frame_timeout, &frame_deadline);
+    conn->idle_since_ns.store(0);
     if (!end.ok()) break;
     absl::StatusOr<FrameHeader> h =
-        DecodeFrameHeader(std::string_view(header, kFrameHeaderBytes), options_.max_frame_bytes);
+        DecodeFrameHeader(std::string_view(header, kFrameHeaderBytes),
+                          first ? std::min(options_.max_first_frame_bytes, options_.max_frame_bytes)
+                                : options_.max_frame_bytes);
     if (!h.ok()) {
       end = h.status();
-      if (WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
-                   absl::Now() + options_.frame_timeout)
+      if (WriteFrameTo(fd, FrameType::kError, EncodeErrorPayload(end),
+                       absl::Now() + options_.frame_timeout)
               .ok()) {
         DrainBeforeClose(fd, std::min(options_.frame_timeout, absl::Seconds(2)));
       }
       break;
     }
-    end = ReadPayload(fd, h->length, &payload, options_.frame_timeout, &frame_deadline);
-    if (!end.ok()) break;
+    end = ReadPayload(fd, h->length, &payload, &frame_deadline, &reserved);
+    if (!end.ok()) {
+      if (end.code() == absl::StatusCode::kResourceExhausted) {
+        [[maybe_unused]] absl::Status w = WriteFrameTo(
+            fd, FrameType::kError, EncodeErrorPayload(end), absl::Now() + options_.frame_timeout);
+      }
+      break;
+    }
     FrameType reply_type = FrameType::kError;
     reply.clear();
     end = session->OnFrame(h->type, payload, &reply_type, &reply);
     if (!end.ok()) {
-      [[maybe_unused]] absl::Status w = WriteAll(fd, FrameType::kError, EncodeErrorPayload(end),
-                                                 absl::Now() + options_.frame_timeout);
+      [[maybe_unused]] absl::Status w = WriteFrameTo(fd, FrameType::kError, EncodeErrorPayload(end),
+                                                     absl::Now() + options_.frame_timeout);
       break;
     }
-    end = WriteAll(fd, reply_type, reply, absl::Now() + options_.frame_timeout);
+    end = WriteFrameTo(fd, reply_type, reply, absl::Now() + options_.frame_timeout);
     if (!end.ok()) break;
+    first = false;
     // A large frame's buffer is not kept for an idle connection.
     if (payload.capacity() > (4u << 20)) std::string().swap(payload);
     if (reply.capacity() > (4u << 20)) std::string().swap(reply);
+    buffered_.fetch_sub(reserved);
+    reserved = 0;
   }
+  buffered_.fetch_sub(reserved);
   if (end.code() != absl::StatusCode::kCancelled) {
     spdlog::debug("data plane: connection closed: {}", end.ToString());
   }

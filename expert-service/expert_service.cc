@@ -584,8 +584,12 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Start(ExpertServerOp
       Counter* refused =
           &o.metrics->GetCounter("expertmesh_expert_data_connections_refused_total",
                                  "Data-plane connections refused over --max-data-connections");
+      Counter* evicted = &o.metrics->GetCounter(
+          "expertmesh_expert_data_connections_evicted_total",
+          "Idle data-plane connections closed to make room for a new one at the bound");
       fo.on_connections = [open](uint32_t n) { open->Set(n); };
       fo.on_refused = [refused] { refused->Inc(); };
+      fo.on_evicted = [evicted] { evicted->Inc(); };
     }
     ExpertServiceImpl* svc = es->service_.get();
     EM_ASSIGN_OR_RETURN(es->data_server_, dataplane::FrameServer::Start(std::move(fo), [svc] {

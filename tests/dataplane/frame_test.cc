@@ -261,6 +261,16 @@ TEST_F(FrameServerTest, StartRefusesBadOptions) {
   o.frame_timeout = absl::Seconds(1);
   o.max_frame_bytes = 4;
   EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
+  o.max_frame_bytes = 1024;
+  o.hello_timeout = absl::ZeroDuration();
+  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
+  o.hello_timeout = absl::Seconds(1);
+  o.max_buffered_bytes = 1023;  // below one frame
+  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
+  o.max_buffered_bytes = 1024;
+  o.max_first_frame_bytes = 0;
+  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
+  o.max_first_frame_bytes = 64;
   // A port already taken.
   StartServer();
   o.max_frame_bytes = 1024;
@@ -309,6 +319,7 @@ TEST_F(FrameServerTest, ManyFramesOnOneConnection) {
 TEST_F(FrameServerTest, ConnectionBoundRefusesOneMoreAndServesAfterOneCloses) {
   FrameServerOptions o;
   o.max_connections = 2;
+  o.min_idle_to_evict = absl::Hours(1);  // no idle connection makes room here
   StartServer(o);
   std::unique_ptr<FrameConnection> a = Connect(), b = Connect();
   ASSERT_NE(a, nullptr);
@@ -344,6 +355,121 @@ TEST_F(FrameServerTest, ConnectionBoundRefusesOneMoreAndServesAfterOneCloses) {
   ASSERT_NE(c, nullptr);
   ExpectServed(*c, "served after a close");
   EXPECT_EQ(gauge_.load(), 2u);
+}
+
+// At the connection bound, a new connection takes the place of the one idle longest: silent
+// or idle clients cannot lock out working ones. Working connections are never evicted.
+TEST_F(FrameServerTest, AtTheBoundTheConnectionIdleLongestMakesRoom) {
+  FrameServerOptions o;
+  o.max_connections = 2;
+  o.min_idle_to_evict = absl::Milliseconds(100);
+  std::atomic<int> evicted{0};
+  o.on_evicted = [&evicted] { evicted.fetch_add(1); };
+  StartServer(o);
+  std::unique_ptr<FrameConnection> a = Connect(), b = Connect();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ExpectServed(*a);
+  absl::SleepFor(absl::Milliseconds(50));
+  ExpectServed(*b);  // a has been idle longer than b
+  absl::SleepFor(absl::Milliseconds(300));
+  std::unique_ptr<FrameConnection> c = Connect();
+  ASSERT_NE(c, nullptr);
+  ExpectServed(*c, "served in the place of the idlest");
+  EXPECT_EQ(evicted.load(), 1);
+  EXPECT_EQ(refused_.load(), 0);
+  // a was closed; b still works.
+  EXPECT_EQ(a->ReadFrame(absl::Now() + absl::Seconds(10)).code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(
+      Exchange(*b, FrameType::kRequest, "b", FrameType::kResponse, absl::Now() + absl::Seconds(10))
+          .ok());
+  ASSERT_TRUE(PollUntil([&] { return server_->open_connections() == 2; }, absl::Seconds(10)));
+  // A connection busy with a frame is not idle: with b and c both answering slow requests,
+  // a new client is refused.
+  ASSERT_TRUE(b->WriteFrame(FrameType::kRequest, "sleep", absl::Now() + absl::Seconds(10)).ok());
+  ASSERT_TRUE(c->WriteFrame(FrameType::kRequest, "sleep", absl::Now() + absl::Seconds(10)).ok());
+  absl::SleepFor(absl::Milliseconds(150));
+  std::unique_ptr<FrameConnection> d = Connect();
+  ASSERT_NE(d, nullptr);
+  ASSERT_TRUE(d->ReadFrame(absl::Now() + absl::Seconds(10)).ok());
+  ASSERT_EQ(d->frame_type(), FrameType::kError);
+  EXPECT_EQ(DecodeErrorPayload(d->payload()).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(refused_.load(), 1);
+  ASSERT_TRUE(b->ReadFrame(absl::Now() + absl::Seconds(10)).ok());
+  ASSERT_TRUE(c->ReadFrame(absl::Now() + absl::Seconds(10)).ok());
+  EXPECT_EQ(b->payload(), "sleep");
+  EXPECT_EQ(c->payload(), "sleep");
+}
+
+// A client that connects and never speaks is closed after the hello timeout (not the idle
+// timeout), and its first frame may not be larger than a hello needs.
+TEST_F(FrameServerTest, TheFirstFrameIsBoundedInTimeAndSize) {
+  FrameServerOptions o;
+  o.hello_timeout = absl::Milliseconds(200);
+  o.max_first_frame_bytes = 1024;
+  StartServer(o);  // idle timeout: 10 minutes
+  {
+    RawClient silent(server_->port());
+    ASSERT_TRUE(silent.connected());
+    const absl::Time start = absl::Now();
+    ASSERT_TRUE(silent.ReadUntilClosed(std::chrono::seconds(10)));
+    const absl::Duration took = absl::Now() - start;
+    EXPECT_GE(took, absl::Milliseconds(150));
+    EXPECT_LT(took, absl::Seconds(5));
+    EXPECT_EQ(silent.received(), "");
+  }
+  {
+    RawClient big(server_->port());
+    ASSERT_TRUE(big.connected());
+    ASSERT_TRUE(big.Send(Header(FrameType::kHello, 1025)));
+    ASSERT_TRUE(big.ReadUntilClosed(std::chrono::seconds(10)));
+    const std::vector<absl::Status> errors = FramesIn(big.received());
+    ASSERT_EQ(errors.size(), 1u);
+    EXPECT_EQ(errors[0].code(), absl::StatusCode::kResourceExhausted) << errors[0];
+  }
+  // After the first frame the frame limit applies, and a quiet pause may last past the hello
+  // timeout.
+  std::unique_ptr<FrameConnection> c = Connect();
+  ASSERT_NE(c, nullptr);
+  ExpectServed(*c, std::string(4096, 'f'));
+  absl::SleepFor(absl::Milliseconds(400));
+  ASSERT_TRUE(Exchange(*c, FrameType::kRequest, "still open", FrameType::kResponse,
+                       absl::Now() + absl::Seconds(10))
+                  .ok());
+}
+
+// The payload bytes held for frames in progress, all connections together, stay within
+// max_buffered_bytes: a frame that would pass it is refused with RESOURCE_EXHAUSTED, and the
+// budget comes back once the frames in progress end.
+TEST_F(FrameServerTest, BufferedBytesAreBoundedAcrossConnections) {
+  FrameServerOptions o;
+  o.max_frame_bytes = 256u << 10;
+  o.max_buffered_bytes = 256u << 10;
+  StartServer(o);
+  std::unique_ptr<FrameConnection> a = Connect(), b = Connect();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ExpectServed(*a);
+  ExpectServed(*b);
+  // a announces 256 KiB and sends 200 KiB of it: its buffer has grown to the whole budget.
+  const std::string partial =
+      Header(FrameType::kRequest, 256u << 10) + std::string(200u << 10, 'a');
+  ASSERT_EQ(::send(a->fd(), partial.data(), partial.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(partial.size()));
+  absl::SleepFor(absl::Milliseconds(200));
+  const absl::Status s = Exchange(*b, FrameType::kRequest, std::string(100u << 10, 'b'),
+                                  FrameType::kResponse, absl::Now() + absl::Seconds(10));
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  // a finishes its frame and is answered; then the budget is free again.
+  const std::string rest(56u << 10, 'a');
+  ASSERT_EQ(::send(a->fd(), rest.data(), rest.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(rest.size()));
+  ASSERT_TRUE(a->ReadFrame(absl::Now() + absl::Seconds(10)).ok());
+  EXPECT_EQ(a->frame_type(), FrameType::kResponse);
+  EXPECT_EQ(a->payload().size(), 256u << 10);
+  std::unique_ptr<FrameConnection> c = Connect();
+  ASSERT_NE(c, nullptr);
+  ExpectServed(*c, std::string(200u << 10, 'c'));
 }
 
 TEST_F(FrameServerTest, IdleTimeoutClosesASilentConnection) {
