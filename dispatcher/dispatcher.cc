@@ -81,6 +81,20 @@ struct Pending {
 
 // ---- One long-lived Compute stream to one shard replica ------------------------------------
 
+// The channel of one replica's stream: MakeChannel's settings (service-common/grpc_util.h) with
+// a subchannel pool of its own. A stream reopened after a failure gets a new channel, which
+// connects at once instead of inheriting the reconnect backoff a shared subchannel kept from the
+// failure (a replica restarted on its address would fail its handshakes until it ended).
+std::shared_ptr<grpc::Channel> ReplicaChannel(const std::string& target, int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(target, ProcessChannelCredentials(), args);
+}
+
 // The stream runs on the gRPC callback API: Send() starts the write from the caller's thread
 // when no other write is outstanding (else the request waits in the queue and OnWriteDone
 // starts it), and the answer is delivered to the step's waiter from the gRPC thread whose
@@ -103,9 +117,14 @@ class ReplicaStream {
   uint64_t last_pick() const { return last_pick_.load(); }
   void MarkPicked(uint64_t clock) { last_pick_.store(clock); }
   bool healthy() const { return open_.load() && !broken_.load() && !data_failed_.load(); }
-  // Its stream or data plane failed (and has not been opened again since); a never-opened one
-  // has not.
-  bool failed() const { return broken_.load() || data_failed_.load(); }
+  // Its stream or data plane failed (and has not been opened again since, nor been listed by a
+  // newer map); a never-opened one has not. Failed replicas are chosen last.
+  bool failed() const { return (broken_.load() || data_failed_.load()) && !forgiven_.load(); }
+  // A newer map lists it: it ranks with the open replicas again (it may have been restarted on
+  // its address and registered again; else it fails again at its next try) until it fails anew.
+  // Without this a replica restarted on its address would never get work while another replica
+  // of its shard lives.
+  void Forgive() { forgiven_.store(true); }
 
   // Opens the stream (handshake first, bounded by `deadline` and connect_timeout) unless it
   // is open and healthy. A broken stream is torn down and opened afresh. Serialized per
@@ -115,7 +134,8 @@ class ReplicaStream {
     if (closed_) return absl::UnavailableError(absl::StrCat(address_, ": closed"));
     if (open_ && !broken_ && StreamUp()) return absl::OkStatus();
     TearDown();
-    if (!channel_) channel_ = MakeChannel(address_, options_.max_message_bytes);
+    // A new channel each time: this is the first open or a reopen after a failure.
+    channel_ = ReplicaChannel(address_, options_.max_message_bytes);
     auto stub = v1::ExpertService::NewStub(channel_);
     {
       grpc::ClientContext ctx;
@@ -125,10 +145,14 @@ class ReplicaStream {
       *req.mutable_client() = options_.identity;
       v1::HandshakeResponse resp;
       if (grpc::Status s = stub->Handshake(&ctx, req, &resp); !s.ok()) {
+        forgiven_ = false;
         return absl::Status(FromGrpcStatus(s).code(),
                             absl::StrCat(address_, ": handshake: ", s.error_message()));
       }
-      if (absl::Status s = CheckPeer(options_.identity, resp.server()); !s.ok()) return s;
+      if (absl::Status s = CheckPeer(options_.identity, resp.server()); !s.ok()) {
+        forgiven_ = false;
+        return s;
+      }
     }
     stub_ = std::move(stub);
     // The stream lives as long as the replica is in the map: no call deadline here; every
@@ -255,6 +279,7 @@ class ReplicaStream {
       // Not broken_: that would cut its Compute stream, which requests that found no data
       // connection may be using.
       data_failed_ = true;
+      forgiven_ = false;
       *no_connection = true;
       return absl::Status(s.code(), absl::StrCat(data_address_, ": data plane: ", s.message()));
     }
@@ -302,6 +327,7 @@ class ReplicaStream {
   void Break(const std::string& why) {
     std::lock_guard<std::mutex> lock(mu_);
     idle_.clear();  // data plane: the idle connections go too
+    forgiven_ = false;
     if (!open_ || broken_) return;
     spdlog::warn("dispatcher: breaking {} to {} ({}): {}", data_plane() ? "data plane" : "stream",
                  replica_id_, data_plane() ? data_address_ : address_, why);
@@ -350,6 +376,7 @@ class ReplicaStream {
   void OnEnded() {
     std::unique_lock<std::mutex> lock(mu_);
     broken_ = true;
+    forgiven_ = false;
     release_hold_ = true;
     MaybeReleaseHold(lock);
   }
@@ -451,6 +478,7 @@ class ReplicaStream {
   std::atomic<bool> open_{false};
   std::atomic<bool> broken_{false};
   std::atomic<bool> data_failed_{false};  // the last data-plane connect or hello failed
+  std::atomic<bool> forgiven_{false};     // listed by a newer map since it last failed
   bool writing_ = false;                  // a write is outstanding on call_
   int starting_ = 0;                      // Send()s about to start a write outside a reaction
   bool holding_ = false;                  // call_ has the stream's hold
@@ -711,6 +739,7 @@ absl::Status Dispatcher::ApplyPlacement(const v1::PlacementMap& map, bool any_ve
             it != streams_.end() ? it->second
                                  : std::make_shared<ReplicaStream>(r.replica_id(), r.address(),
                                                                    data, g.shard_id(), options_);
+        if (it != streams_.end()) s->Forgive();  // see Forgive()
         streams[key] = s;
         table->replicas[g.shard_id()].push_back(std::move(s));
       }

@@ -20,8 +20,10 @@
 // sizes, NaN/Inf outputs: refused, counted in expertmesh_dispatch_bad_answers_total{shard,reason},
 // never summed) is abandoned for this request, its stream is cut, and the request goes to another
 // replica of the same shard; with none left the step fails with UNAVAILABLE naming the shard. A cut
-// replica comes back when it is next chosen and its handshake succeeds. The whole step is bounded
-// by step_deadline.
+// replica comes back when it is next chosen and its handshake succeeds; it ranks with the others
+// again once a newer map lists it (a replica restarted on its address registers again), on a new
+// channel (no reconnect backoff inherited from its crash). The whole step is bounded by
+// step_deadline.
 //
 // Placement and replicas come from the router's versioned maps (WatchRouter: a
 // WatchPlacement stream, reconnected when it breaks); replicas that register later are used

@@ -60,19 +60,20 @@ const absl::Duration kStepDeadline = absl::Seconds(5);
 enum class Transport { kStream, kDataPlane };
 
 // A real replica of `shard` of the placement, registering with the router at `router`. With
-// `data_plane` it listens on a framed TCP data plane on a free loopback port; with `metrics`
-// its metrics (expertmesh_expert_data_connections, expertmesh_expert_rows_total) go there.
+// `data_plane` it listens on a framed TCP data plane on `data_listen` (default a free loopback
+// port); with `metrics` its metrics (expertmesh_expert_data_connections,
+// expertmesh_expert_rows_total) go there; `listen`: its gRPC address (default a free port).
 absl::StatusOr<std::unique_ptr<ExpertServer>> StartReplica(
     const std::string& dir, const Placement& placement, int shard, const std::string& router,
     std::string instance_id = "", bool data_plane = false, MetricsRegistry* metrics = nullptr,
-    std::string listen = "") {
+    std::string listen = "", std::string data_listen = "127.0.0.1:0") {
   ExpertServerOptions o;
   o.model_dir = dir;
   o.experts = placement.ExpertsOf(shard);
   o.shard_id = shard;
   o.router_address = router;
   if (!instance_id.empty()) o.instance_id = std::move(instance_id);
-  if (data_plane) o.data_listen = "127.0.0.1:0";
+  if (data_plane) o.data_listen = std::move(data_listen);
   if (!listen.empty()) o.server.listen = std::move(listen);
   o.metrics = metrics;
   return ExpertServer::Start(o);
@@ -178,14 +179,15 @@ class DispatcherFixture : public ::testing::Test {
     router_.reset();
   }
 
-  // A replica of `shard` on the fixture's transport (with its own metrics registry); `listen`:
-  // its gRPC address (default any free port).
-  ExpertServer* AddReplica(int shard, std::string listen = "") {
+  // A replica of `shard` on the fixture's transport (with its own metrics registry); `listen`
+  // and `data_listen`: its gRPC and data-plane addresses (default free ports).
+  ExpertServer* AddReplica(int shard, std::string listen = "",
+                           std::string data_listen = "127.0.0.1:0") {
     replica_metrics_.push_back(std::make_unique<MetricsRegistry>());
     absl::StatusOr<std::unique_ptr<ExpertServer>> s =
         StartReplica(dir_, placement_, shard, router_->address(),
                      absl::StrCat("shard", shard, "-", replicas_.size()), data_plane(),
-                     replica_metrics_.back().get(), std::move(listen));
+                     replica_metrics_.back().get(), std::move(listen), std::move(data_listen));
     EXPECT_TRUE(s.ok()) << s.status();
     if (!s.ok()) return nullptr;
     replicas_.push_back(*std::move(s));
@@ -506,6 +508,24 @@ TEST_P(DispatcherTest, ReplicaKilledMidRunFailsOverWithTheSameOutput) {
   // The map order makes replica 0 of each shard the first choice; once killed, its shard's
   // requests went to replica 1 (through a failover when the kill hit a request in flight).
   EXPECT_EQ(Replica(0, 0).service().outstanding_rows(), 0u);
+}
+
+// A replica that crashed and was restarted on its addresses (its gRPC port and, on the data
+// plane, its data port: the dispatcher's map entry is the same) gets work again: after its
+// crash it was tried last, but once it registered again it takes its turns. (Before: never,
+// while the other replica of its shard lived.)
+TEST_P(DispatcherTest, AReplicaRestartedOnItsAddressGetsWorkAgain) {
+  const int port = Replica(1, 0).port();
+  const std::string data_address = Replica(1, 0).data_address();
+  Replica(1, 0).Kill();
+  for (int i = 0; i < 4; ++i) RunAndCheck(1 + i % 3, 6, 40 + i);  // shard 1 fails over to r1
+  ASSERT_NE(AddReplica(1, LoopbackAddress(port), data_plane() ? data_address : "127.0.0.1:0"),
+            nullptr);
+  ASSERT_EQ(replicas_.back()->data_address(), data_address);
+  MetricsRegistry& restarted = *replica_metrics_.back();
+  ASSERT_TRUE(dispatcher_->WaitCovered(absl::Seconds(10), router_->service().version()).ok());
+  for (int i = 0; i < 4 * kReplicas; ++i) RunAndCheck(1 + i % 3, 6, 50 + i);
+  EXPECT_GT(RowsComputed(restarted), 0) << "the restarted replica never got work";
 }
 
 TEST_P(DispatcherTest, NoReplicaLeftIsUnavailableNamingTheShard) {
