@@ -91,6 +91,8 @@ class FrameConnection {
   // An idle pooled connection that the peer closed (or that holds unexpected bytes) reads
   // as ready: true when the connection is still quiet and usable.
   bool QuietAndOpen() const;
+  // Bytes of the frame being read that have arrived (0: nothing of the next frame yet).
+  size_t frame_bytes_in() const { return in_complete_ ? 0 : in_have_; }
 
  private:
   FrameConnection(int fd, std::string address, uint32_t max_frame_bytes)

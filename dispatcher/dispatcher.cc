@@ -233,19 +233,24 @@ class ReplicaStream {
   // one of the connect or the hello (the replica's data plane down, or refusing connections
   // over its own bound) also marks the replica failed; RESOURCE_EXHAUSTED for
   // max_data_connections_per_replica in use does not.
+  // `fresh`: open a new connection even when an idle one is pooled. *reused: the connection
+  // came from the pool (it may have been closed by the replica since it went quiet).
   absl::StatusOr<std::unique_ptr<dataplane::FrameConnection>> Lease(absl::Time deadline,
-                                                                    bool* no_connection) {
+                                                                    bool* no_connection, bool fresh,
+                                                                    bool* reused) {
+    *reused = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (data_closed_) {
         *no_connection = true;
         return absl::UnavailableError(absl::StrCat(data_address_, ": closed"));
       }
-      while (!idle_.empty()) {
+      while (!fresh && !idle_.empty()) {
         std::unique_ptr<dataplane::FrameConnection> c = std::move(idle_.back());
         idle_.pop_back();
         if (c->QuietAndOpen()) {
           ++leased_;
+          *reused = true;
           return c;
         }
       }
@@ -546,6 +551,10 @@ struct Dispatcher::Group {
   std::shared_ptr<ReplicaStream> replica;  // the current attempt's replica
   // Data plane: the current attempt's connection (the answer is read from it), else null.
   std::unique_ptr<dataplane::FrameConnection> conn;
+  // The connection came from the pool, and whether this group already resent once on a fresh
+  // connection after a pooled one turned out closed (see ReadDataPlane).
+  bool conn_reused = false;
+  bool resent_fresh = false;
   uint64_t request_id = 0;
   absl::Time attempt_deadline;
   bool done = false;
@@ -1105,20 +1114,25 @@ absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i, const std::shared_pt
     std::lock_guard<std::mutex> lock(waiter_->mu);
     waiter_->slots[i] = StepWaiter::Slot{};  // token 0: no stream answer is taken for it
   }
-  EM_ASSIGN_OR_RETURN(std::unique_ptr<dataplane::FrameConnection> conn,
-                      r->Lease(step_deadline_, no_connection));
   const uint64_t id = r->NextRequestId();
   g.request.set_request_id(id);
   frame_.clear();
   if (!g.request.SerializeToString(&frame_)) {
-    r->Drop(std::move(conn), 0);
     return absl::InternalError("request not serializable");
   }
   const absl::Time attempt_deadline =
       std::min(absl::Now() + d_.options_.attempt_timeout, step_deadline_);
-  if (absl::Status s = conn->WriteFrame(dataplane::FrameType::kRequest, frame_, attempt_deadline);
-      !s.ok()) {
+  std::unique_ptr<dataplane::FrameConnection> conn;
+  bool reused = false;
+  // A pooled connection the replica closed while it sat idle (its idle timeout, an eviction,
+  // a restart) fails the write: once, the request goes on a fresh connection instead.
+  for (bool fresh = g.resent_fresh;; fresh = true) {
+    EM_ASSIGN_OR_RETURN(conn, r->Lease(step_deadline_, no_connection, fresh, &reused));
+    const absl::Status s =
+        conn->WriteFrame(dataplane::FrameType::kRequest, frame_, attempt_deadline);
+    if (s.ok()) break;
     r->Drop(std::move(conn), 0);
+    if (reused && !fresh) continue;
     r->Break(std::string(s.message()));
     return s;
   }
@@ -1127,6 +1141,7 @@ absl::Status Dispatcher::StepRun::SendOnDataPlane(size_t i, const std::shared_pt
   r->MarkPicked(d_.pick_clock_.fetch_add(1) + 1);
   g.replica = r;
   g.conn = std::move(conn);
+  g.conn_reused = reused;
   g.request_id = id;
   g.attempt_deadline = attempt_deadline;
   if (const ShardMetrics* m = table_->metrics(g.shard)) {
@@ -1150,6 +1165,26 @@ void Dispatcher::StepRun::ReadDataPlane(size_t i,
   dataplane::FrameConnection& c = *g.conn;
   absl::StatusOr<bool> got = c.ReadAvailable();
   if (got.ok() && !*got) return;  // more bytes to come
+  if (!got.ok() && g.conn_reused && !g.resent_fresh && c.frame_bytes_in() == 0 &&
+      absl::Now() < g.attempt_deadline) {
+    // A pooled connection that ended before any byte of its answer: the replica had closed it
+    // while it sat idle (or in the moment it was taken). Once per group, the request goes to
+    // the same replica again on a fresh connection; not a failover, the replica is not failed.
+    std::shared_ptr<ReplicaStream> r = g.replica;
+    r->Drop(std::move(g.conn), static_cast<int64_t>(g.rows.size()));
+    g.resent_fresh = true;
+    bool none = false;
+    const absl::Status again = SendOnDataPlane(i, r, &none);
+    if (again.ok()) return;
+    got = absl::UnavailableError(
+        absl::StrCat(got.status().message(), "; again on a new connection: ", again.message()));
+    g.replica = r;  // the slot below fails this attempt over
+    StepWaiter::Slot slot;
+    slot.filled = true;
+    slot.status = got.status();
+    filled->emplace_back(i, std::move(slot));
+    return;
+  }
   StepWaiter::Slot slot;
   slot.filled = true;
   if (!got.ok()) {

@@ -21,6 +21,7 @@
 #include <barrier>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -1983,6 +1984,142 @@ TEST(DispatcherDataPlaneTest, InvalidArgumentErrorFrameFailsTheStep) {
   EXPECT_EQ(fake.requests(), 1);
   EXPECT_EQ((*dispatcher)->failovers(), 0u);
   EXPECT_EQ(RowsComputed(real_metrics), 0);
+  dispatcher->reset();
+}
+
+// A TCP relay in front of a shard's data port that, when armed, swallows the next request
+// sent on a connection it has already forwarded a request on and closes that connection
+// without an answer: what a dispatcher sees when the replica closes a pooled connection (idle
+// timeout, eviction at its connection bound) in the moment the dispatcher takes it.
+class CuttingRelay {
+ public:
+  CuttingRelay() {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (listen_fd_ >= 0 && ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+        ::listen(listen_fd_, 16) == 0 &&
+        ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+      port_ = ntohs(a.sin_port);
+    }
+  }
+  ~CuttingRelay() {
+    stop_ = true;
+    if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+    if (acceptor_.joinable()) acceptor_.join();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int fd : fds_) ::shutdown(fd, SHUT_RDWR);
+    for (std::thread& t : pumps_) t.join();
+    for (int fd : fds_) ::close(fd);
+  }
+  int port() const { return port_; }
+  void Forward(int upstream_port) {
+    upstream_port_ = upstream_port;
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+  void ArmCut() { armed_ = true; }
+  int cuts() const { return cuts_.load(); }
+
+ private:
+  void AcceptLoop() {
+    while (!stop_) {
+      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client < 0) return;
+      const int server = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      a.sin_port = htons(static_cast<uint16_t>(upstream_port_));
+      if (::connect(server, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+        ::close(client);
+        ::close(server);
+        continue;
+      }
+      timeval tv{10, 0};  // no pump blocks for ever
+      for (int fd : {client, server}) ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      std::lock_guard<std::mutex> lock(mu_);
+      fds_.push_back(client);
+      fds_.push_back(server);
+      pumps_.emplace_back([this, client, server] { Pump(client, server, true); });
+      pumps_.emplace_back([this, client, server] { Pump(server, client, false); });
+    }
+  }
+  // Copies from -> to. Client to server: counts the request frames that begin in a read
+  // (each request here is written in one piece and answered before the next), and when armed
+  // swallows the second or later one and ends both directions.
+  void Pump(int from, int to, bool from_client) {
+    char buf[1 << 16];
+    int frames = 0;
+    while (true) {
+      const ssize_t n = ::recv(from, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      if (from_client && n >= 5 && std::memcmp(buf, "EMD1", 4) == 0 && buf[4] == 3) {
+        if (++frames >= 2 && armed_.exchange(false)) {
+          cuts_.fetch_add(1);
+          break;
+        }
+      }
+      if (::send(to, buf, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+    }
+    ::shutdown(from, SHUT_RDWR);
+    ::shutdown(to, SHUT_RDWR);
+  }
+
+  int listen_fd_ = -1;
+  int port_ = 0;
+  int upstream_port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> armed_{false};
+  std::atomic<int> cuts_{0};
+  std::thread acceptor_;
+  std::mutex mu_;
+  std::vector<int> fds_;
+  std::vector<std::thread> pumps_;
+};
+
+// A pooled data-plane connection that the replica closes as the dispatcher takes it (the
+// request goes out, the connection ends without a byte of answer) is not a replica failure:
+// the request goes to the same replica again on a fresh connection, once, with no failover,
+// and the step's output is exact. Here each shard group has a single replica, so without that
+// the step would fail with UNAVAILABLE.
+TEST(DispatcherDataPlaneTest, APooledConnectionClosedAsItIsTakenIsResentOnAFreshOne) {
+  DataPlaneCluster c;
+  ASSERT_NO_FATAL_FAILURE(c.Start("dp-stale-pooled"));
+  std::vector<std::unique_ptr<CuttingRelay>> relays;
+  std::vector<std::unique_ptr<ExpertServer>> shards;
+  for (int shard = 0; shard < 2; ++shard) {
+    relays.push_back(std::make_unique<CuttingRelay>());
+    ASSERT_GT(relays.back()->port(), 0);
+    ExpertServerOptions o;
+    o.model_dir = c.dir;
+    o.experts = c.placement.ExpertsOf(shard);
+    o.shard_id = shard;
+    o.router_address = c.router->address();
+    o.data_listen = "127.0.0.1:0";
+    o.data_advertise_address = LoopbackAddress(relays.back()->port());  // reached through it
+    absl::StatusOr<std::unique_ptr<ExpertServer>> e = ExpertServer::Start(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    relays.back()->Forward((*e)->data_port());
+    shards.push_back(*std::move(e));
+  }
+  DispatcherOptions d;
+  d.identity = c.identity;
+  d.step_deadline = absl::Seconds(10);
+  d.attempt_timeout = absl::Seconds(5);
+  absl::StatusOr<std::unique_ptr<Dispatcher>> dispatcher =
+      WatchingDispatcher(c.config, d, c.router->address(), 2);
+  ASSERT_TRUE(dispatcher.ok()) << dispatcher.status();
+  c.RunAndCheck(**dispatcher, 1, 6, 501);  // each shard's connection is pooled now
+  for (int i = 0; i < 3; ++i) {
+    for (auto& r : relays) r->ArmCut();
+    c.RunAndCheck(**dispatcher, 1 + i % 3, 6, 502 + i);
+  }
+  for (auto& r : relays) EXPECT_EQ(r->cuts(), 3);
+  EXPECT_EQ((*dispatcher)->failovers(), 0u);
+  for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) EXPECT_TRUE(r.open);
   dispatcher->reset();
 }
 
