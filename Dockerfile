@@ -51,9 +51,10 @@ LABEL org.opencontainers.image.title="ExpertMesh" \
       org.opencontainers.image.base.name="debian:bookworm-slim"
 USER 10001:10001
 WORKDIR /tmp
-# The ports k8s/ uses: gRPC of router 7000, attention 7001, gateway 7002, shard group k 7100+k;
+# The ports k8s/ uses: gRPC of router 7000, attention 7001, gateway 7002, shard group k 7100+k
+# (its framed TCP data plane 7300+k);
 # the gateway's HTTP API 8000; /metrics of router 9000, attention 9001, shard group k 9100+k.
-EXPOSE 7000 7001 7002 7100 8000 9000 9001 9100
+EXPOSE 7000 7001 7002 7100 7300 8000 9000 9001 9100
 CMD ["expertmesh", "--help"]
 
 # ---- tiny: + the bundled demo model (k8s/overlays/cpu-tiny, tools/docker-test.sh) ------------
