@@ -12,9 +12,11 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -246,34 +248,36 @@ TEST_F(FrameServerTest, StartRefusesBadOptions) {
     return FrameServer::Start(std::move(o), [] { return std::unique_ptr<FrameSession>(); })
         .status();
   };
-  FrameServerOptions o;
-  o.listen = "127.0.0.1";
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.listen = "127.0.0.1:0";
-  o.max_connections = 0;
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.max_connections = 1;
-  o.idle_timeout = absl::ZeroDuration();
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.idle_timeout = absl::Seconds(1);
-  o.frame_timeout = -absl::Seconds(1);
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.frame_timeout = absl::Seconds(1);
-  o.max_frame_bytes = 4;
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.max_frame_bytes = 1024;
-  o.hello_timeout = absl::ZeroDuration();
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.hello_timeout = absl::Seconds(1);
-  o.max_buffered_bytes = 1023;  // below one frame
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.max_buffered_bytes = 1024;
-  o.max_first_frame_bytes = 0;
-  EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument);
-  o.max_first_frame_bytes = 64;
-  // A port already taken.
+  // A good base; each case breaks one option of it.
+  FrameServerOptions good;
+  good.listen = "127.0.0.1:0";
+  good.max_connections = 1;
+  good.idle_timeout = absl::Seconds(1);
+  good.frame_timeout = absl::Seconds(1);
+  good.max_frame_bytes = 1024;
+  good.hello_timeout = absl::Seconds(1);
+  good.max_buffered_bytes = 1024;
+  good.max_first_frame_bytes = 64;
+  ASSERT_TRUE(start(good).ok()) << "the base must be good for each case to test its option";
+  const std::pair<const char*, std::function<void(FrameServerOptions&)>> kBad[] = {
+      {"listen without a port", [](FrameServerOptions& o) { o.listen = "127.0.0.1"; }},
+      {"no connections", [](FrameServerOptions& o) { o.max_connections = 0; }},
+      {"zero idle timeout", [](FrameServerOptions& o) { o.idle_timeout = absl::ZeroDuration(); }},
+      {"negative frame timeout",
+       [](FrameServerOptions& o) { o.frame_timeout = -absl::Seconds(1); }},
+      {"frame bound below a header", [](FrameServerOptions& o) { o.max_frame_bytes = 4; }},
+      {"zero hello timeout", [](FrameServerOptions& o) { o.hello_timeout = absl::ZeroDuration(); }},
+      {"buffer below one frame", [](FrameServerOptions& o) { o.max_buffered_bytes = 1023; }},
+      {"zero first-frame bound", [](FrameServerOptions& o) { o.max_first_frame_bytes = 0; }},
+  };
+  for (const auto& [name, mutate] : kBad) {
+    FrameServerOptions o = good;
+    mutate(o);
+    EXPECT_EQ(start(o).code(), absl::StatusCode::kInvalidArgument) << name;
+  }
+  // A port already taken: the good base with the listen address of a running server.
   StartServer();
-  o.max_frame_bytes = 1024;
+  FrameServerOptions o = good;
   o.listen = Address();
   EXPECT_EQ(start(o).code(), absl::StatusCode::kUnavailable);
 }
