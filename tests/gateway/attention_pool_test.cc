@@ -13,7 +13,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 
 #include "gateway/attention_pool.h"
 #include "gmock/gmock.h"
@@ -22,6 +21,7 @@
 #include "service-common/process.h"
 #include "service-common/tls.h"
 #include "tests/cluster/elasticity_dns.h"
+#include "tests/common/test_pki.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -251,25 +251,8 @@ TEST(AttentionPoolTest, ARefusedSubmitIsOpenedOnAnotherReplica) {
 TEST(AttentionPoolTest, DnsMembersAreCheckedUnderTheirNameWithMtls) {
   char tmpl[] = "/tmp/expertmesh-pool-tls-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
-  auto sh = [](const std::string& command) {
-    return std::system((command + " > /dev/null 2>&1").c_str());
-  };
-  const std::string key_opts = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-  ASSERT_EQ(sh("openssl req -x509" + key_opts + " -days 2 -subj /CN=ca" +
-               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign,cRLSign" +
-               " -keyout " + dir + "/ca.key -out " + dir + "/ca.crt"),
-            0);
-  {
-    std::ofstream(dir + "/ext.cnf") << "subjectAltName=DNS:attention.test\n"
-                                    << "extendedKeyUsage=serverAuth,clientAuth\n";
-  }
-  ASSERT_EQ(sh("openssl req -new" + key_opts + " -subj /CN=attention -keyout " + dir +
-               "/tls.key -out " + dir + "/tls.csr"),
-            0);
-  ASSERT_EQ(
-      sh("openssl x509 -req -days 2 -in " + dir + "/tls.csr -CA " + dir + "/ca.crt -CAkey " + dir +
-         "/ca.key -CAcreateserial -extfile " + dir + "/ext.cnf -out " + dir + "/tls.crt"),
-      0);
+  const absl::Status pki = testing::MakeTestPki(dir, "DNS:attention.test", "attention");
+  ASSERT_TRUE(pki.ok()) << pki;
   SetProcessTls(TlsFiles{.cert = dir + "/tls.crt", .key = dir + "/tls.key", .ca = dir + "/ca.crt"});
   {
     StubServer server(0);  // the process-wide mTLS credentials

@@ -27,14 +27,13 @@
 #include "service-common/tls.h"
 #include "tests/common/child_log.h"
 #include "tests/common/run_command.h"
+#include "tests/common/test_pki.h"
 #include "tools/launcher/process.h"
 
 namespace expertmesh {
 namespace {
 
 namespace fs = std::filesystem;
-
-int Sh(const std::string& command) { return std::system((command + " >/dev/null 2>&1").c_str()); }
 
 class TempDir {
  public:
@@ -50,30 +49,18 @@ class TempDir {
   std::string path_;
 };
 
-const char kKeyOpts[] = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-
 // <dir>/<name>.crt and .key: a self-signed CA.
 void MakeCa(const TempDir& dir, const std::string& name) {
-  ASSERT_EQ(Sh("openssl req -x509 " + std::string(kKeyOpts) + " -days 2 -subj /CN=" + name +
-               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign,cRLSign" +
-               " -keyout " + (dir / (name + ".key")) + " -out " + (dir / (name + ".crt"))),
-            0);
+  const absl::Status s = testing::MakeTestCa(dir.path(), name);
+  ASSERT_TRUE(s.ok()) << s;
 }
 
 // <out_dir>/tls.crt and tls.key signed by CA <ca>, CN = cn, SAN IP:127.0.0.1 and localhost.
 void MakeCert(const TempDir& dir, const std::string& ca, const std::string& cn,
               const std::string& out_dir) {
-  fs::create_directories(out_dir);
-  const std::string ext = out_dir + "/ext.cnf";
-  std::ofstream(ext) << "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                     << "extendedKeyUsage=serverAuth,clientAuth\n";
-  ASSERT_EQ(Sh("openssl req -new " + std::string(kKeyOpts) + " -subj /CN=" + cn + " -keyout " +
-               out_dir + "/tls.key -out " + out_dir + "/tls.csr"),
-            0);
-  ASSERT_EQ(Sh("openssl x509 -req -days 2 -in " + out_dir + "/tls.csr -CA " +
-               (dir / (ca + ".crt")) + " -CAkey " + (dir / (ca + ".key")) +
-               " -CAcreateserial -extfile " + ext + " -out " + out_dir + "/tls.crt"),
-            0);
+  const absl::Status s =
+      testing::MakeTestCert(dir.path(), ca, cn, "IP:127.0.0.1,DNS:localhost", out_dir);
+  ASSERT_TRUE(s.ok()) << s;
 }
 
 TlsFiles Files(const std::string& cert_dir, const std::string& ca_file) {
