@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <thread>
 
@@ -34,6 +33,7 @@
 #include "tests/common/metrics_text.h"
 #include "tests/common/poll.h"
 #include "tests/common/raw_client.h"
+#include "tests/common/test_pki.h"
 
 namespace expertmesh {
 namespace {
@@ -401,6 +401,22 @@ TEST_F(ExpertServiceTest, EveryBadMessageGetsItsStatusAndTheStreamStaysUp) {
   absl::StatusOr<bool> serving = CheckHealth(*channel_, "", absl::Seconds(5));
   ASSERT_TRUE(serving.ok()) << serving.status();
   EXPECT_TRUE(*serving);
+}
+
+// Options for shard `shard` of the test model under EvenPlacement(2): the model directory, the
+// shard's experts and id; nothing listens on a data port.
+absl::StatusOr<ExpertServerOptions> ShardOptions(int shard) {
+  absl::StatusOr<std::string> dir = ShardTestModel();
+  if (!dir.ok()) return dir.status();
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
+  if (!config.ok()) return config.status();
+  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
+  if (!placement.ok()) return placement.status();
+  ExpertServerOptions o;
+  o.model_dir = *dir;
+  o.experts = placement->ExpertsOf(shard);
+  o.shard_id = shard;
+  return o;
 }
 
 // Liveness ("") comes with the mapped experts; readiness (the ExpertService name) only once
@@ -792,22 +808,16 @@ struct OwnShard {
   v1::PeerIdentity me;
 };
 void StartOwnShard(OwnShard& shard, uint32_t max_data_connections) {
-  absl::StatusOr<std::string> dir = ShardTestModel();
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
-  ASSERT_TRUE(placement.ok());
-  ExpertServerOptions o;
-  o.model_dir = *dir;
-  o.experts = placement->ExpertsOf(0);
+  absl::StatusOr<ExpertServerOptions> options = ShardOptions(0);
+  ASSERT_TRUE(options.ok()) << options.status();
+  ExpertServerOptions o = *options;
   o.data_listen = "127.0.0.1:0";
   o.limits.max_data_connections = max_data_connections;
   o.metrics = &shard.metrics;
   absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
   ASSERT_TRUE(s.ok()) << s.status();
   shard.server = std::move(*s);
-  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*dir, "test", "data-plane-own");
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(o.model_dir, "test", "data-plane-own");
   ASSERT_TRUE(me.ok());
   shard.me = *me;
 }
@@ -891,15 +901,9 @@ TEST(ExpertDataPlaneStopTest, KillCutsOpenConnections) {
 }
 
 TEST(ExpertDataPlaneStopTest, ABadListenAddressIsRefusedBeforeStarting) {
-  absl::StatusOr<std::string> dir = ShardTestModel();
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
-  ASSERT_TRUE(placement.ok());
-  ExpertServerOptions o;
-  o.model_dir = *dir;
-  o.experts = placement->ExpertsOf(0);
+  absl::StatusOr<ExpertServerOptions> options = ShardOptions(0);
+  ASSERT_TRUE(options.ok()) << options.status();
+  ExpertServerOptions o = *options;
   for (const std::string bad : {"127.0.0.1", "127.0.0.1:70000", "::1:0", ":0"}) {
     o.data_listen = bad;
     absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
@@ -919,17 +923,11 @@ TEST(ExpertDataPlaneStopTest, ABadListenAddressIsRefusedBeforeStarting) {
 // The data-plane address the router is given: the listen host with the bound port, the
 // advertised gRPC host for a wildcard, [v6] in brackets, or --data-advertise as given.
 TEST(ExpertDataPlaneStopTest, DataAddressFollowsTheListenAddress) {
-  absl::StatusOr<std::string> dir = ShardTestModel();
-  ASSERT_TRUE(dir.ok()) << dir.status();
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(*dir + "/config.json");
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
-  ASSERT_TRUE(placement.ok());
-  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(*dir, "test", "address");
+  absl::StatusOr<ExpertServerOptions> options = ShardOptions(0);
+  ASSERT_TRUE(options.ok()) << options.status();
+  ExpertServerOptions o = *options;
+  absl::StatusOr<v1::PeerIdentity> me = MakeLocalIdentity(o.model_dir, "test", "address");
   ASSERT_TRUE(me.ok());
-  ExpertServerOptions o;
-  o.model_dir = *dir;
-  o.experts = placement->ExpertsOf(0);
   auto start = [&](const std::string& listen, const std::string& advertise) {
     o.data_listen = listen;
     o.data_advertise_address = advertise;
@@ -975,35 +973,14 @@ TEST(ExpertDataPlaneStopTest, DataAddressFollowsTheListenAddress) {
 }
 
 TEST(ExpertDataPlaneTlsTest, DataListenIsRefusedUnderMtls) {
-  absl::StatusOr<std::string> model = ShardTestModel();
-  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<ExpertServerOptions> options = ShardOptions(0);
+  ASSERT_TRUE(options.ok()) << options.status();
   const std::string dir =
       (std::filesystem::temp_directory_path() / absl::StrCat("em-data-tls-", ::getpid())).string();
   std::filesystem::create_directories(dir);
-  auto sh = [](const std::string& command) {
-    return std::system((command + " > /dev/null 2>&1").c_str());
-  };
-  const std::string key_opts = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-  ASSERT_EQ(sh("openssl req -x509" + key_opts + " -days 2 -subj /CN=ca" +
-               " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign,cRLSign" +
-               " -keyout " + dir + "/ca.key -out " + dir + "/ca.crt"),
-            0);
-  std::ofstream(dir + "/ext.cnf") << "subjectAltName=IP:127.0.0.1\n"
-                                  << "extendedKeyUsage=serverAuth,clientAuth\n";
-  ASSERT_EQ(sh("openssl req -new" + key_opts + " -subj /CN=shard -keyout " + dir +
-               "/tls.key -out " + dir + "/tls.csr"),
-            0);
-  ASSERT_EQ(
-      sh("openssl x509 -req -days 2 -in " + dir + "/tls.csr -CA " + dir + "/ca.crt -CAkey " + dir +
-         "/ca.key -CAcreateserial -extfile " + dir + "/ext.cnf -out " + dir + "/tls.crt"),
-      0);
-  absl::StatusOr<ModelConfig> config = LoadModelConfig(*model + "/config.json");
-  ASSERT_TRUE(config.ok());
-  absl::StatusOr<Placement> placement = EvenPlacement(*config, 2);
-  ASSERT_TRUE(placement.ok());
-  ExpertServerOptions o;
-  o.model_dir = *model;
-  o.experts = placement->ExpertsOf(0);
+  const absl::Status pki = testing::MakeTestPki(dir, "IP:127.0.0.1", "shard");
+  ASSERT_TRUE(pki.ok()) << pki;
+  ExpertServerOptions o = *options;
   o.data_listen = "127.0.0.1:0";
   SetProcessTls(TlsFiles{.cert = dir + "/tls.crt", .key = dir + "/tls.key", .ca = dir + "/ca.crt"});
   absl::StatusOr<std::unique_ptr<ExpertServer>> s = ExpertServer::Start(o);
