@@ -22,6 +22,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -51,6 +52,40 @@ using testing::Batch;
 using testing::ExpectedShardedOutput;
 using testing::RandomBatch;
 using testing::ShardTestModel;
+
+// One step through `dispatcher`, checked against LocalExperts bit for bit (and finite).
+void RunAndCheckStep(Dispatcher& dispatcher, const ModelConfig& config, const Placement& placement,
+                     LocalExperts& all, int layer, int64_t n_rows, uint64_t seed) {
+  const Batch b = RandomBatch(config, n_rows, seed);
+  std::vector<float> got(n_rows * config.hidden_size);
+  const absl::Status s = dispatcher.Run(layer, b.x, b.routes, got);
+  ASSERT_TRUE(s.ok()) << s;
+  absl::StatusOr<std::vector<float>> want =
+      ExpectedShardedOutput(all, placement, layer, b, config.hidden_size);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (float v : got) ASSERT_TRUE(std::isfinite(v));
+  ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+}
+
+// The bad answers of shard 1's NaN, Inf and short fakes, counted by reason in the metrics text.
+void ExpectShard1BadAnswersCounted(const std::string& text) {
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"non_finite\"} 2"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"size\"} 1"),
+            std::string::npos)
+      << text;
+}
+
+// The replicas listed open are exactly the real ones (the refused ones were cut or failed).
+void ExpectOnlyRealReplicasOpen(const Dispatcher& dispatcher,
+                                const std::vector<std::unique_ptr<ExpertServer>>& real) {
+  for (const Dispatcher::ReplicaState& r : dispatcher.Replicas()) {
+    bool is_real = false;
+    for (const auto& e : real) is_real = is_real || r.address == e->address();
+    EXPECT_EQ(r.open, is_real) << r.replica_id;
+  }
+}
 
 constexpr int kShards = 2;
 constexpr int kReplicas = 2;
@@ -244,14 +279,38 @@ class DispatcherFixture : public ::testing::Test {
 
   // Runs one step through the dispatcher and checks it against LocalExperts.
   void RunAndCheck(int layer, int64_t n_rows, uint64_t seed) {
-    const Batch b = RandomBatch(config_, n_rows, seed);
-    std::vector<float> got(n_rows * config_.hidden_size);
-    const absl::Status s = dispatcher_->Run(layer, b.x, b.routes, got);
-    ASSERT_TRUE(s.ok()) << s;
-    absl::StatusOr<std::vector<float>> want =
-        ExpectedShardedOutput(*all_, placement_, layer, b, config_.hidden_size);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+    RunAndCheckStep(*dispatcher_, config_, placement_, *all_, layer, n_rows, seed);
+  }
+
+  // Two micro-batches, a thread each, run `steps` steps of layers 1-3 with both Runs of a layer
+  // in flight at once (as ping-pong micro-batches dispatch); each output must be LocalExperts'.
+  // A step has rows(mb, step) rows and seed seed_base + 100 mb + 10 step + layer.
+  void RunOverlappingMicroBatches(int steps, const std::function<int64_t(int, int)>& rows,
+                                  uint64_t seed_base) {
+    std::barrier both(2);
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int mb = 0; mb < 2; ++mb) {
+      threads.emplace_back([&, mb] {
+        RoutedExperts* lane = dispatcher_->MicroBatch(mb);
+        for (int step = 0; step < steps; ++step) {
+          for (int layer : {1, 2, 3}) {
+            const Batch b =
+                RandomBatch(config_, rows(mb, step), seed_base + 100 * mb + 10 * step + layer);
+            std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
+            both.arrive_and_wait();  // both micro-batches dispatch this layer together
+            const absl::Status st = lane->Run(layer, b.x, b.routes, got);
+            if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
+              ADD_FAILURE() << "micro-batch " << mb << " step " << step << " layer " << layer
+                            << ": " << st;
+              ++failures;
+            }
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(failures.load(), 0);
   }
 
   std::string dir_;
@@ -719,30 +778,31 @@ TEST_P(DispatcherTest, MicroBatchesKeepTheirOwnStepTables) {
 // Two micro-batches' steps overlapping (both Runs of a layer in flight at once, as ping-pong
 // micro-batches dispatch) give each exactly LocalExperts' output.
 TEST_P(DispatcherTest, OverlappingMicroBatchStepsStayExact) {
-  std::barrier both(2);
-  std::atomic<int> failures{0};
-  std::vector<std::thread> threads;
-  for (int mb = 0; mb < 2; ++mb) {
-    threads.emplace_back([&, mb] {
-      RoutedExperts* lane = dispatcher_->MicroBatch(mb);
-      for (int step = 0; step < 4; ++step) {
-        for (int layer : {1, 2, 3}) {
-          const Batch b =
-              RandomBatch(config_, 3 + 4 * mb + step, 7000 + 100 * mb + 10 * step + layer);
-          std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
-          both.arrive_and_wait();  // both micro-batches dispatch this layer together
-          const absl::Status st = lane->Run(layer, b.x, b.routes, got);
-          if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
-            ADD_FAILURE() << "micro-batch " << mb << " step " << step << " layer " << layer << ": "
-                          << st;
-            ++failures;
-          }
-        }
-      }
-    });
+  RunOverlappingMicroBatches(
+      4, [](int mb, int step) { return 3 + 4 * mb + step; }, 7000);
+}
+
+// Registers a replica of `shard` (the placement's experts of it) with the router at `router`
+// as `address`, with the data plane at `data_address` ("": none). No heartbeats follow: the
+// router's expiry must outlast the test.
+absl::Status RegisterReplica(const std::string& router, const v1::PeerIdentity& identity, int shard,
+                             const Placement& placement, const std::string& address,
+                             const std::string& data_address) {
+  v1::RegisterRequest reg;
+  *reg.mutable_identity() = identity;
+  reg.set_address(address);
+  reg.set_data_address(data_address);
+  reg.set_shard_id(shard);
+  for (const LayerExpert& le : placement.ExpertsOf(shard)) {
+    v1::LayerExpert* p = reg.add_experts();
+    p->set_layer(le.layer);
+    p->set_expert(le.expert);
   }
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(failures.load(), 0);
+  auto stub = v1::RouterService::NewStub(MakeChannel(router));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::RegisterResponse resp;
+  return FromGrpcStatus(stub->Register(&ctx, reg, &resp));
 }
 
 // A shard replica that misbehaves: it speaks the real protocol (handshake with the model's
@@ -761,20 +821,8 @@ class FakeShard final : public v1::ExpertService::Service {
     b.RegisterService(this);
     server_ = b.BuildAndStart();
     if (!server_ || port_ == 0) return absl::InternalError("fake shard did not start");
-    v1::RegisterRequest reg;
-    *reg.mutable_identity() = identity_;
-    reg.set_address(LoopbackAddress(port_));
-    reg.set_shard_id(shard);
-    for (const LayerExpert& le : placement.ExpertsOf(shard)) {
-      v1::LayerExpert* p = reg.add_experts();
-      p->set_layer(le.layer);
-      p->set_expert(le.expert);
-    }
-    auto stub = v1::RouterService::NewStub(MakeChannel(router));
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    v1::RegisterResponse resp;
-    return FromGrpcStatus(stub->Register(&ctx, reg, &resp));
+    return RegisterReplica(router, identity_, shard, placement, LoopbackAddress(port_),
+                           /*data_address=*/"");
   }
   ~FakeShard() override {
     if (server_) server_->Shutdown(std::chrono::system_clock::now());
@@ -878,34 +926,18 @@ TEST(DispatcherBadAnswerTest, NonFiniteAndMisSizedAnswersFailOverAndAreCounted) 
   std::unique_ptr<Checkpoint> ckpt = *Checkpoint::Open(*dir);
   std::unique_ptr<LocalExperts> all = *LocalExperts::Create(*ckpt, config, AllExperts(config));
   auto run_and_check = [&](int layer, int64_t n, uint64_t seed) {
-    const Batch b = RandomBatch(config, n, seed);
-    std::vector<float> got(n * config.hidden_size);
-    const absl::Status s = (*dispatcher)->Run(layer, b.x, b.routes, got);
-    ASSERT_TRUE(s.ok()) << s;
-    absl::StatusOr<std::vector<float>> want =
-        ExpectedShardedOutput(*all, placement, layer, b, config.hidden_size);
-    ASSERT_TRUE(want.ok());
-    for (float v : got) ASSERT_TRUE(std::isfinite(v));
-    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+    RunAndCheckStep(**dispatcher, config, placement, *all, layer, n, seed);
   };
   run_and_check(1, 8, 61);
   for (const auto& f : fakes) EXPECT_EQ(f->answered(), 1);  // every fake was asked and refused
   EXPECT_EQ((*dispatcher)->failovers(), 3u);
   const std::string text = metrics.RenderText();
-  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"non_finite\"} 2"),
-            std::string::npos)
-      << text;
-  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"size\"} 1"),
-            std::string::npos)
-      << text;
+  ExpectShard1BadAnswersCounted(text);
   EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"0\",reason=\"size\"} 0"),
             std::string::npos)
       << text;
   // The refused replicas' streams are cut: they are not open, the real ones are.
-  for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) {
-    const bool is_real = r.address == real[0]->address() || r.address == real[1]->address();
-    EXPECT_EQ(r.open, is_real) << r.replica_id;
-  }
+  ExpectOnlyRealReplicasOpen(**dispatcher, real);
   // Later steps go to the open (real) replica first: no more failovers, same exactness.
   for (int i = 0; i < 3; ++i) run_and_check(1 + i % 3, 5, 70 + i);
   EXPECT_EQ((*dispatcher)->failovers(), 3u);
@@ -1286,29 +1318,6 @@ TEST(ExpertStreamLimitTest, StreamsOverTheLimitAreRefusedAndFreedSlotsReused) {
 
 // ---- What only the framed TCP data plane has ---------------------------------------------
 
-// Registers a replica of `shard` (the placement's experts of it) with the router at `router`
-// as `address`, with the data plane at `data_address`. No heartbeats follow: the router's
-// expiry must outlast the test.
-absl::Status RegisterReplica(const std::string& router, const v1::PeerIdentity& identity, int shard,
-                             const Placement& placement, const std::string& address,
-                             const std::string& data_address) {
-  v1::RegisterRequest reg;
-  *reg.mutable_identity() = identity;
-  reg.set_address(address);
-  reg.set_data_address(data_address);
-  reg.set_shard_id(shard);
-  for (const LayerExpert& le : placement.ExpertsOf(shard)) {
-    v1::LayerExpert* p = reg.add_experts();
-    p->set_layer(le.layer);
-    p->set_expert(le.expert);
-  }
-  auto stub = v1::RouterService::NewStub(MakeChannel(router));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  v1::RegisterResponse resp;
-  return FromGrpcStatus(stub->Register(&ctx, reg, &resp));
-}
-
 // A shard replica whose data plane misbehaves after a correct handshake (the model's
 // identity, a kHelloOk frame): to every request it answers
 //   kNaN / kInf: outputs of the right size with one NaN / -Inf value,
@@ -1530,15 +1539,7 @@ struct DataPlaneCluster {
   }
   // One step through `dispatcher`, bitwise LocalExperts or a failure.
   void RunAndCheck(Dispatcher& dispatcher, int layer, int64_t n, uint64_t seed) {
-    const Batch b = RandomBatch(config, n, seed);
-    std::vector<float> got(n * config.hidden_size);
-    const absl::Status s = dispatcher.Run(layer, b.x, b.routes, got);
-    ASSERT_TRUE(s.ok()) << s;
-    absl::StatusOr<std::vector<float>> want =
-        ExpectedShardedOutput(*all, placement, layer, b, config.hidden_size);
-    ASSERT_TRUE(want.ok());
-    for (float v : got) ASSERT_TRUE(std::isfinite(v));
-    ASSERT_EQ(got, *want) << "layer " << layer << " seed " << seed;
+    RunAndCheckStep(dispatcher, config, placement, *all, layer, n, seed);
   }
 };
 
@@ -1594,19 +1595,11 @@ TEST(DispatcherDataPlaneTest, BadAnswersFailOverAndAreCounted) {
   }
   EXPECT_EQ((*dispatcher)->failovers(), modes.size());
   const std::string text = metrics.RenderText();
-  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"non_finite\"} 2"),
-            std::string::npos)
-      << text;
-  EXPECT_NE(text.find("expertmesh_dispatch_bad_answers_total{shard=\"1\",reason=\"size\"} 1"),
-            std::string::npos)
-      << text;
+  ExpectShard1BadAnswersCounted(text);
   EXPECT_NE(text.find("expertmesh_dispatch_replica_failovers_total{shard=\"1\"} 7"),
             std::string::npos)
       << text;
-  for (const Dispatcher::ReplicaState& r : (*dispatcher)->Replicas()) {
-    const bool is_real = r.address == real[0]->address() || r.address == real[1]->address();
-    EXPECT_EQ(r.open, is_real) << r.replica_id;
-  }
+  ExpectOnlyRealReplicasOpen(**dispatcher, real);
   // Later steps go to the real replica first: no more failovers, the same exactness.
   for (int i = 0; i < 3; ++i)
     ASSERT_NO_FATAL_FAILURE(c.RunAndCheck(**dispatcher, 1 + i, 5, 70 + i));
@@ -1718,29 +1711,8 @@ TEST(DispatcherDataPlaneTest, MixedStreamAndDataPlaneReplicasStayExact) {
 // overlapping steps open at most one per request in flight (2 micro-batches: at most 2 per
 // replica), and they stay open for the next steps.
 TEST_F(DataPlaneDispatcherTest, OverlappingStepsUseOneConnectionPerRequestInFlight) {
-  std::barrier both(2);
-  std::atomic<int> failures{0};
-  std::vector<std::thread> threads;
-  for (int mb = 0; mb < 2; ++mb) {
-    threads.emplace_back([&, mb] {
-      RoutedExperts* lane = dispatcher_->MicroBatch(mb);
-      for (int step = 0; step < 6; ++step) {
-        for (int layer : {1, 2, 3}) {
-          const Batch b = RandomBatch(config_, 2 + mb + step, 8000 + 100 * mb + 10 * step + layer);
-          std::vector<float> got(b.x.n_rows * config_.hidden_size), want(got.size());
-          both.arrive_and_wait();
-          const absl::Status st = lane->Run(layer, b.x, b.routes, got);
-          if (!st.ok() || !all_->Run(layer, b.x, b.routes, want).ok() || got != want) {
-            ADD_FAILURE() << "micro-batch " << mb << " step " << step << " layer " << layer << ": "
-                          << st;
-            ++failures;
-          }
-        }
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(failures.load(), 0);
+  RunOverlappingMicroBatches(
+      6, [](int mb, int step) { return 2 + mb + step; }, 8000);
   EXPECT_EQ(dispatcher_->failovers(), 0u);
   double total = 0;
   for (int s = 0; s < kShards; ++s) {
