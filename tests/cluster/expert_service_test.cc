@@ -46,6 +46,23 @@ constexpr int kLayer = 2;
 constexpr uint32_t kMaxRows = 32;
 constexpr uint64_t kMaxRequestBytes = 16 * 1024;
 
+// A request's activations and routes as LocalExperts takes them (to compute what it must answer).
+struct RequestInput {
+  QuantizedActivations x;
+  ExpertRoutes routes;
+};
+absl::StatusOr<RequestInput> InputOf(const v1::ExpertRequest& r) {
+  absl::StatusOr<QuantizedActivations> x =
+      UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
+  if (!x.ok()) return x.status();
+  RequestInput in;
+  in.x = *std::move(x);
+  in.routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
+  in.routes.experts.assign(r.experts().begin(), r.experts().end());
+  in.routes.weights.assign(r.weights().begin(), r.weights().end());
+  return in;
+}
+
 class ExpertServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -153,15 +170,12 @@ TEST_F(ExpertServiceTest, AnswersEqualLocalExpertsBitwise) {
     const v1::ExpertResponse resp = Call(r);
     ASSERT_EQ(resp.error_code(), 0) << resp.error_message();
     ASSERT_EQ(resp.n_rows(), r.n_rows());
-    absl::StatusOr<QuantizedActivations> x =
-        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
-    ASSERT_TRUE(x.ok());
-    ExpertRoutes routes;
-    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
-    routes.experts.assign(r.experts().begin(), r.experts().end());
-    routes.weights.assign(r.weights().begin(), r.weights().end());
+    absl::StatusOr<RequestInput> input = InputOf(r);
+    ASSERT_TRUE(input.ok()) << input.status();
+    const QuantizedActivations& x = input->x;
+    const ExpertRoutes& routes = input->routes;
     std::vector<float> want(r.n_rows() * r.hidden_size());
-    ASSERT_TRUE((*local)->Run(kLayer, *x, routes, want).ok());
+    ASSERT_TRUE((*local)->Run(kLayer, x, routes, want).ok());
     std::vector<float> got(want.size());
     ASSERT_TRUE(UnpackOutputRows(resp.outputs(), r.n_rows(), r.hidden_size(), got).ok());
     int nonzero = 0;
@@ -188,22 +202,19 @@ TEST_F(ExpertServiceTest, PerExpertAnswersEqualLocalExpertsBitwise) {
     ASSERT_EQ(resp.error_code(), 0) << resp.error_message();
     ASSERT_EQ(resp.n_rows(), r.n_rows());
     ASSERT_EQ(resp.outputs().size(), OutputBytes(r.experts_size(), r.hidden_size()));
-    absl::StatusOr<QuantizedActivations> x =
-        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
-    ASSERT_TRUE(x.ok());
-    ExpertRoutes routes;
-    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
-    routes.experts.assign(r.experts().begin(), r.experts().end());
-    routes.weights.assign(r.weights().begin(), r.weights().end());
+    absl::StatusOr<RequestInput> input = InputOf(r);
+    ASSERT_TRUE(input.ok()) << input.status();
+    const QuantizedActivations& x = input->x;
+    const ExpertRoutes& routes = input->routes;
     std::vector<uint16_t> want(routes.experts.size() * r.hidden_size());
-    ASSERT_TRUE((*local)->RunPerExpert(kLayer, *x, routes, want).ok());
+    ASSERT_TRUE((*local)->RunPerExpert(kLayer, x, routes, want).ok());
     std::vector<uint16_t> got(want.size());
     std::memcpy(got.data(), resp.outputs().data(), resp.outputs().size());
     EXPECT_EQ(got, want);
     // Weighted and combined on this side, they are the shard's own Run.
     std::vector<float> combined(r.n_rows() * r.hidden_size()), run(combined.size());
     ASSERT_TRUE(CombinePerExpert(routes, got, r.hidden_size(), combined).ok());
-    ASSERT_TRUE((*local)->Run(kLayer, *x, routes, run).ok());
+    ASSERT_TRUE((*local)->Run(kLayer, x, routes, run).ok());
     EXPECT_EQ(combined, run);
   }
   // The response bound: the same request is accepted as partial sums (n_rows rows) but not
@@ -642,21 +653,18 @@ TEST_F(ExpertDataPlaneTest, AnswersEqualComputeAndLocalExpertsBitwise) {
     ASSERT_FALSE(data.outputs().empty());
     EXPECT_TRUE(data.outputs() == grpc.outputs()) << "seed " << seed;
     // And what LocalExperts computes.
-    absl::StatusOr<QuantizedActivations> x =
-        UnpackActivations(r.activations(), r.scales(), r.n_rows(), r.hidden_size());
-    ASSERT_TRUE(x.ok());
-    ExpertRoutes routes;
-    routes.offsets.assign(r.row_offsets().begin(), r.row_offsets().end());
-    routes.experts.assign(r.experts().begin(), r.experts().end());
-    routes.weights.assign(r.weights().begin(), r.weights().end());
+    absl::StatusOr<RequestInput> input = InputOf(r);
+    ASSERT_TRUE(input.ok()) << input.status();
+    const QuantizedActivations& x = input->x;
+    const ExpertRoutes& routes = input->routes;
     if (r.combine() == v1::COMBINE_PER_EXPERT) {
       std::vector<uint16_t> want(routes.experts.size() * r.hidden_size());
-      ASSERT_TRUE((*local)->RunPerExpert(kLayer, *x, routes, want).ok());
+      ASSERT_TRUE((*local)->RunPerExpert(kLayer, x, routes, want).ok());
       ASSERT_EQ(data.outputs().size(), want.size() * 2);
       EXPECT_EQ(std::memcmp(data.outputs().data(), want.data(), data.outputs().size()), 0);
     } else {
       std::vector<float> want(r.n_rows() * r.hidden_size()), got(want.size());
-      ASSERT_TRUE((*local)->Run(kLayer, *x, routes, want).ok());
+      ASSERT_TRUE((*local)->Run(kLayer, x, routes, want).ok());
       ASSERT_TRUE(UnpackOutputRows(data.outputs(), r.n_rows(), r.hidden_size(), got).ok());
       for (size_t i = 0; i < want.size(); ++i) {
         ASSERT_EQ(got[i], Bf16ToFloat(FloatToBf16(want[i]))) << i;
