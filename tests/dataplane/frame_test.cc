@@ -220,6 +220,13 @@ class FrameServerTest : public ::testing::Test {
     EXPECT_EQ(c.payload(), payload);
   }
 
+  // A connection greeted and served once (ExpectServed); nullptr where it could not connect.
+  std::unique_ptr<FrameConnection> ConnectAndServe() {
+    std::unique_ptr<FrameConnection> c = Connect();
+    if (c != nullptr) ExpectServed(*c);
+    return c;
+  }
+
   // The frames a raw client got: the status of each kError frame, OK for any other frame.
   static std::vector<absl::Status> FramesIn(std::string_view bytes) {
     std::vector<absl::Status> out;
@@ -325,11 +332,9 @@ TEST_F(FrameServerTest, ConnectionBoundRefusesOneMoreAndServesAfterOneCloses) {
   o.max_connections = 2;
   o.min_idle_to_evict = absl::Hours(1);  // no idle connection makes room here
   StartServer(o);
-  std::unique_ptr<FrameConnection> a = Connect(), b = Connect();
+  std::unique_ptr<FrameConnection> a = ConnectAndServe(), b = ConnectAndServe();
   ASSERT_NE(a, nullptr);
   ASSERT_NE(b, nullptr);
-  ExpectServed(*a);
-  ExpectServed(*b);
   EXPECT_EQ(server_->open_connections(), 2u);
   EXPECT_EQ(gauge_.load(), 2u);
   for (int i = 0; i < 3; ++i) {
@@ -450,11 +455,9 @@ TEST_F(FrameServerTest, BufferedBytesAreBoundedAcrossConnections) {
   o.max_frame_bytes = 256u << 10;
   o.max_buffered_bytes = 256u << 10;
   StartServer(o);
-  std::unique_ptr<FrameConnection> a = Connect(), b = Connect();
+  std::unique_ptr<FrameConnection> a = ConnectAndServe(), b = ConnectAndServe();
   ASSERT_NE(a, nullptr);
   ASSERT_NE(b, nullptr);
-  ExpectServed(*a);
-  ExpectServed(*b);
   // a announces 256 KiB and sends 200 KiB of it: its buffer has grown to the whole budget.
   const std::string partial =
       Header(FrameType::kRequest, 256u << 10) + std::string(200u << 10, 'a');
