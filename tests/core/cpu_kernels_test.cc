@@ -244,14 +244,17 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   ForEachTarget([&] {
-    for (auto [dtype, n] : {std::pair{DType::kF8E4M3, int64_t{3}},
-                            {DType::kBF16, int64_t{3}},
-                            {DType::kF16, int64_t{3}},
-                            // >= 8 rows: the K-blocked kernel (groups of rows and a remainder)
-                            {DType::kF8E4M3, int64_t{11}},
-                            {DType::kBF16, int64_t{11}},
-                            {DType::kF16, int64_t{11}}}) {
-      const int64_t out = 40, in = 258;  // a ragged last tile, k % 4 == 2
+    for (auto [dtype, n, out] : {std::tuple{DType::kF8E4M3, int64_t{3}, int64_t{40}},
+                                 {DType::kBF16, int64_t{3}, int64_t{40}},
+                                 {DType::kF16, int64_t{3}, int64_t{40}},
+                                 // >= 8 rows: the K-blocked kernel (groups of rows and a remainder)
+                                 {DType::kF8E4M3, int64_t{11}, int64_t{40}},
+                                 {DType::kBF16, int64_t{11}, int64_t{40}},
+                                 {DType::kF16, int64_t{11}, int64_t{40}},
+                                 // 1 row, FP8: tiles 2 at a time (a ragged second), then 1
+                                 {DType::kF8E4M3, int64_t{1}, int64_t{60}},
+                                 {DType::kF8E4M3, int64_t{1}, int64_t{200}}}) {
+      const int64_t in = 258;  // a ragged last tile, k % 4 == 2
       OwnedLinear l = MakeLinear(dtype, out, in, rng);
       l.linear.Pack();
       ASSERT_NE(l.linear.tiles, nullptr);
