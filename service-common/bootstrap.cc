@@ -2,11 +2,19 @@
 
 #include <cstdio>
 
+#include "absl/debugging/failure_signal_handler.h"
+#include "absl/debugging/symbolize.h"
 #include "core/base/status.h"
 #include "service-common/grpc_util.h"
 #include "service-common/process.h"
 #include "service-common/tls.h"
 #include "spdlog/spdlog.h"
+
+#if defined(__has_feature)
+#define EM_HAS_FEATURE(x) __has_feature(x)
+#else
+#define EM_HAS_FEATURE(x) 0
+#endif
 
 namespace expertmesh {
 
@@ -56,6 +64,14 @@ std::optional<int> ServiceMain::Parse(int argc, char** argv) {
     return absl::IsInvalidArgument(s) ? kExitUsage : kExitStartFailed;
   }
   SetProcessTls(tls);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && \
+    !EM_HAS_FEATURE(address_sanitizer) && !EM_HAS_FEATURE(thread_sanitizer)
+  // A crash (SIGSEGV, SIGABRT, ...) writes its stack to stderr (the service's log) before the
+  // signal takes its default action (core dump, exit status). Sanitizer builds keep their own
+  // handlers, which report more.
+  absl::InitializeSymbolizer(argc > 0 ? argv[0] : nullptr);
+  absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions{});
+#endif
   if (absl::Status s = BlockTerminationSignals(); !s.ok()) {
     spdlog::critical("{}: {}", service_, s);
     return kExitStartFailed;

@@ -19,8 +19,10 @@ absl::Status SetupLogging(const std::string& service, const std::string& level =
 absl::Status BlockTerminationSignals();
 int WaitForTerminationSignal();
 
-// A TCP port on 127.0.0.1 that was free when asked (bound then released). Prefer binding
-// port 0 directly where the API allows it; this is for handing ports to child processes.
+// A TCP port that was free when asked (bound on 0.0.0.0, then released), chosen at random
+// below the kernel's ephemeral port range (ip_local_port_range) so that what binds port 0 or
+// connects out before the port's user binds it cannot take it. Prefer binding port 0 directly
+// where the API allows it; this is for handing ports to child processes.
 absl::StatusOr<int> PickFreePort();
 
 }  // namespace expertmesh

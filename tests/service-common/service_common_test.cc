@@ -1,5 +1,8 @@
 // service-common: the metrics registry and its text format, /metrics over real HTTP on
 // loopback, the Status mapping, the handshake rule, and grpc.health.v1 on a real server.
+#include <fstream>
+#include <set>
+
 #include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
@@ -255,6 +258,26 @@ TEST(ProcessTest, FreePortIsBindable) {
   ASSERT_TRUE(server.ok()) << server.status();
   EXPECT_EQ(server->port, *port);
   server->server->Shutdown();
+}
+
+// Ports handed to child processes come from below the ephemeral range, so that port-0 binds
+// and outgoing connections (which take ephemeral ports) cannot take one before the child binds
+// it; and they differ from call to call.
+TEST(ProcessTest, FreePortsAreBelowTheEphemeralRange) {
+  int low = 0, high = 0;
+  std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
+  if (!(range >> low >> high) || low - 10000 < 1024) {
+    GTEST_SKIP() << "no ephemeral port range with room below it on this machine";
+  }
+  std::set<int> seen;
+  for (int i = 0; i < 20; ++i) {
+    absl::StatusOr<int> port = PickFreePort();
+    ASSERT_TRUE(port.ok()) << port.status();
+    EXPECT_GE(*port, 10000);
+    EXPECT_LT(*port, low);
+    seen.insert(*port);
+  }
+  EXPECT_GT(seen.size(), 15u);
 }
 
 }  // namespace
