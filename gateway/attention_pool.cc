@@ -225,10 +225,14 @@ bool SubmitCall::Read(v1::TokenEvent* event) {
       return true;
     }
     // Nothing sent to the client yet and the replica refused (draining, gone, not yet seen
-    // down by the poller): the sequence can start over on another replica.
+    // down by the poller): the sequence can start over on another replica. CANCELLED that this
+    // side did not ask for is the replica's server shutting down with the call just taken (a
+    // drain that finished as the call arrived): the same.
     if (got_event_ || cancelled_.load()) return false;
     grpc::Status status = reader_->Finish();
-    if (status.error_code() != grpc::StatusCode::UNAVAILABLE || attempts_ >= kMaxSubmitAttempts ||
+    const bool replica_went = status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                              status.error_code() == grpc::StatusCode::CANCELLED;
+    if (!replica_went || attempts_ >= kMaxSubmitAttempts ||
         std::chrono::system_clock::now() >= deadline_) {
       status_ = status;
       return false;
