@@ -40,8 +40,6 @@ RUN apt-get update -qq \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin expertmesh
 COPY --from=builder /out/bin/ /usr/local/bin/
-# Fails the build when a binary needs a library the list above lacks.
-RUN for b in /usr/local/bin/*; do ! ldd "$b" | grep 'not found' || exit 1; "$b" --help >/dev/null; done
 ARG VERSION=dev
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="ExpertMesh" \
@@ -50,6 +48,11 @@ LABEL org.opencontainers.image.title="ExpertMesh" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.base.name="debian:bookworm-slim"
 USER 10001:10001
+# Fails the build when a binary needs a library the list above lacks, or when the user the
+# containers run as cannot find and run it (a base image whose "/" is 0700 passes as root).
+RUN for b in router-service expert-service attention-service gateway expertmesh; do \
+      p=$(command -v "$b") || { echo "$b: not on the PATH of user 10001" >&2; exit 1; }; \
+      ! ldd "$p" | grep 'not found' || exit 1; "$b" --help >/dev/null || exit 1; done
 WORKDIR /tmp
 # The ports k8s/ uses: gRPC of router 7000, attention 7001, gateway 7002, shard group k 7100+k
 # (its framed TCP data plane 7300+k);

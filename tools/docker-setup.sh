@@ -44,6 +44,9 @@ if ((${#need[@]})); then
   log "no registry gave ${need[*]}: building a minbase Debian 12 with debootstrap"
   rootfs=$(mktemp -d /var/tmp/em-bookworm.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
+  # mktemp -d makes the directory 0700, and tar carries "."'s mode into the image as the mode
+  # of "/": every non-root user (the image runs as 10001) would find no executable at all.
+  chmod 0755 "$rootfs"
   debootstrap --variant=minbase bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
     >"$rootfs.log" 2>&1 || { tail -20 "$rootfs.log"; exit 1; }
   rm -f "$rootfs.log"
