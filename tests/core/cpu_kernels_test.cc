@@ -247,7 +247,17 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
     for (auto [dtype, n, out] : {std::tuple{DType::kF8E4M3, int64_t{3}, int64_t{40}},
                                  {DType::kBF16, int64_t{3}, int64_t{40}},
                                  {DType::kF16, int64_t{3}, int64_t{40}},
-                                 // >= 8 rows: the K-blocked kernel (groups of rows and a remainder)
+                                 // 2-7 rows: groups of registered rows and a smaller rest
+                                 {DType::kF8E4M3, int64_t{2}, int64_t{40}},
+                                 {DType::kF8E4M3, int64_t{4}, int64_t{40}},
+                                 {DType::kF8E4M3, int64_t{5}, int64_t{40}},
+                                 {DType::kF8E4M3, int64_t{6}, int64_t{40}},
+                                 {DType::kF8E4M3, int64_t{7}, int64_t{40}},
+                                 {DType::kBF16, int64_t{7}, int64_t{40}},
+                                 {DType::kF16, int64_t{6}, int64_t{40}},
+                                 // the K-blocked kernel (groups of rows and a remainder): from
+                                 // 8 rows on narrower targets, from 64 on 16-lane ones
+                                 {DType::kF8E4M3, int64_t{70}, int64_t{40}},
                                  {DType::kF8E4M3, int64_t{11}, int64_t{40}},
                                  {DType::kBF16, int64_t{11}, int64_t{40}},
                                  {DType::kF16, int64_t{11}, int64_t{40}},
@@ -279,7 +289,8 @@ TEST(CpuKernelsTest, TiledLinearFollowsTheDocumentedOrder) {
 
 // The kernels split a matmul by output tiles over the thread pool; every output is computed by
 // the same code whatever the split, so 2 and 3 threads give the 1-thread result bit for bit, at
-// M = 1 (the pair kernel) and M = 37 (the K-blocked kernel), FP8 with subnormal codes included.
+// M = 1 (the pair kernel), M = 37 (register groups on 16-lane targets, K-blocked on narrower
+// ones) and M = 67 (K-blocked everywhere), FP8 with subnormal codes included.
 TEST(CpuKernelsTest, ThreadedTiledLinearMatchesOneThread) {
   std::mt19937 rng(21);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -295,7 +306,7 @@ TEST(CpuKernelsTest, ThreadedTiledLinearMatchesOneThread) {
     }
     l.linear.Pack();
     ASSERT_NE(l.linear.tiles, nullptr);
-    for (int64_t n : {int64_t{1}, int64_t{37}}) {
+    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{67}}) {
       std::vector<float> x(n * in), y1(n * out), yt(n * out), row(out);
       for (float& v : x) v = normal(rng);
       cpu::SetKernelThreads(1);
