@@ -1,15 +1,16 @@
 // expertmesh-bench-kernels: the CPU expert FFN matmuls at DeepSeek-V3's shapes (gate/up
 // 2048x7168 and down 7168x2048, FP8 E4M3 with 128x128 block scales, in the 16-row tiles the
-// engine packs), M = 1 and M = 256 rows, weights cold, on 1 and 2 threads (or --threads), beside
-// the machine's read bandwidth measured in the same run by a streaming read of a buffer of the
-// same size.
+// engine packs), M = 1 and M = 256 rows (or --m), weights cold, on 1 and 2 threads (or --threads),
+// beside the machine's read bandwidth measured in the same run by a streaming read of a buffer of
+// the same size.
 //
 // Cold weights: each shape has as many distinct copies as make --cold-factor times the
 // last-level cache (measured from sysfs, else sysconf), and the matmuls walk through them in
 // turn, so every weight byte comes from DRAM.
 //
-// Each figure is the fastest of 3 rounds (the read bandwidth's too), so that other processes on
-// the machine disturb the ratios less.
+// Each figure is the fastest of 3 rounds, and a read pass runs before every round (the read
+// bandwidth is the fastest of them), so that other processes on the machine disturb the ratios
+// less and the two sides of each ratio see the same stretch of time.
 //
 // Reported: M = 1 weight GB/s (weight + scale bytes read per second) and its ratio to the read
 // bandwidth on the same thread count; M = 256 GFLOP/s (2 * M * out * in per matmul).
@@ -177,19 +178,42 @@ int Main(int argc, char** argv) {
       "read bandwidth in the same run."};
   std::vector<int> threads{1, 2};
   double cold_factor = 4;
-  int64_t m_large = 256;
+  std::vector<int64_t> m_rows{256};
   double seconds = 2.0;
   app.add_option("--threads", threads, "thread counts to measure (each >= 1)")
       ->check(CLI::PositiveNumber);
   app.add_option("--cold-factor", cold_factor,
                  "each shape's weight copies total this many times the last-level cache")
       ->check(CLI::Range(1.0, 64.0));
-  app.add_option("--m", m_large, "rows of the large-M case")->check(CLI::Range(1, 4096));
+  app.add_option("--m", m_rows, "row counts measured besides M = 1 (e.g. --m 2 4 8 256)")
+      ->check(CLI::Range(1, 4096));
   app.add_option("--seconds", seconds,
                  "about this much time per measurement, in 3 rounds (the fastest counts); at M = 1 "
                  "each round also walks every weight copy once")
       ->check(CLI::Range(0.1, 60.0));
+  std::string target;
+  app.add_option("--target", target,
+                 "run one of the compiled SIMD targets this CPU supports instead of the best (e.g. "
+                 "AVX2 on an AVX-512 machine; names as printed by --list-targets)");
+  bool list_targets = false;
+  app.add_flag("--list-targets", list_targets, "print the usable SIMD targets and exit");
   CLI11_PARSE(app, argc, argv);
+  if (list_targets) {
+    for (int64_t t : hwy::SupportedAndGeneratedTargets()) std::printf("%s\n", hwy::TargetName(t));
+    return 0;
+  }
+  if (!target.empty()) {
+    int64_t chosen = 0;
+    for (int64_t t : hwy::SupportedAndGeneratedTargets()) {
+      if (target == hwy::TargetName(t)) chosen = t;
+    }
+    if (chosen == 0) {
+      std::fprintf(stderr, "--target %s: not a usable target here (see --list-targets)\n",
+                   target.c_str());
+      return 2;
+    }
+    hwy::SetSupportedTargetsForTest(chosen);
+  }
 
   const int64_t llc = LastLevelCacheBytes();
   const int64_t cold = static_cast<int64_t>(cold_factor * static_cast<double>(llc));
@@ -205,10 +229,22 @@ int Main(int argc, char** argv) {
               "weight GB/s", "÷ read", "GFLOP/s");
   for (int t : threads) {
     cpu::SetKernelThreads(t);
-    const double read_bw = ReadBandwidth(stream, cold, kRounds);
-    std::printf("read bandwidth, %d thread%s: %.2f GB/s\n", t, t == 1 ? "" : "s", read_bw);
+    // A read pass before every round of every matmul, so that the bandwidth and the kernel each
+    // get their best moment from the same stretch of time on a machine others share; the rows
+    // are printed once the thread count is done, against the best read pass.
+    double read_bw = ReadBandwidth(stream, cold, 1);
+    struct Row {
+      const char* shape;
+      int64_t m;
+      double s, gbs, gflops;
+    };
+    std::vector<Row> rows;
     for (const Weights& w : shapes) {
-      for (int64_t m : {int64_t{1}, m_large}) {
+      std::vector<int64_t> ms{1};
+      for (int64_t m : m_rows) {
+        if (std::find(ms.begin(), ms.end(), m) == ms.end()) ms.push_back(m);
+      }
+      for (int64_t m : ms) {
         std::vector<float> x(m * w.shape.in), y(m * w.shape.out);
         std::normal_distribution<float> nd;
         for (float& v : x) v = nd(rng);
@@ -219,12 +255,19 @@ int Main(int argc, char** argv) {
         const double est = TimeMatmul(w, m, x, y, 2, &next);
         int64_t reps = std::max<int64_t>(3, static_cast<int64_t>(seconds / est / kRounds));
         if (m == 1) reps = std::max(reps, w.copies);
-        double s = TimeMatmul(w, m, x, y, reps, &next);
-        for (int r = 1; r < kRounds; ++r) s = std::min(s, TimeMatmul(w, m, x, y, reps, &next));
-        const double gbs = static_cast<double>(w.bytes_per_matmul()) / s / 1e9;
-        std::printf("%-20s %7d %4lld %10.3f %10.2f %8.2f %9.1f\n", w.shape.name, t,
-                    static_cast<long long>(m), s * 1e3, gbs, gbs / read_bw, flops / s / 1e9);
+        double s = 1e30;
+        for (int r = 0; r < kRounds; ++r) {
+          read_bw = std::max(read_bw, ReadBandwidth(stream, cold, 1));
+          s = std::min(s, TimeMatmul(w, m, x, y, reps, &next));
+        }
+        rows.push_back({w.shape.name, m, s, static_cast<double>(w.bytes_per_matmul()) / s / 1e9,
+                        flops / s / 1e9});
       }
+    }
+    std::printf("read bandwidth, %d thread%s: %.2f GB/s\n", t, t == 1 ? "" : "s", read_bw);
+    for (const Row& r : rows) {
+      std::printf("%-20s %7d %4lld %10.3f %10.2f %8.2f %9.1f\n", r.shape, t,
+                  static_cast<long long>(r.m), r.s * 1e3, r.gbs, r.gbs / read_bw, r.gflops);
     }
   }
   return 0;
