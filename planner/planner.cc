@@ -43,7 +43,7 @@ Linear LinearOf(const ModelConfig& c, int64_t out, int64_t in) {
 
 // Per-card aggregates of one MoE layer at batch B.
 struct CardLoad {
-  double bytes = 0;          // expected weight bytes read (distinct experts touched)
+  double bytes = 0;          // expected weight bytes read (passes over the experts touched)
   double flops = 0;          // expected matmul FLOPs
   double log_untouched = 0;  // sum over its copies of log(1 - q): P(a row skips the card)
 };
@@ -51,6 +51,33 @@ struct CardLoad {
 // The routing probability of one token to (layer, expert): k x share.
 double Prob(const Plan& plan, int layer, int e) {
   return std::min(1.0, static_cast<double>(plan.config.num_experts_per_tok) * plan.share[layer][e]);
+}
+
+// E[ceil(R / rows_per_pass)] for R ~ Binomial(batch, q): the expected passes of the kernel over
+// an expert's weights (rows_per_pass 0: one pass whenever R > 0, 1 - (1 - q)^batch). The
+// probabilities come from the ratio of successive terms in log space, from R = 1 up to where
+// the tail past the mean is negligible.
+double ExpectedPasses(int batch, double q, int rows_per_pass) {
+  if (batch <= 0 || q <= 0) return 0;
+  if (rows_per_pass <= 0) return 1.0 - std::pow(1.0 - std::min(q, 1.0), batch);
+  if (q >= 1.0 - 1e-12) return std::ceil(static_cast<double>(batch) / rows_per_pass);
+  const double log_ratio = std::log(q) - std::log1p(-q);
+  double log_p = batch * std::log1p(-q);  // P(R = 0)
+  const double mean = batch * q;
+  double passes = 0;
+  for (int r = 1; r <= batch; ++r) {
+    log_p += std::log(static_cast<double>(batch - r + 1) / r) + log_ratio;
+    const double p = std::exp(log_p);
+    passes += p * std::ceil(static_cast<double>(r) / rows_per_pass);
+    if (r > mean && p < 1e-15) break;
+  }
+  return passes;
+}
+
+// Passes over a matrix at exactly `rows` rows.
+double Passes(int64_t rows, int rows_per_pass) {
+  if (rows <= 0) return 0;
+  return rows_per_pass > 0 ? std::ceil(static_cast<double>(rows) / rows_per_pass) : 1.0;
 }
 
 std::vector<CardLoad> LayerLoads(const Plan& plan, int layer, int batch) {
@@ -61,11 +88,11 @@ std::vector<CardLoad> LayerLoads(const Plan& plan, int layer, int batch) {
     if (copies.empty()) continue;
     // The dispatcher spreads an expert's rows over its copies (placement.h ChooseShards).
     const double q = Prob(plan, layer, e) / copies.size();
-    const double touched = 1.0 - std::pow(1.0 - q, batch);
     for (int c : copies) {
-      loads[c].bytes += touched * plan.sizes.expert_bytes;
-      // Rows beyond the first of each touched expert (the first is in the bytes term).
-      loads[c].flops += (batch * q - touched) * plan.sizes.expert_flops_per_row;
+      const double passes = ExpectedPasses(batch, q, plan.pool.cards[c].kind.rows_per_pass);
+      loads[c].bytes += passes * plan.sizes.expert_bytes;
+      // Rows beyond the first of each pass (the first is in the bytes term).
+      loads[c].flops += (batch * q - passes) * plan.sizes.expert_flops_per_row;
       loads[c].log_untouched += std::log1p(-std::min(q, 1.0 - 1e-12));
     }
   }
@@ -131,14 +158,18 @@ double AttentionSeconds(const Plan& plan, int batch) {
   const AttentionNodes& a = plan.pool.attention;
   const double per_node = std::ceil(static_cast<double>(batch) / a.count);
   const ModelSizes& s = plan.sizes;
-  const double bytes = s.attention_bytes + per_node * plan.pool.context * s.kv_bytes_per_token;
-  const double mem = bytes / (a.kind.bandwidth_gbs * 1e9 * a.kind.efficiency);
-  // The first row rides on the weight stream (M = 1); each further row adds its FLOPs at
-  // the kind's marginal rate.
+  // The weights are read once per pass of the kernel (the KV cache once); the first row of
+  // each pass rides on the weight stream (M = 1), each further row adds its FLOPs at the
+  // kind's marginal rate.
+  const double passes = Passes(static_cast<int64_t>(per_node), a.kind.rows_per_pass);
+  const double mem =
+      (passes * s.attention_bytes + per_node * plan.pool.context * s.kv_bytes_per_token) /
+      (a.kind.bandwidth_gbs * 1e9 * a.kind.efficiency);
   const double core = per_node * plan.pool.context * s.attention_flops_per_cached_token;
-  const double comp = a.kind.gflops > 0 ? ((per_node - 1) * s.attention_flops_per_token + core) /
-                                              (a.kind.gflops * 1e9)
-                                        : 0;
+  const double comp =
+      a.kind.gflops > 0
+          ? ((per_node - passes) * s.attention_flops_per_token + core) / (a.kind.gflops * 1e9)
+          : 0;
   return mem + comp;
 }
 

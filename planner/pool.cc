@@ -1,6 +1,8 @@
 #include "planner/pool.h"
 
 #include <boost/json.hpp>
+#include <cmath>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -26,6 +28,8 @@ constexpr double kCpuOverheadGib = 0.25;
 constexpr double kFp8GpuEfficiency = 0.75;
 constexpr double kWideningGpuEfficiency = 0.55;
 constexpr double kCpuEfficiency = 0.4;
+// The CPU FP8 kernel's rows per widening of a tile on 16-lane (AVX-512) targets.
+constexpr int kCpuRowsPerPass = 6;
 
 // Datasheet figures. memory: GiB on the board; bandwidth: bus width x data rate
 // (3090: 384 bit x 19.5 Gbit/s = 936 GB/s; 3090 Ti and 4090: 384 x 21 = 1008 GB/s;
@@ -51,7 +55,7 @@ std::vector<CardKind> Table() {
       gpu("rtx4090", 24, 1008, true, 165.2),
       gpu("rtx5090", 32, 1792, true, 209.5),
       // memory_gib, bandwidth_gbs (and gflops) depend on the host: given in the pool file.
-      CardKind{"cpu", false, 0, 0, false, 0, kCpuEfficiency, kCpuOverheadGib},
+      CardKind{"cpu", false, 0, 0, false, 0, kCpuEfficiency, kCpuOverheadGib, kCpuRowsPerPass},
   };
 }
 
@@ -76,6 +80,14 @@ absl::Status ApplyOverrides(const boost::json::object& o, const std::string& whe
   EM_RETURN_IF_ERROR(ReadPositive(o, "gflops", where, &kind->gflops));
   EM_RETURN_IF_ERROR(ReadPositive(o, "efficiency", where, &kind->efficiency));
   EM_RETURN_IF_ERROR(ReadPositive(o, "overhead_gib", where, &kind->overhead_gib));
+  if (const boost::json::value* v = jf::Find(o, "rows_per_pass")) {
+    std::optional<double> d = jf::AsNumber(*v);
+    if (!d || !(*d >= 0 && *d <= 4096) || *d != std::floor(*d)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ".rows_per_pass must be a whole number from 0 to 4096"));
+    }
+    kind->rows_per_pass = static_cast<int>(*d);
+  }
   if (const boost::json::value* v = jf::Find(o, "fp8")) {
     std::optional<bool> b = jf::AsBool(*v);
     if (!b) return absl::InvalidArgumentError(absl::StrCat(where, ".fp8 must be true or false"));

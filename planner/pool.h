@@ -19,8 +19,8 @@
 //     "step_overhead_us": 260, "step_overhead_per_row_us": 420            optional (README)
 //   }
 // A card entry or a "kinds" entry may override any table figure: memory_gib, bandwidth_gbs,
-// fp8 (bool), gflops, efficiency, overhead_gib. The kind "cpu" has no table figures: memory_gib
-// and bandwidth_gbs must be given.
+// fp8 (bool), gflops, efficiency, overhead_gib, rows_per_pass. The kind "cpu" has no table
+// figures: memory_gib and bandwidth_gbs must be given.
 #pragma once
 
 #include <cstdint>
@@ -38,11 +38,16 @@ struct CardKind {
   double memory_gib = 0;     // memory the card has
   double bandwidth_gbs = 0;  // peak memory read bandwidth, GB/s (1e9 bytes / s)
   bool fp8 = false;          // FP8 tensor cores: FP8 weights multiply without widening
-  // GFLOP/s each row beyond the first adds at small M (t(M) = t(1) + (M - 1) x FLOPs/gflops);
-  // 0 = rows are free.
+  // GFLOP/s each row beyond the first of a pass adds (t(M) = passes x t(1) + (M - passes) x
+  // FLOPs / gflops, passes = ceil(M / rows_per_pass), or 1); 0 = rows are free.
   double gflops = 0;
   double efficiency = 0;    // fraction of bandwidth_gbs the expert kernel streams at M = 1
   double overhead_gib = 0;  // fixed per-card memory: CUDA context, workspace, buffers
+  // Rows the kernel takes per pass over a matrix's weights: each pass costs what M = 1 costs
+  // (its first row rides on the weight stream), each further row of a pass adds its FLOPs at
+  // `gflops`. The CPU FP8 kernel widens a tile once per 6 rows held in registers on AVX-512
+  // (core/kernels/cpu): 6. 0 = one pass for any row count (the GPU grouped GEMM).
+  int rows_per_pass = 0;
 };
 
 // The built-in kinds (rtx3090, rtx3090ti, rtx4090, rtx5090, cpu), with their sources in

@@ -34,12 +34,14 @@ ModelConfig Tiny() {
 }
 
 // One node of `count` cards of `kind` (extra: JSON fields for the card entry).
+// The attention node: a large CPU whose kernel reads its weights once per step at any batch
+// (rows_per_pass 0), so that the expert cards decide what these tests compare.
 Pool OneKind(const std::string& kind, int count, double link_gbps = 100,
              const std::string& extra = "", const std::string& batches = "[1, 32]") {
   const std::string json = absl::StrCat(
       R"({"nodes": [{"name": "n", "link_gbps": )", link_gbps,
       R"(, "latency_us": 10, "cards": [{"kind": ")", kind, R"(", "count": )", count, extra,
-      R"(}]}], "attention": {"kind": "cpu", "memory_gib": 512, "bandwidth_gbs": 400, "gflops": 4000, "link_gbps": 400, "latency_us": 5}, "batch": )",
+      R"(}]}], "attention": {"kind": "cpu", "memory_gib": 512, "bandwidth_gbs": 400, "gflops": 4000, "rows_per_pass": 0, "link_gbps": 400, "latency_us": 5}, "batch": )",
       batches, "}");
   auto pool = ParsePool(json);
   EXPECT_TRUE(pool.ok()) << pool.status() << "\n" << json;
@@ -196,6 +198,47 @@ TEST(Planner, MoreCardsAreNotSlower) {
   // Larger batches give more tokens per second (experts are read once per step).
   auto plan = MakePlan(config, OneKind("rtx4090", 32));
   EXPECT_GT(Predict(*plan, 32).tokens_per_s, Predict(*plan, 1).tokens_per_s * 4);
+}
+
+// A CPU card's kernel takes rows_per_pass rows per pass over an expert's weights: at batch 1
+// the setting changes nothing, at batch 64 (2 rows per expert on average, up to ~8) a pass per
+// 2 rows costs more than a pass per 6, which costs more than one pass for any rows.
+TEST(Planner, CpuRowsPerPassChargesAPassPerGroupOfRows) {
+  const ModelConfig config = DeepSeekV3();
+  auto cpu_pool = [](int rows_per_pass) {
+    return absl::StrCat(
+        R"({"nodes": [{"name": "n", "link_gbps": 100, "cards": [{"kind": "cpu", "count": 40, )",
+        R"("memory_gib": 24, "bandwidth_gbs": 100, "gflops": 200, "rows_per_pass": )",
+        rows_per_pass, R"(}]}], "attention": {"kind": "rtx5090", "link_gbps": 100}, )",
+        R"("batch": [1, 64]})");
+  };
+  double t1[3], t64[3];
+  int i = 0;
+  for (int rows_per_pass : {2, 6, 0}) {
+    auto pool = ParsePool(cpu_pool(rows_per_pass));
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ(pool->cards[0].kind.rows_per_pass, rows_per_pass);
+    auto plan = MakePlan(config, *pool, {.redundant_copies = false});
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    t1[i] = Predict(*plan, 1).expert_ms;
+    t64[i] = Predict(*plan, 64).expert_ms;
+    ++i;
+  }
+  EXPECT_NEAR(t1[0], t1[2], 1e-9 * t1[2]);
+  EXPECT_NEAR(t1[1], t1[2], 1e-9 * t1[2]);
+  EXPECT_GT(t64[0], t64[1] * 1.05);
+  EXPECT_GT(t64[1], t64[2] * 1.001);
+  // The "cpu" kind defaults to the AVX-512 kernel's 6 rows.
+  EXPECT_EQ(KnownKind("cpu")->rows_per_pass, 6);
+  EXPECT_EQ(KnownKind("rtx4090")->rows_per_pass, 0);
+  for (const char* bad : {"-1", "2.5", "5000", "\"six\""}) {
+    auto pool = ParsePool(absl::StrCat(
+        R"({"nodes": [{"link_gbps": 1, "cards": [{"kind": "rtx4090", "rows_per_pass": )", bad,
+        R"(}]}], "attention": {"kind": "rtx5090", "link_gbps": 1}})"));
+    ASSERT_FALSE(pool.ok()) << bad;
+    EXPECT_NE(std::string(pool.status().message()).find("rows_per_pass"), std::string::npos)
+        << pool.status();
+  }
 }
 
 TEST(Planner, OneGbeLinkIsTheBottleneckAtLargeBatch) {
