@@ -154,9 +154,9 @@ LayerTime TimeLayer(const Plan& plan, const std::vector<CardLoad>& loads, int ba
 }
 
 // The attention node's time per step at batch B (B / count sequences on each node).
-double AttentionSeconds(const Plan& plan, int batch) {
+// One attention node's time for a step (or micro-batch) of per_node rows.
+double AttentionNodeSeconds(const Plan& plan, double per_node) {
   const AttentionNodes& a = plan.pool.attention;
-  const double per_node = std::ceil(static_cast<double>(batch) / a.count);
   const ModelSizes& s = plan.sizes;
   // The weights are read once per pass of the kernel (the KV cache once); the first row of
   // each pass rides on the weight stream (M = 1), each further row adds its FLOPs at the
@@ -171,6 +171,28 @@ double AttentionSeconds(const Plan& plan, int batch) {
           ? ((per_node - passes) * s.attention_flops_per_token + core) / (a.kind.gflops * 1e9)
           : 0;
   return mem + comp;
+}
+
+// The micro-batches a step of `batch` rows is split into (core/engine/micro_batch_engine.cc:
+// k = min(micro_batches, rows, rows / micro_batch_min_rows), at least 1, sizes as even as
+// whole rows allow). A GPU attention node runs steps unsplit.
+std::vector<int> MicroBatchSizes(const Pool& pool, int batch) {
+  const int64_t m = pool.attention.kind.gpu ? 1 : pool.micro_batches;
+  const int64_t k = std::max<int64_t>(
+      1, std::min<int64_t>({m, batch, batch / std::max<int64_t>(1, pool.micro_batch_min_rows)}));
+  std::vector<int> sizes;
+  for (int64_t i = 0; i < k; ++i)
+    sizes.push_back(static_cast<int>(batch * (i + 1) / k - batch * i / k));
+  return sizes;
+}
+
+// The attention nodes' time for a step of `batch` rows: each node's micro-batches in turn.
+double AttentionSeconds(const Plan& plan, int batch) {
+  const AttentionNodes& a = plan.pool.attention;
+  const int per_node = static_cast<int>(std::ceil(static_cast<double>(batch) / a.count));
+  double s = 0;
+  for (int rows : MicroBatchSizes(plan.pool, per_node)) s += AttentionNodeSeconds(plan, rows);
+  return s;
 }
 
 int MaxBatch(const Pool& pool) {
@@ -552,16 +574,21 @@ Prediction Predict(const Plan& plan, int batch) {
   double expert = 0, link = 0, latency = 0, dispatch = 0, bw_part = 0, comp_part = 0;
   std::vector<double> card_critical(plan.cards.size(), 0.0);
   std::vector<double> link_by_node(plan.pool.nodes.size() + 1, 0.0);  // [0]: attention link
+  // Each micro-batch dispatches every MoE layer on its own; the micro-batches' times add up
+  // (their overlap with each other's attention compute is not modelled).
+  const std::vector<int> micro = MicroBatchSizes(plan.pool, batch);
   for (int l : plan.sizes.moe_layers) {
     if (l >= plan.config.num_hidden_layers) continue;  // MTP: not in a plain decode step
-    const LayerTime t = TimeLayer(plan, LayerLoads(plan, l, batch), batch);
-    expert += t.expert_s;
-    (t.compute_bound ? comp_part : bw_part) += t.expert_s;
-    link += t.link_s;
-    latency += t.latency_s;
-    dispatch += t.dispatch_s;
-    if (t.slowest_card >= 0) card_critical[t.slowest_card] += t.expert_s;
-    link_by_node[t.link_node + 1] += t.link_s;
+    for (int rows : micro) {
+      const LayerTime t = TimeLayer(plan, LayerLoads(plan, l, rows), rows);
+      expert += t.expert_s;
+      (t.compute_bound ? comp_part : bw_part) += t.expert_s;
+      link += t.link_s;
+      latency += t.latency_s;
+      dispatch += t.dispatch_s;
+      if (t.slowest_card >= 0) card_critical[t.slowest_card] += t.expert_s;
+      link_by_node[t.link_node + 1] += t.link_s;
+    }
   }
   const double attention = AttentionSeconds(plan, batch);
   const double overhead =

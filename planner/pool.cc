@@ -270,6 +270,10 @@ absl::StatusOr<Pool> ParsePool(std::string_view json_text) {
   EM_RETURN_IF_ERROR(ReadPositive(top, "step_overhead_us", "pool", &pool.step_overhead_us));
   EM_RETURN_IF_ERROR(
       ReadPositive(top, "step_overhead_per_row_us", "pool", &pool.step_overhead_per_row_us));
+  EM_ASSIGN_OR_RETURN(int64_t micro, ReadCount(top, "micro_batches", "pool", 2, 8));
+  pool.micro_batches = static_cast<int>(micro);
+  EM_ASSIGN_OR_RETURN(pool.micro_batch_min_rows,
+                      ReadCount(top, "micro_batch_min_rows", "pool", 4, int64_t{1} << 20));
   return pool;
 }
 

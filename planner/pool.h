@@ -17,6 +17,7 @@
 //     "context": 1024,           optional: tokens of KV cache per sequence (default 1024)
 //     "dispatch_overhead_us": 170, "dispatch_overhead_per_row_us": 17,   optional (README)
 //     "step_overhead_us": 260, "step_overhead_per_row_us": 420            optional (README)
+//     "micro_batches": 2, "micro_batch_min_rows": 4     optional: a CPU attention node's split
 //   }
 // A card entry or a "kinds" entry may override any table figure: memory_gib, bandwidth_gbs,
 // fp8 (bool), gflops, efficiency, overhead_gib, rows_per_pass. The kind "cpu" has no table
@@ -87,6 +88,12 @@ struct Pool {
   // process hand-offs of a step (calibrated on loopback: planner/README.md).
   double step_overhead_us = 260;
   double step_overhead_per_row_us = 420;
+  // A CPU attention node splits each step into up to this many micro-batches of at least
+  // micro_batch_min_rows rows (attention-service --micro-batches, --micro-batch-min-rows, the
+  // same defaults; a GPU attention node runs steps unsplit): each micro-batch reads the
+  // attention weights and dispatches every MoE layer on its own.
+  int micro_batches = 2;
+  int64_t micro_batch_min_rows = 4;
 };
 
 absl::StatusOr<Pool> ParsePool(std::string_view json_text);

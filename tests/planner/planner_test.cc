@@ -241,6 +241,46 @@ TEST(Planner, CpuRowsPerPassChargesAPassPerGroupOfRows) {
   }
 }
 
+// A CPU attention node splits a step into micro-batches as attention-service does (2 of at
+// least 4 rows by default): each reads the attention weights and dispatches every MoE layer on
+// its own. Below 2 x min rows a step is not split; a GPU attention node never splits.
+TEST(Planner, CpuAttentionMicroBatchesReadTheWeightsPerMicroBatch) {
+  const ModelConfig config = DeepSeekV3();
+  auto pool_json = [](const std::string& attention, int micro_batches) {
+    return absl::StrCat(
+        R"({"nodes": [{"name": "n", "link_gbps": 100, "cards": [{"kind": "rtx4090", "count": 32}]}], )",
+        R"("attention": )", attention, R"(, "batch": [1, 4, 16], "micro_batches": )", micro_batches,
+        "}");
+  };
+  const std::string cpu_attention =
+      R"({"kind": "cpu", "memory_gib": 512, "bandwidth_gbs": 400, "gflops": 4000, "link_gbps": 100})";
+  const std::string gpu_attention = R"({"kind": "rtx5090", "link_gbps": 100})";
+  auto predict = [&](const std::string& attention, int micro_batches, int batch) {
+    auto pool = ParsePool(pool_json(attention, micro_batches));
+    EXPECT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ(pool->micro_batches, micro_batches);
+    auto plan = MakePlan(config, *pool, {.redundant_copies = false});
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    return Predict(*plan, batch);
+  };
+  // Batch 16 in 2 micro-batches of 8: 2 x ceil(8 / 6) = 4 passes over the attention weights
+  // against ceil(16 / 6) = 3 unsplit, and twice the dispatches.
+  const Prediction split = predict(cpu_attention, 2, 16), whole = predict(cpu_attention, 1, 16);
+  EXPECT_GT(split.attention_ms, whole.attention_ms * 1.2);
+  EXPECT_GT(split.dispatch_ms, whole.dispatch_ms * 1.3);  // 2 x (170 + 8 x 17) us vs 170 + 16 x 17
+  // Batch 4 < 2 x 4 rows: not split.
+  EXPECT_DOUBLE_EQ(predict(cpu_attention, 2, 4).step_ms, predict(cpu_attention, 1, 4).step_ms);
+  EXPECT_DOUBLE_EQ(predict(gpu_attention, 2, 16).step_ms, predict(gpu_attention, 1, 16).step_ms);
+  for (const char* bad : {"0", "9", "1.5"}) {
+    auto pool = ParsePool(absl::StrCat(
+        R"({"nodes": [{"link_gbps": 1, "cards": [{"kind": "rtx4090"}]}], "attention": {"kind": "rtx5090", "link_gbps": 1}, "micro_batches": )",
+        bad, "}"));
+    ASSERT_FALSE(pool.ok()) << bad;
+    EXPECT_NE(std::string(pool.status().message()).find("micro_batches"), std::string::npos)
+        << pool.status();
+  }
+}
+
 TEST(Planner, OneGbeLinkIsTheBottleneckAtLargeBatch) {
   const ModelConfig config = DeepSeekV3();
   auto slow = MakePlan(config, OneKind("rtx4090", 32, /*link_gbps=*/1, "", "[1, 256]"));
