@@ -224,6 +224,9 @@ TEST(LivePlacementTest, GainsServesAndReleasesAfterTheGrace) {
   ASSERT_TRUE(testing::PollUntil([&] { return (*server)->bytes_mapped() == layer_bytes; },
                                  absl::Seconds(30)));
   const absl::Time released = absl::Now();
+  // The pass that released them ends after its counter and gauges are updated (the memory goes
+  // first): the metrics below are read once it has ended.
+  ASSERT_TRUE(testing::PollUntil([&] { return live->releases() >= 1; }, absl::Seconds(30)));
   EXPECT_GE(released - last_use, kGrace);
   EXPECT_GE(released - committed_at, kGrace);
   EXPECT_EQ((*server)->bytes_mapped(), layer_bytes);
