@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "core/base/json.h"
 #include "core/base/status.h"
+#include "core/engine/micro_batch_engine.h"
 #include "core/format/wire.h"
 #include "placement/eplb.h"
 
@@ -53,14 +54,20 @@ double Prob(const Plan& plan, int layer, int e) {
   return std::min(1.0, static_cast<double>(plan.config.num_experts_per_tok) * plan.share[layer][e]);
 }
 
-// E[ceil(R / rows_per_pass)] for R ~ Binomial(batch, q): the expected passes of the kernel over
-// an expert's weights (rows_per_pass 0: one pass whenever R > 0, 1 - (1 - q)^batch). The
-// probabilities come from the ratio of successive terms in log space, from R = 1 up to where
-// the tail past the mean is negligible.
+// Passes of the kernel over a matrix at exactly `rows` rows (rows_per_pass 0: one pass).
+double Passes(int64_t rows, int rows_per_pass) {
+  if (rows <= 0) return 0;
+  return rows_per_pass > 0 ? std::ceil(static_cast<double>(rows) / rows_per_pass) : 1.0;
+}
+
+// E[Passes(R)] for R ~ Binomial(batch, q): the expected passes of the kernel over an expert's
+// weights (rows_per_pass 0: P(R > 0) = 1 - (1 - q)^batch). The probabilities come from the
+// ratio of successive terms in log space, from R = 1 up to where the tail past the mean is
+// negligible.
 double ExpectedPasses(int batch, double q, int rows_per_pass) {
   if (batch <= 0 || q <= 0) return 0;
   if (rows_per_pass <= 0) return 1.0 - std::pow(1.0 - std::min(q, 1.0), batch);
-  if (q >= 1.0 - 1e-12) return std::ceil(static_cast<double>(batch) / rows_per_pass);
+  if (q >= 1.0 - 1e-12) return Passes(batch, rows_per_pass);
   const double log_ratio = std::log(q) - std::log1p(-q);
   double log_p = batch * std::log1p(-q);  // P(R = 0)
   const double mean = batch * q;
@@ -68,16 +75,10 @@ double ExpectedPasses(int batch, double q, int rows_per_pass) {
   for (int r = 1; r <= batch; ++r) {
     log_p += std::log(static_cast<double>(batch - r + 1) / r) + log_ratio;
     const double p = std::exp(log_p);
-    passes += p * std::ceil(static_cast<double>(r) / rows_per_pass);
+    passes += p * Passes(r, rows_per_pass);
     if (r > mean && p < 1e-15) break;
   }
   return passes;
-}
-
-// Passes over a matrix at exactly `rows` rows.
-double Passes(int64_t rows, int rows_per_pass) {
-  if (rows <= 0) return 0;
-  return rows_per_pass > 0 ? std::ceil(static_cast<double>(rows) / rows_per_pass) : 1.0;
 }
 
 std::vector<CardLoad> LayerLoads(const Plan& plan, int layer, int batch) {
@@ -153,7 +154,6 @@ LayerTime TimeLayer(const Plan& plan, const std::vector<CardLoad>& loads, int ba
   return best;
 }
 
-// The attention node's time per step at batch B (B / count sequences on each node).
 // One attention node's time for a step (or micro-batch) of per_node rows.
 double AttentionNodeSeconds(const Plan& plan, double per_node) {
   const AttentionNodes& a = plan.pool.attention;
@@ -173,16 +173,17 @@ double AttentionNodeSeconds(const Plan& plan, double per_node) {
   return mem + comp;
 }
 
-// The micro-batches a step of `batch` rows is split into (core/engine/micro_batch_engine.cc:
-// k = min(micro_batches, rows, rows / micro_batch_min_rows), at least 1, sizes as even as
-// whole rows allow). A GPU attention node runs steps unsplit.
+// The micro-batches a step of `batch` decode rows (one per sequence) is split into, as the
+// attention service splits it (SplitMicroBatches); a GPU attention node runs steps unsplit.
 std::vector<int> MicroBatchSizes(const Pool& pool, int batch) {
-  const int64_t m = pool.attention.kind.gpu ? 1 : pool.micro_batches;
-  const int64_t k = std::max<int64_t>(
-      1, std::min<int64_t>({m, batch, batch / std::max<int64_t>(1, pool.micro_batch_min_rows)}));
+  if (pool.attention.kind.gpu || batch < 1) return {batch};
+  const std::vector<int64_t> rows(batch, 1);
   std::vector<int> sizes;
-  for (int64_t i = 0; i < k; ++i)
-    sizes.push_back(static_cast<int>(batch * (i + 1) / k - batch * i / k));
+  size_t begin = 0;
+  for (size_t end : SplitMicroBatches(rows, pool.micro_batches, pool.micro_batch_min_rows)) {
+    sizes.push_back(static_cast<int>(end - begin));
+    begin = end;
+  }
   return sizes;
 }
 
