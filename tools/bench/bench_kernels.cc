@@ -227,6 +227,10 @@ int Main(int argc, char** argv) {
   uint8_t* stream = AllocTouched(cold);
   std::printf("%-20s %7s %4s %10s %10s %8s %9s\n", "shape", "threads", "M", "ms/matmul",
               "weight GB/s", "÷ read", "GFLOP/s");
+  std::vector<int64_t> ms{1};  // M = 1, then --m in order, each once
+  for (int64_t m : m_rows) {
+    if (std::find(ms.begin(), ms.end(), m) == ms.end()) ms.push_back(m);
+  }
   for (int t : threads) {
     cpu::SetKernelThreads(t);
     // A read pass before every round of every matmul, so that the bandwidth and the kernel each
@@ -240,10 +244,6 @@ int Main(int argc, char** argv) {
     };
     std::vector<Row> rows;
     for (const Weights& w : shapes) {
-      std::vector<int64_t> ms{1};
-      for (int64_t m : m_rows) {
-        if (std::find(ms.begin(), ms.end(), m) == ms.end()) ms.push_back(m);
-      }
       for (int64_t m : ms) {
         std::vector<float> x(m * w.shape.in), y(m * w.shape.out);
         std::normal_distribution<float> nd;
